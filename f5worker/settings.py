@@ -1,0 +1,177 @@
+"""Every path, environment variable and model location the worker uses, defined once.
+
+Why this module exists: the handler, the validation script and the Dockerfile's preload step must
+agree on where models live and which variables mean what. Each of them imports from here; nothing
+else reads ``os.environ`` for these names.
+
+Order in which settings override each other (highest first):
+1. a job's own input, for the per-job options it documents (speed, nfe_step, ...);
+2. the environment variables named below;
+3. the defaults in this module.
+
+Model files are looked for in this order (see ``f5worker.model_store``): explicit local files
+(``F5_CKPT_FILE`` and friends), the volume cache, the copy baked into the image
+(``F5_BAKED_MODEL_DIR``), then a download into the volume cache.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+# --- environment variable names (the only place they are spelled) -------------------------------
+ENV_VOLUME_PATH = "RUNPOD_VOLUME_PATH"
+ENV_MODEL_ROOT = "F5_MODEL_ROOT"
+ENV_BAKED_MODEL_DIR = "F5_BAKED_MODEL_DIR"
+ENV_TMP_DIR = "F5_TMP_DIR"
+ENV_LOCAL_STORAGE_DIR = "F5_LOCAL_STORAGE_DIR"
+ENV_CKPT_FILE = "F5_CKPT_FILE"
+ENV_VOCAB_FILE = "F5_VOCAB_FILE"
+ENV_MODEL_CONFIG = "F5_MODEL_CONFIG"
+ENV_VOCODER_DIR = "F5_VOCODER_DIR"
+ENV_ASR_MODEL = "ASR_MODEL"
+ENV_DEVICE = "F5_DEVICE"
+ENV_S3_BUCKET = "S3_BUCKET"
+ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
+ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+ENV_AWS_REGION = "AWS_REGION"
+ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
+ENV_PRESIGN_EXPIRY = "S3_PRESIGN_EXPIRY_SECONDS"
+ENV_ALLOW_PRIVATE_URLS = "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS"  # the switch runpod's SDK uses
+ENV_MAX_VOICE_BYTES = "F5_MAX_VOICE_BYTES"
+ENV_MAX_CONCURRENCY = "F5_MAX_CONCURRENCY"
+ENV_FAST_PATH = "F5_FAST_PATH"
+
+# Cache variables third-party libraries read; all derived from the model root.
+CACHE_ENV_SUBDIRS = {
+    "HF_HOME": "",
+    "HF_HUB_CACHE": "hub",
+    "TRANSFORMERS_CACHE": "transformers",
+    "TORCH_HOME": "torch",
+}
+F5_SUBDIR = "f5-tts"
+
+# --- defaults -----------------------------------------------------------------------------------
+DEFAULT_VOLUME_PATH = "/runpod-volume"
+DEFAULT_BAKED_MODEL_DIR = "/opt/f5-models"
+DEFAULT_TMP_DIR = "/tmp"
+DEFAULT_PRESIGN_EXPIRY = 3600
+DEFAULT_MAX_VOICE_BYTES = 50 * 1024 * 1024
+DEFAULT_MAX_CONCURRENCY = 16
+
+# --- what the worker loads ----------------------------------------------------------------------
+F5_REPO = "SWivid/F5-TTS"
+F5_MODEL_NAME = "F5TTS_v1_Base"
+F5_CKPT_IN_REPO = "F5TTS_v1_Base/model_1250000.safetensors"
+F5_VOCAB_IN_REPO = "F5TTS_v1_Base/vocab.txt"
+VOCODER_REPO = "charactr/vocos-mel-24khz"
+VOCODER_FILES = ("config.yaml", "pytorch_model.bin")
+DEFAULT_ASR_MODEL = "openai/whisper-large-v3-turbo"
+
+# Approximate download sizes, used to refuse a download the volume has no room for.
+F5_DOWNLOAD_BYTES = 1_400_000_000
+VOCODER_DOWNLOAD_BYTES = 60_000_000
+ASR_DOWNLOAD_BYTES = 1_700_000_000
+DOWNLOAD_HEADROOM_BYTES = 200_000_000
+
+# --- storage layout (S3 keys and local folders alike) -------------------------------------------
+VOICES_PREFIX = "voices/"
+OUTPUT_PREFIX = "output/"
+LOGS_PREFIX = "logs/"
+TRANSCRIPT_SUFFIX = ".txt"  # stored beside a voice: voices/<name>.txt
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    volume_path: Path
+    model_root: Path
+    baked_model_dir: Path
+    tmp_dir: Path
+    local_storage_dir: Path
+    ckpt_file: str | None
+    vocab_file: str | None
+    model_config: str | None
+    vocoder_dir: str | None
+    asr_model: str
+    device: str | None
+    s3_bucket: str | None
+    aws_access_key_id: str | None
+    aws_secret_access_key: str | None
+    aws_region: str | None
+    aws_endpoint_url: str | None
+    presign_expiry: int
+    allow_private_urls: bool
+    max_voice_bytes: int
+    max_concurrency: int
+    fast_path: bool
+
+    @property
+    def volume_mounted(self) -> bool:
+        return self.volume_path.is_dir()
+
+    @property
+    def f5_dir(self) -> Path:
+        return self.model_root / F5_SUBDIR
+
+    @property
+    def hub_cache(self) -> Path:
+        return self.model_root / CACHE_ENV_SUBDIRS["HF_HUB_CACHE"]
+
+    def cache_env(self) -> dict[str, str]:
+        """The cache variables, each under the model root."""
+        return {name: str(self.model_root / sub) if sub else str(self.model_root)
+                for name, sub in CACHE_ENV_SUBDIRS.items()}
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        volume = Path(env.get(ENV_VOLUME_PATH) or DEFAULT_VOLUME_PATH)
+        if env.get(ENV_MODEL_ROOT):
+            model_root = Path(env[ENV_MODEL_ROOT])
+        elif volume.is_dir():
+            model_root = volume / "models"
+        else:  # no volume: a per-user cache, never /tmp (job files live there and get swept)
+            model_root = Path.home() / ".cache" / "f5-tts-worker" / "models"
+        if env.get(ENV_LOCAL_STORAGE_DIR):
+            local_storage = Path(env[ENV_LOCAL_STORAGE_DIR])
+        elif volume.is_dir():
+            local_storage = volume / "storage"
+        else:
+            local_storage = Path("storage").resolve()
+        return cls(
+            volume_path=volume,
+            model_root=model_root,
+            baked_model_dir=Path(env.get(ENV_BAKED_MODEL_DIR) or DEFAULT_BAKED_MODEL_DIR),
+            tmp_dir=Path(env.get(ENV_TMP_DIR) or DEFAULT_TMP_DIR),
+            local_storage_dir=local_storage,
+            ckpt_file=env.get(ENV_CKPT_FILE) or None,
+            vocab_file=env.get(ENV_VOCAB_FILE) or None,
+            model_config=env.get(ENV_MODEL_CONFIG) or None,
+            vocoder_dir=env.get(ENV_VOCODER_DIR) or None,
+            asr_model=env.get(ENV_ASR_MODEL) or DEFAULT_ASR_MODEL,
+            device=env.get(ENV_DEVICE) or None,
+            s3_bucket=env.get(ENV_S3_BUCKET) or None,
+            aws_access_key_id=env.get(ENV_AWS_ACCESS_KEY_ID) or None,
+            aws_secret_access_key=env.get(ENV_AWS_SECRET_ACCESS_KEY) or None,
+            aws_region=env.get(ENV_AWS_REGION) or None,
+            aws_endpoint_url=env.get(ENV_AWS_ENDPOINT_URL) or None,
+            presign_expiry=int(env.get(ENV_PRESIGN_EXPIRY) or DEFAULT_PRESIGN_EXPIRY),
+            allow_private_urls=_truthy(env.get(ENV_ALLOW_PRIVATE_URLS)),
+            max_voice_bytes=int(env.get(ENV_MAX_VOICE_BYTES) or DEFAULT_MAX_VOICE_BYTES),
+            max_concurrency=int(env.get(ENV_MAX_CONCURRENCY) or DEFAULT_MAX_CONCURRENCY),
+            fast_path=env.get(ENV_FAST_PATH, "1").strip().lower() not in {"0", "false", "no", "off"},
+        )
+
+
+def apply_cache_env(settings: Settings, env: dict | None = None) -> dict[str, str]:
+    """Point every library cache at the model root. Call before torch or huggingface is imported:
+    huggingface_hub reads HF_HOME once, at import."""
+    env = os.environ if env is None else env
+    values = settings.cache_env()
+    env.update(values)
+    return values
