@@ -1,0 +1,147 @@
+"""Audio in and out as plain functions on numpy arrays: decode, trim, join, encode.
+
+Why this module exists: f5-tts decodes through torchaudio (which now needs torchcodec and FFmpeg)
+and pydub, and its reference preprocessing leaves a temp file per voice and grows module-level
+caches. These functions do the same work with soundfile and numpy, in memory, with no global state.
+Silence rules follow f5-tts's ``preprocess_ref_audio_text`` and ``remove_silence_for_generated_wav``
+(pydub's 10 ms chunks and dBFS thresholds), so a reference comes out as f5-tts would prepare it.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from f5worker.errors import InputError
+
+TARGET_SAMPLE_RATE = 24000  # F5-TTS / Vocos mel rate
+REF_MAX_SECONDS = 12.0  # f5-tts clips references here; longer ones only cost time
+REF_MIN_SECONDS = 1.0
+VOICE_MAX_SECONDS = 60.0  # an upload longer than this is refused
+INT16_FULL_SCALE = 32768.0
+
+
+def decode(path_or_bytes: Path | bytes) -> tuple[np.ndarray, int]:
+    """Decode any format libsndfile reads (WAV, FLAC, OGG, MP3) to mono float32."""
+    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else str(path_or_bytes)
+    try:
+        data, sr = sf.read(source, dtype="float32", always_2d=True)
+    except Exception as exc:  # libsndfile says why in its own words; ours is one sentence
+        raise InputError("The voice file is not decodable audio (WAV, FLAC, OGG or MP3 expected).") from exc
+    if data.size == 0 or sr <= 0:
+        raise InputError("The voice file contains no audio.")
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(mono).all():
+        raise InputError("The voice file contains invalid samples.")
+    return np.ascontiguousarray(mono, dtype=np.float32), int(sr)
+
+
+def duration_seconds(samples: np.ndarray, sr: int) -> float:
+    return float(len(samples)) / float(sr)
+
+
+def _chunk_dbfs(samples: np.ndarray, sr: int, chunk_ms: int = 10) -> np.ndarray:
+    """pydub's dBFS per chunk: RMS of int16 samples against full scale."""
+    n = max(1, int(sr * chunk_ms / 1000))
+    count = len(samples) // n
+    if count == 0:
+        return np.zeros(0)
+    frames = np.round(samples[: count * n] * INT16_FULL_SCALE).reshape(count, n)
+    rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
+    with np.errstate(divide="ignore"):
+        return 20 * np.log10(rms / INT16_FULL_SCALE)
+
+
+def trim_silence_edges(samples: np.ndarray, sr: int, threshold_db: float = -42.0) -> np.ndarray:
+    """pydub's detect_leading_silence applied at both ends (10 ms steps)."""
+    db = _chunk_dbfs(samples, sr)
+    step = max(1, int(sr * 0.01))
+    loud = np.nonzero(db >= threshold_db)[0]
+    if loud.size == 0:
+        return samples[:0]
+    start = int(loud[0]) * step
+    rev_db = _chunk_dbfs(samples[::-1], sr)
+    rev_loud = np.nonzero(rev_db >= threshold_db)[0]
+    end = len(samples) - int(rev_loud[0]) * step
+    return samples[start:end]
+
+
+def _silent_runs(samples: np.ndarray, sr: int, min_silence_ms: int, threshold_db: float) -> list[tuple[int, int]]:
+    """Sample ranges of silence at least ``min_silence_ms`` long (1 ms resolution, like pydub's seek)."""
+    step = max(1, sr // 100)  # 10 ms chunks, like seek_step=10 in f5-tts's calls
+    db = _chunk_dbfs(samples, sr)
+    quiet = db < threshold_db
+    runs, start = [], None
+    for i, q in enumerate(list(quiet) + [False]):
+        if q and start is None:
+            start = i
+        elif not q and start is not None:
+            if (i - start) * 10 >= min_silence_ms:
+                runs.append((start * step, i * step))
+            start = None
+    return runs
+
+
+def split_on_silence(samples: np.ndarray, sr: int, min_silence_ms: int, threshold_db: float,
+                     keep_ms: int) -> list[np.ndarray]:
+    """Non-silent pieces, each with up to ``keep_ms`` of its surrounding silence kept."""
+    keep = int(sr * keep_ms / 1000)
+    pieces, cursor = [], 0
+    bounds = [(s, e) for s, e in _silent_runs(samples, sr, min_silence_ms, threshold_db)] + [(len(samples), len(samples))]
+    for silent_start, silent_end in bounds:
+        if silent_start > cursor:
+            pieces.append(samples[max(0, cursor - keep): min(len(samples), silent_start + keep)])
+        cursor = silent_end
+    return pieces
+
+
+def _join_pieces(pieces: list[np.ndarray], sr: int) -> np.ndarray:
+    """Join pieces until past 6 s, stopping before 12 s would be passed."""
+    kept = np.zeros(0, dtype=np.float32)
+    for piece in pieces:
+        if len(kept) > 6 * sr and len(kept) + len(piece) > int(REF_MAX_SECONDS * sr):
+            break
+        kept = np.concatenate([kept, piece])
+    return kept
+
+
+def prepare_reference(samples: np.ndarray, sr: int) -> np.ndarray:
+    """Clip a reference to at most 12 s, preferring a cut at a pause, trim its silent edges and add
+    50 ms of silence, as f5-tts's preprocess_ref_audio_text does."""
+    limit = int(REF_MAX_SECONDS * sr)
+    kept = _join_pieces(split_on_silence(samples, sr, 1000, -50.0, keep_ms=1000), sr)
+    if len(kept) > limit:  # no long pause to cut at: try short ones
+        kept = _join_pieces(split_on_silence(samples, sr, 100, -40.0, keep_ms=1000), sr)
+    samples = kept[:limit]
+    trimmed = trim_silence_edges(samples, sr)
+    if duration_seconds(trimmed, sr) < REF_MIN_SECONDS * 0.5:
+        raise InputError("The reference voice is almost silent; upload a clip with clear speech.")
+    return np.concatenate([trimmed, np.zeros(int(sr * 0.05), dtype=np.float32)]).astype(np.float32)
+
+
+def remove_silences(samples: np.ndarray, sr: int) -> np.ndarray:
+    """Shorten pauses over 1 s, as f5-tts's remove_silence_for_generated_wav does."""
+    pieces = split_on_silence(samples, sr, min_silence_ms=1000, threshold_db=-50.0, keep_ms=500)
+    return np.concatenate(pieces).astype(np.float32) if pieces else samples
+
+
+def cross_fade_join(waves: list[np.ndarray], sr: int, cross_fade_seconds: float) -> np.ndarray:
+    """Join chunk waveforms with linear cross-fades (f5-tts's infer_batch_process rule)."""
+    if not waves:
+        return np.zeros(0, dtype=np.float32)
+    out = waves[0]
+    for nxt in waves[1:]:
+        n = min(int(cross_fade_seconds * sr), len(out), len(nxt))
+        if n <= 0:
+            out = np.concatenate([out, nxt])
+            continue
+        faded = out[-n:] * np.linspace(1, 0, n) + nxt[:n] * np.linspace(0, 1, n)
+        out = np.concatenate([out[:-n], faded, nxt[n:]])
+    return out
+
+
+def write_wav(path: Path, samples: np.ndarray, sr: int = TARGET_SAMPLE_RATE) -> None:
+    """16-bit PCM WAV, what f5-tts's export_wav writes."""
+    sf.write(str(path), samples, sr, subtype="PCM_16", format="WAV")

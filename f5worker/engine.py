@@ -1,0 +1,279 @@
+"""F5-TTS inference: one small class that loads the model once and turns requests into waveforms.
+
+Why this module exists: it is the only place that touches torch for synthesis. It computes what
+f5-tts's ``F5TTS.infer`` computes (``infer_process`` -> ``infer_batch_process`` -> ``CFM.sample``
+with the Euler solver), split into steps a batcher can share between jobs:
+
+- ``plan`` turns one request into chunk items (reference prepared, text chunked, durations fixed);
+- ``run_items`` samples any list of items in one model call, whatever job each came from;
+- ``finish`` joins a job's chunk waveforms with cross-fades.
+
+The sampler generates each item's starting noise from its own seeded generator (chunk ``i`` of a
+job with seed ``s`` uses ``s + i``), so an item's result does not depend on what it is batched with;
+chunk 0 uses exactly the noise f5-tts draws after ``seed_everything(s)``. Items of different lengths
+share a call with padding masks applied in attention, which f5-tts leaves off by default and which
+makes a padded item compute the same function as the item alone.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from f5worker.audio import TARGET_SAMPLE_RATE, cross_fade_join, prepare_reference, remove_silences
+from f5worker.model_store import ModelFiles
+
+log = logging.getLogger(__name__)
+
+# f5-tts's inference constants (f5_tts.infer.utils_infer)
+HOP_LENGTH = 256
+N_MEL = 100
+TARGET_RMS = 0.1
+MEL_SPEC_KWARGS = dict(n_fft=1024, hop_length=HOP_LENGTH, win_length=1024, n_mel_channels=N_MEL,
+                       target_sample_rate=TARGET_SAMPLE_RATE, mel_spec_type="vocos")
+MAX_FRAMES = 65536  # CFM.sample's max_duration
+
+
+@dataclass
+class SynthesisRequest:
+    ref_audio: np.ndarray  # mono float32, as decoded
+    ref_sr: int
+    ref_text: str
+    gen_text: str
+    seed: int
+    speed: float = 1.0
+    nfe_step: int = 32
+    cfg_strength: float = 2.0
+    sway_sampling_coef: float = -1.0
+    cross_fade_duration: float = 0.15
+    remove_silence: bool = False
+
+
+@dataclass
+class ChunkItem:
+    """One chunk of one job: everything the sampler needs, nothing about the job around it."""
+
+    cond_wave: torch.Tensor  # [1, samples] at 24 kHz, RMS-normalised, on the device
+    text: list[str]  # pinyin-converted ref_text + chunk text, as CFM.sample takes it
+    duration: int  # total frames, reference included
+    ref_frames: int
+    ref_rms: float
+    seed: int
+    steps: int
+    cfg_strength: float
+    sway_sampling_coef: float
+
+    @property
+    def batch_key(self) -> tuple:
+        """Items may share a model call only when they integrate the same ODE grid."""
+        return (self.steps, self.cfg_strength, self.sway_sampling_coef)
+
+
+@dataclass
+class JobPlan:
+    items: list[ChunkItem]
+    request: SynthesisRequest
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def chunk_text(text: str, max_chars: int = 135) -> list[str]:
+    """f5-tts's chunk_text: sentences packed up to ``max_chars`` UTF-8 bytes."""
+    chunks, current = [], ""
+    for sentence in re.split(r"(?<=[;:,.!?])\s+|(?<=[；：，。！？])", text):
+        if not sentence:
+            continue
+        piece = sentence + " " if len(sentence[-1].encode("utf-8")) == 1 else sentence
+        if len(current.encode("utf-8")) + len(sentence.encode("utf-8")) <= max_chars:
+            current += piece
+        else:
+            if current:
+                chunks.append(current.strip())
+            current = piece
+    if current:
+        chunks.append(current.strip())
+    return chunks
+
+
+def normalise_ref_text(ref_text: str) -> str:
+    """End the transcript with sentence punctuation, as preprocess_ref_audio_text does."""
+    if not ref_text.endswith(". ") and not ref_text.endswith("。"):
+        ref_text += " " if ref_text.endswith(".") else ". "
+    return ref_text
+
+
+def pick_device(requested: str | None = None) -> str:
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(device: str) -> torch.dtype:
+    """f5-tts's rule: fp16 on CUDA cards of compute capability 7 or more, else fp32."""
+    if device.startswith("cuda") and torch.cuda.get_device_properties(device).major >= 7:
+        return torch.float16
+    return torch.float32
+
+
+def load_cfm(files: ModelFiles, device: str, dtype: torch.dtype):
+    """Build and load the CFM model as f5-tts's load_model does, from our resolved files."""
+    from omegaconf import OmegaConf
+
+    from f5_tts.model.cfm import CFM
+    from f5_tts.model.backbones.dit import DiT
+    from f5_tts.model.utils import get_tokenizer
+
+    cfg = OmegaConf.load(str(files.model_config))
+    if cfg.model.backbone != "DiT":
+        raise ValueError(f"only DiT backbones are supported, not {cfg.model.backbone}")
+    arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
+    vocab_char_map, vocab_size = get_tokenizer(str(files.vocab), "custom")
+    model = CFM(
+        transformer=DiT(**arch, text_num_embeds=vocab_size, mel_dim=N_MEL),
+        mel_spec_kwargs=MEL_SPEC_KWARGS,
+        odeint_kwargs=dict(method="euler"),
+        vocab_char_map=vocab_char_map,
+    )
+    state = _read_state_dict(Path(files.ckpt))
+    model = model.to(dtype)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def _read_state_dict(ckpt: Path) -> dict:
+    """EMA weights with f5-tts's key fix-ups (load_checkpoint with use_ema=True)."""
+    if ckpt.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw = {"ema_model_state_dict": load_file(str(ckpt), device="cpu")}
+    else:
+        raw = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    state = {k.replace("ema_model.", ""): v for k, v in raw["ema_model_state_dict"].items()
+             if k not in ("initted", "step")}
+    for key in ("mel_spec.mel_stft.mel_scale.fb", "mel_spec.mel_stft.spectrogram.window"):
+        state.pop(key, None)
+    return state
+
+
+def load_vocos(vocoder_dir: Path, device: str):
+    """Vocos from config.yaml + pytorch_model.bin, as f5-tts's load_vocoder(is_local=True) does."""
+    from vocos import Vocos
+
+    vocoder = Vocos.from_hparams(str(vocoder_dir / "config.yaml"))
+    vocoder.load_state_dict(torch.load(str(vocoder_dir / "pytorch_model.bin"), map_location="cpu", weights_only=True))
+    return vocoder.eval().to(device)
+
+
+def epss_or_linear_timesteps(steps: int, sway: float | None, device, dtype) -> torch.Tensor:
+    from f5_tts.model.utils import get_epss_timesteps
+
+    t = get_epss_timesteps(steps, device=device, dtype=dtype)
+    if sway is not None:
+        t = t + sway * (torch.cos(torch.pi / 2 * t) - 1 + t)
+    return t
+
+
+class TTSEngine:
+    """Loads once per worker; ``plan``/``run_items``/``finish`` or ``synthesize`` for one job."""
+
+    def __init__(self, model, vocoder, device: str, dtype: torch.dtype, step_runner=None):
+        self.model = model
+        self.vocoder = vocoder
+        self.device = device
+        self.dtype = dtype
+        # The DiT call for one ODE step; the fast path (f5worker.fast) swaps in a graphed one.
+        from f5worker.sampler import EagerStepRunner
+
+        self.step_runner = step_runner or EagerStepRunner(model.transformer)
+        self._mel_lock = None
+
+    @classmethod
+    def load(cls, files: ModelFiles, device: str | None = None, fast: bool = False) -> "TTSEngine":
+        device = pick_device(device)
+        dtype = pick_dtype(device)
+        started = time.perf_counter()
+        model = load_cfm(files, device, dtype)
+        vocoder = load_vocos(files.vocoder_dir, device)
+        step_runner = None
+        if fast and device.startswith("cuda"):
+            from f5worker.fast import GraphedStepRunner
+
+            step_runner = GraphedStepRunner(model.transformer)
+        log.info("model loaded on %s (%s) in %.2f s from %s", device, dtype, time.perf_counter() - started, files.sources)
+        return cls(model, vocoder, device, dtype, step_runner)
+
+    # --- one job -> items ---------------------------------------------------------------------
+    def plan(self, req: SynthesisRequest) -> JobPlan:
+        ref = prepare_reference(req.ref_audio, req.ref_sr)
+        ref_text = normalise_ref_text(req.ref_text)
+        sr = req.ref_sr
+        ref_seconds = len(ref) / sr
+        max_chars = int(len(ref_text.encode("utf-8")) / ref_seconds * (22 - ref_seconds) * req.speed)
+        chunks = chunk_text(req.gen_text, max_chars=max_chars)
+        audio = torch.from_numpy(ref).unsqueeze(0)
+        rms = float(torch.sqrt(torch.mean(torch.square(audio))))
+        if rms < TARGET_RMS:
+            audio = audio * TARGET_RMS / rms
+        if sr != TARGET_SAMPLE_RATE:
+            import torchaudio
+
+            audio = torchaudio.transforms.Resample(sr, TARGET_SAMPLE_RATE)(audio)
+        audio = audio.to(self.device)
+        return JobPlan(items=self.items_for(audio, rms, ref_text, chunks, req), request=req)
+
+    def items_for(self, audio: torch.Tensor, rms: float, ref_text: str, chunks: list[str],
+                  req: SynthesisRequest) -> list[ChunkItem]:
+        """infer_batch_process's per-chunk text and duration rules."""
+        from f5_tts.model.utils import convert_char_to_pinyin
+
+        if len(ref_text[-1].encode("utf-8")) == 1:
+            ref_text = ref_text + " "
+        ref_frames = audio.shape[-1] // HOP_LENGTH
+        ref_len = len(ref_text.encode("utf-8"))
+        items = []
+        for index, chunk in enumerate(chunks):
+            local_speed = 0.3 if len(chunk.encode("utf-8")) < 10 else req.speed
+            duration = ref_frames + int(ref_frames / ref_len * len(chunk.encode("utf-8")) / local_speed)
+            items.append(ChunkItem(
+                cond_wave=audio, text=convert_char_to_pinyin([ref_text + chunk])[0], duration=duration,
+                ref_frames=ref_frames, ref_rms=rms, seed=req.seed + index, steps=req.nfe_step,
+                cfg_strength=req.cfg_strength, sway_sampling_coef=req.sway_sampling_coef))
+        return items
+
+    # --- items -> waveforms (any jobs, one model call) ------------------------------------------
+    @torch.inference_mode()
+    def run_items(self, items: list[ChunkItem]) -> list[np.ndarray]:
+        from f5worker.sampler import sample_mels
+
+        mels = sample_mels(self.model, items, self.step_runner)
+        waves = []
+        for item, mel in zip(items, mels):
+            gen = mel[item.ref_frames:].to(torch.float32).T.unsqueeze(0)  # [1, mel, frames]
+            wave = self.vocoder.decode(gen)
+            if item.ref_rms < TARGET_RMS:
+                wave = wave * item.ref_rms / TARGET_RMS
+            waves.append(wave.squeeze().cpu().numpy())
+        return waves
+
+    def finish(self, plan: JobPlan, waves: list[np.ndarray]) -> np.ndarray:
+        wave = cross_fade_join(waves, TARGET_SAMPLE_RATE, plan.request.cross_fade_duration)
+        if plan.request.remove_silence:
+            wave = remove_silences(wave, TARGET_SAMPLE_RATE)
+        return wave.astype(np.float32)
+
+    def synthesize(self, req: SynthesisRequest) -> np.ndarray:
+        plan = self.plan(req)
+        return self.finish(plan, self.run_items(plan.items))
+
+    def warm_up(self) -> float:
+        """One short synthesis so the first job pays no lazy initialisation."""
+        started = time.perf_counter()
+        t = np.arange(TARGET_SAMPLE_RATE * 2, dtype=np.float32) / TARGET_SAMPLE_RATE
+        tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+        self.synthesize(SynthesisRequest(ref_audio=tone, ref_sr=TARGET_SAMPLE_RATE, ref_text="Warm up.",
+                                         gen_text="Warm up.", seed=0, nfe_step=2))
+        return time.perf_counter() - started

@@ -1,0 +1,183 @@
+"""Where the model files come from: one documented resolution order, nothing loaded here.
+
+Why this module exists: a network volume mounted at run time hides anything an image build put
+under its mount point, so "pre-load into /runpod-volume at build time" cannot work. The worker
+instead looks, in order, at:
+
+1. explicit local files (``F5_CKPT_FILE``, ``F5_VOCAB_FILE``, ``F5_MODEL_CONFIG``,
+   ``F5_VOCODER_DIR``; ``ASR_MODEL`` when it names a folder);
+2. the volume cache (``<model root>/hub``, huggingface_hub's own layout);
+3. the copy baked into the image (``F5_BAKED_MODEL_DIR``/hub, written by ``python -m f5worker.preload``);
+4. a download into the volume cache, only after checking the volume has room for it.
+
+huggingface_hub writes each file as ``*.incomplete`` under a per-file lock and links it into the
+snapshot only when complete, so two workers on one volume never corrupt a download and a
+half-finished file is never found by step 2.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from importlib.resources import files as package_files
+from pathlib import Path
+
+from f5worker.errors import StorageError
+from f5worker.settings import (
+    ASR_DOWNLOAD_BYTES,
+    DOWNLOAD_HEADROOM_BYTES,
+    F5_CKPT_IN_REPO,
+    F5_DOWNLOAD_BYTES,
+    F5_MODEL_NAME,
+    F5_REPO,
+    F5_VOCAB_IN_REPO,
+    VOCODER_DOWNLOAD_BYTES,
+    VOCODER_FILES,
+    VOCODER_REPO,
+    Settings,
+)
+
+log = logging.getLogger(__name__)
+
+# Files of the Whisper repo the transcriber needs (weights as safetensors only).
+ASR_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt"]
+
+
+@dataclass(frozen=True)
+class HubFile:
+    repo: str
+    filename: str
+    size_hint: int  # bytes, for the free-space check before a download
+
+
+F5_FILES = (HubFile(F5_REPO, F5_CKPT_IN_REPO, F5_DOWNLOAD_BYTES), HubFile(F5_REPO, F5_VOCAB_IN_REPO, 20_000))
+VOCODER_HUB_FILES = tuple(HubFile(VOCODER_REPO, name, VOCODER_DOWNLOAD_BYTES // 2) for name in VOCODER_FILES)
+
+
+@dataclass
+class ModelFiles:
+    """Resolved local paths of everything the TTS engine loads, and where each came from."""
+
+    ckpt: Path
+    vocab: Path
+    model_config: Path
+    vocoder_dir: Path
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def default_model_config() -> Path:
+    return Path(str(package_files("f5_tts").joinpath(f"configs/{F5_MODEL_NAME}.yaml")))
+
+
+def cache_dirs(settings: Settings) -> list[tuple[str, Path]]:
+    """The caches searched, in order, before any download."""
+    return [("volume cache", settings.hub_cache), ("image copy", settings.baked_model_dir / "hub")]
+
+
+def _cached(hub_file: HubFile, cache_dir: Path) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(hub_file.repo, hub_file.filename, cache_dir=str(cache_dir))
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
+def ensure_free_space(directory: Path, needed: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < needed + DOWNLOAD_HEADROOM_BYTES:
+        raise StorageError(
+            f"The model cache at {directory} has {free / 1e9:.2f} GB free; downloading the missing "
+            f"models needs about {(needed + DOWNLOAD_HEADROOM_BYTES) / 1e9:.2f} GB. "
+            "Attach a larger network volume or pre-load the models."
+        )
+
+
+def _download(hub_files: list[HubFile], settings: Settings) -> dict[HubFile, Path]:
+    from huggingface_hub import hf_hub_download
+
+    ensure_free_space(settings.hub_cache, sum(f.size_hint for f in hub_files))
+    out = {}
+    for hub_file in hub_files:
+        log.info("downloading %s/%s into %s", hub_file.repo, hub_file.filename, settings.hub_cache)
+        try:
+            out[hub_file] = Path(hf_hub_download(hub_file.repo, hub_file.filename, cache_dir=str(settings.hub_cache)))
+        except Exception as exc:  # offline, hub down, repo moved: one sentence for the caller
+            raise StorageError(
+                f"Model file {hub_file.repo}/{hub_file.filename} is not in any local cache "
+                f"({', '.join(str(d) for _, d in cache_dirs(settings))}) and could not be downloaded "
+                f"({type(exc).__name__})."
+            ) from exc
+    return out
+
+
+def resolve_hub_files(hub_files: tuple[HubFile, ...], settings: Settings, *, allow_download: bool = True
+                      ) -> tuple[dict[HubFile, Path], str]:
+    """Find every file in one cache (a set is never mixed across caches), else download them."""
+    for label, cache_dir in cache_dirs(settings):
+        found = {f: _cached(f, cache_dir) for f in hub_files}
+        if all(found.values()):
+            return found, f"{label} ({cache_dir})"
+    if not allow_download:
+        raise StorageError(f"Model files from {hub_files[0].repo} are not in any local cache.")
+    return _download(list(hub_files), settings), f"downloaded into {settings.hub_cache}"
+
+
+def _explicit(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise StorageError(f"{what} is set to {p}, which does not exist.")
+    return p
+
+
+def resolve_tts_files(settings: Settings, *, allow_download: bool = True) -> ModelFiles:
+    sources: dict[str, str] = {}
+    if settings.ckpt_file:
+        ckpt = _explicit(settings.ckpt_file, "F5_CKPT_FILE")
+        vocab = _explicit(settings.vocab_file, "F5_VOCAB_FILE") if settings.vocab_file else None
+        sources["f5"] = "local files"
+    else:
+        found, sources["f5"] = resolve_hub_files(F5_FILES, settings, allow_download=allow_download)
+        ckpt, vocab = found[F5_FILES[0]], found[F5_FILES[1]]
+        if settings.vocab_file:
+            vocab = _explicit(settings.vocab_file, "F5_VOCAB_FILE")
+    if vocab is None:  # a local checkpoint with no vocab: f5-tts's own packaged vocab (what F5TTS does)
+        vocab = Path(str(package_files("f5_tts").joinpath("infer/examples/vocab.txt")))
+    model_config = _explicit(settings.model_config, "F5_MODEL_CONFIG") if settings.model_config else default_model_config()
+    if settings.vocoder_dir:
+        vocoder_dir = _explicit(settings.vocoder_dir, "F5_VOCODER_DIR")
+        missing = [n for n in VOCODER_FILES if not (vocoder_dir / n).is_file()]
+        if missing:
+            raise StorageError(f"F5_VOCODER_DIR ({vocoder_dir}) lacks {', '.join(missing)}.")
+        sources["vocoder"] = "local files"
+    else:
+        found, sources["vocoder"] = resolve_hub_files(VOCODER_HUB_FILES, settings, allow_download=allow_download)
+        vocoder_dir = found[VOCODER_HUB_FILES[0]].parent
+    return ModelFiles(ckpt=ckpt, vocab=vocab, model_config=model_config, vocoder_dir=vocoder_dir, sources=sources)
+
+
+def resolve_asr_model(settings: Settings, *, allow_download: bool = True) -> Path:
+    """A local folder with the Whisper model, by the same order as the TTS files."""
+    from huggingface_hub import snapshot_download
+
+    if Path(settings.asr_model).is_dir():
+        return Path(settings.asr_model)
+    for label, cache_dir in cache_dirs(settings):
+        try:
+            path = snapshot_download(settings.asr_model, cache_dir=str(cache_dir), local_files_only=True,
+                                     allow_patterns=ASR_ALLOW_PATTERNS)
+            if any(Path(path).glob("*.safetensors")):
+                log.info("transcriber model from %s", label)
+                return Path(path)
+        except Exception:  # not in this cache
+            continue
+    if not allow_download:
+        raise StorageError(f"The transcription model {settings.asr_model} is not in any local cache.")
+    ensure_free_space(settings.hub_cache, ASR_DOWNLOAD_BYTES)
+    try:
+        return Path(snapshot_download(settings.asr_model, cache_dir=str(settings.hub_cache),
+                                      allow_patterns=ASR_ALLOW_PATTERNS))
+    except Exception as exc:
+        raise StorageError(
+            f"The transcription model {settings.asr_model} is not cached and could not be downloaded "
+            f"({type(exc).__name__}); pass ref_text or store a transcript beside the voice."
+        ) from exc

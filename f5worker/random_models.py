@@ -1,0 +1,87 @@
+"""Randomly initialised model files in the exact on-disk formats the worker loads.
+
+Why this module exists: tests and benchmarks cannot reach the model hub. Compute does not depend on
+weight values, so a random F5TTS_v1_Base of the real architecture times like the real one, and a
+shrunken one exercises every loading and inference path in seconds. Files are written as the hub
+ships them: an EMA safetensors checkpoint, vocab.txt, a Vocos config.yaml + pytorch_model.bin.
+"""
+from __future__ import annotations
+
+from importlib.resources import files as package_files
+from pathlib import Path
+
+import torch
+import yaml
+
+TINY_ARCH = dict(dim=64, depth=2, heads=2, ff_mult=2, text_dim=32, text_mask_padding=True, qk_norm=None,
+                 conv_layers=1, pe_attn_head=None, attn_backend="torch", attn_mask_enabled=False,
+                 checkpoint_activations=False)
+TINY_VOCOS = dict(dim=32, intermediate_dim=64, num_layers=1)
+FULL_VOCOS = dict(dim=512, intermediate_dim=1536, num_layers=8)
+
+
+def write_model_config(path: Path, arch: dict, name: str = "F5TTS_tiny") -> Path:
+    cfg = {"model": {"name": name, "tokenizer": "custom", "backbone": "DiT", "arch": arch,
+                     "mel_spec": {"target_sample_rate": 24000, "n_mel_channels": 100, "hop_length": 256,
+                                  "win_length": 1024, "n_fft": 1024, "mel_spec_type": "vocos"}}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def write_f5_checkpoint(path: Path, arch: dict, vocab: Path, seed: int = 0) -> Path:
+    from safetensors.torch import save_file
+
+    from f5_tts.model.backbones.dit import DiT
+    from f5_tts.model.cfm import CFM
+    from f5_tts.model.utils import get_tokenizer
+
+    torch.manual_seed(seed)
+    vocab_map, vocab_size = get_tokenizer(str(vocab), "custom")
+    model = CFM(transformer=DiT(**arch, text_num_embeds=vocab_size, mel_dim=100), vocab_char_map=vocab_map)
+    # DiT zero-initialises its output projections; random values there make the test signal non-trivial.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 1 and torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.02)
+    state = {f"ema_model.{k}": v.contiguous() for k, v in model.state_dict().items()
+             if not k.startswith("mel_spec.")}
+    save_file(state, str(path))
+    return path
+
+
+def write_vocos(folder: Path, dims: dict, seed: int = 0) -> Path:
+    from vocos import Vocos
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "feature_extractor": {"class_path": "vocos.feature_extractors.MelSpectrogramFeatures",
+                              "init_args": {"sample_rate": 24000, "n_fft": 1024, "hop_length": 256,
+                                            "n_mels": 100, "padding": "center"}},
+        "backbone": {"class_path": "vocos.models.VocosBackbone",
+                     "init_args": {"input_channels": 100, **dims}},
+        "head": {"class_path": "vocos.heads.ISTFTHead",
+                 "init_args": {"dim": dims["dim"], "n_fft": 1024, "hop_length": 256, "padding": "center"}},
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    torch.manual_seed(seed)
+    torch.save(Vocos.from_hparams(str(folder / "config.yaml")).state_dict(), str(folder / "pytorch_model.bin"))
+    return folder
+
+
+def packaged_vocab() -> Path:
+    return Path(str(package_files("f5_tts").joinpath("infer/examples/vocab.txt")))
+
+
+def write_model_set(folder: Path, full_size: bool = False) -> dict[str, str]:
+    """Writes a complete model set; returns the worker environment variables that point at it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if full_size:
+        arch = yaml.safe_load(Path(str(package_files("f5_tts").joinpath("configs/F5TTS_v1_Base.yaml"))).read_text())["model"]["arch"]
+    else:
+        arch = TINY_ARCH
+    config = write_model_config(folder / "model.yaml", arch)
+    vocab = packaged_vocab()
+    ckpt = write_f5_checkpoint(folder / "model.safetensors", arch, vocab)
+    vocoder = write_vocos(folder / "vocos", FULL_VOCOS if full_size else TINY_VOCOS)
+    return {"F5_CKPT_FILE": str(ckpt), "F5_VOCAB_FILE": str(vocab), "F5_MODEL_CONFIG": str(config),
+            "F5_VOCODER_DIR": str(vocoder)}

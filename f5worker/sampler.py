@@ -1,0 +1,79 @@
+"""The flow-matching sampler: CFM.sample's Euler integration, for a batch of unrelated items.
+
+Why this module exists: f5-tts's ``CFM.sample`` draws all noise from the global RNG and runs
+attention unmasked, so a job's output depends on what else is in its batch. This does the same
+arithmetic (same time grid, same ``y + dt * f(t, y)`` steps as torchdiffeq's Euler solver, same
+classifier-free guidance) with per-item noise and padding masks, and leaves the DiT call itself to a
+step runner, so the eager and the CUDA-graphed paths share everything else.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from f5worker.engine import MAX_FRAMES, ChunkItem, epss_or_linear_timesteps
+
+
+class EagerStepRunner:
+    """f5-tts's own DiT forward, called as CFM.sample calls it."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+
+    def __call__(self, x, step_cond, text, t, mask, cfg_strength):
+        tr = self.transformer
+        if cfg_strength < 1e-5:
+            return tr(x=x, cond=step_cond, text=text, time=t, mask=mask, drop_audio_cond=False,
+                      drop_text=False, cache=True)
+        pred_cfg = tr(x=x, cond=step_cond, text=text, time=t, mask=mask, cfg_infer=True, cache=True)
+        pred, null_pred = torch.chunk(pred_cfg, 2, dim=0)
+        return pred + (pred - null_pred) * cfg_strength
+
+    def begin(self, batch: int, frames: int, masked: bool) -> None:
+        self.transformer.clear_cache()
+        for block in self.transformer.transformer_blocks:
+            # f5-tts's v1 config leaves attention unmasked; a padded item needs it masked.
+            block.attn.processor.attn_mask_enabled = masked
+
+    def end(self) -> None:
+        self.transformer.clear_cache()
+
+
+def sample_mels(model, items: list[ChunkItem], runner) -> list[torch.Tensor]:
+    """Each item's full mel ([frames, n_mel], reference part included), in one batched integration."""
+    from f5_tts.model.utils import lens_to_mask, list_str_to_idx
+
+    steps, cfg_strength, sway = items[0].batch_key
+    if any(item.batch_key != items[0].batch_key for item in items):
+        raise ValueError("items with different sampling settings cannot share a batch")
+    dtype = next(model.parameters()).dtype
+    device = items[0].cond_wave.device
+    conds = [model.mel_spec(item.cond_wave).permute(0, 2, 1)[0].to(dtype) for item in items]
+    lens = torch.tensor([c.shape[0] for c in conds], device=device, dtype=torch.long)
+    text = list_str_to_idx([item.text for item in items], model.vocab_char_map).to(device)
+    duration = torch.tensor([item.duration for item in items], device=device, dtype=torch.long)
+    duration = torch.maximum(torch.maximum((text != -1).sum(dim=-1), lens) + 1, duration).clamp(max=MAX_FRAMES)
+    frames = int(duration.amax())
+    batch = len(items)
+
+    cond = torch.stack([F.pad(c, (0, 0, 0, frames - c.shape[0])) for c in conds])
+    cond_mask = F.pad(lens_to_mask(lens), (0, frames - int(lens.amax())), value=False).unsqueeze(-1)
+    step_cond = torch.where(cond_mask, cond, torch.zeros_like(cond))
+    mask = lens_to_mask(duration) if batch > 1 else None
+
+    noise = []
+    for item, dur in zip(items, duration.tolist()):
+        generator = torch.Generator(device=device).manual_seed(item.seed)
+        noise.append(F.pad(torch.randn(dur, model.num_channels, generator=generator, device=device, dtype=dtype),
+                           (0, 0, 0, frames - dur)))
+    y = torch.stack(noise)
+
+    t = epss_or_linear_timesteps(steps, sway, device, dtype)
+    runner.begin(batch, frames, masked=mask is not None)
+    try:
+        for i in range(steps):
+            y = y + (t[i + 1] - t[i]) * runner(y, step_cond, text, t[i], mask, cfg_strength)
+    finally:
+        runner.end()
+    out = torch.where(cond_mask, cond, y)
+    return [out[i, :d] for i, d in enumerate(duration.tolist())]
