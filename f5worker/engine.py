@@ -185,7 +185,7 @@ class TTSEngine:
         self.vocoder = vocoder
         self.device = device
         self.dtype = dtype
-        # The DiT call for one ODE step; the fast path (f5worker.fast) swaps in a graphed one.
+        # Integrates the ODE; the fast path (f5worker.fast) pads to buckets and replays CUDA graphs.
         from f5worker.sampler import EagerStepRunner
 
         self.step_runner = step_runner or EagerStepRunner(model.transformer)
@@ -199,10 +199,10 @@ class TTSEngine:
         model = load_cfm(files, device, dtype)
         vocoder = load_vocos(files.vocoder_dir, device)
         step_runner = None
-        if fast and device.startswith("cuda"):
-            from f5worker.fast import GraphedStepRunner
+        if fast:
+            from f5worker.fast import BucketedStepRunner
 
-            step_runner = GraphedStepRunner(model.transformer)
+            step_runner = BucketedStepRunner(model.transformer, use_graphs=device.startswith("cuda"))
         log.info("model loaded on %s (%s) in %.2f s from %s", device, dtype, time.perf_counter() - started, files.sources)
         return cls(model, vocoder, device, dtype, step_runner)
 

@@ -38,6 +38,16 @@ class EagerStepRunner:
     def end(self) -> None:
         self.transformer.clear_cache()
 
+    def integrate(self, y, step_cond, text, mask, t, steps, cfg_strength):
+        """torchdiffeq's Euler solver on f5-tts's grid: y <- y + dt * f(t, y)."""
+        self.begin(y.shape[0], y.shape[1], masked=mask is not None)
+        try:
+            for i in range(steps):
+                y = y + (t[i + 1] - t[i]) * self(y, step_cond, text, t[i], mask, cfg_strength)
+        finally:
+            self.end()
+        return y
+
 
 def sample_mels(model, items: list[ChunkItem], runner) -> list[torch.Tensor]:
     """Each item's full mel ([frames, n_mel], reference part included), in one batched integration."""
@@ -69,11 +79,6 @@ def sample_mels(model, items: list[ChunkItem], runner) -> list[torch.Tensor]:
     y = torch.stack(noise)
 
     t = epss_or_linear_timesteps(steps, sway, device, dtype)
-    runner.begin(batch, frames, masked=mask is not None)
-    try:
-        for i in range(steps):
-            y = y + (t[i + 1] - t[i]) * runner(y, step_cond, text, t[i], mask, cfg_strength)
-    finally:
-        runner.end()
+    y = runner.integrate(y, step_cond, text, mask, t, steps, cfg_strength)
     out = torch.where(cond_mask, cond, y)
     return [out[i, :d] for i, d in enumerate(duration.tolist())]

@@ -28,9 +28,12 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_models):
-    return TTSEngine.load(resolve_tts_files(Settings.from_env(tiny_models)), device="cpu")
+@pytest.fixture(scope="module", params=["eager", "fast"])
+def engine(request, tiny_models):
+    """Both inference paths: f5-tts's own DiT forward, and the bucketed fast path (run eagerly on
+    the CPU: the same arithmetic the GPU replays from CUDA graphs)."""
+    return TTSEngine.load(resolve_tts_files(Settings.from_env(tiny_models)), device="cpu",
+                          fast=request.param == "fast")
 
 
 @pytest.fixture(scope="module")
