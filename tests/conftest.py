@@ -3,4 +3,5 @@ pytest_plugins = [
     "tests.fixtures_models",
     "tests.fixtures_s3",
     "tests.fixtures_http",
+    "tests.fixtures_whisper",
 ]

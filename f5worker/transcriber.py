@@ -1,0 +1,77 @@
+"""Transcribe a reference voice with Whisper when a job gives no ``ref_text`` and none is stored.
+
+Why this module exists: f5-tts's own ``transcribe`` keeps its pipeline in a module global, loads it
+from the hub by repo id and is not safe to call from several threads. ``Transcriber`` does the same
+work (transformers' ASR pipeline, 30 s chunks, task "transcribe", fp16 on CUDA) on the folder that
+``model_store.resolve_asr_model`` found, loads it once under a lock, and reports a model that cannot
+be loaded as a ``StorageError``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import torch
+
+from f5worker.engine import pick_device, pick_dtype
+from f5worker.errors import StorageError
+from f5worker.model_store import resolve_asr_model
+from f5worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+WHISPER_SAMPLE_RATE = 16000
+CHUNK_SECONDS = 30
+
+
+class Transcriber:
+    def __init__(self, settings: Settings, device: str | None = None):
+        self.settings = settings
+        self.device = pick_device(device or settings.device)
+        self._pipe = None
+        self._lock = threading.Lock()  # guards loading and the pipeline, which is not thread-safe
+
+    @property
+    def loaded(self) -> bool:
+        return self._pipe is not None
+
+    def _load_locked(self):
+        if self._pipe is not None:
+            return self._pipe
+        folder = resolve_asr_model(self.settings)  # raises StorageError itself
+        dtype = pick_dtype(self.device)
+        started = time.perf_counter()
+        try:
+            from transformers import pipeline
+
+            self._pipe = pipeline("automatic-speech-recognition", model=str(folder), dtype=dtype, device=self.device)
+        except Exception as exc:
+            raise StorageError(
+                f"The transcription model in {folder} could not be loaded ({type(exc).__name__}); "
+                "pass ref_text or store a transcript beside the voice."
+            ) from exc
+        log.info("transcriber loaded from %s on %s (%s) in %.2f s", folder, self.device, dtype,
+                 time.perf_counter() - started)
+        return self._pipe
+
+    def load(self):
+        """The loaded pipeline; loads it on first use."""
+        with self._lock:
+            return self._load_locked()
+
+    def transcribe(self, samples: np.ndarray, sr: int) -> str:
+        """Mono float samples at any rate -> the stripped transcript."""
+        audio = np.asarray(samples, dtype=np.float32)
+        if sr != WHISPER_SAMPLE_RATE:
+            import torchaudio.functional as AF
+
+            audio = AF.resample(torch.from_numpy(audio), sr, WHISPER_SAMPLE_RATE).numpy()
+        with self._lock:
+            pipe = self._load_locked()
+            with torch.inference_mode():
+                result = pipe({"raw": audio, "sampling_rate": WHISPER_SAMPLE_RATE}, chunk_length_s=CHUNK_SECONDS,
+                              batch_size=16, generate_kwargs={"task": "transcribe"}, return_timestamps=False,
+                              ignore_warning=True)
+        return result["text"].strip()
