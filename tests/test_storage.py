@@ -1,0 +1,319 @@
+"""The storage layer (s3_utils) against a real S3 server (SeaweedFS over HTTPS, see
+fixtures_s3) and against local folders. No mocks: every S3 call here crosses the wire."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+
+from f5worker.errors import StorageError
+from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_ENDPOINT_URL,
+                               ENV_AWS_SECRET_ACCESS_KEY, ENV_LOCAL_STORAGE_DIR,
+                               ENV_PRESIGN_EXPIRY, ENV_S3_BUCKET, LOGS_PREFIX, OUTPUT_PREFIX,
+                               VOICES_PREFIX, Settings)
+from s3_utils import KeyNotFound, LocalStorage, S3Storage, make_s3_client, make_storage
+
+# Headers Backblaze B2 (and other S3-compatible services) reject: boto3 >= 1.36 sends them by
+# default unless request_checksum_calculation / response_checksum_validation are "when_required".
+B2_REJECTED_PREFIXES = ("x-amz-checksum-", "x-amz-sdk-checksum-algorithm", "x-amz-trailer")
+MB = 1024 * 1024
+
+
+def _write(path: Path, size: int) -> Path:
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(params=["s3", "local"])
+def storage(request, tmp_path):
+    """Each backend in turn: the behaviour the worker relies on must be the same on both."""
+    if request.param == "s3":
+        return S3Storage(request.getfixturevalue("s3_env").settings)
+    return LocalStorage(tmp_path / "storage")
+
+
+# --- behaviour shared by both backends ------------------------------------------------------------
+
+def test_file_round_trip(storage, tmp_path):
+    src = _write(tmp_path / "in.wav", 300_000)
+    key = f"{VOICES_PREFIX}alice.wav"
+    assert not storage.exists(key)
+    storage.upload_file(key, src, "audio/wav")
+    assert storage.exists(key)
+    dest = tmp_path / "out" / "nested" / "alice.wav"  # missing parent folders are created
+    storage.download_file(key, dest)
+    assert _sha(dest) == _sha(src)
+
+
+def test_text_and_json_round_trip(storage):
+    key = f"{VOICES_PREFIX}alice.txt"
+    storage.put_text(key, "Grüße, 世界 — done.")
+    assert storage.get_text(key) == "Grüße, 世界 — done."
+    storage.put_text(key, "replaced")
+    assert storage.get_text(key) == "replaced"
+    storage.put_json(f"{LOGS_PREFIX}job-1.json", {"status": "ok", "text": "héllo", "n": [1, 2]})
+    assert json.loads(storage.get_text(f"{LOGS_PREFIX}job-1.json")) == {
+        "status": "ok", "text": "héllo", "n": [1, 2]}
+
+
+def test_missing_key(storage, tmp_path):
+    key = f"{VOICES_PREFIX}nobody.wav"
+    dest = tmp_path / "nobody.wav"
+    with pytest.raises(KeyNotFound) as info:
+        storage.download_file(key, dest)
+    assert isinstance(info.value, StorageError) and info.value.key == key
+    assert key in str(info.value)
+    assert not dest.exists()
+    assert storage.get_text(key) is None
+    assert storage.exists(key) is False
+
+
+def test_delete(storage):
+    key = f"{OUTPUT_PREFIX}job-2.wav"
+    storage.put_text(key, "x")
+    storage.delete(key)
+    assert not storage.exists(key)
+    storage.delete(key)  # deleting what is not there is fine
+
+
+@pytest.mark.parametrize("key", ["../x", "/etc/passwd", "voices/../../x", "voices/./a.wav",
+                                 "voices//a.wav", "voices/", "", "voices\\..\\x"])
+@pytest.mark.parametrize("backend", ["s3", "local"])
+def test_refuses_unsafe_keys(backend, key, tmp_path):
+    # Keys are checked before any request: the S3 endpoint is a closed port, so a key that got
+    # through would fail with "could not connect" instead.
+    storage = LocalStorage(tmp_path / "st") if backend == "local" else S3Storage(Settings.from_env(
+        {ENV_S3_BUCKET: "b", ENV_AWS_ENDPOINT_URL: "https://127.0.0.1:9",
+         ENV_AWS_ACCESS_KEY_ID: "AK", ENV_AWS_SECRET_ACCESS_KEY: "secret"}))
+    for call in (lambda: storage.put_text(key, "x"), lambda: storage.get_text(key),
+                 lambda: storage.exists(key), lambda: storage.delete(key),
+                 lambda: storage.result_url(key),
+                 lambda: storage.download_file(key, tmp_path / "d"),
+                 lambda: storage.upload_file(key, _write(tmp_path / "u", 10), "audio/wav")):
+        with pytest.raises(StorageError, match="is not allowed"):
+            call()
+
+
+def test_probe(storage):
+    storage.probe()
+    if isinstance(storage, LocalStorage):
+        assert list((storage.root / LOGS_PREFIX).iterdir()) == []
+    else:
+        listed = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=LOGS_PREFIX)
+        assert listed.get("KeyCount", 0) == 0
+
+
+# --- S3 only --------------------------------------------------------------------------------------
+
+def test_make_storage_picks_backend(s3_env, tmp_path):
+    assert isinstance(make_storage(s3_env.settings), S3Storage)
+    local = make_storage(Settings.from_env({ENV_LOCAL_STORAGE_DIR: str(tmp_path / "st")}))
+    assert isinstance(local, LocalStorage) and local.root == (tmp_path / "st").resolve()
+
+
+def test_s3_describe_has_no_credentials(s3_env):
+    text = S3Storage(s3_env.settings).describe()
+    assert text.startswith(f"s3://{s3_env.bucket}") and "127.0.0.1" in text
+    assert s3_env.server.secret_key not in text and s3_env.server.access_key not in text
+
+
+def test_upload_sets_content_type(s3_env, tmp_path):
+    storage = S3Storage(s3_env.settings)
+    storage.upload_file(f"{OUTPUT_PREFIX}a.wav", _write(tmp_path / "a.wav", 1000), "audio/wav")
+    head = storage.client.head_object(Bucket=s3_env.bucket, Key=f"{OUTPUT_PREFIX}a.wav")
+    assert head["ContentType"] == "audio/wav"
+
+
+def test_presigned_url_downloads_over_https(s3_env, tmp_path):
+    storage = S3Storage(s3_env.settings)
+    src = _write(tmp_path / "out.wav", 50_000)
+    storage.upload_file(f"{OUTPUT_PREFIX}job.wav", src, "audio/wav")
+    url = storage.result_url(f"{OUTPUT_PREFIX}job.wav")
+    query = parse_qs(urlsplit(url).query)
+    assert url.startswith(s3_env.server.endpoint_url + f"/{s3_env.bucket}/")  # path style
+    assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+    assert query["X-Amz-Expires"] == [str(s3_env.settings.presign_expiry)]
+    assert "/us-east-1/s3/aws4_request" in query["X-Amz-Credential"][0]
+
+    got = requests.get(url, verify=s3_env.server.ca_bundle, timeout=10)
+    assert got.status_code == 200 and hashlib.sha256(got.content).hexdigest() == _sha(src)
+    # Credentials are enforced: no signature, or a tampered one, is refused.
+    plain = url.split("?")[0]
+    assert requests.get(plain, verify=s3_env.server.ca_bundle, timeout=10).status_code == 403
+    tampered = url.replace(query["X-Amz-Signature"][0], "0" * 64)
+    assert requests.get(tampered, verify=s3_env.server.ca_bundle, timeout=10).status_code == 403
+
+
+def test_presigned_url_expires(s3_env):
+    settings = Settings.from_env({**s3_env, ENV_PRESIGN_EXPIRY: "1"})
+    storage = S3Storage(settings)
+    storage.put_text(f"{LOGS_PREFIX}short.json", "{}")
+    url = storage.result_url(f"{LOGS_PREFIX}short.json")
+    assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["1"]
+    time.sleep(2.5)
+    assert requests.get(url, verify=s3_env.server.ca_bundle, timeout=10).status_code == 403
+
+
+def test_presigned_url_is_sigv4_on_aws_us_east_1():
+    """No endpoint, region us-east-1: the case where old botocore presigned with SigV2."""
+    settings = Settings.from_env({ENV_S3_BUCKET: "my-bucket", ENV_AWS_ACCESS_KEY_ID: "AKIAEXAMPLE",
+                                  ENV_AWS_SECRET_ACCESS_KEY: "not-a-real-secret"})
+    url = S3Storage(settings).result_url(f"{OUTPUT_PREFIX}x.wav")  # presigning is offline
+    query = parse_qs(urlsplit(url).query)
+    assert urlsplit(url).hostname == "my-bucket.s3.amazonaws.com"
+    assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+    assert "/us-east-1/s3/aws4_request" in query["X-Amz-Credential"][0]
+    assert "not-a-real-secret" not in url
+
+
+@pytest.mark.parametrize("wrong", ["secret", "access_key"])
+def test_wrong_credentials_give_clean_storage_error(s3_env, tmp_path, wrong):
+    real = s3_env.settings
+    settings = dataclasses.replace(real, **(
+        {"aws_secret_access_key": "WrongSecret" + "x" * 29} if wrong == "secret"
+        else {"aws_access_key_id": "AKNOSUCHKEY000000000"}))
+    storage = S3Storage(settings)
+    src = _write(tmp_path / "a.wav", 1000)
+    calls = {
+        "put_text": lambda: storage.put_text(f"{LOGS_PREFIX}a.json", "{}"),
+        "get_text": lambda: storage.get_text(f"{LOGS_PREFIX}a.json"),
+        "exists": lambda: storage.exists(f"{VOICES_PREFIX}a.wav"),
+        "upload_file": lambda: storage.upload_file(f"{OUTPUT_PREFIX}a.wav", src, "audio/wav"),
+        "download_file": lambda: storage.download_file(f"{VOICES_PREFIX}a.wav", tmp_path / "d"),
+        "probe": storage.probe,
+    }
+    for name, call in calls.items():
+        with pytest.raises(StorageError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith("S3 request failed: "), (name, message)
+        assert not isinstance(info.value, KeyNotFound), name
+        for secret in (settings.aws_secret_access_key, real.aws_secret_access_key):
+            assert secret not in message and secret not in repr(info.value)
+        assert "X-Amz-Signature" not in message and "Signature=" not in message
+
+
+def test_unreachable_endpoint(s3_env):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = dataclasses.replace(s3_env.settings, aws_endpoint_url=f"https://127.0.0.1:{port}")
+    with pytest.raises(StorageError, match="could not connect to the S3 endpoint"):
+        S3Storage(settings).put_text(f"{LOGS_PREFIX}x.json", "{}")
+
+
+def test_untrusted_certificate(s3_env, monkeypatch):
+    monkeypatch.delenv("AWS_CA_BUNDLE")
+    with pytest.raises(StorageError, match="TLS certificate was not accepted"):
+        S3Storage(s3_env.settings).get_text(f"{LOGS_PREFIX}x.json")
+
+
+def test_requests_carry_no_headers_b2_rejects(s3_env, tmp_path):
+    """Backblaze B2 refuses x-amz-checksum-*, x-amz-sdk-checksum-algorithm and x-amz-trailer
+    (boto3's default flexible checksums since 1.36). Record every request the worker's client
+    sends, single-part and multipart, and check none carries them and all are SigV4-signed."""
+    storage = S3Storage(s3_env.settings)
+    sent = []
+
+    def record(request, **_):
+        headers = {(k.decode() if isinstance(k, bytes) else k).lower():
+                   (v.decode() if isinstance(v, bytes) else str(v))
+                   for k, v in request.headers.items()}
+        sent.append((request.method, request.url, headers))
+
+    storage.client.meta.events.register("before-send.s3", record)
+    big = _write(tmp_path / "big.wav", 12 * MB)  # above boto3's 8 MB multipart threshold
+    small = _write(tmp_path / "small.wav", 20_000)
+    storage.upload_file(f"{OUTPUT_PREFIX}big.wav", big, "audio/wav")
+    storage.upload_file(f"{OUTPUT_PREFIX}small.wav", small, "audio/wav")
+    storage.put_text(f"{VOICES_PREFIX}a.txt", "hello")
+    storage.put_json(f"{LOGS_PREFIX}a.json", {"a": 1})
+    assert storage.get_text(f"{VOICES_PREFIX}a.txt") == "hello"
+    storage.download_file(f"{OUTPUT_PREFIX}big.wav", tmp_path / "big-back.wav")
+    assert storage.exists(f"{OUTPUT_PREFIX}small.wav")
+    storage.delete(f"{VOICES_PREFIX}a.txt")
+    storage.probe()
+
+    assert _sha(tmp_path / "big-back.wav") == _sha(big)
+    assert any("uploadId=" in url for _, url, _ in sent), "the multipart path was not exercised"
+    assert sum(method == "PUT" for method, _, _ in sent) >= 5
+    for method, url, headers in sent:
+        bad = [h for h in headers if h.startswith(B2_REJECTED_PREFIXES)]
+        assert not bad, f"{method} {url.split('?')[0]} sent {bad}"
+        assert "aws-chunked" not in headers.get("content-encoding", "")
+        assert headers["authorization"].startswith("AWS4-HMAC-SHA256 Credential="), method
+        assert "/us-east-1/s3/aws4_request" in headers["authorization"]
+    url = storage.result_url(f"{OUTPUT_PREFIX}big.wav")
+    assert parse_qs(urlsplit(url).query)["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+
+
+def test_client_config(s3_env):
+    config = make_s3_client(s3_env.settings).meta.config
+    assert config.signature_version == "s3v4"
+    assert config.request_checksum_calculation == "when_required"
+    assert config.response_checksum_validation == "when_required"
+    assert config.s3["addressing_style"] == "path"
+    assert config.retries == {"mode": "standard", "total_max_attempts": 3}
+
+
+# --- local only -----------------------------------------------------------------------------------
+
+def test_local_result_url_is_file_uri(tmp_path):
+    storage = LocalStorage(tmp_path / "st")
+    storage.put_text(f"{OUTPUT_PREFIX}j.json", "{}")
+    url = storage.result_url(f"{OUTPUT_PREFIX}j.json")
+    assert url == (tmp_path / "st" / "output" / "j.json").resolve().as_uri()
+    assert url.startswith("file:///")
+
+
+def test_local_refuses_symlink_escape(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "voices").symlink_to(outside)
+    storage = LocalStorage(tmp_path / "st")
+    with pytest.raises(StorageError, match="is not allowed"):
+        storage.put_text(f"{VOICES_PREFIX}a.txt", "x")
+    assert list(outside.iterdir()) == []
+
+
+def test_local_writes_are_atomic(tmp_path):
+    storage = LocalStorage(tmp_path / "st")
+    src = _write(tmp_path / "a.wav", 100_000)
+    storage.upload_file(f"{OUTPUT_PREFIX}a.wav", src, "audio/wav")
+    storage.put_text(f"{OUTPUT_PREFIX}a.txt", "one")
+    storage.put_json(f"{OUTPUT_PREFIX}a.json", {})
+    storage.download_file(f"{OUTPUT_PREFIX}a.wav", tmp_path / "back" / "a.wav")
+    assert sorted(p.name for p in (tmp_path / "st" / "output").iterdir()) == [
+        "a.json", "a.txt", "a.wav"]
+    assert [p.name for p in (tmp_path / "back").iterdir()] == ["a.wav"]
+
+    # A write that fails half-way leaves the old content and no temp file behind.
+    def fail_half_way(f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        LocalStorage._atomic_write(tmp_path / "st" / "output" / "a.txt", fail_half_way)
+    assert storage.get_text(f"{OUTPUT_PREFIX}a.txt") == "one"
+    assert sorted(p.name for p in (tmp_path / "st" / "output").iterdir()) == [
+        "a.json", "a.txt", "a.wav"]
+
+
+def test_local_missing_upload_source_is_not_a_missing_key(tmp_path):
+    storage = LocalStorage(tmp_path / "st")
+    with pytest.raises(StorageError) as info:
+        storage.upload_file(f"{OUTPUT_PREFIX}a.wav", tmp_path / "nope.wav", "audio/wav")
+    assert not isinstance(info.value, KeyNotFound)
