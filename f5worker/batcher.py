@@ -1,0 +1,101 @@
+"""Groups chunk items from concurrent jobs into shared model calls on one GPU thread.
+
+Why this module exists: a serverless worker is billed by the GPU-second, and a DiT step on 2 items
+costs little more than on 1. Jobs that arrive together (runpod's ``concurrency_modifier`` lets
+several run on one worker) submit their chunk items here; a single loop takes whatever is pending,
+waits at most ``max_wait_s`` for company, and runs items with the same ODE settings together,
+shortest first, within a frame budget. The model is only ever driven from one thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from f5worker.engine import ChunkItem
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_WAIT_S = 0.004
+DEFAULT_MAX_ITEMS = 16
+DEFAULT_MAX_FRAMES = 16 * 2048  # sum of padded frames in one call: bounds GPU memory
+
+
+@dataclass
+class _Pending:
+    item: ChunkItem
+    future: asyncio.Future
+
+
+class Batcher:
+    def __init__(self, run_items: Callable[[list[ChunkItem]], list[np.ndarray]], *,
+                 max_wait_s: float = DEFAULT_MAX_WAIT_S, max_items: int = DEFAULT_MAX_ITEMS,
+                 max_frames: int = DEFAULT_MAX_FRAMES, executor: ThreadPoolExecutor | None = None):
+        self._run_items = run_items
+        self.max_wait_s = max_wait_s
+        self.max_items = max_items
+        self.max_frames = max_frames
+        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+        self._pending: list[_Pending] = []
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self.calls: list[int] = []  # batch size of each model call, for logs and tests
+
+    async def submit(self, items: list[ChunkItem]) -> list[np.ndarray]:
+        """Waveforms of the items, in order, once every one has been sampled."""
+        self._ensure_loop()
+        loop = asyncio.get_running_loop()
+        entries = [_Pending(item, loop.create_future()) for item in items]
+        self._pending.extend(entries)
+        self._wakeup.set()
+        return list(await asyncio.gather(*(e.future for e in entries)))
+
+    def _ensure_loop(self) -> None:
+        # The loop belongs to the event loop that first submits (runpod runs one per worker).
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def next_batch(self) -> list[_Pending]:
+        """Shortest items first from the largest group sharing ODE settings, within the budgets."""
+        groups: dict[tuple, list[_Pending]] = {}
+        for entry in self._pending:
+            groups.setdefault(entry.item.batch_key, []).append(entry)
+        group = sorted(max(groups.values(), key=len), key=lambda e: e.item.duration)
+        batch = [group[0]]
+        for entry in group[1:]:
+            padded = entry.item.duration * (len(batch) + 1)  # sorted: this item is the longest so far
+            if len(batch) >= self.max_items or padded > self.max_frames:
+                break
+            batch.append(entry)
+        for entry in batch:
+            self._pending.remove(entry)
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if not self._pending:
+                continue
+            if len(self._pending) < self.max_items:
+                await asyncio.sleep(self.max_wait_s)  # a lone job waits this long for company
+            while self._pending:
+                batch = self.next_batch()
+                self.calls.append(len(batch))
+                try:
+                    waves = await loop.run_in_executor(self.executor, self._run_items, [e.item for e in batch])
+                except Exception as exc:  # every job in the call learns of it; the loop goes on
+                    log.exception("model call of %d items failed", len(batch))
+                    for entry in batch:
+                        if not entry.future.done():
+                            entry.future.set_exception(exc)
+                    continue
+                for entry, wave in zip(batch, waves):
+                    if not entry.future.done():
+                        entry.future.set_result(wave)

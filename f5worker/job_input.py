@@ -1,0 +1,94 @@
+"""The rules a job's ``input`` must follow: every field, default and bound, in one place.
+
+Why this module exists: the handler only routes; what a caller may send is declared here (pydantic
+models with unknown fields forbidden) and every violation becomes one sentence in an ``InputError``.
+The README's job reference is written from these models.
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from f5worker.errors import InputError
+
+MAX_TEXT_CHARS = 2000
+MAX_REF_TEXT_CHARS = 500
+MAX_SEED = 2**31 - 1
+VOICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}\.wav$")
+
+
+def check_voice_name(name: str) -> str:
+    """A voice name is a file name, never a path: letters, digits, '.', '_', '-', ending in .wav."""
+    if not VOICE_NAME_RE.match(name) or ".." in name:
+        raise ValueError("must be a file name such as 'my-voice.wav' (letters, digits, '.', '_', '-', "
+                         "at most 100 characters, ending in .wav)")
+    return name
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class TTSInput(_Input):
+    endpoint: Literal["tts"] = "tts"
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    local_voice: str
+    ref_text: str | None = Field(default=None, max_length=MAX_REF_TEXT_CHARS)
+    speed: float = Field(default=1.0, ge=0.3, le=3.0)
+    nfe_step: int = Field(default=32, ge=1, le=64)
+    cfg_strength: float = Field(default=2.0, ge=0.0, le=10.0)
+    sway_sampling_coef: float = Field(default=-1.0, ge=-1.0, le=1.0)
+    cross_fade_duration: float = Field(default=0.15, ge=0.0, le=1.0)
+    remove_silence: bool = False
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+
+    _voice = field_validator("local_voice")(classmethod(lambda cls, v: check_voice_name(v)))
+
+
+class UploadInput(_Input):
+    endpoint: Literal["upload"]
+    voice_file_url: str = Field(min_length=1, max_length=4096)
+    voice_name: str
+    ref_text: str | None = Field(default=None, max_length=MAX_REF_TEXT_CHARS)
+
+    _voice = field_validator("voice_name")(classmethod(lambda cls, v: check_voice_name(v)))
+
+
+JobInput = Union[TTSInput, UploadInput]
+ENDPOINTS = {"tts": TTSInput, "upload": UploadInput}
+
+
+def _sentence(err: dict) -> str:
+    field = ".".join(str(p) for p in err["loc"]) or "input"
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "extra_forbidden":
+        return f"Unknown input field '{field}'."
+    if kind == "missing":
+        return f"Missing required input '{field}'."
+    if kind == "greater_than_equal":
+        return f"'{field}' must be at least {ctx['ge']}."
+    if kind == "less_than_equal":
+        return f"'{field}' must be at most {ctx['le']}."
+    if kind == "string_too_long":
+        return f"'{field}' is too long: at most {ctx.get('max_length')} characters."
+    if kind == "string_too_short":
+        return f"'{field}' must not be empty."
+    if kind == "value_error":
+        return f"'{field}' {str(ctx.get('error', err['msg']))}."
+    return f"Invalid '{field}': {err['msg'].lower()}."
+
+
+def parse_job_input(raw: object) -> JobInput:
+    """The job's input as a model, or an InputError naming the first thing wrong."""
+    if not isinstance(raw, dict):
+        raise InputError("The job input must be a JSON object.")
+    endpoint = raw.get("endpoint", "tts")
+    model = ENDPOINTS.get(endpoint) if isinstance(endpoint, str) else None
+    if model is None:
+        raise InputError(f"Unknown endpoint; use one of: {', '.join(ENDPOINTS)}.")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise InputError(_sentence(exc.errors(include_url=False)[0])) from None

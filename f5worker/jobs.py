@@ -1,0 +1,145 @@
+"""The two jobs, TTS and voice upload, as async workflows over the engine, storage and voices.
+
+Why this module exists: it keeps the handler a router. Each workflow stages its files as
+``<tmp>/<job_id>_*`` and removes them on every way out, runs blocking I/O off the event loop (so
+other jobs keep batching), drives the GPU only through the batcher's one thread, and writes a small
+JSON record per job under ``logs/`` (sizes and timings; never credentials or the job's text).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from f5worker import audio
+from f5worker.batcher import Batcher
+from f5worker.download import download_to_file
+from f5worker.engine import SynthesisRequest, TTSEngine
+from f5worker.errors import InputError
+from f5worker.job_input import MAX_SEED, TTSInput, UploadInput
+from f5worker.settings import LOGS_PREFIX, OUTPUT_PREFIX, Settings
+from f5worker.voices import VoiceLibrary
+from s3_utils import Storage
+
+log = logging.getLogger(__name__)
+
+SAFE_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def safe_job_id(job_id: object) -> str:
+    """Job ids name temp files and storage keys; anything unusual is replaced by a fresh id."""
+    return job_id if isinstance(job_id, str) and SAFE_JOB_ID.fullmatch(job_id) else uuid.uuid4().hex
+
+
+@contextlib.contextmanager
+def job_files(tmp_dir: Path, job_id: str) -> Iterator[dict[str, Path]]:
+    """The job's staging paths (the guide's ``/tmp/{job_id}_voice.wav`` and ``_output.wav``),
+    removed however the job ends."""
+    paths = {name: tmp_dir / f"{job_id}_{name}" for name in ("voice.wav", "output.wav", "download")}
+    try:
+        yield paths
+    finally:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+
+
+class Worker:
+    """Everything a job needs, created once per worker process."""
+
+    def __init__(self, settings: Settings, engine: TTSEngine, storage: Storage, transcriber=None):
+        self.settings = settings
+        self.engine = engine
+        self.storage = storage
+        self.batcher = Batcher(engine.run_items)
+        self.transcriber = transcriber
+        self.voices = VoiceLibrary(storage, self._transcribe if transcriber is not None else None)
+
+    def _transcribe(self, samples, sr) -> str:
+        return self.transcriber.transcribe(samples, sr)
+
+    async def _on_gpu_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.batcher.executor, fn, *args)
+
+    async def tts(self, job_id: str, job: TTSInput) -> dict:
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        seed = job.seed if job.seed is not None else random.randint(0, MAX_SEED)
+        with job_files(self.settings.tmp_dir, job_id) as paths:
+            samples, sr = await asyncio.to_thread(self.voices.fetch, job.local_voice, paths["voice.wav"])
+            ref_text, ref_source = await self._ref_text(job.local_voice, samples, sr, job.ref_text)
+            timings["voice_s"] = time.perf_counter() - started
+
+            mark = time.perf_counter()
+            request = SynthesisRequest(
+                ref_audio=samples, ref_sr=sr, ref_text=ref_text, gen_text=job.text, seed=seed, speed=job.speed,
+                nfe_step=job.nfe_step, cfg_strength=job.cfg_strength, sway_sampling_coef=job.sway_sampling_coef,
+                cross_fade_duration=job.cross_fade_duration, remove_silence=job.remove_silence)
+            plan = await asyncio.to_thread(self.engine.plan, request)
+            waves = await self.batcher.submit(plan.items)
+            wave = self.engine.finish(plan, waves)
+            timings["synthesis_s"] = time.perf_counter() - mark
+
+            mark = time.perf_counter()
+            output_key = f"{OUTPUT_PREFIX}{job_id}.wav"
+            await asyncio.to_thread(audio.write_wav, paths["output.wav"], wave)
+            size = paths["output.wav"].stat().st_size
+            await asyncio.to_thread(self.storage.upload_file, output_key, paths["output.wav"], "audio/wav")
+            url = await asyncio.to_thread(self.storage.result_url, output_key)
+            timings["upload_s"] = time.perf_counter() - mark
+        timings["total_s"] = time.perf_counter() - started
+        duration = audio.duration_seconds(wave, audio.TARGET_SAMPLE_RATE)
+        await self.record(job_id, "tts", "ok", voice=job.local_voice, text_chars=len(job.text), chunks=len(plan.items),
+                          audio_seconds=round(duration, 3), output_bytes=size, ref_text_source=ref_source,
+                          timings=_rounded(timings))
+        return {"audio_url": url, "duration": round(duration, 3), "sample_rate": audio.TARGET_SAMPLE_RATE,
+                "output_key": output_key, "voice": job.local_voice, "seed": seed, "chunks": len(plan.items),
+                "ref_text_source": ref_source, "timings": _rounded(timings)}
+
+    async def _ref_text(self, name, samples, sr, given) -> tuple[str, str]:
+        if given:
+            return given, "job"
+        # May transcribe: Whisper runs on the GPU thread, between model calls, never beside one.
+        return await self._on_gpu_thread(self.voices.ref_text, name, samples, sr, None)
+
+    async def upload(self, job_id: str, job: UploadInput) -> dict:
+        started = time.perf_counter()
+        with job_files(self.settings.tmp_dir, job_id) as paths:
+            size = await asyncio.to_thread(
+                download_to_file, job.voice_file_url, paths["download"], max_bytes=self.settings.max_voice_bytes,
+                allow_private=self.settings.allow_private_urls)
+            samples, sr = await asyncio.to_thread(audio.decode, paths["download"])
+            duration = audio.duration_seconds(samples, sr)
+            if duration < audio.REF_MIN_SECONDS or duration > audio.VOICE_MAX_SECONDS:
+                raise InputError(f"The voice must be between {audio.REF_MIN_SECONDS:g} and "
+                                 f"{audio.VOICE_MAX_SECONDS:g} seconds long (it is {duration:.1f} s).")
+            await asyncio.to_thread(audio.write_wav, paths["voice.wav"], samples, sr)
+            if job.ref_text:
+                ref_text = job.ref_text
+            else:
+                ref_text = await self._on_gpu_thread(self.voices.transcribe, samples, sr)
+            key = await asyncio.to_thread(self.voices.store, job.voice_name, paths["voice.wav"], ref_text)
+        timings = {"total_s": time.perf_counter() - started}
+        await self.record(job_id, "upload", "ok", voice=job.voice_name, input_bytes=size,
+                          audio_seconds=round(duration, 3), timings=_rounded(timings))
+        return {"voice_name": job.voice_name, "voice_key": key, "duration": round(duration, 3),
+                "sample_rate": sr, "ref_text": ref_text}
+
+    async def record(self, job_id: str, endpoint: str, status: str, **fields) -> None:
+        """The job's log record; a failure to write it is logged, never raised over the result."""
+        entry = {"job_id": job_id, "endpoint": endpoint, "status": status,
+                 "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields}
+        try:
+            await asyncio.to_thread(self.storage.put_json, f"{LOGS_PREFIX}{job_id}.json", entry)
+        except Exception:
+            log.warning("could not write the log record of job %s", job_id, exc_info=True)
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in timings.items()}

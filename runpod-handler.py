@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+"""RunPod serverless entry point for the F5-TTS worker.
+
+    python runpod-handler.py                          # as a RunPod worker
+    python runpod-handler.py --test_input "$(cat test_input.json)"   # one local job, exit 0/1
+    python runpod-handler.py --rp_serve_api --rp_api_host 127.0.0.1  # runpod's local API server
+
+The logic lives in ``f5worker.service``; this script only orders start-up: cache variables first
+(huggingface_hub reads them once, at import), then logging, then the worker.
+"""
+import logging
+import sys
+
+
+def main(argv=None) -> int:
+    from f5worker.settings import Settings, apply_cache_env
+
+    settings = Settings.from_env()
+    apply_cache_env(settings)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("urllib3").setLevel(logging.WARNING)  # it logs full URLs, signatures included
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    from f5worker.service import serve  # imports torch: only after the cache variables are set
+
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
