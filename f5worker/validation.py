@@ -1,0 +1,530 @@
+"""Pre-deployment checks of the worker's storage configuration (``validate-storage-config.py``).
+
+Why this module exists: every storage mistake the worker can meet in production (no network volume
+attached, model caches pointed at the small container disk or ``/tmp``, a half-downloaded
+checkpoint, a volume too full for the first download, S3 credentials that cannot write) otherwise
+shows up only as a failed job after a cold start. These checks find each of them in seconds, on
+the machine that will run the worker, and say how to fix it. They read the same settings the
+worker reads (``f5worker.settings``), resolve models by the same order (``f5worker.model_store``,
+never downloading) and probe storage with the same code (``s3_utils.make_storage``), so a passing
+run means the worker will find what it needs.
+
+Nothing here changes the environment: the worker points the library caches at the model root
+itself when it starts (``apply_cache_env``); this only reports whether the container's own
+environment agrees. Credentials are never printed: the access key id shows as its last 4
+characters, the secret as "set", and every message is scrubbed of both before output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from f5worker.errors import StorageError
+from f5worker.model_store import (
+    F5_FILES,
+    VOCODER_HUB_FILES,
+    ModelFiles,
+    resolve_asr_model,
+    resolve_hub_files,
+    resolve_tts_files,
+)
+from f5worker.settings import (
+    ASR_DOWNLOAD_BYTES,
+    CACHE_ENV_SUBDIRS,
+    DOWNLOAD_HEADROOM_BYTES,
+    ENV_AWS_ACCESS_KEY_ID,
+    ENV_AWS_ENDPOINT_URL,
+    ENV_AWS_SECRET_ACCESS_KEY,
+    ENV_CKPT_FILE,
+    ENV_MODEL_CONFIG,
+    ENV_MODEL_ROOT,
+    ENV_S3_BUCKET,
+    ENV_TMP_DIR,
+    ENV_VOCAB_FILE,
+    ENV_VOCODER_DIR,
+    ENV_VOLUME_PATH,
+    F5_DOWNLOAD_BYTES,
+    F5_MODEL_NAME,
+    VOCODER_DOWNLOAD_BYTES,
+    VOCODER_FILES,
+    Settings,
+)
+
+log = logging.getLogger(__name__)
+
+PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
+
+TMP_MIN_FREE_BYTES = 1_000_000_000  # reference clips and outputs of concurrent jobs
+GIB = 2 ** 30
+# Cards sold as "8 GB" report a little under 8 GiB; F5TTS in fp16 needs about 2-3 GB.
+GPU_MIN_BYTES = int(7.5 * GIB)
+GPU_RECOMMENDED_BYTES = 15 * GIB  # "16 GB" cards
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str  # pass / warn / fail / skip
+    message: str  # one line; names the fix when the status is not pass
+
+
+def _gb(n: int | float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def _fix(message: str, fix: str) -> str:
+    return f"{message} Fix: {fix}"
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _is_under(path: Path, root: Path) -> bool:
+    try:
+        return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+    except (OSError, ValueError):
+        return False
+
+
+def _write_test(directory: Path) -> str | None:
+    """None if a file can be created and deleted in ``directory``, else why not."""
+    try:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".f5-validate-", suffix=".tmp")
+        try:
+            os.write(fd, b"f5-tts storage validation")
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    return None
+
+
+def _free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+# --- what the models need ------------------------------------------------------------------------
+
+@dataclass
+class ModelState:
+    """Which model sets resolve locally (never downloading), and what the missing ones need."""
+
+    files: ModelFiles | None  # every TTS file, when all of them resolved
+    found: dict[str, list[Path]]  # label -> files found so far (checked for integrity)
+    sources: dict[str, str]  # label -> where it came from
+    missing: dict[str, int]  # label -> approximate download bytes
+    errors: list[str]  # explicit settings that point at nothing: a download cannot fix these
+    asr_path: Path | None
+    asr_error: str | None
+
+
+def _explicit_errors(settings: Settings) -> list[str]:
+    """The same explicit-file rules as ``resolve_tts_files``, checked all at once."""
+    errors = []
+    for env_name, value in ((ENV_CKPT_FILE, settings.ckpt_file), (ENV_VOCAB_FILE, settings.vocab_file),
+                            (ENV_MODEL_CONFIG, settings.model_config), (ENV_VOCODER_DIR, settings.vocoder_dir)):
+        if value and not Path(value).exists():
+            errors.append(f"{env_name} is set to {value}, which does not exist.")
+    if settings.vocoder_dir and Path(settings.vocoder_dir).is_dir():
+        lacking = [n for n in VOCODER_FILES if not (Path(settings.vocoder_dir) / n).is_file()]
+        if lacking:
+            errors.append(f"{ENV_VOCODER_DIR} ({settings.vocoder_dir}) lacks {', '.join(lacking)}.")
+    return errors
+
+
+def inspect_models(settings: Settings) -> ModelState:
+    state = ModelState(files=None, found={}, sources={}, missing={}, errors=_explicit_errors(settings),
+                       asr_path=None, asr_error=None)
+    resolve_error = "the model files could not be resolved."
+    if not state.errors:
+        try:
+            files = resolve_tts_files(settings, allow_download=False)
+        except StorageError as err:
+            files, resolve_error = None, str(err)
+        if files is not None:
+            state.files = files
+            state.sources = dict(files.sources)
+            state.found["f5"] = [files.ckpt, files.vocab, files.model_config]
+            state.found["vocoder"] = [files.vocoder_dir / n for n in VOCODER_FILES]
+    if state.files is None:  # find out which set is missing (and check whatever is there)
+        if not settings.ckpt_file:
+            try:
+                found, state.sources["f5"] = resolve_hub_files(F5_FILES, settings, allow_download=False)
+                state.found["f5"] = list(found.values())
+            except StorageError:
+                state.missing["f5"] = F5_DOWNLOAD_BYTES
+        elif Path(settings.ckpt_file).exists():
+            state.sources["f5"] = "local files"
+            state.found["f5"] = [Path(settings.ckpt_file)]
+        if not settings.vocoder_dir:
+            try:
+                found, state.sources["vocoder"] = resolve_hub_files(VOCODER_HUB_FILES, settings,
+                                                                    allow_download=False)
+                state.found["vocoder"] = list(found.values())
+            except StorageError:
+                state.missing["vocoder"] = VOCODER_DOWNLOAD_BYTES
+        if not state.missing and not state.errors:  # every set is there, yet resolving failed
+            state.errors.append(resolve_error)
+    try:
+        state.asr_path = resolve_asr_model(settings, allow_download=False)
+    except StorageError as err:
+        state.asr_error = str(err)
+    return state
+
+
+def check_model_file(path: Path) -> str | None:
+    """None if ``path`` is non-empty and its format's header loads, else what is wrong with it."""
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        return f"{path} cannot be read ({err.strerror or type(err).__name__})"
+    if size == 0:
+        return f"{path} is empty"
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            # Parses the header and checks the data it describes is all there (a truncated
+            # download fails with "incomplete metadata, file not fully covered").
+            with safe_open(str(path), framework="pt") as f:
+                if not list(f.keys()):
+                    return f"{path} holds no tensors"
+        elif suffix in {".bin", ".pt", ".pth", ".ckpt"}:
+            import torch
+
+            if zipfile.is_zipfile(path):  # the zip format: memory-mapped, nothing read in full
+                torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            else:  # the legacy format cannot be memory-mapped
+                torch.load(str(path), map_location="cpu", weights_only=True)
+        elif suffix in {".yaml", ".yml"}:
+            import yaml
+
+            if not isinstance(yaml.safe_load(path.read_text(encoding="utf-8")), dict):
+                return f"{path} is not a YAML mapping"
+        elif suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif suffix == ".txt":
+            if not path.read_text(encoding="utf-8").strip():
+                return f"{path} has no entries"
+    except Exception as err:  # noqa: BLE001 - any failure to load is the finding
+        detail = str(err).splitlines()[0][:160] if str(err) else ""
+        return f"{path} does not load ({type(err).__name__}{': ' + detail if detail else ''})"
+    return None
+
+
+# --- the checks ------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    settings: Settings
+    env: dict[str, str]
+    args: argparse.Namespace
+    models: ModelState
+
+
+def check_volume(ctx: Context) -> CheckResult:
+    name, volume = "volume mounted", ctx.settings.volume_path
+    if not ctx.settings.volume_mounted:
+        return CheckResult(name, FAIL, _fix(
+            f"{volume} does not exist or is not a directory: models would go to the container disk "
+            f"({ctx.settings.model_root}) and be downloaded again by every worker.",
+            f"attach a network volume to the endpoint (it is mounted at {volume}), or set "
+            f"{ENV_VOLUME_PATH} to where it is mounted."))
+    why = _write_test(volume)
+    if why:
+        return CheckResult(name, FAIL, _fix(f"{volume} is not writable ({why}).",
+                                            "attach the network volume read-write."))
+    free = _gb(_free_bytes(volume))
+    if not os.path.ismount(volume):
+        return CheckResult(name, WARN, _fix(
+            f"{volume} (writable, {free} free) is not a mount point: data will not persist.",
+            f"attach a network volume mounted at {volume} (a plain folder is lost with the container)."))
+    return CheckResult(name, PASS, f"{volume} (mounted, writable, {free} free)")
+
+
+def check_model_root(ctx: Context) -> CheckResult:
+    name, s = "model cache location", ctx.settings
+    root = s.model_root
+    if _is_under(root, s.tmp_dir) and not (s.volume_mounted and _is_under(root, s.volume_path)):
+        return CheckResult(name, FAIL, _fix(
+            f"the model root {root} is under the temp folder {s.tmp_dir}, which is small and swept.",
+            f"unset {ENV_MODEL_ROOT} (models then go to {s.volume_path}/models) or point it at the volume."))
+    if not (s.volume_mounted and _is_under(root, s.volume_path)):
+        return CheckResult(name, WARN, _fix(
+            f"the model root {root} is not on the network volume {s.volume_path}: downloaded models "
+            "will not persist between workers.",
+            f"attach the volume and unset {ENV_MODEL_ROOT}, or bake the models into the image "
+            "(--build-arg PRELOAD_MODELS=1)."))
+    if ctx.models.missing:  # a download will write here
+        why = _write_test(_existing_ancestor(root))
+        if why:
+            return CheckResult(name, FAIL, _fix(f"the model root {root} is not writable ({why}) and "
+                                                "models are missing.", "make the volume writable."))
+    return CheckResult(name, PASS, f"{root} (on the volume)")
+
+
+def check_cache_env(ctx: Context) -> CheckResult:
+    name = "cache variables"
+    expected = ctx.settings.cache_env()
+    unset, wrong = [], []
+    for var in CACHE_ENV_SUBDIRS:
+        value = ctx.env.get(var)
+        if not value:
+            unset.append(var)
+        elif os.path.normpath(value) != os.path.normpath(expected[var]):
+            wrong.append(f"{var}={value} (expected {expected[var]})")
+    if wrong:
+        return CheckResult(name, FAIL, _fix(
+            f"not under the model root {ctx.settings.model_root}: {'; '.join(wrong)}.",
+            "set each to the expected value (Dockerfile.runpod does) or unset it."))
+    if unset:
+        return CheckResult(name, WARN, _fix(
+            f"{', '.join(unset)} not set: the worker sets them itself when it starts, but other "
+            "tools in the container (huggingface-cli, python -c ...) will not see them.",
+            "set " + ", ".join(f"{v}={expected[v]}" for v in unset) + "."))
+    return CheckResult(name, PASS, f"{', '.join(CACHE_ENV_SUBDIRS)} under {ctx.settings.model_root}")
+
+
+def check_tts_models(ctx: Context) -> CheckResult:
+    name, m = "TTS models", ctx.models
+    if m.errors:
+        return CheckResult(name, FAIL, _fix(" ".join(m.errors), "correct or unset these variables."))
+    problems = [p for files in m.found.values() for f in files if (p := check_model_file(f))]
+    if problems:
+        return CheckResult(name, FAIL, _fix(
+            "; ".join(problems) + ".",
+            "delete the damaged file(s) (a cached copy: its snapshot link and blob) so the worker "
+            "downloads them again, or replace them."))
+    labels = {"f5": F5_MODEL_NAME, "vocoder": "vocoder"}
+    where = "; ".join(f"{labels[k]} from {v}" for k, v in ctx.models.sources.items())
+    if m.missing:
+        what = " and ".join(labels[k] for k in m.missing)
+        message = (f"{what} not in any local cache; the first job will download about "
+                   f"{_gb(sum(m.missing.values()))} into {ctx.settings.hub_cache}"
+                   + (f" ({where})" if where else "") + ".")
+        status = FAIL if ctx.args.require_models else WARN
+        return CheckResult(name, status, _fix(
+            message, "pre-load them (build with --build-arg PRELOAD_MODELS=1, or run one job "
+                     "with the volume attached) to avoid the slow first start."))
+    count = sum(len(v) for v in m.found.values())
+    return CheckResult(name, PASS, f"{where} ({count} files checked)")
+
+
+def check_asr_model(ctx: Context) -> CheckResult:
+    name, m = "transcription model", ctx.models
+    if m.asr_path is None:
+        return CheckResult(name, WARN, _fix(
+            f"{ctx.settings.asr_model} is not in any local cache; it is only needed for jobs that "
+            f"do not pass ref_text, and is downloaded (about {_gb(ASR_DOWNLOAD_BYTES)}) by the first such job.",
+            "pass ref_text with each voice (or store a transcript beside it), or pre-load the model."))
+    problems = [p for f in sorted(m.asr_path.glob("*.safetensors")) + sorted(m.asr_path.glob("config.json"))
+                if (p := check_model_file(f))]
+    if problems:
+        return CheckResult(name, FAIL, _fix("; ".join(problems) + ".",
+                                            "delete the damaged file(s) so they are downloaded again."))
+    return CheckResult(name, PASS, f"{ctx.settings.asr_model} at {m.asr_path}")
+
+
+def check_model_space(ctx: Context) -> CheckResult:
+    name, m = "free space for models", ctx.models
+    directory = _existing_ancestor(ctx.settings.hub_cache)
+    try:
+        free = _free_bytes(directory)
+    except OSError as err:
+        return CheckResult(name, FAIL, f"cannot read free space of {directory} ({err.strerror}).")
+    needed = sum(m.missing.values())
+    if needed and free < needed + DOWNLOAD_HEADROOM_BYTES:
+        return CheckResult(name, FAIL, _fix(
+            f"{directory} has {_gb(free)} free; downloading the missing models needs about "
+            f"{_gb(needed + DOWNLOAD_HEADROOM_BYTES)}.",
+            "attach a larger network volume or pre-load the models."))
+    with_asr = needed + (ASR_DOWNLOAD_BYTES if m.asr_path is None else 0)
+    if with_asr > needed and free < with_asr + DOWNLOAD_HEADROOM_BYTES:
+        return CheckResult(name, WARN, _fix(
+            f"{directory} has {_gb(free)} free: enough for the TTS models but not for the "
+            f"transcription model (about {_gb(with_asr + DOWNLOAD_HEADROOM_BYTES)} in all).",
+            "attach a larger volume, or always pass ref_text."))
+    if not needed:
+        return CheckResult(name, PASS, f"{directory}: {_gb(free)} free, TTS models already present")
+    return CheckResult(name, PASS, f"{directory}: {_gb(free)} free, the missing models need about "
+                                   f"{_gb(needed + DOWNLOAD_HEADROOM_BYTES)}")
+
+
+def check_tmp(ctx: Context) -> CheckResult:
+    name, tmp = "temp folder", ctx.settings.tmp_dir
+    if not tmp.is_dir():
+        return CheckResult(name, FAIL, _fix(f"{tmp} does not exist.",
+                                            f"create it or set {ENV_TMP_DIR} to a writable folder."))
+    why = _write_test(tmp)
+    if why:
+        return CheckResult(name, FAIL, _fix(f"{tmp} is not writable ({why}).",
+                                            f"set {ENV_TMP_DIR} to a writable folder."))
+    free = _free_bytes(tmp)
+    if free < TMP_MIN_FREE_BYTES:
+        return CheckResult(name, FAIL, _fix(
+            f"{tmp} has {_gb(free)} free; jobs need at least {_gb(TMP_MIN_FREE_BYTES)} for voices and outputs.",
+            "raise the container disk size or free space in it."))
+    return CheckResult(name, PASS, f"{tmp} (writable, {_gb(free)} free)")
+
+
+def check_s3(ctx: Context) -> CheckResult:
+    name, s = "S3 storage", ctx.settings
+    if ctx.args.skip_s3:
+        return CheckResult(name, SKIP, "skipped (--skip-s3)")
+    from s3_utils import make_storage
+
+    if not s.s3_bucket:
+        status = FAIL if ctx.args.require_s3 else WARN
+        local = f"{s.local_storage_dir} (not created yet)"
+        # Probe the folder only where the worker's layout already is: never leave a new
+        # storage/ folder in whatever directory this was run from.
+        if s.local_storage_dir.is_dir() or (s.volume_mounted and _is_under(s.local_storage_dir, s.volume_path)):
+            try:
+                storage = make_storage(s)
+                storage.probe()
+                local = f"{storage.describe()} (writable)"
+            except StorageError as err:
+                status, local = FAIL, f"{s.local_storage_dir}, which failed: {err}"
+        return CheckResult(name, status, _fix(
+            f"{ENV_S3_BUCKET} is not set: voices and outputs are kept in the local folder {local}, "
+            "and results are returned as file paths, not URLs.",
+            f"set {ENV_S3_BUCKET}, {ENV_AWS_ACCESS_KEY_ID}, {ENV_AWS_SECRET_ACCESS_KEY} "
+            f"(and {ENV_AWS_ENDPOINT_URL} for B2, R2, MinIO ...)."))
+    lacking = [v for v, value in ((ENV_AWS_ACCESS_KEY_ID, s.aws_access_key_id),
+                                  (ENV_AWS_SECRET_ACCESS_KEY, s.aws_secret_access_key)) if not value]
+    if lacking:
+        return CheckResult(name, FAIL, _fix(f"{ENV_S3_BUCKET} is set but {' and '.join(lacking)} "
+                                            f"{'is' if len(lacking) == 1 else 'are'} not.",
+                                            "set the bucket's access key in the endpoint's environment."))
+    key_hint = f"key id ...{s.aws_access_key_id[-4:]}" if len(s.aws_access_key_id) > 8 else "key id set"
+    try:
+        storage = make_storage(s)
+        where = storage.describe()
+        storage.probe()
+    except StorageError as err:
+        return CheckResult(name, FAIL, _fix(
+            f"the write/read/delete probe failed: {err} ({key_hint}, secret set).",
+            f"check {ENV_S3_BUCKET}, the key pair and its permissions on the bucket, and "
+            f"{ENV_AWS_ENDPOINT_URL} for non-AWS providers."))
+    except Exception as err:  # noqa: BLE001 - never show a library's own text: it can hold URLs
+        return CheckResult(name, FAIL, _fix(f"the probe failed unexpectedly ({type(err).__name__}; "
+                                            f"{key_hint}, secret set).",
+                                            "check the S3 settings."))
+    return CheckResult(name, PASS, f"{where}: write, read and delete OK ({key_hint}, secret set)")
+
+
+def check_gpu(ctx: Context) -> CheckResult:
+    name = "GPU"
+    if ctx.args.skip_gpu:
+        return CheckResult(name, SKIP, "skipped (--skip-gpu)")
+    import torch
+
+    if not torch.cuda.is_available():
+        return CheckResult(name, FAIL, _fix(
+            "no CUDA GPU is visible to PyTorch; the worker would run on the CPU, far too slowly.",
+            "run on a GPU worker (16 GB+ recommended), or pass --skip-gpu when validating elsewhere."))
+    props = torch.cuda.get_device_properties(0)
+    total = props.total_memory
+    desc = f"{props.name}, {total / GIB:.1f} GiB"
+    if total < GPU_MIN_BYTES:
+        return CheckResult(name, FAIL, _fix(f"{desc}: F5-TTS needs at least 8 GB.",
+                                            "choose a GPU with 16 GB or more."))
+    if total < GPU_RECOMMENDED_BYTES:
+        return CheckResult(name, WARN, _fix(f"{desc}: enough for single jobs (F5-TTS in fp16 needs about "
+                                            "2-3 GB), tight for concurrent ones.",
+                                            "choose a GPU with 16 GB or more."))
+    return CheckResult(name, PASS, desc)
+
+
+CHECKS: tuple[Callable[[Context], CheckResult], ...] = (
+    check_volume, check_model_root, check_cache_env, check_tts_models, check_asr_model,
+    check_model_space, check_tmp, check_s3, check_gpu,
+)
+
+
+# --- running them ------------------------------------------------------------------------------------
+
+def _redactor(settings: Settings) -> Callable[[str], str]:
+    secrets = []
+    if settings.aws_secret_access_key:
+        secrets.append((settings.aws_secret_access_key, "***"))
+    if settings.aws_access_key_id and len(settings.aws_access_key_id) > 4:
+        secrets.append((settings.aws_access_key_id, "..." + settings.aws_access_key_id[-4:]))
+
+    def redact(text: str) -> str:
+        for secret, shown in secrets:
+            text = text.replace(secret, shown)
+        return text
+
+    return redact
+
+
+def run_checks(settings: Settings, env: dict[str, str], args: argparse.Namespace) -> list[CheckResult]:
+    models = inspect_models(settings)
+    ctx = Context(settings=settings, env=env, args=args, models=models)
+    redact = _redactor(settings)
+    results = []
+    for check in CHECKS:
+        try:
+            result = check(ctx)
+        except Exception as err:  # noqa: BLE001 - one broken check must not hide the others
+            log.debug("check %s crashed", check.__name__, exc_info=True)
+            result = CheckResult(check.__name__.removeprefix("check_").replace("_", " "), FAIL,
+                                 f"the check itself failed ({type(err).__name__}: {err}).")
+        result.message = " ".join(redact(result.message).split())  # one line, no secrets
+        results.append(result)
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="validate-storage-config.py",
+        description="Check the F5-TTS worker's storage configuration: network volume, model "
+                    "caches, models, temp space, S3 and GPU. Exit status 0 only if no check failed.")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    parser.add_argument("--require-models", action="store_true",
+                        help="fail (not warn) when the TTS models are not already on the volume or in the image")
+    parser.add_argument("--require-s3", action="store_true",
+                        help="fail (not warn) when S3_BUCKET is not set")
+    parser.add_argument("--skip-s3", action="store_true", help="do not check S3 storage")
+    parser.add_argument("--skip-gpu", action="store_true", help="do not check for a GPU")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.verbose:
+        logging.getLogger().setLevel(logging.INFO)
+    env = dict(os.environ)  # a copy: nothing here writes to the environment
+    settings = Settings.from_env(env)
+    results = run_checks(settings, env, args)
+    failed = sum(r.status == FAIL for r in results)
+    warned = sum(r.status == WARN for r in results)
+    if args.json:
+        print(json.dumps({"ok": failed == 0, "checks": [asdict(r) for r in results]}, indent=2))
+    else:
+        for r in results:
+            print(f"{r.status.upper():<4}  {r.name}  {r.message}")
+        if failed:
+            print(f"{failed} required check(s) failed.")
+        else:
+            print("All storage configuration checks passed."
+                  + (f" {warned} warning(s) above." if warned else ""))
+    sys.stdout.flush()
+    return 1 if failed else 0

@@ -1,0 +1,357 @@
+"""validate-storage-config.py / f5worker.validation against temp folders and the real S3 test server."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from f5worker import settings as settings_module
+from f5worker import validation
+from f5worker.model_store import F5_FILES, VOCODER_HUB_FILES
+from f5worker.settings import (
+    CACHE_ENV_SUBDIRS,
+    ENV_AWS_ACCESS_KEY_ID,
+    ENV_AWS_ENDPOINT_URL,
+    ENV_AWS_REGION,
+    ENV_AWS_SECRET_ACCESS_KEY,
+    ENV_BAKED_MODEL_DIR,
+    ENV_CKPT_FILE,
+    ENV_S3_BUCKET,
+    ENV_TMP_DIR,
+    ENV_VOCODER_DIR,
+    ENV_VOLUME_PATH,
+    Settings,
+)
+from f5worker.validation import main
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "validate-storage-config.py"
+OFFLINE = ["--skip-s3", "--skip-gpu"]
+# Every variable the worker or botocore reads, cleared so the developer's environment cannot leak in.
+WORKER_ENV = [v for k, v in vars(settings_module).items() if k.startswith("ENV_")]
+OTHER_ENV = list(CACHE_ENV_SUBDIRS) + ["AWS_CA_BUNDLE", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                                       "AWS_SESSION_TOKEN", "HF_XET_CACHE", "HF_HUB_OFFLINE"]
+
+
+@pytest.fixture
+def volume(monkeypatch, tmp_path) -> Path:
+    """A volume folder (RUNPOD_VOLUME_PATH), empty caches, a temp folder, and the cache variables
+    set the way Dockerfile.runpod sets them for this volume."""
+    for name in WORKER_ENV + OTHER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    vol = tmp_path / "volume"
+    vol.mkdir()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv(ENV_VOLUME_PATH, str(vol))
+    monkeypatch.setenv(ENV_BAKED_MODEL_DIR, str(tmp_path / "baked"))
+    monkeypatch.setenv(ENV_TMP_DIR, str(tmp_path / "tmp"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for name, value in Settings.from_env(os.environ).cache_env().items():
+        monkeypatch.setenv(name, value)
+    return vol
+
+
+@pytest.fixture
+def models_env(monkeypatch, tiny_models, volume) -> dict[str, str]:
+    for name, value in tiny_models.items():
+        monkeypatch.setenv(name, value)
+    return tiny_models
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *args: str) -> tuple[int, dict, dict[str, dict]]:
+    code, out, _ = run(capsys, "--json", *args)
+    doc = json.loads(out)
+    assert doc["ok"] is (code == 0)
+    return code, doc, {c["name"]: c for c in doc["checks"]}
+
+
+def hub_snapshot(cache_dir: Path, repo: str) -> Path:
+    """The snapshot folder of ``repo`` in a huggingface_hub cache layout (refs/main -> commit)."""
+    commit = uuid.uuid4().hex + "abcdefgh"
+    repo_dir = cache_dir / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return repo_dir / "snapshots" / commit
+
+
+def populate_cache(cache_dir: Path, tiny_models: dict[str, str], *, f5: bool = True, vocoder: bool = True) -> None:
+    if f5:
+        snap = hub_snapshot(cache_dir, F5_FILES[0].repo)
+        for hub_file, source in zip(F5_FILES, (tiny_models[ENV_CKPT_FILE], tiny_models["F5_VOCAB_FILE"])):
+            (snap / hub_file.filename).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, snap / hub_file.filename)
+    if vocoder:
+        snap = hub_snapshot(cache_dir, VOCODER_HUB_FILES[0].repo)
+        snap.mkdir(parents=True)
+        for hub_file in VOCODER_HUB_FILES:
+            shutil.copy(Path(tiny_models[ENV_VOCODER_DIR]) / hub_file.filename, snap / hub_file.filename)
+
+
+# --- volume, caches, models ------------------------------------------------------------------------
+
+def test_complete_local_models_pass(capsys, models_env, volume):
+    before = dict(os.environ)
+    code, doc, checks = run_json(capsys, *OFFLINE)
+    assert code == 0, doc
+    assert checks["TTS models"]["status"] == "pass"
+    assert "local files" in checks["TTS models"]["message"]
+    assert checks["cache variables"]["status"] == "pass"
+    assert checks["model cache location"]["status"] == "pass"
+    assert checks["temp folder"]["status"] == "pass"
+    assert checks["free space for models"]["status"] == "pass"
+    # a temp folder is not a mount point: it works but would not persist
+    assert checks["volume mounted"]["status"] == "warn"
+    assert "not a mount point" in checks["volume mounted"]["message"]
+    assert checks["transcription model"]["status"] == "warn"
+    assert checks["S3 storage"]["status"] == checks["GPU"]["status"] == "skip"
+    assert all(set(c) == {"name", "status", "message"} and "\n" not in c["message"] for c in doc["checks"])
+    assert dict(os.environ) == before  # nothing applied to the environment
+    assert not list(volume.iterdir()), "the checks left files on the volume"
+
+
+def test_text_output(capsys, models_env):
+    code, out, _ = run(capsys, *OFFLINE)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert any(line.startswith("PASS  TTS models  ") for line in lines)
+    assert any(line.startswith("WARN  volume mounted  ") and "Fix:" in line for line in lines)
+    assert lines[-1].startswith("All storage configuration checks passed.")
+
+
+@pytest.mark.parametrize("cache", ["volume", "image"])
+def test_models_from_hub_caches(capsys, monkeypatch, tiny_models, volume, tmp_path, cache):
+    settings = Settings.from_env(os.environ)
+    cache_dir = settings.hub_cache if cache == "volume" else settings.baked_model_dir / "hub"
+    populate_cache(cache_dir, tiny_models)
+    code, doc, checks = run_json(capsys, *OFFLINE, "--require-models")
+    assert code == 0, doc
+    message = checks["TTS models"]["message"]
+    assert ("volume cache" if cache == "volume" else "image copy") in message
+    assert str(cache_dir) in message
+    assert "TTS models already present" in checks["free space for models"]["message"]
+
+
+def test_missing_models_warn_or_fail(capsys, monkeypatch, tiny_models, volume):
+    populate_cache(Settings.from_env(os.environ).hub_cache, tiny_models, f5=False)  # vocoder only
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 0
+    assert checks["TTS models"]["status"] == "warn"
+    message = checks["TTS models"]["message"]
+    assert "F5TTS_v1_Base not in any local cache" in message and "vocoder from volume cache" in message
+    assert "Fix:" in message
+    assert checks["free space for models"]["status"] == "pass"
+    code, _, checks = run_json(capsys, *OFFLINE, "--require-models")
+    assert code == 1 and checks["TTS models"]["status"] == "fail"
+
+
+def test_not_enough_space_for_missing_models(capsys, monkeypatch, volume):
+    monkeypatch.setattr(validation, "_free_bytes", lambda directory: 300_000_000)
+    code, out, _ = run(capsys, *OFFLINE)
+    assert code == 1
+    assert any(line.startswith("FAIL  free space for models  ") and "Fix:" in line for line in out.splitlines())
+    assert any(line.startswith("FAIL  temp folder  ") for line in out.splitlines())
+    assert out.strip().splitlines()[-1] == "2 required check(s) failed."
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"<html>Rate limit exceeded</html>" * 10)
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage, _empty])
+def test_damaged_checkpoint_fails(capsys, monkeypatch, models_env, tmp_path, damage):
+    ckpt = tmp_path / "model.safetensors"
+    shutil.copy(models_env[ENV_CKPT_FILE], ckpt)
+    damage(ckpt)
+    monkeypatch.setenv(ENV_CKPT_FILE, str(ckpt))
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 1
+    assert checks["TTS models"]["status"] == "fail"
+    assert str(ckpt) in checks["TTS models"]["message"]
+    assert "Fix:" in checks["TTS models"]["message"]
+
+
+def test_damaged_cached_vocoder_fails(capsys, tiny_models, volume):
+    hub = Settings.from_env(os.environ).hub_cache
+    populate_cache(hub, tiny_models)
+    (weights,) = hub.glob("models--charactr--*/snapshots/*/pytorch_model.bin")
+    _truncate(weights)
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 1
+    assert checks["TTS models"]["status"] == "fail" and "pytorch_model.bin" in checks["TTS models"]["message"]
+
+
+def test_explicit_file_that_does_not_exist_fails(capsys, monkeypatch, models_env, tmp_path):
+    monkeypatch.setenv(ENV_CKPT_FILE, str(tmp_path / "nope.safetensors"))
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 1
+    assert checks["TTS models"]["status"] == "fail"
+    assert f"{ENV_CKPT_FILE} is set to" in checks["TTS models"]["message"]
+
+
+def test_missing_volume_fails(capsys, monkeypatch, models_env, tmp_path):
+    monkeypatch.setenv(ENV_VOLUME_PATH, str(tmp_path / "no-volume"))
+    code, out, _ = run(capsys, *OFFLINE)
+    assert code == 1
+    assert any(line.startswith("FAIL  volume mounted  ") and "Fix:" in line for line in out.splitlines())
+    assert "required check(s) failed." in out.strip().splitlines()[-1]
+
+
+def test_cache_variables_in_tmp_fail(capsys, monkeypatch, models_env):
+    monkeypatch.setenv("HF_HOME", "/tmp/hf")
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 1
+    assert checks["cache variables"]["status"] == "fail"
+    assert "HF_HOME=/tmp/hf" in checks["cache variables"]["message"]
+
+
+def test_cache_variables_unset_warn(capsys, monkeypatch, models_env):
+    for name in CACHE_ENV_SUBDIRS:
+        monkeypatch.delenv(name)
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 0
+    assert checks["cache variables"]["status"] == "warn"
+    assert "the worker sets them itself" in checks["cache variables"]["message"]
+
+
+def test_model_root_in_tmp_fails(capsys, monkeypatch, models_env, tmp_path):
+    root = Path(os.environ[ENV_TMP_DIR]) / "models"
+    monkeypatch.setenv("F5_MODEL_ROOT", str(root))
+    for name, value in Settings.from_env(os.environ).cache_env().items():
+        monkeypatch.setenv(name, value)  # consistent with the root: only the location is wrong
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 1
+    assert checks["model cache location"]["status"] == "fail"
+    assert checks["cache variables"]["status"] == "pass"
+
+
+# --- GPU ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gib,status", [(None, "fail"), (4, "fail"), (12, "warn"), (24, "pass")])
+def test_gpu(capsys, monkeypatch, models_env, gib, status):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gib is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(name="Fake GPU", total_memory=(gib or 0) * 2 ** 30))
+    code, _, checks = run_json(capsys, "--skip-s3")
+    assert checks["GPU"]["status"] == status
+    assert code == (1 if status == "fail" else 0)
+
+
+# --- S3 and secrets --------------------------------------------------------------------------------
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_secret_never_printed_when_s3_fails(capsys, monkeypatch, models_env):
+    secret = "sekrit-" + uuid.uuid4().hex
+    key_id = "AKIA" + uuid.uuid4().hex[:16].upper()
+    monkeypatch.setenv(ENV_S3_BUCKET, "my-bucket")
+    monkeypatch.setenv(ENV_AWS_ACCESS_KEY_ID, key_id)
+    monkeypatch.setenv(ENV_AWS_SECRET_ACCESS_KEY, secret)
+    monkeypatch.setenv(ENV_AWS_REGION, "us-east-1")
+    monkeypatch.setenv(ENV_AWS_ENDPOINT_URL, f"http://127.0.0.1:{_closed_port()}")
+    for args in (["--skip-gpu"], ["--skip-gpu", "--json"]):
+        code, out, err = run(capsys, *args)
+        assert code == 1
+        assert secret not in out + err and key_id not in out + err
+        assert key_id[-4:] in out
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert checks["S3 storage"]["status"] == "fail" and "Fix:" in checks["S3 storage"]["message"]
+
+
+def test_s3_bucket_without_secret_fails(capsys, monkeypatch, models_env):
+    monkeypatch.setenv(ENV_S3_BUCKET, "my-bucket")
+    monkeypatch.setenv(ENV_AWS_ACCESS_KEY_ID, "AKIAEXAMPLEEXAMPLE")
+    code, _, checks = run_json(capsys, "--skip-gpu")
+    assert code == 1
+    assert checks["S3 storage"]["status"] == "fail"
+    assert ENV_AWS_SECRET_ACCESS_KEY in checks["S3 storage"]["message"]
+
+
+def test_no_bucket_is_local_mode(capsys, models_env, volume):
+    code, _, checks = run_json(capsys, "--skip-gpu")
+    assert code == 0
+    assert checks["S3 storage"]["status"] == "warn"
+    assert "(writable)" in checks["S3 storage"]["message"]  # the volume's storage folder was probed
+    code, _, checks = run_json(capsys, "--skip-gpu", "--require-s3")
+    assert code == 1 and checks["S3 storage"]["status"] == "fail"
+
+
+def _use_s3_env(monkeypatch, s3_env: dict[str, str]) -> None:
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_s3_probe_passes(capsys, monkeypatch, models_env, s3_env):
+    _use_s3_env(monkeypatch, s3_env)
+    code, out, err = run(capsys, "--skip-gpu", "--require-s3")
+    assert code == 0, out
+    line = next(line for line in out.splitlines() if "  S3 storage  " in line)
+    assert line.startswith("PASS") and s3_env.bucket in line
+    assert s3_env[ENV_AWS_SECRET_ACCESS_KEY] not in out + err
+    assert s3_env[ENV_AWS_ACCESS_KEY_ID] not in out + err
+    # the probe cleaned up after itself
+    assert s3_env.server.client().list_objects_v2(Bucket=s3_env.bucket).get("KeyCount", 0) == 0
+
+
+def test_s3_wrong_secret_fails(capsys, monkeypatch, models_env, s3_env):
+    _use_s3_env(monkeypatch, s3_env)
+    wrong = "wrong-" + uuid.uuid4().hex
+    monkeypatch.setenv(ENV_AWS_SECRET_ACCESS_KEY, wrong)
+    code, out, err = run(capsys, "--skip-gpu", "--json")
+    assert code == 1
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert checks["S3 storage"]["status"] == "fail"
+    for secret in (wrong, s3_env[ENV_AWS_SECRET_ACCESS_KEY], s3_env[ENV_AWS_ACCESS_KEY_ID]):
+        assert secret not in out + err
+
+
+# --- the script itself -----------------------------------------------------------------------------
+
+def test_script_from_another_directory(models_env, tmp_path):
+    secret = "sekrit-" + uuid.uuid4().hex
+    env = dict(os.environ, **{ENV_AWS_SECRET_ACCESS_KEY: secret})
+    env.pop("PYTHONPATH", None)  # the script must find the package on its own
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--json", *OFFLINE], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is True
+    assert secret not in proc.stdout + proc.stderr
+
+
+def test_script_exit_code_on_failure(monkeypatch, models_env, tmp_path):
+    env = dict(os.environ, **{ENV_VOLUME_PATH: str(tmp_path / "no-volume")})
+    proc = subprocess.run([sys.executable, "validate-storage-config.py", *OFFLINE], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL  volume mounted  " in proc.stdout
