@@ -124,7 +124,7 @@ def load_cfm(files: ModelFiles, device: str, dtype: torch.dtype):
 
     Built directly on the target device (random init of 337 M parameters on a CPU costs seconds,
     on a GPU milliseconds) and loaded from a checkpoint read straight to that device."""
-    from omegaconf import OmegaConf
+    import yaml
 
     from f5worker import f5_imports
 
@@ -133,10 +133,10 @@ def load_cfm(files: ModelFiles, device: str, dtype: torch.dtype):
     from f5_tts.model.cfm import CFM
     from f5_tts.model.utils import get_tokenizer
 
-    cfg = OmegaConf.load(str(files.model_config))
-    if cfg.model.backbone != "DiT":
-        raise ValueError(f"only DiT backbones are supported, not {cfg.model.backbone}")
-    arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
+    model_cfg = yaml.safe_load(Path(files.model_config).read_text())["model"]
+    if model_cfg["backbone"] != "DiT":
+        raise ValueError(f"only DiT backbones are supported, not {model_cfg['backbone']}")
+    arch = model_cfg["arch"]
     vocab_char_map, vocab_size = get_tokenizer(str(files.vocab), "custom")
     state = read_state_dict(Path(files.ckpt), device)
     with torch.device(device):

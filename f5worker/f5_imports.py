@@ -4,6 +4,10 @@ Why this module exists: that ``__init__`` imports the trainer, which imports wan
 accelerate (over a second of a cold start, and packages inference never uses). ``f5_tts.model``
 is registered as a package whose real ``__init__`` runs only when something asks it for a name
 (``from f5_tts.model import CFM``, as stock f5-tts code does), so both kinds of caller work.
+
+Likewise ``librosa.filters`` (imported by f5-tts's modules for the BigVGAN mel filterbank only; its
+import pulls numba and costs about a second) is registered as a module whose ``mel`` imports the
+real one on first call.
 """
 from __future__ import annotations
 
@@ -44,8 +48,28 @@ def _lazy_package() -> types.ModuleType:
     return module
 
 
+class _LazyLibrosaFilters(types.ModuleType):
+    def _real(self):
+        with _lock:
+            if sys.modules.get("librosa.filters") is self:
+                del sys.modules["librosa.filters"]
+            return importlib.import_module("librosa.filters")
+
+    def mel(self, *args, **kwargs):
+        return self._real().mel(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._real(), name)
+
+
 def install() -> None:
-    """Idempotent; a no-op once the real package is imported."""
+    """Idempotent; a no-op for each module already imported for real."""
     with _lock:
         if _PACKAGE not in sys.modules:
             sys.modules[_PACKAGE] = _lazy_package()
+        if "librosa.filters" not in sys.modules and importlib.util.find_spec("librosa") is not None:
+            stub = _LazyLibrosaFilters("librosa.filters")
+            stub.mel = stub.mel  # bound now, so 'from librosa.filters import mel' loads nothing
+            sys.modules["librosa.filters"] = stub

@@ -130,8 +130,9 @@ class _Graph:
         self._capture(pool)
 
     def _body(self):
-        t0 = self.t_grid[self.index]
-        dt = self.t_grid[self.index + 1] - t0
+        # index_select, not t_grid[index]: a tensor index must not turn into a host sync mid-capture
+        t0 = torch.index_select(self.t_grid, 0, self.index.view(1))
+        dt = torch.index_select(self.t_grid, 0, (self.index + 1).view(1)) - t0
         pred = dit_step(self.tr, self.x, self.step_cond, self.mask, t0, self.state, self.cfg)
         self.x.copy_(self.x + dt * pred)
         self.index.add_(1)

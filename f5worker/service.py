@@ -17,28 +17,46 @@ from f5worker.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def build_worker(settings: Settings):
-    """Resolve and load the models, warm them up, open storage. Raises StorageError if models can't be had."""
+def build_worker(settings: Settings, phases: dict[str, float] | None = None):
+    """Resolve and load the models, warm them up, open storage. Raises StorageError if models
+    can't be had. ``phases`` receives the seconds each start-up phase took."""
+    phases = {} if phases is None else phases
+    mark = time.perf_counter()
+
+    def lap(name):
+        nonlocal mark
+        now = time.perf_counter()
+        phases[name] = round(now - mark, 3)
+        mark = now
+
     from f5worker.engine import TTSEngine, pick_device
     from f5worker.jobs import Worker
     from f5worker.model_store import resolve_tts_files
     from f5worker.transcriber import Transcriber
     from s3_utils import make_storage
 
-    started = time.perf_counter()
+    lap("import_worker")
     device = pick_device(settings.device)
-    engine = TTSEngine.load(resolve_tts_files(settings), device=device, fast=settings.fast_path)
-    warm = engine.warm_up()
+    files = resolve_tts_files(settings)
+    lap("resolve_models")
+    engine = TTSEngine.load(files, device=device, fast=settings.fast_path)
+    lap("load_models")
+    engine.warm_up()
+    lap("warm_up")
     storage = make_storage(settings)
-    log.info("worker ready in %.2f s (warm-up %.2f s); storage: %s", time.perf_counter() - started, warm,
-             storage.describe())
+    lap("open_storage")
+    log.info("worker ready: %s; storage: %s", phases, storage.describe())
     return Worker(settings, engine, storage, Transcriber(settings, device=device))
 
 
-def make_handler(worker):
+def make_handler(worker, start_error: WorkerError | None = None):
+    """The async handler runpod calls. With ``start_error`` (the models could not be loaded) every
+    job gets that sentence back, so callers see why instead of a worker that keeps restarting."""
     from f5worker.jobs import safe_job_id
 
     async def handler(job: dict) -> dict:
+        if start_error is not None:
+            return {"error": str(start_error)}
         job_id = safe_job_id(job.get("id"))
         endpoint = "unknown"
         try:
@@ -64,10 +82,24 @@ def concurrency_modifier_for(settings: Settings):
     return lambda current: settings.max_concurrency
 
 
-def serve(settings: Settings) -> int:
-    import runpod
+def start_worker(settings: Settings, phases: dict[str, float] | None = None):
+    """Load the worker while runpod's SDK imports (its import alone takes over a second); returns
+    (worker or None, start error or None, the runpod module)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    worker = build_worker(settings)
-    runpod.serverless.start({"handler": make_handler(worker),
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="startup") as pool:
+        loading = pool.submit(build_worker, settings, phases)
+        import runpod
+
+        try:
+            return loading.result(), None, runpod
+        except WorkerError as err:
+            log.error("the worker cannot serve jobs: %s", err)
+            return None, err, runpod
+
+
+def serve(settings: Settings) -> int:
+    worker, start_error, runpod = start_worker(settings)
+    runpod.serverless.start({"handler": make_handler(worker, start_error),
                              "concurrency_modifier": concurrency_modifier_for(settings)})
     return 0

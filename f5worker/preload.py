@@ -1,0 +1,49 @@
+"""Download every model the worker uses into a cache folder, ahead of the first job.
+
+Why this module exists: the Dockerfile's optional preload step and an operator warming a fresh
+network volume need the same list of files the worker resolves (``model_store``), fetched into
+huggingface_hub's cache layout so the worker finds them without a download.
+
+    python -m f5worker.preload                  # into the image copy, F5_BAKED_MODEL_DIR/hub
+    python -m f5worker.preload --volume         # into the volume cache, <model root>/hub
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from f5worker.model_store import ASR_ALLOW_PATTERNS, F5_FILES, VOCODER_HUB_FILES, ensure_free_space
+from f5worker.settings import ASR_DOWNLOAD_BYTES, Settings
+
+log = logging.getLogger(__name__)
+
+
+def preload(cache_dir: Path, settings: Settings, with_asr: bool = True) -> list[Path]:
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    hub_files = list(F5_FILES + VOCODER_HUB_FILES)
+    ensure_free_space(cache_dir, sum(f.size_hint for f in hub_files) + (ASR_DOWNLOAD_BYTES if with_asr else 0))
+    paths = [Path(hf_hub_download(f.repo, f.filename, cache_dir=str(cache_dir))) for f in hub_files]
+    if with_asr:
+        paths.append(Path(snapshot_download(settings.asr_model, cache_dir=str(cache_dir),
+                                            allow_patterns=ASR_ALLOW_PATTERNS)))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--volume", action="store_true", help="fill the volume cache instead of the image copy")
+    parser.add_argument("--no-asr", action="store_true", help="skip the Whisper transcription model")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env()
+    cache_dir = settings.hub_cache if args.volume else settings.baked_model_dir / "hub"
+    for path in preload(cache_dir, settings, with_asr=not args.no_asr):
+        log.info("cached %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
