@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -44,6 +46,9 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.calls: list[int] = []  # batch size of each model call, for logs and tests
+        self.call_seconds: list[float] = []  # wall time of each model call, for the bench
+        self.preparing: threading.Thread | None = None
+
 
     async def submit(self, items: list[ChunkItem]) -> list[np.ndarray]:
         """Waveforms of the items, in order, once every one has been sampled."""
@@ -53,6 +58,21 @@ class Batcher:
         self._pending.extend(entries)
         self._wakeup.set()
         return list(await asyncio.gather(*(e.future for e in entries)))
+
+    def prepare_in_background(self, tasks: list[Callable[[], object]]) -> threading.Thread:
+        """Run preparation tasks on the model thread one at a time, so a job that arrives meanwhile
+        waits for one task at most, never for the whole list."""
+        def run():
+            for task in tasks:
+                try:
+                    self.executor.submit(task).result()
+                except Exception:  # an optimisation: a failure only costs speed later
+                    log.warning("background preparation failed", exc_info=True)
+
+        thread = threading.Thread(target=run, name="prepare", daemon=True)
+        thread.start()
+        self.preparing = thread
+        return thread
 
     def _ensure_loop(self) -> None:
         # The loop belongs to the event loop that first submits (runpod runs one per worker).
@@ -88,8 +108,10 @@ class Batcher:
             while self._pending:
                 batch = self.next_batch()
                 self.calls.append(len(batch))
+                started = time.perf_counter()
                 try:
                     waves = await loop.run_in_executor(self.executor, self._run_items, [e.item for e in batch])
+                    self.call_seconds.append(time.perf_counter() - started)
                 except Exception as exc:  # every job in the call learns of it; the loop goes on
                     log.exception("model call of %d items failed", len(batch))
                     for entry in batch:

@@ -119,6 +119,16 @@ def pick_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
+def import_inference_modules() -> None:
+    """The f5-tts and Vocos modules inference needs, without f5-tts's training imports."""
+    from f5worker import f5_imports
+
+    f5_imports.install()
+    import f5_tts.model.backbones.dit  # noqa: F401
+    import f5_tts.model.cfm  # noqa: F401
+    import vocos  # noqa: F401
+
+
 def load_cfm(files: ModelFiles, device: str, dtype: torch.dtype):
     """Build and load the CFM model as f5-tts's load_model does, from our resolved files.
 
@@ -275,6 +285,15 @@ class TTSEngine:
     def synthesize(self, req: SynthesisRequest) -> np.ndarray:
         plan = self.plan(req)
         return self.finish(plan, self.run_items(plan.items))
+
+    def precapture_tasks(self) -> list:
+        """Callables that each prepare one single-job length bucket (CUDA graph capture), to run
+        when the GPU is idle; empty where the step runner has nothing to prepare."""
+        prepare = getattr(self.step_runner, "prepare", None)
+        if prepare is None:
+            return []
+        return [lambda frames=frames: prepare(1, frames, self.dtype, self.device)
+                for frames in self.step_runner.single_job_buckets()]
 
     def warm_up(self) -> float:
         """One short synthesis so the first job pays no lazy initialisation."""

@@ -25,12 +25,16 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-FRAME_BUCKET = 128
+FRAME_BUCKET = 128  # batches are compute-bound: pad little
+SINGLE_FRAME_BUCKET = 512  # one job is launch-bound: a step costs about the same at any length, so
+# few buckets, all captured while the worker is idle, beat many captured during jobs
+SINGLE_MAX_FRAMES = 3072  # ~33 s: past f5-tts's chunk lengths (22 s of text plus the reference)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
-def bucket_frames(frames: int) -> int:
-    return -(-frames // FRAME_BUCKET) * FRAME_BUCKET
+def bucket_frames(frames: int, batch: int = 2) -> int:
+    step = SINGLE_FRAME_BUCKET if batch == 1 else FRAME_BUCKET
+    return -(-frames // step) * step
 
 
 def bucket_batch(batch: int) -> int:
@@ -181,6 +185,14 @@ class BucketedStepRunner:
         self.graphs: dict[tuple, _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
+    def single_job_buckets(self) -> list[int]:
+        return list(range(SINGLE_FRAME_BUCKET, SINGLE_MAX_FRAMES + 1, SINGLE_FRAME_BUCKET)) if self.use_graphs else []
+
+    def prepare(self, batch, frames, dtype, device) -> None:
+        """Capture the (guided) graph for a bucket ahead of the first job that needs it."""
+        with torch.inference_mode():
+            self.graph_for(bucket_batch(batch), bucket_frames(frames, batch), True, dtype, device)
+
     def graph_for(self, batch, frames, guided, dtype, device) -> _Graph:
         key = (batch, frames, guided)
         graph = self.graphs.get(key)
@@ -196,7 +208,7 @@ class BucketedStepRunner:
         if mask is None:
             mask = torch.ones(b, n, device=y.device, dtype=torch.bool)
         guided = cfg_strength >= 1e-5
-        pad = bucket_frames(n) - n
+        pad = bucket_frames(n, b) - n
         y, step_cond, mask = F.pad(y, (0, 0, 0, pad)), F.pad(step_cond, (0, 0, 0, pad)), F.pad(mask, (0, pad))
         if not self.use_graphs:
             state = _SampleState(self.tr, step_cond, text, mask, guided)

@@ -36,6 +36,10 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     from s3_utils import make_storage
 
     lap("import_worker")
+    from f5worker.engine import import_inference_modules
+
+    import_inference_modules()
+    lap("import_f5_tts")
     device = pick_device(settings.device)
     files = resolve_tts_files(settings)
     lap("resolve_models")
@@ -45,8 +49,11 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     lap("warm_up")
     storage = make_storage(settings)
     lap("open_storage")
+    worker = Worker(settings, engine, storage, Transcriber(settings, device=device))
+    # Graphs for the common single-job lengths are captured while the worker waits for work.
+    worker.batcher.prepare_in_background(engine.precapture_tasks())
     log.info("worker ready: %s; storage: %s", phases, storage.describe())
-    return Worker(settings, engine, storage, Transcriber(settings, device=device))
+    return worker
 
 
 def make_handler(worker, start_error: WorkerError | None = None):
