@@ -9,6 +9,7 @@ The logic lives in ``f5worker.service``; this script only orders start-up: cache
 (huggingface_hub reads them once, at import), then logging, then the worker.
 """
 import logging
+import os
 import sys
 
 
@@ -20,6 +21,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # it logs full URLs, signatures included
     logging.getLogger("botocore").setLevel(logging.WARNING)
+    # runpod's own logger defaults to DEBUG, at which it prints every job's input (the text) and
+    # output (presigned URLs, signatures included). It reads the level once, at import.
+    if not (os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL")):
+        os.environ["RUNPOD_LOG_LEVEL"] = "INFO"
     from f5worker.service import serve  # imports torch: only after the cache variables are set
 
     return serve(settings)

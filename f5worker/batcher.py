@@ -27,7 +27,7 @@ DEFAULT_MAX_ITEMS = 16
 DEFAULT_MAX_FRAMES = 16 * 2048  # sum of padded frames in one call: bounds GPU memory
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the generated __eq__ would compare tensors
 class _Pending:
     item: ChunkItem
     future: asyncio.Future
@@ -106,15 +106,18 @@ class Batcher:
             if len(self._pending) < self.max_items:
                 await asyncio.sleep(self.max_wait_s)  # a lone job waits this long for company
             while self._pending:
-                batch = self.next_batch()
-                self.calls.append(len(batch))
                 started = time.perf_counter()
+                batch = []
                 try:
+                    batch = self.next_batch()
+                    self.calls.append(len(batch))
                     waves = await loop.run_in_executor(self.executor, self._run_items, [e.item for e in batch])
                     self.call_seconds.append(time.perf_counter() - started)
                 except Exception as exc:  # every job in the call learns of it; the loop goes on
                     log.exception("model call of %d items failed", len(batch))
-                    for entry in batch:
+                    for entry in batch or list(self._pending):
+                        if entry in self._pending:
+                            self._pending.remove(entry)
                         if not entry.future.done():
                             entry.future.set_exception(exc)
                     continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from f5worker.errors import WorkerError
+from f5worker.errors import StorageError, WorkerError
 from f5worker.job_input import UploadInput, parse_job_input
 from f5worker.settings import Settings
 
@@ -56,6 +56,15 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     return worker
 
 
+def error_sentence(err: WorkerError) -> str:
+    """``str(err)`` as the sentence a caller gets. Storage messages are written to be embedded
+    ("local storage failed: ... (get voices/x.wav)"): they get a capital and a full stop here."""
+    message = str(err).strip() or f"{type(err).__name__}."
+    if isinstance(err, StorageError):
+        message = message[0].upper() + message[1:]
+    return message if message.endswith((".", "!", "?")) else message + "."
+
+
 def make_handler(worker, start_error: WorkerError | None = None):
     """The async handler runpod calls. With ``start_error`` (the models could not be loaded) every
     job gets that sentence back, so callers see why instead of a worker that keeps restarting."""
@@ -63,7 +72,7 @@ def make_handler(worker, start_error: WorkerError | None = None):
 
     async def handler(job: dict) -> dict:
         if start_error is not None:
-            return {"error": str(start_error)}
+            return {"error": error_sentence(start_error)}
         job_id = safe_job_id(job.get("id"))
         endpoint = "unknown"
         try:
@@ -73,9 +82,10 @@ def make_handler(worker, start_error: WorkerError | None = None):
                 return await worker.upload(job_id, job_input)
             return await worker.tts(job_id, job_input)
         except WorkerError as err:
-            log.info("job %s (%s) refused or failed: %s", job_id, endpoint, err)
-            await worker.record(job_id, endpoint, "error", error=str(err))
-            return {"error": str(err)}
+            message = error_sentence(err)
+            log.info("job %s (%s) refused or failed: %s", job_id, endpoint, message)
+            await worker.record(job_id, endpoint, "error", error=message)
+            return {"error": message}
         except Exception as err:  # a bug or an unexpected fault: say so without leaking internals
             log.exception("job %s (%s) failed unexpectedly", job_id, endpoint)
             await worker.record(job_id, endpoint, "error", error=type(err).__name__)

@@ -1,0 +1,265 @@
+"""The worker behind the runpod SDK's own local API server, as a real subprocess.
+
+``python runpod-handler.py --rp_serve_api`` starts the SDK's FastAPI "development worker" with our
+handler; storage is the real SeaweedFS S3 server over HTTPS. Jobs go in through ``POST /runsync``
+(raw HTTP) and through the SDK's real client (``runpod.Endpoint(...).run_sync``); results come back
+as presigned URLs that are downloaded and checked.
+
+The local server has no ``/<endpoint_id>/`` prefix, while the client posts to
+``{endpoint_url_base}/{endpoint_id}/runsync``. The endpoint id ``"."`` bridges the two with
+configuration only: the URL ``http://127.0.0.1:<port>/./runsync`` is normalised (RFC 3986 dot
+segments, done by requests/urllib3 when the request is prepared) to ``/runsync``.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+import soundfile as sf
+
+from f5worker.settings import (ENV_ALLOW_PRIVATE_URLS, ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR, ENV_TMP_DIR,
+                               ENV_VOLUME_PATH)
+from tests.fixtures_models import SR, speechlike
+from tests.fixtures_s3 import ENV_AWS_CA_BUNDLE, REGION
+
+REPO = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 120
+NFE = 6
+MARKER = "Quillibet" + secrets.token_hex(4)  # in every job's text; must never reach the server's log
+# Variables a developer's shell may hold that must not reach the worker (it would act on them).
+_DROP = re.compile(r"^(AWS_|S3_BUCKET$|RUNPOD_|F5_|ASR_MODEL$|HF_|TRANSFORMERS_|TORCH_HOME$|.*_proxy$|.*_PROXY$)")
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without worker/cloud/proxy settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not _DROP.match(k)}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def worker_env(tiny_models, tiny_whisper, volume: Path) -> dict[str, str]:
+    (volume / "jobtmp").mkdir(parents=True, exist_ok=True)
+    return {**tiny_models, ENV_VOLUME_PATH: str(volume), ENV_TMP_DIR: str(volume / "jobtmp"),
+            ENV_ASR_MODEL: str(tiny_whisper), ENV_BAKED_MODEL_DIR: str(volume / "no-baked-models")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def die_with_parent() -> None:  # in the child, before exec: no orphaned server if pytest dies
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def local_session() -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # no proxies, no .netrc: loopback only
+    return session
+
+
+def assert_wav_matches(data: bytes, duration: float) -> None:
+    """A 24 kHz WAV whose length is the reported duration, within a frame (plus the 1 ms rounding)."""
+    info = sf.info(io.BytesIO(data))
+    assert info.format == "WAV" and info.samplerate == 24000 and info.channels == 1
+    assert abs(info.frames / 24000 - duration) <= 1 / 24000 + 0.0005, (info.frames, duration)
+
+
+@dataclass
+class ApiServer:
+    base_url: str
+    log_path: Path
+    proc: subprocess.Popen
+    secret: str
+    bucket: str
+    s3_server: object
+    tmp_dir: Path
+
+    def runsync(self, job_input) -> dict:
+        with local_session() as session:
+            response = session.post(f"{self.base_url}/runsync", json={"input": job_input}, timeout=JOB_TIMEOUT_S)
+        assert response.status_code == 200, f"HTTP {response.status_code}: {response.text[:500]}"
+        return response.json()
+
+    def download(self, url: str) -> bytes:
+        assert url.startswith(self.s3_server.endpoint_url + "/"), url  # a presigned URL of our bucket
+        with local_session() as session:
+            response = session.get(url, verify=self.s3_server.ca_bundle, timeout=30)
+        assert response.status_code == 200, response.status_code
+        return response.content
+
+    def keys(self) -> set[str]:
+        client, found = self.s3_server.client(), set()
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+            found.update(obj["Key"] for obj in page.get("Contents", []))
+        return found
+
+
+def _wait_ready(server: ApiServer, deadline: float) -> str | None:
+    last = "not tried"
+    with local_session() as session:
+        while time.monotonic() < deadline:
+            if server.proc.poll() is not None:
+                return f"the server exited with status {server.proc.returncode}"
+            try:
+                response = session.get(f"{server.base_url}/docs", timeout=2)  # redirects to the docs page
+                if response.status_code == 200:
+                    return None
+                last = f"HTTP {response.status_code}"
+            except requests.RequestException as err:
+                last = type(err).__name__
+            time.sleep(0.25)
+    return f"not ready after {READY_TIMEOUT_S} s (last: {last})"
+
+
+@pytest.fixture(scope="module")
+def api(tiny_models, tiny_whisper, s3_server, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("api-server")
+    bucket = f"api-{uuid.uuid4().hex[:16]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    env = child_env({
+        **worker_env(tiny_models, tiny_whisper, folder / "volume"),
+        ENV_ALLOW_PRIVATE_URLS: "true",
+        "S3_BUCKET": bucket, "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key, "AWS_REGION": REGION,
+        "AWS_ENDPOINT_URL": s3_server.endpoint_url, ENV_AWS_CA_BUNDLE: s3_server.ca_bundle,
+        "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(folder / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(folder / "no-aws-credentials"),
+    })
+    port = free_port()
+    log_path = folder / "server.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "runpod-handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
+             "--rp_api_port", str(port)],
+            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None)
+    server = ApiServer(f"http://127.0.0.1:{port}", log_path, proc, s3_server.secret_key, bucket, s3_server,
+                       folder / "volume" / "jobtmp")
+    started = time.monotonic()
+    try:
+        why = _wait_ready(server, started + READY_TIMEOUT_S)
+        if why:
+            pytest.fail(f"the API server did not start: {why}\n--- {log_path} (tail) ---\n{tail(log_path)}",
+                        pytrace=False)
+        print(f"API server ready in {time.monotonic() - started:.1f} s")
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def _server_log_on_failure(request, api):
+    """A failed test gets the server's log tail on the terminal (not capturable: written at teardown)."""
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed:
+        sys.__stderr__.write(f"\n--- API server log ({api.log_path}), tail ---\n{tail(api.log_path)}\n")
+        sys.__stderr__.flush()
+
+
+def tts_input(text: str, **kw) -> dict:
+    return {"text": f"{text} {MARKER}.", "local_voice": "basic_ref_en.wav", "nfe_step": NFE, **kw}
+
+
+# --- tests ----------------------------------------------------------------------------------------
+def test_runsync_tts_with_builtin_voice(api):
+    answer = api.runsync(tts_input("Hello from the local API server", seed=7))
+    assert answer["status"] == "COMPLETED", answer
+    output = answer["output"]
+    assert output["seed"] == 7 and output["ref_text_source"] == "built-in" and output["sample_rate"] == 24000
+    assert output["output_key"] == f"output/{answer['id']}.wav" and output["output_key"] in api.keys()
+    assert_wav_matches(api.download(output["audio_url"]), output["duration"])
+    assert f"logs/{answer['id']}.json" in api.keys()
+    assert list(api.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("job_input, expected", [
+    (tts_input("Bad voice", local_voice="../etc/passwd.wav"), "'local_voice' must be a file name"),
+    (tts_input("Too few steps", nfe_step=0), "'nfe_step' must be at least 1."),
+    (tts_input("Unknown field", volume=11), "Unknown input field 'volume'."),
+    ({"endpoint": "nope"}, "Unknown endpoint"),
+])
+def test_runsync_bad_input_fails_with_a_sentence(api, job_input, expected):
+    before = {k for k in api.keys() if k.startswith(("voices/", "output/"))}
+    answer = api.runsync(job_input)
+    assert answer["status"] == "FAILED" and "output" not in answer, answer
+    error = answer["error"]
+    assert isinstance(error, str) and error.startswith(expected), error
+    assert "\n" not in error and error.endswith(".") and not re.search(r"[.!?]\s+[A-Z]", error[:-1])
+    assert {k for k in api.keys() if k.startswith(("voices/", "output/"))} == before
+    assert list(api.tmp_dir.iterdir()) == []
+
+
+def test_upload_then_tts_through_runsync(api, file_server):
+    sf.write(str(file_server.root / "dave.wav"), speechlike(3.0, seed=9), SR, subtype="PCM_16")
+    name = f"dave-{uuid.uuid4().hex[:8]}.wav"
+    answer = api.runsync({"endpoint": "upload", "voice_file_url": file_server.url("dave.wav"), "voice_name": name,
+                          "ref_text": "Dave reads a sentence aloud."})
+    assert answer["status"] == "COMPLETED", answer
+    assert answer["output"]["voice_key"] == f"voices/{name}"
+    assert answer["output"]["duration"] == pytest.approx(3.0, abs=1e-3)
+    assert {f"voices/{name}", f"voices/{name}.txt"} <= api.keys()
+
+    answer = api.runsync(tts_input("Dave says something new", local_voice=name))
+    assert answer["status"] == "COMPLETED", answer
+    output = answer["output"]
+    assert output["voice"] == name and output["ref_text_source"] == "stored" and isinstance(output["seed"], int)
+    assert_wav_matches(api.download(output["audio_url"]), output["duration"])
+
+
+def test_real_runpod_client_run_sync(api, monkeypatch):
+    import runpod
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)  # the client's session reads the environment
+    monkeypatch.setattr(runpod, "api_key", "local-test")
+    monkeypatch.setattr(runpod, "endpoint_url_base", api.base_url)
+    endpoint = runpod.Endpoint(".")  # {base}/./runsync is normalised to {base}/runsync (module docstring)
+    output = endpoint.run_sync({"input": tts_input("Sent by the real client", seed=3)}, timeout=JOB_TIMEOUT_S)
+    assert isinstance(output, dict) and "error" not in output, output
+    assert output["seed"] == 3 and output["sample_rate"] == 24000
+    assert_wav_matches(api.download(output["audio_url"]), output["duration"])
+
+    # a refused job: runsync answers FAILED, for which the client returns no output at all
+    assert endpoint.run_sync({"input": tts_input("Refused", speed=0.1)}, timeout=JOB_TIMEOUT_S) is None
+
+
+def test_server_log_holds_no_secret_and_no_job_text(api):
+    """Runs last (file order): everything the server printed while serving the jobs above."""
+    api.runsync(tts_input("One more job for the log check", seed=1))
+    log = api.log_path.read_text(errors="replace")
+    assert "Started." in log or "runsync" in log.lower() or "worker ready" in log  # the log is really this server's
+    assert api.secret not in log
+    assert MARKER not in log
+    assert "X-Amz-Signature" not in log  # no presigned URL printed either

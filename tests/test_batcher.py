@@ -1,0 +1,72 @@
+"""The batcher groups concurrent items, keeps order, and survives a failing model call."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from f5worker.batcher import Batcher
+from f5worker.engine import ChunkItem
+
+
+def item(duration: int, steps: int = 32, seed: int = 0) -> ChunkItem:
+    return ChunkItem(cond_wave=torch.zeros(1, 10), text=["a"], duration=duration, ref_frames=1, ref_rms=0.1,
+                     seed=seed, steps=steps, cfg_strength=2.0, sway_sampling_coef=-1.0)
+
+
+def echo_durations(items):
+    """Stands in for TTSEngine.run_items: returns each item's duration, so order is checkable."""
+    return [np.array([it.duration]) for it in items]
+
+
+def test_concurrent_jobs_share_calls_and_keep_order():
+    batcher = Batcher(echo_durations, max_wait_s=0.01)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit([item(d), item(d + 1)]) for d in (10, 20, 30)))
+
+    results = asyncio.run(main())
+    assert [[int(w[0]) for w in r] for r in results] == [[10, 11], [20, 21], [30, 31]]
+    assert max(batcher.calls) > 1 and sum(batcher.calls) == 6
+
+
+def test_different_ode_settings_never_share_a_call():
+    seen = []
+    batcher = Batcher(lambda items: seen.append({it.steps for it in items}) or echo_durations(items))
+
+    async def main():
+        await asyncio.gather(batcher.submit([item(5, steps=32)]), batcher.submit([item(6, steps=16)]))
+
+    asyncio.run(main())
+    assert all(len(steps) == 1 for steps in seen)
+
+
+def test_frame_budget_splits_batches():
+    batcher = Batcher(echo_durations, max_frames=100, max_wait_s=0.01)
+
+    async def main():
+        await asyncio.gather(*(batcher.submit([item(40)]) for _ in range(5)))
+
+    asyncio.run(main())
+    assert max(batcher.calls) <= 2  # 3 x 40 padded frames would pass the 100-frame budget
+
+
+def test_a_failed_call_fails_its_jobs_and_the_loop_goes_on():
+    calls = {"n": 0}
+
+    def flaky(items):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("out of memory")
+        return echo_durations(items)
+
+    batcher = Batcher(flaky)
+
+    async def main():
+        with pytest.raises(RuntimeError):
+            await batcher.submit([item(3)])
+        return await batcher.submit([item(4)])
+
+    assert int(asyncio.run(main())[0][0]) == 4

@@ -1,0 +1,83 @@
+"""``python runpod-handler.py --test_input '<json>'``: one local job through the runpod SDK, exit 0 or 1.
+
+Runs the real entry point as a subprocess on the tiny models with local storage (no S3), offline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from f5worker.job_input import TTSInput, parse_job_input
+from f5worker.settings import ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR, ENV_TMP_DIR, ENV_VOLUME_PATH
+
+REPO = Path(__file__).resolve().parent.parent
+MARKER = "Frobnitz" + secrets.token_hex(4)
+# Variables a developer's shell may hold that must not reach the worker (it would act on them).
+_DROP = re.compile(r"^(AWS_|S3_BUCKET$|RUNPOD_|F5_|ASR_MODEL$|HF_|TRANSFORMERS_|TORCH_HOME$|.*_proxy$|.*_PROXY$)")
+
+
+def child_env(tiny_models, tiny_whisper, volume: Path) -> dict[str, str]:
+    """This process's environment without worker/cloud/proxy settings; tiny models, local storage, offline."""
+    (volume / "jobtmp").mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not _DROP.match(k)}
+    env.update(tiny_models, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update({ENV_VOLUME_PATH: str(volume), ENV_TMP_DIR: str(volume / "jobtmp"), ENV_ASR_MODEL: str(tiny_whisper),
+                ENV_BAKED_MODEL_DIR: str(volume / "no-baked-models")})
+    return env
+
+
+@pytest.fixture(scope="module")
+def cli(tiny_models, tiny_whisper, tmp_path_factory):
+    volume = tmp_path_factory.mktemp("cli") / "volume"
+    env = child_env(tiny_models, tiny_whisper, volume)
+
+    def run(job: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "runpod-handler.py", "--test_input", json.dumps(job)],
+                              cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=180)
+
+    run.volume = volume
+    return run
+
+
+def test_valid_tts_job_exits_0_and_writes_the_output(cli):
+    done = cli({"input": {"text": f"Hello from the command line {MARKER}.", "local_voice": "basic_ref_en.wav",
+                          "nfe_step": 6, "seed": 42}})
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "completed successfully" in log
+    output = cli.volume / "storage" / "output" / "local_test.wav"  # runpod names the local job "local_test"
+    info = sf.info(str(output))
+    assert info.samplerate == 24000 and info.frames > 0
+    record = json.loads((cli.volume / "storage" / "logs" / "local_test.json").read_text())
+    assert record["status"] == "ok" and record["endpoint"] == "tts"
+    assert list((cli.volume / "jobtmp").iterdir()) == []
+    assert MARKER not in log  # runpod's DEBUG level would print the job; the entry point keeps it at INFO
+
+
+@pytest.mark.parametrize("job", [
+    {"input": {"text": "No voice given."}},
+    {"input": {"text": "Bad steps.", "local_voice": "basic_ref_en.wav", "nfe_step": 0}},
+    {"input": {"text": "Unknown voice.", "local_voice": "not-uploaded.wav", "nfe_step": 6}},
+])
+def test_invalid_job_exits_non_zero(cli, job):
+    done = cli(job)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0, log[-4000:]
+    assert "failed with error" in log, log[-4000:]
+    assert list((cli.volume / "jobtmp").iterdir()) == []
+
+
+def test_repo_test_input_json_is_a_valid_job():
+    job = json.loads((REPO / "test_input.json").read_text())
+    parsed = parse_job_input(job["input"])
+    assert isinstance(parsed, TTSInput)
+    assert parsed.local_voice in ("basic_ref_en.wav", "basic_ref_zh.wav")  # runs with no upload first
