@@ -319,8 +319,8 @@ def check_tts_models(ctx: Context) -> CheckResult:
                    + (f" ({where})" if where else "") + ".")
         status = FAIL if ctx.args.require_models else WARN
         return CheckResult(name, status, _fix(
-            message, "pre-load them (build with --build-arg PRELOAD_MODELS=1, or run one job "
-                     "with the volume attached) to avoid the slow first start."))
+            message, "pre-load them (build with --build-arg PRELOAD_MODELS=1, or run "
+                     "python -m f5worker.preload --volume with the volume attached) to avoid a slow first job."))
     count = sum(len(v) for v in m.found.values())
     return CheckResult(name, PASS, f"{where} ({count} files checked)")
 
@@ -331,7 +331,8 @@ def check_asr_model(ctx: Context) -> CheckResult:
         return CheckResult(name, WARN, _fix(
             f"{ctx.settings.asr_model} is not in any local cache; it is only needed for jobs that "
             f"do not pass ref_text, and is downloaded (about {_gb(ASR_DOWNLOAD_BYTES)}) by the first such job.",
-            "pass ref_text with each voice (or store a transcript beside it), or pre-load the model."))
+            "pass ref_text with each voice (or store a transcript beside it), or pre-load it "
+            "with python -m f5worker.preload --volume."))
     problems = [p for f in sorted(m.asr_path.glob("*.safetensors")) + sorted(m.asr_path.glob("config.json"))
                 if (p := check_model_file(f))]
     if problems:

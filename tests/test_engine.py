@@ -50,7 +50,7 @@ def stock(tiny_models):
     return utils_infer, model, vocoder
 
 
-def stock_infer(stock, monkeypatch, ref_wav, gen_text, seed, **kw):
+def stock_infer(stock, monkeypatch, ref_wav, gen_text, seed, device="cpu", **kw):
     """The path F5TTS.infer takes: preprocess_ref_audio_text, seed_everything, infer_process."""
     from f5_tts.model.utils import seed_everything
 
@@ -63,7 +63,7 @@ def stock_infer(stock, monkeypatch, ref_wav, gen_text, seed, **kw):
     ref_file, ref_text = utils_infer.preprocess_ref_audio_text(str(ref_wav), REF_TEXT, show_info=lambda *_: None)
     seed_everything(seed)
     wave, sr, _ = utils_infer.infer_process(ref_file, ref_text, gen_text, model, vocoder, show_info=lambda *_: None,
-                                            progress=None, device="cpu", **kw)
+                                            progress=None, device=device, **kw)
     Path(ref_file).unlink()
     utils_infer._ref_audio_cache.clear()  # it maps the audio's hash to the file just removed
     return wave

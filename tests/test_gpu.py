@@ -41,7 +41,8 @@ def test_graphed_path_matches_stock_fp16(gpu_engine, tiny_models, monkeypatch, r
     vocoder = utils_infer.load_vocoder("vocos", is_local=True, local_path=tiny_models["F5_VOCODER_DIR"], device="cuda")
     assert gpu_engine.dtype == torch.float16 and gpu_engine.step_runner.use_graphs
     for nfe in (16, 32):
-        expected = stock_infer((utils_infer, model, vocoder), monkeypatch, ref_wav, GEN_TEXT, 11, nfe_step=nfe)
+        expected = stock_infer((utils_infer, model, vocoder), monkeypatch, ref_wav, GEN_TEXT, 11, device="cuda",
+                               nfe_step=nfe)
         got = gpu_engine.synthesize(request(ref_wav, GEN_TEXT, 11, nfe_step=nfe))
         assert np.isfinite(got).all()
         assert rel_l2(got, expected) < FP16_REL_L2

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need (pinned venv, dev tools) and runs the whole suite.
+# No GPU, no model hub: tests build tiny random models, start SeaweedFS over HTTPS on 127.0.0.1
+# and runpod's own local API server themselves.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export VENV="${VENV:-.venv}"
+scripts/setup.sh --dev
+export HF_HUB_OFFLINE=1
+exec "$VENV/bin/python" -m pytest "$@"
