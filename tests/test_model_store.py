@@ -1,0 +1,102 @@
+"""Model resolution order: explicit files, volume cache, image copy, then a download (only with
+room for it); each failure is one clear StorageError."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from f5worker import model_store
+from f5worker.errors import StorageError
+from f5worker.model_store import F5_FILES, VOCODER_HUB_FILES, resolve_tts_files
+from f5worker.settings import Settings
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def put_in_hub_cache(cache: Path, hub_file, data: bytes = b"x") -> Path:
+    """A file laid out as huggingface_hub's cache keeps it (refs/main -> snapshots/<rev>/...)."""
+    repo_dir = cache / f"models--{hub_file.repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(REVISION)
+    path = repo_dir / "snapshots" / REVISION / hub_file.filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    return {"RUNPOD_VOLUME_PATH": str(volume), "F5_BAKED_MODEL_DIR": str(tmp_path / "baked")}
+
+
+def fill(cache: Path):
+    return {f: put_in_hub_cache(cache, f) for f in F5_FILES + VOCODER_HUB_FILES}
+
+
+def test_volume_cache_comes_before_the_image_copy(env):
+    settings = Settings.from_env(env)
+    assert settings.model_root == Path(env["RUNPOD_VOLUME_PATH"]) / "models"
+    baked = fill(Path(env["F5_BAKED_MODEL_DIR"]) / "hub")
+    files = resolve_tts_files(settings)
+    assert files.ckpt == baked[F5_FILES[0]] and "image copy" in files.sources["f5"]
+    on_volume = fill(settings.hub_cache)
+    files = resolve_tts_files(settings)
+    assert files.ckpt == on_volume[F5_FILES[0]] and "volume cache" in files.sources["f5"]
+    assert files.vocoder_dir == on_volume[VOCODER_HUB_FILES[0]].parent
+
+
+def test_explicit_files_come_first(env, tiny_models):
+    fill(Settings.from_env(env).hub_cache)
+    files = resolve_tts_files(Settings.from_env({**env, **tiny_models}))
+    assert str(files.ckpt) == tiny_models["F5_CKPT_FILE"] and files.sources["f5"] == "local files"
+    assert str(files.vocoder_dir) == tiny_models["F5_VOCODER_DIR"]
+
+
+def test_a_set_is_never_mixed_across_caches(env):
+    settings = Settings.from_env(env)
+    put_in_hub_cache(settings.hub_cache, F5_FILES[0])  # checkpoint on the volume, vocab only baked
+    baked = fill(Path(env["F5_BAKED_MODEL_DIR"]) / "hub")
+    files = resolve_tts_files(settings)
+    assert files.ckpt == baked[F5_FILES[0]] and files.vocab == baked[F5_FILES[1]]
+
+
+def test_missing_explicit_file_is_one_sentence(env, tmp_path):
+    with pytest.raises(StorageError, match=r"^F5_CKPT_FILE is set to .*, which does not exist\.$"):
+        resolve_tts_files(Settings.from_env({**env, "F5_CKPT_FILE": str(tmp_path / "nope.safetensors")}))
+
+
+def test_no_volume_falls_back_to_a_user_cache_not_tmp(tmp_path):
+    settings = Settings.from_env({"RUNPOD_VOLUME_PATH": str(tmp_path / "absent")})
+    assert not settings.volume_mounted
+    assert settings.model_root == Path.home() / ".cache" / "f5-tts-worker" / "models"
+    assert settings.local_storage_dir == Path("storage").resolve()
+
+
+def test_offline_with_nothing_cached_says_where_it_looked(env):
+    settings = Settings.from_env(env)
+    with pytest.raises(StorageError) as err:
+        resolve_tts_files(settings)
+    message = str(err.value)
+    assert str(settings.hub_cache) in message and "could not be downloaded" in message
+    assert not any(settings.hub_cache.rglob("*.incomplete"))
+
+
+def test_download_refused_without_room(env, monkeypatch):
+    # A full volume cannot be made here; this stands in for disk_usage only (a fault we cannot cause).
+    real = shutil.disk_usage
+    monkeypatch.setattr(model_store.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=100_000_000))
+    with pytest.raises(StorageError, match=r"has 0\.10 GB free; downloading the missing models needs about"):
+        resolve_tts_files(Settings.from_env(env))
+
+
+def test_allow_download_false_never_downloads(env):
+    with pytest.raises(StorageError, match="not in any local cache"):
+        resolve_tts_files(Settings.from_env(env), allow_download=False)
