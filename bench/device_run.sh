@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, run the GPU tests, run the bench.
-#   device: run "bash bench/device_run.sh" with carry [".whl"]  (.whl from scripts/fetch-device-wheels.sh)
+#   scripts/fetch-device-wheels.sh, then on the device tool: bash bench/device_run.sh, carry [".whl"]
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
