@@ -23,12 +23,24 @@ VOICE_MAX_SECONDS = 60.0  # an upload longer than this is refused
 INT16_FULL_SCALE = 32768.0
 
 
-def decode(path_or_bytes: Path | bytes) -> tuple[np.ndarray, int]:
-    """Decode any format libsndfile reads (WAV, FLAC, OGG, MP3) to mono float32."""
+def decode(path_or_bytes: Path | bytes, max_seconds: float = VOICE_MAX_SECONDS) -> tuple[np.ndarray, int]:
+    """Decode any format libsndfile reads (WAV, FLAC, OGG, MP3) to mono float32. The length is
+    checked from the header first: a small compressed file can hold hours of audio."""
     source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else str(path_or_bytes)
     try:
-        data, sr = sf.read(source, dtype="float32", always_2d=True)
+        info = sf.info(source)
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
     except Exception as exc:  # libsndfile says why in its own words; ours is one sentence
+        raise InputError("The voice file is not decodable audio (WAV, FLAC, OGG or MP3 expected).") from exc
+    if not (8000 <= info.samplerate <= 192000) or not (1 <= info.channels <= 8):
+        raise InputError("The voice file has an unsupported sample rate or channel count.")
+    if info.frames > max_seconds * info.samplerate:
+        raise InputError(f"The voice must be between {REF_MIN_SECONDS:g} and {max_seconds:g} seconds long "
+                         f"(it is {info.frames / info.samplerate:.1f} s).")
+    try:
+        data, sr = sf.read(source, dtype="float32", always_2d=True)
+    except Exception as exc:
         raise InputError("The voice file is not decodable audio (WAV, FLAC, OGG or MP3 expected).") from exc
     if data.size == 0 or sr <= 0:
         raise InputError("The voice file contains no audio.")
@@ -86,15 +98,18 @@ def _silent_runs(samples: np.ndarray, sr: int, min_silence_ms: int, threshold_db
 
 def split_on_silence(samples: np.ndarray, sr: int, min_silence_ms: int, threshold_db: float,
                      keep_ms: int) -> list[np.ndarray]:
-    """Non-silent pieces, each with up to ``keep_ms`` of its surrounding silence kept."""
+    """Non-silent pieces, each with up to ``keep_ms`` of its surrounding silence kept; where two
+    pieces' kept silence would overlap, the pause is split at its middle (pydub's rule), so no
+    sample appears twice."""
     keep = int(sr * keep_ms / 1000)
-    pieces, cursor = [], 0
-    bounds = [(s, e) for s, e in _silent_runs(samples, sr, min_silence_ms, threshold_db)] + [(len(samples), len(samples))]
-    for silent_start, silent_end in bounds:
-        if silent_start > cursor:
-            pieces.append(samples[max(0, cursor - keep): min(len(samples), silent_start + keep)])
-        cursor = silent_end
-    return pieces
+    runs = _silent_runs(samples, sr, min_silence_ms, threshold_db)
+    starts = [0] + [end for _, end in runs]
+    ends = [start for start, _ in runs] + [len(samples)]
+    ranges = [[max(0, a - keep), min(len(samples), b + keep)] for a, b in zip(starts, ends) if b > a]
+    for left, right in zip(ranges, ranges[1:]):
+        if right[0] < left[1]:
+            left[1] = right[0] = (left[1] + right[0]) // 2
+    return [samples[a:b] for a, b in ranges]
 
 
 def _join_pieces(pieces: list[np.ndarray], sr: int) -> np.ndarray:

@@ -3,8 +3,9 @@
 Why this module exists: a serverless worker is billed by the GPU-second, and a DiT step on 2 items
 costs little more than on 1. Jobs that arrive together (runpod's ``concurrency_modifier`` lets
 several run on one worker) submit their chunk items here; a single loop takes whatever is pending,
-waits at most ``max_wait_s`` for company, and runs items with the same ODE settings together,
-shortest first, within a frame budget. The model is only ever driven from one thread.
+waits at most ``max_wait_s`` for company, and runs the oldest waiting item together with the
+shortest others that share its ODE settings, within a frame budget.
+The model is only ever driven from one thread.
 """
 from __future__ import annotations
 
@@ -81,17 +82,18 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def next_batch(self) -> list[_Pending]:
-        """Shortest items first from the largest group sharing ODE settings, within the budgets."""
-        groups: dict[tuple, list[_Pending]] = {}
-        for entry in self._pending:
-            groups.setdefault(entry.item.batch_key, []).append(entry)
-        group = sorted(max(groups.values(), key=len), key=lambda e: e.item.duration)
-        batch = [group[0]]
-        for entry in group[1:]:
-            padded = entry.item.duration * (len(batch) + 1)  # sorted: this item is the longest so far
-            if len(batch) >= self.max_items or padded > self.max_frames:
+        """The oldest pending item and, shortest first, others sharing its ODE settings, within the
+        budgets. The oldest always goes, so no job waits behind a stream of more common ones."""
+        oldest = self._pending[0]
+        group = sorted((e for e in self._pending[1:] if e.item.batch_key == oldest.item.batch_key),
+                       key=lambda e: e.item.duration)
+        batch, longest = [oldest], oldest.item.duration
+        for entry in group:
+            longest_after = max(longest, entry.item.duration)
+            if len(batch) >= self.max_items or longest_after * (len(batch) + 1) > self.max_frames:
                 break
             batch.append(entry)
+            longest = longest_after
         for entry in batch:
             self._pending.remove(entry)
         return batch

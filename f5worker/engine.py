@@ -58,7 +58,7 @@ class SynthesisRequest:
 class ChunkItem:
     """One chunk of one job: everything the sampler needs, nothing about the job around it."""
 
-    cond_wave: torch.Tensor  # [1, samples] at 24 kHz, RMS-normalised, on the device
+    cond_wave: torch.Tensor  # [1, samples] at 24 kHz, RMS-normalised, on the CPU
     text: list[str]  # pinyin-converted ref_text + chunk text, as CFM.sample takes it
     duration: int  # total frames, reference included
     ref_frames: int
@@ -97,6 +97,27 @@ def chunk_text(text: str, max_chars: int = 135) -> list[str]:
     if current:
         chunks.append(current.strip())
     return chunks
+
+
+def split_overlong(chunks: list[str], max_chars: int) -> list[str]:
+    """Chunks still over ``max_chars`` bytes (text with no sentence punctuation, which f5-tts
+    would synthesise as one huge chunk) split at spaces; other chunks are left exactly as they are."""
+    out = []
+    for chunk in chunks:
+        if len(chunk.encode("utf-8")) <= max_chars:
+            out.append(chunk)
+            continue
+        current = ""
+        for word in chunk.split(" "):
+            candidate = f"{current} {word}" if current else word
+            if current and len(candidate.encode("utf-8")) > max_chars:
+                out.append(current)
+                current = word
+            else:
+                current = candidate
+        if current:
+            out.append(current)
+    return out
 
 
 def normalise_ref_text(ref_text: str) -> str:
@@ -230,7 +251,7 @@ class TTSEngine:
         sr = req.ref_sr
         ref_seconds = len(ref) / sr
         max_chars = int(len(ref_text.encode("utf-8")) / ref_seconds * (22 - ref_seconds) * req.speed)
-        chunks = chunk_text(req.gen_text, max_chars=max_chars)
+        chunks = split_overlong(chunk_text(req.gen_text, max_chars=max_chars), max_chars)
         audio = torch.from_numpy(ref).unsqueeze(0)
         rms = float(torch.sqrt(torch.mean(torch.square(audio))))
         if rms < TARGET_RMS:
@@ -239,7 +260,8 @@ class TTSEngine:
             import torchaudio
 
             audio = torchaudio.transforms.Resample(sr, TARGET_SAMPLE_RATE)(audio)
-        audio = audio.to(self.device)
+        # stays on the CPU: plan() runs off the model thread, and a device allocation there could
+        # land in the middle of a CUDA graph capture; the sampler moves it on the model thread
         return JobPlan(items=self.items_for(audio, rms, ref_text, chunks, req), request=req)
 
     def items_for(self, audio: torch.Tensor, rms: float, ref_text: str, chunks: list[str],

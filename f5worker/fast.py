@@ -151,7 +151,8 @@ class _Graph:
                 self.index.zero_()
                 self._body()
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: another thread's CUDA call (a job being planned) must not void the capture
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self._body()
 
     def load(self, y, step_cond, text, mask, t, cfg_strength):

@@ -57,8 +57,8 @@ def sample_mels(model, items: list[ChunkItem], runner) -> list[torch.Tensor]:
     if any(item.batch_key != items[0].batch_key for item in items):
         raise ValueError("items with different sampling settings cannot share a batch")
     dtype = next(model.parameters()).dtype
-    device = items[0].cond_wave.device
-    conds = [model.mel_spec(item.cond_wave).permute(0, 2, 1)[0].to(dtype) for item in items]
+    device = next(model.parameters()).device
+    conds = [model.mel_spec(item.cond_wave.to(device)).permute(0, 2, 1)[0].to(dtype) for item in items]
     lens = torch.tensor([c.shape[0] for c in conds], device=device, dtype=torch.long)
     text = list_str_to_idx([item.text for item in items], model.vocab_char_map).to(device)
     duration = torch.tensor([item.duration for item in items], device=device, dtype=torch.long)

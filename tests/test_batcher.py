@@ -70,3 +70,18 @@ def test_a_failed_call_fails_its_jobs_and_the_loop_goes_on():
         return await batcher.submit([item(4)])
 
     assert int(asyncio.run(main())[0][0]) == 4
+
+
+def test_oldest_item_is_never_starved():
+    """A job with rare settings, pending first, goes next even though a larger group waits."""
+    from f5worker.batcher import _Pending
+
+    batcher = Batcher(echo_durations, max_items=2)
+    loop = asyncio.new_event_loop()
+    try:
+        rare = _Pending(item(50, steps=8), loop.create_future())
+        batcher._pending = [rare] + [_Pending(item(5), loop.create_future()) for _ in range(3)]
+        assert batcher.next_batch() == [rare]
+        assert [e.item.steps for e in batcher.next_batch()] == [32, 32]
+    finally:
+        loop.close()

@@ -141,3 +141,46 @@ def test_reference_trim_matches_pydub(tmp_path):
     # then 50 ms of silence; pydub builds it at 11025 Hz and resamples, landing a sample or two short
     assert not got[speech:].any() and not expected[speech:].any()
     assert abs(len(got) - len(expected)) <= SR // 2000
+
+
+def test_long_reference_is_cut_like_pydub(tmp_path):
+    """Over 12 s: cut at pauses, the kept silence split at each pause's middle (no repeated audio)."""
+    from f5_tts.infer import utils_infer
+
+    parts = []
+    for i, pause in enumerate([0.3, 0.25, 1.3, 0.4, 0.3, 0.35, 0.3, 0.5]):
+        parts += [speechlike(2.2, seed=i), np.zeros(int(pause * SR), dtype=np.float32)]
+    clip = np.concatenate(parts)
+    assert len(clip) / SR > 12
+    path = tmp_path / "long.wav"
+    sf.write(str(path), clip, SR, subtype="PCM_16")
+    ref_file, _ = utils_infer.preprocess_ref_audio_text(str(path), "x.", show_info=lambda *_: None)
+    expected, _ = sf.read(ref_file, dtype="float32")
+    Path(ref_file).unlink()
+    utils_infer._ref_audio_cache.clear()
+    got = audio.prepare_reference(clip, SR)
+    assert len(got) <= 12.05 * SR
+    # pydub finds pauses with a sliding window, this with 10 ms chunks: cuts may differ by a pause
+    assert abs(len(got) - len(expected)) / SR < 0.5, (len(got) / SR, len(expected) / SR)
+
+
+def test_split_on_silence_never_repeats_audio():
+    clip = np.concatenate([speechlike(1.5, seed=1), np.zeros(int(0.3 * SR), dtype=np.float32),
+                           speechlike(1.5, seed=2), np.zeros(int(1.2 * SR), dtype=np.float32), speechlike(1.0, seed=3)])
+    for min_silence_ms, threshold in ((1000, -50.0), (100, -40.0)):
+        pieces = audio.split_on_silence(clip, SR, min_silence_ms, threshold, keep_ms=1000)
+        assert len(pieces) >= 2
+        # every pause is shorter than twice the kept silence: the pieces tile the clip exactly
+        assert np.array_equal(np.concatenate(pieces), clip)
+
+
+def test_unpunctuated_text_is_still_chunked(engine, ref_wav):
+    from f5worker.engine import split_overlong
+
+    words = "word " * 300
+    pieces = split_overlong(chunk_text(words, 100), 100)
+    assert len(pieces) > 5 and all(len(p.encode()) <= 100 for p in pieces)
+    assert " ".join(pieces) == words.strip()
+    assert split_overlong(["short one."], 100) == ["short one."]  # stock's chunks are left alone
+    plan = engine.plan(request(ref_wav, words, 1, nfe_step=2))
+    assert len(plan.items) > 1
