@@ -103,10 +103,19 @@ class Worker:
                 "ref_text_source": ref_source, "timings": _rounded(timings)}
 
     async def _ref_text(self, name, samples, sr, given) -> tuple[str, str]:
-        if given:
-            return given, "job"
-        # May transcribe: Whisper runs on the GPU thread, between model calls, never beside one.
-        return await self._on_gpu_thread(self.voices.ref_text, name, samples, sr, None)
+        known = await asyncio.to_thread(self.voices.known_ref_text, name, given)
+        if known:
+            return known
+        text = await self._transcribe_off_the_clock(samples, sr)
+        await asyncio.to_thread(self.voices.remember_transcript, name, text)
+        return text, "transcribed"
+
+    async def _transcribe_off_the_clock(self, samples, sr) -> str:
+        """Whisper is resolved, downloaded if need be and loaded off the model thread; only the
+        transcription itself runs there, between model calls."""
+        if self.transcriber is not None:
+            await asyncio.to_thread(self.transcriber.load)
+        return await self._on_gpu_thread(self.voices.transcribe, samples, sr)
 
     async def upload(self, job_id: str, job: UploadInput) -> dict:
         started = time.perf_counter()
@@ -123,7 +132,7 @@ class Worker:
             if job.ref_text:
                 ref_text = job.ref_text
             else:
-                ref_text = await self._on_gpu_thread(self.voices.transcribe, samples, sr)
+                ref_text = await self._transcribe_off_the_clock(samples, sr)
             key = await asyncio.to_thread(self.voices.store, job.voice_name, paths["voice.wav"], ref_text)
         timings = {"total_s": time.perf_counter() - started}
         await self.record(job_id, "upload", "ok", voice=job.voice_name, input_bytes=size,

@@ -86,9 +86,9 @@ def ensure_free_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed + DOWNLOAD_HEADROOM_BYTES:
         raise StorageError(
-            f"The model cache at {directory} has {free / 1e9:.2f} GB free; downloading the missing "
-            f"models needs about {(needed + DOWNLOAD_HEADROOM_BYTES) / 1e9:.2f} GB. "
-            "Attach a larger network volume or pre-load the models."
+            f"The model cache at {directory} has {free / 1e9:.2f} GB free but downloading the missing "
+            f"models needs about {(needed + DOWNLOAD_HEADROOM_BYTES) / 1e9:.2f} GB, so attach a larger "
+            "network volume or pre-load the models."
         )
 
 

@@ -113,6 +113,10 @@ def start_worker(settings: Settings, phases: dict[str, float] | None = None):
         except WorkerError as err:
             log.error("the worker cannot serve jobs: %s", err)
             return None, err, runpod
+        except Exception as exc:  # a corrupt checkpoint, a config that is not f5-tts's, ...
+            log.exception("the worker could not start")
+            return None, StorageError(f"The worker could not load its models ({type(exc).__name__}); "
+                                      "the worker log has details."), runpod
 
 
 def serve(settings: Settings) -> int:

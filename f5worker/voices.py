@@ -53,8 +53,9 @@ class VoiceLibrary:
             source = Path(str(package_files("f5_tts").joinpath(BUILTIN_VOICES[name][0])))
         return audio.decode(source)
 
-    def ref_text(self, name: str, samples: np.ndarray, sr: int, given: str | None) -> tuple[str, str]:
-        """The transcript to use and where it came from: the job, storage, built-in, or Whisper."""
+    def known_ref_text(self, name: str, given: str | None) -> tuple[str, str] | None:
+        """The transcript and where it came from (the job, storage, built-in), or None when only
+        Whisper can tell. Storage I/O only: runs off the model thread."""
         if given:
             return given, "job"
         stored = self.storage.get_text(transcript_key(name))
@@ -62,9 +63,11 @@ class VoiceLibrary:
             return stored.strip(), "stored"
         if name in BUILTIN_VOICES and not self.storage.exists(voice_key(name)):
             return BUILTIN_VOICES[name][1], "built-in"
-        text = self.transcribe(samples, sr)
+        return None
+
+    def remember_transcript(self, name: str, text: str) -> None:
+        """Kept even if the job fails later: it is the voice's transcript whatever happens next."""
         self.storage.put_text(transcript_key(name), text)
-        return text, "transcribed"
 
     def transcribe(self, samples: np.ndarray, sr: int) -> str:
         if self._transcribe is None:
@@ -75,7 +78,19 @@ class VoiceLibrary:
         return text
 
     def store(self, name: str, wav_path: Path, ref_text: str) -> str:
-        """Transcript first, then the voice: a voice is never visible without its transcript."""
+        """Transcript first, then the voice, so a voice is never visible without its transcript;
+        if the voice cannot be written, the previous transcript is put back."""
+        previous = self.storage.get_text(transcript_key(name))
         self.storage.put_text(transcript_key(name), ref_text)
-        self.storage.upload_file(voice_key(name), wav_path, "audio/wav")
+        try:
+            self.storage.upload_file(voice_key(name), wav_path, "audio/wav")
+        except Exception:
+            try:
+                if previous is None:
+                    self.storage.delete(transcript_key(name))
+                else:
+                    self.storage.put_text(transcript_key(name), previous)
+            except Exception:
+                log.warning("could not restore the transcript of voice %s", name, exc_info=True)
+            raise
         return voice_key(name)
