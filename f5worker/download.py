@@ -32,6 +32,7 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -150,8 +151,9 @@ def _check_url(url: str, field: str, allow_private: bool, redirected: bool) -> N
 
 
 # --- connections that only reach checked addresses ------------------------------------------------
-def _session(field: str, allow_private: bool) -> requests.Session:
-    """A session whose connections resolve, check, then connect to the checked address itself."""
+def _session(field: str, allow_private: bool, sockets: list | None = None) -> requests.Session:
+    """A session whose connections resolve, check, then connect to the checked address itself.
+    Each socket it opens is appended to ``sockets`` (for the deadline watchdog)."""
 
     def pinned_new_conn(conn, parent_new_conn):
         host = conn._dns_host  # what urllib3 itself would resolve (brackets and dot stripped)
@@ -163,7 +165,10 @@ def _session(field: str, allow_private: bool) -> requests.Session:
             for info in infos:
                 conn._dns_host = str(info[4][0])
                 try:
-                    return parent_new_conn(conn)
+                    sock = parent_new_conn(conn)
+                    if sockets is not None:
+                        sockets.append(sock)
+                    return sock
                 except (urllib3.exceptions.NewConnectionError,
                         urllib3.exceptions.ConnectTimeoutError) as exc:
                     last_error = exc
@@ -327,10 +332,33 @@ def download_to_file(url: str, dest: Path, *, max_bytes: int, allow_private: boo
                                             suffix=".part")
         except OSError:
             raise StorageError(f"The {what} could not be saved on the worker.") from None
-        with os.fdopen(fd, "wb") as out, _session(field, allow_private) as session:
-            written = _fetch(session, url, out, max_bytes=max_bytes, allow_private=allow_private,
-                             connect_timeout=connect_timeout, read_timeout=read_timeout,
-                             deadline=deadline, field=field, what=what)
+        sockets: list = []
+        expired = threading.Event()
+
+        def stop_at_deadline():
+            # Per-read timeouts cannot bound a server that trickles headers; shutting the sockets
+            # down ends any blocked read at once.
+            expired.set()
+            for sock in sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), stop_at_deadline)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            with os.fdopen(fd, "wb") as out, _session(field, allow_private, sockets) as session:
+                written = _fetch(session, url, out, max_bytes=max_bytes, allow_private=allow_private,
+                                 connect_timeout=connect_timeout, read_timeout=read_timeout,
+                                 deadline=deadline, field=field, what=what)
+        except (InputError, StorageError, OSError, requests.RequestException, urllib3.exceptions.HTTPError):
+            if expired.is_set():
+                raise InputError(f"Downloading the {what} timed out.") from None
+            raise
+        finally:
+            watchdog.cancel()
         try:
             os.replace(tmp_path, dest)
         except OSError:

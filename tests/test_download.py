@@ -476,3 +476,45 @@ def test_unwritable_destination_is_a_storage_error(file_server, voice, tmp_path)
     blocker.write_bytes(b"")
     with pytest.raises(StorageError, match="could not be saved"):
         fetch(file_server.url("voice.wav"), blocker / "voice.wav")  # parent is a file
+
+
+def test_trickled_headers_cannot_outlive_the_deadline(tmp_path):
+    """A server sending one header line at a time, each within the read timeout, is stopped by
+    the total deadline (a raw loopback socket: http.server cannot trickle headers)."""
+    import socket as socket_mod
+    import threading
+    import time as time_mod
+
+    from f5worker.download import download_to_file
+    from f5worker.errors import InputError
+
+    server = socket_mod.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = server.accept()
+        try:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.is_set():
+                conn.sendall(b"X-Slow: 1\r\n")
+                time_mod.sleep(0.1)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    started = time_mod.monotonic()
+    try:
+        with pytest.raises(InputError, match="timed out"):
+            download_to_file(f"http://127.0.0.1:{server.getsockname()[1]}/v.wav", tmp_path / "v.wav",
+                             max_bytes=10_000, allow_private=True, read_timeout=5, total_timeout=1)
+        assert time_mod.monotonic() - started < 3
+        assert not list(tmp_path.iterdir())
+    finally:
+        stop.set()
+        server.close()
