@@ -133,6 +133,15 @@ class Storage:
                 raise StorageError(f"storage probe read back different content ({self.describe()})")
         finally:
             self.delete(key)
+        # Built-in voices and transcript lookups rely on a missing key reading as missing: without
+        # s3:ListBucket, S3 answers 403 instead of 404.
+        try:
+            gone = self.get_text(key)
+        except StorageError:
+            raise StorageError("storage answers 'forbidden' for a missing key; grant the credentials "
+                               f"s3:ListBucket on the bucket ({self.describe()})") from None
+        if gone is not None:
+            raise StorageError(f"storage probe object was still readable after delete ({self.describe()})")
         log.info("storage probe passed: %s", self.describe())
 
 
