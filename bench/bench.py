@@ -119,7 +119,6 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stubbed = stub_training_imports()
 
-    import numpy as np
     import soundfile as sf
     import torch
 
@@ -168,7 +167,7 @@ def main(argv=None) -> int:
     try:
         engine = TTSEngine.load(files, device=device, fast=True)
         engine.warm_up()
-    except Exception as exc:  # report the fast path's failure and still measure the rest
+    except Exception:  # report the fast path's failure and still measure the rest
         import traceback
 
         res["fast_path_error"] = traceback.format_exc()[-3000:]

@@ -54,7 +54,6 @@ def main(path: str) -> None:
             return worker.batcher.executor.submit(worker.engine.synthesize, request).result()
     else:
         stub_training_imports()
-        import soundfile as sf
         import yaml
         from pathlib import Path
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
-import numpy as np
 import pytest
 import requests
 import soundfile as sf
@@ -248,42 +247,7 @@ def test_seed_makes_audio_repeatable(ctx):
     assert isinstance(d["seed"], int) and 0 <= d["seed"] <= MAX_SEED
 
 
-def _batcher_entry_bug() -> str | None:
-    """Why the batcher cannot take two pending items apart, or None when it can.
-
-    ``next_batch`` removes the chosen entries with ``list.remove``, which compares entries with
-    ``==``; ``_Pending`` and ``ChunkItem`` are dataclasses whose generated ``__eq__`` compares
-    their tensors, which raises. The loop task then dies and every pending job waits forever.
-    Probed on two real ``ChunkItem``s queued longest-first (so the shorter one is not first).
-    """
-    import torch
-
-    from f5worker.batcher import Batcher, _Pending
-    from f5worker.engine import ChunkItem
-
-    def item(frames: int) -> ChunkItem:
-        return ChunkItem(cond_wave=torch.zeros(1, 8), text=["a"], duration=frames, ref_frames=2, ref_rms=0.1,
-                         seed=0, steps=NFE, cfg_strength=2.0, sway_sampling_coef=-1.0)
-
-    loop = asyncio.new_event_loop()
-    batcher = Batcher(lambda items: [])
-    try:
-        batcher._pending = [_Pending(item(300), loop.create_future()), _Pending(item(200), loop.create_future())]
-        batcher.next_batch()
-        return None
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        batcher.executor.shutdown()
-        loop.close()
-
-
 def test_concurrent_jobs_share_model_calls(ctx):
-    bug = _batcher_entry_bug()
-    if bug:
-        pytest.xfail("f5worker/batcher.py: next_batch's list.remove compares _Pending dataclasses by value "
-                     f"({bug}); the batcher loop dies and concurrent jobs hang. Fix: @dataclass(eq=False) "
-                     "on _Pending")
     texts = ["One small job.", "Another small job here.", "A third, slightly longer job than those.",
              "And a fourth one."]
     calls_before = len(ctx.worker.batcher.calls)
