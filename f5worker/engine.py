@@ -227,7 +227,6 @@ class TTSEngine:
         from f5worker.sampler import EagerStepRunner
 
         self.step_runner = step_runner or EagerStepRunner(model.transformer)
-        self._mel_lock = None
 
     @classmethod
     def load(cls, files: ModelFiles, device: str | None = None, fast: bool = False) -> "TTSEngine":

@@ -256,24 +256,28 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
         _stop(proc, args)
 
 
-@pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch, tmp_path) -> S3Env:
-    bucket = f"test-{uuid.uuid4().hex[:16]}"
+def make_s3_env(s3_server: S3Server, monkeypatch, folder: Path, prefix: str = "test") -> S3Env:
+    """A fresh bucket and the worker's S3 variables for it; botocore trusts the test CA, and
+    developer AWS configuration and the instance metadata service (a non-loopback address) stay
+    out. ``monkeypatch`` may be function- or module-scoped."""
+    bucket = f"{prefix}-{uuid.uuid4().hex[:16]}"
     s3_server.client().create_bucket(Bucket=bucket)
-    # botocore reads the CA bundle from the environment; keep developer AWS config and the
-    # instance metadata service (a non-loopback address) out of the tests.
     monkeypatch.setenv(ENV_AWS_CA_BUNDLE, s3_server.ca_bundle)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(folder / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(folder / "no-aws-credentials"))
     for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
-    env = S3Env({
+    return S3Env({
         ENV_S3_BUCKET: bucket,
         ENV_AWS_ACCESS_KEY_ID: s3_server.access_key,
         ENV_AWS_SECRET_ACCESS_KEY: s3_server.secret_key,
         ENV_AWS_REGION: REGION,
         ENV_AWS_ENDPOINT_URL: s3_server.endpoint_url,
         ENV_AWS_CA_BUNDLE: s3_server.ca_bundle,
-    }, s3_server)
-    return env  # buckets are left in place: the server and its folder go at the session's end
+    }, s3_server)  # buckets are left in place: the server and its folder go at the session's end
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch, tmp_path) -> S3Env:
+    return make_s3_env(s3_server, monkeypatch, tmp_path)

@@ -124,16 +124,22 @@ def test_long_text_is_chunked_and_cross_faded(engine, ref_wav):
     assert len(joined) == sum(len(w) for w in waves) - fade * (len(waves) - 1)
 
 
-def test_reference_trim_matches_pydub(tmp_path):
+def stock_reference(path: Path) -> np.ndarray:
+    """The reference as f5-tts's preprocess_ref_audio_text (pydub) prepares it."""
     from f5_tts.infer import utils_infer
 
-    clip = speechlike(2.0, lead_silence=0.4, tail_silence=0.7)
-    path = tmp_path / "edges.wav"
-    sf.write(str(path), clip, SR, subtype="PCM_16")
     ref_file, _ = utils_infer.preprocess_ref_audio_text(str(path), "x.", show_info=lambda *_: None)
     expected, _ = sf.read(ref_file, dtype="float32")
     Path(ref_file).unlink()
-    utils_infer._ref_audio_cache.clear()
+    utils_infer._ref_audio_cache.clear()  # it maps the audio's hash to the file just removed
+    return expected
+
+
+def test_reference_trim_matches_pydub(tmp_path):
+    clip = speechlike(2.0, lead_silence=0.4, tail_silence=0.7)
+    path = tmp_path / "edges.wav"
+    sf.write(str(path), clip, SR, subtype="PCM_16")
+    expected = stock_reference(path)
     got = audio.prepare_reference(clip, SR)
     speech = int(2.0 * SR)
     assert len(got) < len(clip)  # the edges really were trimmed
@@ -145,8 +151,6 @@ def test_reference_trim_matches_pydub(tmp_path):
 
 def test_long_reference_is_cut_like_pydub(tmp_path):
     """Over 12 s: cut at pauses, the kept silence split at each pause's middle (no repeated audio)."""
-    from f5_tts.infer import utils_infer
-
     parts = []
     for i, pause in enumerate([0.3, 0.25, 1.3, 0.4, 0.3, 0.35, 0.3, 0.5]):
         parts += [speechlike(2.2, seed=i), np.zeros(int(pause * SR), dtype=np.float32)]
@@ -154,10 +158,7 @@ def test_long_reference_is_cut_like_pydub(tmp_path):
     assert len(clip) / SR > 12
     path = tmp_path / "long.wav"
     sf.write(str(path), clip, SR, subtype="PCM_16")
-    ref_file, _ = utils_infer.preprocess_ref_audio_text(str(path), "x.", show_info=lambda *_: None)
-    expected, _ = sf.read(ref_file, dtype="float32")
-    Path(ref_file).unlink()
-    utils_infer._ref_audio_cache.clear()
+    expected = stock_reference(path)
     got = audio.prepare_reference(clip, SR)
     assert len(got) <= 12.05 * SR
     # pydub finds pauses with a sliding window, this with 10 ms chunks: cuts may differ by a pause

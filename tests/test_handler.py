@@ -26,7 +26,7 @@ from f5worker.job_input import MAX_SEED, MAX_TEXT_CHARS
 from f5worker.settings import (ENV_ALLOW_PRIVATE_URLS, ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR, ENV_FAST_PATH,
                                ENV_TMP_DIR, ENV_VOLUME_PATH, Settings)
 from tests.fixtures_models import SR, speechlike
-from tests.fixtures_s3 import ENV_AWS_CA_BUNDLE, REGION, S3Env
+from tests.fixtures_s3 import S3Env, make_s3_env
 
 NFE = 6  # few ODE steps: each job takes a fraction of a second on the tiny model
 VOICE_PREFIXES = ("voices/", "output/")
@@ -77,22 +77,6 @@ class Ctx:
         return sorted(p.name for p in self.tmp_dir.iterdir())
 
 
-def _s3_module_env(s3_server, mp: pytest.MonkeyPatch, folder: Path) -> S3Env:
-    """What the function-scoped ``s3_env`` fixture does, for a whole module: a fresh bucket, the
-    test CA for botocore, and no developer AWS configuration."""
-    bucket = f"handler-{uuid.uuid4().hex[:16]}"
-    s3_server.client().create_bucket(Bucket=bucket)
-    mp.setenv(ENV_AWS_CA_BUNDLE, s3_server.ca_bundle)
-    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    mp.setenv("AWS_CONFIG_FILE", str(folder / "no-aws-config"))
-    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(folder / "no-aws-credentials"))
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
-        mp.delenv(name, raising=False)
-    return S3Env({"S3_BUCKET": bucket, "AWS_ACCESS_KEY_ID": s3_server.access_key,
-                  "AWS_SECRET_ACCESS_KEY": s3_server.secret_key, "AWS_REGION": REGION,
-                  "AWS_ENDPOINT_URL": s3_server.endpoint_url, ENV_AWS_CA_BUNDLE: s3_server.ca_bundle}, s3_server)
-
-
 def worker_env(tiny_models, tiny_whisper, volume: Path, extra: dict | None = None) -> dict[str, str]:
     tmp = volume / "jobtmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -108,7 +92,7 @@ def ctx(request, tiny_models, tiny_whisper, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"handler-{request.param}")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
-        s3 = _s3_module_env(request.getfixturevalue("s3_server"), mp, folder) if request.param == "s3" else None
+        s3 = make_s3_env(request.getfixturevalue("s3_server"), mp, folder, prefix="handler") if request.param == "s3" else None
         env = worker_env(tiny_models, tiny_whisper, folder / "volume", dict(s3) if s3 else None)
         settings = Settings.from_env(env)
         worker = build_worker(settings)
