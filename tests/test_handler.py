@@ -13,91 +13,26 @@ import json
 import re
 import secrets
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
-from urllib.request import url2pathname
 
 import pytest
-import requests
 import soundfile as sf
 
 from f5worker.job_input import MAX_SEED, MAX_TEXT_CHARS
-from f5worker.settings import (ENV_ALLOW_PRIVATE_URLS, ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR, ENV_FAST_PATH,
-                               ENV_TMP_DIR, ENV_VOLUME_PATH, Settings)
 from tests.fixtures_models import SR, speechlike
-from tests.fixtures_s3 import S3Env, make_s3_env
+from tests.fixtures_worker import Ctx, worker_ctx
 
 NFE = 6  # few ODE steps: each job takes a fraction of a second on the tiny model
-VOICE_PREFIXES = ("voices/", "output/")
 BUILTIN = "basic_ref_en.wav"
 
 
 # --- the worker, once per storage backend ---------------------------------------------------------
-@dataclass
-class Ctx:
-    kind: str  # "local" or "s3"
-    worker: object
-    handler: object
-    settings: Settings
-    tmp_dir: Path
-    s3: S3Env | None
-
-    def run(self, job_input, job_id: str | None = None) -> tuple[str, dict]:
-        job_id = job_id or f"t-{uuid.uuid4().hex[:12]}"
-        return job_id, asyncio.run(self.handler({"id": job_id, "input": job_input}))
-
-    def keys(self, prefixes=VOICE_PREFIXES) -> set[str]:
-        """Every key in storage under ``prefixes``."""
-        if self.s3 is None:
-            root = self.settings.local_storage_dir
-            found = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} if root.exists() else set()
-        else:
-            client, found = self.s3.server.client(), set()
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.s3.bucket):
-                found.update(obj["Key"] for obj in page.get("Contents", []))
-        return {k for k in found if k.startswith(tuple(prefixes))}
-
-    def get_text(self, key: str) -> str | None:
-        return self.worker.storage.get_text(key)
-
-    def fetch_url(self, url: str) -> bytes:
-        """The bytes behind a result URL: a file:// path (local storage) or a presigned https URL."""
-        if url.startswith("file://"):
-            assert self.s3 is None
-            return Path(url2pathname(unquote(urlsplit(url).path))).read_bytes()
-        assert self.s3 is not None and url.startswith(self.s3.server.endpoint_url + "/"), url
-        with requests.Session() as session:
-            session.trust_env = False  # no proxies: loopback only
-            response = session.get(url, verify=self.s3.server.ca_bundle, timeout=30)
-        assert response.status_code == 200, response.status_code
-        return response.content
-
-    def tmp_files(self) -> list[str]:
-        return sorted(p.name for p in self.tmp_dir.iterdir())
-
-
-def worker_env(tiny_models, tiny_whisper, volume: Path, extra: dict | None = None) -> dict[str, str]:
-    tmp = volume / "jobtmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    return {**tiny_models, ENV_VOLUME_PATH: str(volume), ENV_TMP_DIR: str(tmp), ENV_ASR_MODEL: str(tiny_whisper),
-            ENV_FAST_PATH: "1", ENV_ALLOW_PRIVATE_URLS: "true",
-            ENV_BAKED_MODEL_DIR: str(volume / "no-baked-models"), **(extra or {})}
-
-
 @pytest.fixture(scope="module", params=["local", "s3"])
 def ctx(request, tiny_models, tiny_whisper, tmp_path_factory):
-    from f5worker.service import build_worker, make_handler
-
     folder = tmp_path_factory.mktemp(f"handler-{request.param}")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        s3 = make_s3_env(request.getfixturevalue("s3_server"), mp, folder, prefix="handler") if request.param == "s3" else None
-        env = worker_env(tiny_models, tiny_whisper, folder / "volume", dict(s3) if s3 else None)
-        settings = Settings.from_env(env)
-        worker = build_worker(settings)
-        yield Ctx(request.param, worker, make_handler(worker), settings, settings.tmp_dir, s3)
-        worker.batcher.executor.shutdown(wait=True)
+    s3_server = request.getfixturevalue("s3_server") if request.param == "s3" else None
+    with worker_ctx(tiny_models, tiny_whisper, folder, s3_server) as built:
+        yield built
 
 
 @pytest.fixture(autouse=True)
