@@ -42,6 +42,11 @@ ENV_ALLOW_PRIVATE_URLS = "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS"  # the switch runp
 ENV_MAX_VOICE_BYTES = "F5_MAX_VOICE_BYTES"
 ENV_MAX_CONCURRENCY = "F5_MAX_CONCURRENCY"
 ENV_FAST_PATH = "F5_FAST_PATH"
+ENV_S3_CONNECT_TIMEOUT = "S3_CONNECT_TIMEOUT_SECONDS"
+ENV_S3_READ_TIMEOUT = "S3_READ_TIMEOUT_SECONDS"
+ENV_S3_MAX_ATTEMPTS = "S3_MAX_ATTEMPTS"
+ENV_AWS_CA_BUNDLE = "AWS_CA_BUNDLE"  # read by botocore itself; named here for messages and tests
+ENV_LOCAL_RETENTION_HOURS = "F5_LOCAL_RETENTION_HOURS"
 
 # Cache variables third-party libraries read; all derived from the model root.
 CACHE_ENV_SUBDIRS = {
@@ -59,6 +64,14 @@ DEFAULT_TMP_DIR = "/tmp"
 DEFAULT_PRESIGN_EXPIRY = 3600
 DEFAULT_MAX_VOICE_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_CONCURRENCY = 16
+# S3 requests: a request that gets no answer for S3_READ_TIMEOUT_SECONDS fails, and one storage call
+# makes at most S3_MAX_ATTEMPTS requests. Worst case of one call against an endpoint that stops
+# answering: attempts x (connect + read) plus botocore's backoff between tries, about 46 s with
+# these defaults (``s3_utils.call_bound_s`` has the formula).
+DEFAULT_S3_CONNECT_TIMEOUT = 5.0
+DEFAULT_S3_READ_TIMEOUT = 15.0
+DEFAULT_S3_MAX_ATTEMPTS = 2
+DEFAULT_LOCAL_RETENTION_HOURS = 0.0  # 0: local outputs and job records are kept forever
 
 # --- what the worker loads ----------------------------------------------------------------------
 F5_REPO = "SWivid/F5-TTS"
@@ -86,6 +99,23 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _number(env: Mapping[str, str], name: str, default, cast=float, minimum: float = 0.0,
+            above: bool = False):
+    """``env[name]`` as a ``cast`` number (``default`` when unset); ValueError naming the variable
+    when it is not a number, is below ``minimum``, or (``above``) not greater than it."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        value = None
+    if value is None or not (value > minimum if above else value >= minimum) or value == float("inf"):
+        bound = f"greater than {minimum:g}" if above else f"at least {minimum:g}"
+        raise ValueError(f"{name} must be a {'whole ' if cast is int else ''}number {bound}, not {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     volume_path: Path
@@ -109,6 +139,10 @@ class Settings:
     max_voice_bytes: int
     max_concurrency: int
     fast_path: bool
+    s3_connect_timeout: float
+    s3_read_timeout: float
+    s3_max_attempts: int
+    local_retention_hours: float
 
     @property
     def volume_mounted(self) -> bool:
@@ -165,6 +199,10 @@ class Settings:
             max_voice_bytes=int(env.get(ENV_MAX_VOICE_BYTES) or DEFAULT_MAX_VOICE_BYTES),
             max_concurrency=int(env.get(ENV_MAX_CONCURRENCY) or DEFAULT_MAX_CONCURRENCY),
             fast_path=env.get(ENV_FAST_PATH, "1").strip().lower() not in {"0", "false", "no", "off"},
+            s3_connect_timeout=_number(env, ENV_S3_CONNECT_TIMEOUT, DEFAULT_S3_CONNECT_TIMEOUT, above=True),
+            s3_read_timeout=_number(env, ENV_S3_READ_TIMEOUT, DEFAULT_S3_READ_TIMEOUT, above=True),
+            s3_max_attempts=_number(env, ENV_S3_MAX_ATTEMPTS, DEFAULT_S3_MAX_ATTEMPTS, int, 1),
+            local_retention_hours=_number(env, ENV_LOCAL_RETENTION_HOURS, DEFAULT_LOCAL_RETENTION_HOURS),
         )
 
 
