@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -32,6 +32,7 @@ DEFAULT_MAX_FRAMES = 16 * 2048  # sum of padded frames in one call: bounds GPU m
 class _Pending:
     item: ChunkItem
     future: asyncio.Future
+    job: list["_Pending"] = field(default_factory=list)  # every entry of the same submit()
 
 
 class Batcher:
@@ -55,10 +56,24 @@ class Batcher:
         """Waveforms of the items, in order, once every one has been sampled."""
         self._ensure_loop()
         loop = asyncio.get_running_loop()
-        entries = [_Pending(item, loop.create_future()) for item in items]
+        entries: list[_Pending] = []
+        entries.extend(_Pending(item, loop.create_future(), entries) for item in items)
         self._pending.extend(entries)
         self._wakeup.set()
-        return list(await asyncio.gather(*(e.future for e in entries)))
+        try:
+            return list(await asyncio.gather(*(e.future for e in entries)))
+        except BaseException:
+            # The job failed or was cancelled (its deadline): its other chunks are not worth a
+            # model call, so they leave the queue now.
+            self._withdraw(entries)
+            raise
+
+    def _withdraw(self, entries: list[_Pending]) -> None:
+        for entry in entries:
+            if entry in self._pending:
+                self._pending.remove(entry)
+            if not entry.future.done():
+                entry.future.cancel()
 
     def prepare_in_background(self, tasks: list[Callable[[], object]]) -> threading.Thread:
         """Run preparation tasks on the model thread one at a time, so a job that arrives meanwhile
@@ -84,6 +99,9 @@ class Batcher:
     def next_batch(self) -> list[_Pending]:
         """The oldest pending item and, shortest first, others sharing its ODE settings, within the
         budgets. The oldest always goes, so no job waits behind a stream of more common ones."""
+        self._pending = [e for e in self._pending if not e.future.done()]
+        if not self._pending:
+            return []
         oldest = self._pending[0]
         group = sorted((e for e in self._pending[1:] if e.item.batch_key == oldest.item.batch_key),
                        key=lambda e: e.item.duration)
@@ -108,21 +126,45 @@ class Batcher:
             if len(self._pending) < self.max_items:
                 await asyncio.sleep(self.max_wait_s)  # a lone job waits this long for company
             while self._pending:
-                started = time.perf_counter()
-                batch = []
                 try:
                     batch = self.next_batch()
-                    self.calls.append(len(batch))
-                    waves = await loop.run_in_executor(self.executor, self._run_items, [e.item for e in batch])
-                    self.call_seconds.append(time.perf_counter() - started)
-                except Exception as exc:  # every job in the call learns of it; the loop goes on
-                    log.exception("model call of %d items failed", len(batch))
-                    for entry in batch or list(self._pending):
-                        if entry in self._pending:
-                            self._pending.remove(entry)
-                        if not entry.future.done():
-                            entry.future.set_exception(exc)
+                except Exception as exc:  # batching itself failed: fail what waits, never hang
+                    log.exception("batching failed")
+                    for entry in list(self._pending):
+                        self._settle(entry, error=exc)
+                    self._pending.clear()
                     continue
-                for entry, wave in zip(batch, waves):
-                    if not entry.future.done():
-                        entry.future.set_result(wave)
+                if batch:
+                    await self._run(loop, batch)
+
+    async def _run(self, loop, batch: list[_Pending]) -> None:
+        """One model call; if it fails with several items in it, each item is retried alone, so a
+        failing item fails only its own job and never the jobs it happened to share a call with."""
+        started = time.perf_counter()
+        self.calls.append(len(batch))
+        try:
+            waves = await loop.run_in_executor(self.executor, self._run_items, [e.item for e in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                log.warning("model call of 1 item failed: %s", type(exc).__name__, exc_info=True)
+                self._settle(batch[0], error=exc)
+                return
+            log.warning("model call of %d items failed (%s); retrying each alone", len(batch),
+                        type(exc).__name__)
+            for entry in batch:
+                if not entry.future.done():
+                    await self._run(loop, [entry])
+            return
+        self.call_seconds.append(time.perf_counter() - started)
+        for entry, wave in zip(batch, waves):
+            self._settle(entry, result=wave)
+
+    def _settle(self, entry: _Pending, result=None, error: BaseException | None = None) -> None:
+        if entry.future.done():  # its job already gave up (failed elsewhere, or its deadline)
+            return
+        if error is None:
+            entry.future.set_result(result)
+            return
+        entry.future.set_exception(error)
+        # The job has failed: its other chunks are not worth a model call.
+        self._withdraw([e for e in entry.job if e is not entry])

@@ -17,7 +17,6 @@ makes a padded item compute the same function as the item alone.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,8 @@ import numpy as np
 import torch
 
 from f5worker.audio import TARGET_SAMPLE_RATE, cross_fade_join, prepare_reference, remove_silences
+from f5worker.chunking import chunk_for_model, utf8_len
+from f5worker.errors import InputError
 from f5worker.model_store import ModelFiles
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,12 @@ TARGET_RMS = 0.1
 MEL_SPEC_KWARGS = dict(n_fft=1024, hop_length=HOP_LENGTH, win_length=1024, n_mel_channels=N_MEL,
                        target_sample_rate=TARGET_SAMPLE_RATE, mel_spec_type="vocos")
 MAX_FRAMES = 65536  # CFM.sample's max_duration
+# f5-tts sizes chunks so that reference plus chunk last about 22 s. Nothing longer than this ever
+# reaches the model: it stays inside the largest single-job graph bucket (fast.SINGLE_MAX_FRAMES)
+# and far inside the text embedding's position table (8192).
+CHUNK_TARGET_SECONDS = 22
+MAX_CHUNK_SECONDS = 30
+MAX_CHUNK_FRAMES = MAX_CHUNK_SECONDS * TARGET_SAMPLE_RATE // HOP_LENGTH
 
 
 @dataclass
@@ -81,43 +88,21 @@ class JobPlan:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def chunk_text(text: str, max_chars: int = 135) -> list[str]:
-    """f5-tts's chunk_text: sentences packed up to ``max_chars`` UTF-8 bytes."""
-    chunks, current = [], ""
-    for sentence in re.split(r"(?<=[;:,.!?])\s+|(?<=[；：，。！？])", text):
-        if not sentence:
-            continue
-        piece = sentence + " " if len(sentence[-1].encode("utf-8")) == 1 else sentence
-        if len(current.encode("utf-8")) + len(sentence.encode("utf-8")) <= max_chars:
-            current += piece
-        else:
-            if current:
-                chunks.append(current.strip())
-            current = piece
-    if current:
-        chunks.append(current.strip())
-    return chunks
+def item_frames(item: ChunkItem) -> int:
+    """The frames the sampler will integrate for ``item``: its duration, raised (as CFM.sample
+    does) to cover every text token and the reference."""
+    return max(item.duration, len(item.text) + 1, item.ref_frames + 2)
 
 
-def split_overlong(chunks: list[str], max_chars: int) -> list[str]:
-    """Chunks still over ``max_chars`` bytes (text with no sentence punctuation, which f5-tts
-    would synthesise as one huge chunk) split at spaces; other chunks are left exactly as they are."""
-    out = []
-    for chunk in chunks:
-        if len(chunk.encode("utf-8")) <= max_chars:
-            out.append(chunk)
-            continue
-        current = ""
-        for word in chunk.split(" "):
-            candidate = f"{current} {word}" if current else word
-            if current and len(candidate.encode("utf-8")) > max_chars:
-                out.append(current)
-                current = word
-            else:
-                current = candidate
-        if current:
-            out.append(current)
-    return out
+def check_item_fits(item: ChunkItem) -> None:
+    """Refuse, before anything reaches the model, an item longer than the model takes at once."""
+    frames = item_frames(item)
+    if frames > MAX_CHUNK_FRAMES:
+        seconds = frames * HOP_LENGTH / TARGET_SAMPLE_RATE
+        raise InputError(
+            f"This text cannot be cut into pieces the model can speak with this voice: one piece would "
+            f"need {seconds:.0f} s of audio and at most {MAX_CHUNK_SECONDS} s fit (check that the "
+            "voice's transcript matches its audio).")
 
 
 def normalise_ref_text(ref_text: str) -> str:
@@ -249,8 +234,10 @@ class TTSEngine:
         ref_text = normalise_ref_text(req.ref_text)
         sr = req.ref_sr
         ref_seconds = len(ref) / sr
-        max_chars = int(len(ref_text.encode("utf-8")) / ref_seconds * (22 - ref_seconds) * req.speed)
-        chunks = split_overlong(chunk_text(req.gen_text, max_chars=max_chars), max_chars)
+        max_chars = int(utf8_len(ref_text) / ref_seconds * (CHUNK_TARGET_SECONDS - ref_seconds) * req.speed)
+        chunks = chunk_for_model(req.gen_text, max_chars)
+        if not chunks:
+            raise InputError("The text has nothing to speak: it is empty once spaces are removed.")
         audio = torch.from_numpy(ref).unsqueeze(0)
         rms = float(torch.sqrt(torch.mean(torch.square(audio))))
         if rms < TARGET_RMS:
@@ -276,10 +263,12 @@ class TTSEngine:
         for index, chunk in enumerate(chunks):
             local_speed = 0.3 if len(chunk.encode("utf-8")) < 10 else req.speed
             duration = ref_frames + int(ref_frames / ref_len * len(chunk.encode("utf-8")) / local_speed)
-            items.append(ChunkItem(
+            item = ChunkItem(
                 cond_wave=audio, text=convert_char_to_pinyin([ref_text + chunk])[0], duration=duration,
                 ref_frames=ref_frames, ref_rms=rms, seed=req.seed + index, steps=req.nfe_step,
-                cfg_strength=req.cfg_strength, sway_sampling_coef=req.sway_sampling_coef))
+                cfg_strength=req.cfg_strength, sway_sampling_coef=req.sway_sampling_coef)
+            check_item_fits(item)
+            items.append(item)
         return items
 
     # --- items -> waveforms (any jobs, one model call) ------------------------------------------

@@ -85,3 +85,49 @@ def test_oldest_item_is_never_starved():
         assert [e.item.steps for e in batcher.next_batch()] == [32, 32]
     finally:
         loop.close()
+
+
+def test_a_failing_item_fails_only_its_own_job():
+    """One item that makes the shared model call fail: the jobs batched with it are retried alone
+    and succeed; only the job that owns the item gets the error."""
+    def poisoned(items):
+        if any(it.duration == 13 for it in items):
+            raise RuntimeError("position limit exceeded")
+        return echo_durations(items)
+
+    batcher = Batcher(poisoned, max_wait_s=0.02)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit([item(d)]) for d in (10, 13, 20, 30, 40)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[1], RuntimeError)
+    assert [int(r[0][0]) for i, r in enumerate(results) if i != 1] == [10, 20, 30, 40]
+    assert max(batcher.calls) > 1  # they did share a call before the retry
+
+
+def test_a_failed_or_cancelled_job_withdraws_its_other_items():
+    """Once a job has failed (or hit its deadline), its remaining chunks never reach the model."""
+    ran = []
+
+    def record(items):
+        ran.extend(it.duration for it in items)
+        if any(it.duration == 1 for it in items):
+            raise RuntimeError("bad chunk")
+        return echo_durations(items)
+
+    batcher = Batcher(record, max_items=1, max_wait_s=0)
+
+    async def main():
+        with pytest.raises(RuntimeError):
+            await batcher.submit([item(1), item(2), item(3)])
+        task = asyncio.ensure_future(batcher.submit([item(7), item(8)]))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await batcher.submit([item(9)])
+
+    assert int(asyncio.run(main())[0][0]) == 9
+    assert 2 not in ran and 3 not in ran and 8 not in ran

@@ -9,7 +9,8 @@ import soundfile as sf
 import torch
 
 from f5worker import audio
-from f5worker.engine import SynthesisRequest, TTSEngine, chunk_text
+from f5worker.chunking import chunk_text
+from f5worker.engine import MAX_CHUNK_FRAMES, SynthesisRequest, TTSEngine, item_frames
 from f5worker.model_store import resolve_tts_files
 from f5worker.settings import Settings
 from tests.fixtures_models import SR, speechlike
@@ -175,13 +176,33 @@ def test_split_on_silence_never_repeats_audio():
         assert np.array_equal(np.concatenate(pieces), clip)
 
 
-def test_unpunctuated_text_is_still_chunked(engine, ref_wav):
-    from f5worker.engine import split_overlong
-
-    words = "word " * 300
-    pieces = split_overlong(chunk_text(words, 100), 100)
-    assert len(pieces) > 5 and all(len(p.encode()) <= 100 for p in pieces)
-    assert " ".join(pieces) == words.strip()
-    assert split_overlong(["short one."], 100) == ["short one."]  # stock's chunks are left alone
-    plan = engine.plan(request(ref_wav, words, 1, nfe_step=2))
+@pytest.mark.parametrize("text", [
+    "word " * 300,
+    "汉" * 2000,  # Chinese with no punctuation
+    "ภาษาไทยไม่มีการเว้นวรรคระหว่างคำ" * 13,  # Thai: no spaces between words
+    "a" * 1000,
+    "👩‍👩‍👧‍👦" * 250,  # one grapheme of 25 bytes, repeated
+])
+def test_any_text_is_planned_within_the_model_limit(engine, ref_wav, text):
+    """Text f5-tts would keep as one overlong chunk is split, and no item exceeds the frames the
+    model takes at once: the check runs before anything reaches the model."""
+    plan = engine.plan(request(ref_wav, text, 1, nfe_step=2))
     assert len(plan.items) > 1
+    assert max(item_frames(item) for item in plan.items) <= MAX_CHUNK_FRAMES
+
+
+def test_unspeakable_text_is_refused_before_the_model(engine, ref_wav):
+    """A grapheme that cannot be cut, too long to speak at this voice's pace (a 3 s voice whose
+    transcript is one letter, at the slowest speed): refused with a sentence, not a model error."""
+    from f5worker.errors import InputError
+
+    req = request(ref_wav, "👩‍👩‍👧‍👦", 1, nfe_step=2, speed=0.3)
+    req.ref_text = "A"
+    with pytest.raises(InputError, match="cannot be cut into pieces"):
+        engine.plan(req)
+
+
+def test_the_longest_item_has_a_single_job_graph_bucket():
+    from f5worker.fast import SINGLE_MAX_FRAMES, bucket_frames
+
+    assert bucket_frames(MAX_CHUNK_FRAMES, 1) <= SINGLE_MAX_FRAMES
