@@ -1,8 +1,12 @@
 """The rules a job's ``input`` must follow: every field, default and bound, in one place.
 
 Why this module exists: the handler only routes; what a caller may send is declared here (pydantic
-models with unknown fields forbidden) and every violation becomes one sentence in an ``InputError``.
-The README's job reference is written from these models.
+models with unknown fields forbidden) and every violation becomes one sentence in an ``InputError``,
+before anything is fetched or loaded. Types are strict: JSON's own types only, nothing converted
+(``"seed": "7"``, ``"nfe_step": true`` and ``"remove_silence": 1`` are refused; a whole number is
+accepted where a number is expected; NaN and infinities never). A caller who sends the wrong type
+has a bug that a silent conversion would hide. The README's job reference is written from these
+models.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ def check_voice_name(name: str) -> str:
 
 
 class _Input(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, str_strip_whitespace=True)
 
 
 class TTSInput(_Input):
@@ -75,6 +79,16 @@ def _sentence(err: dict) -> str:
         return f"'{field}' is too long: at most {ctx.get('max_length')} characters."
     if kind == "string_too_short":
         return f"'{field}' must not be empty."
+    if kind == "string_type":
+        return f"'{field}' must be a string."
+    if kind == "int_type":
+        return f"'{field}' must be an integer."
+    if kind == "float_type":
+        return f"'{field}' must be a number."
+    if kind == "finite_number":
+        return f"'{field}' must be a finite number."
+    if kind == "bool_type":
+        return f"'{field}' must be true or false."
     if kind == "value_error":
         return f"'{field}' {str(ctx.get('error', err['msg']))}."
     return f"Invalid '{field}': {err['msg'].lower()}."

@@ -1,0 +1,107 @@
+"""Strict job-input types: every field refuses every JSON type but its own, in one sentence.
+
+``parse_job_input`` is the handler's first step, so a refusal here means nothing was fetched,
+loaded or written. Inputs go through ``json.loads`` where it matters, as runpod's do (Python's json
+reads ``NaN`` and ``Infinity``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from f5worker.errors import InputError
+from f5worker.job_input import TTSInput, UploadInput, parse_job_input
+
+TTS = {"text": "Hello there.", "local_voice": "basic_ref_en.wav"}
+UPLOAD = {"endpoint": "upload", "voice_file_url": "https://example.com/v.wav", "voice_name": "v.wav"}
+
+STRING_FIELDS = [("tts", "text"), ("tts", "local_voice"), ("tts", "ref_text"),
+                 ("upload", "voice_file_url"), ("upload", "voice_name"), ("upload", "ref_text")]
+INT_FIELDS = ["nfe_step", "seed"]
+FLOAT_FIELDS = ["speed", "cfg_strength", "sway_sampling_coef", "cross_fade_duration"]
+BOOL_FIELDS = ["remove_silence"]
+
+NOT_STRINGS = [7, 1.5, True, False, [], {}, ["a.wav"], {"text": "x"}]
+NOT_INTS = ["7", "0x10", 7.0, 7.5, True, False, [], {}, [7]]
+NOT_FLOATS = ["1.0", "fast", True, False, [], {}, [1.0]]
+NOT_BOOLS = [0, 1, "true", "false", "yes", 1.0, None, [], {}]
+
+
+def refusal(raw) -> str:
+    with pytest.raises(InputError) as caught:
+        parse_job_input(raw)
+    message = str(caught.value)
+    assert "\n" not in message and message.endswith(".")
+    assert not re.search(r"[.!?]\s+[A-Z]", message[:-1]), f"more than one sentence: {message!r}"
+    return message
+
+
+def job(endpoint: str, **fields) -> dict:
+    return {**(UPLOAD if endpoint == "upload" else TTS), **fields}
+
+
+@pytest.mark.parametrize("endpoint, field", STRING_FIELDS)
+@pytest.mark.parametrize("value", NOT_STRINGS, ids=repr)
+def test_string_fields_take_only_strings(endpoint, field, value):
+    assert refusal(job(endpoint, **{field: value})) == f"'{field}' must be a string."
+
+
+@pytest.mark.parametrize("field", INT_FIELDS)
+@pytest.mark.parametrize("value", NOT_INTS, ids=repr)
+def test_int_fields_take_only_integers(field, value):
+    assert refusal(job("tts", **{field: value})) == f"'{field}' must be an integer."
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", NOT_FLOATS, ids=repr)
+def test_number_fields_take_only_numbers(field, value):
+    assert refusal(job("tts", **{field: value})) == f"'{field}' must be a number."
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_number_fields_refuse_nan_and_infinity(field, literal):
+    raw = json.loads(json.dumps(job("tts")).rstrip("}") + f', "{field}": {literal}}}')
+    assert not math.isfinite(raw[field])  # really what a JSON body can carry
+    assert refusal(raw) == f"'{field}' must be a finite number."
+
+
+@pytest.mark.parametrize("field", BOOL_FIELDS)
+@pytest.mark.parametrize("value", NOT_BOOLS, ids=repr)
+def test_bool_fields_take_only_true_or_false(field, value):
+    assert refusal(job("tts", **{field: value})) == f"'{field}' must be true or false."
+
+
+@pytest.mark.parametrize("value", [None, "", 7, True, ["tts"], {"name": "tts"}])
+def test_endpoint_must_be_a_known_name(value):
+    assert refusal({**TTS, "endpoint": value}) == "Unknown endpoint; use one of: tts, upload."
+
+
+def test_optional_fields_take_null():
+    parsed = parse_job_input(job("tts", ref_text=None, seed=None))
+    assert isinstance(parsed, TTSInput) and parsed.ref_text is None and parsed.seed is None
+    parsed = parse_job_input(job("upload", ref_text=None))
+    assert isinstance(parsed, UploadInput) and parsed.ref_text is None
+
+
+def test_required_fields_refuse_null():
+    assert refusal(job("tts", text=None)) == "'text' must be a string."
+    assert refusal(job("upload", voice_name=None)) == "'voice_name' must be a string."
+
+
+def test_right_types_pass_whole_numbers_count_as_numbers():
+    parsed = parse_job_input(json.loads(json.dumps(job(
+        "tts", speed=1, cfg_strength=0, sway_sampling_coef=-1, cross_fade_duration=0.5,
+        nfe_step=8, seed=0, remove_silence=True))))
+    assert parsed.speed == 1.0 and isinstance(parsed.speed, float)
+    assert parsed.cfg_strength == 0.0 and parsed.sway_sampling_coef == -1.0
+    assert parsed.nfe_step == 8 and parsed.seed == 0 and parsed.remove_silence is True
+
+
+def test_type_is_checked_before_bounds():
+    assert refusal(job("tts", nfe_step="0")) == "'nfe_step' must be an integer."
+    assert refusal(job("tts", nfe_step=0)) == "'nfe_step' must be at least 1."
+    assert refusal(job("tts", seed=-1.5)) == "'seed' must be an integer."
