@@ -8,8 +8,16 @@ and, with no cloud account at all, on a local folder. It is also the one place t
   (``x-amz-checksum-*``, ``x-amz-sdk-checksum-algorithm``, aws-chunked bodies with
   ``x-amz-trailer``) to every upload, which B2 and several others reject; ``when_required``
   turns that off. Signatures are always SigV4, custom endpoints use path-style addressing;
+* bounds how long one storage call can take (``call_bound_s``): every call is one S3 operation
+  retried only by botocore, at most ``S3_MAX_ATTEMPTS`` tries of connect + read timeout each.
+  boto3's managed transfers (``client.download_file``/``upload_file``) are not used: they add
+  a HEAD and a retry loop of their own (five more GETs on read errors) on top of botocore's, which
+  is how one hung endpoint once held a job for twelve GETs;
 * turns every provider or filesystem failure into a ``StorageError`` whose message is one
-  sentence with no credentials and no presigned signature in it.
+  sentence naming the cause (a missing bucket is not a missing voice) with no credentials and no
+  presigned signature in it;
+* removes old outputs and job records from a local folder when ``F5_LOCAL_RETENTION_HOURS`` is
+  set (``sweep_expired``); on S3 the bucket's lifecycle rules do that.
 
 Keys look like ``voices/alice.wav``, ``output/<job>.wav``, ``logs/<job>.json`` (the prefixes are
 defined in ``f5worker.settings``). Both backends refuse keys that are absolute or contain empty,
@@ -21,22 +29,40 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
+import threading
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError,
+                                 EndpointConnectionError, IncompleteReadError, NoCredentialsError,
+                                 PartialCredentialsError, ReadTimeoutError, ResponseStreamingError,
+                                 SSLError)
+
 from f5worker.errors import StorageError
-from f5worker.settings import LOGS_PREFIX, Settings
+from f5worker.settings import (ENV_AWS_CA_BUNDLE, ENV_AWS_ENDPOINT_URL, ENV_S3_BUCKET, LOGS_PREFIX,
+                               OUTPUT_PREFIX, Settings)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REGION = "us-east-1"
-CONNECT_TIMEOUT_S = 10
-READ_TIMEOUT_S = 60
+# botocore (standard retry mode) waits before try i+1 at most min(2**i, 20) s, plus up to 5 s more
+# when the server asks with x-amz-retry-after; an upload waits up to 1 s for "100 Continue".
+BACKOFF_CAP_S = 20.0
+RETRY_AFTER_EXTRA_S = 5.0
+EXPECT_CONTINUE_WAIT_S = 1.0
+COPY_CHUNK_BYTES = 1024 * 1024
+SWEEP_INTERVAL_S = 600.0  # a local retention sweep runs at most once per 10 minutes
+SWEPT_PREFIXES = (OUTPUT_PREFIX, LOGS_PREFIX)  # never voices/
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+_FORBIDDEN_CODES = {"403", "AccessDenied"}
 _HTTP_CODE_NAMES = {"400": "HTTP 400 Bad Request", "403": "HTTP 403 Forbidden"}  # HEAD: no body
 
 
@@ -48,6 +74,10 @@ class KeyNotFound(StorageError):
         self.key = key
 
 
+class Forbidden(StorageError):
+    """S3 refused the request (HTTP 403). Without s3:ListBucket that is also how a missing key reads."""
+
+
 def check_key(key: str) -> str:
     """Return ``key`` if it is a plain relative key (``a/b.wav``), else raise ``StorageError``."""
     if (not isinstance(key, str) or "\\" in key or "\x00" in key
@@ -56,12 +86,21 @@ def check_key(key: str) -> str:
     return key
 
 
-def make_s3_client(settings: Settings):
-    """A boto3 S3 client that works with AWS and with S3-compatible providers such as B2."""
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError
+def call_bound_s(settings: Settings) -> float:
+    """The longest one S3 storage call can take when the endpoint stops answering (or never
+    answers): every try waits out connect + read timeout (and an upload's 1 s wait for "100
+    Continue"), with botocore's longest backoff between tries. With the defaults (5 s, 15 s, 2
+    tries) that is 48 s. A read timeout is per socket read: an endpoint that keeps trickling bytes
+    is not cut off here (the job's own deadline answers the job then)."""
+    tries = settings.s3_max_attempts
+    backoff = sum(min(2.0 ** i, BACKOFF_CAP_S) + RETRY_AFTER_EXTRA_S for i in range(tries - 1))
+    per_try = settings.s3_connect_timeout + EXPECT_CONTINUE_WAIT_S + settings.s3_read_timeout
+    return tries * per_try + backoff
 
+
+def make_s3_client(settings: Settings):
+    """A boto3 S3 client that works with AWS and with S3-compatible providers such as B2, with the
+    timeouts and tries of ``settings`` (see ``call_bound_s``)."""
     config = Config(
         signature_version="s3v4",
         request_checksum_calculation="when_required",
@@ -69,10 +108,10 @@ def make_s3_client(settings: Settings):
         # Custom endpoints: path style (no per-bucket DNS or certificates needed). AWS: botocore's
         # "auto", i.e. virtual-hosted unless the bucket name has dots.
         s3={"addressing_style": "path" if settings.aws_endpoint_url else "auto"},
-        # 3 tries in all: botocore reads "max_attempts" here as retries after the first try.
-        retries={"total_max_attempts": 3, "mode": "standard"},
-        connect_timeout=CONNECT_TIMEOUT_S,
-        read_timeout=READ_TIMEOUT_S,
+        # Tries in all, the first included ("max_attempts" would count retries after the first).
+        retries={"total_max_attempts": settings.s3_max_attempts, "mode": "standard"},
+        connect_timeout=settings.s3_connect_timeout,
+        read_timeout=settings.s3_read_timeout,
         max_pool_connections=max(10, settings.max_concurrency),
     )
     try:
@@ -87,6 +126,20 @@ def make_s3_client(settings: Settings):
         )
     except (BotoCoreError, ValueError) as err:
         raise StorageError(f"S3 client could not be configured: {type(err).__name__}") from err
+
+
+def atomic_write(dest: Path, write: Callable[[Any], None]) -> None:
+    """Write ``dest`` through a temp file beside it, renamed into place only once ``write(f)``
+    has finished: a failure leaves the old content (or nothing) and no temp file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class Storage:
@@ -119,6 +172,12 @@ class Storage:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def sweep_expired(self, now: float | None = None) -> int:
+        """Remove outputs and job records older than the retention time; returns how many. Cheap to
+        call after every job: it does nothing here and on S3 (the bucket's lifecycle rules expire
+        objects there), and ``LocalStorage`` runs it at most once per ``SWEEP_INTERVAL_S``."""
+        return 0
+
     def put_json(self, key: str, obj: Any) -> None:
         self.put_text(key, json.dumps(obj, ensure_ascii=False, indent=2))
 
@@ -137,46 +196,12 @@ class Storage:
         # s3:ListBucket, S3 answers 403 instead of 404.
         try:
             gone = self.get_text(key)
-        except StorageError:
+        except Forbidden:
             raise StorageError("storage answers 'forbidden' for a missing key; grant the credentials "
                                f"s3:ListBucket on the bucket ({self.describe()})") from None
         if gone is not None:
             raise StorageError(f"storage probe object was still readable after delete ({self.describe()})")
         log.info("storage probe passed: %s", self.describe())
-
-
-def _s3_error(err: BaseException, action: str, key: str) -> StorageError | None:
-    """The StorageError for a boto3/botocore failure (None: not one of theirs). Each message is
-    one sentence built from the error code or type only: botocore's own texts can carry URLs."""
-    from boto3.exceptions import Boto3Error
-    from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError,
-                                     EndpointConnectionError, NoCredentialsError,
-                                     PartialCredentialsError, ReadTimeoutError, SSLError)
-    where = f"({action} {key})"
-    if isinstance(err, Boto3Error):  # boto3's transfer layer wraps the real error
-        inner = getattr(err, "last_exception", None) or err.__cause__ or err.__context__
-        if inner is not None and inner is not err:
-            return _s3_error(inner, action, key)
-        return StorageError(f"S3 transfer failed: {type(err).__name__} {where}")
-    if isinstance(err, ClientError):
-        code = str(err.response.get("Error", {}).get("Code") or "unknown")
-        if code in _MISSING_CODES:
-            return KeyNotFound(key)
-        return StorageError(f"S3 request failed: {_HTTP_CODE_NAMES.get(code, code)} {where}")
-    if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
-        return StorageError(f"S3 credentials are missing or incomplete {where}")
-    if isinstance(err, SSLError):
-        return StorageError(f"the S3 endpoint's TLS certificate was not accepted {where}")
-    if isinstance(err, (EndpointConnectionError, ConnectTimeoutError)):
-        return StorageError(f"could not connect to the S3 endpoint {where}")
-    if isinstance(err, ReadTimeoutError):
-        return StorageError(f"S3 request timed out {where}")
-    if isinstance(err, BotoCoreError):
-        return StorageError(f"S3 request failed: {type(err).__name__} {where}")
-    if isinstance(err, OSError):  # the local side of a transfer: the file read or written
-        reason = err.strerror or type(err).__name__
-        return StorageError(f"S3 transfer failed locally: {reason} {where}")
-    return None
 
 
 class S3Storage(Storage):
@@ -186,35 +211,96 @@ class S3Storage(Storage):
         self.bucket = settings.s3_bucket
         self.endpoint_url = settings.aws_endpoint_url
         self.presign_expiry = settings.presign_expiry
+        self.connect_timeout = settings.s3_connect_timeout
+        self.read_timeout = settings.s3_read_timeout
+        self.bound_s = call_bound_s(settings)
         self.client = client if client is not None else make_s3_client(settings)
+
+    def _error(self, err: BaseException, action: str, key: str) -> StorageError | None:
+        """The StorageError for a botocore failure (None: not one of theirs). Each message is one
+        sentence built from the error code or type only: botocore's own texts can carry URLs."""
+        where = f"({action} {key})"
+        if isinstance(err, ClientError):
+            code = str(err.response.get("Error", {}).get("Code") or "unknown")
+            if code in _MISSING_CODES:
+                return KeyNotFound(key)
+            if code == "NoSuchBucket":
+                return self._no_bucket(action, key)
+            kind = Forbidden if code in _FORBIDDEN_CODES else StorageError
+            return kind(f"S3 request failed: {_HTTP_CODE_NAMES.get(code, code)} {where}")
+        if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+            return StorageError(f"S3 credentials are missing or incomplete {where}")
+        if isinstance(err, SSLError):
+            if "CERTIFICATE_VERIFY_FAILED" in str(err):
+                return StorageError(f"the S3 endpoint's TLS certificate was not accepted; if a private CA "
+                                    f"signed it, set {ENV_AWS_CA_BUNDLE} to that CA's certificate file {where}")
+            return StorageError(f"the TLS handshake with the S3 endpoint failed; check that "
+                                f"{ENV_AWS_ENDPOINT_URL} has the right scheme and port {where}")
+        if isinstance(err, ConnectTimeoutError):
+            return StorageError(f"could not connect to the S3 endpoint within {self.connect_timeout:g} s {where}")
+        if isinstance(err, EndpointConnectionError):
+            return StorageError(f"could not connect to the S3 endpoint {where}")
+        if isinstance(err, ReadTimeoutError):
+            return StorageError(f"S3 did not answer within {self.read_timeout:g} s {where}")
+        if isinstance(err, (IncompleteReadError, ResponseStreamingError)):
+            return StorageError(f"the connection to S3 broke off during the transfer {where}")
+        if isinstance(err, BotoCoreError):
+            return StorageError(f"S3 request failed: {type(err).__name__} {where}")
+        if isinstance(err, OSError):  # the local side of a transfer: the file read or written
+            reason = err.strerror or type(err).__name__
+            return StorageError(f"S3 transfer failed locally: {reason} {where}")
+        return None
+
+    def _no_bucket(self, action: str, key: str) -> StorageError:
+        return StorageError(f"S3 bucket '{self.bucket}' does not exist; check {ENV_S3_BUCKET} "
+                            f"({action} {key})")
 
     @contextmanager
     def _errors(self, action: str, key: str) -> Iterator[None]:
         try:
             yield
         except Exception as err:
-            mapped = _s3_error(err, action, key)
+            mapped = self._error(err, action, key)
             if mapped is None:
                 raise
             raise mapped from err
 
     def upload_file(self, key, path, content_type):
+        # One PutObject (no multipart: outputs are far below S3's 5 GB single-request limit), so
+        # the call is bounded like any other; botocore rewinds the file for a retry.
         with self._errors("put", check_key(key)):
-            self.client.upload_file(os.fspath(path), self.bucket, key,
-                                    ExtraArgs={"ContentType": content_type})
+            with open(path, "rb") as body:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
 
     def download_file(self, key, dest_path):
+        # One GetObject streamed to the file (botocore checks the length at the end); the body is
+        # read with the same read timeout and is not retried.
         with self._errors("get", check_key(key)):
-            Path(dest_path).parent.mkdir(parents=True, exist_ok=True)
-            self.client.download_file(self.bucket, key, os.fspath(dest_path))
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            with body:  # closes the connection on every path
+                atomic_write(Path(dest_path), lambda f: shutil.copyfileobj(body, f, COPY_CHUNK_BYTES))
 
     def exists(self, key):
         try:
             with self._errors("head", check_key(key)):
                 self.client.head_object(Bucket=self.bucket, Key=key)
         except KeyNotFound:
+            if self._bucket_missing(key):
+                raise self._no_bucket("head", key) from None
             return False
         return True
+
+    def _bucket_missing(self, key: str) -> bool:
+        """HEAD answers a bare 404 for a missing key and for a missing bucket alike; ask the bucket.
+        Only on the missing-key path, so a found key costs one request."""
+        try:
+            with self._errors("head", key):
+                self.client.head_bucket(Bucket=self.bucket)
+        except KeyNotFound:  # the only thing HeadBucket can find missing is the bucket
+            return True
+        except Forbidden:  # credentials may read objects without being allowed to HEAD the bucket
+            return False
+        return False
 
     def put_text(self, key, text):
         with self._errors("put", check_key(key)):
@@ -251,10 +337,14 @@ class S3Storage(Storage):
 
 
 class LocalStorage(Storage):
-    """Keys are files under ``root``. Writes are atomic: a temp file beside the target, renamed."""
+    """Keys are files under ``root``. Writes are atomic: a temp file beside the target, renamed.
+    With ``retention_hours`` > 0, ``sweep_expired`` removes outputs and job records older than that."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, retention_hours: float = 0.0):
         self.root = Path(root).resolve()
+        self.retention_s = retention_hours * 3600.0
+        self._next_sweep = 0.0
+        self._sweep_lock = threading.Lock()
 
     def path_for(self, key: str) -> Path:
         path = (self.root / check_key(key)).resolve()
@@ -274,29 +364,17 @@ class LocalStorage(Storage):
             raise StorageError(f"local storage failed: {err.strerror or type(err).__name__} "
                                f"({action} {key})") from err
 
-    @staticmethod
-    def _atomic_write(dest: Path, write) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
     def upload_file(self, key, path, content_type):
         dest = self.path_for(key)
         with self._errors("put", key, missing_is_key=False):
             with open(path, "rb") as src:
-                self._atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
+                atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
 
     def download_file(self, key, dest_path):
         src_path = self.path_for(key)
         with self._errors("get", key):
             with open(src_path, "rb") as src:
-                self._atomic_write(Path(dest_path), lambda f: shutil.copyfileobj(src, f))
+                atomic_write(Path(dest_path), lambda f: shutil.copyfileobj(src, f))
 
     def exists(self, key):
         return self.path_for(key).is_file()
@@ -304,7 +382,7 @@ class LocalStorage(Storage):
     def put_text(self, key, text):
         dest = self.path_for(key)
         with self._errors("put", key):
-            self._atomic_write(dest, lambda f: f.write(text.encode("utf-8")))
+            atomic_write(dest, lambda f: f.write(text.encode("utf-8")))
 
     def get_text(self, key):
         path = self.path_for(key)
@@ -325,9 +403,45 @@ class LocalStorage(Storage):
     def describe(self):
         return str(self.root)
 
+    def sweep_expired(self, now: float | None = None) -> int:
+        """Remove regular files under ``output/`` and ``logs/`` last modified more than the
+        retention time before ``now`` (``time.time()``); never anything under ``voices/``, never
+        through a symlink. A file that cannot be removed is logged and skipped: a sweep never fails
+        a job."""
+        if self.retention_s <= 0:
+            return 0
+        now = time.time() if now is None else now
+        with self._sweep_lock:
+            if now < self._next_sweep:
+                return 0
+            self._next_sweep = now + SWEEP_INTERVAL_S
+        cutoff = now - self.retention_s
+        removed = 0
+        for prefix in SWEPT_PREFIXES:
+            folder = self.root / prefix.rstrip("/")
+            if folder.is_symlink() or not folder.is_dir():  # a symlink could lead into voices/
+                continue
+            for dirpath, _, names in os.walk(folder):  # does not follow symlinked folders
+                for name in names:
+                    path = Path(dirpath, name)
+                    try:
+                        info = path.lstat()
+                        if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
+                            path.unlink()
+                            removed += 1
+                    except FileNotFoundError:  # removed meanwhile
+                        continue
+                    except OSError as err:
+                        log.warning("retention sweep could not remove %s: %s", path,
+                                    err.strerror or type(err).__name__)
+        if removed:
+            log.info("retention sweep removed %d file(s) older than %g h from %s", removed,
+                     self.retention_s / 3600.0, self.root)
+        return removed
+
 
 def make_storage(settings: Settings) -> Storage:
     """S3 when a bucket is configured, else the local folder ``settings.local_storage_dir``."""
     if settings.s3_bucket:
         return S3Storage(settings)
-    return LocalStorage(settings.local_storage_dir)
+    return LocalStorage(settings.local_storage_dir, settings.local_retention_hours)

@@ -42,6 +42,7 @@ ENV_ALLOW_PRIVATE_URLS = "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS"  # the switch runp
 ENV_MAX_VOICE_BYTES = "F5_MAX_VOICE_BYTES"
 ENV_MAX_CONCURRENCY = "F5_MAX_CONCURRENCY"
 ENV_FAST_PATH = "F5_FAST_PATH"
+ENV_JOB_TIMEOUT = "F5_JOB_TIMEOUT_SECONDS"
 ENV_S3_CONNECT_TIMEOUT = "S3_CONNECT_TIMEOUT_SECONDS"
 ENV_S3_READ_TIMEOUT = "S3_READ_TIMEOUT_SECONDS"
 ENV_S3_MAX_ATTEMPTS = "S3_MAX_ATTEMPTS"
@@ -64,9 +65,10 @@ DEFAULT_TMP_DIR = "/tmp"
 DEFAULT_PRESIGN_EXPIRY = 3600
 DEFAULT_MAX_VOICE_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_CONCURRENCY = 16
+DEFAULT_JOB_TIMEOUT = 600.0  # a job still running after this gets an error; 0: no limit
 # S3 requests: a request that gets no answer for S3_READ_TIMEOUT_SECONDS fails, and one storage call
 # makes at most S3_MAX_ATTEMPTS requests. Worst case of one call against an endpoint that stops
-# answering: attempts x (connect + read) plus botocore's backoff between tries, about 46 s with
+# answering: attempts x (connect + read + 1 s) plus botocore's backoff between tries, 48 s with
 # these defaults (``s3_utils.call_bound_s`` has the formula).
 DEFAULT_S3_CONNECT_TIMEOUT = 5.0
 DEFAULT_S3_READ_TIMEOUT = 15.0
@@ -92,7 +94,10 @@ DOWNLOAD_HEADROOM_BYTES = 200_000_000
 VOICES_PREFIX = "voices/"
 OUTPUT_PREFIX = "output/"
 LOGS_PREFIX = "logs/"
-TRANSCRIPT_SUFFIX = ".txt"  # stored beside a voice: voices/<name>.txt
+# Uploaded voices carry their transcript inside the WAV (f5worker.voices). Beside a voice, with the
+# voice's own name (e.g. voices/alice.wav) plus a suffix:
+TRANSCRIPT_SUFFIX = ".txt"  # voices/alice.wav.txt: a transcript written by a person
+VOICE_META_SUFFIX = ".json"  # voices/alice.wav.json: Whisper's transcript, bound to the voice's SHA-256
 
 
 def _truthy(value: str | None) -> bool:
@@ -139,6 +144,7 @@ class Settings:
     max_voice_bytes: int
     max_concurrency: int
     fast_path: bool
+    job_timeout_s: float
     s3_connect_timeout: float
     s3_read_timeout: float
     s3_max_attempts: int
@@ -199,6 +205,7 @@ class Settings:
             max_voice_bytes=int(env.get(ENV_MAX_VOICE_BYTES) or DEFAULT_MAX_VOICE_BYTES),
             max_concurrency=int(env.get(ENV_MAX_CONCURRENCY) or DEFAULT_MAX_CONCURRENCY),
             fast_path=env.get(ENV_FAST_PATH, "1").strip().lower() not in {"0", "false", "no", "off"},
+            job_timeout_s=_number(env, ENV_JOB_TIMEOUT, DEFAULT_JOB_TIMEOUT),
             s3_connect_timeout=_number(env, ENV_S3_CONNECT_TIMEOUT, DEFAULT_S3_CONNECT_TIMEOUT, above=True),
             s3_read_timeout=_number(env, ENV_S3_READ_TIMEOUT, DEFAULT_S3_READ_TIMEOUT, above=True),
             s3_max_attempts=_number(env, ENV_S3_MAX_ATTEMPTS, DEFAULT_S3_MAX_ATTEMPTS, int, 1),

@@ -14,11 +14,13 @@ import pytest
 import requests
 
 from f5worker.errors import StorageError
-from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_ENDPOINT_URL,
-                               ENV_AWS_SECRET_ACCESS_KEY, ENV_LOCAL_STORAGE_DIR,
-                               ENV_PRESIGN_EXPIRY, ENV_S3_BUCKET, LOGS_PREFIX, OUTPUT_PREFIX,
-                               VOICES_PREFIX, Settings)
-from s3_utils import KeyNotFound, LocalStorage, S3Storage, make_s3_client, make_storage
+from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_CA_BUNDLE, ENV_AWS_ENDPOINT_URL,
+                               ENV_AWS_SECRET_ACCESS_KEY, ENV_LOCAL_RETENTION_HOURS,
+                               ENV_LOCAL_STORAGE_DIR, ENV_PRESIGN_EXPIRY, ENV_S3_BUCKET,
+                               ENV_S3_CONNECT_TIMEOUT, ENV_S3_MAX_ATTEMPTS, ENV_S3_READ_TIMEOUT,
+                               LOGS_PREFIX, OUTPUT_PREFIX, VOICES_PREFIX, Settings)
+from s3_utils import (SWEEP_INTERVAL_S, KeyNotFound, LocalStorage, S3Storage, atomic_write,
+                      call_bound_s, make_s3_client, make_storage)
 
 # Headers Backblaze B2 (and other S3-compatible services) reject: boto3 >= 1.36 sends them by
 # default unless request_checksum_calculation / response_checksum_validation are "when_required".
@@ -215,15 +217,22 @@ def test_unreachable_endpoint(s3_env):
 
 
 def test_untrusted_certificate(s3_env, monkeypatch):
-    monkeypatch.delenv("AWS_CA_BUNDLE")
-    with pytest.raises(StorageError, match="TLS certificate was not accepted"):
+    """The test server's certificate comes from a private CA: without AWS_CA_BUNDLE the sentence
+    says so and names the variable that fixes it."""
+    monkeypatch.delenv(ENV_AWS_CA_BUNDLE)
+    with pytest.raises(StorageError) as info:
         S3Storage(s3_env.settings).get_text(f"{LOGS_PREFIX}x.json")
+    assert str(info.value) == (
+        "the S3 endpoint's TLS certificate was not accepted; if a private CA signed it, set "
+        f"{ENV_AWS_CA_BUNDLE} to that CA's certificate file (get {LOGS_PREFIX}x.json)")
 
 
 def test_requests_carry_no_headers_b2_rejects(s3_env, tmp_path):
     """Backblaze B2 refuses x-amz-checksum-*, x-amz-sdk-checksum-algorithm and x-amz-trailer
     (boto3's default flexible checksums since 1.36). Record every request the worker's client
-    sends, single-part and multipart, and check none carries them and all are SigV4-signed."""
+    sends and check none carries them and all are SigV4-signed. A file above boto3's 8 MB
+    multipart threshold still goes up as one PUT and comes back as one GET (no managed transfer,
+    whose extra HEAD and retry loop would break the bound on a call's time)."""
     storage = S3Storage(s3_env.settings)
     sent = []
 
@@ -247,8 +256,10 @@ def test_requests_carry_no_headers_b2_rejects(s3_env, tmp_path):
     storage.probe()
 
     assert _sha(tmp_path / "big-back.wav") == _sha(big)
-    assert any("uploadId=" in url for _, url, _ in sent), "the multipart path was not exercised"
-    assert sum(method == "PUT" for method, _, _ in sent) >= 5
+    assert not any("uploadId=" in url or "partNumber=" in url for _, url, _ in sent)
+    big_requests = [method for method, url, _ in sent if url.split("?")[0].endswith("/big.wav")]
+    assert big_requests == ["PUT", "GET"]
+    assert sum(method == "PUT" for method, _, _ in sent) == 5
     for method, url, headers in sent:
         bad = [h for h in headers if h.startswith(B2_REJECTED_PREFIXES)]
         assert not bad, f"{method} {url.split('?')[0]} sent {bad}"
@@ -265,7 +276,30 @@ def test_client_config(s3_env):
     assert config.request_checksum_calculation == "when_required"
     assert config.response_checksum_validation == "when_required"
     assert config.s3["addressing_style"] == "path"
-    assert config.retries == {"mode": "standard", "total_max_attempts": 3}
+    assert config.retries == {"mode": "standard", "total_max_attempts": 2}
+    assert (config.connect_timeout, config.read_timeout) == (5, 15)
+    tuned = Settings.from_env({**s3_env, ENV_S3_CONNECT_TIMEOUT: "2.5", ENV_S3_READ_TIMEOUT: "7",
+                               ENV_S3_MAX_ATTEMPTS: "4"})
+    config = make_s3_client(tuned).meta.config
+    assert config.retries["total_max_attempts"] == 4
+    assert (config.connect_timeout, config.read_timeout) == (2.5, 7)
+
+
+def test_call_bound_is_under_a_minute_by_default():
+    """The documented worst case of one S3 call with the defaults, and its formula."""
+    default = Settings.from_env({})
+    assert call_bound_s(default) == 2 * (5 + 1 + 15) + (1 + 5) == 48
+    one_try = Settings.from_env({ENV_S3_CONNECT_TIMEOUT: "3", ENV_S3_READ_TIMEOUT: "5",
+                                 ENV_S3_MAX_ATTEMPTS: "1"})
+    assert call_bound_s(one_try) == 9
+
+
+@pytest.mark.parametrize("name, value", [(ENV_S3_READ_TIMEOUT, "0"), (ENV_S3_CONNECT_TIMEOUT, "soon"),
+                                         (ENV_S3_MAX_ATTEMPTS, "0"), (ENV_S3_MAX_ATTEMPTS, "2.5"),
+                                         (ENV_LOCAL_RETENTION_HOURS, "-1")])
+def test_bad_storage_numbers_name_their_variable(name, value):
+    with pytest.raises(ValueError, match=f"^{name} must be a .*not '{value}'$"):
+        Settings.from_env({name: value})
 
 
 # --- local only -----------------------------------------------------------------------------------
@@ -306,7 +340,7 @@ def test_local_writes_are_atomic(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        LocalStorage._atomic_write(tmp_path / "st" / "output" / "a.txt", fail_half_way)
+        atomic_write(tmp_path / "st" / "output" / "a.txt", fail_half_way)
     assert storage.get_text(f"{OUTPUT_PREFIX}a.txt") == "one"
     assert sorted(p.name for p in (tmp_path / "st" / "output").iterdir()) == [
         "a.json", "a.txt", "a.wav"]
@@ -317,3 +351,60 @@ def test_local_missing_upload_source_is_not_a_missing_key(tmp_path):
     with pytest.raises(StorageError) as info:
         storage.upload_file(f"{OUTPUT_PREFIX}a.wav", tmp_path / "nope.wav", "audio/wav")
     assert not isinstance(info.value, KeyNotFound)
+
+
+# --- local retention (F5_LOCAL_RETENTION_HOURS) ---------------------------------------------------
+
+def _aged(path: Path, hours: float, now: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    os.utime(path, (now - hours * 3600, now - hours * 3600))
+    return path
+
+
+def test_local_retention_removes_old_outputs_and_logs_only(tmp_path):
+    now = time.time()
+    root = tmp_path / "st"
+    storage = make_storage(Settings.from_env({ENV_LOCAL_STORAGE_DIR: str(root),
+                                              ENV_LOCAL_RETENTION_HOURS: "24"}))
+    outside = _aged(tmp_path / "outside.wav", 48, now)
+    expired = [_aged(root / "output" / "old.wav", 25, now), _aged(root / "logs" / "old.json", 25, now),
+               _aged(root / "output" / ".old.wav.abc.tmp", 30, now)]  # a crashed write's leftover
+    kept = [_aged(root / "voices" / "old.wav", 1000, now), _aged(root / "voices" / "old.wav.txt", 1000, now),
+            _aged(root / "output" / "new.wav", 23, now), _aged(root / "logs" / "new.json", 1, now)]
+    (root / "output" / "link.wav").symlink_to(outside)  # a symlink is never followed nor removed
+    os.utime(root / "output" / "link.wav", (now - 99 * 3600,) * 2, follow_symlinks=False)
+
+    assert storage.sweep_expired(now) == 3
+    assert not any(p.exists() for p in expired)
+    assert all(p.exists() for p in kept) and outside.exists()
+    assert (root / "output" / "link.wav").is_symlink()
+
+    # At most one sweep per SWEEP_INTERVAL_S, however often it is called.
+    again = _aged(root / "output" / "later.wav", 25, now)
+    assert storage.sweep_expired(now + 60) == 0 and again.exists()
+    assert storage.sweep_expired(now + SWEEP_INTERVAL_S) == 1 and not again.exists()
+
+
+def test_local_retention_is_off_by_default(tmp_path):
+    now = time.time()
+    storage = make_storage(Settings.from_env({ENV_LOCAL_STORAGE_DIR: str(tmp_path / "st")}))
+    old = _aged(tmp_path / "st" / "output" / "old.wav", 10_000, now)
+    assert storage.sweep_expired(now) == 0 and old.exists()
+
+
+def test_local_retention_never_follows_a_prefix_symlink_into_voices(tmp_path):
+    now = time.time()
+    root = tmp_path / "st"
+    voice = _aged(root / "voices" / "alice.wav", 100, now)
+    (root / "output").symlink_to(root / "voices")
+    assert LocalStorage(root, retention_hours=1).sweep_expired(now) == 0
+    assert voice.exists()
+
+
+def test_s3_sweep_is_a_no_op_without_a_request():
+    # The endpoint is a closed port: any request would raise "could not connect".
+    storage = S3Storage(Settings.from_env({
+        ENV_S3_BUCKET: "b", ENV_AWS_ENDPOINT_URL: "https://127.0.0.1:9", ENV_AWS_ACCESS_KEY_ID: "AK",
+        ENV_AWS_SECRET_ACCESS_KEY: "secret", ENV_LOCAL_RETENTION_HOURS: "1"}))
+    assert storage.sweep_expired() == 0
