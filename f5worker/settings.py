@@ -49,13 +49,14 @@ ENV_S3_MAX_ATTEMPTS = "S3_MAX_ATTEMPTS"
 ENV_AWS_CA_BUNDLE = "AWS_CA_BUNDLE"  # read by botocore itself; named here for messages and tests
 ENV_LOCAL_RETENTION_HOURS = "F5_LOCAL_RETENTION_HOURS"
 
-# Cache variables third-party libraries read; all derived from the model root.
+# Cache variables third-party libraries read; all derived from the model root. (Not
+# TRANSFORMERS_CACHE: transformers 5 no longer reads it and finds its files through HF_HOME.)
 CACHE_ENV_SUBDIRS = {
     "HF_HOME": "",
     "HF_HUB_CACHE": "hub",
-    "TRANSFORMERS_CACHE": "transformers",
     "TORCH_HOME": "torch",
 }
+VOLUME_MODELS_SUBDIR = "models"  # the model root on a mounted volume: <volume>/models
 F5_SUBDIR = "f5-tts"
 
 # --- defaults -----------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ class Settings:
         if env.get(ENV_MODEL_ROOT):
             model_root = Path(env[ENV_MODEL_ROOT])
         elif volume.is_dir():
-            model_root = volume / "models"
+            model_root = volume / VOLUME_MODELS_SUBDIR
         else:  # no volume: a per-user cache, never /tmp (job files live there and get swept)
             model_root = Path.home() / ".cache" / "f5-tts-worker" / "models"
         if env.get(ENV_LOCAL_STORAGE_DIR):
