@@ -9,6 +9,8 @@ Silence rules follow f5-tts's ``preprocess_ref_audio_text`` and ``remove_silence
 from __future__ import annotations
 
 import io
+import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -122,17 +124,32 @@ def _join_pieces(pieces: list[np.ndarray], sr: int) -> np.ndarray:
     return kept
 
 
+def clip_reference(samples: np.ndarray, sr: int) -> tuple[np.ndarray, bool]:
+    """The part of a voice F5-TTS uses: at most 12 s, cut at a pause where there is one (f5-tts's
+    preprocess_ref_audio_text), and whether speech beyond it was dropped (long pauses shortened
+    do not count). A transcript must describe exactly this part."""
+    limit = int(REF_MAX_SECONDS * sr)
+    pieces = split_on_silence(samples, sr, 1000, -50.0, keep_ms=1000)
+    kept = _join_pieces(pieces, sr)
+    if len(kept) > limit:  # no long pause to cut at: try short ones
+        pieces = split_on_silence(samples, sr, 100, -40.0, keep_ms=1000)
+        kept = _join_pieces(pieces, sr)
+    dropped = len(kept) < sum(len(p) for p in pieces) or len(kept) > limit
+    return kept[:limit], dropped
+
+
+def check_speech(clip: np.ndarray, sr: int) -> np.ndarray:
+    """The clip with its silent edges trimmed; InputError if almost nothing is left."""
+    trimmed = trim_silence_edges(clip, sr)
+    if duration_seconds(trimmed, sr) < REF_MIN_SECONDS * 0.5:
+        raise InputError("The voice is almost silent: upload a clip with at least half a second of clear speech.")
+    return trimmed
+
+
 def prepare_reference(samples: np.ndarray, sr: int) -> np.ndarray:
     """Clip a reference to at most 12 s, preferring a cut at a pause, trim its silent edges and add
     50 ms of silence, as f5-tts's preprocess_ref_audio_text does."""
-    limit = int(REF_MAX_SECONDS * sr)
-    kept = _join_pieces(split_on_silence(samples, sr, 1000, -50.0, keep_ms=1000), sr)
-    if len(kept) > limit:  # no long pause to cut at: try short ones
-        kept = _join_pieces(split_on_silence(samples, sr, 100, -40.0, keep_ms=1000), sr)
-    samples = kept[:limit]
-    trimmed = trim_silence_edges(samples, sr)
-    if duration_seconds(trimmed, sr) < REF_MIN_SECONDS * 0.5:
-        raise InputError("The reference voice is almost silent; upload a clip with clear speech.")
+    trimmed = check_speech(clip_reference(samples, sr)[0], sr)
     return np.concatenate([trimmed, np.zeros(int(sr * 0.05), dtype=np.float32)]).astype(np.float32)
 
 
@@ -160,3 +177,36 @@ def cross_fade_join(waves: list[np.ndarray], sr: int, cross_fade_seconds: float)
 def write_wav(path: Path, samples: np.ndarray, sr: int = TARGET_SAMPLE_RATE) -> None:
     """16-bit PCM WAV, what f5-tts's export_wav writes."""
     sf.write(str(path), samples, sr, subtype="PCM_16", format="WAV")
+
+
+# A stored voice carries its transcript inside the WAV, in a RIFF chunk of its own that players and
+# libsndfile skip: one object, so a voice and its transcript are replaced together or not at all.
+TRANSCRIPT_CHUNK_ID = b"f5tx"
+
+
+def voice_wav_bytes(samples: np.ndarray, sr: int, ref_text: str) -> bytes:
+    """A 16-bit PCM WAV of ``samples`` with ``ref_text`` in its transcript chunk."""
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, sr, subtype="PCM_16", format="WAV")
+    payload = json.dumps({"ref_text": ref_text}, ensure_ascii=False).encode("utf-8")
+    chunk = TRANSCRIPT_CHUNK_ID + struct.pack("<I", len(payload)) + payload + (b"\0" if len(payload) % 2 else b"")
+    data = bytearray(buffer.getvalue() + chunk)
+    data[4:8] = struct.pack("<I", len(data) - 8)  # the RIFF size now covers the new chunk
+    return bytes(data)
+
+
+def embedded_transcript(data: bytes) -> str | None:
+    """The transcript a stored voice carries (``voice_wav_bytes``), or None."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    offset = 12
+    while offset + 8 <= len(data):
+        chunk_id, size = data[offset:offset + 4], struct.unpack("<I", data[offset + 4:offset + 8])[0]
+        if chunk_id == TRANSCRIPT_CHUNK_ID:
+            try:
+                text = json.loads(data[offset + 8:offset + 8 + size].decode("utf-8")).get("ref_text")
+            except (ValueError, AttributeError):
+                return None
+            return text.strip() or None if isinstance(text, str) else None
+        offset += 8 + size + (size & 1)
+    return None

@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import logging
 import random
 import re
+import shutil
 import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+import soundfile as sf
+
 from f5worker import audio
 from f5worker.batcher import Batcher
 from f5worker.download import download_to_file
 from f5worker.engine import SynthesisRequest, TTSEngine
-from f5worker.errors import InputError
+from f5worker.errors import InputError, StorageError, WorkerError
 from f5worker.job_input import MAX_SEED, TTSInput, UploadInput
-from f5worker.settings import LOGS_PREFIX, OUTPUT_PREFIX, Settings
-from f5worker.voices import VoiceLibrary
+from f5worker.settings import ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
+from f5worker.voices import Voice, VoiceLibrary, clipped_refusal
 from s3_utils import Storage
 
 log = logging.getLogger(__name__)
@@ -38,10 +43,25 @@ def safe_job_id(job_id: object) -> str:
     return job_id if isinstance(job_id, str) and SAFE_JOB_ID.fullmatch(job_id) else uuid.uuid4().hex
 
 
+def staging_error(tmp_dir: Path, err: BaseException) -> StorageError:
+    """One sentence for a failure of the worker's temp folder, naming the folder and the cause."""
+    if not tmp_dir.is_dir():
+        return StorageError(f"The worker's temp folder {tmp_dir} does not exist; create it or set "
+                            f"{ENV_TMP_DIR} to a writable folder")
+    errno_ = getattr(err, "errno", None)
+    if errno_ == errno.ENOSPC or "space" in str(err).lower() or shutil.disk_usage(tmp_dir).free < 1_000_000:
+        return StorageError(f"The worker's temp folder {tmp_dir} is full; free space there or set "
+                            f"{ENV_TMP_DIR} to a larger folder")
+    reason = getattr(err, "strerror", None) or type(err).__name__
+    return StorageError(f"The worker's temp folder {tmp_dir} could not be written ({reason})")
+
+
 @contextlib.contextmanager
 def job_files(tmp_dir: Path, job_id: str) -> Iterator[dict[str, Path]]:
     """The job's staging paths (the guide's ``/tmp/{job_id}_voice.wav`` and ``_output.wav``),
     removed however the job ends."""
+    if not tmp_dir.is_dir():
+        raise staging_error(tmp_dir, FileNotFoundError())
     paths = {name: tmp_dir / f"{job_id}_{name}" for name in ("voice.wav", "output.wav", "download")}
     try:
         yield paths
@@ -60,6 +80,8 @@ class Worker:
         self.batcher = Batcher(engine.run_items)
         self.transcriber = transcriber
         self.voices = VoiceLibrary(storage, self._transcribe if transcriber is not None else None)
+        self._transcriptions: dict[tuple[str, str], asyncio.Future] = {}
+        self.transcriptions = 0  # Whisper runs, for logs and tests
 
     def _transcribe(self, samples, sr) -> str:
         return self.transcriber.transcribe(samples, sr)
@@ -72,15 +94,16 @@ class Worker:
         started = time.perf_counter()
         seed = job.seed if job.seed is not None else random.randint(0, MAX_SEED)
         with job_files(self.settings.tmp_dir, job_id) as paths:
-            samples, sr = await asyncio.to_thread(self.voices.fetch, job.local_voice, paths["voice.wav"])
-            ref_text, ref_source = await self._ref_text(job.local_voice, samples, sr, job.ref_text)
+            voice = await self._staging(self.voices.fetch, job.local_voice, paths["voice.wav"])
+            ref_text, ref_source = await self._ref_text(voice, job.ref_text)
             timings["voice_s"] = time.perf_counter() - started
 
             mark = time.perf_counter()
             request = SynthesisRequest(
-                ref_audio=samples, ref_sr=sr, ref_text=ref_text, gen_text=job.text, seed=seed, speed=job.speed,
-                nfe_step=job.nfe_step, cfg_strength=job.cfg_strength, sway_sampling_coef=job.sway_sampling_coef,
-                cross_fade_duration=job.cross_fade_duration, remove_silence=job.remove_silence)
+                ref_audio=voice.used, ref_sr=voice.sr, ref_text=ref_text, gen_text=job.text, seed=seed,
+                speed=job.speed, nfe_step=job.nfe_step, cfg_strength=job.cfg_strength,
+                sway_sampling_coef=job.sway_sampling_coef, cross_fade_duration=job.cross_fade_duration,
+                remove_silence=job.remove_silence)
             plan = await asyncio.to_thread(self.engine.plan, request)
             waves = await self.batcher.submit(plan.items)
             wave = self.engine.finish(plan, waves)
@@ -88,7 +111,7 @@ class Worker:
 
             mark = time.perf_counter()
             output_key = f"{OUTPUT_PREFIX}{job_id}.wav"
-            await asyncio.to_thread(audio.write_wav, paths["output.wav"], wave)
+            await self._staging(audio.write_wav, paths["output.wav"], wave)
             size = paths["output.wav"].stat().st_size
             await asyncio.to_thread(self.storage.upload_file, output_key, paths["output.wav"], "audio/wav")
             url = await asyncio.to_thread(self.storage.result_url, output_key)
@@ -102,43 +125,65 @@ class Worker:
                 "output_key": output_key, "voice": job.local_voice, "seed": seed, "chunks": len(plan.items),
                 "ref_text_source": ref_source, "timings": _rounded(timings)}
 
-    async def _ref_text(self, name, samples, sr, given) -> tuple[str, str]:
-        known = await asyncio.to_thread(self.voices.known_ref_text, name, given)
+    async def _ref_text(self, voice: Voice, given: str | None) -> tuple[str, str]:
+        known = await asyncio.to_thread(self.voices.known_ref_text, voice, given)
         if known:
             return known
-        text = await self._transcribe_off_the_clock(samples, sr)
-        await asyncio.to_thread(self.voices.remember_transcript, name, text)
-        return text, "transcribed"
+        # Jobs that arrive together for one untranscribed voice share one transcription.
+        running = self._transcriptions.get(voice.identity)
+        if running is None:
+            running = asyncio.ensure_future(self._transcribe_and_remember(voice))
+            self._transcriptions[voice.identity] = running
+            running.add_done_callback(lambda _: self._transcriptions.pop(voice.identity, None))
+        return await asyncio.shield(running), "transcribed"
+
+    async def _transcribe_and_remember(self, voice: Voice) -> str:
+        text = await self._transcribe_off_the_clock(voice.used, voice.sr)
+        await asyncio.to_thread(self.voices.remember_transcript, voice, text)
+        return text
 
     async def _transcribe_off_the_clock(self, samples, sr) -> str:
         """Whisper is resolved, downloaded if need be and loaded off the model thread; only the
         transcription itself runs there, between model calls."""
         if self.transcriber is not None:
             await asyncio.to_thread(self.transcriber.load)
+        self.transcriptions += 1
         return await self._on_gpu_thread(self.voices.transcribe, samples, sr)
+
+    async def _staging(self, fn, *args):
+        """``fn`` run off the event loop, with a failure of the temp folder said as such (libsndfile
+        reports a full disk as its own error type)."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except WorkerError:
+            raise
+        except (OSError, sf.LibsndfileError) as err:
+            raise staging_error(self.settings.tmp_dir, err) from err
 
     async def upload(self, job_id: str, job: UploadInput) -> dict:
         started = time.perf_counter()
         with job_files(self.settings.tmp_dir, job_id) as paths:
-            size = await asyncio.to_thread(
-                download_to_file, job.voice_file_url, paths["download"], max_bytes=self.settings.max_voice_bytes,
-                allow_private=self.settings.allow_private_urls)
+            size = await self._staging(
+                functools.partial(download_to_file, job.voice_file_url, paths["download"],
+                                  max_bytes=self.settings.max_voice_bytes, allow_private=self.settings.allow_private_urls))
             samples, sr = await asyncio.to_thread(audio.decode, paths["download"])
             duration = audio.duration_seconds(samples, sr)
             if duration < audio.REF_MIN_SECONDS or duration > audio.VOICE_MAX_SECONDS:
                 raise InputError(f"The voice must be between {audio.REF_MIN_SECONDS:g} and "
                                  f"{audio.VOICE_MAX_SECONDS:g} seconds long (it is {duration:.1f} s).")
-            await asyncio.to_thread(audio.write_wav, paths["voice.wav"], samples, sr)
-            if job.ref_text:
-                ref_text = job.ref_text
-            else:
-                ref_text = await self._transcribe_off_the_clock(samples, sr)
-            key = await asyncio.to_thread(self.voices.store, job.voice_name, paths["voice.wav"], ref_text)
+            # Stored is the part synthesis uses, and the transcript describes exactly that part.
+            used, clipped = await asyncio.to_thread(audio.clip_reference, samples, sr)
+            await asyncio.to_thread(audio.check_speech, used, sr)
+            if job.ref_text and clipped:
+                raise clipped_refusal(duration)
+            ref_text = job.ref_text or await self._transcribe_off_the_clock(used, sr)
+            key = await self._staging(self.voices.store, job.voice_name, used, sr, ref_text, paths["voice.wav"])
         timings = {"total_s": time.perf_counter() - started}
+        stored_seconds = audio.duration_seconds(used, sr)
         await self.record(job_id, "upload", "ok", voice=job.voice_name, input_bytes=size,
-                          audio_seconds=round(duration, 3), timings=_rounded(timings))
-        return {"voice_name": job.voice_name, "voice_key": key, "duration": round(duration, 3),
-                "sample_rate": sr, "ref_text": ref_text}
+                          audio_seconds=round(stored_seconds, 3), timings=_rounded(timings))
+        return {"voice_name": job.voice_name, "voice_key": key, "duration": round(stored_seconds, 3),
+                "source_duration": round(duration, 3), "sample_rate": sr, "ref_text": ref_text}
 
     async def record(self, job_id: str, endpoint: str, status: str, **fields) -> None:
         """The job's log record; a failure to write it is logged, never raised over the result."""

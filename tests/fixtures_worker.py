@@ -54,6 +54,24 @@ class Ctx:
     def get_text(self, key: str) -> str | None:
         return self.worker.storage.get_text(key)
 
+    def get_bytes(self, key: str) -> bytes | None:
+        """The object at ``key`` as the storage holds it, or None."""
+        if self.s3 is None:
+            path = self.settings.local_storage_dir / key
+            return path.read_bytes() if path.is_file() else None
+        client = self.s3.server.client()
+        try:
+            return client.get_object(Bucket=self.s3.bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return None
+
+    def stored_transcript(self, name: str) -> str | None:
+        """The transcript stored inside the voice ``voices/<name>`` (uploads keep it there)."""
+        from f5worker.audio import embedded_transcript
+
+        data = self.get_bytes(f"voices/{name}")
+        return None if data is None else embedded_transcript(data)
+
     def fetch_url(self, url: str) -> bytes:
         """The bytes behind a result URL: a file:// path (local storage) or a presigned https URL."""
         if url.startswith("file://"):

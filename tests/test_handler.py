@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import io
 import json
 import re
@@ -15,6 +16,7 @@ import secrets
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -93,9 +95,10 @@ def test_upload_then_tts_round_trip(ctx, file_server):
     name = voice_name("alice")
     job_id, result = upload(ctx, file_server, clip, name, ref_text="This is what the speaker says.")
     assert result == {"voice_name": name, "voice_key": f"voices/{name}", "duration": pytest.approx(3.0, abs=1e-3),
-                      "sample_rate": SR, "ref_text": "This is what the speaker says."}
-    assert {f"voices/{name}", f"voices/{name}.txt"} <= ctx.keys()
-    assert ctx.get_text(f"voices/{name}.txt") == "This is what the speaker says."
+                      "source_duration": pytest.approx(3.0, abs=1e-3), "sample_rate": SR,
+                      "ref_text": "This is what the speaker says."}
+    assert f"voices/{name}" in ctx.keys() and f"voices/{name}.txt" not in ctx.keys()
+    assert ctx.stored_transcript(name) == "This is what the speaker says."  # one object: voice and transcript
     assert log_record(ctx, job_id)["status"] == "ok"
 
     job_id, result = ctx.run(tts_input("Good morning, how are you today?", name, seed=11))
@@ -116,7 +119,7 @@ def test_upload_without_ref_text_is_transcribed_once(ctx, file_server):
     assert "error" not in result, result
     transcript = result["ref_text"]
     assert isinstance(transcript, str) and transcript.strip()  # the tiny Whisper's (random) words
-    assert ctx.get_text(f"voices/{name}.txt") == transcript
+    assert ctx.stored_transcript(name) == transcript
 
     _, result = ctx.run(tts_input("Now say something new.", name, seed=1))
     assert "error" not in result, result
@@ -124,22 +127,116 @@ def test_upload_without_ref_text_is_transcribed_once(ctx, file_server):
 
 
 def test_voice_without_transcript_is_transcribed_then_stored(ctx, tmp_path):
+    """A voice put in storage by hand: Whisper's transcript is kept beside it, bound to its audio."""
     name = voice_name("carol")
     ctx.worker.storage.upload_file(f"voices/{name}", wav_file(tmp_path, "carol.wav", 2.0, seed=5), "audio/wav")
-    assert f"voices/{name}.txt" not in ctx.keys()
+    assert f"voices/{name}.json" not in ctx.keys()
+    runs = ctx.worker.transcriptions
 
     _, first = ctx.run(tts_input("First job for this voice.", name, seed=2))
     assert "error" not in first, first
     assert first["ref_text_source"] == "transcribed"
-    stored = ctx.get_text(f"voices/{name}.txt")
-    assert stored and stored.strip()
+    meta = json.loads(ctx.get_text(f"voices/{name}.json"))
+    assert meta["ref_text"].strip() and meta["sha256"] == hashlib.sha256(ctx.get_bytes(f"voices/{name}")).hexdigest()
 
     _, second = ctx.run(tts_input("Second job for this voice.", name, seed=2))
     assert second["ref_text_source"] == "stored"
-    assert ctx.get_text(f"voices/{name}.txt") == stored
+    assert ctx.worker.transcriptions == runs + 1
 
     _, third = ctx.run(tts_input("A job with its own transcript.", name, ref_text="Given by the caller.", seed=2))
     assert third["ref_text_source"] == "job"
+
+    # The voice replaced by hand: the old transcript is not used for the new audio.
+    ctx.worker.storage.upload_file(f"voices/{name}", wav_file(tmp_path, "carol2.wav", 2.0, seed=6), "audio/wav")
+    _, fourth = ctx.run(tts_input("The voice has changed.", name, seed=2))
+    assert fourth["ref_text_source"] == "transcribed" and ctx.worker.transcriptions == runs + 2
+
+
+def test_hand_written_transcript_beside_a_voice_is_used(ctx, tmp_path):
+    name = voice_name("dora")
+    ctx.worker.storage.upload_file(f"voices/{name}", wav_file(tmp_path, "dora.wav", 2.0, seed=8), "audio/wav")
+    ctx.worker.storage.put_text(f"voices/{name}.txt", "Written by a person.")
+    runs = ctx.worker.transcriptions
+    _, result = ctx.run(tts_input("Speak with the written transcript.", name, seed=2))
+    assert result["ref_text_source"] == "stored" and ctx.worker.transcriptions == runs
+
+
+def test_jobs_arriving_together_transcribe_a_voice_once(ctx, tmp_path):
+    name = voice_name("erin")
+    ctx.worker.storage.upload_file(f"voices/{name}", wav_file(tmp_path, "erin.wav", 2.0, seed=9), "audio/wav")
+    runs = ctx.worker.transcriptions
+
+    async def together():
+        return await asyncio.gather(*(ctx.handler({"id": f"w{i}-{uuid.uuid4().hex[:8]}",
+                                                   "input": tts_input(f"Job number {i}.", name, seed=i)})
+                                      for i in range(4)))
+
+    results = asyncio.run(together())
+    assert all("error" not in r for r in results), results
+    assert ctx.worker.transcriptions == runs + 1
+
+
+def test_long_voice_is_stored_as_the_part_used_and_transcribed_as_such(ctx, file_server):
+    """A 20 s upload: stored is the part synthesis uses (at most 12 s), and its transcript describes
+    that part; with a ref_text of the whole clip it is refused, since that text would not match."""
+    long_clip = file_server.root / "long.wav"
+    sf.write(str(long_clip), speechlike(20.0, seed=4), SR, subtype="PCM_16")
+    name = voice_name("long")
+    keys = ctx.keys()
+    message = _assert_refused(ctx, {"endpoint": "upload", "voice_file_url": file_server.url("long.wav"),
+                                    "voice_name": name, "ref_text": "The whole twenty seconds."},
+                              "The voice is 20.0 s long and only its first 12 s", keys)
+    assert "leave ref_text out" in message
+
+    _, result = upload(ctx, file_server, long_clip, name)
+    assert "error" not in result, result
+    assert result["source_duration"] == pytest.approx(20.0, abs=1e-3) and result["duration"] <= 12.0
+    stored, sr = sf.read(io.BytesIO(ctx.get_bytes(f"voices/{name}")))
+    assert len(stored) / sr == pytest.approx(result["duration"], abs=1e-3)
+    assert ctx.stored_transcript(name) == result["ref_text"]
+
+
+def test_job_ref_text_for_a_long_hand_placed_voice_is_refused(ctx, tmp_path):
+    name = voice_name("longhand")
+    ctx.worker.storage.upload_file(f"voices/{name}", wav_file(tmp_path, "lh.wav", 20.0, seed=2), "audio/wav")
+    keys = ctx.keys()
+    _assert_refused(ctx, tts_input("Hello.", name, ref_text="All twenty seconds of it."),
+                    "The voice is 20.0 s long", keys)
+    # Without ref_text, Whisper hears exactly the part used (a spy around the real transcriber).
+    heard = []
+    real = ctx.worker.voices._transcribe
+    ctx.worker.voices._transcribe = lambda samples, sr: heard.append(len(samples) / sr) or real(samples, sr)
+    try:
+        ctx.run(tts_input("Hello there, a longer text.", name, seed=1))  # the tiny Whisper's words may not fit
+    finally:
+        ctx.worker.voices._transcribe = real
+    assert len(heard) == 1 and heard[0] <= 12.0
+    meta = json.loads(ctx.get_text(f"voices/{name}.json"))
+    assert meta["sha256"] == hashlib.sha256(ctx.get_bytes(f"voices/{name}")).hexdigest()
+
+
+def test_silent_upload_is_refused(ctx, file_server):
+    silent = file_server.root / "silent.wav"
+    sf.write(str(silent), np.zeros(3 * SR, dtype=np.float32), SR, subtype="PCM_16")
+    _assert_refused(ctx, {"endpoint": "upload", "voice_file_url": file_server.url("silent.wav"),
+                          "voice_name": voice_name("silent")}, "The voice is almost silent", ctx.keys())
+
+
+def test_concurrent_uploads_of_one_name_keep_voice_and_transcript_together(ctx, file_server):
+    name = voice_name("race")
+    clips = {i: wav_file(file_server.root, f"race{i}.wav", 1.5 + 0.5 * i, seed=20 + i) for i in range(3)}
+
+    async def race():
+        return await asyncio.gather(*(ctx.handler({"id": f"r{i}-{uuid.uuid4().hex[:8]}", "input": {
+            "endpoint": "upload", "voice_file_url": file_server.url(clip.name), "voice_name": name,
+            "ref_text": f"Transcript of upload {i}."}}) for i, clip in clips.items()))
+
+    for _ in range(5):
+        results = asyncio.run(race())
+        assert all("error" not in r for r in results), results
+        stored, sr = sf.read(io.BytesIO(ctx.get_bytes(f"voices/{name}")))
+        winner = int(ctx.stored_transcript(name).split()[-1].rstrip("."))
+        assert len(stored) / sr == pytest.approx(results[winner]["duration"], abs=1e-3)
 
 
 def test_builtin_voice_needs_no_upload(ctx):
@@ -267,7 +364,7 @@ def test_bad_uploads_are_refused(ctx, file_server):
     assert "error" not in ok
     keys = ctx.keys()
     refused(file_server.url(short.name), "The voice must be between", name=name)
-    assert ctx.get_text(f"voices/{name}.txt") == "Kept as it was."
+    assert ctx.stored_transcript(name) == "Kept as it was."
 
 
 def test_loopback_url_refused_unless_allowed(ctx, file_server):
