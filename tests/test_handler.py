@@ -412,3 +412,35 @@ def test_storage_fault_is_one_sentence_without_secrets(ctx, tmp_path, file_serve
     finally:
         worker.batcher.executor.shutdown(wait=True)
     assert ctx.keys() == keys
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 64 KiB tmpfs: a temp folder that really fills up (needs root; skipped where mounting is not allowed)."""
+    import subprocess
+
+    folder = tmp_path / "small-tmp"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("problem", ["missing", "full"])
+def test_temp_folder_faults_are_named(ctx, tmp_path, problem, request):
+    tmp_dir = tmp_path / "gone" if problem == "missing" else request.getfixturevalue("small_tmpfs")
+    original = ctx.worker.settings
+    ctx.worker.settings = dataclasses.replace(original, tmp_dir=tmp_dir)
+    keys = ctx.keys()
+    try:
+        _, result = ctx.run(tts_input("This output will not fit in sixty four kilobytes at all.", seed=1))
+    finally:
+        ctx.worker.settings = original
+    message = assert_one_sentence(result)
+    expected = "does not exist" if problem == "missing" else "is full"
+    assert message.startswith(f"The worker's temp folder {tmp_dir} {expected}"), message
+    assert ctx.keys() == keys
+    if problem == "full":
+        assert list(tmp_dir.iterdir()) == []
