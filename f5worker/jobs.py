@@ -186,13 +186,17 @@ class Worker:
                 "source_duration": round(duration, 3), "sample_rate": sr, "ref_text": ref_text}
 
     async def record(self, job_id: str, endpoint: str, status: str, **fields) -> None:
-        """The job's log record; a failure to write it is logged, never raised over the result."""
+        """The job's log record, then the retention sweep; a failure of either is logged, never
+        raised over the result."""
         entry = {"job_id": job_id, "endpoint": endpoint, "status": status,
                  "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields}
         try:
             await asyncio.to_thread(self.storage.put_json, f"{LOGS_PREFIX}{job_id}.json", entry)
         except Exception:
             log.warning("could not write the log record of job %s", job_id, exc_info=True)
+        # Local storage keeps outputs and records only as long as F5_LOCAL_RETENTION_HOURS says
+        # (rate-limited inside; S3 buckets use lifecycle rules instead).
+        await asyncio.to_thread(self.storage.sweep_expired)
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:

@@ -444,3 +444,30 @@ def test_temp_folder_faults_are_named(ctx, tmp_path, problem, request):
     assert ctx.keys() == keys
     if problem == "full":
         assert list(tmp_dir.iterdir()) == []
+
+
+def test_local_retention_removes_old_outputs_after_a_job(ctx):
+    """With a retention time, a job's end sweeps outputs and records older than it; voices stay."""
+    if ctx.kind != "local":
+        pytest.skip("S3 buckets expire objects with lifecycle rules")
+    import os
+    import time
+
+    root = ctx.settings.local_storage_dir
+    old_output, old_log = root / "output" / "ancient.wav", root / "logs" / "ancient.json"
+    old_voice = root / "voices" / "ancient.wav"
+    for path in (old_output, old_log, old_voice):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"old")
+        os.utime(path, (time.time() - 3 * 3600, time.time() - 3 * 3600))
+    storage = ctx.worker.storage
+    saved = (storage.retention_s, storage._next_sweep)
+    storage.retention_s, storage._next_sweep = 3600.0, 0.0
+    try:
+        _, result = ctx.run(tts_input("Sweep after me.", seed=1))
+    finally:
+        storage.retention_s, storage._next_sweep = saved
+    assert "error" not in result, result
+    assert not old_output.exists() and not old_log.exists() and old_voice.exists()
+    assert result["output_key"] in ctx.keys()
+    old_voice.unlink()
