@@ -182,24 +182,28 @@ class Storage:
         self.put_text(key, json.dumps(obj, ensure_ascii=False, indent=2))
 
     def probe(self) -> None:
-        """Write, read back and delete a small object under ``logs/``; raise StorageError if any
-        step fails. Used by the validation script to check credentials and permissions."""
+        """Read a key that does not exist, then write, read back and delete a small object under
+        ``logs/``; raise StorageError if any step fails. Used by the validation script to check
+        the bucket, the credentials and their permissions. The read comes first so that a missing
+        bucket is reported as such, never created by the write (some servers create on PUT)."""
         key = f"{LOGS_PREFIX}probe-{uuid.uuid4().hex}.txt"
         text = "f5-tts worker storage probe"
+        # Built-in voices and transcript lookups rely on a missing key reading as missing: without
+        # s3:ListBucket, S3 answers 403 instead of 404.
+        try:
+            absent = self.get_text(key)
+        except Forbidden:
+            raise StorageError("storage answers 'forbidden' for a missing key; grant the credentials "
+                               f"s3:ListBucket on the bucket ({self.describe()})") from None
+        if absent is not None:
+            raise StorageError(f"storage probe found an object under a fresh random key ({self.describe()})")
         self.put_text(key, text)
         try:
             if self.get_text(key) != text:
                 raise StorageError(f"storage probe read back different content ({self.describe()})")
         finally:
             self.delete(key)
-        # Built-in voices and transcript lookups rely on a missing key reading as missing: without
-        # s3:ListBucket, S3 answers 403 instead of 404.
-        try:
-            gone = self.get_text(key)
-        except Forbidden:
-            raise StorageError("storage answers 'forbidden' for a missing key; grant the credentials "
-                               f"s3:ListBucket on the bucket ({self.describe()})") from None
-        if gone is not None:
+        if self.get_text(key) is not None:
             raise StorageError(f"storage probe object was still readable after delete ({self.describe()})")
         log.info("storage probe passed: %s", self.describe())
 

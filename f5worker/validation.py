@@ -24,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -58,6 +58,7 @@ from f5worker.settings import (
     VOCODER_FILES,
     Settings,
 )
+from s3_utils import make_storage
 
 log = logging.getLogger(__name__)
 
@@ -383,12 +384,22 @@ def check_tmp(ctx: Context) -> CheckResult:
     return CheckResult(name, PASS, f"{tmp} (writable, {_gb(free)} free)")
 
 
+# The S3 probe answers within seconds even when the endpoint hangs: one try with short timeouts
+# (never longer than the worker's own), so each of its four requests fails within 3 + 1 + 5 s.
+PROBE_CONNECT_TIMEOUT_S = 3.0
+PROBE_READ_TIMEOUT_S = 5.0
+
+
+def _probe_settings(s: Settings) -> Settings:
+    return replace(s, s3_max_attempts=1,
+                   s3_connect_timeout=min(s.s3_connect_timeout, PROBE_CONNECT_TIMEOUT_S),
+                   s3_read_timeout=min(s.s3_read_timeout, PROBE_READ_TIMEOUT_S))
+
+
 def check_s3(ctx: Context) -> CheckResult:
     name, s = "S3 storage", ctx.settings
     if ctx.args.skip_s3:
         return CheckResult(name, SKIP, "skipped (--skip-s3)")
-    from s3_utils import make_storage
-
     if not s.s3_bucket:
         status = FAIL if ctx.args.require_s3 else WARN
         local = f"{s.local_storage_dir} (not created yet)"
@@ -414,12 +425,12 @@ def check_s3(ctx: Context) -> CheckResult:
                                             "set the bucket's access key in the endpoint's environment."))
     key_hint = f"key id ...{s.aws_access_key_id[-4:]}" if len(s.aws_access_key_id) > 8 else "key id set"
     try:
-        storage = make_storage(s)
+        storage = make_storage(_probe_settings(s))
         where = storage.describe()
         storage.probe()
     except StorageError as err:
         return CheckResult(name, FAIL, _fix(
-            f"the write/read/delete probe failed: {err} ({key_hint}, secret set).",
+            f"the storage probe failed: {err} ({key_hint}, secret set).",
             f"check {ENV_S3_BUCKET}, the key pair and its permissions on the bucket, and "
             f"{ENV_AWS_ENDPOINT_URL} for non-AWS providers."))
     except Exception as err:  # noqa: BLE001 - never show a library's own text: it can hold URLs
