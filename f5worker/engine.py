@@ -25,6 +25,21 @@ import numpy as np
 import torch
 
 from f5worker.audio import TARGET_SAMPLE_RATE, cross_fade_join, prepare_reference, remove_silences
+from f5worker.checkpoint import (
+    VOCODER_WEIGHTS,
+    VOCOS_ARCHITECTURE,
+    build_cfm,
+    build_vocos,
+    cfm_subject,
+    ema_entries,
+    ema_weights,
+    model_name,
+    read_model_config,
+    require_finite,
+    require_fit,
+    shapes,
+    vocos_subject,
+)
 from f5worker.chunking import chunk_for_model, utf8_len
 from f5worker.errors import InputError
 from f5worker.model_store import ModelFiles
@@ -139,31 +154,18 @@ def load_cfm(files: ModelFiles, device: str, dtype: torch.dtype):
     """Build and load the CFM model as f5-tts's load_model does, from our resolved files.
 
     Built directly on the target device (random init of 337 M parameters on a CPU costs seconds,
-    on a GPU milliseconds) and loaded from a checkpoint read straight to that device."""
-    import yaml
-
-    from f5worker import f5_imports
-
-    f5_imports.install()
-    from f5_tts.model.backbones.dit import DiT
-    from f5_tts.model.cfm import CFM
-    from f5_tts.model.utils import get_tokenizer
-
-    model_cfg = yaml.safe_load(Path(files.model_config).read_text())["model"]
-    if model_cfg["backbone"] != "DiT":
-        raise ValueError(f"only DiT backbones are supported, not {model_cfg['backbone']}")
-    arch = model_cfg["arch"]
-    vocab_char_map, vocab_size = get_tokenizer(str(files.vocab), "custom")
+    on a GPU milliseconds) and loaded from a checkpoint read straight to that device. Weights that
+    do not fit the config, or are not finite once in ``dtype``, are refused with a StorageError
+    (checked on the loaded tensors: the file is read once)."""
+    model_cfg = read_model_config(Path(files.model_config))
     state = read_state_dict(Path(files.ckpt), device)
     with torch.device(device):
-        model = CFM(
-            transformer=DiT(**arch, text_num_embeds=vocab_size, mel_dim=N_MEL),
-            mel_spec_kwargs=MEL_SPEC_KWARGS,
-            odeint_kwargs=dict(method="euler"),
-            vocab_char_map=vocab_char_map,
-        )
+        model = build_cfm(model_cfg, Path(files.vocab), MEL_SPEC_KWARGS)
+    what = cfm_subject(files.ckpt)
+    require_fit(what, model_name(model_cfg, files.model_config), shapes(model.state_dict()), shapes(state))
     model = model.to(dtype)
     model.load_state_dict(state)
+    require_finite(what, model.state_dict().items(), dtype)
     return model.eval()
 
 
@@ -172,23 +174,21 @@ def read_state_dict(ckpt: Path, device: str = "cpu") -> dict:
     if ckpt.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        raw = {"ema_model_state_dict": load_file(str(ckpt), device=device)}
-    else:
-        raw = torch.load(str(ckpt), map_location=device, weights_only=True)
-    state = {k.replace("ema_model.", ""): v for k, v in raw["ema_model_state_dict"].items()
-             if k not in ("initted", "step")}
-    for key in ("mel_spec.mel_stft.mel_scale.fb", "mel_spec.mel_stft.spectrogram.window"):
-        state.pop(key, None)
-    return state
+        return ema_weights(load_file(str(ckpt), device=device))
+    return ema_weights(ema_entries(torch.load(str(ckpt), map_location=device, weights_only=True), ckpt))
 
 
 def load_vocos(vocoder_dir: Path, device: str):
-    """Vocos from config.yaml + pytorch_model.bin, as f5-tts's load_vocoder(is_local=True) does."""
-    from vocos import Vocos
-
-    vocoder = Vocos.from_hparams(str(vocoder_dir / "config.yaml"))
-    vocoder.load_state_dict(torch.load(str(vocoder_dir / "pytorch_model.bin"), map_location="cpu", weights_only=True))
-    return vocoder.eval().to(device)
+    """Vocos from config.yaml + pytorch_model.bin, as f5-tts's load_vocoder(is_local=True) does;
+    weights that do not fit the config or are not finite are refused with a StorageError."""
+    vocoder = build_vocos(vocoder_dir)
+    state = torch.load(str(vocoder_dir / VOCODER_WEIGHTS), map_location="cpu", weights_only=True)
+    what = vocos_subject(vocoder_dir)
+    require_fit(what, VOCOS_ARCHITECTURE, shapes(vocoder.state_dict()), shapes(state))
+    vocoder.load_state_dict(state)
+    vocoder = vocoder.eval().to(device)
+    require_finite(what, vocoder.state_dict().items())
+    return vocoder
 
 
 def epss_or_linear_timesteps(steps: int, sway: float | None, device, dtype) -> torch.Tensor:

@@ -1,0 +1,219 @@
+"""Do the weights on disk fit the model they are meant for? Names, shapes and finite values.
+
+Why this module exists: a checkpoint can be a complete, well-formed file and still be unusable: a
+fine-tune saved with renamed tensors, a config of another size, weights gone NaN in training. The
+first two fail deep inside ``load_state_dict`` with a torch message; NaN weights load without
+complaint and every job returns noise. This module builds the architecture a config describes (on
+the ``meta`` device for the pre-deploy gate: no memory, no GPU), applies f5-tts's key fix-ups
+(defined here once, used by the engine's loader too) and compares, so both the gate
+(``f5worker.validation``) and the worker's loader (``f5worker.engine``) refuse such weights with one
+StorageError sentence naming the file and the first problems.
+
+The gate reads a checkpoint one tensor at a time (``safe_open``, or a memory-mapped ``torch.load``),
+so its peak memory is one tensor; the worker checks the state it loaded anyway, on its device.
+"""
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+
+from f5worker import f5_imports
+from f5worker.errors import StorageError
+from f5worker.settings import VOCODER_FILES
+
+EMA_STATE = "ema_model_state_dict"  # where a .pt training checkpoint keeps the EMA weights
+EMA_PREFIX = "ema_model."
+EMA_BOOKKEEPING = ("initted", "step")  # ema_pytorch's own entries, not weights
+# Buffers older checkpoints carry and the model recomputes (f5-tts's patch for 305e3ea).
+MEL_BUFFERS = ("mel_spec.mel_stft.mel_scale.fb", "mel_spec.mel_stft.spectrogram.window")
+NAMES_SHOWN = 3  # names quoted per problem in a message
+VOCODER_CONFIG, VOCODER_WEIGHTS = VOCODER_FILES
+
+
+def model_key(ckpt_key: str) -> str | None:
+    """The model's name for an EMA checkpoint key (f5-tts's ``load_checkpoint`` with use_ema=True),
+    or None for an entry that is not loaded."""
+    if ckpt_key in EMA_BOOKKEEPING:
+        return None
+    name = ckpt_key.replace(EMA_PREFIX, "")
+    return None if name in MEL_BUFFERS else name
+
+
+def ema_weights(entries: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The EMA entries of a checkpoint under the model's names."""
+    return {name: value for key, value in entries.items() if (name := model_key(key))}
+
+
+def ema_entries(raw: Mapping, ckpt: Path) -> Mapping:
+    """The EMA state of a loaded .pt checkpoint (a safetensors file is the EMA state itself)."""
+    entries = raw.get(EMA_STATE) if isinstance(raw, Mapping) else None
+    if not isinstance(entries, Mapping):
+        raise StorageError(f"The checkpoint {ckpt} has no {EMA_STATE}, so it is not an f5-tts training checkpoint.")
+    return entries
+
+
+def read_model_config(path: Path) -> dict:
+    """The ``model`` section of an f5-tts config YAML; only DiT backbones are supported."""
+    try:
+        model_cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8"))["model"]
+        backbone, model_cfg["arch"] = model_cfg["backbone"], dict(model_cfg["arch"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+        raise StorageError(f"The model config {path} is not an f5-tts config with model.backbone and "
+                           f"model.arch ({type(err).__name__}).") from err
+    if backbone != "DiT":
+        raise StorageError(f"The model config {path} names the {backbone} backbone; only DiT is supported.")
+    return model_cfg
+
+
+def model_name(model_cfg: dict, path: Path) -> str:
+    return str(model_cfg.get("name") or Path(path).stem)
+
+
+def cfm_subject(ckpt: Path) -> str:
+    """How messages about a TTS checkpoint begin (the gate's and the worker's alike)."""
+    return f"The checkpoint {ckpt}"
+
+
+def vocos_subject(vocoder_dir: Path) -> str:
+    return f"The vocoder weights file {Path(vocoder_dir) / VOCODER_WEIGHTS}"
+
+
+VOCOS_ARCHITECTURE = f"the Vocos of its {VOCODER_CONFIG}"
+
+
+def shapes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
+    return {name: t.shape for name, t in state.items()}
+
+
+def build_cfm(model_cfg: dict, vocab: Path, mel_spec_kwargs: dict):
+    """The CFM model f5-tts's ``load_model`` builds, on torch's current default device (the caller
+    picks it: ``with torch.device(...)``); its weights are whatever that device's init gives."""
+    f5_imports.install()
+    from f5_tts.model.backbones.dit import DiT  # only after install(): see f5worker.f5_imports
+    from f5_tts.model.cfm import CFM
+    from f5_tts.model.utils import get_tokenizer
+
+    vocab_char_map, vocab_size = get_tokenizer(str(vocab), "custom")
+    return CFM(
+        transformer=DiT(**model_cfg["arch"], text_num_embeds=vocab_size, mel_dim=mel_spec_kwargs["n_mel_channels"]),
+        mel_spec_kwargs=mel_spec_kwargs,
+        odeint_kwargs=dict(method="euler"),
+        vocab_char_map=vocab_char_map,
+    )
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return shown + (", ..." if len(names) > NAMES_SHOWN else "")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def fit_problems(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Size]) -> list[str]:
+    """What keeps ``found`` (name -> shape) from loading strictly into ``expected``, most telling first."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k}: {list(found[k])} instead of {list(shape)}" for k, shape in expected.items()
+             if k in found and tuple(found[k]) != tuple(shape)]
+    problems = []
+    if missing:
+        problems.append(f"{_count(len(missing), 'tensor')} missing ({_names(missing)})")
+    if unexpected:
+        problems.append(f"{_count(len(unexpected), 'unexpected tensor')} ({_names(unexpected)})")
+    if wrong:
+        problems.append(f"{_count(len(wrong), 'tensor')} of the wrong shape ({_names(wrong)})")
+    return problems
+
+
+def require_fit(what: str, architecture: str, expected: Mapping[str, torch.Size],
+                found: Mapping[str, torch.Size]) -> None:
+    problems = fit_problems(expected, found)
+    if problems:
+        raise StorageError(f"{what} does not fit {architecture}: {'; '.join(problems)}.")
+
+
+def nonfinite_names(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinity.
+
+    Each tensor is reduced to its sum (accumulated in float32), which is NaN or infinite
+    exactly when the tensor is, short of finite values so large that they overflow float32 when
+    added up (no usable weight is). A sum reads the tensor once and writes nothing: some 60 times
+    faster on a CPU than ``isfinite(t).all()``. The sums stay on the tensors' device and are gathered
+    with one sync at the end, so a generator that reads tensors one by one keeps one in memory."""
+    names, sums = [], []
+    for name, tensor in tensors:
+        if tensor.is_floating_point():
+            names.append(name)
+            sums.append(tensor.sum(dtype=torch.float32))
+    if not sums:
+        return []
+    finite = torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums])).tolist()
+    return [name for name, ok in zip(names, finite) if not ok]
+
+
+def require_finite(what: str, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> None:
+    bad = nonfinite_names(tensors)
+    if bad:
+        kind = "NaN or infinity" if dtype in (None, torch.float32, torch.float64) else \
+            f"NaN, infinity or values beyond {str(dtype).removeprefix('torch.')} range"
+        raise StorageError(f"{what} has non-finite values ({kind}) in {_count(len(bad), 'tensor')} ({_names(bad)}).")
+
+
+# --- the pre-deploy checks: read from disk one tensor at a time, nothing on a GPU ----------------
+
+def _load_pt(path: Path) -> Mapping:
+    # The zip format is memory-mapped (nothing read until a tensor is used); the legacy one cannot be.
+    return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
+@contextmanager
+def _open_ema(ckpt: Path) -> Iterator[tuple[dict[str, torch.Size], Callable[[str], torch.Tensor]]]:
+    """(model name -> shape, read one tensor by model name) for a checkpoint's EMA weights."""
+    if ckpt.suffix == ".safetensors":
+        with safe_open(str(ckpt), framework="pt", device="cpu") as f:
+            keys = {name: key for key in f.keys() if (name := model_key(key))}
+            yield ({name: torch.Size(f.get_slice(key).get_shape()) for name, key in keys.items()},
+                   lambda name: f.get_tensor(keys[name]))
+    else:
+        state = ema_weights(ema_entries(_load_pt(ckpt), ckpt))
+        yield {name: t.shape for name, t in state.items()}, state.__getitem__
+
+
+def check_cfm_checkpoint(ckpt: Path, model_config: Path, vocab: Path, mel_spec_kwargs: dict) -> None:
+    """Raises StorageError unless the checkpoint's EMA weights load into the config's model and are
+    all finite. The model is built on the meta device: shapes only, no memory."""
+    model_cfg = read_model_config(model_config)
+    with torch.device("meta"):
+        model = build_cfm(model_cfg, vocab, mel_spec_kwargs)
+    what = cfm_subject(ckpt)
+    with _open_ema(Path(ckpt)) as (found, read):
+        require_fit(what, model_name(model_cfg, model_config), shapes(model.state_dict()), found)
+        require_finite(what, ((name, read(name)) for name in found))
+
+
+def build_vocos(vocoder_dir: Path):
+    """Vocos as its config.yaml describes it (f5-tts's load_vocoder with is_local=True), on the CPU."""
+    from vocos import Vocos
+
+    return Vocos.from_hparams(str(Path(vocoder_dir) / VOCODER_CONFIG))
+
+
+def check_vocos_weights(vocoder_dir: Path) -> None:
+    """Raises StorageError unless the Vocos weights load into the model its config describes and are
+    all finite. Vocos is built on the CPU (its mel filterbank cannot be built on meta); at about
+    14 M parameters that takes a fraction of a second."""
+    model = build_vocos(vocoder_dir)
+    state = _load_pt(Path(vocoder_dir) / VOCODER_WEIGHTS)
+    what = vocos_subject(vocoder_dir)
+    if not isinstance(state, Mapping):
+        raise StorageError(f"{what} does not hold a state dict.")
+    require_fit(what, VOCOS_ARCHITECTURE, shapes(model.state_dict()), shapes(state))
+    require_finite(what, state.items())

@@ -1,0 +1,166 @@
+"""Weights that do not fit their architecture, or are not finite, are refused with one sentence
+naming the file and the tensor: by the pre-deploy check (read from disk, model on the meta device)
+and by the worker's own loader (``TTSEngine.load``, ``build_worker``)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from f5worker.checkpoint import (
+    MEL_BUFFERS,
+    build_cfm,
+    check_cfm_checkpoint,
+    check_vocos_weights,
+    ema_weights,
+    read_model_config,
+)
+from f5worker.engine import MEL_SPEC_KWARGS, TTSEngine, load_cfm, read_state_dict
+from f5worker.errors import StorageError
+from f5worker.model_store import resolve_tts_files
+from f5worker.service import build_worker
+from f5worker.settings import ENV_CKPT_FILE, ENV_MODEL_CONFIG, ENV_VOCAB_FILE, ENV_VOCODER_DIR, Settings
+
+TARGET = "transformer.proj_out.weight"  # the tensor each damage touches, by the model's name
+RAW_TARGET = "ema_model." + TARGET  # its key in the checkpoint file
+VOCOS_TARGET = "backbone.embed.weight"
+
+
+def renamed_tensor(state: dict) -> str:
+    state[RAW_TARGET + "_renamed"] = state.pop(RAW_TARGET)
+    return rf"1 tensor missing \({TARGET}\); 1 unexpected tensor \({TARGET}_renamed\)"
+
+
+def wrong_shape(state: dict) -> str:
+    rows, cols = state[RAW_TARGET].shape
+    state[RAW_TARGET] = torch.zeros(rows + 1, cols)
+    return rf"1 tensor of the wrong shape \({TARGET}: \[{rows + 1}, {cols}\] instead of \[{rows}, {cols}\]\)"
+
+
+def nan_weight(state: dict) -> str:
+    state[RAW_TARGET] = state[RAW_TARGET].clone()
+    state[RAW_TARGET].view(-1)[3] = float("nan")
+    return rf"non-finite values \(NaN or infinity\) in 1 tensor \({TARGET}\)"
+
+
+def inf_weight(state: dict) -> str:
+    state[RAW_TARGET] = state[RAW_TARGET].clone()
+    state[RAW_TARGET].view(-1)[0] = float("-inf")
+    return rf"non-finite values \(NaN or infinity\) in 1 tensor \({TARGET}\)"
+
+
+def extra_tensor(state: dict) -> str:
+    state["ema_model.transformer.adapter.weight"] = torch.zeros(4)
+    return r"1 unexpected tensor \(transformer.adapter.weight\)"
+
+
+DAMAGES = [renamed_tensor, wrong_shape, nan_weight, inf_weight, extra_tensor]
+
+
+def damaged_copy(tiny_models: dict[str, str], folder: Path, damage, suffix: str = ".safetensors"
+                 ) -> tuple[dict[str, str], str]:
+    """The tiny model set's environment with its checkpoint replaced by a damaged copy in ``folder``
+    (as safetensors, or as a .pt training checkpoint); and the pattern the refusal must contain."""
+    state = load_file(tiny_models[ENV_CKPT_FILE])
+    pattern = damage(state)
+    ckpt = folder / f"damaged{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(ckpt))
+    else:
+        torch.save({"ema_model_state_dict": state}, str(ckpt))
+    return {**tiny_models, ENV_CKPT_FILE: str(ckpt)}, pattern
+
+
+def nan_vocoder(tiny_models: dict[str, str], folder: Path) -> dict[str, str]:
+    vocoder = folder / "vocos"
+    shutil.copytree(tiny_models[ENV_VOCODER_DIR], vocoder)
+    state = torch.load(str(vocoder / "pytorch_model.bin"), weights_only=True)
+    state[VOCOS_TARGET].view(-1)[0] = float("nan")
+    torch.save(state, str(vocoder / "pytorch_model.bin"))
+    return {**tiny_models, ENV_VOCODER_DIR: str(vocoder)}
+
+
+def gate_check(env: dict[str, str]) -> None:
+    check_cfm_checkpoint(Path(env[ENV_CKPT_FILE]), Path(env[ENV_MODEL_CONFIG]), Path(env[ENV_VOCAB_FILE]),
+                         MEL_SPEC_KWARGS)
+
+
+def test_intact_checkpoint_fits_and_every_key_is_used(tiny_models):
+    gate_check(tiny_models)
+    check_vocos_weights(Path(tiny_models[ENV_VOCODER_DIR]))
+    # Strict: every tensor of the file loads into the model and every model tensor comes from the file.
+    with torch.device("meta"):
+        model = build_cfm(read_model_config(Path(tiny_models[ENV_MODEL_CONFIG])),
+                          Path(tiny_models[ENV_VOCAB_FILE]), MEL_SPEC_KWARGS)
+    assert set(read_state_dict(Path(tiny_models[ENV_CKPT_FILE]))) == set(model.state_dict())
+
+
+def test_ema_bookkeeping_and_old_mel_buffers_are_dropped(tiny_models, tmp_path):
+    """f5-tts's key fix-ups: ema_pytorch's entries and the buffers older checkpoints carry are not
+    weights, so they are neither loaded nor reported as unexpected."""
+    state = load_file(tiny_models[ENV_CKPT_FILE])
+    extra = {"initted": torch.tensor(True), "step": torch.tensor(5)}
+    extra.update({"ema_model." + name: torch.ones(3) for name in MEL_BUFFERS})
+    ckpt = tmp_path / "old.safetensors"
+    save_file({**state, **extra}, str(ckpt))
+    gate_check({**tiny_models, ENV_CKPT_FILE: str(ckpt)})
+    assert set(ema_weights({**state, **extra})) == set(read_state_dict(Path(tiny_models[ENV_CKPT_FILE])))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_check_refuses_damaged_checkpoint(tiny_models, tmp_path, damage, suffix):
+    env, pattern = damaged_copy(tiny_models, tmp_path, damage, suffix)
+    with pytest.raises(StorageError, match=rf"^The checkpoint {env[ENV_CKPT_FILE]} .*{pattern}\.$"):
+        gate_check(env)
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_worker_refuses_damaged_checkpoint(tiny_models, tmp_path, damage):
+    env, pattern = damaged_copy(tiny_models, tmp_path, damage)
+    with pytest.raises(StorageError, match=rf"^The checkpoint {env[ENV_CKPT_FILE]} .*{pattern}\.$"):
+        TTSEngine.load(resolve_tts_files(Settings.from_env(env)), device="cpu")
+
+
+def test_worker_start_refuses_nan_weights_with_a_sentence(tiny_models, tmp_path):
+    """build_worker is what the handler's start-up runs: the sentence every job then gets back."""
+    env, pattern = damaged_copy(tiny_models, tmp_path, nan_weight, ".pt")
+    with pytest.raises(StorageError, match=rf"^The checkpoint {env[ENV_CKPT_FILE]} has {pattern}\.$"):
+        build_worker(Settings.from_env({**env, "F5_DEVICE": "cpu"}))
+
+
+def test_training_checkpoint_without_ema_weights(tiny_models, tmp_path):
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model_state_dict": load_file(tiny_models[ENV_CKPT_FILE])}, str(ckpt))
+    env = {**tiny_models, ENV_CKPT_FILE: str(ckpt)}
+    pattern = rf"^The checkpoint {ckpt} has no ema_model_state_dict"
+    with pytest.raises(StorageError, match=pattern):
+        gate_check(env)
+    with pytest.raises(StorageError, match=pattern):
+        TTSEngine.load(resolve_tts_files(Settings.from_env(env)), device="cpu")
+
+
+def test_nan_vocoder_refused(tiny_models, tmp_path):
+    env = nan_vocoder(tiny_models, tmp_path)
+    pattern = (rf"^The vocoder weights file {env[ENV_VOCODER_DIR]}/pytorch_model.bin has non-finite values "
+               rf"\(NaN or infinity\) in 1 tensor \({VOCOS_TARGET}\)\.$")
+    with pytest.raises(StorageError, match=pattern):
+        check_vocos_weights(Path(env[ENV_VOCODER_DIR]))
+    with pytest.raises(StorageError, match=pattern):
+        TTSEngine.load(resolve_tts_files(Settings.from_env(env)), device="cpu")
+
+
+def test_weights_beyond_half_range_refused_when_loaded_as_half(tiny_models, tmp_path):
+    """Finite in the file, infinite once cast to float16 (what a GPU worker runs): the loader checks
+    the weights it will use, after the cast. Run on the CPU: the cast is the same there."""
+    state = load_file(tiny_models[ENV_CKPT_FILE])
+    state[RAW_TARGET].view(-1)[0] = 1e6
+    ckpt = tmp_path / "big.safetensors"
+    save_file(state, str(ckpt))
+    gate_check({**tiny_models, ENV_CKPT_FILE: str(ckpt)})  # fine in float32
+    files = resolve_tts_files(Settings.from_env({**tiny_models, ENV_CKPT_FILE: str(ckpt)}))
+    with pytest.raises(StorageError, match=rf"beyond float16 range\) in 1 tensor \({TARGET}\)"):
+        load_cfm(files, "cpu", torch.float16)
