@@ -26,6 +26,10 @@ from f5worker.errors import StorageError
 from f5worker.settings import (
     ASR_DOWNLOAD_BYTES,
     DOWNLOAD_HEADROOM_BYTES,
+    ENV_CKPT_FILE,
+    ENV_MODEL_CONFIG,
+    ENV_VOCAB_FILE,
+    ENV_VOCODER_DIR,
     F5_CKPT_IN_REPO,
     F5_DOWNLOAD_BYTES,
     F5_MODEL_NAME,
@@ -129,30 +133,41 @@ def _explicit(path: str, what: str) -> Path:
     return p
 
 
-def resolve_tts_files(settings: Settings, *, allow_download: bool = True) -> ModelFiles:
-    sources: dict[str, str] = {}
+def resolve_f5_files(settings: Settings, *, allow_download: bool = True) -> tuple[Path, Path, Path, str]:
+    """The F5-TTS checkpoint, its vocab and model config, and where they came from."""
     if settings.ckpt_file:
-        ckpt = _explicit(settings.ckpt_file, "F5_CKPT_FILE")
-        vocab = _explicit(settings.vocab_file, "F5_VOCAB_FILE") if settings.vocab_file else None
-        sources["f5"] = "local files"
+        ckpt = _explicit(settings.ckpt_file, ENV_CKPT_FILE)
+        vocab = _explicit(settings.vocab_file, ENV_VOCAB_FILE) if settings.vocab_file else None
+        source = "local files"
     else:
-        found, sources["f5"] = resolve_hub_files(F5_FILES, settings, allow_download=allow_download)
+        found, source = resolve_hub_files(F5_FILES, settings, allow_download=allow_download)
         ckpt, vocab = found[F5_FILES[0]], found[F5_FILES[1]]
         if settings.vocab_file:
-            vocab = _explicit(settings.vocab_file, "F5_VOCAB_FILE")
+            vocab = _explicit(settings.vocab_file, ENV_VOCAB_FILE)
     if vocab is None:  # a local checkpoint with no vocab: f5-tts's own packaged vocab (what F5TTS does)
         vocab = Path(str(package_files("f5_tts").joinpath("infer/examples/vocab.txt")))
-    model_config = _explicit(settings.model_config, "F5_MODEL_CONFIG") if settings.model_config else default_model_config()
+    model_config = (_explicit(settings.model_config, ENV_MODEL_CONFIG) if settings.model_config
+                    else default_model_config())
+    return ckpt, vocab, model_config, source
+
+
+def resolve_vocoder_dir(settings: Settings, *, allow_download: bool = True) -> tuple[Path, str]:
+    """The folder holding the Vocos config and weights, and where it came from."""
     if settings.vocoder_dir:
-        vocoder_dir = _explicit(settings.vocoder_dir, "F5_VOCODER_DIR")
+        vocoder_dir = _explicit(settings.vocoder_dir, ENV_VOCODER_DIR)
         missing = [n for n in VOCODER_FILES if not (vocoder_dir / n).is_file()]
         if missing:
-            raise StorageError(f"F5_VOCODER_DIR ({vocoder_dir}) lacks {', '.join(missing)}.")
-        sources["vocoder"] = "local files"
-    else:
-        found, sources["vocoder"] = resolve_hub_files(VOCODER_HUB_FILES, settings, allow_download=allow_download)
-        vocoder_dir = found[VOCODER_HUB_FILES[0]].parent
-    return ModelFiles(ckpt=ckpt, vocab=vocab, model_config=model_config, vocoder_dir=vocoder_dir, sources=sources)
+            raise StorageError(f"{ENV_VOCODER_DIR} ({vocoder_dir}) lacks {', '.join(missing)}.")
+        return vocoder_dir, "local files"
+    found, source = resolve_hub_files(VOCODER_HUB_FILES, settings, allow_download=allow_download)
+    return found[VOCODER_HUB_FILES[0]].parent, source
+
+
+def resolve_tts_files(settings: Settings, *, allow_download: bool = True) -> ModelFiles:
+    ckpt, vocab, model_config, f5_source = resolve_f5_files(settings, allow_download=allow_download)
+    vocoder_dir, vocoder_source = resolve_vocoder_dir(settings, allow_download=allow_download)
+    return ModelFiles(ckpt=ckpt, vocab=vocab, model_config=model_config, vocoder_dir=vocoder_dir,
+                      sources={"f5": f5_source, "vocoder": vocoder_source})
 
 
 def resolve_asr_model(settings: Settings, *, allow_download: bool = True) -> Path:

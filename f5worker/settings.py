@@ -61,6 +61,7 @@ F5_SUBDIR = "f5-tts"
 
 # --- defaults -----------------------------------------------------------------------------------
 DEFAULT_VOLUME_PATH = "/runpod-volume"
+POD_VOLUME_PATH = "/workspace"  # where a RunPod pod (not a serverless worker) mounts a network volume
 DEFAULT_BAKED_MODEL_DIR = "/opt/f5-models"
 DEFAULT_TMP_DIR = "/tmp"
 DEFAULT_PRESIGN_EXPIRY = 3600

@@ -28,18 +28,22 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from f5worker.checkpoint import check_cfm_checkpoint, check_vocos_weights
+from f5worker.engine import MEL_SPEC_KWARGS
 from f5worker.errors import StorageError
 from f5worker.model_store import (
     F5_FILES,
     VOCODER_HUB_FILES,
-    ModelFiles,
+    HubFile,
     resolve_asr_model,
+    resolve_f5_files,
     resolve_hub_files,
-    resolve_tts_files,
+    resolve_vocoder_dir,
 )
 from f5worker.settings import (
     ASR_DOWNLOAD_BYTES,
     CACHE_ENV_SUBDIRS,
+    DEFAULT_VOLUME_PATH,
     DOWNLOAD_HEADROOM_BYTES,
     ENV_AWS_ACCESS_KEY_ID,
     ENV_AWS_ENDPOINT_URL,
@@ -54,8 +58,10 @@ from f5worker.settings import (
     ENV_VOLUME_PATH,
     F5_DOWNLOAD_BYTES,
     F5_MODEL_NAME,
+    POD_VOLUME_PATH,
     VOCODER_DOWNLOAD_BYTES,
     VOCODER_FILES,
+    VOLUME_MODELS_SUBDIR,
     Settings,
 )
 from s3_utils import make_storage
@@ -124,8 +130,9 @@ def _free_bytes(directory: Path) -> int:
 class ModelState:
     """Which model sets resolve locally (never downloading), and what the missing ones need."""
 
-    files: ModelFiles | None  # every TTS file, when all of them resolved
-    found: dict[str, list[Path]]  # label -> files found so far (checked for integrity)
+    f5: tuple[Path, Path, Path] | None  # checkpoint, vocab, model config, when all resolved
+    vocoder_dir: Path | None  # when its files resolved
+    found: dict[str, list[Path]]  # label -> files found (checked for integrity)
     sources: dict[str, str]  # label -> where it came from
     missing: dict[str, int]  # label -> approximate download bytes
     errors: list[str]  # explicit settings that point at nothing: a download cannot fix these
@@ -134,7 +141,7 @@ class ModelState:
 
 
 def _explicit_errors(settings: Settings) -> list[str]:
-    """The same explicit-file rules as ``resolve_tts_files``, checked all at once."""
+    """The same explicit-file rules as ``model_store``'s resolvers, checked all at once."""
     errors = []
     for env_name, value in ((ENV_CKPT_FILE, settings.ckpt_file), (ENV_VOCAB_FILE, settings.vocab_file),
                             (ENV_MODEL_CONFIG, settings.model_config), (ENV_VOCODER_DIR, settings.vocoder_dir)):
@@ -147,44 +154,58 @@ def _explicit_errors(settings: Settings) -> list[str]:
     return errors
 
 
+def _cached(hub_files: tuple[HubFile, ...], settings: Settings) -> bool:
+    try:
+        resolve_hub_files(hub_files, settings, allow_download=False)
+    except StorageError:
+        return False
+    return True
+
+
 def inspect_models(settings: Settings) -> ModelState:
-    state = ModelState(files=None, found={}, sources={}, missing={}, errors=_explicit_errors(settings),
-                       asr_path=None, asr_error=None)
-    resolve_error = "the model files could not be resolved."
-    if not state.errors:
-        try:
-            files = resolve_tts_files(settings, allow_download=False)
-        except StorageError as err:
-            files, resolve_error = None, str(err)
-        if files is not None:
-            state.files = files
-            state.sources = dict(files.sources)
-            state.found["f5"] = [files.ckpt, files.vocab, files.model_config]
-            state.found["vocoder"] = [files.vocoder_dir / n for n in VOCODER_FILES]
-    if state.files is None:  # find out which set is missing (and check whatever is there)
-        if not settings.ckpt_file:
-            try:
-                found, state.sources["f5"] = resolve_hub_files(F5_FILES, settings, allow_download=False)
-                state.found["f5"] = list(found.values())
-            except StorageError:
-                state.missing["f5"] = F5_DOWNLOAD_BYTES
-        elif Path(settings.ckpt_file).exists():
-            state.sources["f5"] = "local files"
-            state.found["f5"] = [Path(settings.ckpt_file)]
-        if not settings.vocoder_dir:
-            try:
-                found, state.sources["vocoder"] = resolve_hub_files(VOCODER_HUB_FILES, settings,
-                                                                    allow_download=False)
-                state.found["vocoder"] = list(found.values())
-            except StorageError:
-                state.missing["vocoder"] = VOCODER_DOWNLOAD_BYTES
-        if not state.missing and not state.errors:  # every set is there, yet resolving failed
-            state.errors.append(resolve_error)
+    """Each set (F5-TTS files, vocoder) on its own: one missing set must not hide the other's faults."""
+    state = ModelState(f5=None, vocoder_dir=None, found={}, sources={}, missing={},
+                       errors=_explicit_errors(settings), asr_path=None, asr_error=None)
+    try:
+        ckpt, vocab, config, state.sources["f5"] = resolve_f5_files(settings, allow_download=False)
+        state.f5 = (ckpt, vocab, config)
+        state.found["f5"] = [ckpt, vocab, config]
+    except StorageError as err:  # an explicit file that is not there is in state.errors already
+        if not settings.ckpt_file and not _cached(F5_FILES, settings):
+            state.missing["f5"] = F5_DOWNLOAD_BYTES
+        elif not state.errors:
+            state.errors.append(str(err))
+    try:
+        state.vocoder_dir, state.sources["vocoder"] = resolve_vocoder_dir(settings, allow_download=False)
+        state.found["vocoder"] = [state.vocoder_dir / n for n in VOCODER_FILES]
+    except StorageError as err:
+        if not settings.vocoder_dir and not _cached(VOCODER_HUB_FILES, settings):
+            state.missing["vocoder"] = VOCODER_DOWNLOAD_BYTES
+        elif not state.errors:
+            state.errors.append(str(err))
     try:
         state.asr_path = resolve_asr_model(settings, allow_download=False)
     except StorageError as err:
         state.asr_error = str(err)
     return state
+
+
+def fit_problems(m: ModelState) -> list[str]:
+    """The sentences the worker's loader would refuse the weights with: names and shapes against the
+    architecture (built on the meta device, so no second copy of the model anywhere), finite values."""
+    problems = []
+    if m.f5 is not None:
+        ckpt, vocab, config = m.f5
+        try:
+            check_cfm_checkpoint(ckpt, config, vocab, MEL_SPEC_KWARGS)
+        except StorageError as err:
+            problems.append(str(err))
+    if m.vocoder_dir is not None:
+        try:
+            check_vocos_weights(m.vocoder_dir)
+        except StorageError as err:
+            problems.append(str(err))
+    return problems
 
 
 def check_model_file(path: Path) -> str | None:
@@ -244,7 +265,8 @@ def check_volume(ctx: Context) -> CheckResult:
         return CheckResult(name, FAIL, _fix(
             f"{volume} does not exist or is not a directory: models would go to the container disk "
             f"({ctx.settings.model_root}) and be downloaded again by every worker.",
-            f"attach a network volume to the endpoint (it is mounted at {volume}), or set "
+            f"attach a network volume (a serverless worker mounts it at {DEFAULT_VOLUME_PATH}; a pod "
+            f"mounts it at {POD_VOLUME_PATH}, so set {ENV_VOLUME_PATH}={POD_VOLUME_PATH} there), or set "
             f"{ENV_VOLUME_PATH} to where it is mounted."))
     why = _write_test(volume)
     if why:
@@ -264,7 +286,8 @@ def check_model_root(ctx: Context) -> CheckResult:
     if _is_under(root, s.tmp_dir) and not (s.volume_mounted and _is_under(root, s.volume_path)):
         return CheckResult(name, FAIL, _fix(
             f"the model root {root} is under the temp folder {s.tmp_dir}, which is small and swept.",
-            f"unset {ENV_MODEL_ROOT} (models then go to {s.volume_path}/models) or point it at the volume."))
+            f"unset {ENV_MODEL_ROOT} (models then go to {s.volume_path / VOLUME_MODELS_SUBDIR}) or point "
+            "it at the volume."))
     if not (s.volume_mounted and _is_under(root, s.volume_path)):
         return CheckResult(name, WARN, _fix(
             f"the model root {root} is not on the network volume {s.volume_path}: downloaded models "
@@ -279,26 +302,43 @@ def check_model_root(ctx: Context) -> CheckResult:
     return CheckResult(name, PASS, f"{root} (on the volume)")
 
 
+def dockerfile_cache_env(settings: Settings) -> dict[str, str]:
+    """The cache variables Dockerfile.runpod sets: those of the model root on the default volume
+    (tests/test_dockerfile.py holds the file to this)."""
+    return replace(settings, model_root=Path(DEFAULT_VOLUME_PATH) / VOLUME_MODELS_SUBDIR).cache_env()
+
+
 def check_cache_env(ctx: Context) -> CheckResult:
-    name = "cache variables"
-    expected = ctx.settings.cache_env()
+    """Only the variables something reads (``CACHE_ENV_SUBDIRS``); others, such as
+    TRANSFORMERS_CACHE, which transformers 5 ignores, are not looked at."""
+    name, s = "cache variables", ctx.settings
+    expected, image = s.cache_env(), dockerfile_cache_env(s)
     unset, wrong = [], []
     for var in CACHE_ENV_SUBDIRS:
         value = ctx.env.get(var)
         if not value:
             unset.append(var)
         elif os.path.normpath(value) != os.path.normpath(expected[var]):
-            wrong.append(f"{var}={value} (expected {expected[var]})")
+            wrong.append(var)
+    if wrong and not s.volume_mounted and all(ctx.env[v] == image[v] for v in wrong):
+        return CheckResult(name, WARN, _fix(
+            f"{', '.join(wrong)} hold Dockerfile.runpod's values for a volume at {DEFAULT_VOLUME_PATH}, "
+            f"but no volume is mounted at {s.volume_path}: the worker points them at {s.model_root} "
+            "when it starts.", "attach the network volume (see \"volume mounted\")."))
+    as_image = expected == image
     if wrong:
-        return CheckResult(name, FAIL, _fix(
-            f"not under the model root {ctx.settings.model_root}: {'; '.join(wrong)}.",
-            "set each to the expected value (Dockerfile.runpod does) or unset it."))
+        found = "; ".join(f"{v}={ctx.env[v]} (expected {expected[v]})" for v in wrong)
+        fix = ("set each to the expected value, as Dockerfile.runpod does, or unset it." if as_image else
+               f"set each to the expected value in the endpoint's environment, or unset it (Dockerfile.runpod's "
+               f"values are for a volume at {DEFAULT_VOLUME_PATH} with {ENV_MODEL_ROOT} unset).")
+        return CheckResult(name, FAIL, _fix(f"not under the model root {s.model_root}: {found}.", fix))
     if unset:
         return CheckResult(name, WARN, _fix(
             f"{', '.join(unset)} not set: the worker sets them itself when it starts, but other "
             "tools in the container (huggingface-cli, python -c ...) will not see them.",
-            "set " + ", ".join(f"{v}={expected[v]}" for v in unset) + "."))
-    return CheckResult(name, PASS, f"{', '.join(CACHE_ENV_SUBDIRS)} under {ctx.settings.model_root}")
+            "set " + ", ".join(f"{v}={expected[v]}" for v in unset)
+            + (" (Dockerfile.runpod sets these)." if as_image else ".")))
+    return CheckResult(name, PASS, f"{', '.join(CACHE_ENV_SUBDIRS)} under {s.model_root}")
 
 
 def check_tts_models(ctx: Context) -> CheckResult:
@@ -311,6 +351,12 @@ def check_tts_models(ctx: Context) -> CheckResult:
             "; ".join(problems) + ".",
             "delete the damaged file(s) (a cached copy: its snapshot link and blob) so the worker "
             "downloads them again, or replace them."))
+    misfits = fit_problems(m)
+    if misfits:  # the worker would refuse to load these
+        return CheckResult(name, FAIL, _fix(
+            " ".join(misfits),
+            "replace the file (a cached copy: delete its snapshot link and blob so the worker downloads "
+            f"it again), or set {ENV_MODEL_CONFIG} to the config the weights were trained with."))
     labels = {"f5": F5_MODEL_NAME, "vocoder": "vocoder"}
     where = "; ".join(f"{labels[k]} from {v}" for k, v in ctx.models.sources.items())
     if m.missing:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,19 +19,24 @@ from f5worker import validation
 from f5worker.model_store import F5_FILES, VOCODER_HUB_FILES
 from f5worker.settings import (
     CACHE_ENV_SUBDIRS,
+    DEFAULT_VOLUME_PATH,
     ENV_AWS_ACCESS_KEY_ID,
     ENV_AWS_ENDPOINT_URL,
     ENV_AWS_REGION,
     ENV_AWS_SECRET_ACCESS_KEY,
     ENV_BAKED_MODEL_DIR,
     ENV_CKPT_FILE,
+    ENV_MODEL_CONFIG,
     ENV_S3_BUCKET,
     ENV_TMP_DIR,
     ENV_VOCODER_DIR,
     ENV_VOLUME_PATH,
+    POD_VOLUME_PATH,
     Settings,
 )
 from f5worker.validation import main
+from tests.test_checkpoint import DAMAGES, VOCOS_TARGET, damaged_copy, nan_vocoder, nan_weight
+from tests.test_dockerfile import env_values as dockerfile_env_values
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "validate-storage-config.py"
@@ -136,6 +142,8 @@ def test_text_output(capsys, models_env):
 
 @pytest.mark.parametrize("cache", ["volume", "image"])
 def test_models_from_hub_caches(capsys, monkeypatch, tiny_models, volume, tmp_path, cache):
+    # the tiny checkpoint stands in for the hub's: the config it was written for goes with it
+    monkeypatch.setenv(ENV_MODEL_CONFIG, tiny_models[ENV_MODEL_CONFIG])
     settings = Settings.from_env(os.environ)
     cache_dir = settings.hub_cache if cache == "volume" else settings.baked_model_dir / "hub"
     populate_cache(cache_dir, tiny_models)
@@ -247,6 +255,81 @@ def test_model_root_in_tmp_fails(capsys, monkeypatch, models_env, tmp_path):
     assert code == 1
     assert checks["model cache location"]["status"] == "fail"
     assert checks["cache variables"]["status"] == "pass"
+
+
+# --- weights the worker could not load --------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=lambda d: d.__name__)
+def test_checkpoint_that_does_not_fit_fails(capsys, monkeypatch, models_env, tmp_path, damage):
+    env, pattern = damaged_copy(models_env, tmp_path, damage)
+    monkeypatch.setenv(ENV_CKPT_FILE, env[ENV_CKPT_FILE])
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 1
+    check = checks["TTS models"]
+    assert check["status"] == "fail"
+    # the sentence the worker's loader refuses the same file with, then the fix
+    assert re.search(rf"^The checkpoint {env[ENV_CKPT_FILE]} .*{pattern}\. Fix: .*{ENV_MODEL_CONFIG}",
+                     check["message"]), check["message"]
+
+
+def test_nan_vocoder_fails(capsys, monkeypatch, models_env, tmp_path):
+    env = nan_vocoder(models_env, tmp_path)
+    monkeypatch.setenv(ENV_VOCODER_DIR, env[ENV_VOCODER_DIR])
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 1 and checks["TTS models"]["status"] == "fail"
+    assert f"{env[ENV_VOCODER_DIR]}/pytorch_model.bin has non-finite values" in checks["TTS models"]["message"]
+    assert VOCOS_TARGET in checks["TTS models"]["message"]
+
+
+def test_cached_checkpoint_checked_while_the_vocoder_is_missing(capsys, monkeypatch, tiny_models, volume, tmp_path):
+    """One set still to download must not hide a damaged one already there."""
+    env, pattern = damaged_copy(tiny_models, tmp_path, nan_weight)
+    monkeypatch.setenv(ENV_MODEL_CONFIG, tiny_models[ENV_MODEL_CONFIG])
+    populate_cache(Settings.from_env(os.environ).hub_cache, env, vocoder=False)
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 1 and checks["TTS models"]["status"] == "fail"
+    assert re.search(pattern, checks["TTS models"]["message"])
+
+
+# --- fix lines agree with the Dockerfile; variables nothing reads ----------------------------------
+
+def test_gate_knows_what_the_dockerfile_sets(volume):
+    dockerfile = dockerfile_env_values()
+    assert validation.dockerfile_cache_env(Settings.from_env(os.environ)) == {
+        name: dockerfile[name] for name in CACHE_ENV_SUBDIRS}
+
+
+def test_dockerfile_cache_values_without_a_volume_point_at_the_volume(capsys, monkeypatch, models_env, tmp_path):
+    """A container from Dockerfile.runpod started without its volume: the cache variables hold the
+    image's values, and the fix is the volume, not a path under the fallback model root."""
+    monkeypatch.setenv(ENV_VOLUME_PATH, str(tmp_path / "no-volume"))
+    for name, value in dockerfile_env_values().items():
+        if name in CACHE_ENV_SUBDIRS:
+            monkeypatch.setenv(name, value)
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 1 and checks["volume mounted"]["status"] == "fail"
+    assert f"{ENV_VOLUME_PATH}={POD_VOLUME_PATH}" in checks["volume mounted"]["message"]
+    cache = checks["cache variables"]
+    assert cache["status"] == "warn", cache
+    assert "Dockerfile.runpod's values" in cache["message"] and "attach the network volume" in cache["message"]
+
+
+def test_fix_never_claims_the_dockerfile_sets_another_volumes_paths(capsys, monkeypatch, models_env):
+    monkeypatch.setenv("HF_HOME", "/tmp/hf")  # the test volume is not /runpod-volume
+    _, _, checks = run_json(capsys, *OFFLINE)
+    message = checks["cache variables"]["message"]
+    assert checks["cache variables"]["status"] == "fail"
+    assert "as Dockerfile.runpod does" not in message and "(Dockerfile.runpod does)" not in message
+    assert f"Dockerfile.runpod's values are for a volume at {DEFAULT_VOLUME_PATH}" in message
+
+
+def test_a_variable_nothing_reads_is_not_checked(capsys, monkeypatch, models_env):
+    # transformers 5 (the pinned version) no longer reads TRANSFORMERS_CACHE
+    monkeypatch.setenv("TRANSFORMERS_CACHE", "/tmp/somewhere-else")
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 0
+    assert checks["cache variables"]["status"] == "pass"
+    assert "TRANSFORMERS_CACHE" not in checks["cache variables"]["message"]
 
 
 # --- GPU ---------------------------------------------------------------------------------------------
