@@ -6,16 +6,20 @@ huggingface_hub's cache layout so the worker finds them without a download.
 
     python -m f5worker.preload                  # into the image copy, F5_BAKED_MODEL_DIR/hub
     python -m f5worker.preload --volume         # into the volume cache, <model root>/hub
+
+``--volume`` refuses (exit status 2) when no volume is mounted: the model root would then be on the
+container disk, which the download would fill and which is lost with the container.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from f5worker.model_store import ASR_ALLOW_PATTERNS, F5_FILES, VOCODER_HUB_FILES, ensure_free_space
-from f5worker.settings import ASR_DOWNLOAD_BYTES, Settings
+from f5worker.settings import ASR_DOWNLOAD_BYTES, ENV_VOLUME_PATH, POD_VOLUME_PATH, Settings
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
+    if args.volume and not settings.volume_mounted:
+        log.error("No network volume is mounted at %s, so --volume would fill the container disk instead: "
+                  "attach the volume, or set %s to where it is mounted (a pod mounts it at %s, so %s=%s).",
+                  settings.volume_path, ENV_VOLUME_PATH, POD_VOLUME_PATH, ENV_VOLUME_PATH, POD_VOLUME_PATH)
+        return 2
+    if args.volume and not os.path.ismount(settings.volume_path):
+        log.warning("%s is not a mount point: what is written there is lost with the container.",
+                    settings.volume_path)
     cache_dir = settings.hub_cache if args.volume else settings.baked_model_dir / "hub"
     for path in preload(cache_dir, settings, with_asr=not args.no_asr):
         log.info("cached %s", path)

@@ -1,8 +1,11 @@
 """Model resolution order: explicit files, volume cache, image copy, then a download (only with
-room for it); each failure is one clear StorageError."""
+room for it); each failure is one clear StorageError. Pre-loading refuses to fill a container disk."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,9 +13,10 @@ import pytest
 from f5worker import model_store
 from f5worker.errors import StorageError
 from f5worker.model_store import F5_FILES, VOCODER_HUB_FILES, resolve_tts_files
-from f5worker.settings import Settings
+from f5worker.settings import ENV_BAKED_MODEL_DIR, ENV_VOLUME_PATH, POD_VOLUME_PATH, Settings
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def put_in_hub_cache(cache: Path, hub_file, data: bytes = b"x") -> Path:
@@ -100,3 +104,21 @@ def test_download_refused_without_room(env, monkeypatch):
 def test_allow_download_false_never_downloads(env):
     with pytest.raises(StorageError, match="not in any local cache"):
         resolve_tts_files(Settings.from_env(env), allow_download=False)
+
+
+def test_preload_volume_without_a_volume_refuses_and_writes_nothing(tmp_path):
+    """On a pod the volume is at /workspace, not /runpod-volume: without it, --volume would have
+    filled the container disk (the model root falls back to ~/.cache)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("F5_", "RUNPOD_", "HF_", "TORCH_"))}
+    env.update({"HOME": str(home), ENV_VOLUME_PATH: str(tmp_path / "not-mounted"), "HF_HUB_OFFLINE": "1",
+                ENV_BAKED_MODEL_DIR: str(tmp_path / "baked"), "PYTHONPATH": str(REPO)})
+    proc = subprocess.run([sys.executable, "-m", "f5worker.preload", "--volume", "--no-asr"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(tmp_path / "not-mounted") in lines[0]
+    assert f"{ENV_VOLUME_PATH}={POD_VOLUME_PATH}" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"] and not any(home.iterdir())
