@@ -41,10 +41,10 @@ from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError,
-                                 EndpointConnectionError, IncompleteReadError, NoCredentialsError,
-                                 PartialCredentialsError, ReadTimeoutError, ResponseStreamingError,
-                                 SSLError)
+from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError,
+                                 ConnectTimeoutError, EndpointConnectionError, IncompleteReadError,
+                                 NoCredentialsError, PartialCredentialsError, ReadTimeoutError,
+                                 ResponseStreamingError, SSLError)
 
 from f5worker.errors import StorageError
 from f5worker.settings import (ENV_AWS_CA_BUNDLE, ENV_AWS_ENDPOINT_URL, ENV_S3_BUCKET, LOGS_PREFIX,
@@ -88,14 +88,22 @@ def check_key(key: str) -> str:
 
 def call_bound_s(settings: Settings) -> float:
     """The longest one S3 storage call can take when the endpoint stops answering (or never
-    answers): every try waits out connect + read timeout (and an upload's 1 s wait for "100
-    Continue"), with botocore's longest backoff between tries. With the defaults (5 s, 15 s, 2
-    tries) that is 48 s. A read timeout is per socket read: an endpoint that keeps trickling bytes
-    is not cut off here (the job's own deadline answers the job then)."""
+    answers): every try waits out at most the connect timeout (connection, TLS handshake, sending
+    the request), an upload's 1 s wait for "100 Continue" and the read timeout (the answer), with
+    botocore's longest backoff between tries. With the defaults (5 s, 15 s, 2 tries) that is 48 s.
+    The timeouts count silence on the socket: an endpoint that keeps trickling bytes is not cut off
+    here (the job's own deadline answers the job then)."""
     tries = settings.s3_max_attempts
     backoff = sum(min(2.0 ** i, BACKOFF_CAP_S) + RETRY_AFTER_EXTRA_S for i in range(tries - 1))
     per_try = settings.s3_connect_timeout + EXPECT_CONTINUE_WAIT_S + settings.s3_read_timeout
     return tries * per_try + backoff
+
+
+def _timed_out(err: BotoCoreError) -> bool:
+    """Whether a dropped connection was our socket timing out (botocore wraps urllib3's
+    ``ProtocolError("Connection aborted.", TimeoutError())`` as ConnectionClosedError)."""
+    inner = getattr(err, "kwargs", {}).get("error")
+    return any(isinstance(arg, TimeoutError) for arg in getattr(inner, "args", ()))
 
 
 def make_s3_client(settings: Settings):
@@ -215,15 +223,15 @@ class S3Storage(Storage):
         self.bucket = settings.s3_bucket
         self.endpoint_url = settings.aws_endpoint_url
         self.presign_expiry = settings.presign_expiry
-        self.connect_timeout = settings.s3_connect_timeout
-        self.read_timeout = settings.s3_read_timeout
-        self.bound_s = call_bound_s(settings)
         self.client = client if client is not None else make_s3_client(settings)
 
-    def _error(self, err: BaseException, action: str, key: str) -> StorageError | None:
+    def _error(self, err: BaseException, action: str, key: str, waited: float) -> StorageError | None:
         """The StorageError for a botocore failure (None: not one of theirs). Each message is one
-        sentence built from the error code or type only: botocore's own texts can carry URLs."""
+        sentence built from the error code or type only: botocore's own texts can carry URLs.
+        ``waited``: seconds the call took, all tries together (a timeout names it, since which
+        timeout expired, connect or read, depends on where the endpoint went silent)."""
         where = f"({action} {key})"
+        waited_s = f"{round(waited, 1):g} s"
         if isinstance(err, ClientError):
             code = str(err.response.get("Error", {}).get("Code") or "unknown")
             if code in _MISSING_CODES:
@@ -241,12 +249,13 @@ class S3Storage(Storage):
             return StorageError(f"the TLS handshake with the S3 endpoint failed; check that "
                                 f"{ENV_AWS_ENDPOINT_URL} has the right scheme and port {where}")
         if isinstance(err, ConnectTimeoutError):
-            return StorageError(f"could not connect to the S3 endpoint within {self.connect_timeout:g} s {where}")
+            return StorageError(f"could not connect to the S3 endpoint within {waited_s} {where}")
         if isinstance(err, EndpointConnectionError):
             return StorageError(f"could not connect to the S3 endpoint {where}")
-        if isinstance(err, ReadTimeoutError):
-            return StorageError(f"S3 did not answer within {self.read_timeout:g} s {where}")
-        if isinstance(err, (IncompleteReadError, ResponseStreamingError)):
+        if isinstance(err, ReadTimeoutError) or (isinstance(err, ConnectionClosedError)
+                                                 and _timed_out(err)):  # an upload nobody reads
+            return StorageError(f"S3 did not answer within {waited_s} {where}")
+        if isinstance(err, (IncompleteReadError, ResponseStreamingError, ConnectionClosedError)):
             return StorageError(f"the connection to S3 broke off during the transfer {where}")
         if isinstance(err, BotoCoreError):
             return StorageError(f"S3 request failed: {type(err).__name__} {where}")
@@ -261,10 +270,11 @@ class S3Storage(Storage):
 
     @contextmanager
     def _errors(self, action: str, key: str) -> Iterator[None]:
+        started = time.monotonic()
         try:
             yield
         except Exception as err:
-            mapped = self._error(err, action, key)
+            mapped = self._error(err, action, key, time.monotonic() - started)
             if mapped is None:
                 raise
             raise mapped from err

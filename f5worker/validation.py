@@ -431,7 +431,7 @@ def check_tmp(ctx: Context) -> CheckResult:
 
 
 # The S3 probe answers within seconds even when the endpoint hangs: one try with short timeouts
-# (never longer than the worker's own), so each of its four requests fails within 3 + 1 + 5 s.
+# (never longer than the worker's own): a hung endpoint fails its first request within 3 + 1 + 5 s.
 PROBE_CONNECT_TIMEOUT_S = 3.0
 PROBE_READ_TIMEOUT_S = 5.0
 

@@ -28,10 +28,9 @@ from typing import Iterator
 
 import pytest
 
-from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_ENDPOINT_URL, ENV_AWS_REGION,
-                               ENV_AWS_SECRET_ACCESS_KEY, ENV_S3_BUCKET, Settings)
+from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_CA_BUNDLE, ENV_AWS_ENDPOINT_URL,
+                               ENV_AWS_REGION, ENV_AWS_SECRET_ACCESS_KEY, ENV_S3_BUCKET, Settings)
 
-ENV_AWS_CA_BUNDLE = "AWS_CA_BUNDLE"  # read by botocore itself, not by the worker's settings
 REGION = "us-east-1"
 START_TIMEOUT_S = 30
 GRPC_OFFSET = 10000  # some weed components dial <http port> + 10000 whatever -*.port.grpc says
