@@ -4,17 +4,60 @@ Why this module exists: the handler must be testable without starting runpod, an
 load at import. ``build_worker`` loads the model (and warms it up) once per process;
 ``make_handler`` returns the async handler runpod calls, which only parses, routes, calls and shapes
 the result. Errors are mapped to ``{"error": "<sentence>"}`` here and nowhere else.
+
+Besides routing, the handler bounds what one job can do to the worker (``JobGuard``):
+
+* Deadline. A job still running after ``F5_JOB_TIMEOUT_SECONDS`` gets "The job did not finish
+  within N s (stuck at: <what it was waiting on>)." Its workflow is cancelled, which removes its
+  temp files. A call already running in a thread cannot be stopped (Python has no way to); it is
+  abandoned and ends on its own timeouts (storage and download timeouts bound every such call).
+* Shutdown. On SIGTERM runpod stops taking jobs and waits for the ones in flight, and Python then
+  joins every thread, so one storage call that hangs held the exit for minutes. Here jobs in flight
+  get ``SHUTDOWN_GRACE_S`` to finish, then are answered with a sentence; if the process is still
+  alive ``EXIT_AFTER_S`` later (a thread stuck in I/O), the temp files of the stopped jobs are
+  removed, runpod's heartbeat child is stopped and the process ends with ``os._exit``. runpod
+  (``JobScaler``) and uvicorn (``--rp_serve_api``) install their own SIGTERM handlers once they
+  start, after ``serve`` has run, so ours is put in front of theirs from the handler (which runs on
+  the main thread's event loop) and calls theirs in turn.
+* Faults a worker does not recover from. When the models could not be loaded, or a job fails with
+  a CUDA out-of-memory error or a CUDA device fault (also when it arrives wrapped, as another error's
+  cause), the caller gets a sentence and the result carries ``"refresh_worker": True``: runpod pops
+  it and sends ``stopPod``, so RunPod replaces this worker after the job instead of letting it fail
+  every job forever. No runpod fitness check is registered for failed start-up on purpose: a failing
+  fitness check ``os._exit(1)``s before any job is taken, so callers would never learn why (their
+  jobs would wait in the queue while workers restart), and a configuration mistake would restart
+  workers in a loop. Answering each job with the cause, then being replaced, tells callers and
+  still gets the worker replaced.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import threading
 import time
+from pathlib import Path
 
 from f5worker.errors import StorageError, WorkerError
 from f5worker.job_input import UploadInput, parse_job_input
 from f5worker.settings import Settings
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 3.0  # after SIGTERM, jobs in flight get this long to finish
+EXIT_AFTER_S = 5.0  # then answers go out; a process still alive this much later ends itself
+SETTLE_S = 2.0  # a stopped job's clean-up, and a failed job's log record, get this long
+# Faults that leave the GPU unusable for the rest of the process (torch's wording, stable for years).
+_CUDA_FAULT = re.compile(r"CUDA error|CUBLAS_STATUS_|CUDNN_STATUS_|cuDNN error|CUDA driver")
+
+
+class JobStopped(WorkerError):
+    """The job ran past its deadline, or the worker is shutting down."""
 
 
 def build_worker(settings: Settings, phases: dict[str, float] | None = None):
@@ -65,33 +108,197 @@ def error_sentence(err: WorkerError) -> str:
     return message if message.endswith((".", "!", "?")) else message + "."
 
 
-def make_handler(worker, start_error: WorkerError | None = None):
+def gpu_fault(err: BaseException) -> tuple[str, BaseException] | None:
+    """``("memory" or "device", the CUDA error)`` when ``err``, or an error it was raised from, is
+    a CUDA out-of-memory error or a CUDA device fault; None otherwise."""
+    # torch is imported by the engine, in the start-up thread; importing it here would make runpod's
+    # import wait for torch's. Without torch loaded there is no torch error to recognise.
+    torch = sys.modules.get("torch")
+    out_of_memory = torch.cuda.OutOfMemoryError if torch is not None else ()
+    accelerator = getattr(torch, "AcceleratorError", ()) if torch is not None else ()
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err) if isinstance(err, RuntimeError) else ""
+        if isinstance(err, out_of_memory) or "CUDA out of memory" in text or "CUDA error: out of memory" in text:
+            return "memory", err
+        if isinstance(err, accelerator) or _CUDA_FAULT.search(text):
+            return "device", err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _callable_name(fn) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__qualname__", type(fn).__name__)
+
+
+def stuck_at(task: asyncio.Task) -> str:
+    """What a job's workflow is waiting on: the innermost coroutine it awaits or, for a call handed
+    to a thread (``asyncio.to_thread``, ``run_in_executor``), the function that thread runs."""
+    coro, where = task.get_coro(), "start"
+    while getattr(coro, "cr_frame", None) is not None:
+        frame = coro.cr_frame
+        where = frame.f_code.co_qualname
+        handed = frame.f_locals.get("func") or frame.f_locals.get("fn")
+        if callable(handed):
+            where = _callable_name(handed)
+        coro = coro.cr_await
+    return where
+
+
+class JobGuard:
+    """The deadline of each job, and what SIGTERM does to the jobs in flight (module docstring)."""
+
+    def __init__(self, timeout_s: float, tmp_dir: Path, grace_s: float = SHUTDOWN_GRACE_S,
+                 exit_after_s: float = EXIT_AFTER_S):
+        self.timeout_s = timeout_s
+        self.tmp_dir = tmp_dir
+        self.grace_s = grace_s
+        self.exit_after_s = exit_after_s
+        self.stopping = False
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._stopped: set[str] = set()  # jobs whose abandoned threads may still write their files
+        self._previous = None
+
+    async def run(self, job_id: str, workflow) -> dict:
+        """``workflow`` (a coroutine) to its result, unless the deadline or a shutdown stops it."""
+        loop = asyncio.get_running_loop()
+        work = loop.create_task(workflow)
+        stop = loop.create_future()
+        with self._lock:
+            self._in_flight[job_id] = (loop, stop)
+        try:
+            await asyncio.wait({work, stop}, timeout=self.timeout_s or None, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            where = stuck_at(work)
+            self._stopped.add(job_id)
+            if stop.done():
+                raise JobStopped(f"The worker shut down before the job finished (stuck at: {where}); "
+                                 "send it again.")
+            raise JobStopped(f"The job did not finish within {self.timeout_s:g} s (stuck at: {where}).")
+        finally:
+            with self._lock:
+                self._in_flight.pop(job_id, None)
+            if not work.done():  # its own clean-up (temp files) runs before the caller is answered
+                work.cancel()
+                await asyncio.wait({work}, timeout=SETTLE_S)
+                self.sweep([job_id])
+
+    def watch_sigterm(self) -> None:
+        """Put ``on_sigterm`` in front of the SIGTERM handler runpod or uvicorn installed. Only a
+        Python handler is chained: with the default action the process ends at once anyway."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        current = signal.getsignal(signal.SIGTERM)
+        if current == self.on_sigterm or not callable(current):
+            return
+        self._previous = current
+        signal.signal(signal.SIGTERM, self.on_sigterm)
+
+    def on_sigterm(self, signum, frame) -> None:
+        if not self.stopping:
+            self.stopping = True
+            log.warning("SIGTERM: %d job(s) in flight get %g s to finish; the process ends at most %g s later",
+                        len(self._in_flight), self.grace_s, self.exit_after_s)
+            threading.Thread(target=self._wind_down, name="shutdown", daemon=True).start()
+        if callable(self._previous):
+            self._previous(signum, frame)
+
+    def _wind_down(self) -> None:
+        time.sleep(self.grace_s)
+        with self._lock:
+            in_flight = list(self._in_flight.values())
+        for loop, stop in in_flight:
+            try:
+                loop.call_soon_threadsafe(lambda f=stop: f.done() or f.set_result(None))
+            except RuntimeError:  # its loop has closed: the job is over
+                pass
+        time.sleep(self.exit_after_s)
+        busy = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive())
+        log.warning("shutdown: still running after %g s (threads: %s); exiting now",
+                    self.grace_s + self.exit_after_s, ", ".join(busy))
+        self.sweep(set(self._stopped) | set(self._in_flight))
+        for child in multiprocessing.active_children():  # runpod's heartbeat process
+            child.terminate()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(0)
+
+    def sweep(self, job_ids) -> None:
+        """Remove the jobs' temp files, ``<tmp>/<job_id>_*`` and the hidden partial files beside
+        them, which an abandoned thread may still hold open (its final rename then fails)."""
+        for job_id in job_ids:
+            for pattern in (f"{job_id}_*", f".{job_id}_*"):
+                for path in self.tmp_dir.glob(pattern):
+                    try:
+                        path.unlink(missing_ok=True)
+                    except OSError:
+                        log.warning("could not remove %s", path)
+
+
+def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard | None = None):
     """The async handler runpod calls. With ``start_error`` (the models could not be loaded) every
-    job gets that sentence back, so callers see why instead of a worker that keeps restarting."""
+    job gets that sentence back, so callers see why, and RunPod is asked to replace the worker."""
     from f5worker.jobs import safe_job_id
+
+    if guard is None and worker is not None:
+        guard = JobGuard(worker.settings.job_timeout_s, worker.settings.tmp_dir)
 
     async def handler(job: dict) -> dict:
         if start_error is not None:
-            return {"error": error_sentence(start_error)}
+            log.error("job refused (the worker did not start), asking RunPod to replace this worker: %s", start_error)
+            return {"error": error_sentence(start_error), "refresh_worker": True}
+        guard.watch_sigterm()
         job_id = safe_job_id(job.get("id"))
         endpoint = "unknown"
         try:
+            if guard.stopping:
+                raise JobStopped("The worker is shutting down and did not start the job; send it again.")
             job_input = parse_job_input(job.get("input"))
             endpoint = job_input.endpoint
-            if isinstance(job_input, UploadInput):
-                return await worker.upload(job_id, job_input)
-            return await worker.tts(job_id, job_input)
-        except WorkerError as err:
-            message = error_sentence(err)
-            log.info("job %s (%s) refused or failed: %s", job_id, endpoint, message)
-            await worker.record(job_id, endpoint, "error", error=message)
-            return {"error": message}
-        except Exception as err:  # a bug or an unexpected fault: say so without leaking internals
-            log.exception("job %s (%s) failed unexpectedly", job_id, endpoint)
-            await worker.record(job_id, endpoint, "error", error=type(err).__name__)
-            return {"error": f"Internal error ({type(err).__name__}); the worker log has details for job {job_id}."}
+            workflow = worker.upload if isinstance(job_input, UploadInput) else worker.tts
+            return await guard.run(job_id, workflow(job_id, job_input))
+        except Exception as err:
+            result, recorded = failure(err, job_id, endpoint)
+            await _record_error(worker, job_id, endpoint, recorded)
+            return result
 
     return handler
+
+
+def failure(err: Exception, job_id: str, endpoint: str) -> tuple[dict, str]:
+    """The result of a job that failed with ``err`` (logged once), and what its log record says."""
+    fault = gpu_fault(err)
+    if fault is not None:
+        kind, cuda_error = fault
+        log.error("job %s (%s) hit a GPU fault; asking RunPod to replace this worker", job_id, endpoint,
+                  exc_info=err)
+        what = "ran out of memory" if kind == "memory" else f"failed ({type(cuda_error).__name__})"
+        message = f"The GPU {what} during this job; this worker will be replaced."
+        return {"error": message, "refresh_worker": True}, message
+    if isinstance(err, WorkerError):
+        message = error_sentence(err)
+        log.info("job %s (%s) refused or failed: %s", job_id, endpoint, message)
+        return {"error": message}, message
+    # a bug or an unexpected fault: say so without leaking internals
+    log.error("job %s (%s) failed unexpectedly", job_id, endpoint, exc_info=err)
+    return ({"error": f"Internal error ({type(err).__name__}); the worker log has details for job {job_id}."},
+            type(err).__name__)
+
+
+async def _record_error(worker, job_id: str, endpoint: str, error: str) -> None:
+    """The failed job's log record; storage that hangs must not hold the answer (the write goes on
+    in its thread)."""
+    try:
+        await asyncio.wait_for(worker.record(job_id, endpoint, "error", error=error), SETTLE_S)
+    except asyncio.TimeoutError:
+        log.warning("the log record of job %s is still being written after %g s", job_id, SETTLE_S)
 
 
 def concurrency_modifier_for(settings: Settings):

@@ -1,22 +1,160 @@
-"""A worker whose models cannot be loaded still answers every job with one sentence saying why."""
+"""Workers that cannot recover: each job gets one sentence saying why, and RunPod is asked to
+replace the worker (``"refresh_worker": True``, which runpod's own ``run_job`` turns into
+``stopPod``).
+
+Start-up failures are real (a corrupt checkpoint, a missing model folder). CUDA faults cannot be
+caused on the CPU these tests run on, so the real worker's vocoder is made to raise torch's own
+``OutOfMemoryError`` / ``AcceleratorError`` (a stand-in for the fault, said where it is done); the
+batcher, handler and runpod's result shaping around it are real.
+"""
+from __future__ import annotations
+
 import asyncio
+import uuid
 
-from f5worker.service import make_handler, start_worker
+import pytest
+import soundfile as sf
+import torch
+from runpod.serverless.modules.rp_job import run_job
+
+from f5worker.errors import StorageError
+from f5worker.service import gpu_fault, make_handler, start_worker
 from f5worker.settings import Settings
+from tests.fixtures_models import SR, speechlike
+from tests.fixtures_worker import worker_ctx
+
+OOM_TEXT = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB"
+ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
 
 
-def test_corrupt_checkpoint_is_reported_to_every_job(tiny_models, tmp_path):
+def tts(**kw) -> dict:
+    return {"text": "Hello there, a short test.", "local_voice": "basic_ref_en.wav", "nfe_step": 4, **kw}
+
+
+# --- start-up failures ----------------------------------------------------------------------------
+def test_corrupt_checkpoint_is_reported_to_every_job_and_the_worker_replaced(tiny_models, tmp_path):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"not a checkpoint")
     env = {**tiny_models, "F5_CKPT_FILE": str(bad), "RUNPOD_VOLUME_PATH": str(tmp_path / "vol")}
     worker, error, runpod = start_worker(Settings.from_env(env))
     assert worker is None and error is not None and hasattr(runpod, "serverless")
-    result = asyncio.run(make_handler(None, error)({"id": "j1", "input": {"text": "x", "local_voice": "a.wav"}}))
-    assert result == {"error": "The worker could not load its models (SafetensorError); the worker log has details."}
+    handler = make_handler(None, error)
+    sentence = "The worker could not load its models (SafetensorError); the worker log has details."
+    for job_input in ({"text": "x", "local_voice": "a.wav"}, {"endpoint": "upload"}, None):
+        assert asyncio.run(handler({"id": "j1", "input": job_input})) == {"error": sentence, "refresh_worker": True}
+    # what runpod sends to RunPod for that answer: the sentence, and stopPod
+    assert asyncio.run(run_job(handler, {"id": "j2", "input": {}})) == {"error": sentence, "stopPod": True}
 
 
 def test_missing_model_file_is_reported(tiny_models, tmp_path):
     env = {**tiny_models, "F5_VOCODER_DIR": str(tmp_path / "nowhere"), "RUNPOD_VOLUME_PATH": str(tmp_path)}
     worker, error, _ = start_worker(Settings.from_env(env))
     result = asyncio.run(make_handler(worker, error)({"id": "j2", "input": {}}))
+    assert result["refresh_worker"] is True
     assert result["error"].startswith("F5_VOCODER_DIR is set to ") and result["error"].endswith("does not exist.")
+
+
+# --- recognising GPU faults -----------------------------------------------------------------------
+def _raised_from(outer: Exception, cause: Exception) -> Exception:
+    try:
+        try:
+            raise cause
+        except Exception as inner:
+            raise outer from inner
+    except Exception as err:
+        return err
+
+
+def _raised_during(outer: Exception, context: Exception) -> Exception:
+    try:
+        try:
+            raise context
+        except Exception:
+            raise outer  # noqa: B904 (an implicit __context__ is the point)
+    except Exception as err:
+        return err
+
+
+@pytest.mark.parametrize("err, kind", [
+    (torch.cuda.OutOfMemoryError(OOM_TEXT), "memory"),
+    (RuntimeError(OOM_TEXT), "memory"),  # torch before 1.13 raised a plain RuntimeError
+    (RuntimeError("CUDA error: out of memory"), "memory"),
+    (torch.AcceleratorError(ILLEGAL_ACCESS), "device"),
+    (RuntimeError("CUDA error: device-side assert triggered"), "device"),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, ...)`"), "device"),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), "device"),
+    (_raised_from(StorageError("The transcription model could not be loaded (OutOfMemoryError)"),
+                  torch.cuda.OutOfMemoryError(OOM_TEXT)), "memory"),
+    (_raised_during(ValueError("cleanup failed"), torch.AcceleratorError(ILLEGAL_ACCESS)), "device"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"), None),
+    (RuntimeError("shape mismatch"), None),
+    (MemoryError(), None),
+    (ValueError("CUDA error: in a ValueError is not torch's"), None),
+])
+def test_gpu_fault_is_recognised_also_when_wrapped(err, kind):
+    found = gpu_fault(err)
+    assert (found[0] if found else None) == kind
+
+
+# --- GPU faults in a real worker ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ctx(tiny_models, tiny_whisper, tmp_path_factory):
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path_factory.mktemp("faults"), prefix="faults") as ctx:
+        yield ctx
+
+
+def _fault(err: Exception):
+    def decode(*args, **kwargs):  # stands in for the vocoder hitting the fault on the GPU
+        raise err
+    return decode
+
+
+@pytest.mark.parametrize("err, expected", [
+    (torch.cuda.OutOfMemoryError(OOM_TEXT), "The GPU ran out of memory during this job; this worker will be replaced."),
+    (torch.AcceleratorError(ILLEGAL_ACCESS),
+     "The GPU failed (AcceleratorError) during this job; this worker will be replaced."),
+    (RuntimeError("CUDA error: device-side assert triggered"),
+     "The GPU failed (RuntimeError) during this job; this worker will be replaced."),
+])
+def test_gpu_fault_in_a_job_asks_for_a_new_worker(ctx, monkeypatch, err, expected):
+    monkeypatch.setattr(ctx.worker.engine.vocoder, "decode", _fault(err))
+    keys = ctx.keys()
+    job_id = f"gpu-{uuid.uuid4().hex[:8]}"
+    result = asyncio.run(ctx.handler({"id": job_id, "input": tts(seed=1)}))
+    assert result == {"error": expected, "refresh_worker": True}
+    assert ctx.keys() == keys and ctx.tmp_files() == []
+    assert '"status": "error"' in ctx.get_text(f"logs/{job_id}.json")
+    assert asyncio.run(run_job(ctx.handler, {"id": job_id, "input": tts(seed=1)})) == {"error": expected,
+                                                                                       "stopPod": True}
+
+
+def test_fault_wrapped_by_the_transcriber_still_asks_for_a_new_worker(ctx, monkeypatch, tmp_path):
+    """Whisper is loaded when a voice without a transcript is first used; the transcriber wraps a
+    load failure in a StorageError sentence, with the CUDA error as its cause."""
+    import transformers
+
+    def pipeline(*args, **kwargs):  # stands in for Whisper's weights not fitting on the GPU
+        raise torch.cuda.OutOfMemoryError(OOM_TEXT)
+
+    monkeypatch.setattr(transformers, "pipeline", pipeline)
+    monkeypatch.setattr(ctx.worker.transcriber, "_pipe", None)
+    name = f"untranscribed-{uuid.uuid4().hex[:8]}.wav"
+    clip = tmp_path / name
+    sf.write(str(clip), speechlike(2.0, seed=4), SR, subtype="PCM_16")
+    ctx.worker.storage.upload_file(f"voices/{name}", clip, "audio/wav")
+    result = asyncio.run(ctx.handler({"id": f"w-{uuid.uuid4().hex[:8]}", "input": tts(local_voice=name)}))
+    assert result == {"error": "The GPU ran out of memory during this job; this worker will be replaced.",
+                      "refresh_worker": True}
+    assert ctx.tmp_files() == []
+
+
+def test_other_failures_do_not_replace_the_worker(ctx, monkeypatch):
+    monkeypatch.setattr(ctx.worker.engine.vocoder, "decode", _fault(RuntimeError("shape mismatch")))
+    job_id = f"bug-{uuid.uuid4().hex[:8]}"
+    result = asyncio.run(ctx.handler({"id": job_id, "input": tts()}))
+    assert result == {"error": f"Internal error (RuntimeError); the worker log has details for job {job_id}."}
+    monkeypatch.undo()
+    assert asyncio.run(ctx.handler({"id": job_id, "input": tts(nfe_step="4")})) == {
+        "error": "'nfe_step' must be an integer."}
+    result = asyncio.run(ctx.handler({"id": job_id, "input": tts(seed=2)}))
+    assert "error" not in result and "refresh_worker" not in result, result

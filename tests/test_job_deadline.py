@@ -1,0 +1,139 @@
+"""The per-job deadline (``F5_JOB_TIMEOUT_SECONDS``) on real slow parts.
+
+A voice URL whose server sends its headers and then nothing, and S3 storage whose endpoint accepts
+connections and never answers (a listening socket nobody reads). The caller gets one sentence
+naming the deadline and what the job was waiting on; the job's temp files are gone once the
+abandoned thread has ended (``asyncio.run`` waits for it: its default executor is joined on exit).
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+import uuid
+
+import pytest
+
+from f5worker.service import SETTLE_S, JobGuard, stuck_at
+from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_ENDPOINT_URL, ENV_AWS_REGION,
+                               ENV_AWS_SECRET_ACCESS_KEY, ENV_JOB_TIMEOUT, ENV_S3_BUCKET, ENV_S3_CONNECT_TIMEOUT,
+                               ENV_S3_MAX_ATTEMPTS, ENV_S3_READ_TIMEOUT, Settings)
+from tests.fixtures_worker import worker_ctx
+
+DEADLINE_S = 1
+
+
+def sentence(where: str) -> re.Pattern:
+    return re.compile(rf"The job did not finish within {DEADLINE_S} s \(stuck at: {where}\)\.")
+
+
+def timed(handler, job_input, job_id: str | None = None) -> tuple[float, dict, str]:
+    """(seconds until the handler answered, its answer, the job id)."""
+    job_id = job_id or f"d-{uuid.uuid4().hex[:10]}"
+
+    async def go():
+        started = time.monotonic()
+        result = await handler({"id": job_id, "input": job_input})
+        return time.monotonic() - started, result
+
+    seconds, result = asyncio.run(go())  # returns once the abandoned thread has ended
+    return seconds, result, job_id
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_models, tiny_whisper, tmp_path_factory):
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path_factory.mktemp("deadline"), prefix="deadline",
+                    extra={ENV_JOB_TIMEOUT: str(DEADLINE_S)}) as ctx:
+        yield ctx
+
+
+@pytest.fixture
+def black_hole():
+    """An address that accepts TCP connections (the kernel completes them) and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_upload_stuck_on_a_silent_voice_server_gets_the_deadline_sentence(ctx, file_server):
+    keys = ctx.keys()
+    seconds, result, job_id = timed(ctx.handler, {"endpoint": "upload", "voice_name": "stalled.wav",
+                                                  "voice_file_url": file_server.url("_stall?delay=4")})
+    assert set(result) == {"error"} and sentence("download_to_file").fullmatch(result["error"]), result
+    assert DEADLINE_S <= seconds < DEADLINE_S + 1.5
+    assert ctx.tmp_files() == [] and ctx.keys() == keys
+    assert '"status": "error"' in ctx.get_text(f"logs/{job_id}.json")
+
+
+def test_download_that_finishes_after_the_deadline_leaves_no_file(ctx, file_server):
+    """The abandoned download thread goes on after the answer; its partial file is removed with the
+    job's, so its final rename into ``<tmp>/<job_id>_download`` fails and leaves nothing."""
+    _, result, _ = timed(ctx.handler, {"endpoint": "upload", "voice_name": "late.wav",
+                                       "voice_file_url": file_server.url("_drip?n=40&delay=0.05")})
+    left = ctx.tmp_files()
+    for name in left:  # the other tests must not see them
+        (ctx.tmp_dir / name).unlink()
+    assert sentence("download_to_file").fullmatch(result["error"]), result
+    assert left == []
+
+
+def test_slow_model_call_names_the_batcher(ctx, monkeypatch):
+    real_decode = ctx.worker.engine.vocoder.decode
+
+    def slow_decode(*args, **kwargs):  # stands in for a model call that takes too long
+        time.sleep(DEADLINE_S + 1.5)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(ctx.worker.engine.vocoder, "decode", slow_decode)
+    keys = ctx.keys()
+    seconds, result, _ = timed(ctx.handler, {"text": "Slow.", "local_voice": "basic_ref_en.wav", "nfe_step": 2})
+    assert sentence("Batcher.submit").fullmatch(result["error"]), result
+    assert seconds < DEADLINE_S + 1.5
+    ctx.worker.batcher.executor.submit(lambda: None).result(timeout=30)  # the model call has ended
+    assert ctx.tmp_files() == [] and ctx.keys() == keys
+
+
+def test_tts_on_storage_that_never_answers(tiny_models, tiny_whisper, tmp_path, black_hole, monkeypatch):
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    s3 = {ENV_S3_BUCKET: "hung", ENV_AWS_ACCESS_KEY_ID: "AKIDEXAMPLE", ENV_AWS_SECRET_ACCESS_KEY: "secret",
+          ENV_AWS_REGION: "us-east-1", ENV_AWS_ENDPOINT_URL: black_hole, ENV_S3_CONNECT_TIMEOUT: "1",
+          ENV_S3_READ_TIMEOUT: "3", ENV_S3_MAX_ATTEMPTS: "1", ENV_JOB_TIMEOUT: str(DEADLINE_S)}
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path, extra=s3) as hung:
+        seconds, result, _ = timed(hung.handler, {"text": "Hello.", "local_voice": "basic_ref_en.wav", "nfe_step": 2})
+        assert sentence("VoiceLibrary.fetch").fullmatch(result["error"]), result
+        # the failed job's log record goes to the same storage: it may not hold the answer either
+        assert seconds < DEADLINE_S + SETTLE_S + 1.5
+        assert hung.tmp_files() == []
+
+
+def test_stuck_at_names_the_function_a_thread_runs():
+    async def workflow():
+        await asyncio.to_thread(time.sleep, 0.3)
+
+    async def go():
+        task = asyncio.get_running_loop().create_task(workflow())
+        await asyncio.sleep(0.1)
+        where = stuck_at(task)
+        await task
+        return where
+
+    assert asyncio.run(go()) == "sleep"
+
+
+def test_no_deadline_when_zero(tmp_path):
+    assert Settings.from_env({ENV_JOB_TIMEOUT: "0"}).job_timeout_s == 0
+    assert Settings.from_env({}).job_timeout_s == 600
+    with pytest.raises(ValueError, match=ENV_JOB_TIMEOUT):
+        Settings.from_env({ENV_JOB_TIMEOUT: "ten"})
+    guard = JobGuard(0, tmp_path)
+
+    async def slow():
+        await asyncio.sleep(0.2)
+        return {"ok": True}
+
+    assert asyncio.run(guard.run("j", slow())) == {"ok": True}
+
