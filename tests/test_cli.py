@@ -66,6 +66,7 @@ def test_valid_tts_job_exits_0_and_writes_the_output(cli):
 @pytest.mark.parametrize("job", [
     {"input": {"text": "No voice given."}},
     {"input": {"text": "Bad steps.", "local_voice": "basic_ref_en.wav", "nfe_step": 0}},
+    {"input": {"text": "Seed as text.", "local_voice": "basic_ref_en.wav", "nfe_step": 6, "seed": "7"}},
     {"input": {"text": "Unknown voice.", "local_voice": "not-uploaded.wav", "nfe_step": 6}},
 ])
 def test_invalid_job_exits_non_zero(cli, job):
