@@ -1,4 +1,5 @@
-"""Writes the reliability figures the tests measure into tests/RELIABILITY.md.
+"""Writes the reliability figures the tests measure into tests/RELIABILITY.md, and holds the one
+check they all apply to an error (``sentence_problems``).
 
 Why this module exists: issue 6 asks for figures produced by the test suite itself (property test,
 fault matrix, soak), not typed in by hand. Each producer owns one section of the file, delimited by
@@ -58,3 +59,26 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def sentence_problems(message: object, secrets_: set[str]) -> list[str]:
+    """What is wrong with ``message`` as a job's error: it must be one line, one sentence ending in
+    a full stop, no traceback, not the catch-all internal error, and none of ``secrets_`` in it."""
+    if not isinstance(message, str) or not message:
+        return ["error is not a non-empty string"]
+    problems = []
+    if "\n" in message or "\r" in message:
+        problems.append("error spans lines")
+    if "Traceback" in message or 'File "' in message:
+        problems.append("error holds a traceback")
+    if message.startswith("Internal error"):
+        problems.append("internal error")
+    if not message.endswith("."):
+        problems.append("error does not end with a full stop")
+    if message != message.strip():
+        problems.append("error has surrounding whitespace")
+    if re.search(r"[.!?]\s+[A-Z]", re.sub(r"'[^']*'", "''", message)[:-1]):
+        problems.append("error is more than one sentence")
+    if any(s in message for s in secrets_):
+        problems.append("error shows a secret")
+    return problems

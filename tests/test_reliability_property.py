@@ -41,7 +41,7 @@ from f5worker.job_input import MAX_REF_TEXT_CHARS, MAX_SEED, MAX_TEXT_CHARS
 from f5worker.settings import ENV_ALLOW_PRIVATE_URLS, ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY
 from tests.fixtures_models import SR, speechlike
 from tests.fixtures_worker import worker_ctx
-from tests.reliability_report import provenance, table, write_section
+from tests.reliability_report import provenance, sentence_problems, table, write_section
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
 
@@ -309,27 +309,6 @@ def secret_values() -> set[str]:
         if re.search(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY", name) and len(value) >= 8:
             found.add(value)
     return found
-
-
-def sentence_problems(message: object, secrets_: set[str]) -> list[str]:
-    if not isinstance(message, str) or not message:
-        return ["error is not a non-empty string"]
-    problems = []
-    if "\n" in message or "\r" in message:
-        problems.append("error spans lines")
-    if "Traceback" in message or 'File "' in message:
-        problems.append("error holds a traceback")
-    if message.startswith("Internal error"):
-        problems.append("internal error")
-    if not message.endswith("."):
-        problems.append("error does not end with a full stop")
-    if message != message.strip():
-        problems.append("error has surrounding whitespace")
-    if re.search(r"[.!?]\s+[A-Z]", re.sub(r"'[^']*'", "''", message)[:-1]):
-        problems.append("error is more than one sentence")
-    if any(s in message for s in secrets_):
-        problems.append("error shows a secret")
-    return problems
 
 
 def local_path(url: str) -> Path:
