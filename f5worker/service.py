@@ -11,11 +11,14 @@ Besides routing, the handler bounds what one job can do to the worker (``JobGuar
   within N s (stuck at: <what it was waiting on>)." Its workflow is cancelled, which removes its
   temp files. A call already running in a thread cannot be stopped (Python has no way to); it is
   abandoned and ends on its own timeouts (storage and download timeouts bound every such call).
+  The partial files such a thread holds open are removed too, so its final rename fails instead of
+  leaving ``<tmp>/<job_id>_*`` behind.
 * Shutdown. On SIGTERM runpod stops taking jobs and waits for the ones in flight, and Python then
   joins every thread, so one storage call that hangs held the exit for minutes. Here jobs in flight
   get ``SHUTDOWN_GRACE_S`` to finish, then are answered with a sentence; if the process is still
-  alive ``EXIT_AFTER_S`` later (a thread stuck in I/O), the temp files of the stopped jobs are
-  removed, runpod's heartbeat child is stopped and the process ends with ``os._exit``. runpod
+  alive ``EXIT_AFTER_S`` later (a thread stuck in I/O, or one of runpod's long polls), the temp
+  files of those jobs are removed again, runpod's heartbeat child is stopped and the process ends
+  with ``os._exit`` (the one way past a thread blocked in a system call). runpod
   (``JobScaler``) and uvicorn (``--rp_serve_api``) install their own SIGTERM handlers once they
   start, after ``serve`` has run, so ours is put in front of theirs from the handler (which runs on
   the main thread's event loop) and calls theirs in turn.
