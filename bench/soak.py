@@ -1,0 +1,341 @@
+#!/usr/bin/env python
+"""Soak: many jobs (valid, invalid, uploads good and bad) through runpod's local API server.
+
+    python bench/soak.py --jobs 1000 --record     # the full soak; figures into tests/RELIABILITY.md
+    python bench/soak.py --jobs 60                # a short one (tests/test_reliability_soak.py runs this)
+
+Why this exists: issue 6 asks that a worker survive a long stream of mixed jobs without a job
+failing that should not, without files piling up, and without its memory creeping up. This starts
+``runpod-handler.py --rp_serve_api`` as a subprocess on tiny random models (no GPU, no model hub)
+with local storage, serves reference clips from a loopback HTTP server, and sends the jobs with
+``POST /runsync`` from a few client threads at once (so the batcher shares model calls). The job
+mix is fixed by ``--seed``. It reports:
+
+* unintended failures: a valid job that did not complete with its WAV in storage as reported (or
+  an upload whose voice is missing), or an invalid one that did not fail with one sentence;
+* files left: anything in the worker's temp folder at the end, and half-written files in storage;
+* resident memory (VmRSS of the server and its children) after the warm-up jobs and at the end,
+  and the growth between the two.
+
+Exit status 0 only when there are no unintended failures, no files left and growth under 5 %.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import http.server
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+import soundfile as sf  # noqa: E402
+
+from f5worker.random_models import write_model_set  # noqa: E402
+from f5worker.settings import (ENV_ALLOW_PRIVATE_URLS, ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR,  # noqa: E402
+                               ENV_LOCAL_STORAGE_DIR, ENV_TMP_DIR, ENV_VOLUME_PATH)
+from tests.fixtures_models import speechlike  # noqa: E402
+from tests.fixtures_whisper import write_tiny_whisper  # noqa: E402
+from tests.reliability_report import provenance, table, write_section  # noqa: E402
+
+READY_TIMEOUT_S = 180
+JOB_TIMEOUT_S = 120
+MAX_GROWTH_PERCENT = 5.0
+SR = 24000
+# What a developer's shell may hold that must not reach the worker (it would act on it).
+_DROP = re.compile(r"^(AWS_|S3_BUCKET$|RUNPOD_|F5_|ASR_MODEL$|HF_|TRANSFORMERS_|TORCH_HOME$|.*_proxy$|.*_PROXY$)")
+TEXTS = ["Hello there, this is a soak test.", "The quick brown fox jumps over the lazy dog.",
+         "今天天气很好，我们去公园散步。", "สวัสดีครับ ยินดีที่ได้รู้จัก", "Привет, как дела?", "Ça va très bien, merci.",
+         "Numbers like 42 and 3.14 are read aloud.", "One. Two. Three. Four. Five."]
+INVALID = [
+    ({"text": "Too few steps.", "local_voice": "basic_ref_en.wav", "nfe_step": 0}, "'nfe_step' must be at least 1."),
+    ({"text": "Unknown field.", "local_voice": "basic_ref_en.wav", "volume": 3}, "Unknown input field 'volume'."),
+    ({"text": "Wrong type.", "local_voice": "basic_ref_en.wav", "seed": "7"}, "'seed' must be an integer."),
+    ({"text": "Bad voice.", "local_voice": "../etc/passwd.wav"}, "'local_voice' must be a file name"),
+    ({"text": "Nobody.", "local_voice": "nobody-here.wav"}, "Voice 'nobody-here.wav' was not found"),
+    ({"text": "a" * 2001, "local_voice": "basic_ref_en.wav"}, "'text' is too long"),
+    ({"text": "   ", "local_voice": "basic_ref_en.wav"}, "'text' must not be empty."),
+    ({"endpoint": "delete", "voice_name": "x.wav"}, "Unknown endpoint"),
+    ({"endpoint": "upload", "voice_file_url": "ftp://127.0.0.1/x.wav", "voice_name": "x.wav"},
+     "voice_file_url must be an http or https URL."),
+]
+BAD_UPLOADS = [("notaudio.txt", "The voice file is not decodable audio"), ("short.wav", "The voice must be between"),
+               ("missing.wav", "Downloading the voice file failed: the server answered HTTP 404.")]
+VOICE_POOL = [f"soak-{k}.wav" for k in range(5)]
+
+
+# --- the pieces ---------------------------------------------------------------------------------------
+def _die_with_parent() -> None:  # in the child, before exec: no orphaned server if the soak dies
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session() -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # no proxies, no .netrc: loopback only
+    return session
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` and all its descendants, in KiB (0 for a process that is gone)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{current}/status").read_text()
+            total += int(re.search(r"^VmRSS:\s+(\d+)", status, re.M).group(1))
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return total
+
+
+@dataclass
+class Server:
+    base_url: str
+    proc: subprocess.Popen
+    tmp_dir: Path
+    storage_dir: Path
+    log_path: Path
+
+
+@contextlib.contextmanager
+def api_server(folder: Path, worker_env: dict[str, str]) -> Iterator[Server]:
+    """``runpod-handler.py --rp_serve_api`` on 127.0.0.1 with local storage under ``folder``."""
+    volume = folder / "volume"
+    tmp_dir, storage_dir = volume / "jobtmp", volume / "storage"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not _DROP.match(k)}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **worker_env, **{
+        ENV_VOLUME_PATH: str(volume), ENV_TMP_DIR: str(tmp_dir), ENV_LOCAL_STORAGE_DIR: str(storage_dir),
+        ENV_BAKED_MODEL_DIR: str(volume / "no-baked-models"), ENV_ALLOW_PRIVATE_URLS: "true"})
+    port = _free_port()
+    log_path = folder / "server.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "runpod-handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
+             "--rp_api_port", str(port)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    server = Server(f"http://127.0.0.1:{port}", proc, tmp_dir, storage_dir, log_path)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        with _session() as session:
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the API server did not start; log: {log_path}")
+                with contextlib.suppress(requests.RequestException):
+                    if session.get(f"{server.base_url}/docs", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.25)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def clip_server(root: Path) -> Iterator[str]:
+    """A loopback HTTP server for the reference clips; yields its base URL."""
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(3):
+        sf.write(str(root / f"clip{k}.wav"), speechlike(2.0 + k, seed=k), SR, subtype="PCM_16")
+    sf.write(str(root / "short.wav"), speechlike(0.5, seed=9), SR, subtype="PCM_16")
+    (root / "notaudio.txt").write_text("not audio\n" * 100)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             lambda *a, **kw: Quiet(*a, directory=str(root), **kw))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def job_mix(count: int, clips_url: str, seed: int) -> list[tuple[str, dict, str]]:
+    """(kind, input, expected) for each job: ``expected`` is "ok" or the start of the error sentence.
+    The first jobs upload every pooled voice, so later TTS jobs may use them."""
+    rng = random.Random(seed)
+    jobs = [("upload", {"endpoint": "upload", "voice_file_url": f"{clips_url}/clip{k % 3}.wav", "voice_name": name,
+                        "ref_text": f"Soak voice number {k}."}, "ok") for k, name in enumerate(VOICE_POOL)]
+    while len(jobs) < count:
+        roll = rng.random()
+        if roll < 0.55:
+            voice = rng.choice(["basic_ref_en.wav", "basic_ref_zh.wav"] + VOICE_POOL)
+            jobs.append(("tts", {"text": rng.choice(TEXTS), "local_voice": voice, "nfe_step": rng.randint(1, 3),
+                                 "seed": rng.randint(0, 2**31 - 1), "speed": rng.choice([0.8, 1.0, 1.3])}, "ok"))
+        elif roll < 0.80:
+            job, expected = rng.choice(INVALID)
+            jobs.append(("invalid", job, expected))
+        elif roll < 0.95:
+            name = rng.choice(VOICE_POOL)
+            jobs.append(("upload", {"endpoint": "upload", "voice_file_url": f"{clips_url}/clip{rng.randint(0, 2)}.wav",
+                                    "voice_name": name, "ref_text": f"Soak words {uuid.uuid4().hex[:6]}."}, "ok"))
+        else:
+            path, expected = rng.choice(BAD_UPLOADS)
+            jobs.append(("bad upload", {"endpoint": "upload", "voice_file_url": f"{clips_url}/{path}",
+                                        "voice_name": rng.choice(VOICE_POOL)}, expected))
+    return jobs[:count]
+
+
+def judge(answer: dict, kind: str, expected: str, server: Server) -> str | None:
+    """None when the job ended as it should, else why not."""
+    if expected != "ok":
+        error = answer.get("error")
+        if answer.get("status") != "FAILED" or not isinstance(error, str):
+            return f"{kind}: expected a failure, got {answer.get('status')}"
+        if not error.startswith(expected) or "\n" in error or not error.endswith("."):
+            return f"{kind}: unexpected error sentence {error!r}"
+        return None
+    if answer.get("status") != "COMPLETED":
+        return f"{kind}: {answer.get('status')} {answer.get('error')!r}"
+    output = answer.get("output") or {}
+    if kind == "tts":
+        path = Path(url2pathname(unquote(urlsplit(output.get("audio_url", "")).path)))
+        try:
+            info = sf.info(str(path))
+        except Exception:
+            return "tts: completed but its WAV is missing or unreadable"
+        if abs(info.frames / info.samplerate - output.get("duration", -1)) > 1 / SR + 0.0005:
+            return "tts: completed but its WAV is not as long as reported"
+    elif not (server.storage_dir / (output.get("voice_key") or "voices/?")).is_file():
+        return "upload: completed but the voice is not in storage"
+    return None
+
+
+def run_soak(jobs: int, folder: Path, worker_env: dict[str, str], concurrency: int = 4, seed: int = 0) -> dict:
+    """Run the soak; returns its figures (see the module docstring)."""
+    warm_up = max(20, jobs // 10)
+    started = time.monotonic()
+    with clip_server(folder / "clips") as clips_url, api_server(folder / "server", worker_env) as server:
+        ready_s = time.monotonic() - started
+        mix = job_mix(jobs, clips_url, seed)
+        failures: list[str] = []
+        kinds: dict[str, int] = {}
+        samples: list[tuple[int, int]] = []  # (jobs done, RSS KiB)
+        session = _session()
+
+        def send(job: dict) -> dict:
+            response = session.post(f"{server.base_url}/runsync", json={"input": job}, timeout=JOB_TIMEOUT_S)
+            if response.status_code != 200:
+                return {"status": f"HTTP {response.status_code}"}
+            return response.json()
+
+        done, baseline = 0, 0
+        soak_started = time.monotonic()
+        with ThreadPoolExecutor(concurrency) as pool:
+            # the warm-up jobs first, all finished before the baseline is read
+            for batch in (mix[:warm_up], mix[warm_up:]):
+                futures = {pool.submit(send, job): (kind, expected) for kind, job, expected in batch}
+                for future in as_completed(futures):
+                    kind, expected = futures[future]
+                    kinds[kind] = kinds.get(kind, 0) + 1
+                    try:
+                        why = judge(future.result(), kind, expected, server)
+                    except Exception as exc:  # a dropped connection, a timeout: the job was lost
+                        why = f"{kind}: {type(exc).__name__}"
+                    if why:
+                        failures.append(why)
+                    done += 1
+                    if done % 10 == 0:
+                        samples.append((done, rss_kib(server.proc.pid)))
+                baseline = baseline or rss_kib(server.proc.pid)
+        soak_s = time.monotonic() - soak_started
+        final = rss_kib(server.proc.pid)
+        samples.append((done, final))
+        left = sorted(p.name for p in server.tmp_dir.iterdir())
+        left += sorted(str(p.relative_to(server.storage_dir)) for p in server.storage_dir.rglob(".*") if p.is_file())
+        alive = server.proc.poll() is None
+    return {
+        "jobs": jobs, "concurrency": concurrency, "seed": seed, "kinds": kinds, "warm_up_jobs": warm_up,
+        "unintended_failures": len(failures), "failure_examples": sorted(set(failures))[:10],
+        "files_left": len(left), "files_left_examples": left[:10],
+        "rss_after_warm_up_mib": round(baseline / 1024, 1), "rss_final_mib": round(final / 1024, 1),
+        "rss_peak_mib": round(max(rss for _, rss in samples) / 1024, 1),
+        "rss_growth_percent": round((final - baseline) / baseline * 100, 2) if baseline else None,
+        "rss_mib_every_10_jobs": [round(rss / 1024, 1) for _, rss in samples],
+        "server_alive_at_end": alive, "ready_s": round(ready_s, 1), "soak_s": round(soak_s, 1),
+        "jobs_per_s": round(jobs / soak_s, 2) if soak_s else None,
+    }
+
+
+def passed(figures: dict) -> bool:
+    return (figures["unintended_failures"] == 0 and figures["files_left"] == 0 and figures["server_alive_at_end"]
+            and figures["rss_growth_percent"] is not None and figures["rss_growth_percent"] < MAX_GROWTH_PERCENT)
+
+
+def report(figures: dict, command: str, title: str) -> str:
+    """The figures as a RELIABILITY.md section."""
+    rows = [["jobs (" + ", ".join(f"{v} {k}" for k, v in sorted(figures["kinds"].items())) + ")", figures["jobs"]],
+            ["client threads", figures["concurrency"]],
+            ["unintended failures (must be 0)", figures["unintended_failures"]],
+            ["files left (must be 0)", figures["files_left"]],
+            [f"resident memory after {figures['warm_up_jobs']} warm-up jobs", f"{figures['rss_after_warm_up_mib']} MiB"],
+            ["resident memory at the end (peak)", f"{figures['rss_final_mib']} MiB ({figures['rss_peak_mib']} MiB)"],
+            [f"growth after warm-up (must be under {MAX_GROWTH_PERCENT:g} %)", f"{figures['rss_growth_percent']} %"],
+            ["server still up at the end", "yes" if figures["server_alive_at_end"] else "NO"],
+            ["server start to ready / soak time", f"{figures['ready_s']} s / {figures['soak_s']} s "
+                                                  f"({figures['jobs_per_s']} jobs/s, tiny models on the CPU)"]]
+    examples = figures["failure_examples"] + figures["files_left_examples"]
+    return "\n\n".join([f"## {title}", provenance(command), table(["figure", "value"], rows)]
+                       + ([f"First problems: {', '.join(f'`{e}`' for e in examples)}"] if examples else []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="work folder (default: a fresh temporary one, removed after)")
+    parser.add_argument("--record", action="store_true", help="write the figures into tests/RELIABILITY.md")
+    args = parser.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        folder = args.out or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-")))
+        folder.mkdir(parents=True, exist_ok=True)
+        worker_env = {**write_model_set(folder / "models"),
+                      ENV_ASR_MODEL: str(write_tiny_whisper(folder / "whisper"))}
+        figures = run_soak(args.jobs, folder, worker_env, args.concurrency, args.seed)
+    print(json.dumps(figures, indent=2))
+    if args.record:
+        command = f"python bench/soak.py --jobs {args.jobs} --concurrency {args.concurrency} --seed {args.seed} --record"
+        write_section("soak-full", report(figures, command, f"Soak: {args.jobs} jobs through the local API server"))
+    return 0 if passed(figures) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
