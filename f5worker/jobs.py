@@ -17,6 +17,8 @@ import re
 import shutil
 import time
 import uuid
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +38,8 @@ from s3_utils import Storage
 log = logging.getLogger(__name__)
 
 SAFE_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# Jobs whose final write has begun (``Worker._commit``); a job's task leaves with the task.
+COMMITTING: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()
 
 
 def safe_job_id(job_id: object) -> str:
@@ -81,6 +85,10 @@ class Worker:
         self.transcriber = transcriber
         self.voices = VoiceLibrary(storage, self._transcribe if transcriber is not None else None)
         self._transcriptions: dict[tuple[str, str], asyncio.Future] = {}
+        # Storage, download and file work of jobs in flight: a pool of its own, sized so that calls
+        # left hanging (until their storage timeouts) never starve the other jobs of threads.
+        self.io_threads = ThreadPoolExecutor(max_workers=max(8, 4 * settings.max_concurrency),
+                                             thread_name_prefix="job-io")
         self.transcriptions = 0  # Whisper runs, for logs and tests
 
     def _transcribe(self, samples, sr) -> str:
@@ -104,7 +112,7 @@ class Worker:
                 speed=job.speed, nfe_step=job.nfe_step, cfg_strength=job.cfg_strength,
                 sway_sampling_coef=job.sway_sampling_coef, cross_fade_duration=job.cross_fade_duration,
                 remove_silence=job.remove_silence)
-            plan = await asyncio.to_thread(self.engine.plan, request)
+            plan = await self._off_loop(self.engine.plan, request)
             waves = await self.batcher.submit(plan.items)
             wave = self.engine.finish(plan, waves)
             timings["synthesis_s"] = time.perf_counter() - mark
@@ -113,8 +121,8 @@ class Worker:
             output_key = f"{OUTPUT_PREFIX}{job_id}.wav"
             await self._staging(audio.write_wav, paths["output.wav"], wave)
             size = paths["output.wav"].stat().st_size
-            await asyncio.to_thread(self.storage.upload_file, output_key, paths["output.wav"], "audio/wav")
-            url = await asyncio.to_thread(self.storage.result_url, output_key)
+            await self._commit(self.storage.upload_file, output_key, paths["output.wav"], "audio/wav")
+            url = await self._off_loop(self.storage.result_url, output_key)
             timings["upload_s"] = time.perf_counter() - mark
         timings["total_s"] = time.perf_counter() - started
         duration = audio.duration_seconds(wave, audio.TARGET_SAMPLE_RATE)
@@ -126,7 +134,7 @@ class Worker:
                 "ref_text_source": ref_source, "timings": _rounded(timings)}
 
     async def _ref_text(self, voice: Voice, given: str | None) -> tuple[str, str]:
-        known = await asyncio.to_thread(self.voices.known_ref_text, voice, given)
+        known = await self._off_loop(self.voices.known_ref_text, voice, given)
         if known:
             return known
         # Jobs that arrive together for one untranscribed voice share one transcription.
@@ -139,22 +147,46 @@ class Worker:
 
     async def _transcribe_and_remember(self, voice: Voice) -> str:
         text = await self._transcribe_off_the_clock(voice.used, voice.sr)
-        await asyncio.to_thread(self.voices.remember_transcript, voice, text)
+        await self._off_loop(self.voices.remember_transcript, voice, text)
         return text
 
     async def _transcribe_off_the_clock(self, samples, sr) -> str:
         """Whisper is resolved, downloaded if need be and loaded off the model thread; only the
         transcription itself runs there, between model calls."""
         if self.transcriber is not None:
-            await asyncio.to_thread(self.transcriber.load)
+            await self._off_loop(self.transcriber.load)
         self.transcriptions += 1
         return await self._on_gpu_thread(self.voices.transcribe, samples, sr)
+
+    async def _off_loop(self, fn, *args):
+        """``fn(*args)`` on the I/O threads. A thread cannot be stopped: if the job is cancelled (its
+        deadline, a shutdown) meanwhile, the job still waits for the thread before it unwinds, so its
+        temp files are removed after the thread's last write, never before."""
+        future = asyncio.get_running_loop().run_in_executor(self.io_threads, functools.partial(fn, *args))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            while not future.done():
+                try:
+                    await asyncio.wait({future})
+                except asyncio.CancelledError:
+                    continue
+            raise
+
+    async def _commit(self, fn, *args):
+        """The job's one write that changes what a caller sees (the output, or the voice). Once it
+        has begun the job is seen through to its real end: the deadline no longer turns it into an
+        error over a change that was made (``service.JobGuard`` waits for a committing job)."""
+        COMMITTING.add(asyncio.current_task())
+        if asyncio.iscoroutinefunction(fn):
+            return await fn(*args)
+        return await self._off_loop(fn, *args)
 
     async def _staging(self, fn, *args):
         """``fn`` run off the event loop, with a failure of the temp folder said as such (libsndfile
         reports a full disk as its own error type)."""
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await self._off_loop(fn, *args)
         except WorkerError:
             raise
         except (OSError, sf.LibsndfileError) as err:
@@ -166,18 +198,19 @@ class Worker:
             size = await self._staging(
                 functools.partial(download_to_file, job.voice_file_url, paths["download"],
                                   max_bytes=self.settings.max_voice_bytes, allow_private=self.settings.allow_private_urls))
-            samples, sr = await asyncio.to_thread(audio.decode, paths["download"])
+            samples, sr = await self._off_loop(audio.decode, paths["download"])
             duration = audio.duration_seconds(samples, sr)
             if duration < audio.REF_MIN_SECONDS or duration > audio.VOICE_MAX_SECONDS:
                 raise InputError(f"The voice must be between {audio.REF_MIN_SECONDS:g} and "
                                  f"{audio.VOICE_MAX_SECONDS:g} seconds long (it is {duration:.1f} s).")
             # Stored is the part synthesis uses, and the transcript describes exactly that part.
-            used, clipped = await asyncio.to_thread(audio.clip_reference, samples, sr)
-            await asyncio.to_thread(audio.check_speech, used, sr)
+            used, clipped = await self._off_loop(audio.clip_reference, samples, sr)
+            await self._off_loop(audio.check_speech, used, sr)
             if job.ref_text and clipped:
                 raise clipped_refusal(duration)
             ref_text = job.ref_text or await self._transcribe_off_the_clock(used, sr)
-            key = await self._staging(self.voices.store, job.voice_name, used, sr, ref_text, paths["voice.wav"])
+            key = await self._commit(self._staging, self.voices.store, job.voice_name, used, sr, ref_text,
+                                    paths["voice.wav"])
         timings = {"total_s": time.perf_counter() - started}
         stored_seconds = audio.duration_seconds(used, sr)
         await self.record(job_id, "upload", "ok", voice=job.voice_name, input_bytes=size,
@@ -191,12 +224,12 @@ class Worker:
         entry = {"job_id": job_id, "endpoint": endpoint, "status": status,
                  "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields}
         try:
-            await asyncio.to_thread(self.storage.put_json, f"{LOGS_PREFIX}{job_id}.json", entry)
+            await self._off_loop(self.storage.put_json, f"{LOGS_PREFIX}{job_id}.json", entry)
         except Exception:
             log.warning("could not write the log record of job %s", job_id, exc_info=True)
         # Local storage keeps outputs and records only as long as F5_LOCAL_RETENTION_HOURS says
         # (rate-limited inside; S3 buckets use lifecycle rules instead).
-        await asyncio.to_thread(self.storage.sweep_expired)
+        await self._off_loop(self.storage.sweep_expired)
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:

@@ -9,10 +9,11 @@ Besides routing, the handler bounds what one job can do to the worker (``JobGuar
 
 * Deadline. A job still running after ``F5_JOB_TIMEOUT_SECONDS`` gets "The job did not finish
   within N s (stuck at: <what it was waiting on>)." Its workflow is cancelled, which removes its
-  temp files. A call already running in a thread cannot be stopped (Python has no way to); it is
-  abandoned and ends on its own timeouts (storage and download timeouts bound every such call).
-  The partial files such a thread holds open are removed too, so its final rename fails instead of
-  leaving ``<tmp>/<job_id>_*`` behind.
+  temp files. A call already running in a thread cannot be stopped (Python has no way to); the
+  caller is answered at once, the call ends on its own timeouts (storage and download timeouts
+  bound every such call) and the job's files are removed after it. A job whose final write (its
+  output, or the uploaded voice) has begun is waited for instead, so a caller never gets an error
+  for a change that was made.
 * Shutdown. On SIGTERM runpod stops taking jobs and waits for the ones in flight, and Python then
   joins every thread, so one storage call that hangs held the exit for minutes. Here jobs in flight
   get ``SHUTDOWN_GRACE_S`` to finish, then are answered with a sentence; if the process is still
@@ -54,7 +55,8 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 3.0  # after SIGTERM, jobs in flight get this long to finish
 EXIT_AFTER_S = 5.0  # then answers go out; a process still alive this much later ends itself
-SETTLE_S = 2.0  # a stopped job's clean-up, and a failed job's log record, get this long
+SETTLE_S = 2.0  # a failed job's log record gets this long
+CANCEL_SETTLE_S = 0.25  # a stopped job not blocked in a thread unwinds within this
 # Faults that leave the GPU unusable for the rest of the process (torch's wording, stable for years).
 _CUDA_FAULT = re.compile(r"CUDA error|CUBLAS_STATUS_|CUDNN_STATUS_|cuDNN error|CUDA driver")
 
@@ -155,8 +157,11 @@ class JobGuard:
     """The deadline of each job, and what SIGTERM does to the jobs in flight (module docstring)."""
 
     def __init__(self, timeout_s: float, tmp_dir: Path, grace_s: float = SHUTDOWN_GRACE_S,
-                 exit_after_s: float = EXIT_AFTER_S):
+                 exit_after_s: float = EXIT_AFTER_S, committing=lambda task: False):
         self.timeout_s = timeout_s
+        # Whether a job's final write has begun: such a job is waited for past its deadline, so it
+        # never answers an error over a change it made (storage timeouts bound the wait).
+        self.committing = committing
         self.tmp_dir = tmp_dir
         self.grace_s = grace_s
         self.exit_after_s = exit_after_s
@@ -175,6 +180,9 @@ class JobGuard:
             self._in_flight[job_id] = (loop, stop)
         try:
             await asyncio.wait({work, stop}, timeout=self.timeout_s or None, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done() and not stop.done() and self.committing(work):
+                log.warning("job %s passed its deadline while writing its result; waiting for the write", job_id)
+                await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
             if work.done():
                 return work.result()
             where = stuck_at(work)
@@ -186,9 +194,12 @@ class JobGuard:
         finally:
             with self._lock:
                 self._in_flight.pop(job_id, None)
-            if not work.done():  # its own clean-up (temp files) runs before the caller is answered
+            if not work.done():
+                # A job blocked in a thread unwinds (and removes its temp files) only once that
+                # thread ends (jobs.Worker._off_loop); the caller is answered now, and whatever the
+                # thread has written so far is swept here.
                 work.cancel()
-                await asyncio.wait({work}, timeout=SETTLE_S)
+                await asyncio.wait({work}, timeout=CANCEL_SETTLE_S)
                 self.sweep([job_id])
 
     def watch_sigterm(self) -> None:
@@ -248,10 +259,11 @@ class JobGuard:
 def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard | None = None):
     """The async handler runpod calls. With ``start_error`` (the models could not be loaded) every
     job gets that sentence back, so callers see why, and RunPod is asked to replace the worker."""
-    from f5worker.jobs import safe_job_id
+    from f5worker.jobs import COMMITTING, safe_job_id
 
     if guard is None and worker is not None:
-        guard = JobGuard(worker.settings.job_timeout_s, worker.settings.tmp_dir)
+        guard = JobGuard(worker.settings.job_timeout_s, worker.settings.tmp_dir,
+                         committing=lambda task: task in COMMITTING)
 
     async def handler(job: dict) -> dict:
         if start_error is not None:
@@ -298,9 +310,9 @@ def failure(err: Exception, job_id: str, endpoint: str) -> tuple[dict, str]:
 async def _record_error(worker, job_id: str, endpoint: str, error: str) -> None:
     """The failed job's log record; storage that hangs must not hold the answer (the write goes on
     in its thread)."""
-    try:
-        await asyncio.wait_for(worker.record(job_id, endpoint, "error", error=error), SETTLE_S)
-    except asyncio.TimeoutError:
+    writing = asyncio.ensure_future(worker.record(job_id, endpoint, "error", error=error))
+    done, _ = await asyncio.wait({writing}, timeout=SETTLE_S)  # not wait_for: it would wait for the write
+    if not done:
         log.warning("the log record of job %s is still being written after %g s", job_id, SETTLE_S)
 
 

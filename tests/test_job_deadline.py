@@ -137,3 +137,21 @@ def test_no_deadline_when_zero(tmp_path):
 
     assert asyncio.run(guard.run("j", slow())) == {"ok": True}
 
+
+
+def test_a_job_whose_deadline_passes_while_writing_its_output_reports_what_happened(ctx, monkeypatch):
+    """Once the output write has begun the job is seen through: the caller never gets an error for
+    a job whose output was stored. (The slow write is a stand-in: wall-clock slowness on demand.)"""
+    real_upload = ctx.worker.storage.upload_file
+
+    def slow_upload(key, path, content_type):
+        if key.startswith("output/"):
+            time.sleep(DEADLINE_S + 0.5)
+        return real_upload(key, path, content_type)
+
+    monkeypatch.setattr(ctx.worker.storage, "upload_file", slow_upload)
+    _, result, job_id = timed(ctx.handler, {"text": "Late but stored.", "local_voice": "basic_ref_en.wav",
+                                            "nfe_step": 2, "seed": 1})
+    assert "error" not in result, result
+    assert result["output_key"] == f"output/{job_id}.wav" and result["output_key"] in ctx.keys()
+    assert ctx.tmp_files() == []
