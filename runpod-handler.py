@@ -16,9 +16,13 @@ import sys
 def main(argv=None) -> int:
     from f5worker.settings import Settings, apply_cache_env
 
-    settings = Settings.from_env()
-    apply_cache_env(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env()
+    except ValueError as err:  # one sentence naming the variable, not a traceback
+        logging.getLogger("runpod-handler").error("cannot start: %s", err)
+        return 2
+    apply_cache_env(settings)
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # it logs full URLs, signatures included
     logging.getLogger("botocore").setLevel(logging.WARNING)
     # runpod's own logger defaults to DEBUG, at which it prints every job's input (the text) and

@@ -570,8 +570,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         logging.getLogger().setLevel(logging.INFO)
     env = dict(os.environ)  # a copy: nothing here writes to the environment
-    settings = Settings.from_env(env)
-    results = run_checks(settings, env, args)
+    try:
+        settings = Settings.from_env(env)
+    except ValueError as err:  # a variable the worker could not start with
+        results = [CheckResult("settings", FAIL, _fix(f"{err}.", "set it to a valid value or unset it."))]
+    else:
+        results = run_checks(settings, env, args)
     failed = sum(r.status == FAIL for r in results)
     warned = sum(r.status == WARN for r in results)
     if args.json:

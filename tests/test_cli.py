@@ -82,3 +82,25 @@ def test_repo_test_input_json_is_a_valid_job():
     parsed = parse_job_input(job["input"])
     assert isinstance(parsed, TTSInput)
     assert parsed.local_voice in ("basic_ref_en.wav", "basic_ref_zh.wav")  # runs with no upload first
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable(tiny_models, tiny_whisper, tmp_path):
+    from f5worker.settings import ENV_MAX_CONCURRENCY
+
+    env = {**child_env(tiny_models, tiny_whisper, tmp_path / "volume"), ENV_MAX_CONCURRENCY: "many"}
+    run = subprocess.run([sys.executable, "runpod-handler.py", "--test_input", json.dumps({"input": {}})],
+                         cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert f"{ENV_MAX_CONCURRENCY} must be a whole number at least 1, not 'many'" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_the_gate_fails_a_bad_setting_without_a_traceback(tmp_path):
+    from f5worker.settings import ENV_PRESIGN_EXPIRY
+
+    env = {k: v for k, v in os.environ.items() if not _DROP.match(k)}
+    env[ENV_PRESIGN_EXPIRY] = "soon"
+    run = subprocess.run([sys.executable, "validate-storage-config.py", "--skip-s3", "--skip-gpu"], cwd=REPO,
+                         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert f"FAIL  settings  {ENV_PRESIGN_EXPIRY} must be a whole number at least 1, not 'soon'." in run.stdout

@@ -16,7 +16,8 @@ import requests
 from f5worker.errors import StorageError
 from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_CA_BUNDLE, ENV_AWS_ENDPOINT_URL,
                                ENV_AWS_SECRET_ACCESS_KEY, ENV_LOCAL_RETENTION_HOURS,
-                               ENV_LOCAL_STORAGE_DIR, ENV_PRESIGN_EXPIRY, ENV_S3_BUCKET,
+                               ENV_LOCAL_STORAGE_DIR, ENV_MAX_CONCURRENCY, ENV_MAX_VOICE_BYTES,
+                               ENV_PRESIGN_EXPIRY, ENV_S3_BUCKET,
                                ENV_S3_CONNECT_TIMEOUT, ENV_S3_MAX_ATTEMPTS, ENV_S3_READ_TIMEOUT,
                                LOGS_PREFIX, OUTPUT_PREFIX, VOICES_PREFIX, Settings)
 from s3_utils import (SWEEP_INTERVAL_S, KeyNotFound, LocalStorage, S3Storage, atomic_write,
@@ -296,7 +297,8 @@ def test_call_bound_is_under_a_minute_by_default():
 
 @pytest.mark.parametrize("name, value", [(ENV_S3_READ_TIMEOUT, "0"), (ENV_S3_CONNECT_TIMEOUT, "soon"),
                                          (ENV_S3_MAX_ATTEMPTS, "0"), (ENV_S3_MAX_ATTEMPTS, "2.5"),
-                                         (ENV_LOCAL_RETENTION_HOURS, "-1")])
+                                         (ENV_LOCAL_RETENTION_HOURS, "-1"), (ENV_MAX_CONCURRENCY, "many"),
+                                         (ENV_MAX_VOICE_BYTES, "0"), (ENV_PRESIGN_EXPIRY, "1.5")])
 def test_bad_storage_numbers_name_their_variable(name, value):
     with pytest.raises(ValueError, match=f"^{name} must be a .*not '{value}'$"):
         Settings.from_env({name: value})
