@@ -69,6 +69,21 @@ class RestartableS3:
         self.starts += 1
         return time.monotonic() - started
 
+    def wait_writable(self, bucket: str, timeout_s: float = 30.0) -> None:
+        """Until an object can be written to ``bucket`` and read back: after a restart the S3 API
+        lists buckets a little before its volume server has registered again."""
+        client, deadline = self.server.client(), time.monotonic() + timeout_s
+        while True:
+            try:
+                client.put_object(Bucket=bucket, Key="ready-probe", Body=b"ok")
+                client.get_object(Bucket=bucket, Key="ready-probe")["Body"].read()
+                client.delete_object(Bucket=bucket, Key="ready-probe")
+                return
+            except Exception:  # not ready yet: any error, until the deadline
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
     def stop(self) -> None:
         if self.proc is not None:
             _stop(self.proc, self.args)

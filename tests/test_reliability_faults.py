@@ -69,9 +69,11 @@ class Row:
 
 
 @pytest.fixture(scope="module")
-def matrix():
+def matrix(request):
     rows: list[Row] = []
     yield rows
+    if len(rows) < sum(1 for item in request.session.items if item.module is request.module):
+        return  # a selection of scenarios (-k): the recorded table stays the last whole one
     headers = ["scenario", "storage", "jobs", "faults injected", "ok", "refused (one sentence)", "false successes",
                "files left", "slowest job (s)", "other problems"]
     totals = ["**all**", "", *(sum(getattr(r, f) for r in rows) for f in
@@ -214,6 +216,7 @@ def _stop_during_synthesis(ctx: Ctx, row: Row, s3, restart_at_once: bool) -> tup
     thread.join(timeout=120)
     if not restart_at_once:
         s3.start()
+    s3.wait_writable(ctx.s3.bucket)
     result, seconds = box.get("result", (None, 0.0))
     row.slowest = max(row.slowest, seconds)
     return [(job_id, job, result)], in_time
@@ -234,6 +237,7 @@ def test_s3_stopped_mid_job_and_restarted(matrix, tiny_models, tiny_whisper, tmp
         judge(row, ctx, run_jobs(ctx, row, [tts(voice="stopped.wav"), upload(served.url("clip2.wav"), "stopped.wav")]),
               (s3.server.secret_key,))
         s3.start()
+        s3.wait_writable(ctx.s3.bucket)
         # back up: the same worker serves again, and the voice is the first upload, whole
         judge(row, ctx, run_jobs(ctx, row, [tts(voice="stopped.wav"), upload(served.url("clip3.wav"), "fresh.wav")]),
               expect_ok=True)
@@ -244,14 +248,15 @@ def test_s3_stopped_mid_job_and_restarted(matrix, tiny_models, tiny_whisper, tmp
 
 
 # --- an endpoint that never answers -----------------------------------------------------------------------
-@pytest.mark.parametrize("bound", ["S3 timeouts", "job deadline"])
-def test_s3_endpoint_that_never_answers(matrix, tiny_models, tiny_whisper, tmp_path, s3_server, served, bound):
-    row = Row(f"S3 endpoint hung (bounded by the {bound})", "S3")
+def test_s3_endpoint_that_never_answers(matrix, tiny_models, tiny_whisper, tmp_path, s3_server, served):
+    """Each job is answered by its deadline, except one whose final write had begun: that one is
+    seen through, which the S3 timeouts bound (f5worker.service.JobGuard)."""
+    row = Row("S3 endpoint hung (3 s job deadline, short S3 timeouts)", "S3")
     matrix.append(row)
     with hung_endpoint() as url:
-        extra = {ENV_AWS_ENDPOINT_URL: url, **(QUICK_S3 if bound == "S3 timeouts" else {ENV_JOB_TIMEOUT: "4"})}
+        extra = {ENV_AWS_ENDPOINT_URL: url, **QUICK_S3, ENV_JOB_TIMEOUT: "3"}
         with worker_ctx(tiny_models, tiny_whisper, tmp_path, s3_server, prefix="hung", extra=extra) as ctx:
-            limit = (call_bound_s(ctx.settings) * 3 if bound == "S3 timeouts" else ctx.settings.job_timeout_s) + 5
+            limit = ctx.settings.job_timeout_s + call_bound_s(ctx.settings) + 5
             jobs = [tts(), tts(voice="someone.wav"), upload(served.url("clip0.wav"), "hung.wav")]
             outcomes = run_jobs(ctx, row, jobs)
             row.faults += len(jobs)
