@@ -479,6 +479,7 @@ def test_generated_inputs_end_in_a_result_or_one_sentence(tiny_models, tiny_whis
         @example(Case("explicit", {"text": "...!!!???", "local_voice": BUILTINS[0], "nfe_step": 2}))
         @example(Case("explicit", {"text": " \t\u3000\n", "local_voice": BUILTINS[0]}, expect="refused"))
         @example(Case("explicit", {"text": "Hi \ud800 there.", "local_voice": BUILTINS[0], "nfe_step": 2}))
+        @example(Case("explicit", {"text": "Hi.", "local_voice": BUILTINS[0], "bad\nfield\r": 1}, expect="refused"))
         @example(Case("explicit", {"text": "The default number of steps.", "local_voice": BUILTINS[0]}, expect="ok"))
         @example(Case("explicit", {"text": "Hello.", "local_voice": BUILTINS[0], "nfe_step": 2, "seed": MAX_SEED,
                                    "speed": 0.3, "cfg_strength": 10.0, "remove_silence": True}, expect="ok"))
