@@ -64,8 +64,19 @@ JobInput = Union[TTSInput, UploadInput]
 ENDPOINTS = {"tts": TTSInput, "upload": UploadInput}
 
 
+MAX_FIELD_NAME_SHOWN = 40
+
+
+def _field_name(loc) -> str:
+    """The field as the sentence shows it: an unknown field's name is the caller's text, so line
+    breaks, control characters and unpaired surrogates are shown as '?' and a long name is cut."""
+    name = ".".join(str(p) for p in loc) or "input"
+    name = "".join(c if c.isprintable() else "?" for c in name)
+    return name if len(name) <= MAX_FIELD_NAME_SHOWN else name[:MAX_FIELD_NAME_SHOWN - 1] + "…"
+
+
 def _sentence(err: dict) -> str:
-    field = ".".join(str(p) for p in err["loc"]) or "input"
+    field = _field_name(err["loc"])
     kind, ctx = err["type"], err.get("ctx", {})
     if kind == "extra_forbidden":
         return f"Unknown input field '{field}'."
@@ -81,6 +92,8 @@ def _sentence(err: dict) -> str:
         return f"'{field}' must not be empty."
     if kind == "string_type":
         return f"'{field}' must be a string."
+    if kind == "string_unicode":
+        return f"'{field}' must be valid Unicode text (it holds an unpaired surrogate)."
     if kind == "int_type":
         return f"'{field}' must be an integer."
     if kind == "float_type":

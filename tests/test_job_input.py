@@ -105,3 +105,17 @@ def test_type_is_checked_before_bounds():
     assert refusal(job("tts", nfe_step="0")) == "'nfe_step' must be an integer."
     assert refusal(job("tts", nfe_step=0)) == "'nfe_step' must be at least 1."
     assert refusal(job("tts", seed=-1.5)) == "'seed' must be an integer."
+
+
+@pytest.mark.parametrize("name", ["bad\nfield\r", "x" * 500, "\ud800tab\t"])
+def test_an_unknown_field_name_is_shown_on_one_line(name):
+    with pytest.raises(InputError) as caught:
+        parse_job_input({"text": "Hi.", "local_voice": "basic_ref_en.wav", name: 1})
+    message = str(caught.value)
+    assert message.isprintable() and len(message) < 80 and message.endswith(".")
+    assert message.startswith(("Unknown input field '", "'input' must be valid Unicode text"))
+
+
+def test_text_with_an_unpaired_surrogate_is_refused_in_our_words():
+    with pytest.raises(InputError, match="^'text' must be valid Unicode text"):
+        parse_job_input({"text": "Hi \ud800.", "local_voice": "basic_ref_en.wav"})
