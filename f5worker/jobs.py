@@ -31,6 +31,7 @@ from f5worker.download import download_to_file
 from f5worker.engine import SynthesisRequest, TTSEngine
 from f5worker.errors import InputError, StorageError, WorkerError
 from f5worker.job_input import MAX_SEED, TTSInput, UploadInput
+from f5worker.memory import HeapTrimmer
 from f5worker.settings import ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
 from f5worker.voices import Voice, VoiceLibrary, clipped_refusal
 from s3_utils import Storage
@@ -74,6 +75,20 @@ def job_files(tmp_dir: Path, job_id: str) -> Iterator[dict[str, Path]]:
             path.unlink(missing_ok=True)
 
 
+def one_job(workflow):
+    """A job's workflow, counted while it runs; as it ends the heap may be trimmed
+    (``f5worker.memory``: at once when the worker falls idle)."""
+    @functools.wraps(workflow)
+    async def run(self: "Worker", *args):
+        self.in_flight += 1
+        try:
+            return await workflow(self, *args)
+        finally:
+            self.in_flight -= 1
+            await self._off_loop(self.heap.after_job, self.in_flight)
+    return run
+
+
 class Worker:
     """Everything a job needs, created once per worker process."""
 
@@ -85,6 +100,8 @@ class Worker:
         self.transcriber = transcriber
         self.voices = VoiceLibrary(storage, self._transcribe if transcriber is not None else None)
         self._transcriptions: dict[tuple[str, str], asyncio.Future] = {}
+        self.heap = HeapTrimmer()
+        self.in_flight = 0  # workflows running, for the heap trimmer
         # Storage, download and file work of jobs in flight: a pool of its own, sized so that calls
         # left hanging (until their storage timeouts) never starve the other jobs of threads.
         self.io_threads = ThreadPoolExecutor(max_workers=max(8, 4 * settings.max_concurrency),
@@ -97,6 +114,7 @@ class Worker:
     async def _on_gpu_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.batcher.executor, fn, *args)
 
+    @one_job
     async def tts(self, job_id: str, job: TTSInput) -> dict:
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -192,6 +210,7 @@ class Worker:
         except (OSError, sf.LibsndfileError) as err:
             raise staging_error(self.settings.tmp_dir, err) from err
 
+    @one_job
     async def upload(self, job_id: str, job: UploadInput) -> dict:
         started = time.perf_counter()
         with job_files(self.settings.tmp_dir, job_id) as paths:
@@ -219,7 +238,7 @@ class Worker:
                 "source_duration": round(duration, 3), "sample_rate": sr, "ref_text": ref_text}
 
     async def record(self, job_id: str, endpoint: str, status: str, **fields) -> None:
-        """The job's log record, then the retention sweep; a failure of either is logged, never
+        """The job's log record, then the retention sweep; a failure of the record is logged, never
         raised over the result."""
         entry = {"job_id": job_id, "endpoint": endpoint, "status": status,
                  "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields}
