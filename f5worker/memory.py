@@ -20,12 +20,28 @@ log = logging.getLogger(__name__)
 TRIM_EVERY_JOBS = 4
 
 
-def _load_malloc_trim():
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 256 * 1024
+
+
+def _glibc():
     name = ctypes.util.find_library("c")
     try:
-        return getattr(ctypes.CDLL(name), "malloc_trim") if name else None
-    except (OSError, AttributeError):  # not glibc
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc
         return None
+
+
+def _load_malloc_trim():
+    """glibc's malloc_trim, after fixing the size from which allocations get their own mapping:
+    glibc otherwise raises that size as large blocks are freed (up to 32 MiB), after which audio
+    and tensor buffers land in the heap and fragment it; a mapping goes back whole when freed."""
+    libc = _glibc()
+    if libc is None:
+        return None
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    return libc.malloc_trim
 
 
 class HeapTrimmer:
