@@ -4,8 +4,8 @@
     python bench/soak.py --jobs 1000 --record     # the full soak; figures into tests/RELIABILITY.md
     python bench/soak.py --jobs 60                # a short one (tests/test_reliability_soak.py runs this)
 
-Why this exists: issue 6 asks that a worker survive a long stream of mixed jobs without a job
-failing that should not, without files piling up, and without its memory creeping up. This starts
+Why this exists: a worker must survive a long stream of mixed jobs without a job failing that
+should not, without files piling up, and without its memory creeping up. This starts
 ``runpod-handler.py --rp_serve_api`` as a subprocess on tiny random models (no GPU, no model hub)
 with local storage, serves reference clips from a loopback HTTP server, and sends the jobs with
 ``POST /runsync`` from a few client threads at once (so the batcher shares model calls). The job

@@ -1,7 +1,7 @@
 """Writes the reliability figures the tests measure into tests/RELIABILITY.md, and holds the one
 check they all apply to an error (``sentence_problems``).
 
-Why this module exists: issue 6 asks for figures produced by the test suite itself (property test,
+Why this module exists: reliability figures must come from the test suite itself (property test,
 fault matrix, soak), not typed in by hand. Each producer owns one section of the file, delimited by
 ``<!-- BEGIN name -->`` / ``<!-- END name -->``, and rewrites only that section, stamped with the
 date, the commit and the command that produced it. Sections keep the order they were first written in.

@@ -1,6 +1,6 @@
 """The fault matrix: real faults under real jobs, counted into tests/RELIABILITY.md.
 
-Why this test exists: issue 6 asks what a job does when what it depends on fails, measured rather
+Why this test exists: what a job does when what it depends on fails must be measured rather
 than asserted case by case: the S3 server stopped mid-job and restarted, an endpoint that never
 answers, 503s, bad credentials, a full temp folder and a full volume (a real tmpfs), concurrent
 uploads of one voice name, and texts that cannot be split batched with ordinary jobs. Every job is

@@ -1,7 +1,8 @@
 """Tests reach nothing but loopback, and a voice URL whose name resolves to a private, link-local or
 metadata address is refused at the resolution step, before any connection.
 
-Why this test exists: issue 6 asks for both. The ``loopback_only`` guard (tests/fixtures_http.py)
+Why this test exists: a test that left the machine, or a URL that reached a private host, would
+break the rules above without anyone noticing. The ``loopback_only`` guard (tests/fixtures_http.py)
 patches the socket layer so that any connection outside 127.0.0.0/8 and ::1, and any name lookup,
 fails the test; the first tests show the guard really bites. test_download.py covers address
 literals and a mixed answer; here each name resolves (through a patched resolver, the only way to
