@@ -5,64 +5,35 @@ load at import. ``build_worker`` loads the model (and warms it up) once per proc
 ``make_handler`` returns the async handler runpod calls, which only parses, routes, calls and shapes
 the result. Errors are mapped to ``{"error": "<sentence>"}`` here and nowhere else.
 
-Besides routing, the handler bounds what one job can do to the worker (``JobGuard``):
-
-* Deadline. A job still running after ``F5_JOB_TIMEOUT_SECONDS`` gets "The job did not finish
-  within N s (stuck at: <what it was waiting on>)." Its workflow is cancelled, which removes its
-  temp files. A call already running in a thread cannot be stopped (Python has no way to); the
-  caller is answered at once, the call ends on its own timeouts (storage and download timeouts
-  bound every such call) and the job's files are removed after it. A job whose final write (its
-  output, or the uploaded voice) has begun is waited for instead, so a caller never gets an error
-  for a change that was made.
-* Shutdown. On SIGTERM runpod stops taking jobs and waits for the ones in flight, and Python then
-  joins every thread, so one storage call that hangs held the exit for minutes. Here jobs in flight
-  get ``SHUTDOWN_GRACE_S`` to finish, then are answered with a sentence; if the process is still
-  alive ``EXIT_AFTER_S`` later (a thread stuck in I/O, or one of runpod's long polls), the temp
-  files of those jobs are removed again, runpod's heartbeat child is stopped and the process ends
-  with ``os._exit`` (the one way past a thread blocked in a system call). runpod
-  (``JobScaler``) and uvicorn (``--rp_serve_api``) install their own SIGTERM handlers once they
-  start, after ``serve`` has run, so ours is put in front of theirs from the handler (which runs on
-  the main thread's event loop) and calls theirs in turn.
-* Faults a worker does not recover from. When the models could not be loaded, or a job fails with
-  a CUDA out-of-memory error or a CUDA device fault (also when it arrives wrapped, as another error's
-  cause), the caller gets a sentence and the result carries ``"refresh_worker": True``: runpod pops
-  it and sends ``stopPod``, so RunPod replaces this worker after the job instead of letting it fail
-  every job forever. No runpod fitness check is registered for failed start-up on purpose: a failing
-  fitness check ``os._exit(1)``s before any job is taken, so callers would never learn why (their
-  jobs would wait in the queue while workers restart), and a configuration mistake would restart
-  workers in a loop. Answering each job with the cause, then being replaced, tells callers and
-  still gets the worker replaced.
+Besides routing, the handler runs each job under ``f5worker.job_guard`` (its deadline, and what
+SIGTERM does to it), and handles faults a worker does not recover from. When the models could not
+be loaded, or a job fails with a CUDA out-of-memory error or a CUDA device fault (also when it arrives wrapped, as another error's
+cause), the caller gets a sentence and the result carries ``"refresh_worker": True``: runpod pops
+it and sends ``stopPod``, so RunPod replaces this worker after the job instead of letting it fail
+every job forever. No runpod fitness check is registered for failed start-up on purpose: a failing
+fitness check ``os._exit(1)``s before any job is taken, so callers would never learn why (their
+jobs would wait in the queue while workers restart), and a configuration mistake would restart
+workers in a loop. Answering each job with the cause, then being replaced, tells callers and
+still gets the worker replaced.
 """
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import multiprocessing
-import os
 import re
-import signal
 import sys
-import threading
 import time
-from pathlib import Path
 
 from f5worker.errors import StorageError, WorkerError
+from f5worker.job_guard import JobGuard, JobStopped
 from f5worker.job_input import UploadInput, parse_job_input
 from f5worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_S = 3.0  # after SIGTERM, jobs in flight get this long to finish
-EXIT_AFTER_S = 5.0  # then answers go out; a process still alive this much later ends itself
 SETTLE_S = 2.0  # a failed job's log record gets this long
-CANCEL_SETTLE_S = 0.25  # a stopped job not blocked in a thread unwinds within this
 # Faults that leave the GPU unusable for the rest of the process (torch's wording, stable for years).
 _CUDA_FAULT = re.compile(r"CUDA error|CUBLAS_STATUS_|CUDNN_STATUS_|cuDNN error|CUDA driver")
-
-
-class JobStopped(WorkerError):
-    """The job ran past its deadline, or the worker is shutting down."""
 
 
 def build_worker(settings: Settings, phases: dict[str, float] | None = None):
@@ -131,129 +102,6 @@ def gpu_fault(err: BaseException) -> tuple[str, BaseException] | None:
             return "device", err
         err = err.__cause__ or err.__context__
     return None
-
-
-def _callable_name(fn) -> str:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return getattr(fn, "__qualname__", type(fn).__name__)
-
-
-def stuck_at(task: asyncio.Task) -> str:
-    """What a job's workflow is waiting on: the innermost coroutine it awaits or, for a call handed
-    to a thread (``asyncio.to_thread``, ``run_in_executor``), the function that thread runs."""
-    coro, where = task.get_coro(), "start"
-    while getattr(coro, "cr_frame", None) is not None:
-        frame = coro.cr_frame
-        where = frame.f_code.co_qualname
-        handed = frame.f_locals.get("func") or frame.f_locals.get("fn")
-        if callable(handed):
-            where = _callable_name(handed)
-        coro = coro.cr_await
-    return where
-
-
-class JobGuard:
-    """The deadline of each job, and what SIGTERM does to the jobs in flight (module docstring)."""
-
-    def __init__(self, timeout_s: float, tmp_dir: Path, grace_s: float = SHUTDOWN_GRACE_S,
-                 exit_after_s: float = EXIT_AFTER_S, committing=lambda task: False):
-        self.timeout_s = timeout_s
-        # Whether a job's final write has begun: such a job is waited for past its deadline, so it
-        # never answers an error over a change it made (storage timeouts bound the wait).
-        self.committing = committing
-        self.tmp_dir = tmp_dir
-        self.grace_s = grace_s
-        self.exit_after_s = exit_after_s
-        self.stopping = False
-        self._lock = threading.Lock()
-        self._in_flight: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._stopped: set[str] = set()  # jobs whose abandoned threads may still write their files
-        self._previous = None
-
-    async def run(self, job_id: str, workflow) -> dict:
-        """``workflow`` (a coroutine) to its result, unless the deadline or a shutdown stops it."""
-        loop = asyncio.get_running_loop()
-        work = loop.create_task(workflow)
-        stop = loop.create_future()
-        with self._lock:
-            self._in_flight[job_id] = (loop, stop)
-        try:
-            await asyncio.wait({work, stop}, timeout=self.timeout_s or None, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done() and not stop.done() and self.committing(work):
-                log.warning("job %s passed its deadline while writing its result; waiting for the write", job_id)
-                await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if work.done():
-                return work.result()
-            where = stuck_at(work)
-            self._stopped.add(job_id)
-            if stop.done():
-                raise JobStopped(f"The worker shut down before the job finished (stuck at: {where}); "
-                                 "send it again.")
-            raise JobStopped(f"The job did not finish within {self.timeout_s:g} s (stuck at: {where}).")
-        finally:
-            with self._lock:
-                self._in_flight.pop(job_id, None)
-            if not work.done():
-                # A job blocked in a thread unwinds (and removes its temp files) only once that
-                # thread ends (jobs.Worker._off_loop); the caller is answered now, and whatever the
-                # thread has written so far is swept here.
-                work.cancel()
-                await asyncio.wait({work}, timeout=CANCEL_SETTLE_S)
-                self.sweep([job_id])
-
-    def watch_sigterm(self) -> None:
-        """Put ``on_sigterm`` in front of the SIGTERM handler runpod or uvicorn installed. Only a
-        Python handler is chained: with the default action the process ends at once anyway."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        current = signal.getsignal(signal.SIGTERM)
-        if current == self.on_sigterm or not callable(current):
-            return
-        self._previous = current
-        signal.signal(signal.SIGTERM, self.on_sigterm)
-
-    def on_sigterm(self, signum, frame) -> None:
-        if not self.stopping:
-            self.stopping = True
-            log.warning("SIGTERM: %d job(s) in flight get %g s to finish; the process ends at most %g s later",
-                        len(self._in_flight), self.grace_s, self.exit_after_s)
-            threading.Thread(target=self._wind_down, name="shutdown", daemon=True).start()
-        if callable(self._previous):
-            self._previous(signum, frame)
-
-    def _wind_down(self) -> None:
-        time.sleep(self.grace_s)
-        with self._lock:
-            in_flight = list(self._in_flight.values())
-        for loop, stop in in_flight:
-            try:
-                loop.call_soon_threadsafe(lambda f=stop: f.done() or f.set_result(None))
-            except RuntimeError:  # its loop has closed: the job is over
-                pass
-        time.sleep(self.exit_after_s)
-        busy = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive())
-        log.warning("shutdown: still running after %g s (threads: %s); exiting now",
-                    self.grace_s + self.exit_after_s, ", ".join(busy))
-        self.sweep(set(self._stopped) | set(self._in_flight))
-        for child in multiprocessing.active_children():  # runpod's heartbeat process
-            child.terminate()
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(0)
-
-    def sweep(self, job_ids) -> None:
-        """Remove the jobs' temp files, ``<tmp>/<job_id>_*`` and the hidden partial files beside
-        them, which an abandoned thread may still hold open (its final rename then fails)."""
-        for job_id in job_ids:
-            for pattern in (f"{job_id}_*", f".{job_id}_*"):
-                for path in self.tmp_dir.glob(pattern):
-                    try:
-                        path.unlink(missing_ok=True)
-                    except OSError:
-                        log.warning("could not remove %s", path)
 
 
 def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard | None = None):

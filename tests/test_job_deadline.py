@@ -15,7 +15,8 @@ import uuid
 
 import pytest
 
-from f5worker.service import SETTLE_S, JobGuard, stuck_at
+from f5worker.job_guard import JobGuard, stuck_at
+from f5worker.service import SETTLE_S
 from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_ENDPOINT_URL, ENV_AWS_REGION,
                                ENV_AWS_SECRET_ACCESS_KEY, ENV_JOB_TIMEOUT, ENV_S3_BUCKET, ENV_S3_CONNECT_TIMEOUT,
                                ENV_S3_MAX_ATTEMPTS, ENV_S3_READ_TIMEOUT, Settings)

@@ -250,7 +250,7 @@ def test_s3_stopped_mid_job_and_restarted(matrix, tiny_models, tiny_whisper, tmp
 # --- an endpoint that never answers -----------------------------------------------------------------------
 def test_s3_endpoint_that_never_answers(matrix, tiny_models, tiny_whisper, tmp_path, s3_server, served):
     """Each job is answered by its deadline, except one whose final write had begun: that one is
-    seen through, which the S3 timeouts bound (f5worker.service.JobGuard)."""
+    seen through, which the S3 timeouts bound (f5worker.job_guard.JobGuard)."""
     row = Row("S3 endpoint hung (3 s job deadline, short S3 timeouts)", "S3")
     matrix.append(row)
     with hung_endpoint() as url:
