@@ -41,6 +41,7 @@ from f5worker.checkpoint import (
     vocos_subject,
 )
 from f5worker.chunking import chunk_for_model, utf8_len
+from f5worker.device import pick_device, pick_dtype
 from f5worker.errors import InputError
 from f5worker.model_store import ModelFiles
 
@@ -125,19 +126,6 @@ def normalise_ref_text(ref_text: str) -> str:
     if not ref_text.endswith(". ") and not ref_text.endswith("。"):
         ref_text += " " if ref_text.endswith(".") else ". "
     return ref_text
-
-
-def pick_device(requested: str | None = None) -> str:
-    if requested:
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def pick_dtype(device: str) -> torch.dtype:
-    """f5-tts's rule: fp16 on CUDA cards of compute capability 7 or more, else fp32."""
-    if device.startswith("cuda") and torch.cuda.get_device_properties(device).major >= 7:
-        return torch.float16
-    return torch.float32
 
 
 def import_inference_modules() -> None:

@@ -48,7 +48,8 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
         phases[name] = round(now - mark, 3)
         mark = now
 
-    from f5worker.engine import TTSEngine, pick_device
+    from f5worker.device import pick_device
+    from f5worker.engine import TTSEngine
     from f5worker.jobs import Worker
     from f5worker.model_store import resolve_tts_files
     from f5worker.transcriber import Transcriber

@@ -66,3 +66,12 @@ def test_uncached_repo_offline_is_a_storage_error(tmp_path, monkeypatch):
         resolve_asr_model(settings)
     with pytest.raises(StorageError):
         Transcriber(settings, device="cpu").transcribe(_tone(), 24000)
+
+
+def test_the_transcriber_does_not_import_the_tts_engine():
+    import subprocess
+    import sys
+
+    code = "import sys, f5worker.transcriber; print('f5worker.engine' in sys.modules, 'f5_tts' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "False"]
