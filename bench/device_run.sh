@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine: install the carried wheels, run the GPU tests, run the bench.
-#   scripts/fetch-device-wheels.sh, then on the device tool: bash bench/device_run.sh, carry [".whl"]
+# One run on a GPU machine: install the wheels in .whl/, run the GPU tests, run the bench.
+#   scripts/fetch-device-wheels.sh (where there is a package index), copy .whl/ beside the repository
+#   on the GPU machine, then there: bash bench/device_run.sh   (results under $OUT, default /tmp/out)
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
