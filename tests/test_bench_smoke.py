@@ -1,5 +1,5 @@
 """bench/bench.py runs end to end on the CPU with a shrunken model (its GPU figures come from the
-lent machine; see bench/RESULTS.md), and its agreement figures hold."""
+GPU runs recorded in bench/RESULTS.md), and its agreement figures hold."""
 import json
 
 from bench.bench import main

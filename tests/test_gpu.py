@@ -1,6 +1,6 @@
 """The CUDA-graph path on a GPU: same output as stock f5-tts in fp16, batched or not.
 
-Skipped without CUDA (CI has none); run on the lent GPU machine by bench/device_run.sh.
+Skipped without CUDA (CI has none); run on a GPU machine by bench/device_run.sh (see bench/RESULTS.md).
 """
 from __future__ import annotations
 
