@@ -85,8 +85,8 @@ class MelSpectrogram(nn.Module):
 class LogMelSpectrogram(nn.Module):
     """Waveform [B, T] (or [B, 1, T]) -> log mel [B, n_mels, frames], frames = T // hop_length + 1.
 
-    Defaults are f5-tts's vocos mel. Its buffers live where the module does: move it to the
-    waveform's device before calling it."""
+    Defaults are f5-tts's vocos mel. Like f5-tts's MelSpec, it moves itself to the waveform's device
+    (the worker builds it on the CPU and hands it waveforms on the GPU)."""
 
     def __init__(self, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, hop_length: int = HOP_LENGTH,
                  n_mels: int = N_MELS, log_floor: float = F5_LOG_FLOOR):
@@ -100,4 +100,6 @@ class LogMelSpectrogram(nn.Module):
             waveform = waveform.squeeze(1)
         if waveform.dim() != 2:
             raise ValueError(f"Expected a waveform of shape [B, T] or [B, 1, T], not {list(waveform.shape)}.")
+        if self.mel_spec.spectrogram.window.device != waveform.device:
+            self.to(waveform.device)
         return self.mel_spec(waveform).clamp(min=self.log_floor).log()

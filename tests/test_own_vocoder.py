@@ -94,6 +94,15 @@ def test_mel_equals_f5tts(layout):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+def test_mel_follows_the_waveforms_device():
+    """Built on the CPU, called with a waveform elsewhere (the meta device stands in for a GPU here),
+    it moves itself, as f5-tts's MelSpec does."""
+    mel = LogMelSpectrogram()
+    out = mel(torch.empty(2, 24000, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 100, 24000 // 256 + 1)
+    assert mel.mel_spec.mel_scale.fb.device.type == "meta"
+
+
 @pytest.mark.parametrize("n_fft, n_mels, sample_rate", [(1024, 100, 24000), (512, 80, 16000), (2048, 128, 44100)])
 def test_filterbank_equals_torchaudio(n_fft, n_mels, sample_rate):
     from torchaudio.functional import melscale_fbanks
