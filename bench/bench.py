@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     from f5_tts.model import DiT
     from f5_tts.model.utils import seed_everything
     from f5worker.batcher import Batcher
-    from f5worker.engine import SynthesisRequest, TTSEngine
+    from f5worker.engine import TTSEngine
+    from f5worker.job_plan import SynthesisRequest
     from f5worker.model_store import resolve_tts_files
 
     arch = yaml.safe_load(Path(env["F5_MODEL_CONFIG"]).read_text())["model"]["arch"]

@@ -39,7 +39,7 @@ def main(path: str) -> None:
 
     ref = reference_clip()
     if path == "worker":
-        from f5worker.engine import SynthesisRequest
+        from f5worker.job_plan import SynthesisRequest
         from f5worker.service import start_worker
 
         phases = {}

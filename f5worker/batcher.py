@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from f5worker.engine import ChunkItem
+from f5worker.job_plan import ChunkItem
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,10 @@
 Why this module exists: a checkpoint can be a complete, well-formed file and still be unusable: a
 fine-tune saved with renamed tensors, a config of another size, weights gone NaN in training. The
 first two fail deep inside ``load_state_dict`` with a torch message; NaN weights load without
-complaint and every job returns noise. This module builds the architecture a config describes (on
-the ``meta`` device for the pre-deploy gate: no memory, no GPU), applies f5-tts's key fix-ups
-(defined here once, used by the engine's loader too) and compares, so both the gate
-(``f5worker.validation``) and the worker's loader (``f5worker.engine``) refuse such weights with one
+complaint and every job returns noise. This module holds f5-tts's key fix-ups (defined here once)
+and the comparisons of a file's tensors with the model a config describes (built by
+``f5worker.tts_model``, on the ``meta`` device for the pre-deploy gate: no memory, no GPU), so both
+the gate (``f5worker.validation``) and the worker's loader refuse such weights with one
 StorageError sentence naming the file and the first problems.
 
 The gate reads a checkpoint one tensor at a time (``safe_open``, or a memory-mapped ``torch.load``),
@@ -23,7 +23,6 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from f5worker import f5_imports
 from f5worker.errors import StorageError
 from f5worker.settings import VOCODER_FILES
 
@@ -91,23 +90,6 @@ def shapes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
     return {name: t.shape for name, t in state.items()}
 
 
-def build_cfm(model_cfg: dict, vocab: Path, mel_spec_kwargs: dict):
-    """The CFM model f5-tts's ``load_model`` builds, on torch's current default device (the caller
-    picks it: ``with torch.device(...)``); its weights are whatever that device's init gives."""
-    f5_imports.install()
-    from f5_tts.model.backbones.dit import DiT  # only after install(): see f5worker.f5_imports
-    from f5_tts.model.cfm import CFM
-    from f5_tts.model.utils import get_tokenizer
-
-    vocab_char_map, vocab_size = get_tokenizer(str(vocab), "custom")
-    return CFM(
-        transformer=DiT(**model_cfg["arch"], text_num_embeds=vocab_size, mel_dim=mel_spec_kwargs["n_mel_channels"]),
-        mel_spec_kwargs=mel_spec_kwargs,
-        odeint_kwargs=dict(method="euler"),
-        vocab_char_map=vocab_char_map,
-    )
-
-
 def _names(names: list[str]) -> str:
     shown = ", ".join(names[:NAMES_SHOWN])
     return shown + (", ..." if len(names) > NAMES_SHOWN else "")
@@ -167,15 +149,15 @@ def require_finite(what: str, tensors: Iterable[tuple[str, torch.Tensor]], dtype
         raise StorageError(f"{what} has non-finite values ({kind}) in {_count(len(bad), 'tensor')} ({_names(bad)}).")
 
 
-# --- the pre-deploy checks: read from disk one tensor at a time, nothing on a GPU ----------------
+# --- for the pre-deploy checks: read from disk one tensor at a time, nothing on a GPU ------------
 
-def _load_pt(path: Path) -> Mapping:
+def load_pt(path: Path) -> Mapping:
     # The zip format is memory-mapped (nothing read until a tensor is used); the legacy one cannot be.
     return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
 @contextmanager
-def _open_ema(ckpt: Path) -> Iterator[tuple[dict[str, torch.Size], Callable[[str], torch.Tensor]]]:
+def open_ema(ckpt: Path) -> Iterator[tuple[dict[str, torch.Size], Callable[[str], torch.Tensor]]]:
     """(model name -> shape, read one tensor by model name) for a checkpoint's EMA weights."""
     if ckpt.suffix == ".safetensors":
         with safe_open(str(ckpt), framework="pt", device="cpu") as f:
@@ -183,37 +165,5 @@ def _open_ema(ckpt: Path) -> Iterator[tuple[dict[str, torch.Size], Callable[[str
             yield ({name: torch.Size(f.get_slice(key).get_shape()) for name, key in keys.items()},
                    lambda name: f.get_tensor(keys[name]))
     else:
-        state = ema_weights(ema_entries(_load_pt(ckpt), ckpt))
+        state = ema_weights(ema_entries(load_pt(ckpt), ckpt))
         yield {name: t.shape for name, t in state.items()}, state.__getitem__
-
-
-def check_cfm_checkpoint(ckpt: Path, model_config: Path, vocab: Path, mel_spec_kwargs: dict) -> None:
-    """Raises StorageError unless the checkpoint's EMA weights load into the config's model and are
-    all finite. The model is built on the meta device: shapes only, no memory."""
-    model_cfg = read_model_config(model_config)
-    with torch.device("meta"):
-        model = build_cfm(model_cfg, vocab, mel_spec_kwargs)
-    what = cfm_subject(ckpt)
-    with _open_ema(Path(ckpt)) as (found, read):
-        require_fit(what, model_name(model_cfg, model_config), shapes(model.state_dict()), found)
-        require_finite(what, ((name, read(name)) for name in found))
-
-
-def build_vocos(vocoder_dir: Path):
-    """Vocos as its config.yaml describes it (f5-tts's load_vocoder with is_local=True), on the CPU."""
-    from vocos import Vocos
-
-    return Vocos.from_hparams(str(Path(vocoder_dir) / VOCODER_CONFIG))
-
-
-def check_vocos_weights(vocoder_dir: Path) -> None:
-    """Raises StorageError unless the Vocos weights load into the model its config describes and are
-    all finite. Vocos is built on the CPU (its mel filterbank cannot be built on meta); at about
-    14 M parameters that takes a fraction of a second."""
-    model = build_vocos(vocoder_dir)
-    state = _load_pt(Path(vocoder_dir) / VOCODER_WEIGHTS)
-    what = vocos_subject(vocoder_dir)
-    if not isinstance(state, Mapping):
-        raise StorageError(f"{what} does not hold a state dict.")
-    require_fit(what, VOCOS_ARCHITECTURE, shapes(model.state_dict()), shapes(state))
-    require_finite(what, state.items())

@@ -23,6 +23,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from f5worker.dit import apply_rotary
+from f5worker.job_plan import MAX_NFE_STEP
+
 log = logging.getLogger(__name__)
 
 FRAME_BUCKET = 128  # batches are compute-bound: pad little
@@ -54,16 +57,14 @@ class FusedAttnProcessor:
         self.qkv_bias = torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]).detach()
 
     def __call__(self, attn, x, mask=None, rope=None):
-        from x_transformers.x_transformers import apply_rotary_pos_emb
-
         batch = x.shape[0]
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
         head_dim = attn.inner_dim // attn.heads
         query, key, value = qkv.view(batch, -1, 3, attn.heads, head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
             freqs, _ = rope
-            query = apply_rotary_pos_emb(query, freqs, 1.0)
-            key = apply_rotary_pos_emb(key, freqs, 1.0)
+            query = apply_rotary(query, freqs)
+            key = apply_rotary(key, freqs)
         attn_mask = mask[:, None, None, :] if mask is not None else None
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
@@ -125,7 +126,7 @@ class _Graph:
         self.step_cond = torch.zeros_like(self.x)
         self.mask = torch.ones(batch, frames, device=device, dtype=torch.bool)
         self.text = torch.zeros(batch, text_len, device=device, dtype=torch.long)
-        self.t_grid = torch.zeros(65, device=device, dtype=dtype)
+        self.t_grid = torch.zeros(MAX_NFE_STEP + 1, device=device, dtype=dtype)
         self.index = torch.zeros((), device=device, dtype=torch.long)
         self.cfg = torch.zeros((), device=device, dtype=dtype)
         self.guided = guided
@@ -142,7 +143,7 @@ class _Graph:
         self.index.add_(1)
 
     def _capture(self, pool):
-        self.t_grid.copy_(torch.linspace(0, 1, 65, device=self.t_grid.device, dtype=self.t_grid.dtype))
+        self.t_grid.copy_(torch.linspace(0, 1, MAX_NFE_STEP + 1, device=self.t_grid.device, dtype=self.t_grid.dtype))
         self.state = _SampleState(self.tr, self.step_cond, self.text, self.mask, self.guided)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -16,6 +16,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from f5worker.errors import InputError
+from f5worker.job_plan import MAX_NFE_STEP, OPTION_DEFAULTS as DEFAULT
 
 MAX_TEXT_CHARS = 2000
 MAX_REF_TEXT_CHARS = 500
@@ -40,12 +41,12 @@ class TTSInput(_Input):
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     local_voice: str
     ref_text: str | None = Field(default=None, max_length=MAX_REF_TEXT_CHARS)
-    speed: float = Field(default=1.0, ge=0.3, le=3.0)
-    nfe_step: int = Field(default=32, ge=1, le=64)
-    cfg_strength: float = Field(default=2.0, ge=0.0, le=10.0)
-    sway_sampling_coef: float = Field(default=-1.0, ge=-1.0, le=1.0)
-    cross_fade_duration: float = Field(default=0.15, ge=0.0, le=1.0)
-    remove_silence: bool = False
+    speed: float = Field(default=DEFAULT["speed"], ge=0.3, le=3.0)
+    nfe_step: int = Field(default=DEFAULT["nfe_step"], ge=1, le=MAX_NFE_STEP)
+    cfg_strength: float = Field(default=DEFAULT["cfg_strength"], ge=0.0, le=10.0)
+    sway_sampling_coef: float = Field(default=DEFAULT["sway_sampling_coef"], ge=-1.0, le=1.0)
+    cross_fade_duration: float = Field(default=DEFAULT["cross_fade_duration"], ge=0.0, le=1.0)
+    remove_silence: bool = DEFAULT["remove_silence"]
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
     _voice = field_validator("local_voice")(classmethod(lambda cls, v: check_voice_name(v)))

@@ -28,9 +28,10 @@ import soundfile as sf
 from f5worker import audio
 from f5worker.batcher import Batcher
 from f5worker.download import download_to_file
-from f5worker.engine import SynthesisRequest, TTSEngine
+from f5worker.engine import TTSEngine
 from f5worker.errors import InputError, StorageError, WorkerError
 from f5worker.job_input import MAX_SEED, TTSInput, UploadInput
+from f5worker.job_plan import SynthesisRequest
 from f5worker.memory import HeapTrimmer
 from f5worker.settings import ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
 from f5worker.voices import Voice, VoiceLibrary, clipped_refusal

@@ -11,7 +11,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from f5worker.engine import MAX_FRAMES, ChunkItem, epss_or_linear_timesteps
+from f5worker.job_plan import MAX_FRAMES, ChunkItem
+from f5worker.text_tokens import symbols_to_ids
+
+# f5-tts's Empirically Pruned Step Sampling grids (f5_tts.model.utils.get_epss_timesteps), in 32nds.
+EPSS_GRIDS = {
+    5: [0, 2, 4, 8, 16, 32],
+    6: [0, 2, 4, 6, 8, 16, 32],
+    7: [0, 2, 4, 6, 8, 16, 24, 32],
+    10: [0, 2, 4, 6, 8, 12, 16, 20, 24, 28, 32],
+    12: [0, 2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32],
+    16: [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32],
+}
+
+
+def timesteps(steps: int, sway: float | None, device, dtype) -> torch.Tensor:
+    """CFM.sample's time grid: EPSS for the step counts it knows, linear otherwise, then sway."""
+    grid = EPSS_GRIDS.get(steps)
+    if grid is None:
+        t = torch.linspace(0, 1, steps + 1, device=device, dtype=dtype)
+    else:
+        t = (1 / 32) * torch.tensor(grid, device=device, dtype=dtype)
+    if sway is not None:
+        t = t + sway * (torch.cos(torch.pi / 2 * t) - 1 + t)
+    return t
+
+
+def lens_to_mask(lengths: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    length = int(lengths.amax()) if length is None else length
+    return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
 
 
 class EagerStepRunner:
@@ -51,16 +79,14 @@ class EagerStepRunner:
 
 def sample_mels(model, items: list[ChunkItem], runner) -> list[torch.Tensor]:
     """Each item's full mel ([frames, n_mel], reference part included), in one batched integration."""
-    from f5_tts.model.utils import lens_to_mask, list_str_to_idx
-
     steps, cfg_strength, sway = items[0].batch_key
     if any(item.batch_key != items[0].batch_key for item in items):
         raise ValueError("items with different sampling settings cannot share a batch")
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
+    weight = next(model.transformer.parameters())
+    dtype, device = weight.dtype, weight.device
     conds = [model.mel_spec(item.cond_wave.to(device)).permute(0, 2, 1)[0].to(dtype) for item in items]
     lens = torch.tensor([c.shape[0] for c in conds], device=device, dtype=torch.long)
-    text = list_str_to_idx([item.text for item in items], model.vocab_char_map).to(device)
+    text = symbols_to_ids([item.text for item in items], model.vocab_char_map).to(device)
     duration = torch.tensor([item.duration for item in items], device=device, dtype=torch.long)
     duration = torch.maximum(torch.maximum((text != -1).sum(dim=-1), lens) + 1, duration).clamp(max=MAX_FRAMES)
     frames = int(duration.amax())
@@ -78,7 +104,7 @@ def sample_mels(model, items: list[ChunkItem], runner) -> list[torch.Tensor]:
                            (0, 0, 0, frames - dur)))
     y = torch.stack(noise)
 
-    t = epss_or_linear_timesteps(steps, sway, device, dtype)
+    t = timesteps(steps, sway, device, dtype)
     y = runner.integrate(y, step_cond, text, mask, t, steps, cfg_strength)
     out = torch.where(cond_mask, cond, y)
     return [out[i, :d] for i, d in enumerate(duration.tolist())]

@@ -56,10 +56,6 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     from s3_utils import make_storage
 
     lap("import_worker")
-    from f5worker.engine import import_inference_modules
-
-    import_inference_modules()
-    lap("import_f5_tts")
     device = pick_device(settings.device)
     files = resolve_tts_files(settings)
     lap("resolve_models")

@@ -28,8 +28,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from f5worker.checkpoint import check_cfm_checkpoint, check_vocos_weights
-from f5worker.engine import MEL_SPEC_KWARGS
 from f5worker.errors import StorageError
 from f5worker.model_store import (
     F5_FILES,
@@ -64,6 +62,7 @@ from f5worker.settings import (
     VOLUME_MODELS_SUBDIR,
     Settings,
 )
+from f5worker.tts_model import check_model_checkpoint, check_vocoder_weights
 from s3_utils import make_storage
 
 log = logging.getLogger(__name__)
@@ -197,12 +196,12 @@ def fit_problems(m: ModelState) -> list[str]:
     if m.f5 is not None:
         ckpt, vocab, config = m.f5
         try:
-            check_cfm_checkpoint(ckpt, config, vocab, MEL_SPEC_KWARGS)
+            check_model_checkpoint(ckpt, config, vocab)
         except StorageError as err:
             problems.append(str(err))
     if m.vocoder_dir is not None:
         try:
-            check_vocos_weights(m.vocoder_dir)
+            check_vocoder_weights(m.vocoder_dir)
         except StorageError as err:
             problems.append(str(err))
     return problems

@@ -6,7 +6,8 @@ import pytest
 import soundfile as sf
 
 from f5worker import audio
-from f5worker.engine import SynthesisRequest, TTSEngine
+from f5worker.engine import TTSEngine
+from f5worker.job_plan import SynthesisRequest
 from f5worker.errors import InputError
 from f5worker.model_store import resolve_tts_files
 from f5worker.settings import Settings

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from f5worker.batcher import Batcher
-from f5worker.engine import ChunkItem
+from f5worker.job_plan import ChunkItem
 
 
 def item(duration: int, steps: int = 32, seed: int = 0) -> ChunkItem:

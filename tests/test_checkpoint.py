@@ -10,19 +10,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from f5worker.checkpoint import (
-    MEL_BUFFERS,
-    build_cfm,
-    check_cfm_checkpoint,
-    check_vocos_weights,
-    ema_weights,
-    read_model_config,
-)
-from f5worker.engine import MEL_SPEC_KWARGS, TTSEngine, load_cfm, read_state_dict
+from f5worker.checkpoint import MEL_BUFFERS, ema_weights, read_model_config
+from f5worker.engine import TTSEngine
 from f5worker.errors import StorageError
 from f5worker.model_store import resolve_tts_files
 from f5worker.service import build_worker
 from f5worker.settings import ENV_CKPT_FILE, ENV_MODEL_CONFIG, ENV_VOCAB_FILE, ENV_VOCODER_DIR, Settings
+from f5worker.tts_model import (
+    build_model,
+    check_model_checkpoint,
+    check_vocoder_weights,
+    load_model,
+    read_state_dict,
+)
 
 TARGET = "transformer.proj_out.weight"  # the tensor each damage touches, by the model's name
 RAW_TARGET = "ema_model." + TARGET  # its key in the checkpoint file
@@ -84,17 +84,15 @@ def nan_vocoder(tiny_models: dict[str, str], folder: Path) -> dict[str, str]:
 
 
 def gate_check(env: dict[str, str]) -> None:
-    check_cfm_checkpoint(Path(env[ENV_CKPT_FILE]), Path(env[ENV_MODEL_CONFIG]), Path(env[ENV_VOCAB_FILE]),
-                         MEL_SPEC_KWARGS)
+    check_model_checkpoint(Path(env[ENV_CKPT_FILE]), Path(env[ENV_MODEL_CONFIG]), Path(env[ENV_VOCAB_FILE]))
 
 
 def test_intact_checkpoint_fits_and_every_key_is_used(tiny_models):
     gate_check(tiny_models)
-    check_vocos_weights(Path(tiny_models[ENV_VOCODER_DIR]))
+    check_vocoder_weights(Path(tiny_models[ENV_VOCODER_DIR]))
     # Strict: every tensor of the file loads into the model and every model tensor comes from the file.
     with torch.device("meta"):
-        model = build_cfm(read_model_config(Path(tiny_models[ENV_MODEL_CONFIG])),
-                          Path(tiny_models[ENV_VOCAB_FILE]), MEL_SPEC_KWARGS)
+        model = build_model(read_model_config(Path(tiny_models[ENV_MODEL_CONFIG])), Path(tiny_models[ENV_VOCAB_FILE]))
     assert set(read_state_dict(Path(tiny_models[ENV_CKPT_FILE]))) == set(model.state_dict())
 
 
@@ -148,7 +146,7 @@ def test_nan_vocoder_refused(tiny_models, tmp_path):
     pattern = (rf"^The vocoder weights file {env[ENV_VOCODER_DIR]}/pytorch_model.bin has non-finite values "
                rf"\(NaN or infinity\) in 1 tensor \({VOCOS_TARGET}\)\.$")
     with pytest.raises(StorageError, match=pattern):
-        check_vocos_weights(Path(env[ENV_VOCODER_DIR]))
+        check_vocoder_weights(Path(env[ENV_VOCODER_DIR]))
     with pytest.raises(StorageError, match=pattern):
         TTSEngine.load(resolve_tts_files(Settings.from_env(env)), device="cpu")
 
@@ -163,4 +161,4 @@ def test_weights_beyond_half_range_refused_when_loaded_as_half(tiny_models, tmp_
     gate_check({**tiny_models, ENV_CKPT_FILE: str(ckpt)})  # fine in float32
     files = resolve_tts_files(Settings.from_env({**tiny_models, ENV_CKPT_FILE: str(ckpt)}))
     with pytest.raises(StorageError, match=rf"beyond float16 range\) in 1 tensor \({TARGET}\)"):
-        load_cfm(files, "cpu", torch.float16)
+        load_model(files.model_config, files.ckpt, files.vocab, "cpu", torch.float16)

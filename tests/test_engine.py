@@ -10,7 +10,8 @@ import torch
 
 from f5worker import audio
 from f5worker.chunking import chunk_text
-from f5worker.engine import MAX_CHUNK_FRAMES, SynthesisRequest, TTSEngine, item_frames
+from f5worker.engine import TTSEngine
+from f5worker.job_plan import MAX_CHUNK_FRAMES, SynthesisRequest, item_frames
 from f5worker.model_store import resolve_tts_files
 from f5worker.settings import Settings
 from tests.fixtures_models import SR, speechlike

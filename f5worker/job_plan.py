@@ -1,0 +1,166 @@
+"""One synthesis job as CPU work: its options, its chunk items, and the join of their waveforms.
+
+Why this module exists: everything about a job that is not the model lives here, below the
+sampler and the engine, so dependencies run one way (``job_input`` and ``engine`` and ``sampler``
+import this module; it imports none of them). It computes what f5-tts's ``infer_process`` does
+before and after the model:
+
+- ``plan`` turns one request into chunk items (reference prepared, text chunked and converted to
+  the model's symbols, durations fixed), each refused before the model if it cannot fit;
+- ``finish`` joins a job's chunk waveforms with cross-fades.
+
+The synthesis options and their defaults are defined here once; the job's input rules
+(``job_input``) take their defaults and the ``nfe_step`` bound from here, and the fast path sizes
+its step table from ``MAX_NFE_STEP``.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+
+import numpy as np
+import torch
+
+from f5worker.audio import TARGET_SAMPLE_RATE, cross_fade_join, prepare_reference, remove_silences
+from f5worker.chunking import chunk_for_model, utf8_len
+from f5worker.errors import InputError
+from f5worker.text_tokens import text_to_symbols
+
+# f5-tts's inference constants (f5_tts.infer.utils_infer)
+HOP_LENGTH = 256
+N_MEL = 100
+TARGET_RMS = 0.1
+MAX_FRAMES = 65536  # CFM.sample's max_duration
+# f5-tts sizes chunks so that reference plus chunk last about 22 s. Nothing longer than this ever
+# reaches the model: it stays inside the largest single-job graph bucket (fast.SINGLE_MAX_FRAMES)
+# and far inside the text embedding's position table (8192).
+CHUNK_TARGET_SECONDS = 22
+MAX_CHUNK_SECONDS = 30
+MAX_CHUNK_FRAMES = MAX_CHUNK_SECONDS * TARGET_SAMPLE_RATE // HOP_LENGTH
+# The most ODE steps a job may ask for; the fast path's on-device time grid holds MAX_NFE_STEP + 1.
+MAX_NFE_STEP = 64
+
+
+@dataclass
+class SynthesisRequest:
+    """A job's synthesis options; the defaults here are the job input's defaults."""
+
+    ref_audio: np.ndarray  # mono float32, as decoded
+    ref_sr: int
+    ref_text: str
+    gen_text: str
+    seed: int
+    speed: float = 1.0
+    nfe_step: int = 32
+    cfg_strength: float = 2.0
+    sway_sampling_coef: float = -1.0
+    cross_fade_duration: float = 0.15
+    remove_silence: bool = False
+
+
+# The options a job may set, with their defaults: what job_input declares as optional fields.
+OPTION_DEFAULTS = {f.name: f.default for f in fields(SynthesisRequest) if f.default is not MISSING}
+
+
+@dataclass
+class ChunkItem:
+    """One chunk of one job: everything the sampler needs, nothing about the job around it."""
+
+    cond_wave: torch.Tensor  # [1, samples] at 24 kHz, RMS-normalised, on the CPU
+    text: list[str]  # the model's symbols for ref_text + chunk text (pinyin for Chinese)
+    duration: int  # total frames, reference included
+    ref_frames: int
+    ref_rms: float
+    seed: int
+    steps: int
+    cfg_strength: float
+    sway_sampling_coef: float
+
+    @property
+    def batch_key(self) -> tuple:
+        """Items may share a model call only when they integrate the same ODE grid."""
+        return (self.steps, self.cfg_strength, self.sway_sampling_coef)
+
+
+@dataclass
+class JobPlan:
+    items: list[ChunkItem]
+    request: SynthesisRequest
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def item_frames(item: ChunkItem) -> int:
+    """The frames the sampler will integrate for ``item``: its duration, raised (as CFM.sample
+    does) to cover every text token and the reference."""
+    return max(item.duration, len(item.text) + 1, item.ref_frames + 2)
+
+
+def check_item_fits(item: ChunkItem) -> None:
+    """Refuse, before anything reaches the model, an item longer than the model takes at once."""
+    frames = item_frames(item)
+    if frames > MAX_CHUNK_FRAMES:
+        seconds = frames * HOP_LENGTH / TARGET_SAMPLE_RATE
+        raise InputError(
+            f"This text cannot be cut into pieces the model can speak with this voice: one piece would "
+            f"need {seconds:.0f} s of audio and at most {MAX_CHUNK_SECONDS} s fit (check that the "
+            "voice's transcript matches its audio).")
+
+
+def normalise_ref_text(ref_text: str) -> str:
+    """End the transcript with sentence punctuation, as preprocess_ref_audio_text does."""
+    if not ref_text.endswith(". ") and not ref_text.endswith("。"):
+        ref_text += " " if ref_text.endswith(".") else ". "
+    return ref_text
+
+
+def resample_to_model_rate(audio: torch.Tensor, sr: int) -> torch.Tensor:
+    if sr == TARGET_SAMPLE_RATE:
+        return audio
+    # Imported only for a voice not stored at 24 kHz (uploads are): keeps torchaudio off the start path.
+    import torchaudio
+
+    return torchaudio.transforms.Resample(sr, TARGET_SAMPLE_RATE)(audio)
+
+
+def plan(req: SynthesisRequest) -> JobPlan:
+    ref = prepare_reference(req.ref_audio, req.ref_sr)
+    ref_text = normalise_ref_text(req.ref_text)
+    ref_seconds = len(ref) / req.ref_sr
+    max_chars = int(utf8_len(ref_text) / ref_seconds * (CHUNK_TARGET_SECONDS - ref_seconds) * req.speed)
+    chunks = chunk_for_model(req.gen_text, max_chars)
+    if not chunks:
+        raise InputError("The text has nothing to speak: it is empty once spaces are removed.")
+    audio = torch.from_numpy(ref).unsqueeze(0)
+    rms = float(torch.sqrt(torch.mean(torch.square(audio))))
+    if rms < TARGET_RMS:
+        audio = audio * TARGET_RMS / rms
+    # stays on the CPU: plan() runs off the model thread, and a device allocation there could
+    # land in the middle of a CUDA graph capture; the sampler moves it on the model thread
+    audio = resample_to_model_rate(audio, req.ref_sr)
+    return JobPlan(items=items_for(audio, rms, ref_text, chunks, req), request=req)
+
+
+def items_for(audio: torch.Tensor, rms: float, ref_text: str, chunks: list[str],
+              req: SynthesisRequest) -> list[ChunkItem]:
+    """infer_batch_process's per-chunk text and duration rules."""
+    if len(ref_text[-1].encode("utf-8")) == 1:
+        ref_text = ref_text + " "
+    ref_frames = audio.shape[-1] // HOP_LENGTH
+    ref_len = len(ref_text.encode("utf-8"))
+    items = []
+    for index, chunk in enumerate(chunks):
+        local_speed = 0.3 if len(chunk.encode("utf-8")) < 10 else req.speed
+        duration = ref_frames + int(ref_frames / ref_len * len(chunk.encode("utf-8")) / local_speed)
+        item = ChunkItem(
+            cond_wave=audio, text=text_to_symbols(ref_text + chunk), duration=duration,
+            ref_frames=ref_frames, ref_rms=rms, seed=req.seed + index, steps=req.nfe_step,
+            cfg_strength=req.cfg_strength, sway_sampling_coef=req.sway_sampling_coef)
+        check_item_fits(item)
+        items.append(item)
+    return items
+
+
+def finish(job: JobPlan, waves: list[np.ndarray]) -> np.ndarray:
+    wave = cross_fade_join(waves, TARGET_SAMPLE_RATE, job.request.cross_fade_duration)
+    if job.request.remove_silence:
+        wave = remove_silences(wave, TARGET_SAMPLE_RATE)
+    return wave.astype(np.float32)

@@ -1,0 +1,217 @@
+"""The models the sampler runs: the worker's own DiT, mel and Vocos where they cover the files'
+architecture, f5-tts's and vocos's own classes where they do not.
+
+Why this module exists: the worker's own model code (``f5worker.dit``, ``f5worker.mel``,
+``f5worker.vocoder``, ``f5worker.text_tokens``) imports only torch, which keeps seconds of
+imports (x_transformers, einx, torchdiffeq, scipy, vocos, pypinyin, jieba) off a cold start. It
+covers F5TTS_v1-style checkpoints and the Vocos mel vocoder; for any other layout in
+``F5_MODEL_CONFIG`` the worker builds stock f5-tts's CFM instead, says why at start, and runs it on
+the eager path. The choice is made here once, for the worker's loader and the pre-deploy gate alike,
+so both check the very model the worker will run.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import yaml
+
+from f5worker import dit, f5_imports, vocoder
+from f5worker.audio import TARGET_SAMPLE_RATE
+from f5worker.checkpoint import (
+    VOCODER_CONFIG,
+    VOCODER_WEIGHTS,
+    VOCOS_ARCHITECTURE,
+    cfm_subject,
+    ema_entries,
+    ema_weights,
+    load_pt,
+    model_name,
+    open_ema,
+    read_model_config,
+    require_finite,
+    require_fit,
+    shapes,
+    vocos_subject,
+)
+from f5worker.errors import StorageError
+from f5worker.job_plan import HOP_LENGTH, N_MEL
+from f5worker.mel import LogMelSpectrogram
+from f5worker.text_tokens import load_vocab
+
+log = logging.getLogger(__name__)
+
+# f5-tts's mel settings for F5TTS_v1_Base (its config's model.mel_spec); the own model covers these.
+MEL_SPEC_KWARGS = dict(n_fft=1024, hop_length=HOP_LENGTH, win_length=1024, n_mel_channels=N_MEL,
+                       target_sample_rate=TARGET_SAMPLE_RATE, mel_spec_type="vocos")
+TRANSFORMER_PREFIX = "transformer."
+
+
+class F5Model:
+    """What the sampler needs of f5-tts's CFM (``transformer``, ``mel_spec``, ``vocab_char_map``,
+    ``num_channels``), with the worker's own DiT and mel. Its state dict is the transformer's under
+    the checkpoint's names; the mel's filterbank is computed, not loaded (as CFM's is)."""
+
+    own = True
+
+    def __init__(self, transformer: dit.DiT, vocab_char_map: dict[str, int], mel_spec: LogMelSpectrogram):
+        self.transformer = transformer
+        self.vocab_char_map = vocab_char_map
+        self.mel_spec = mel_spec
+        self.num_channels = transformer.proj_out.out_features
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {TRANSFORMER_PREFIX + k: v for k, v in self.transformer.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.transformer.load_state_dict({k.removeprefix(TRANSFORMER_PREFIX): v for k, v in state.items()},
+                                         strict=True)
+
+    def to(self, dtype: torch.dtype) -> "F5Model":
+        self.transformer.to(dtype)  # the mel stays float32: the sampler casts its output
+        return self
+
+    def eval(self) -> "F5Model":
+        self.transformer.eval()
+        return self
+
+
+def model_unsupported_reason(model_cfg: dict) -> str | None:
+    """Why the own model cannot run a config's architecture, or None when it can."""
+    mel = model_cfg.get("mel_spec") or {}
+    differing = sorted(k for k, v in MEL_SPEC_KWARGS.items() if k in mel and mel[k] != v)
+    if differing:
+        return f"its mel settings differ from F5TTS_v1's ({', '.join(differing)})"
+    return dit.unsupported_reason(model_cfg["arch"])
+
+
+def build_model(model_cfg: dict, vocab: Path):
+    """The model for a config, with whatever weights the current default device's init gives (the
+    caller picks the device: ``with torch.device(...)``)."""
+    if model_unsupported_reason(model_cfg) is not None:
+        return build_stock_cfm(model_cfg, vocab)
+    vocab_char_map = load_vocab(vocab)
+    transformer = dit.DiT(**model_cfg["arch"], text_num_embeds=len(vocab_char_map), mel_dim=N_MEL)
+    with torch.device("cpu"):  # tiny; and a Hann window on meta would import torch._dynamo
+        mel = LogMelSpectrogram()
+    return F5Model(transformer, vocab_char_map, mel)
+
+
+def build_stock_cfm(model_cfg: dict, vocab: Path):
+    """The CFM model f5-tts's ``load_model`` builds (the fallback for layouts the own model lacks)."""
+    f5_imports.install()
+    # Stock f5-tts imports only here, for a layout the own model does not cover: seconds of imports
+    # that the usual start path does without.
+    from f5_tts.model.backbones.dit import DiT
+    from f5_tts.model.cfm import CFM
+    from f5_tts.model.utils import get_tokenizer
+
+    vocab_char_map, vocab_size = get_tokenizer(str(vocab), "custom")
+    model = CFM(
+        transformer=DiT(**model_cfg["arch"], text_num_embeds=vocab_size, mel_dim=MEL_SPEC_KWARGS["n_mel_channels"]),
+        mel_spec_kwargs=MEL_SPEC_KWARGS,
+        odeint_kwargs=dict(method="euler"),
+        vocab_char_map=vocab_char_map,
+    )
+    model.own = False
+    return model
+
+
+def vocoder_unsupported_reason(vocoder_dir: Path) -> str | None:
+    """Why the own vocoder cannot run a folder's config.yaml, or None when it can (or when the
+    config cannot be read at all: the own loader says so in a sentence)."""
+    try:
+        config = yaml.safe_load((Path(vocoder_dir) / VOCODER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return vocoder.unsupported_reason(config)
+
+
+def build_stock_vocos(vocoder_dir: Path):
+    """Vocos as its config.yaml describes it (f5-tts's load_vocoder with is_local=True), on the CPU."""
+    # The vocos package (encodec, scipy) only for a vocoder layout the own one does not cover.
+    from vocos import Vocos
+
+    return Vocos.from_hparams(str(Path(vocoder_dir) / VOCODER_CONFIG))
+
+
+# --- the worker's loaders ------------------------------------------------------------------------
+
+def read_state_dict(ckpt: Path, device: str = "cpu") -> dict:
+    """EMA weights with f5-tts's key fix-ups (load_checkpoint with use_ema=True)."""
+    if ckpt.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return ema_weights(load_file(str(ckpt), device=device))
+    return ema_weights(ema_entries(torch.load(str(ckpt), map_location=device, weights_only=True), ckpt))
+
+
+def load_model(model_config: Path, ckpt: Path, vocab: Path, device: str, dtype: torch.dtype):
+    """Build and load the TTS model from resolved files, as f5-tts's load_model does.
+
+    Built directly on the target device (random init of 337 M parameters on a CPU costs seconds,
+    on a GPU milliseconds) and loaded from a checkpoint read straight to that device. Weights that
+    do not fit the config, or are not finite once in ``dtype``, are refused with a StorageError
+    (checked on the loaded tensors: the file is read once)."""
+    model_cfg = read_model_config(Path(model_config))
+    if reason := model_unsupported_reason(model_cfg):
+        log.warning("model %s: the worker's own model does not cover it (%s); running stock f5-tts's, "
+                    "on the slower eager path", model_name(model_cfg, model_config), reason)
+    state = read_state_dict(Path(ckpt), device)
+    with torch.device(device):
+        model = build_model(model_cfg, Path(vocab))
+    what = cfm_subject(ckpt)
+    require_fit(what, model_name(model_cfg, model_config), shapes(model.state_dict()), shapes(state))
+    model = model.to(dtype)
+    model.load_state_dict(state)
+    require_finite(what, model.state_dict().items(), dtype)
+    return model.eval()
+
+
+def load_vocoder(vocoder_dir: Path, device: str):
+    """The vocoder of config.yaml + pytorch_model.bin: the own one (f5worker.vocoder) where it covers
+    the config, stock Vocos otherwise; weights that do not fit or are not finite are refused."""
+    if (reason := vocoder_unsupported_reason(vocoder_dir)) is None:
+        return vocoder.load_vocoder(Path(vocoder_dir), device)
+    log.warning("vocoder %s: the worker's own Vocos does not cover it (it %s); running the vocos package's",
+                vocoder_dir, reason)
+    model = build_stock_vocos(vocoder_dir)
+    state = torch.load(str(Path(vocoder_dir) / VOCODER_WEIGHTS), map_location="cpu", weights_only=True)
+    what = vocos_subject(vocoder_dir)
+    require_fit(what, VOCOS_ARCHITECTURE, shapes(model.state_dict()), shapes(state))
+    model.load_state_dict(state)
+    model = model.eval().to(device)
+    require_finite(what, model.state_dict().items())
+    return model
+
+
+# --- the pre-deploy gate's checks: the same models, shapes only ---------------------------------
+
+def check_model_checkpoint(ckpt: Path, model_config: Path, vocab: Path) -> None:
+    """Raises StorageError unless the checkpoint's EMA weights load into the config's model and are
+    all finite. The model is built on the meta device: shapes only, no memory."""
+    model_cfg = read_model_config(model_config)
+    with torch.device("meta"):
+        model = build_model(model_cfg, vocab)
+    what = cfm_subject(ckpt)
+    with open_ema(Path(ckpt)) as (found, read):
+        require_fit(what, model_name(model_cfg, model_config), shapes(model.state_dict()), found)
+        require_finite(what, ((name, read(name)) for name in found))
+
+
+def check_vocoder_weights(vocoder_dir: Path) -> None:
+    """Raises StorageError unless the vocoder weights load into the model its config describes and
+    are all finite (read memory-mapped, a tensor at a time)."""
+    what = vocos_subject(vocoder_dir)
+    if vocoder_unsupported_reason(vocoder_dir) is None:
+        with torch.device("meta"):
+            model = vocoder.Vocoder(vocoder.read_vocoder_config(Path(vocoder_dir) / VOCODER_CONFIG))
+    else:
+        model = build_stock_vocos(vocoder_dir)  # its filterbank cannot be built on meta
+    state = load_pt(Path(vocoder_dir) / VOCODER_WEIGHTS)
+    if not isinstance(state, Mapping):
+        raise StorageError(f"{what} does not hold a state dict.")
+    require_fit(what, VOCOS_ARCHITECTURE, shapes(model.state_dict()), shapes(state))
+    require_finite(what, state.items())
