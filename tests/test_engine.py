@@ -40,6 +40,10 @@ def engine(request, tiny_models):
 
 @pytest.fixture(scope="module")
 def stock(tiny_models):
+    return load_stock(tiny_models)
+
+
+def load_stock(tiny_models: dict[str, str]):
     """Stock f5-tts loading: utils_infer.load_model + load_vocoder, on the same files."""
     import yaml
     from f5_tts.infer import utils_infer
