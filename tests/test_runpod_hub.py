@@ -138,3 +138,17 @@ def test_hub_dockerfile_is_dockerfile_runpod():
     assert (REPO / ".runpod" / "Dockerfile").read_bytes() == (REPO / "Dockerfile.runpod").read_bytes(), \
         "run: cp Dockerfile.runpod .runpod/Dockerfile"
     assert (REPO / "README.md").is_file()  # the listing's page: .runpod/README.md or the root's
+
+
+def test_the_guide_states_the_gates_gpu_thresholds():
+    """STORAGE-DEPLOYMENT-GUIDE.md's Resources section says what the gate fails and warns at."""
+    from f5worker.validation import GPU_MIN_BYTES
+
+    guide = (REPO / "STORAGE-DEPLOYMENT-GUIDE.md").read_text(encoding="utf-8")
+    resources = guide[guide.index("#### Resources"):guide.index("### 3. Pre-deployment validation")]
+    fails = re.search(r"fails\s+on a GPU with less than ([\d.]+) GiB", resources)
+    warns = re.search(r"warns below ([\d.]+) GiB", resources)
+    assert fails and warns, resources
+    assert float(fails.group(1)) * GIB == GPU_MIN_BYTES and float(warns.group(1)) * GIB == GPU_RECOMMENDED_BYTES
+    for pool in re.findall(r"`([A-Z]+_\d+(?:_PRO)?)`", resources):  # the pools it recommends
+        assert (int(POOL.match(pool).group(1)) - SOLD_AS_SLACK_GIB) * GIB >= GPU_RECOMMENDED_BYTES, pool
