@@ -197,8 +197,9 @@ def split_bucket_endpoint(url: str) -> tuple[str, str | None]:
 
 def region_from_endpoint(url: str | None) -> str | None:
     """The region an S3 endpoint's hostname names (``s3.<region>.<domain>`` or
-    ``<region>.digitaloceanspaces.com``), else None. SigV4 signs with the region, and B2 refuses a
-    wrong one; runpod's upload helper reads the region from the URL the same way."""
+    ``<region>.digitaloceanspaces.com``), else None. SigV4 signs with the region and a provider may
+    refuse a signature made for another; runpod's upload helper also reads the region from the URL
+    (from ``<bucket>.s3.<region>...`` and Spaces hosts)."""
     host = (urlsplit(url or "").hostname or "").lower()
     labels = host.split(".")
     if "s3" in labels:
@@ -234,13 +235,16 @@ def resolve_s3_env(env: Mapping[str, str]) -> tuple[dict[str, str | None], tuple
             notes.append(f"{ours} and {theirs} are both set and differ; {ours} is used.")
         values[ours] = mine or other
     bucket = given(ENV_S3_BUCKET)
-    if url_bucket and values[ENV_AWS_ENDPOINT_URL] == alias_endpoint:
+    alias_endpoint_used = (values[ENV_AWS_ENDPOINT_URL] or "").rstrip("/") == (alias_endpoint or "").rstrip("/")
+    if url_bucket and alias_endpoint_used:
         if bucket and bucket != url_bucket:
             notes.append(f"{ENV_S3_BUCKET} and the bucket named in {ENV_BUCKET_ENDPOINT_URL} differ; "
                          f"{ENV_S3_BUCKET} is used.")
         bucket = bucket or url_bucket
     if not bucket and given(ENV_BUCKET_ENDPOINT_URL):
-        notes.append(f"{ENV_BUCKET_ENDPOINT_URL} is set but names no bucket and {ENV_S3_BUCKET} is not set, "
+        why = ("names no bucket" if url_bucket is None else
+               f"names a bucket, which is not used with the endpoint in {ENV_AWS_ENDPOINT_URL},")
+        notes.append(f"{ENV_BUCKET_ENDPOINT_URL} is set but {why} and {ENV_S3_BUCKET} is not set, "
                      f"so voices and outputs go to the local folder; set {ENV_S3_BUCKET}.")
     values[ENV_S3_BUCKET] = bucket
     values[ENV_AWS_REGION] = given(ENV_AWS_REGION) or region_from_endpoint(values[ENV_AWS_ENDPOINT_URL])

@@ -118,8 +118,15 @@ def test_our_endpoint_wins_and_then_the_alias_url_names_no_bucket():
     settings = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: "https://a.s3.us-east-1.amazonaws.com",
                                   ENV_AWS_ENDPOINT_URL: "http://127.0.0.1:9000"})
     assert (settings.aws_endpoint_url, settings.s3_bucket) == ("http://127.0.0.1:9000", None)
-    assert any(w.startswith(f"{ENV_AWS_ENDPOINT_URL} and {ENV_BUCKET_ENDPOINT_URL} are both set and differ")
-               for w in settings.warnings)
+    differ, unused = settings.warnings
+    assert differ.startswith(f"{ENV_AWS_ENDPOINT_URL} and {ENV_BUCKET_ENDPOINT_URL} are both set and differ")
+    assert unused.startswith(f"{ENV_BUCKET_ENDPOINT_URL} is set but names a bucket, which is not used")
+
+
+def test_our_endpoint_with_a_trailing_slash_is_the_same_endpoint():
+    settings = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: "https://s3.us-west-004.backblazeb2.com/bkt",
+                                  ENV_AWS_ENDPOINT_URL: "https://s3.us-west-004.backblazeb2.com/"})
+    assert settings.s3_bucket == "bkt" and settings.warnings == ()
 
 
 @pytest.mark.parametrize("url", [
