@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     except ValueError as err:  # one sentence naming the variable, not a traceback
         logging.getLogger("runpod-handler").error("cannot start: %s", err)
         return 2
+    for warning in settings.warnings:  # conflicting storage variables ...: names only, never values
+        logging.getLogger("runpod-handler").warning("%s", warning)
     apply_cache_env(settings)
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # it logs full URLs, signatures included
     logging.getLogger("botocore").setLevel(logging.WARNING)

@@ -62,7 +62,7 @@ JOB_TIMEOUT_S = 120
 MAX_GROWTH_PERCENT = 5.0
 SR = 24000
 # What a developer's shell may hold that must not reach the worker (it would act on it).
-_DROP = re.compile(r"^(AWS_|S3_BUCKET$|RUNPOD_|F5_|ASR_MODEL$|HF_|TRANSFORMERS_|TORCH_HOME$|.*_proxy$|.*_PROXY$)")
+_DROP = re.compile(r"^(AWS_|BUCKET_|S3_BUCKET$|RUNPOD_|F5_|ASR_MODEL$|HF_|TRANSFORMERS_|TORCH_HOME$|.*_proxy$|.*_PROXY$)")
 TEXTS = ["Hello there, this is a soak test.", "The quick brown fox jumps over the lazy dog.",
          "今天天气很好，我们去公园散步。", "สวัสดีครับ ยินดีที่ได้รู้จัก", "Привет, как дела?", "Ça va très bien, merci.",
          "Numbers like 42 and 3.14 are read aloud.", "One. Two. Three. Four. Five."]

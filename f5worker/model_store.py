@@ -6,21 +6,30 @@ instead looks, in order, at:
 
 1. explicit local files (``F5_CKPT_FILE``, ``F5_VOCAB_FILE``, ``F5_MODEL_CONFIG``,
    ``F5_VOCODER_DIR``; ``ASR_MODEL`` when it names a folder);
-2. the volume cache (``<model root>/hub``, huggingface_hub's own layout);
-3. the copy baked into the image (``F5_BAKED_MODEL_DIR``/hub, written by ``python -m f5worker.preload``);
-4. a download into the volume cache, only after checking the volume has room for it.
+2. RunPod's cached models (``<volume>/huggingface-cache/hub``, ``Settings.runpod_model_cache``): an
+   endpoint whose Model setting is ``SWivid/F5-TTS`` gets that repo's snapshot there, complete,
+   before the worker starts, on the worker's local disk: the fastest copy there is, and one the
+   operator asked for by name. Only one model per endpoint can be cached, so the other sets come
+   from the steps below;
+3. the volume cache (``<model root>/hub``, huggingface_hub's own layout);
+4. the copy baked into the image (``F5_BAKED_MODEL_DIR``/hub, written by ``python -m f5worker.preload``);
+5. a download into the volume cache, only after checking the volume has room for it.
 
-huggingface_hub writes each file as ``*.incomplete`` under a per-file lock and links it into the
-snapshot only when complete, so two workers on one volume never corrupt a download and a
-half-finished file is never found by step 2.
+Each set (F5-TTS checkpoint and vocab; the vocoder; Whisper) is taken whole from one cache. A cache
+repo without ``refs/main`` (RunPod documents that its cache may lack it) is read from its newest
+snapshot that holds the whole set. huggingface_hub writes each file as ``*.incomplete`` under a
+per-file lock and links it into the snapshot only when complete, so two workers on one volume never
+corrupt a download and a half-finished file is never found by step 3.
 """
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from importlib.resources import files as package_files
 from pathlib import Path
+from typing import Callable
 
 from f5worker.errors import StorageError
 from f5worker.settings import (
@@ -74,8 +83,15 @@ def default_model_config() -> Path:
 
 
 def cache_dirs(settings: Settings) -> list[tuple[str, Path]]:
-    """The caches searched, in order, before any download."""
-    return [("volume cache", settings.hub_cache), ("image copy", settings.baked_model_dir / "hub")]
+    """The caches searched, in order, before any download (a folder named twice is searched once)."""
+    caches = [("RunPod cached models", settings.runpod_model_cache), ("volume cache", settings.hub_cache),
+              ("image copy", settings.baked_model_dir / "hub")]
+    unique, seen = [], set()
+    for label, cache_dir in caches:
+        if os.path.normpath(cache_dir) not in seen:
+            seen.add(os.path.normpath(cache_dir))
+            unique.append((label, cache_dir))
+    return unique
 
 
 def _cached(hub_file: HubFile, cache_dir: Path) -> Path | None:
@@ -83,6 +99,37 @@ def _cached(hub_file: HubFile, cache_dir: Path) -> Path | None:
 
     found = try_to_load_from_cache(hub_file.repo, hub_file.filename, cache_dir=str(cache_dir))
     return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
+def unreferenced_snapshot(repo: str, cache_dir: Path, holds: Callable[[Path], bool]) -> Path | None:
+    """For a cached repo without ``refs/main`` (where huggingface_hub's own lookup finds nothing):
+    its newest snapshot for which ``holds(snapshot)`` is true. None when the repo has ``refs/main``
+    (then that snapshot alone counts, as huggingface_hub decides) or no such snapshot."""
+    repo_dir = cache_dir / f"models--{repo.replace('/', '--')}"
+    if (repo_dir / "refs" / "main").is_file():
+        return None
+    try:
+        snapshots = [p for p in (repo_dir / "snapshots").iterdir() if p.is_dir()]
+    except OSError:
+        return None
+    for snapshot in sorted(snapshots, key=lambda p: p.stat().st_mtime, reverse=True):
+        if holds(snapshot):
+            return snapshot
+    return None
+
+
+def _cached_set(hub_files: tuple[HubFile, ...], cache_dir: Path) -> dict[HubFile, Path] | None:
+    """Every file of the set from one cache, or None."""
+    found = {f: _cached(f, cache_dir) for f in hub_files}
+    if all(found.values()):
+        return found
+    repos = {f.repo for f in hub_files}
+    if len(repos) == 1:
+        snapshot = unreferenced_snapshot(repos.pop(), cache_dir,
+                                         lambda snap: all((snap / f.filename).is_file() for f in hub_files))
+        if snapshot is not None:
+            return {f: snapshot / f.filename for f in hub_files}
+    return None
 
 
 def ensure_free_space(directory: Path, needed: int) -> None:
@@ -118,8 +165,8 @@ def resolve_hub_files(hub_files: tuple[HubFile, ...], settings: Settings, *, all
                       ) -> tuple[dict[HubFile, Path], str]:
     """Find every file in one cache (a set is never mixed across caches), else download them."""
     for label, cache_dir in cache_dirs(settings):
-        found = {f: _cached(f, cache_dir) for f in hub_files}
-        if all(found.values()):
+        found = _cached_set(hub_files, cache_dir)
+        if found is not None:
             return found, f"{label} ({cache_dir})"
     if not allow_download:
         raise StorageError(f"Model files from {hub_files[0].repo} are not in any local cache.")
@@ -170,6 +217,10 @@ def resolve_tts_files(settings: Settings, *, allow_download: bool = True) -> Mod
                       sources={"f5": f5_source, "vocoder": vocoder_source})
 
 
+def _holds_asr_model(snapshot: Path) -> bool:
+    return (snapshot / "config.json").is_file() and any(snapshot.glob("*.safetensors"))
+
+
 def resolve_asr_model(settings: Settings, *, allow_download: bool = True) -> Path:
     """A local folder with the Whisper model, by the same order as the TTS files."""
     from huggingface_hub import snapshot_download
@@ -184,7 +235,11 @@ def resolve_asr_model(settings: Settings, *, allow_download: bool = True) -> Pat
                 log.info("transcriber model from %s", label)
                 return Path(path)
         except Exception:  # not in this cache
-            continue
+            pass
+        snapshot = unreferenced_snapshot(settings.asr_model, cache_dir, _holds_asr_model)
+        if snapshot is not None:
+            log.info("transcriber model from %s", label)
+            return snapshot
     if not allow_download:
         raise StorageError(f"The transcription model {settings.asr_model} is not in any local cache.")
     ensure_free_space(settings.hub_cache, ASR_DOWNLOAD_BYTES)

@@ -10,15 +10,22 @@ Order in which settings override each other (highest first):
 3. the defaults in this module.
 
 Model files are looked for in this order (see ``f5worker.model_store``): explicit local files
-(``F5_CKPT_FILE`` and friends), the volume cache, the copy baked into the image
-(``F5_BAKED_MODEL_DIR``), then a download into the volume cache.
+(``F5_CKPT_FILE`` and friends), RunPod's cached models (``<volume>/huggingface-cache/hub``), the
+volume cache, the copy baked into the image (``F5_BAKED_MODEL_DIR``), then a download into the
+volume cache.
+
+S3 settings also accept the names runpod's own upload helper reads (``BUCKET_ENDPOINT_URL``,
+``BUCKET_ACCESS_KEY_ID``, ``BUCKET_SECRET_ACCESS_KEY``) as aliases of ours; ``S3_ENV_ALIASES`` and
+``resolve_s3_env`` define how, in one place.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlsplit
 
 # --- environment variable names (the only place they are spelled) -------------------------------
 ENV_VOLUME_PATH = "RUNPOD_VOLUME_PATH"
@@ -48,6 +55,19 @@ ENV_S3_READ_TIMEOUT = "S3_READ_TIMEOUT_SECONDS"
 ENV_S3_MAX_ATTEMPTS = "S3_MAX_ATTEMPTS"
 ENV_AWS_CA_BUNDLE = "AWS_CA_BUNDLE"  # read by botocore itself; named here for messages and tests
 ENV_LOCAL_RETENTION_HOURS = "F5_LOCAL_RETENTION_HOURS"
+# The names runpod's upload helper (runpod/serverless/utils/rp_upload.py) reads, accepted as aliases.
+ENV_BUCKET_ENDPOINT_URL = "BUCKET_ENDPOINT_URL"
+ENV_BUCKET_ACCESS_KEY_ID = "BUCKET_ACCESS_KEY_ID"
+ENV_BUCKET_SECRET_ACCESS_KEY = "BUCKET_SECRET_ACCESS_KEY"
+
+# Our name -> runpod's name for the same setting. Ours win when both are set: they are the names
+# botocore and every AWS tool read, so a value set under them is the one the rest of the container
+# sees too. When both are set and differ, ``Settings.warnings`` says so, naming the variables only.
+S3_ENV_ALIASES = {
+    ENV_AWS_ENDPOINT_URL: ENV_BUCKET_ENDPOINT_URL,
+    ENV_AWS_ACCESS_KEY_ID: ENV_BUCKET_ACCESS_KEY_ID,
+    ENV_AWS_SECRET_ACCESS_KEY: ENV_BUCKET_SECRET_ACCESS_KEY,
+}
 
 # Cache variables third-party libraries read; all derived from the model root. (Not
 # TRANSFORMERS_CACHE: transformers 5 no longer reads it and finds its files through HF_HOME.)
@@ -57,6 +77,10 @@ CACHE_ENV_SUBDIRS = {
     "TORCH_HOME": "torch",
 }
 VOLUME_MODELS_SUBDIR = "models"  # the model root on a mounted volume: <volume>/models
+# RunPod's "cached models" (an endpoint's Model setting): RunPod puts the model's huggingface_hub
+# snapshot here, on the worker's local disk, before the worker starts. Also the folder other RunPod
+# workers use as their hub cache on a network volume. Same layout as any hub cache.
+RUNPOD_CACHED_MODELS_SUBDIR = "huggingface-cache/hub"
 F5_SUBDIR = "f5-tts"
 
 # --- defaults -----------------------------------------------------------------------------------
@@ -101,6 +125,14 @@ LOGS_PREFIX = "logs/"
 TRANSCRIPT_SUFFIX = ".txt"  # voices/alice.wav.txt: a transcript written by a person
 VOICE_META_SUFFIX = ".json"  # voices/alice.wav.json: Whisper's transcript, bound to the voice's SHA-256
 
+# The variables a person deploying the worker is offered (the RunPod Hub listing, .runpod/hub.json,
+# lists exactly these; tests/test_runpod_hub.py holds it to this list). The others have defaults
+# that suit RunPod, or are for development and tests.
+USER_FACING_ENV = (
+    ENV_S3_BUCKET, ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY, ENV_AWS_REGION, ENV_AWS_ENDPOINT_URL,
+    ENV_PRESIGN_EXPIRY, ENV_MAX_CONCURRENCY, ENV_JOB_TIMEOUT, ENV_FAST_PATH, ENV_ASR_MODEL,
+)
+
 
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
@@ -121,6 +153,109 @@ def _number(env: Mapping[str, str], name: str, default, cast=float, minimum: flo
         bound = f"greater than {minimum:g}" if above else f"at least {minimum:g}"
         raise ValueError(f"{name} must be a {'whole ' if cast is int else ''}number {bound}, not {raw!r}")
     return value
+
+
+# A region label as the S3 providers spell it in their hostnames: us-east-1, eu-central-003 (AWS,
+# Backblaze B2, Wasabi: s3.<region>.<domain>) and nyc3, ams3 (DigitalOcean: <region>.digitaloceanspaces.com).
+_S3_REGION_LABEL = re.compile(r"^[a-z]{2,}(?:-[a-z0-9]+)*-\d+$")
+_SPACES_REGION_LABEL = re.compile(r"^[a-z]+\d+$")
+_SPACES_DOMAIN = ".digitaloceanspaces.com"
+
+
+def split_bucket_endpoint(url: str) -> tuple[str, str | None]:
+    """``BUCKET_ENDPOINT_URL`` as (the S3 endpoint to call, the bucket the URL names or None).
+
+    runpod's upload helper hands this URL to boto3 unchanged and never reads a bucket from it (its
+    callers pass one, or it uses the month, "%m-%y"); RunPod's documentation, though, shows URLs
+    that name the bucket. Recognised, in this order:
+
+    * ``https://<host>/<bucket>``: the path is the bucket (an S3 endpoint has no path of its own);
+    * ``https://<bucket>.s3.<rest>`` (AWS, Backblaze B2, Wasabi ...): the labels before ``s3``;
+    * ``https://<bucket>.<region>.digitaloceanspaces.com``: the first label.
+
+    Anything else (``https://s3.us-west-004.backblazeb2.com``,
+    ``https://<account id>.r2.cloudflarestorage.com``) names no bucket: it is the endpoint itself and
+    the bucket comes from ``S3_BUCKET``. The error never repeats the URL (it may carry a password).
+    """
+    parts = urlsplit(url.strip())
+    segments = [seg for seg in parts.path.split("/") if seg]
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or len(segments) > 1:
+        raise ValueError(f"{ENV_BUCKET_ENDPOINT_URL} must look like https://<host>, https://<host>/<bucket> "
+                         "or https://<bucket>.s3.<region>.<provider domain>")
+    if segments:
+        return f"{parts.scheme}://{parts.netloc}", segments[0]
+    labels = parts.hostname.split(".")
+    port = f":{parts.port}" if parts.port else ""
+    if "s3" in labels[1:]:
+        at = labels.index("s3", 1)
+        return f"{parts.scheme}://{'.'.join(labels[at:])}{port}", ".".join(labels[:at])
+    if parts.hostname.endswith(_SPACES_DOMAIN) and len(labels) == 4:
+        return f"{parts.scheme}://{'.'.join(labels[1:])}{port}", labels[0]
+    return f"{parts.scheme}://{parts.netloc}", None
+
+
+def region_from_endpoint(url: str | None) -> str | None:
+    """The region an S3 endpoint's hostname names (``s3.<region>.<domain>`` or
+    ``<region>.digitaloceanspaces.com``), else None. SigV4 signs with the region and a provider may
+    refuse a signature made for another; runpod's upload helper also reads the region from the URL
+    (from ``<bucket>.s3.<region>...`` and Spaces hosts)."""
+    host = (urlsplit(url or "").hostname or "").lower()
+    labels = host.split(".")
+    if "s3" in labels:
+        rest = labels[labels.index("s3") + 1:]
+        if len(rest) >= 3 and _S3_REGION_LABEL.match(rest[0]):
+            return rest[0]
+    if host.endswith(_SPACES_DOMAIN) and len(labels) >= 3 and _SPACES_REGION_LABEL.match(labels[-3]):
+        return labels[-3]
+    return None
+
+
+def resolve_s3_env(env: Mapping[str, str]) -> tuple[dict[str, str | None], tuple[str, ...]]:
+    """The S3 settings by our variable names, each from our variable else runpod's alias
+    (``S3_ENV_ALIASES``), and one sentence per conflict or surprise, naming variables, never values.
+
+    The bucket is ``S3_BUCKET``, else the one ``BUCKET_ENDPOINT_URL`` names (``split_bucket_endpoint``)
+    when that URL is the endpoint in use. The region is ``AWS_REGION``, else the one the endpoint's
+    hostname names (``region_from_endpoint``); s3_utils falls back to us-east-1.
+    """
+    def given(name: str) -> str | None:
+        return env.get(name) or None
+
+    notes = []
+    alias_endpoint, url_bucket = split_bucket_endpoint(env[ENV_BUCKET_ENDPOINT_URL]) \
+        if given(ENV_BUCKET_ENDPOINT_URL) else (None, None)
+    values: dict[str, str | None] = {}
+    for ours, theirs in S3_ENV_ALIASES.items():
+        other = alias_endpoint if theirs == ENV_BUCKET_ENDPOINT_URL else given(theirs)
+        mine = given(ours)
+        same = (mine or "").rstrip("/") == (other or "").rstrip("/") if theirs == ENV_BUCKET_ENDPOINT_URL \
+            else mine == other
+        if mine and other and not same:
+            notes.append(f"{ours} and {theirs} are both set and differ; {ours} is used.")
+        values[ours] = mine or other
+    bucket = given(ENV_S3_BUCKET)
+    alias_endpoint_used = (values[ENV_AWS_ENDPOINT_URL] or "").rstrip("/") == (alias_endpoint or "").rstrip("/")
+    if url_bucket and alias_endpoint_used:
+        if bucket and bucket != url_bucket:
+            notes.append(f"{ENV_S3_BUCKET} and the bucket named in {ENV_BUCKET_ENDPOINT_URL} differ; "
+                         f"{ENV_S3_BUCKET} is used.")
+        bucket = bucket or url_bucket
+    if not bucket and given(ENV_BUCKET_ENDPOINT_URL):
+        why = ("names no bucket" if url_bucket is None else
+               f"names a bucket, which is not used with the endpoint in {ENV_AWS_ENDPOINT_URL},")
+        notes.append(f"{ENV_BUCKET_ENDPOINT_URL} is set but {why} and {ENV_S3_BUCKET} is not set, "
+                     f"so voices and outputs go to the local folder; set {ENV_S3_BUCKET}.")
+    values[ENV_S3_BUCKET] = bucket
+    values[ENV_AWS_REGION] = given(ENV_AWS_REGION) or region_from_endpoint(values[ENV_AWS_ENDPOINT_URL])
+    return values, tuple(notes)
+
+
+def either_name(name: str) -> str:
+    """How a message names a setting that also has runpod's alias: "AWS_ACCESS_KEY_ID (or
+    BUCKET_ACCESS_KEY_ID)"."""
+    alias = S3_ENV_ALIASES.get(name)
+    return f"{name} (or {alias})" if alias else name
 
 
 @dataclass(frozen=True)
@@ -151,6 +286,7 @@ class Settings:
     s3_read_timeout: float
     s3_max_attempts: int
     local_retention_hours: float
+    warnings: tuple[str, ...] = ()  # sentences about the variables (conflicting aliases ...), no values
 
     @property
     def volume_mounted(self) -> bool:
@@ -163,6 +299,12 @@ class Settings:
     @property
     def hub_cache(self) -> Path:
         return self.model_root / CACHE_ENV_SUBDIRS["HF_HUB_CACHE"]
+
+    @property
+    def runpod_model_cache(self) -> Path:
+        """Where RunPod mounts its cached models: under the volume's mount point, whether or not
+        a network volume is attached."""
+        return self.volume_path / RUNPOD_CACHED_MODELS_SUBDIR
 
     def cache_env(self) -> dict[str, str]:
         """The cache variables, each under the model root."""
@@ -185,6 +327,7 @@ class Settings:
             local_storage = volume / "storage"
         else:
             local_storage = Path("storage").resolve()
+        s3, warnings = resolve_s3_env(env)
         return cls(
             volume_path=volume,
             model_root=model_root,
@@ -197,11 +340,11 @@ class Settings:
             vocoder_dir=env.get(ENV_VOCODER_DIR) or None,
             asr_model=env.get(ENV_ASR_MODEL) or DEFAULT_ASR_MODEL,
             device=env.get(ENV_DEVICE) or None,
-            s3_bucket=env.get(ENV_S3_BUCKET) or None,
-            aws_access_key_id=env.get(ENV_AWS_ACCESS_KEY_ID) or None,
-            aws_secret_access_key=env.get(ENV_AWS_SECRET_ACCESS_KEY) or None,
-            aws_region=env.get(ENV_AWS_REGION) or None,
-            aws_endpoint_url=env.get(ENV_AWS_ENDPOINT_URL) or None,
+            s3_bucket=s3[ENV_S3_BUCKET],
+            aws_access_key_id=s3[ENV_AWS_ACCESS_KEY_ID],
+            aws_secret_access_key=s3[ENV_AWS_SECRET_ACCESS_KEY],
+            aws_region=s3[ENV_AWS_REGION],
+            aws_endpoint_url=s3[ENV_AWS_ENDPOINT_URL],
             presign_expiry=_number(env, ENV_PRESIGN_EXPIRY, DEFAULT_PRESIGN_EXPIRY, cast=int, minimum=1),
             allow_private_urls=_truthy(env.get(ENV_ALLOW_PRIVATE_URLS)),
             max_voice_bytes=_number(env, ENV_MAX_VOICE_BYTES, DEFAULT_MAX_VOICE_BYTES, cast=int, minimum=1),
@@ -212,6 +355,7 @@ class Settings:
             s3_read_timeout=_number(env, ENV_S3_READ_TIMEOUT, DEFAULT_S3_READ_TIMEOUT, above=True),
             s3_max_attempts=_number(env, ENV_S3_MAX_ATTEMPTS, DEFAULT_S3_MAX_ATTEMPTS, int, 1),
             local_retention_hours=_number(env, ENV_LOCAL_RETENTION_HOURS, DEFAULT_LOCAL_RETENTION_HOURS),
+            warnings=warnings,
         )
 
 

@@ -46,6 +46,7 @@ from f5worker.settings import (
     ENV_AWS_ACCESS_KEY_ID,
     ENV_AWS_ENDPOINT_URL,
     ENV_AWS_SECRET_ACCESS_KEY,
+    ENV_BUCKET_ENDPOINT_URL,
     ENV_CKPT_FILE,
     ENV_MODEL_CONFIG,
     ENV_MODEL_ROOT,
@@ -61,6 +62,7 @@ from f5worker.settings import (
     VOCODER_FILES,
     VOLUME_MODELS_SUBDIR,
     Settings,
+    either_name,
 )
 from f5worker.tts_model import check_model_checkpoint, check_vocoder_weights
 from s3_utils import make_storage
@@ -273,8 +275,12 @@ def check_volume(ctx: Context) -> CheckResult:
                                             "attach the network volume read-write."))
     free = _gb(_free_bytes(volume))
     if not os.path.ismount(volume):
+        # RunPod mounts its cached models under the volume's mount point even with no volume attached.
+        cached = ctx.settings.runpod_model_cache
+        also = (f" RunPod's cached models are in {cached}, but no network volume is attached."
+                if cached.is_dir() else "")
         return CheckResult(name, WARN, _fix(
-            f"{volume} (writable, {free} free) is not a mount point: data will not persist.",
+            f"{volume} (writable, {free} free) is not a mount point: data will not persist.{also}",
             f"attach a network volume mounted at {volume} (a plain folder is lost with the container)."))
     return CheckResult(name, PASS, f"{volume} (mounted, writable, {free} free)")
 
@@ -442,6 +448,19 @@ def _probe_settings(s: Settings) -> Settings:
 
 
 def check_s3(ctx: Context) -> CheckResult:
+    """The storage probe, and what ``Settings.warnings`` says about the storage variables (both of
+    an alias pair set and different ...): a probe that passes with such a note is a warning."""
+    result = _check_storage(ctx)
+    notes = " ".join(ctx.settings.warnings)
+    if not notes or result.status == SKIP:
+        return result
+    if result.status == PASS:
+        return CheckResult(result.name, WARN, _fix(f"{result.message}; but: {notes}",
+                                                   "unset one variable of each pair named."))
+    return CheckResult(result.name, result.status, f"{notes} {result.message}")
+
+
+def _check_storage(ctx: Context) -> CheckResult:
     name, s = "S3 storage", ctx.settings
     if ctx.args.skip_s3:
         return CheckResult(name, SKIP, "skipped (--skip-s3)")
@@ -460,12 +479,14 @@ def check_s3(ctx: Context) -> CheckResult:
         return CheckResult(name, status, _fix(
             f"{ENV_S3_BUCKET} is not set: voices and outputs are kept in the local folder {local}, "
             "and results are returned as file paths, not URLs.",
-            f"set {ENV_S3_BUCKET}, {ENV_AWS_ACCESS_KEY_ID}, {ENV_AWS_SECRET_ACCESS_KEY} "
-            f"(and {ENV_AWS_ENDPOINT_URL} for B2, R2, MinIO ...)."))
-    lacking = [v for v, value in ((ENV_AWS_ACCESS_KEY_ID, s.aws_access_key_id),
-                                  (ENV_AWS_SECRET_ACCESS_KEY, s.aws_secret_access_key)) if not value]
+            f"set {ENV_S3_BUCKET}, {either_name(ENV_AWS_ACCESS_KEY_ID)}, {either_name(ENV_AWS_SECRET_ACCESS_KEY)} "
+            f"(and {either_name(ENV_AWS_ENDPOINT_URL)} for B2, R2, MinIO ...; {ENV_BUCKET_ENDPOINT_URL} "
+            f"may name the bucket instead of {ENV_S3_BUCKET})."))
+    lacking = [either_name(v) for v, value in ((ENV_AWS_ACCESS_KEY_ID, s.aws_access_key_id),
+                                               (ENV_AWS_SECRET_ACCESS_KEY, s.aws_secret_access_key)) if not value]
     if lacking:
-        return CheckResult(name, FAIL, _fix(f"{ENV_S3_BUCKET} is set but {' and '.join(lacking)} "
+        return CheckResult(name, FAIL, _fix(f"A bucket is set ({ENV_S3_BUCKET} or {ENV_BUCKET_ENDPOINT_URL}) but "
+                                            f"{' and '.join(lacking)} "
                                             f"{'is' if len(lacking) == 1 else 'are'} not.",
                                             "set the bucket's access key in the endpoint's environment."))
     key_hint = f"key id ...{s.aws_access_key_id[-4:]}" if len(s.aws_access_key_id) > 8 else "key id set"
@@ -477,7 +498,7 @@ def check_s3(ctx: Context) -> CheckResult:
         return CheckResult(name, FAIL, _fix(
             f"the storage probe failed: {err} ({key_hint}, secret set).",
             f"check {ENV_S3_BUCKET}, the key pair and its permissions on the bucket, and "
-            f"{ENV_AWS_ENDPOINT_URL} for non-AWS providers."))
+            f"{either_name(ENV_AWS_ENDPOINT_URL)} for non-AWS providers."))
     except Exception as err:  # noqa: BLE001 - never show a library's own text: it can hold URLs
         return CheckResult(name, FAIL, _fix(f"the probe failed unexpectedly ({type(err).__name__}; "
                                             f"{key_hint}, secret set).",

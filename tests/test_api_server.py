@@ -42,7 +42,7 @@ JOB_TIMEOUT_S = 120
 NFE = 6
 MARKER = "Quillibet" + secrets.token_hex(4)  # in every job's text; must never reach the server's log
 # Variables a developer's shell may hold that must not reach the worker (it would act on them).
-_DROP = re.compile(r"^(AWS_|S3_BUCKET$|RUNPOD_|F5_|ASR_MODEL$|HF_|TRANSFORMERS_|TORCH_HOME$|.*_proxy$|.*_PROXY$)")
+_DROP = re.compile(r"^(AWS_|BUCKET_|S3_BUCKET$|RUNPOD_|F5_|ASR_MODEL$|HF_|TRANSFORMERS_|TORCH_HOME$|.*_proxy$|.*_PROXY$)")
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:

@@ -21,7 +21,7 @@ from f5worker.settings import ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR, ENV_TMP_DIR, E
 REPO = Path(__file__).resolve().parent.parent
 MARKER = "Frobnitz" + secrets.token_hex(4)
 # Variables a developer's shell may hold that must not reach the worker (it would act on them).
-_DROP = re.compile(r"^(AWS_|S3_BUCKET$|RUNPOD_|F5_|ASR_MODEL$|HF_|TRANSFORMERS_|TORCH_HOME$|.*_proxy$|.*_PROXY$)")
+_DROP = re.compile(r"^(AWS_|BUCKET_|S3_BUCKET$|RUNPOD_|F5_|ASR_MODEL$|HF_|TRANSFORMERS_|TORCH_HOME$|.*_proxy$|.*_PROXY$)")
 
 
 def child_env(tiny_models, tiny_whisper, volume: Path) -> dict[str, str]:

@@ -122,3 +122,90 @@ def test_preload_volume_without_a_volume_refuses_and_writes_nothing(tmp_path):
     assert str(tmp_path / "not-mounted") in lines[0]
     assert f"{ENV_VOLUME_PATH}={POD_VOLUME_PATH}" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"] and not any(home.iterdir())
+
+
+# --- RunPod's cached models (<volume>/huggingface-cache/hub) -------------------------------------
+
+def tiny_set(tiny_models) -> dict:
+    """The bytes of a tiny random model set, by the hub file each stands in for."""
+    vocoder = Path(tiny_models["F5_VOCODER_DIR"])
+    sources = [tiny_models["F5_CKPT_FILE"], tiny_models["F5_VOCAB_FILE"]] + [vocoder / f.filename
+                                                                              for f in VOCODER_HUB_FILES]
+    return {f: Path(src).read_bytes() for f, src in zip(F5_FILES + VOCODER_HUB_FILES, sources)}
+
+
+def put_snapshot(cache: Path, files: dict, revision: str, *, ref: bool = True, mtime: float | None = None) -> Path:
+    """``files`` (hub file -> bytes, one repo) as snapshot ``revision``; with ``ref``, refs/main names it."""
+    (repo,) = {f.repo for f in files}
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / revision
+    for hub_file, data in files.items():
+        (snapshot / hub_file.filename).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / hub_file.filename).write_bytes(data)
+    if ref:
+        (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+        (repo_dir / "refs" / "main").write_text(revision)
+    if mtime is not None:
+        os.utime(snapshot, (mtime, mtime))
+    return snapshot
+
+
+def test_runpod_cached_models_come_after_explicit_files_and_before_the_volume_cache(env, tiny_models):
+    settings = Settings.from_env(env)
+    assert settings.runpod_model_cache == Path(env["RUNPOD_VOLUME_PATH"]) / "huggingface-cache" / "hub"
+    data = tiny_set(tiny_models)
+    f5_only = {f: data[f] for f in F5_FILES}
+    fill(settings.hub_cache)  # everything on the volume cache
+    cached = put_snapshot(settings.runpod_model_cache, f5_only, REVISION)  # RunPod caches one model only
+    files = resolve_tts_files(settings)
+    assert files.ckpt == cached / F5_FILES[0].filename and files.ckpt.read_bytes() == data[F5_FILES[0]]
+    assert files.sources["f5"] == f"RunPod cached models ({settings.runpod_model_cache})"
+    assert "volume cache" in files.sources["vocoder"]  # the other sets come from the next cache
+    assert resolve_tts_files(Settings.from_env({**env, **tiny_models})).sources["f5"] == "local files"
+
+
+def test_without_refs_main_the_newest_snapshot_holding_the_whole_set_is_used(env, tiny_models):
+    settings = Settings.from_env(env)
+    data = tiny_set(tiny_models)
+    f5_set = {f: data[f] for f in F5_FILES}
+    older = put_snapshot(settings.runpod_model_cache, f5_set, "a" * 40, ref=False, mtime=1_000_000)
+    put_snapshot(settings.runpod_model_cache, {F5_FILES[0]: data[F5_FILES[0]]}, "b" * 40, ref=False,
+                 mtime=2_000_000)  # newer, but without the vocab
+    fill(settings.hub_cache)
+    files = resolve_tts_files(settings)
+    assert (files.ckpt, files.vocab) == (older / F5_FILES[0].filename, older / F5_FILES[1].filename)
+    newer = put_snapshot(settings.runpod_model_cache, f5_set, "c" * 40, ref=False, mtime=3_000_000)
+    assert resolve_tts_files(settings).ckpt == newer / F5_FILES[0].filename
+
+
+def test_with_refs_main_only_that_snapshot_counts(env, tiny_models):
+    settings = Settings.from_env(env)
+    data = tiny_set(tiny_models)
+    put_snapshot(settings.runpod_model_cache, {f: data[f] for f in F5_FILES}, "a" * 40, ref=False)
+    put_snapshot(settings.runpod_model_cache, {F5_FILES[0]: data[F5_FILES[0]]}, "b" * 40)  # refs/main: no vocab
+    on_volume = fill(settings.hub_cache)
+    files = resolve_tts_files(settings)
+    assert files.ckpt == on_volume[F5_FILES[0]] and "volume cache" in files.sources["f5"]
+
+
+def test_the_cached_models_folder_is_searched_and_never_written(env):
+    settings = Settings.from_env(env)
+    with pytest.raises(StorageError) as err:
+        resolve_tts_files(settings)
+    assert str(settings.runpod_model_cache) in str(err.value)
+    assert not settings.runpod_model_cache.exists()
+    assert model_store.cache_dirs(settings)[0] == ("RunPod cached models", settings.runpod_model_cache)
+
+
+def test_a_model_root_on_the_cached_models_folder_is_searched_once(env):
+    root = Path(env["RUNPOD_VOLUME_PATH"]) / "huggingface-cache"
+    settings = Settings.from_env({**env, "F5_MODEL_ROOT": str(root)})
+    assert settings.hub_cache == settings.runpod_model_cache
+    assert [label for label, _ in model_store.cache_dirs(settings)] == ["RunPod cached models", "image copy"]
+
+
+def test_whisper_from_runpod_cached_models_without_refs_main(env, tiny_whisper):
+    settings = Settings.from_env(env)
+    repo_dir = settings.runpod_model_cache / f"models--{settings.asr_model.replace('/', '--')}"
+    shutil.copytree(tiny_whisper, repo_dir / "snapshots" / REVISION)
+    assert model_store.resolve_asr_model(settings, allow_download=False) == repo_dir / "snapshots" / REVISION

@@ -438,3 +438,82 @@ def test_script_exit_code_on_failure(monkeypatch, models_env, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL  volume mounted  " in proc.stdout
+
+
+# --- RunPod's cached models and runpod's bucket variable names ------------------------------------
+
+@pytest.mark.parametrize("with_ref", [True, False], ids=["refs-main", "no-refs"])
+def test_models_from_runpod_cached_models(capsys, monkeypatch, tiny_models, volume, with_ref):
+    """The endpoint's Model setting puts the F5-TTS repo under <volume>/huggingface-cache/hub (here
+    built from the tiny random models); the vocoder, which RunPod cannot cache alongside, comes
+    from the volume cache. The gate finds, checks and never writes the cached folder."""
+    monkeypatch.setenv(ENV_MODEL_CONFIG, tiny_models[ENV_MODEL_CONFIG])
+    settings = Settings.from_env(os.environ)
+    cached = settings.runpod_model_cache
+    populate_cache(cached, tiny_models, vocoder=False)
+    populate_cache(settings.hub_cache, tiny_models, f5=False)
+    if not with_ref:
+        shutil.rmtree(next(cached.glob("models--*")) / "refs")
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in cached.rglob("*"))
+    code, doc, checks = run_json(capsys, *OFFLINE, "--require-models")
+    assert code == 0, doc
+    message = checks["TTS models"]["message"]
+    assert f"F5TTS_v1_Base from RunPod cached models ({cached})" in message
+    assert f"vocoder from volume cache ({settings.hub_cache})" in message
+    assert "RunPod's cached models are in" in checks["volume mounted"]["message"]
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in cached.rglob("*")) == before
+
+
+def test_damaged_checkpoint_in_runpod_cached_models_fails(capsys, monkeypatch, tiny_models, volume):
+    monkeypatch.setenv(ENV_MODEL_CONFIG, tiny_models[ENV_MODEL_CONFIG])
+    cached = Settings.from_env(os.environ).runpod_model_cache
+    populate_cache(cached, tiny_models)
+    (ckpt,) = cached.glob(f"models--*/snapshots/*/{F5_FILES[0].filename}")
+    _truncate(ckpt)
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 1 and checks["TTS models"]["status"] == "fail" and str(ckpt) in checks["TTS models"]["message"]
+
+
+def _runpod_names(s3_env) -> dict[str, str]:
+    return {"BUCKET_ENDPOINT_URL": f"{s3_env[ENV_AWS_ENDPOINT_URL]}/{s3_env.bucket}",
+            "BUCKET_ACCESS_KEY_ID": s3_env[ENV_AWS_ACCESS_KEY_ID],
+            "BUCKET_SECRET_ACCESS_KEY": s3_env[ENV_AWS_SECRET_ACCESS_KEY]}
+
+
+def test_s3_probe_passes_with_runpod_names_only(capsys, monkeypatch, models_env, s3_env):
+    for name, value in _runpod_names(s3_env).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(ENV_AWS_REGION, s3_env[ENV_AWS_REGION])
+    code, out, err = run(capsys, "--skip-gpu", "--require-s3")
+    assert code == 0, out
+    line = next(line for line in out.splitlines() if "  S3 storage  " in line)
+    assert line.startswith("PASS") and s3_env.bucket in line
+    assert s3_env[ENV_AWS_SECRET_ACCESS_KEY] not in out + err and s3_env[ENV_AWS_ACCESS_KEY_ID] not in out + err
+
+
+def test_conflicting_aliases_warn_by_name_only(capsys, monkeypatch, models_env, s3_env):
+    _use_s3_env(monkeypatch, s3_env)
+    other = "other-" + uuid.uuid4().hex
+    monkeypatch.setenv("BUCKET_SECRET_ACCESS_KEY", other)
+    code, out, err = run(capsys, "--skip-gpu", "--json")
+    check = {c["name"]: c for c in json.loads(out)["checks"]}["S3 storage"]
+    assert code == 0 and check["status"] == "warn", check
+    assert "write, read and delete OK" in check["message"]  # ours won: the probe used the right secret
+    assert (f"{ENV_AWS_SECRET_ACCESS_KEY} and BUCKET_SECRET_ACCESS_KEY are both set and differ; "
+            f"{ENV_AWS_SECRET_ACCESS_KEY} is used.") in check["message"]
+    assert other not in out + err and s3_env[ENV_AWS_SECRET_ACCESS_KEY] not in out + err
+
+
+def test_alias_endpoint_without_a_bucket_says_so(capsys, monkeypatch, models_env, volume):
+    monkeypatch.setenv("BUCKET_ENDPOINT_URL", "https://s3.us-west-004.backblazeb2.com")
+    code, _, checks = run_json(capsys, "--skip-gpu")
+    message = checks["S3 storage"]["message"]
+    assert code == 0 and checks["S3 storage"]["status"] == "warn"
+    assert message.startswith("BUCKET_ENDPOINT_URL is set but names no bucket") and "local folder" in message
+
+
+def test_unusable_alias_url_fails_the_settings_check(capsys, monkeypatch, models_env):
+    monkeypatch.setenv("BUCKET_ENDPOINT_URL", "https://user:hunter2@host/a/b")
+    code, out, _ = run(capsys, "--skip-gpu")
+    assert code == 1 and out.startswith("FAIL  settings  BUCKET_ENDPOINT_URL must look like")
+    assert "hunter2" not in out

@@ -1,0 +1,180 @@
+"""Settings: runpod's bucket variable names as aliases of ours, where the bucket and region come from,
+and the cached-models folder. The storage end of each case runs against the real SeaweedFS server."""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from f5worker.errors import StorageError
+from f5worker.settings import (
+    ENV_AWS_ACCESS_KEY_ID,
+    ENV_AWS_ENDPOINT_URL,
+    ENV_AWS_REGION,
+    ENV_AWS_SECRET_ACCESS_KEY,
+    ENV_BUCKET_ACCESS_KEY_ID,
+    ENV_BUCKET_ENDPOINT_URL,
+    ENV_BUCKET_SECRET_ACCESS_KEY,
+    ENV_S3_BUCKET,
+    ENV_VOLUME_PATH,
+    RUNPOD_CACHED_MODELS_SUBDIR,
+    S3_ENV_ALIASES,
+    Settings,
+    region_from_endpoint,
+    split_bucket_endpoint,
+)
+from s3_utils import make_storage
+
+SECRET = "sekrit-" + uuid.uuid4().hex
+OTHER_SECRET = "other-" + uuid.uuid4().hex
+
+
+def runpod_names(s3_env) -> dict[str, str]:
+    """The same bucket and keys as ``s3_env``, under runpod's names only (bucket in the URL path)."""
+    return {ENV_BUCKET_ENDPOINT_URL: f"{s3_env[ENV_AWS_ENDPOINT_URL]}/{s3_env.bucket}",
+            ENV_BUCKET_ACCESS_KEY_ID: s3_env[ENV_AWS_ACCESS_KEY_ID],
+            ENV_BUCKET_SECRET_ACCESS_KEY: s3_env[ENV_AWS_SECRET_ACCESS_KEY]}
+
+
+# --- the aliases against real storage ----------------------------------------------------------------
+
+def test_runpod_names_alone_reach_the_bucket(s3_env):
+    settings = Settings.from_env(runpod_names(s3_env))
+    assert (settings.s3_bucket, settings.aws_endpoint_url) == (s3_env.bucket, s3_env[ENV_AWS_ENDPOINT_URL])
+    assert settings.warnings == ()
+    storage = make_storage(settings)
+    storage.probe()  # write, read, delete under logs/
+    assert s3_env.bucket in storage.describe()
+
+
+def test_ours_win_when_both_are_set_and_the_difference_is_named_without_values(s3_env):
+    env = {**s3_env, ENV_BUCKET_ACCESS_KEY_ID: "AKIA" + uuid.uuid4().hex[:16].upper(),
+           ENV_BUCKET_SECRET_ACCESS_KEY: OTHER_SECRET}
+    settings = Settings.from_env(env)
+    assert settings.aws_secret_access_key == s3_env[ENV_AWS_SECRET_ACCESS_KEY]
+    make_storage(settings).probe()  # the winning pair is the one that works
+    assert settings.warnings == (
+        f"{ENV_AWS_ACCESS_KEY_ID} and {ENV_BUCKET_ACCESS_KEY_ID} are both set and differ; {ENV_AWS_ACCESS_KEY_ID} is used.",
+        f"{ENV_AWS_SECRET_ACCESS_KEY} and {ENV_BUCKET_SECRET_ACCESS_KEY} are both set and differ; "
+        f"{ENV_AWS_SECRET_ACCESS_KEY} is used.",
+    )
+    text = " ".join(settings.warnings)
+    for value in (OTHER_SECRET, env[ENV_BUCKET_ACCESS_KEY_ID], s3_env[ENV_AWS_SECRET_ACCESS_KEY]):
+        assert value not in text
+
+
+def test_the_same_value_under_both_names_is_no_conflict(s3_env):
+    settings = Settings.from_env({**s3_env, **runpod_names(s3_env)})
+    assert settings.warnings == ()
+    assert settings.s3_bucket == s3_env.bucket
+
+
+def test_a_wrong_alias_secret_is_what_fails_when_ours_is_unset(s3_env):
+    env = {**runpod_names(s3_env), ENV_BUCKET_SECRET_ACCESS_KEY: OTHER_SECRET}
+    with pytest.raises(StorageError) as err:
+        make_storage(Settings.from_env(env)).probe()
+    assert OTHER_SECRET not in str(err.value)
+
+
+# --- which bucket, which endpoint ------------------------------------------------------------------
+
+@pytest.mark.parametrize("url, endpoint, bucket", [
+    ("https://s3.us-west-004.backblazeb2.com/voices-bkt", "https://s3.us-west-004.backblazeb2.com", "voices-bkt"),
+    ("https://voices-bkt.s3.us-west-004.backblazeb2.com", "https://s3.us-west-004.backblazeb2.com", "voices-bkt"),
+    ("https://my.dotted.bucket.s3.eu-central-1.amazonaws.com", "https://s3.eu-central-1.amazonaws.com",
+     "my.dotted.bucket"),
+    ("https://voices-bkt.nyc3.digitaloceanspaces.com", "https://nyc3.digitaloceanspaces.com", "voices-bkt"),
+    ("http://127.0.0.1:9000/voices-bkt/", "http://127.0.0.1:9000", "voices-bkt"),
+    # no bucket in these: the URL is the endpoint (an R2 host's first label is the account, not a bucket)
+    ("https://s3.us-west-004.backblazeb2.com", "https://s3.us-west-004.backblazeb2.com", None),
+    ("https://0123456789abcdef.r2.cloudflarestorage.com", "https://0123456789abcdef.r2.cloudflarestorage.com", None),
+    ("http://minio.internal:9000", "http://minio.internal:9000", None),
+])
+def test_bucket_endpoint_forms(url, endpoint, bucket):
+    assert split_bucket_endpoint(url) == (endpoint, bucket)
+    settings = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: url})
+    assert (settings.aws_endpoint_url, settings.s3_bucket) == (endpoint, bucket)
+    with_bucket = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: url, ENV_S3_BUCKET: bucket or "named"})
+    assert with_bucket.s3_bucket == (bucket or "named") and with_bucket.warnings == ()
+
+
+def test_an_endpoint_that_names_no_bucket_says_storage_stays_local():
+    settings = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: "https://s3.us-west-004.backblazeb2.com"})
+    assert settings.s3_bucket is None
+    (note,) = settings.warnings
+    assert note.startswith(f"{ENV_BUCKET_ENDPOINT_URL} is set but names no bucket") and ENV_S3_BUCKET in note
+
+
+def test_s3_bucket_wins_over_the_bucket_in_the_url():
+    settings = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: "https://a.s3.us-east-1.amazonaws.com",
+                                  ENV_S3_BUCKET: "b"})
+    assert (settings.s3_bucket, settings.aws_endpoint_url) == ("b", "https://s3.us-east-1.amazonaws.com")
+    assert settings.warnings == (f"{ENV_S3_BUCKET} and the bucket named in {ENV_BUCKET_ENDPOINT_URL} differ; "
+                                 f"{ENV_S3_BUCKET} is used.",)
+
+
+def test_our_endpoint_wins_and_then_the_alias_url_names_no_bucket():
+    settings = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: "https://a.s3.us-east-1.amazonaws.com",
+                                  ENV_AWS_ENDPOINT_URL: "http://127.0.0.1:9000"})
+    assert (settings.aws_endpoint_url, settings.s3_bucket) == ("http://127.0.0.1:9000", None)
+    differ, unused = settings.warnings
+    assert differ.startswith(f"{ENV_AWS_ENDPOINT_URL} and {ENV_BUCKET_ENDPOINT_URL} are both set and differ")
+    assert unused.startswith(f"{ENV_BUCKET_ENDPOINT_URL} is set but names a bucket, which is not used")
+
+
+def test_our_endpoint_with_a_trailing_slash_is_the_same_endpoint():
+    settings = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: "https://s3.us-west-004.backblazeb2.com/bkt",
+                                  ENV_AWS_ENDPOINT_URL: "https://s3.us-west-004.backblazeb2.com/"})
+    assert settings.s3_bucket == "bkt" and settings.warnings == ()
+
+
+@pytest.mark.parametrize("url", [
+    "ftp://host/bucket", "https://host/bucket/extra", "https://host/bucket?x=1", "not a url",
+    "https://user:hunter2-password@host/a/b",
+])
+def test_an_unusable_bucket_url_stops_start_up_without_repeating_it(url):
+    with pytest.raises(ValueError) as err:
+        Settings.from_env({ENV_BUCKET_ENDPOINT_URL: url})
+    assert str(err.value).startswith(ENV_BUCKET_ENDPOINT_URL) and "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize("url, region", [
+    ("https://s3.us-west-004.backblazeb2.com", "us-west-004"),
+    ("https://s3.eu-central-1.amazonaws.com", "eu-central-1"),
+    ("https://s3.eu-central-2.wasabisys.com", "eu-central-2"),
+    ("https://ams3.digitaloceanspaces.com", "ams3"),
+    ("https://s3.amazonaws.com", None),
+    ("https://s3.dualstack.us-east-1.amazonaws.com", None),
+    ("https://s3.localhost.localstack.cloud", None),
+    ("https://0123456789abcdef.r2.cloudflarestorage.com", None),
+    ("http://127.0.0.1:9000", None),
+    (None, None),
+])
+def test_region_from_the_endpoint_host(url, region):
+    assert region_from_endpoint(url) == region
+
+
+def test_aws_region_wins_over_the_endpoint_host():
+    env = {ENV_AWS_ENDPOINT_URL: "https://s3.us-west-004.backblazeb2.com"}
+    assert Settings.from_env(env).aws_region == "us-west-004"
+    assert Settings.from_env({**env, ENV_AWS_REGION: "eu-central-003"}).aws_region == "eu-central-003"
+
+
+def test_every_alias_is_the_runpod_sdks_own_name():
+    """The names runpod's upload helper reads, spelled as its source spells them."""
+    import inspect
+
+    from runpod.serverless.utils import rp_upload
+
+    source = inspect.getsource(rp_upload.get_boto_client)
+    for alias in S3_ENV_ALIASES.values():
+        assert f'"{alias}"' in source, alias
+
+
+# --- RunPod's cached models ----------------------------------------------------------------------
+
+def test_cached_models_folder_is_under_the_volume_mount_point(tmp_path):
+    assert Settings.from_env({}).runpod_model_cache == Path("/runpod-volume/huggingface-cache/hub")
+    settings = Settings.from_env({ENV_VOLUME_PATH: str(tmp_path)})
+    assert settings.runpod_model_cache == tmp_path / RUNPOD_CACHED_MODELS_SUBDIR
