@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from f5worker import job_plan
 from f5worker.audio import TARGET_SAMPLE_RATE
 from f5worker.device import pick_device, pick_dtype
 from f5worker.fast import BucketedStepRunner
+from f5worker.fast_kernels import switch_task
 from f5worker.job_plan import TARGET_RMS, ChunkItem, JobPlan, SynthesisRequest
 from f5worker.model_store import ModelFiles
 from f5worker.sampler import EagerStepRunner, sample_mels
@@ -59,7 +61,9 @@ class TTSEngine:
         step_runner = None
         # The fast path is written for the own model's layout; a stock fallback runs eagerly.
         if fast and model.own:
-            step_runner = BucketedStepRunner(model.transformer, use_graphs=device.startswith("cuda"))
+            # Served from the start on the unfused step with masked attention; the fused kernels and
+            # variable-length attention follow once checked on this GPU (background_tasks).
+            step_runner = BucketedStepRunner(model.transformer, use_graphs=device.startswith("cuda"), varlen=False)
         log.info("model loaded on %s (%s) in %.2f s from %s", device, dtype, time.perf_counter() - started, files.sources)
         return cls(model, vocoder, device, dtype, step_runner)
 
@@ -97,6 +101,15 @@ class TTSEngine:
             return []
         return [lambda frames=frames: prepare(1, frames, self.dtype, self.device)
                 for frames in self.step_runner.single_job_buckets()]
+
+    def background_tasks(self, kernel_cache: Path | None = None, fused_kernels: bool = False) -> list:
+        """What the model thread does while idle after start: capture the single-job graphs; on a
+        GPU with ``fused_kernels``, then compile, check and switch to the fused kernels
+        (f5worker.fast_kernels) and capture the same buckets again on them."""
+        captures = self.precapture_tasks()
+        if not (fused_kernels and captures and isinstance(self.step_runner, BucketedStepRunner)):
+            return captures
+        return [*captures, switch_task(self.step_runner, self.dtype, self.device, kernel_cache), *captures]
 
     def warm_up(self) -> float:
         """One short synthesis so the first job pays no lazy initialisation."""

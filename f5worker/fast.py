@@ -286,7 +286,7 @@ class BucketedStepRunner:
         self.graphs: dict[tuple, _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._switch_lock = threading.Lock()
-        self._fused_wanted = fused
+        self._wanted = (fused, varlen)
 
     def use_fused_kernels(self) -> None:
         """Serve on the fused step from the next integration on (any thread may call this; run
@@ -294,16 +294,22 @@ class BucketedStepRunner:
         captured unfused are dropped then, so each bucket is re-captured fused on its next use."""
         check_fusable(self.tr)
         with self._switch_lock:
-            self._fused_wanted = True
+            self._wanted = (True, self._wanted[1])
+
+    def use_varlen_attention(self, varlen: bool | None = None) -> None:
+        """Padded batches on variable-length attention (None: where flash runs it) from the next
+        integration on; graphs of the other attention kind are simply no longer used."""
+        with self._switch_lock:
+            self._wanted = (self._wanted[0], varlen)
 
     def _take_switch(self) -> bool:
         """On the model thread, between integrations: apply a requested switch."""
         with self._switch_lock:
-            wanted = self._fused_wanted
-        if wanted != self.fused:
-            self.fused = wanted
-            self.graphs = {key: graph for key, graph in self.graphs.items() if key[-1] == wanted}
-            log.info("DiT step switched to %s kernels", "fused" if wanted else "unfused")
+            fused, self.varlen = self._wanted
+        if fused != self.fused:
+            self.fused = fused
+            self.graphs = {key: graph for key, graph in self.graphs.items() if key[-1] == fused}
+            log.info("DiT step switched to %s kernels", "fused" if fused else "unfused")
         return self.fused
 
     def single_job_buckets(self) -> list[int]:

@@ -66,8 +66,9 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     storage = make_storage(settings)
     lap("open_storage")
     worker = Worker(settings, engine, storage, Transcriber(settings, device=device))
-    # Graphs for the common single-job lengths are captured while the worker waits for work.
-    worker.batcher.prepare_in_background(engine.precapture_tasks())
+    # Graphs for the common single-job lengths are captured while the worker waits for work, then
+    # (on a GPU) the fused kernels are compiled, checked and switched to (f5worker.fast_kernels).
+    worker.batcher.prepare_in_background(engine.background_tasks(settings.kernel_cache, settings.fused_kernels))
     log.info("worker ready: %s; storage: %s", phases, storage.describe())
     return worker
 

@@ -49,6 +49,7 @@ ENV_ALLOW_PRIVATE_URLS = "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS"  # the switch runp
 ENV_MAX_VOICE_BYTES = "F5_MAX_VOICE_BYTES"
 ENV_MAX_CONCURRENCY = "F5_MAX_CONCURRENCY"
 ENV_FAST_PATH = "F5_FAST_PATH"
+ENV_FUSED_KERNELS = "F5_FUSED_KERNELS"
 ENV_JOB_TIMEOUT = "F5_JOB_TIMEOUT_SECONDS"
 ENV_S3_CONNECT_TIMEOUT = "S3_CONNECT_TIMEOUT_SECONDS"
 ENV_S3_READ_TIMEOUT = "S3_READ_TIMEOUT_SECONDS"
@@ -75,6 +76,9 @@ CACHE_ENV_SUBDIRS = {
     "HF_HOME": "",
     "HF_HUB_CACHE": "hub",
     "TORCH_HOME": "torch",
+    # Triton's compiled kernels (the fast path's fused step): on the volume, so the workers of an
+    # endpoint compile them once per GPU kind and torch version (f5worker.fast_kernels).
+    "TRITON_CACHE_DIR": "triton",
 }
 VOLUME_MODELS_SUBDIR = "models"  # the model root on a mounted volume: <volume>/models
 # RunPod's "cached models" (an endpoint's Model setting): RunPod puts the model's huggingface_hub
@@ -281,6 +285,7 @@ class Settings:
     max_voice_bytes: int
     max_concurrency: int
     fast_path: bool
+    fused_kernels: bool
     job_timeout_s: float
     s3_connect_timeout: float
     s3_read_timeout: float
@@ -295,6 +300,10 @@ class Settings:
     @property
     def f5_dir(self) -> Path:
         return self.model_root / F5_SUBDIR
+
+    @property
+    def kernel_cache(self) -> Path:
+        return self.model_root / CACHE_ENV_SUBDIRS["TRITON_CACHE_DIR"]
 
     @property
     def hub_cache(self) -> Path:
@@ -350,6 +359,7 @@ class Settings:
             max_voice_bytes=_number(env, ENV_MAX_VOICE_BYTES, DEFAULT_MAX_VOICE_BYTES, cast=int, minimum=1),
             max_concurrency=_number(env, ENV_MAX_CONCURRENCY, DEFAULT_MAX_CONCURRENCY, cast=int, minimum=1),
             fast_path=env.get(ENV_FAST_PATH, "1").strip().lower() not in {"0", "false", "no", "off"},
+            fused_kernels=env.get(ENV_FUSED_KERNELS, "1").strip().lower() not in {"0", "false", "no", "off"},
             job_timeout_s=_number(env, ENV_JOB_TIMEOUT, DEFAULT_JOB_TIMEOUT),
             s3_connect_timeout=_number(env, ENV_S3_CONNECT_TIMEOUT, DEFAULT_S3_CONNECT_TIMEOUT, above=True),
             s3_read_timeout=_number(env, ENV_S3_READ_TIMEOUT, DEFAULT_S3_READ_TIMEOUT, above=True),

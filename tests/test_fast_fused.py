@@ -165,7 +165,7 @@ def test_switch_to_fused_lands_between_integrations_never_in_one():
     model.transformer_blocks[0].attn_norm.register_forward_hook(lambda *_: unfused_calls.append(1))
 
     def switch_from_another_thread(*_):
-        if not runner._fused_wanted:
+        if not runner._wanted[0]:
             thread = threading.Thread(target=runner.use_fused_kernels)
             thread.start()
             thread.join()
@@ -177,7 +177,7 @@ def test_switch_to_fused_lands_between_integrations_never_in_one():
         hook = model.proj_out.register_forward_hook(switch_from_another_thread)  # during the first step
         first = runner.integrate(y, step_cond, text, mask, t, 2, 2.0)
         hook.remove()
-        assert runner._fused_wanted and not runner.fused and len(unfused_calls) == 2  # once per step
+        assert runner._wanted[0] and not runner.fused and len(unfused_calls) == 2  # once per step
         assert torch.equal(first, expected_unfused)  # the whole integration stayed unfused
         unfused_calls.clear()
         second = runner.integrate(y, step_cond, text, mask, t, 2, 2.0)
