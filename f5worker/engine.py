@@ -75,6 +75,9 @@ class SynthesisRequest:
     sway_sampling_coef: float = -1.0
     cross_fade_duration: float = 0.15
     remove_silence: bool = False
+    # ref_audio as audio.prepare_reference makes it, when the caller has it already (a voice kept
+    # prepared by f5worker.voices); plan() then skips that step
+    prepared_ref: np.ndarray | None = None
 
 
 @dataclass
@@ -218,7 +221,7 @@ class TTSEngine:
 
     # --- one job -> items ---------------------------------------------------------------------
     def plan(self, req: SynthesisRequest) -> JobPlan:
-        ref = prepare_reference(req.ref_audio, req.ref_sr)
+        ref = req.prepared_ref if req.prepared_ref is not None else prepare_reference(req.ref_audio, req.ref_sr)
         ref_text = normalise_ref_text(req.ref_text)
         sr = req.ref_sr
         ref_seconds = len(ref) / sr
