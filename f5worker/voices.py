@@ -405,8 +405,9 @@ class VoiceLibrary:
                 "last_modified": _iso(obj.last_modified)}
 
     def _details(self, objects: list[ObjectInfo]) -> list[dict]:
-        """Each voice's entry with its duration, rate and transcript; the first failure fails the
-        page at once (the reads not yet begun are dropped)."""
+        """Each voice's entry with its duration, rate and transcript, leaving out a voice deleted
+        since it was listed; the first failure fails the page at once (the reads not yet begun
+        are dropped)."""
         futures = [self._list_threads.submit(self._detailed_entry, obj) for obj in objects]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for future in pending:
@@ -414,12 +415,16 @@ class VoiceLibrary:
         for future in done:
             if future.exception() is not None:
                 raise future.exception()
-        return [future.result() for future in futures]
+        return [entry for entry in (future.result() for future in futures) if entry is not None]
 
-    def _detailed_entry(self, obj: ObjectInfo) -> dict:
+    def _detailed_entry(self, obj: ObjectInfo) -> dict | None:
         entry = self._entry(obj)
         name = entry["voice_name"]
-        summary = audio.wav_summary(lambda start, length: self.storage.get_range(obj.key, start, length), obj.size)
+        try:
+            summary = audio.wav_summary(lambda start, length: self.storage.get_range(obj.key, start, length),
+                                        obj.size)
+        except KeyNotFound:
+            return None
         seconds = summary.seconds if summary is not None else None
         text, source = None, None
         if summary is not None and summary.transcript:

@@ -362,6 +362,25 @@ def test_list_voices_reads_a_few_kib_per_voice(ctx, tiny_models, tiny_whisper, t
         assert all(call[0] == "get_range" and len(call[2]) == audio.SUMMARY_READ_BYTES for call in reads)
 
 
+def test_a_voice_deleted_while_listed_is_left_out(ctx, tmp_path):
+    """Someone deletes a voice between the listing and the reading of its header."""
+    from f5worker.voices import VoiceLibrary
+
+    class DeletingMeanwhile(CountingStorage):
+        def list_objects(self, *args, **kwargs):
+            listed = self.real.list_objects(*args, **kwargs)
+            self.real.delete("voices/gone-meanwhile.wav")
+            return listed
+
+    storage = ctx.worker.storage
+    for name in ("gone-meanwhile.wav", "kept-meanwhile.wav"):
+        put_raw(ctx, f"voices/{name}", wav_bytes(speechlike(1.5, seed=80)))
+    voices, _ = VoiceLibrary(DeletingMeanwhile(storage)).list_page(MAX_LIST_LIMIT, None, True)
+    names = [v["voice_name"] for v in voices]
+    assert "kept-meanwhile.wav" in names and "gone-meanwhile.wav" not in names
+    storage.delete("voices/kept-meanwhile.wav")
+
+
 @pytest.mark.parametrize("job, expected", [
     ({"limit": 0}, "'limit' must be at least 1."),
     ({"limit": 1001}, "'limit' must be at most 1000."),
