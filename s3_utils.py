@@ -17,7 +17,11 @@ and, with no cloud account at all, on a local folder. It is also the one place t
   sentence naming the cause (a missing bucket is not a missing voice) with no credentials and no
   presigned signature in it;
 * removes old outputs and job records from a local folder when ``F5_LOCAL_RETENTION_HOURS`` is
-  set (``sweep_expired``); on S3 the bucket's lifecycle rules do that.
+  set (``sweep_expired``); on S3 the bucket's lifecycle rules do that;
+* describes objects without reading them (``head``, ``list_objects``: size, last modified and a
+  ``version`` that changes whenever the object is replaced, S3's ETag or the file's inode, mtime
+  and size), reads part of one (``get_range``) and reads one only when it changed
+  (``download_if_changed``: a conditional GET, so an unchanged object costs one bodiless answer).
 
 Keys look like ``voices/alice.wav``, ``output/<job>.wav``, ``logs/<job>.json`` (the prefixes are
 defined in ``f5worker.settings``). Both backends refuse keys that are absolute or contain empty,
@@ -35,6 +39,8 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
@@ -62,6 +68,8 @@ COPY_CHUNK_BYTES = 1024 * 1024
 SWEEP_INTERVAL_S = 600.0  # a local retention sweep runs at most once per 10 minutes
 SWEPT_PREFIXES = (OUTPUT_PREFIX, LOGS_PREFIX)  # never voices/
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+_NOT_MODIFIED_CODES = {"304", "NotModified"}  # a conditional GET whose object has not changed
+_EMPTY_RANGE_CODES = {"416", "InvalidRange"}  # a range past the end (or any range of an empty object)
 _FORBIDDEN_CODES = {"403", "AccessDenied"}
 _HTTP_CODE_NAMES = {"400": "HTTP 400 Bad Request", "403": "HTTP 403 Forbidden"}  # HEAD: no body
 
@@ -76,6 +84,28 @@ class KeyNotFound(StorageError):
 
 class Forbidden(StorageError):
     """S3 refused the request (HTTP 403). Without s3:ListBucket that is also how a missing key reads."""
+
+
+class ObjectTooLarge(StorageError):
+    """The object is larger than the caller allowed; nothing was written. ``.size`` is its size."""
+
+    def __init__(self, key: str, size: int, limit: int):
+        super().__init__(f"'{key}' is {size} bytes, more than the {limit} allowed")
+        self.key, self.size, self.limit = key, size, limit
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What storage says about an object without reading it."""
+
+    key: str
+    size: int
+    last_modified: datetime  # UTC
+    version: str  # changes whenever the object is replaced: S3's ETag; locally inode, mtime (ns), size
+
+
+def _error_code(err: ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code") or "unknown")
 
 
 def check_key(key: str) -> str:
@@ -156,8 +186,31 @@ class Storage:
     def upload_file(self, key: str, path: str | os.PathLike, content_type: str) -> None:
         raise NotImplementedError
 
-    def download_file(self, key: str, dest_path: str | os.PathLike) -> None:
-        """Copy ``key`` to ``dest_path``; ``KeyNotFound`` if it does not exist."""
+    def download_file(self, key: str, dest_path: str | os.PathLike, max_bytes: int | None = None) -> None:
+        """Copy ``key`` to ``dest_path``; ``KeyNotFound`` if it does not exist, ``ObjectTooLarge``
+        (nothing written) if it is larger than ``max_bytes``."""
+        raise NotImplementedError
+
+    def download_if_changed(self, key: str, dest_path: str | os.PathLike,
+                            version: str | None) -> ObjectInfo | None:
+        """Copy ``key`` to ``dest_path`` and describe what was copied, unless the object is still
+        ``version``: then None, and nothing is transferred or written. ``KeyNotFound`` if missing."""
+        raise NotImplementedError
+
+    def head(self, key: str) -> ObjectInfo:
+        """``key`` described without reading it; ``KeyNotFound`` if it does not exist."""
+        raise NotImplementedError
+
+    def list_objects(self, prefix: str, start_after: str | None = None,
+                     max_keys: int = 1000) -> tuple[list[ObjectInfo], bool]:
+        """At most ``max_keys`` (1-1000) objects directly under ``prefix`` (which ends in '/'; keys
+        with a further '/' are not listed), in key order, after the key ``start_after``; and whether
+        more may follow. One request."""
+        raise NotImplementedError
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """At most ``length`` bytes of ``key`` from byte ``start``; fewer at the end, none past it.
+        ``KeyNotFound`` if it does not exist."""
         raise NotImplementedError
 
     def exists(self, key: str) -> bool:
@@ -233,7 +286,7 @@ class S3Storage(Storage):
         where = f"({action} {key})"
         waited_s = f"{round(waited, 1):g} s"
         if isinstance(err, ClientError):
-            code = str(err.response.get("Error", {}).get("Code") or "unknown")
+            code = _error_code(err)
             if code in _MISSING_CODES:
                 return KeyNotFound(key)
             if code == "NoSuchBucket":
@@ -286,13 +339,71 @@ class S3Storage(Storage):
             with open(path, "rb") as body:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
 
-    def download_file(self, key, dest_path):
+    def download_file(self, key, dest_path, max_bytes=None):
         # One GetObject streamed to the file (botocore checks the length at the end); the body is
         # read with the same read timeout and is not retried.
         with self._errors("get", check_key(key)):
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-            with body:  # closes the connection on every path
-                atomic_write(Path(dest_path), lambda f: shutil.copyfileobj(body, f, COPY_CHUNK_BYTES))
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+            self._write_body(key, response, dest_path, max_bytes)
+
+    @staticmethod
+    def _write_body(key: str, response: dict, dest_path, max_bytes: int | None = None) -> None:
+        body = response["Body"]
+        with body:  # closes the connection on every path, unread or not
+            size = response.get("ContentLength")
+            if max_bytes is not None and size is not None and size > max_bytes:
+                raise ObjectTooLarge(key, size, max_bytes)
+            atomic_write(Path(dest_path), lambda f: shutil.copyfileobj(body, f, COPY_CHUNK_BYTES))
+
+    def download_if_changed(self, key, dest_path, version):
+        # A conditional GET (If-None-Match): one request whether or not the object changed, and an
+        # unchanged one answers 304 with no body.
+        with self._errors("get", check_key(key)):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=key,
+                                                  **({"IfNoneMatch": version} if version else {}))
+            except ClientError as err:
+                if version and _error_code(err) in _NOT_MODIFIED_CODES:
+                    return None
+                raise
+            self._write_body(key, response, dest_path)
+        return ObjectInfo(key, response["ContentLength"], _utc(response["LastModified"]), response["ETag"])
+
+    def head(self, key):
+        try:
+            with self._errors("head", check_key(key)):
+                response = self.client.head_object(Bucket=self.bucket, Key=key)
+        except KeyNotFound:
+            if self._bucket_missing(key):
+                raise self._no_bucket("head", key) from None
+            raise
+        return ObjectInfo(key, response["ContentLength"], _utc(response["LastModified"]), response["ETag"])
+
+    def list_objects(self, prefix, start_after=None, max_keys=1000):
+        check_key(prefix + "x")  # a prefix is a key's beginning: the same rules apply
+        if not prefix.endswith("/") or not 1 <= max_keys <= 1000:
+            raise StorageError(f"storage listing of {prefix!r} ({max_keys} keys) is not allowed")
+        with self._errors("list", prefix):
+            response = self.client.list_objects_v2(
+                Bucket=self.bucket, Prefix=prefix, Delimiter="/", MaxKeys=max_keys,
+                **({"StartAfter": start_after} if start_after else {}))
+        found = [ObjectInfo(item["Key"], item["Size"], _utc(item["LastModified"]), item["ETag"])
+                 for item in response.get("Contents", [])]
+        return found, bool(response.get("IsTruncated"))
+
+    def get_range(self, key, start, length):
+        if start < 0 or length < 1:
+            raise StorageError(f"byte range {start}+{length} of {key!r} is not allowed")
+        with self._errors("get", check_key(key)):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=key,
+                                                  Range=f"bytes={start}-{start + length - 1}")
+            except ClientError as err:
+                if _error_code(err) in _EMPTY_RANGE_CODES:
+                    return b""
+                raise
+            with response["Body"] as body:
+                return body.read()
 
     def exists(self, key):
         try:
@@ -384,11 +495,80 @@ class LocalStorage(Storage):
             with open(path, "rb") as src:
                 atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
 
-    def download_file(self, key, dest_path):
+    def download_file(self, key, dest_path, max_bytes=None):
         src_path = self.path_for(key)
         with self._errors("get", key):
             with open(src_path, "rb") as src:
+                size = os.fstat(src.fileno()).st_size
+                if max_bytes is not None and size > max_bytes:
+                    raise ObjectTooLarge(key, size, max_bytes)
                 atomic_write(Path(dest_path), lambda f: shutil.copyfileobj(src, f))
+
+    @staticmethod
+    def _info(key: str, st: os.stat_result) -> ObjectInfo:
+        # Writes here replace a file by renaming a new one into place, so the inode alone would
+        # tell a replaced file; mtime and size also catch a file rewritten in place by hand.
+        return ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc),
+                          f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}")
+
+    def download_if_changed(self, key, dest_path, version):
+        src_path = self.path_for(key)
+        with self._errors("get", key):
+            with open(src_path, "rb") as src:
+                # the version of the very file opened, so what is copied is what is described
+                info = self._info(key, os.fstat(src.fileno()))
+                if version is not None and info.version == version:
+                    return None
+                atomic_write(Path(dest_path), lambda f: shutil.copyfileobj(src, f))
+        return info
+
+    def head(self, key):
+        path = self.path_for(key)
+        with self._errors("head", key):
+            st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyNotFound(key)
+        return self._info(key, st)
+
+    def list_objects(self, prefix, start_after=None, max_keys=1000):
+        check_key(prefix + "x")
+        if not prefix.endswith("/") or not 1 <= max_keys <= 1000:
+            raise StorageError(f"storage listing of {prefix!r} ({max_keys} keys) is not allowed")
+        folder = self.path_for(prefix.rstrip("/"))
+        after = (start_after or "").encode("utf-8")
+        found: list[ObjectInfo] = []
+        with self._errors("list", prefix):
+            try:
+                entries = list(os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                return [], False
+            # Key order as S3 gives it (UTF-8 bytes); names starting with '.' are writes in progress
+            # (atomic_write's temp files), not objects.
+            names = sorted((e.name for e in entries if not e.name.startswith(".")),
+                           key=lambda n: n.encode("utf-8", "surrogateescape"))
+            for name in names:
+                key = prefix + name
+                if key.encode("utf-8", "surrogateescape") <= after:
+                    continue
+                try:
+                    st = self.path_for(key).stat()
+                except (StorageError, FileNotFoundError):  # a symlink out of the folder; removed meanwhile
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if len(found) == max_keys:
+                    return found, True
+                found.append(self._info(key, st))
+        return found, False
+
+    def get_range(self, key, start, length):
+        if start < 0 or length < 1:
+            raise StorageError(f"byte range {start}+{length} of {key!r} is not allowed")
+        path = self.path_for(key)
+        with self._errors("get", key):
+            with open(path, "rb") as src:
+                src.seek(start)
+                return src.read(length)
 
     def exists(self, key):
         return self.path_for(key).is_file()
@@ -452,6 +632,10 @@ class LocalStorage(Storage):
             log.info("retention sweep removed %d file(s) older than %g h from %s", removed,
                      self.retention_s / 3600.0, self.root)
         return removed
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.astimezone(timezone.utc)
 
 
 def make_storage(settings: Settings) -> Storage:

@@ -5,13 +5,17 @@ and pydub, and its reference preprocessing leaves a temp file per voice and grow
 caches. These functions do the same work with soundfile and numpy, in memory, with no global state.
 Silence rules follow f5-tts's ``preprocess_ref_audio_text`` and ``remove_silence_for_generated_wav``
 (pydub's 10 ms chunks and dBFS thresholds), so a reference comes out as f5-tts would prepare it.
+A stored voice is a WAV with its transcript in a chunk of its own, placed before the audio so that
+the first few KiB of the file say how long the voice is and what it says (``wav_summary``).
 """
 from __future__ import annotations
 
 import io
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import soundfile as sf
@@ -23,6 +27,8 @@ REF_MAX_SECONDS = 12.0  # f5-tts clips references here; longer ones only cost ti
 REF_MIN_SECONDS = 1.0
 VOICE_MAX_SECONDS = 60.0  # an upload longer than this is refused
 INT16_FULL_SCALE = 32768.0
+REFERENCE_PAD_SECONDS = 0.05  # silence f5-tts appends to a prepared reference
+PEAK_LIMIT = 10 ** (-1 / 20)  # -1 dBFS: loudness normalisation never raises a sample past this
 
 
 def decode(path_or_bytes: Path | bytes, max_seconds: float = VOICE_MAX_SECONDS) -> tuple[np.ndarray, int]:
@@ -150,7 +156,36 @@ def prepare_reference(samples: np.ndarray, sr: int) -> np.ndarray:
     """Clip a reference to at most 12 s, preferring a cut at a pause, trim its silent edges and add
     50 ms of silence, as f5-tts's preprocess_ref_audio_text does."""
     trimmed = check_speech(clip_reference(samples, sr)[0], sr)
-    return np.concatenate([trimmed, np.zeros(int(sr * 0.05), dtype=np.float32)]).astype(np.float32)
+    return np.concatenate([trimmed, np.zeros(int(sr * REFERENCE_PAD_SECONDS), dtype=np.float32)]).astype(np.float32)
+
+
+def resample(samples: np.ndarray, sr: int, target_sr: int = TARGET_SAMPLE_RATE) -> np.ndarray:
+    """``samples`` at ``target_sr``, with the resampler synthesis uses (torchaudio's windowed sinc,
+    its defaults), so a voice resampled once at upload sounds as it would resampled at every job."""
+    if sr == target_sr:
+        return samples
+    # torch is imported only when a voice needs resampling: this module is also loaded by the
+    # validation script and the tests, which should not pay for torch.
+    import torch
+    import torchaudio
+
+    wave = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(samples)), sr, target_sr)
+    return wave.numpy().astype(np.float32)
+
+
+def normalise_loudness(clip: np.ndarray, sr: int, target_rms: float) -> tuple[np.ndarray, float]:
+    """``clip`` scaled so that the reference synthesis makes of it (the clip and f5-tts's 50 ms of
+    silence) has an RMS of ``target_rms``, but never so far that a sample passes ``PEAK_LIMIT``
+    (-1 dBFS); and the gain applied. Synthesis raises a quieter reference to its target RMS and
+    lowers its output by as much, so a voice at the target gives output at the model's own level,
+    the same for every voice."""
+    padded = len(clip) + int(sr * REFERENCE_PAD_SECONDS)
+    rms = float(np.sqrt(np.sum(np.square(clip, dtype=np.float64)) / padded)) if padded else 0.0
+    peak = float(np.max(np.abs(clip))) if len(clip) else 0.0
+    if rms <= 0.0 or peak <= 0.0:
+        return clip, 1.0
+    gain = min(target_rms / rms, PEAK_LIMIT / peak)
+    return (clip * gain).astype(np.float32), gain
 
 
 def remove_silences(samples: np.ndarray, sr: int) -> np.ndarray:
@@ -181,18 +216,47 @@ def write_wav(path: Path, samples: np.ndarray, sr: int = TARGET_SAMPLE_RATE) -> 
 
 # A stored voice carries its transcript inside the WAV, in a RIFF chunk of its own that players and
 # libsndfile skip: one object, so a voice and its transcript are replaced together or not at all.
+# The chunk goes before the audio (voices stored by earlier versions have it after; both are read).
 TRANSCRIPT_CHUNK_ID = b"f5tx"
+MAX_TRANSCRIPT_CHUNK_BYTES = 64 * 1024  # far above any transcript of 12 s of speech
+SUMMARY_READ_BYTES = 4096  # what wav_summary reads at a time: a stored voice's header and transcript
+_MAX_CHUNKS = 32
+_MAX_SUMMARY_READS = 3  # a file whose chunks lie scattered is described from what these reads found
+_PCM_FORMATS = {1, 3, 0xFFFE}  # integer PCM, float, WAVE_FORMAT_EXTENSIBLE: frames = bytes / block
+
+
+def _chunk(chunk_id: bytes, payload: bytes) -> bytes:
+    return chunk_id + struct.pack("<I", len(payload)) + payload + (b"\0" if len(payload) % 2 else b"")
 
 
 def voice_wav_bytes(samples: np.ndarray, sr: int, ref_text: str) -> bytes:
-    """A 16-bit PCM WAV of ``samples`` with ``ref_text`` in its transcript chunk."""
+    """A 16-bit PCM WAV of ``samples`` with ``ref_text`` in its transcript chunk, before the audio."""
     buffer = io.BytesIO()
     sf.write(buffer, samples, sr, subtype="PCM_16", format="WAV")
+    wav = buffer.getvalue()
+    data_at = _find_chunk(wav, b"data")
     payload = json.dumps({"ref_text": ref_text}, ensure_ascii=False).encode("utf-8")
-    chunk = TRANSCRIPT_CHUNK_ID + struct.pack("<I", len(payload)) + payload + (b"\0" if len(payload) % 2 else b"")
-    data = bytearray(buffer.getvalue() + chunk)
-    data[4:8] = struct.pack("<I", len(data) - 8)  # the RIFF size now covers the new chunk
-    return bytes(data)
+    out = bytearray(wav[:data_at] + _chunk(TRANSCRIPT_CHUNK_ID, payload) + wav[data_at:])
+    out[4:8] = struct.pack("<I", len(out) - 8)  # the RIFF size now covers the new chunk
+    return bytes(out)
+
+
+def _find_chunk(wav: bytes, chunk_id: bytes) -> int:
+    offset = 12
+    while offset + 8 <= len(wav):
+        if wav[offset:offset + 4] == chunk_id:
+            return offset
+        size = struct.unpack("<I", wav[offset + 4:offset + 8])[0]
+        offset += 8 + size + (size & 1)
+    raise ValueError(f"no {chunk_id!r} chunk")
+
+
+def _transcript(payload: bytes) -> str | None:
+    try:
+        text = json.loads(payload.decode("utf-8")).get("ref_text")
+    except (ValueError, AttributeError):
+        return None
+    return text.strip() or None if isinstance(text, str) else None
 
 
 def embedded_transcript(data: bytes) -> str | None:
@@ -203,10 +267,65 @@ def embedded_transcript(data: bytes) -> str | None:
     while offset + 8 <= len(data):
         chunk_id, size = data[offset:offset + 4], struct.unpack("<I", data[offset + 4:offset + 8])[0]
         if chunk_id == TRANSCRIPT_CHUNK_ID:
-            try:
-                text = json.loads(data[offset + 8:offset + 8 + size].decode("utf-8")).get("ref_text")
-            except (ValueError, AttributeError):
-                return None
-            return text.strip() or None if isinstance(text, str) else None
+            return _transcript(data[offset + 8:offset + 8 + size])
         offset += 8 + size + (size & 1)
     return None
+
+
+@dataclass(frozen=True)
+class WavSummary:
+    sample_rate: int
+    channels: int
+    seconds: float | None  # None for a compressed WAV, whose length its header does not give
+    transcript: str | None  # the transcript chunk's, if any
+
+
+class _RangeReader:
+    """Serves small reads of a file of ``size`` bytes from one window fetched at a time; after
+    ``_MAX_SUMMARY_READS`` windows, reads outside the last one come back empty."""
+
+    def __init__(self, read_range: Callable[[int, int], bytes], size: int):
+        self.read_range, self.size = read_range, size
+        self.start, self.window = 0, b""
+        self.fetches = 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if not (self.start <= offset and end <= self.start + len(self.window)):
+            if self.fetches == _MAX_SUMMARY_READS:
+                return b""
+            self.start, self.window = offset, self.read_range(offset, max(length, SUMMARY_READ_BYTES))
+            self.fetches += 1
+        return self.window[offset - self.start:end - self.start]
+
+
+def wav_summary(read_range: Callable[[int, int], bytes], size: int) -> WavSummary | None:
+    """Rate, channels, length and transcript of a WAV of ``size`` bytes, from its chunk headers
+    only: ``read_range(start, length)`` is asked for a few KiB at a time (one read for a voice the
+    upload job stored; one more for a transcript stored after the audio). None if it is not a WAV."""
+    reader = _RangeReader(read_range, size)
+    if size < 12 or reader.read(0, 12)[:4] != b"RIFF" or reader.read(8, 4) != b"WAVE":
+        return None
+    fmt: tuple[int, int, int, int] | None = None  # format tag, channels, rate, block size
+    data_bytes = transcript = None
+    offset = 12
+    for _ in range(_MAX_CHUNKS):
+        header = reader.read(offset, 8)
+        if len(header) < 8:
+            break
+        chunk_id, chunk_size = header[:4], struct.unpack("<I", header[4:])[0]
+        body_at = offset + 8
+        if chunk_id == b"fmt " and chunk_size >= 16:
+            fmt = struct.unpack("<HHIxxxxH", reader.read(body_at, 14))
+        elif chunk_id == TRANSCRIPT_CHUNK_ID and chunk_size <= MAX_TRANSCRIPT_CHUNK_BYTES:
+            transcript = _transcript(reader.read(body_at, chunk_size))
+        elif chunk_id == b"data":
+            data_bytes = min(chunk_size, size - body_at)  # a streaming writer's 0xFFFFFFFF: to the end
+        offset = body_at + chunk_size + (chunk_size & 1)
+        if offset >= size or (fmt and data_bytes is not None and transcript is not None):
+            break
+    if fmt is None or fmt[2] <= 0 or fmt[1] <= 0:
+        return None
+    tag, channels, rate, block = fmt
+    seconds = (data_bytes // block) / rate if tag in _PCM_FORMATS and block and data_bytes is not None else None
+    return WavSummary(rate, channels, seconds, transcript)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from f5worker.errors import InputError
 from f5worker.job_plan import MAX_NFE_STEP, OPTION_DEFAULTS as DEFAULT
@@ -22,6 +23,10 @@ MAX_TEXT_CHARS = 2000
 MAX_REF_TEXT_CHARS = 500
 MAX_SEED = 2**31 - 1
 VOICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}\.wav$")
+VOICE_SOURCES = ("voice_file_url", "voice_base64", "voice_s3_key")
+MAX_S3_KEY_CHARS = 1100  # "s3://", a bucket name (at most 63) and a key (at most 1024 bytes)
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 1000
 
 
 def check_voice_name(name: str) -> str:
@@ -54,15 +59,53 @@ class TTSInput(_Input):
 
 class UploadInput(_Input):
     endpoint: Literal["upload"]
-    voice_file_url: str = Field(min_length=1, max_length=4096)
+    # Exactly one source; the size cap (F5_MAX_VOICE_BYTES) and the rules for where a key may
+    # point are the worker's settings, checked by the upload job.
+    voice_file_url: str | None = Field(default=None, min_length=1, max_length=4096)
+    voice_base64: str | None = Field(default=None, min_length=1)
+    voice_s3_key: str | None = Field(default=None, min_length=1, max_length=MAX_S3_KEY_CHARS)
     voice_name: str
     ref_text: str | None = Field(default=None, max_length=MAX_REF_TEXT_CHARS)
 
     _voice = field_validator("voice_name")(classmethod(lambda cls, v: check_voice_name(v)))
 
+    @model_validator(mode="after")
+    def _one_source(self):
+        if sum(getattr(self, name) is not None for name in VOICE_SOURCES) != 1:
+            raise PydanticCustomError(
+                "sentence", "Give exactly one of 'voice_file_url', 'voice_base64' or 'voice_s3_key'.")
+        return self
 
-JobInput = Union[TTSInput, UploadInput]
-ENDPOINTS = {"tts": TTSInput, "upload": UploadInput}
+    @property
+    def source(self) -> str:
+        """Which of ``VOICE_SOURCES`` the voice comes from."""
+        return next(name for name in VOICE_SOURCES if getattr(self, name) is not None)
+
+
+class ListVoicesInput(_Input):
+    endpoint: Literal["list_voices"]
+    limit: int = Field(default=DEFAULT_LIST_LIMIT, ge=1, le=MAX_LIST_LIMIT)
+    cursor: str | None = Field(default=None, min_length=1, max_length=2048)
+    details: bool = True
+
+
+class DeleteVoiceInput(_Input):
+    endpoint: Literal["delete_voice"]
+    voice_name: str
+
+    _voice = field_validator("voice_name")(classmethod(lambda cls, v: check_voice_name(v)))
+
+
+class VoiceInfoInput(_Input):
+    endpoint: Literal["voice_info"]
+    voice_name: str
+
+    _voice = field_validator("voice_name")(classmethod(lambda cls, v: check_voice_name(v)))
+
+
+JobInput = Union[TTSInput, UploadInput, ListVoicesInput, DeleteVoiceInput, VoiceInfoInput]
+ENDPOINTS = {"tts": TTSInput, "upload": UploadInput, "list_voices": ListVoicesInput,
+             "delete_voice": DeleteVoiceInput, "voice_info": VoiceInfoInput}
 
 
 MAX_FIELD_NAME_SHOWN = 40
@@ -79,6 +122,8 @@ def _field_name(loc) -> str:
 def _sentence(err: dict) -> str:
     field = _field_name(err["loc"])
     kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "sentence":  # a rule over several fields, already worded as the sentence
+        return err["msg"]
     if kind == "extra_forbidden":
         return f"Unknown input field '{field}'."
     if kind == "missing":

@@ -55,10 +55,14 @@ class SynthesisRequest:
     sway_sampling_coef: float = -1.0
     cross_fade_duration: float = 0.15
     remove_silence: bool = False
+    # ref_audio as audio.prepare_reference makes it, when the caller has it already (a voice kept
+    # prepared by f5worker.voices); plan() then skips that step. Not a job option.
+    prepared_ref: np.ndarray | None = field(default=None, metadata={"job_option": False})
 
 
 # The options a job may set, with their defaults: what job_input declares as optional fields.
-OPTION_DEFAULTS = {f.name: f.default for f in fields(SynthesisRequest) if f.default is not MISSING}
+OPTION_DEFAULTS = {f.name: f.default for f in fields(SynthesisRequest)
+                   if f.default is not MISSING and f.metadata.get("job_option", True)}
 
 
 @dataclass
@@ -122,7 +126,7 @@ def resample_to_model_rate(audio: torch.Tensor, sr: int) -> torch.Tensor:
 
 
 def plan(req: SynthesisRequest) -> JobPlan:
-    ref = prepare_reference(req.ref_audio, req.ref_sr)
+    ref = req.prepared_ref if req.prepared_ref is not None else prepare_reference(req.ref_audio, req.ref_sr)
     ref_text = normalise_ref_text(req.ref_text)
     ref_seconds = len(ref) / req.ref_sr
     max_chars = int(utf8_len(ref_text) / ref_seconds * (CHUNK_TARGET_SECONDS - ref_seconds) * req.speed)

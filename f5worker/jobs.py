@@ -1,4 +1,5 @@
-"""The two jobs, TTS and voice upload, as async workflows over the engine, storage and voices.
+"""The jobs (TTS, and the voice library's upload, list, info and delete) as async workflows over the
+engine, storage and voices.
 
 Why this module exists: it keeps the handler a router. Each workflow stages its files as
 ``<tmp>/<job_id>_*`` and removes them on every way out, runs blocking I/O off the event loop (so
@@ -30,12 +31,14 @@ from f5worker.batcher import Batcher
 from f5worker.download import download_to_file
 from f5worker.engine import TTSEngine
 from f5worker.errors import InputError, StorageError, WorkerError
-from f5worker.job_input import MAX_SEED, TTSInput, UploadInput
-from f5worker.job_plan import SynthesisRequest
+from f5worker.job_input import (MAX_SEED, DeleteVoiceInput, ListVoicesInput, TTSInput, UploadInput,
+                                VoiceInfoInput)
+from f5worker.job_plan import TARGET_RMS, SynthesisRequest
 from f5worker.memory import HeapTrimmer
-from f5worker.settings import ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
-from f5worker.voices import Voice, VoiceLibrary, clipped_refusal
-from s3_utils import Storage
+from f5worker.settings import ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
+from f5worker.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
+                             prepare_upload)
+from s3_utils import KeyNotFound, ObjectTooLarge, Storage
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,8 @@ class Worker:
         self.storage = storage
         self.batcher = Batcher(engine.run_items)
         self.transcriber = transcriber
-        self.voices = VoiceLibrary(storage, self._transcribe if transcriber is not None else None)
+        self.voices = VoiceLibrary(storage, self._transcribe if transcriber is not None else None,
+                                   cache_size=settings.voice_cache_size)
         self._transcriptions: dict[tuple[str, str], asyncio.Future] = {}
         self.heap = HeapTrimmer()
         self.in_flight = 0  # workflows running, for the heap trimmer
@@ -127,6 +131,7 @@ class Worker:
 
             mark = time.perf_counter()
             request = SynthesisRequest(
+                prepared_ref=voice.reference,  # kept prepared with the voice (f5worker.voices.VoiceCache)
                 ref_audio=voice.used, ref_sr=voice.sr, ref_text=ref_text, gen_text=job.text, seed=seed,
                 speed=job.speed, nfe_step=job.nfe_step, cfg_strength=job.cfg_strength,
                 sway_sampling_coef=job.sway_sampling_coef, cross_fade_duration=job.cross_fade_duration,
@@ -215,28 +220,75 @@ class Worker:
     async def upload(self, job_id: str, job: UploadInput) -> dict:
         started = time.perf_counter()
         with job_files(self.settings.tmp_dir, job_id) as paths:
-            size = await self._staging(
-                functools.partial(download_to_file, job.voice_file_url, paths["download"],
-                                  max_bytes=self.settings.max_voice_bytes, allow_private=self.settings.allow_private_urls))
+            if job.voice_file_url is not None:
+                size = await self._staging(functools.partial(
+                    download_to_file, job.voice_file_url, paths["download"],
+                    max_bytes=self.settings.max_voice_bytes, allow_private=self.settings.allow_private_urls))
+            elif job.voice_base64 is not None:
+                size = await self._staging(self._save_base64, job.voice_base64, paths["download"])
+            else:
+                size = await self._staging(self._copy_incoming, job.voice_s3_key, paths["download"])
             samples, sr = await self._off_loop(audio.decode, paths["download"])
             duration = audio.duration_seconds(samples, sr)
             if duration < audio.REF_MIN_SECONDS or duration > audio.VOICE_MAX_SECONDS:
                 raise InputError(f"The voice must be between {audio.REF_MIN_SECONDS:g} and "
                                  f"{audio.VOICE_MAX_SECONDS:g} seconds long (it is {duration:.1f} s).")
-            # Stored is the part synthesis uses, and the transcript describes exactly that part.
-            used, clipped = await self._off_loop(audio.clip_reference, samples, sr)
-            await self._off_loop(audio.check_speech, used, sr)
+            # Stored is the part synthesis uses, prepared once, and the transcript describes exactly that part.
+            clip, clipped, gain = await self._off_loop(prepare_upload, samples, sr, TARGET_RMS)
+            sr = audio.TARGET_SAMPLE_RATE
             if job.ref_text and clipped:
                 raise clipped_refusal(duration)
-            ref_text = job.ref_text or await self._transcribe_off_the_clock(used, sr)
-            key = await self._commit(self._staging, self.voices.store, job.voice_name, used, sr, ref_text,
+            ref_text = job.ref_text or await self._transcribe_off_the_clock(clip, sr)
+            key = await self._commit(self._staging, self.voices.store, job.voice_name, clip, sr, ref_text,
                                     paths["voice.wav"])
         timings = {"total_s": time.perf_counter() - started}
-        stored_seconds = audio.duration_seconds(used, sr)
-        await self.record(job_id, "upload", "ok", voice=job.voice_name, input_bytes=size,
-                          audio_seconds=round(stored_seconds, 3), timings=_rounded(timings))
+        stored_seconds = audio.duration_seconds(clip, sr)
+        await self.record(job_id, "upload", "ok", voice=job.voice_name, source=job.source, input_bytes=size,
+                          audio_seconds=round(stored_seconds, 3), gain=round(gain, 3), timings=_rounded(timings))
         return {"voice_name": job.voice_name, "voice_key": key, "duration": round(stored_seconds, 3),
                 "source_duration": round(duration, 3), "sample_rate": sr, "ref_text": ref_text}
+
+    def _save_base64(self, text: str, dest: Path) -> int:
+        data = decode_base64_voice(text, self.settings.max_voice_bytes)
+        dest.write_bytes(data)
+        return len(data)
+
+    def _copy_incoming(self, ref: str, dest: Path) -> int:
+        key = incoming_key(ref, self.settings.s3_bucket)
+        try:
+            self.storage.download_file(key, dest, max_bytes=self.settings.max_voice_bytes)
+        except KeyNotFound:
+            raise InputError(f"'voice_s3_key' names '{key}', which is not in storage.") from None
+        except ObjectTooLarge as err:
+            raise InputError(f"'{key}' is {err.size} bytes, more than the {err.limit} allowed "
+                             f"({ENV_MAX_VOICE_BYTES}).") from None
+        return dest.stat().st_size
+
+    @one_job
+    async def list_voices(self, job_id: str, job: ListVoicesInput) -> dict:
+        started = time.perf_counter()
+        voices, next_cursor = await self._off_loop(self.voices.list_page, job.limit, job.cursor, job.details)
+        timings = {"total_s": time.perf_counter() - started}
+        await self.record(job_id, "list_voices", "ok", voices=len(voices), timings=_rounded(timings))
+        return {"voices": voices, "next_cursor": next_cursor}
+
+    @one_job
+    async def voice_info(self, job_id: str, job: VoiceInfoInput) -> dict:
+        started = time.perf_counter()
+        with job_files(self.settings.tmp_dir, job_id) as paths:
+            info = await self._staging(self.voices.info, job.voice_name, paths["voice.wav"])
+        timings = {"total_s": time.perf_counter() - started}
+        await self.record(job_id, "voice_info", "ok", voice=job.voice_name, timings=_rounded(timings))
+        return info
+
+    @one_job
+    async def delete_voice(self, job_id: str, job: DeleteVoiceInput) -> dict:
+        started = time.perf_counter()
+        await self._off_loop(self.voices.require_stored, job.voice_name)
+        removed = await self._commit(self.voices.delete, job.voice_name)
+        timings = {"total_s": time.perf_counter() - started}
+        await self.record(job_id, "delete_voice", "ok", voice=job.voice_name, timings=_rounded(timings))
+        return {"voice_name": job.voice_name, "deleted_keys": removed}
 
     async def record(self, job_id: str, endpoint: str, status: str, **fields) -> None:
         """The job's log record, then the retention sweep; a failure of the record is logged, never

@@ -26,7 +26,7 @@ import time
 
 from f5worker.errors import StorageError, WorkerError
 from f5worker.job_guard import JobGuard, JobStopped
-from f5worker.job_input import UploadInput, parse_job_input
+from f5worker.job_input import parse_job_input
 from f5worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,8 @@ def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard
                 raise JobStopped("The worker is shutting down and did not start the job; send it again.")
             job_input = parse_job_input(job.get("input"))
             endpoint = job_input.endpoint
-            workflow = worker.upload if isinstance(job_input, UploadInput) else worker.tts
+            workflow = {"tts": worker.tts, "upload": worker.upload, "list_voices": worker.list_voices,
+                        "voice_info": worker.voice_info, "delete_voice": worker.delete_voice}[endpoint]
             return await guard.run(job_id, workflow(job_id, job_input))
         except Exception as err:
             result, recorded = failure(err, job_id, endpoint)

@@ -69,6 +69,7 @@ S3_ENV_ALIASES = {
     ENV_AWS_ACCESS_KEY_ID: ENV_BUCKET_ACCESS_KEY_ID,
     ENV_AWS_SECRET_ACCESS_KEY: ENV_BUCKET_SECRET_ACCESS_KEY,
 }
+ENV_VOICE_CACHE_SIZE = "F5_VOICE_CACHE_SIZE"
 
 # Cache variables third-party libraries read; all derived from the model root. (Not
 # TRANSFORMERS_CACHE: transformers 5 no longer reads it and finds its files through HF_HOME.)
@@ -104,6 +105,8 @@ DEFAULT_S3_CONNECT_TIMEOUT = 5.0
 DEFAULT_S3_READ_TIMEOUT = 15.0
 DEFAULT_S3_MAX_ATTEMPTS = 2
 DEFAULT_LOCAL_RETENTION_HOURS = 0.0  # 0: local outputs and job records are kept forever
+# Prepared reference voices kept in memory (about 2.3 MB each for 12 s at 24 kHz); 0: no cache.
+DEFAULT_VOICE_CACHE_SIZE = 32
 
 # --- what the worker loads ----------------------------------------------------------------------
 F5_REPO = "SWivid/F5-TTS"
@@ -124,8 +127,10 @@ DOWNLOAD_HEADROOM_BYTES = 200_000_000
 VOICES_PREFIX = "voices/"
 OUTPUT_PREFIX = "output/"
 LOGS_PREFIX = "logs/"
-# Uploaded voices carry their transcript inside the WAV (f5worker.voices). Beside a voice, with the
-# voice's own name (e.g. voices/alice.wav) plus a suffix:
+# Files the upload job may take a voice from (voice_s3_key); the worker only reads them.
+INCOMING_PREFIX = "incoming/"
+# A voice is voices/<voice_name>, its name ending in .wav (e.g. voices/alice.wav); an upload carries
+# its transcript inside the WAV (f5worker.voices). Beside a voice, the voice's whole name plus a suffix:
 TRANSCRIPT_SUFFIX = ".txt"  # voices/alice.wav.txt: a transcript written by a person
 VOICE_META_SUFFIX = ".json"  # voices/alice.wav.json: Whisper's transcript, bound to the voice's SHA-256
 
@@ -291,6 +296,7 @@ class Settings:
     s3_read_timeout: float
     s3_max_attempts: int
     local_retention_hours: float
+    voice_cache_size: int
     warnings: tuple[str, ...] = ()  # sentences about the variables (conflicting aliases ...), no values
 
     @property
@@ -365,6 +371,7 @@ class Settings:
             s3_read_timeout=_number(env, ENV_S3_READ_TIMEOUT, DEFAULT_S3_READ_TIMEOUT, above=True),
             s3_max_attempts=_number(env, ENV_S3_MAX_ATTEMPTS, DEFAULT_S3_MAX_ATTEMPTS, int, 1),
             local_retention_hours=_number(env, ENV_LOCAL_RETENTION_HOURS, DEFAULT_LOCAL_RETENTION_HOURS),
+            voice_cache_size=_number(env, ENV_VOICE_CACHE_SIZE, DEFAULT_VOICE_CACHE_SIZE, cast=int),
             warnings=warnings,
         )
 

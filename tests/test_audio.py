@@ -1,5 +1,12 @@
-"""Audio in and out: formats, channel mixing, length checks from the header, silence rules."""
+"""Audio in and out: formats, channel mixing, length checks from the header, silence rules, and the
+stored voice: its transcript chunk, its header summary, loudness and rate."""
 from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import struct
+import wave
 
 import numpy as np
 import pytest
@@ -63,3 +70,108 @@ def test_resampled_reference_and_options_synthesise(tiny_models, tmp_path):
                                seed=3, nfe_step=2, remove_silence=True, cross_fade_duration=0.0)
     wave = engine.synthesize(request)
     assert wave.dtype == np.float32 and len(wave) > 0 and np.isfinite(wave).all()
+
+    # A reference prepared beforehand (a cached voice) gives exactly what plan() would prepare.
+    clip = audio.resample(speechlike(3.0, seed=4), SR)
+    fresh = SynthesisRequest(ref_audio=clip, ref_sr=SR, ref_text="A reference.", gen_text="Hello there.",
+                             seed=3, nfe_step=2)
+    prepared = dataclasses.replace(fresh, prepared_ref=audio.prepare_reference(clip, SR))
+    assert np.array_equal(engine.synthesize(fresh), engine.synthesize(prepared))
+
+
+# --- stored voices: the transcript chunk, the header summary, loudness -----------------------------
+def _old_layout(samples: np.ndarray, text: str) -> bytes:
+    """A voice as earlier versions stored it: the transcript chunk after the audio."""
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, SR, subtype="PCM_16", format="WAV")
+    payload = json.dumps({"ref_text": text}).encode()
+    data = bytearray(buffer.getvalue() + b"f5tx" + struct.pack("<I", len(payload)) + payload
+                     + b"\0" * (len(payload) % 2))
+    data[4:8] = struct.pack("<I", len(data) - 8)
+    return bytes(data)
+
+
+def _reads(data: bytes):
+    calls = []
+
+    def read_range(start, length):
+        calls.append((start, length))
+        return data[start:start + length]
+    return read_range, calls
+
+
+def test_transcript_chunk_goes_before_the_audio_and_players_skip_it():
+    clip = speechlike(2.5, seed=1)
+    text = "Grüße aus 世界, said twice."
+    data = audio.voice_wav_bytes(clip, SR, text)
+    chunks = []
+    offset = 12
+    while offset < len(data):
+        size = struct.unpack("<I", data[offset + 4:offset + 8])[0]
+        chunks.append(data[offset:offset + 4])
+        offset += 8 + size + size % 2
+    assert chunks == [b"fmt ", b"f5tx", b"data"] and offset == len(data)
+    assert struct.unpack("<I", data[4:8])[0] == len(data) - 8
+    decoded, rate = sf.read(io.BytesIO(data), dtype="float32")
+    assert rate == SR and np.array_equal(decoded, clip)
+    with wave.open(io.BytesIO(data)) as reader:  # Python's own reader agrees
+        assert reader.getnframes() == len(clip) and reader.getframerate() == SR
+    assert audio.embedded_transcript(data) == text
+    assert audio.embedded_transcript(_old_layout(clip, "Older layout.")) == "Older layout."
+
+
+def test_wav_summary_reads_a_stored_voice_in_one_range():
+    clip = speechlike(4.0, seed=2)
+    data = audio.voice_wav_bytes(clip, SR, "Four seconds of speech.")
+    read_range, calls = _reads(data)
+    summary = audio.wav_summary(read_range, len(data))
+    assert summary == audio.WavSummary(SR, 1, 4.0, "Four seconds of speech.")
+    assert calls == [(0, audio.SUMMARY_READ_BYTES)]
+
+    old = _old_layout(clip, "After the audio.")  # one more read, at the chunk after the audio
+    read_range, calls = _reads(old)
+    assert audio.wav_summary(read_range, len(old)).transcript == "After the audio."
+    assert len(calls) == 2 and calls[1][0] == 44 + len(clip) * 2
+
+    buffer = io.BytesIO()  # a WAV put in storage by hand: 44.1 kHz stereo, no transcript
+    sf.write(buffer, np.zeros((44100 * 3, 2), dtype=np.float32), 44100, subtype="PCM_24", format="WAV")
+    read_range, calls = _reads(buffer.getvalue())
+    assert audio.wav_summary(read_range, len(buffer.getvalue())) == audio.WavSummary(44100, 2, 3.0, None)
+    assert len(calls) == 1
+
+    flac = io.BytesIO()
+    sf.write(flac, clip, SR, format="FLAC")
+    read_range, _ = _reads(flac.getvalue())
+    assert audio.wav_summary(read_range, len(flac.getvalue())) is None
+    assert audio.wav_summary(lambda start, length: b"", 0) is None
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 3.5])
+def test_loudness_normalised_to_the_rms_synthesis_targets(scale):
+    clip = np.clip(speechlike(3.0, seed=5) * scale, -1, 1).astype(np.float32)
+    normalised, gain = audio.normalise_loudness(clip, SR, 0.1)
+    padded = np.concatenate([normalised, np.zeros(int(SR * audio.REFERENCE_PAD_SECONDS), dtype=np.float32)])
+    assert np.sqrt(np.mean(np.square(padded, dtype=np.float64))) == pytest.approx(0.1, rel=1e-4)
+    assert np.allclose(normalised, clip * gain, atol=1e-6)
+    assert np.max(np.abs(normalised)) <= audio.PEAK_LIMIT + 1e-6
+
+
+def test_loudness_normalisation_never_pushes_a_peak_past_minus_1_dbfs():
+    clip = 0.01 * speechlike(3.0, seed=6)
+    clip[SR] = 0.5  # one click: RMS 0.1 would push it far past full scale
+    normalised, gain = audio.normalise_loudness(clip, SR, 0.1)
+    assert np.max(np.abs(normalised)) == pytest.approx(audio.PEAK_LIMIT, rel=1e-6)
+    assert gain == pytest.approx(audio.PEAK_LIMIT / 0.5, rel=1e-6)
+    silent = np.zeros(SR, dtype=np.float32)
+    assert audio.normalise_loudness(silent, SR, 0.1)[1] == 1.0
+
+
+def test_resample_to_24k_keeps_the_length_and_the_pitch():
+    rate = 44100
+    t = np.arange(2 * rate) / rate
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    out = audio.resample(tone, rate)
+    assert out.dtype == np.float32 and len(out) == 2 * SR
+    peak_hz = np.argmax(np.abs(np.fft.rfft(out))) * SR / len(out)
+    assert abs(peak_hz - 440) <= 1
+    assert audio.resample(tone, SR) is tone  # already at the rate: untouched

@@ -318,7 +318,8 @@ INVALID_INPUTS = {
     "no input": (None, "The job input must be a JSON object."),
     "upload name path": ({"endpoint": "upload", "voice_file_url": "http://127.0.0.1:9/x.wav",
                           "voice_name": "../evil.wav"}, "'voice_name' must be a file name"),
-    "upload missing url": ({"endpoint": "upload", "voice_name": "a.wav"}, "Missing required input 'voice_file_url'."),
+    "upload without a source": ({"endpoint": "upload", "voice_name": "a.wav"},
+                                "Give exactly one of 'voice_file_url', 'voice_base64' or 'voice_s3_key'."),
     "upload ftp url": ({"endpoint": "upload", "voice_file_url": "ftp://127.0.0.1/x.wav", "voice_name": "a.wav"},
                        "voice_file_url must be an http or https URL."),
 }

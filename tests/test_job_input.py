@@ -19,7 +19,8 @@ TTS = {"text": "Hello there.", "local_voice": "basic_ref_en.wav"}
 UPLOAD = {"endpoint": "upload", "voice_file_url": "https://example.com/v.wav", "voice_name": "v.wav"}
 
 STRING_FIELDS = [("tts", "text"), ("tts", "local_voice"), ("tts", "ref_text"),
-                 ("upload", "voice_file_url"), ("upload", "voice_name"), ("upload", "ref_text")]
+                 ("upload", "voice_file_url"), ("upload", "voice_base64"), ("upload", "voice_s3_key"),
+                 ("upload", "voice_name"), ("upload", "ref_text")]
 INT_FIELDS = ["nfe_step", "seed"]
 FLOAT_FIELDS = ["speed", "cfg_strength", "sway_sampling_coef", "cross_fade_duration"]
 BOOL_FIELDS = ["remove_silence"]
@@ -77,7 +78,8 @@ def test_bool_fields_take_only_true_or_false(field, value):
 
 @pytest.mark.parametrize("value", [None, "", 7, True, ["tts"], {"name": "tts"}])
 def test_endpoint_must_be_a_known_name(value):
-    assert refusal({**TTS, "endpoint": value}) == "Unknown endpoint; use one of: tts, upload."
+    assert refusal({**TTS, "endpoint": value}) == (
+        "Unknown endpoint; use one of: tts, upload, list_voices, delete_voice, voice_info.")
 
 
 def test_optional_fields_take_null():

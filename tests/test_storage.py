@@ -19,9 +19,9 @@ from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_CA_BUNDLE, ENV_AWS
                                ENV_LOCAL_STORAGE_DIR, ENV_MAX_CONCURRENCY, ENV_MAX_VOICE_BYTES,
                                ENV_PRESIGN_EXPIRY, ENV_S3_BUCKET,
                                ENV_S3_CONNECT_TIMEOUT, ENV_S3_MAX_ATTEMPTS, ENV_S3_READ_TIMEOUT,
-                               LOGS_PREFIX, OUTPUT_PREFIX, VOICES_PREFIX, Settings)
-from s3_utils import (SWEEP_INTERVAL_S, KeyNotFound, LocalStorage, S3Storage, atomic_write,
-                      call_bound_s, make_s3_client, make_storage)
+                               INCOMING_PREFIX, LOGS_PREFIX, OUTPUT_PREFIX, VOICES_PREFIX, Settings)
+from s3_utils import (SWEEP_INTERVAL_S, KeyNotFound, LocalStorage, ObjectTooLarge, S3Storage,
+                      atomic_write, call_bound_s, make_s3_client, make_storage)
 
 # Headers Backblaze B2 (and other S3-compatible services) reject: boto3 >= 1.36 sends them by
 # default unless request_checksum_calculation / response_checksum_validation are "when_required".
@@ -103,9 +103,95 @@ def test_refuses_unsafe_keys(backend, key, tmp_path):
                  lambda: storage.exists(key), lambda: storage.delete(key),
                  lambda: storage.result_url(key),
                  lambda: storage.download_file(key, tmp_path / "d"),
+                 lambda: storage.download_if_changed(key, tmp_path / "d", None),
+                 lambda: storage.head(key), lambda: storage.get_range(key, 0, 10),
+                 lambda: storage.list_objects(key + "/"),
                  lambda: storage.upload_file(key, _write(tmp_path / "u", 10), "audio/wav")):
         with pytest.raises(StorageError, match="is not allowed"):
             call()
+
+
+def test_head_describes_without_reading(storage, tmp_path):
+    key = f"{VOICES_PREFIX}alice.wav"
+    storage.upload_file(key, _write(tmp_path / "a.wav", 1234), "audio/wav")
+    info = storage.head(key)
+    assert info.key == key and info.size == 1234
+    assert info.last_modified.utcoffset().total_seconds() == 0
+    assert abs(info.last_modified.timestamp() - time.time()) < 120
+    storage.upload_file(key, _write(tmp_path / "b.wav", 1234), "audio/wav")  # same size, new content
+    assert storage.head(key).version != info.version
+    with pytest.raises(KeyNotFound):
+        storage.head(f"{VOICES_PREFIX}nobody.wav")
+
+
+def test_list_objects_pages_in_key_order(storage, tmp_path):
+    names = ["b.wav", "a.wav.txt", "a.wav", "a.wav-2.wav", "c.wav.json", "Z.wav"]
+    for i, name in enumerate(names):
+        storage.put_text(f"{VOICES_PREFIX}{name}", "x" * (i + 1))
+    storage.put_text(f"{VOICES_PREFIX}nested/deep.wav", "not a direct child")
+    storage.put_text(f"{OUTPUT_PREFIX}o.wav", "another prefix")
+    expected = sorted(f"{VOICES_PREFIX}{n}" for n in names)  # ASCII: byte order is str order
+    everything, more = storage.list_objects(VOICES_PREFIX)
+    assert [o.key for o in everything] == expected and more is False
+    assert {o.key: o.size for o in everything} == {f"{VOICES_PREFIX}{n}": i + 1 for i, n in enumerate(names)}
+    assert all(o.version == storage.head(o.key).version for o in everything)
+    seen, after = [], None
+    while True:
+        page, more = storage.list_objects(VOICES_PREFIX, after, max_keys=4)
+        assert len(page) <= 4
+        seen += [o.key for o in page]
+        if not more:
+            break
+        after = page[-1].key
+    assert seen == expected
+    assert storage.list_objects(f"{LOGS_PREFIX}") == ([], False)  # nothing there (or no folder)
+    with pytest.raises(StorageError, match="not allowed"):
+        storage.list_objects(VOICES_PREFIX, max_keys=1001)
+
+
+def test_get_range_reads_part_of_an_object(storage, tmp_path):
+    key = f"{VOICES_PREFIX}r.wav"
+    src = _write(tmp_path / "r.wav", 10_000)
+    storage.upload_file(key, src, "audio/wav")
+    data = src.read_bytes()
+    assert storage.get_range(key, 0, 100) == data[:100]
+    assert storage.get_range(key, 9_990, 100) == data[9_990:]  # fewer at the end
+    assert storage.get_range(key, 20_000, 100) == b""  # none past it
+    storage.put_text(f"{VOICES_PREFIX}empty.wav", "")
+    assert storage.get_range(f"{VOICES_PREFIX}empty.wav", 0, 100) == b""
+    with pytest.raises(KeyNotFound):
+        storage.get_range(f"{VOICES_PREFIX}nobody.wav", 0, 10)
+
+
+def test_download_if_changed_transfers_only_a_new_version(storage, tmp_path):
+    key = f"{VOICES_PREFIX}v.wav"
+    first = _write(tmp_path / "v1.wav", 5_000)
+    storage.upload_file(key, first, "audio/wav")
+    dest = tmp_path / "staged.wav"
+    info = storage.download_if_changed(key, dest, None)
+    assert info is not None and info.size == 5_000 and _sha(dest) == _sha(first)
+    assert info.version == storage.head(key).version
+    dest.unlink()
+    assert storage.download_if_changed(key, dest, info.version) is None
+    assert not dest.exists()  # nothing transferred, nothing written
+    second = _write(tmp_path / "v2.wav", 5_000)
+    storage.upload_file(key, second, "audio/wav")
+    again = storage.download_if_changed(key, dest, info.version)
+    assert again is not None and again.version != info.version and _sha(dest) == _sha(second)
+    storage.delete(key)
+    with pytest.raises(KeyNotFound):
+        storage.download_if_changed(key, dest, again.version)
+
+
+def test_download_refuses_an_object_over_the_limit(storage, tmp_path):
+    key = f"{INCOMING_PREFIX}big.mp3"
+    storage.upload_file(key, _write(tmp_path / "big.mp3", 3_000), "audio/mpeg")
+    dest = tmp_path / "d.mp3"
+    with pytest.raises(ObjectTooLarge) as info:
+        storage.download_file(key, dest, max_bytes=2_999)
+    assert (info.value.size, info.value.limit) == (3_000, 2_999) and not dest.exists()
+    storage.download_file(key, dest, max_bytes=3_000)
+    assert dest.stat().st_size == 3_000
 
 
 def test_probe(storage):
@@ -118,6 +204,29 @@ def test_probe(storage):
 
 
 # --- S3 only --------------------------------------------------------------------------------------
+
+def test_listing_and_head_name_a_missing_bucket(s3_env):
+    storage = S3Storage(dataclasses.replace(s3_env.settings, s3_bucket=f"gone-{s3_env.bucket}"))
+    for action, call in {"list": lambda: storage.list_objects(VOICES_PREFIX),
+                         "head": lambda: storage.head(f"{VOICES_PREFIX}a.wav")}.items():
+        with pytest.raises(StorageError, match=f"^S3 bucket 'gone-{s3_env.bucket}' does not exist") as info:
+            call()
+        assert not isinstance(info.value, KeyNotFound) and f"({action} " in str(info.value)
+
+
+def test_an_unchanged_object_costs_one_bodiless_answer(s3_env, tmp_path):
+    """download_if_changed is one conditional GET: 304 and no body when the version still holds."""
+    storage = S3Storage(s3_env.settings)
+    key = f"{VOICES_PREFIX}c.wav"
+    storage.upload_file(key, _write(tmp_path / "c.wav", 40_000), "audio/wav")
+    answers = []  # (operation, status, body length announced); the body itself is left to the code
+    storage.client.meta.events.register(
+        "after-call.s3.*", lambda http_response, model, **_: answers.append(
+            (model.name, http_response.status_code, int(http_response.headers.get("content-length", 0)))))
+    info = storage.download_if_changed(key, tmp_path / "d.wav", None)
+    assert storage.download_if_changed(key, tmp_path / "d.wav", info.version) is None
+    assert answers == [("GetObject", 200, 40_000), ("GetObject", 304, 0)]
+
 
 def test_make_storage_picks_backend(s3_env, tmp_path):
     assert isinstance(make_storage(s3_env.settings), S3Storage)
