@@ -48,6 +48,7 @@ ENV_S3_READ_TIMEOUT = "S3_READ_TIMEOUT_SECONDS"
 ENV_S3_MAX_ATTEMPTS = "S3_MAX_ATTEMPTS"
 ENV_AWS_CA_BUNDLE = "AWS_CA_BUNDLE"  # read by botocore itself; named here for messages and tests
 ENV_LOCAL_RETENTION_HOURS = "F5_LOCAL_RETENTION_HOURS"
+ENV_MAX_RESULT_BYTES = "F5_MAX_RESULT_BYTES"
 
 # Cache variables third-party libraries read; all derived from the model root. (Not
 # TRANSFORMERS_CACHE: transformers 5 no longer reads it and finds its files through HF_HOME.)
@@ -76,6 +77,12 @@ DEFAULT_S3_CONNECT_TIMEOUT = 5.0
 DEFAULT_S3_READ_TIMEOUT = 15.0
 DEFAULT_S3_MAX_ATTEMPTS = 2
 DEFAULT_LOCAL_RETENTION_HOURS = 0.0  # 0: local outputs and job records are kept forever
+# The largest job result RunPod passes back, which bounds audio returned inline (base64): RunPod's
+# endpoint operations reference (docs.runpod.io/serverless/references/operations) gives a payload
+# limit of 10 MB for /run and 20 MB for /runsync, and the runpod SDK (serverless/modules/rp_tips.py,
+# check_return_size) warns about a result above 20 MB (counted in units of 1,000,000 bytes). The
+# worker cannot tell which operation a job came through, so the default is the smaller one.
+DEFAULT_MAX_RESULT_BYTES = 10_000_000
 
 # --- what the worker loads ----------------------------------------------------------------------
 F5_REPO = "SWivid/F5-TTS"
@@ -151,6 +158,7 @@ class Settings:
     s3_read_timeout: float
     s3_max_attempts: int
     local_retention_hours: float
+    max_result_bytes: int
 
     @property
     def volume_mounted(self) -> bool:
@@ -212,6 +220,7 @@ class Settings:
             s3_read_timeout=_number(env, ENV_S3_READ_TIMEOUT, DEFAULT_S3_READ_TIMEOUT, above=True),
             s3_max_attempts=_number(env, ENV_S3_MAX_ATTEMPTS, DEFAULT_S3_MAX_ATTEMPTS, int, 1),
             local_retention_hours=_number(env, ENV_LOCAL_RETENTION_HOURS, DEFAULT_LOCAL_RETENTION_HOURS),
+            max_result_bytes=_number(env, ENV_MAX_RESULT_BYTES, DEFAULT_MAX_RESULT_BYTES, cast=int, minimum=1),
         )
 
 
