@@ -183,6 +183,10 @@ def atomic_write(dest: Path, write: Callable[[Any], None]) -> None:
 class Storage:
     """The interface the worker uses. Subclasses implement the I/O; probe/put_json are shared."""
 
+    # Whether ``result_url`` gives a URL a caller elsewhere can open (a presigned https URL, not a
+    # file:// path on the worker); where not, a TTS job returns its audio inline by default.
+    result_urls_reach_callers = True
+
     def upload_file(self, key: str, path: str | os.PathLike, content_type: str) -> None:
         raise NotImplementedError
 
@@ -464,6 +468,8 @@ class S3Storage(Storage):
 class LocalStorage(Storage):
     """Keys are files under ``root``. Writes are atomic: a temp file beside the target, renamed.
     With ``retention_hours`` > 0, ``sweep_expired`` removes outputs and job records older than that."""
+
+    result_urls_reach_callers = False  # file:// paths on this machine
 
     def __init__(self, root: str | os.PathLike, retention_hours: float = 0.0):
         self.root = Path(root).resolve()

@@ -209,9 +209,12 @@ def cross_fade_join(waves: list[np.ndarray], sr: int, cross_fade_seconds: float)
     return out
 
 
-def write_wav(path: Path, samples: np.ndarray, sr: int = TARGET_SAMPLE_RATE) -> None:
-    """16-bit PCM WAV, what f5-tts's export_wav writes."""
-    sf.write(str(path), samples, sr, subtype="PCM_16", format="WAV")
+def joined_length(lengths: list[int], sr: int, cross_fade_seconds: float) -> int:
+    """The length ``cross_fade_join`` returns for waveforms of these lengths, without joining them."""
+    total = lengths[0] if lengths else 0
+    for length in lengths[1:]:
+        total += length - max(0, min(int(cross_fade_seconds * sr), total, length))
+    return total
 
 
 # A stored voice carries its transcript inside the WAV, in a RIFF chunk of its own that players and

@@ -13,9 +13,11 @@ from __future__ import annotations
 import re
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from f5worker.audio import TARGET_SAMPLE_RATE
+from f5worker.encoding import DEFAULT_FORMAT, EXTENSIONS, FORMATS, SAMPLE_RATES, one_of
 from f5worker.errors import InputError
 from f5worker.job_plan import MAX_NFE_STEP, OPTION_DEFAULTS as DEFAULT
 
@@ -27,6 +29,8 @@ VOICE_SOURCES = ("voice_file_url", "voice_base64", "voice_s3_key")
 MAX_S3_KEY_CHARS = 1100  # "s3://", a bucket name (at most 63) and a key (at most 1024 bytes)
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
+MAX_OUTPUT_KEY_CHARS = 200
+OUTPUT_KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def check_voice_name(name: str) -> str:
@@ -35,6 +39,25 @@ def check_voice_name(name: str) -> str:
         raise ValueError("must be a file name such as 'my-voice.wav' (letters, digits, '.', '_', '-', "
                          "at most 100 characters, ending in .wav)")
     return name
+
+
+def check_output_key(key: str) -> str:
+    """A caller's output name (``campaign-7/line-12``) or prefix (``campaign-7/``), to be placed
+    under ``output/``: plain names separated by single slashes, never a path that could leave it."""
+    if key.startswith("/"):
+        raise ValueError("must be relative (it is placed under output/), so it cannot start with '/'")
+    if "\\" in key:
+        raise ValueError("must separate names with '/', not '\\'")
+    if ".." in key:
+        raise ValueError("must not contain '..'")
+    names = (key[:-1] if key.endswith("/") else key).split("/")
+    if not all(OUTPUT_KEY_NAME_RE.fullmatch(name) for name in names):
+        raise ValueError("may hold only names of letters, digits, '.', '_' and '-', each starting with a "
+                         "letter or digit, separated by single '/'")
+    extension = next((ext for ext in EXTENSIONS if key.lower().endswith(ext)), None)
+    if extension is not None:
+        raise ValueError(f"gets its extension from output_format, so leave '{extension}' off")
+    return key
 
 
 class _Input(BaseModel):
@@ -53,8 +76,30 @@ class TTSInput(_Input):
     cross_fade_duration: float = Field(default=DEFAULT["cross_fade_duration"], ge=0.0, le=1.0)
     remove_silence: bool = DEFAULT["remove_silence"]
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    output_format: str = DEFAULT_FORMAT
+    sample_rate: int = TARGET_SAMPLE_RATE  # after output_format: its check reads the format
+    return_base64: bool | None = None  # None: inline only where result URLs are local (file://)
+    output_key: str | None = Field(default=None, min_length=1, max_length=MAX_OUTPUT_KEY_CHARS)
 
     _voice = field_validator("local_voice")(classmethod(lambda cls, v: check_voice_name(v)))
+    _output_key = field_validator("output_key")(classmethod(lambda cls, v: check_output_key(v)))
+
+    @field_validator("output_format")
+    @classmethod
+    def _known_format(cls, name: str) -> str:
+        if name not in FORMATS:
+            raise ValueError(f"must be {one_of(FORMATS)}")
+        return name
+
+    @field_validator("sample_rate")
+    @classmethod
+    def _rate_the_format_takes(cls, rate: int, info: ValidationInfo) -> int:
+        fmt = FORMATS.get(info.data.get("output_format", ""))
+        if rate not in SAMPLE_RATES:
+            raise ValueError(f"must be {one_of(SAMPLE_RATES)} (Hz)")
+        if fmt is not None and rate not in fmt.sample_rates:
+            raise ValueError(f"must be {one_of(fmt.sample_rates)} for output_format '{fmt.name}'")
+        return rate
 
 
 class UploadInput(_Input):

@@ -20,7 +20,7 @@ from dataclasses import MISSING, dataclass, field, fields
 import numpy as np
 import torch
 
-from f5worker.audio import TARGET_SAMPLE_RATE, cross_fade_join, prepare_reference, remove_silences
+from f5worker.audio import TARGET_SAMPLE_RATE, cross_fade_join, joined_length, prepare_reference, remove_silences
 from f5worker.chunking import chunk_for_model, utf8_len
 from f5worker.errors import InputError
 from f5worker.text_tokens import text_to_symbols
@@ -107,6 +107,14 @@ def check_item_fits(item: ChunkItem) -> None:
             f"This text cannot be cut into pieces the model can speak with this voice: one piece would "
             f"need {seconds:.0f} s of audio and at most {MAX_CHUNK_SECONDS} s fit (check that the "
             "voice's transcript matches its audio).")
+
+
+def planned_samples(plan: JobPlan) -> int:
+    """The samples ``finish`` returns for ``plan`` when silence is not removed (removing it only
+    shortens), known before any model call: Vocos turns n frames into (n - 1) hops of audio, and
+    chunks are joined with cross-fades."""
+    lengths = [max(0, item_frames(item) - item.ref_frames - 1) * HOP_LENGTH for item in plan.items]
+    return joined_length(lengths, TARGET_SAMPLE_RATE, plan.request.cross_fade_duration)
 
 
 def normalise_ref_text(ref_text: str) -> str:

@@ -26,14 +26,14 @@ from typing import Iterator
 
 import soundfile as sf
 
-from f5worker import audio
+from f5worker import audio, encoding
 from f5worker.batcher import Batcher
 from f5worker.download import download_to_file
 from f5worker.engine import TTSEngine
 from f5worker.errors import InputError, StorageError, WorkerError
 from f5worker.job_input import (MAX_SEED, DeleteVoiceInput, ListVoicesInput, TTSInput, UploadInput,
                                 VoiceInfoInput)
-from f5worker.job_plan import TARGET_RMS, SynthesisRequest
+from f5worker.job_plan import TARGET_RMS, SynthesisRequest, planned_samples
 from f5worker.memory import HeapTrimmer
 from f5worker.settings import ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
 from f5worker.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
@@ -50,6 +50,16 @@ COMMITTING: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()
 def safe_job_id(job_id: object) -> str:
     """Job ids name temp files and storage keys; anything unusual is replaced by a fresh id."""
     return job_id if isinstance(job_id, str) and SAFE_JOB_ID.fullmatch(job_id) else uuid.uuid4().hex
+
+
+def output_key_for(job_id: str, requested: str | None, fmt: encoding.OutputFormat) -> str:
+    """Where a TTS job's audio is stored: ``output/<job_id>.<ext>``, or the caller's ``output_key``
+    under ``output/`` (one ending in '/' is a folder for ``<job_id>.<ext>``). An existing object of
+    that key is replaced, as a re-rendered line should be."""
+    name = requested or ""
+    if not name or name.endswith("/"):
+        name += job_id
+    return f"{OUTPUT_PREFIX}{name}.{fmt.extension}"
 
 
 def staging_error(tmp_dir: Path, err: BaseException) -> StorageError:
@@ -124,10 +134,23 @@ class Worker:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         seed = job.seed if job.seed is not None else random.randint(0, MAX_SEED)
+        fmt = encoding.FORMATS[job.output_format]
+        output_key = output_key_for(job_id, job.output_key, fmt)
+        # Inline by default only where the result URL is a path on this machine (local storage).
+        inline_wanted = (job.return_base64 if job.return_base64 is not None
+                         else not self.storage.result_urls_reach_callers)
         with job_files(self.settings.tmp_dir, job_id) as paths:
             voice = await self._staging(self.voices.fetch, job.local_voice, paths["voice.wav"])
+            timings["download_s"] = time.perf_counter() - started
+            mark = time.perf_counter()
             ref_text, ref_source = await self._ref_text(voice, job.ref_text)
-            timings["voice_s"] = time.perf_counter() - started
+            # Looking up a stored transcript is part of fetching the voice; Whisper is its own step.
+            looked_up = time.perf_counter() - mark
+            if ref_source == "transcribed":
+                timings["transcription_s"] = looked_up
+            else:
+                timings["download_s"] += looked_up
+                timings["transcription_s"] = 0.0
 
             mark = time.perf_counter()
             request = SynthesisRequest(
@@ -137,25 +160,59 @@ class Worker:
                 sway_sampling_coef=job.sway_sampling_coef, cross_fade_duration=job.cross_fade_duration,
                 remove_silence=job.remove_silence)
             plan = await self._off_loop(self.engine.plan, request)
+            if job.return_base64:
+                self._refuse_inline_early(plan, fmt, job)
             waves = await self.batcher.submit(plan.items)
             wave = self.engine.finish(plan, waves)
             timings["synthesis_s"] = time.perf_counter() - mark
 
             mark = time.perf_counter()
-            output_key = f"{OUTPUT_PREFIX}{job_id}.wav"
-            await self._staging(audio.write_wav, paths["output.wav"], wave)
-            size = paths["output.wav"].stat().st_size
-            await self._commit(self.storage.upload_file, output_key, paths["output.wav"], "audio/wav")
+            samples = await self._off_loop(encoding.resample, wave, job.sample_rate)
+            data = await self._off_loop(encoding.encode, samples, job.sample_rate, fmt)
+            await self._staging(paths["output.wav"].write_bytes, data)
+            timings["encoding_s"] = time.perf_counter() - mark
+
+            mark = time.perf_counter()
             url = await self._off_loop(self.storage.result_url, output_key)
+            duration = audio.duration_seconds(samples, job.sample_rate)
+            result = {"audio_url": url, "duration": round(duration, 3), "sample_rate": job.sample_rate,
+                      "output_key": output_key, "voice": job.local_voice, "seed": seed, "chunks": len(plan.items),
+                      "ref_text_source": ref_source, "format": fmt.name, "content_type": fmt.content_type,
+                      "bytes": len(data)}
+            # Whether the audio fits inline is settled before the upload: a job never fails after it.
+            room = encoding.inline_room(result, self.settings.max_result_bytes) if inline_wanted else 0
+            too_large = inline_wanted and len(data) > room
+            if too_large and job.return_base64:
+                raise InputError(encoding.too_large_sentence(fmt, len(data), room))
+            await self._commit(self.storage.upload_file, output_key, paths["output.wav"], fmt.content_type)
             timings["upload_s"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        if too_large:  # the local-storage default: the stored file only, and why
+            result["audio_base64_omitted"] = encoding.omitted_sentence(len(data), room)
+            log.warning("job %s: audio of %d bytes too large to return inline", job_id, len(data))
+        elif inline_wanted:
+            result["audio_base64"] = await self._off_loop(encoding.to_base64, data)
+        timings["encoding_s"] += time.perf_counter() - mark
         timings["total_s"] = time.perf_counter() - started
-        duration = audio.duration_seconds(wave, audio.TARGET_SAMPLE_RATE)
+        result["timings"] = _rounded(timings)
+        result["rtf"] = round(timings["synthesis_s"] / duration, 4) if duration > 0 else None
         await self.record(job_id, "tts", "ok", voice=job.local_voice, text_chars=len(job.text), chunks=len(plan.items),
-                          audio_seconds=round(duration, 3), output_bytes=size, ref_text_source=ref_source,
-                          timings=_rounded(timings))
-        return {"audio_url": url, "duration": round(duration, 3), "sample_rate": audio.TARGET_SAMPLE_RATE,
-                "output_key": output_key, "voice": job.local_voice, "seed": seed, "chunks": len(plan.items),
-                "ref_text_source": ref_source, "timings": _rounded(timings)}
+                          audio_seconds=round(duration, 3), output_bytes=len(data), output_key=output_key,
+                          format=fmt.name, sample_rate=job.sample_rate, inline="audio_base64" in result,
+                          ref_text_source=ref_source, timings=_rounded(timings))
+        return result
+
+    def _refuse_inline_early(self, plan, fmt: encoding.OutputFormat, job: TTSInput) -> None:
+        """Refuse ``return_base64`` before any model call when the planned audio cannot fit: the
+        length is known from the plan, and for WAV so is the size (compressed sizes are known only
+        once encoded, and removed silences make the audio shorter than planned)."""
+        if job.remove_silence:
+            return
+        least = fmt.least_bytes(encoding.least_resampled_length(planned_samples(plan), job.sample_rate))
+        room = encoding.inline_room({}, self.settings.max_result_bytes)  # more than any real result leaves
+        if least > room:
+            raise InputError(encoding.too_large_sentence(fmt, least, room, before=True))
 
     async def _ref_text(self, voice: Voice, given: str | None) -> tuple[str, str]:
         known = await self._off_loop(self.voices.known_ref_text, voice, given)

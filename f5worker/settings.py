@@ -70,6 +70,7 @@ S3_ENV_ALIASES = {
     ENV_AWS_SECRET_ACCESS_KEY: ENV_BUCKET_SECRET_ACCESS_KEY,
 }
 ENV_VOICE_CACHE_SIZE = "F5_VOICE_CACHE_SIZE"
+ENV_MAX_RESULT_BYTES = "F5_MAX_RESULT_BYTES"
 
 # Cache variables third-party libraries read; all derived from the model root. (Not
 # TRANSFORMERS_CACHE: transformers 5 no longer reads it and finds its files through HF_HOME.)
@@ -107,6 +108,12 @@ DEFAULT_S3_MAX_ATTEMPTS = 2
 DEFAULT_LOCAL_RETENTION_HOURS = 0.0  # 0: local outputs and job records are kept forever
 # Prepared reference voices kept in memory (about 2.3 MB each for 12 s at 24 kHz); 0: no cache.
 DEFAULT_VOICE_CACHE_SIZE = 32
+# The largest job result RunPod passes back, which bounds audio returned inline (base64): RunPod's
+# endpoint operations reference (docs.runpod.io/serverless/references/operations) gives a payload
+# limit of 10 MB for /run and 20 MB for /runsync, and the runpod SDK (serverless/modules/rp_tips.py,
+# check_return_size) warns about a result above 20 MB (counted in units of 1,000,000 bytes). The
+# worker cannot tell which operation a job came through, so the default is the smaller one.
+DEFAULT_MAX_RESULT_BYTES = 10_000_000
 
 # --- what the worker loads ----------------------------------------------------------------------
 F5_REPO = "SWivid/F5-TTS"
@@ -297,6 +304,7 @@ class Settings:
     s3_max_attempts: int
     local_retention_hours: float
     voice_cache_size: int
+    max_result_bytes: int
     warnings: tuple[str, ...] = ()  # sentences about the variables (conflicting aliases ...), no values
 
     @property
@@ -372,6 +380,7 @@ class Settings:
             s3_max_attempts=_number(env, ENV_S3_MAX_ATTEMPTS, DEFAULT_S3_MAX_ATTEMPTS, int, 1),
             local_retention_hours=_number(env, ENV_LOCAL_RETENTION_HOURS, DEFAULT_LOCAL_RETENTION_HOURS),
             voice_cache_size=_number(env, ENV_VOICE_CACHE_SIZE, DEFAULT_VOICE_CACHE_SIZE, cast=int),
+            max_result_bytes=_number(env, ENV_MAX_RESULT_BYTES, DEFAULT_MAX_RESULT_BYTES, cast=int, minimum=1),
             warnings=warnings,
         )
 
