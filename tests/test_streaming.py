@@ -4,19 +4,24 @@ The audio pieces are checked against what the worker stores: decoded and concate
 the stored file's samples exactly, at the model's rate and resampled. The join is checked against
 ``audio.cross_fade_join`` (what ``job_plan.finish`` uses) on waveforms of awkward lengths. Jobs go
 through ``make_handler(build_worker(...), streaming=True)`` on the tiny models, as runpod would
-iterate the generator handler; the local API server test is in tests/test_api_server.py.
+iterate the generator handler, and through runpod's local API server (``/run`` then ``/stream/<id>``,
+``/runsync``) with ``F5_STREAMING=1``, also with examples/client.py ``--stream``. That server runs
+the whole job inside the ``/stream`` request (it cannot show pieces early) and has nowhere to send
+progress reports, so the worker sends none there (``Settings.on_runpod_queue``).
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
+import json
 import uuid
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from examples import client
 from f5worker import encoding
 from f5worker.audio import TARGET_SAMPLE_RATE, cross_fade_join
 from f5worker.chunking import chunk_for_model, utf8_len
@@ -27,6 +32,8 @@ from f5worker.service import make_handler
 from f5worker.settings import ENV_STREAMING
 from f5worker.streaming import MAX_PIECE_BASE64_BYTES, PCM_FORMAT, AudioStream
 from tests.fixtures_worker import worker_ctx
+from tests.test_api_server import JOB_TIMEOUT_S, api_server, local_session
+from tests.test_client import PROXY_VARIABLES
 
 NFE = 4
 BUILTIN = "basic_ref_en.wav"
@@ -183,3 +190,76 @@ def test_gpu_fault_while_streaming_asks_for_a_new_worker(ctx, monkeypatch):
                     "refresh_worker": True}
     assert recorder.replacements == 1
     assert ctx.tmp_files() == []
+
+
+# --- runpod's local API server with F5_STREAMING=1, and the example client --------------------------
+@pytest.fixture(scope="module")
+def stream_api(tiny_models, tiny_whisper, s3_server, tmp_path_factory):
+    with api_server(tiny_models, tiny_whisper, s3_server, tmp_path_factory.mktemp("stream-api"),
+                    {ENV_STREAMING: "1"}) as server:
+        yield server
+
+
+def post(server, path: str, body=None) -> dict:
+    with local_session() as session:
+        response = session.post(f"{server.base_url}{path}", json=body, timeout=JOB_TIMEOUT_S)
+    assert response.status_code == 200, f"HTTP {response.status_code}: {response.text[:500]}"
+    return response.json()
+
+
+def test_run_then_stream_through_the_local_api_server(stream_api):
+    job_id = post(stream_api, "/run", {"input": tts_input(stream=True, sample_rate=22050)})["id"]
+    answer = post(stream_api, f"/stream/{job_id}")
+    assert answer["status"] == "COMPLETED", answer
+    *pieces, result = [item["output"] for item in answer["stream"]]
+    assert "error" not in result and result["stream_chunks"] == len(pieces) >= result["chunks"] >= 3
+    assert all(p["format"] == PCM_FORMAT and p["sample_rate"] == 22050 and p["channels"] == 1
+               and len(p["audio_base64"]) <= MAX_PIECE_BASE64_BYTES for p in pieces)
+    stored, sr = sf.read(io.BytesIO(stream_api.download(result["audio_url"])), dtype="int16")
+    assert sr == 22050
+    np.testing.assert_array_equal(pcm_of(pieces), stored)
+
+
+def test_runsync_on_a_streaming_endpoint_is_the_list_of_one_result(stream_api):
+    answer = post(stream_api, "/runsync", {"input": tts_input("One line.", seed=4)})
+    assert answer["status"] == "COMPLETED", answer
+    [result] = answer["output"]
+    assert result["seed"] == 4 and "stream_chunks" not in result
+
+
+@pytest.fixture
+def run_client(stream_api, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", stream_api.s3_server.ca_bundle)  # the presigned URLs' CA
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = client.main(["--local", "--local-url", stream_api.base_url, "--poll", "0.2", *argv],
+                           stdout=out, stderr=err)
+        return code, out.getvalue(), err.getvalue()
+
+    return run
+
+
+def test_client_stream_writes_the_pcm_as_it_comes_then_the_file(run_client, tmp_path):
+    wav = tmp_path / "long.wav"
+    code, out, err = run_client("tts", LONG_TEXT, "--voice", BUILTIN, "--nfe-step", str(NFE), "--seed", "2",
+                                "--stream", "-o", str(wav))
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["pieces_received"] == result["stream_chunks"] >= result["chunks"] >= 3
+    assert result["pcm_file"] == str(tmp_path / "long.pcm") and "STREAMING" in err
+    stored, sr = sf.read(str(wav), dtype="int16")
+    assert sr == 24000
+    np.testing.assert_array_equal(np.frombuffer((tmp_path / "long.pcm").read_bytes(), "<i2"), stored)
+
+
+def test_client_without_stream_on_a_streaming_endpoint(run_client, tmp_path):
+    wav = tmp_path / "one.wav"
+    code, out, err = run_client("tts", "One line.", "--voice", BUILTIN, "--nfe-step", str(NFE), "-o", str(wav))
+    assert code == 0, err
+    assert sf.info(str(wav)).frames / 24000 == pytest.approx(json.loads(out)["duration"], abs=0.001)
+    code, out, err = run_client("tts", "Too slow.", "--voice", BUILTIN, "--speed", "0.1", "--stream",
+                                "-o", str(tmp_path / "never.wav"))
+    assert code == 1 and err.splitlines()[-1] == "'speed' must be at least 0.3."
