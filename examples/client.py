@@ -13,6 +13,13 @@ only the runpod package (which brings requests and tqdm), so it can be copied ou
     python examples/client.py --endpoint ENDPOINT_ID tts "Long text ..." --voice my-voice.wav --no-wait
     python examples/client.py --endpoint ENDPOINT_ID download JOB_ID -o later.wav
     python examples/client.py --local tts "Hello." --voice basic_ref_en.wav -o hello.wav
+    python examples/client.py --endpoint ENDPOINT_ID tts "Long text ..." --voice my-voice.wav --stream -o long.wav
+
+``--stream`` (for an endpoint with F5_STREAMING=1) sends ``"stream": true`` and reads the job's
+stream as it comes: the raw 16-bit PCM pieces are appended to ``<output>.pcm`` as they arrive (play
+it while it grows, e.g. ``ffplay -f s16le -ar 24000 -ac 1 long.pcm``), then the final result's file
+is written to ``-o`` as usual. On an endpoint with streaming on, a job's output is the list of what
+it yielded; the client takes its last item, the result.
 
 A voice given as a URL is sent as ``voice_file_url`` (the worker downloads it); a local file is
 sent inline as ``voice_base64``, which RunPod carries only up to its request size limit. ``--local``
@@ -35,7 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Iterator, TextIO
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -56,6 +63,7 @@ RUN_PAYLOAD_LIMIT_BYTES = 10_000_000  # RunPod's documented limit for one /run r
 FINAL_STATES = {"COMPLETED", "FAILED", "TIMED_OUT", "CANCELLED"}
 STATUS_TIMEOUT_S = 10  # one status request to RunPod's API
 DOWNLOAD_TIMEOUT_S = (10, 60)  # connect, then the longest silence while reading the audio
+PCM_FORMAT = "pcm_s16le"  # what a streamed job's pieces hold
 TTS_OPTIONS = ("ref_text", "speed", "nfe_step", "cfg_strength", "sway_sampling_coef", "cross_fade_duration",
                "seed")
 
@@ -126,6 +134,37 @@ class Client:
             return self.endpoint.rp_client.post(path, None, timeout=max(1.0, timeout_s))
         return self.endpoint.rp_client.get(path, timeout=STATUS_TIMEOUT_S)
 
+    def stream(self, job_id: str, *, timeout_s: float, poll_s: float) -> Iterator[object]:
+        """Each item the job yields, in order, as RunPod's ``/stream/<id>`` hands them out, until the
+        job ends; ClientError with its sentence if it fails. (runpod's ``Job.stream()`` asks with
+        GET, which the development server does not answer, and fails on the development server's
+        answer once the job is gone; this is the same protocol with POST locally.)"""
+        path = f"{self.endpoint.endpoint_id}/stream/{job_id}"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if self.local:  # the development server runs the whole job inside this request
+                    state = self.endpoint.rp_client.post(path, None, timeout=max(1.0, deadline - time.monotonic()))
+                else:
+                    state = self.endpoint.rp_client.get(path, timeout=STATUS_TIMEOUT_S)
+            except requests.Timeout as err:
+                if self.local or time.monotonic() >= deadline:
+                    raise StillRunning(f"Job {job_id} did not finish within {timeout_s:g} s; fetch it later "
+                                       f"with: download {job_id}") from err
+                state = {"status": "UNKNOWN"}
+            for item in state.get("stream") or []:
+                yield item.get("output") if isinstance(item, dict) else item
+            status = state.get("status", "UNKNOWN")
+            if status == "COMPLETED":
+                return
+            if status in FINAL_STATES:
+                raise ClientError(failure_sentence(state))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StillRunning(f"Job {job_id} is still {status} after {timeout_s:g} s; fetch it later "
+                                   f"with: download {job_id}")
+            time.sleep(min(poll_s, remaining))
+
     def wait(self, job_id: str, *, timeout_s: float, poll_s: float, progress: "Progress") -> dict:
         """The job's output once it completes; ClientError with its sentence if it fails;
         StillRunning after ``timeout_s`` (the job goes on; ``download`` fetches it later)."""
@@ -141,7 +180,7 @@ class Client:
             status = state.get("status", "UNKNOWN")
             progress.show(status, None if status in FINAL_STATES else state.get("output"))
             if status == "COMPLETED":
-                return state.get("output") or {}
+                return final_output(state.get("output"))
             if status in FINAL_STATES:
                 raise ClientError(failure_sentence(state))
             remaining = deadline - time.monotonic()
@@ -181,11 +220,50 @@ class Progress:
 
 # --- job inputs and results ------------------------------------------------------------------------
 
+def final_output(output) -> dict:
+    """The job's result: its output, or on an endpoint that streams (whose output is the list of
+    what the job yielded) the last item; ClientError with the sentence of a job that failed there."""
+    if isinstance(output, list):
+        output = output[-1] if output else None
+    output = output or {}
+    if isinstance(output, dict) and output.get("error"):
+        raise ClientError(one_line(output["error"]))
+    return output
+
+
+def is_pcm_piece(item) -> bool:
+    """A streamed job's audio piece (the worker's f5worker.streaming), not its final result."""
+    return isinstance(item, dict) and item.get("format") == PCM_FORMAT and "chunk" in item
+
+
+def receive_stream(client: "Client", job_id: str, pcm_path: Path, args: argparse.Namespace,
+                   progress: "Progress") -> tuple[dict, int]:
+    """Append the job's PCM pieces to ``pcm_path`` as they arrive; (the final result, pieces)."""
+    pcm_path.parent.mkdir(parents=True, exist_ok=True)
+    result, pieces, seconds = None, 0, 0.0
+    with open(pcm_path, "wb") as pcm:
+        for item in client.stream(job_id, timeout_s=args.timeout, poll_s=args.poll):
+            if is_pcm_piece(item):
+                pcm.write(base64.b64decode(item["audio_base64"], validate=True))
+                pcm.flush()
+                pieces += 1
+                seconds += float(item.get("seconds") or 0)
+                progress.show("STREAMING", {"pieces": pieces, "audio_seconds": round(seconds, 3),
+                                            "sample_rate": item.get("sample_rate")})
+            else:
+                result = item
+    if result is None:
+        raise ClientError(f"Job {job_id} ended without a result.")
+    return final_output(result), pieces
+
+
 def tts_input(args: argparse.Namespace) -> dict:
     job = {"text": args.text, "local_voice": args.voice}
     job.update({name: getattr(args, name) for name in TTS_OPTIONS if getattr(args, name) is not None})
     if args.remove_silence:
         job["remove_silence"] = True
+    if args.stream:
+        job["stream"] = True
     return job
 
 
@@ -276,6 +354,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tts.add_argument("--seed", type=int)
     tts.add_argument("-o", "--output", type=Path, default=Path("output.wav"), help="where to write the WAV")
     tts.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    tts.add_argument("--stream", action="store_true",
+                     help="stream the audio (endpoint with F5_STREAMING=1): raw PCM to <output>.pcm as it comes")
 
     upload = commands.add_parser("upload", help="store a voice (from an http(s) URL or a local file)")
     upload.add_argument("name", help="the voice's name, e.g. my-voice.wav")
@@ -301,11 +381,19 @@ def run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
             print(json.dumps({"id": job_id}), file=stdout)
             return 0
     progress = Progress(stderr)
+    streamed = None
     try:
-        output = client.wait(job_id, timeout_s=args.timeout, poll_s=args.poll, progress=progress)
+        if getattr(args, "stream", False):
+            pcm_path = args.output.with_suffix(".pcm")
+            output, pieces = receive_stream(client, job_id, pcm_path, args, progress)
+            streamed = {"pcm_file": str(pcm_path), "pieces_received": pieces}
+        else:
+            output = client.wait(job_id, timeout_s=args.timeout, poll_s=args.poll, progress=progress)
     finally:
         progress.close()
     shown = {k: v for k, v in output.items() if k != "audio_base64"}
+    if streamed is not None:
+        shown.update(streamed)
     if args.command in ("tts", "download"):
         shown["file"] = str(save_audio(output, args.output))
     print(json.dumps({"id": job_id, **shown}, ensure_ascii=False), file=stdout)

@@ -54,19 +54,34 @@ class Batcher:
 
     async def submit(self, items: list[ChunkItem]) -> list[np.ndarray]:
         """Waveforms of the items, in order, once every one has been sampled."""
+        futures = self.enqueue(items)
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            # The job failed or was cancelled (its deadline): its other chunks are not worth a
+            # model call, so they leave the queue now.
+            self.withdraw(futures)
+            raise
+
+    def enqueue(self, items: list[ChunkItem]) -> list[asyncio.Future]:
+        """Queue the items as one job's; each future gets its item's waveform as soon as the model
+        call that sampled it ends (a streamed job uses each as it comes). A caller that stops
+        waiting calls ``withdraw``."""
         self._ensure_loop()
         loop = asyncio.get_running_loop()
         entries: list[_Pending] = []
         entries.extend(_Pending(item, loop.create_future(), entries) for item in items)
         self._pending.extend(entries)
         self._wakeup.set()
-        try:
-            return list(await asyncio.gather(*(e.future for e in entries)))
-        except BaseException:
-            # The job failed or was cancelled (its deadline): its other chunks are not worth a
-            # model call, so they leave the queue now.
-            self._withdraw(entries)
-            raise
+        return [e.future for e in entries]
+
+    def withdraw(self, futures: list[asyncio.Future]) -> None:
+        """Take the items of these futures off the queue and cancel what is not settled."""
+        wanted = set(map(id, futures))
+        self._withdraw([e for e in self._pending if id(e.future) in wanted])
+        for future in futures:
+            if not future.done():
+                future.cancel()
 
     def _withdraw(self, entries: list[_Pending]) -> None:
         for entry in entries:

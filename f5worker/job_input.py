@@ -80,6 +80,7 @@ class TTSInput(_Input):
     sample_rate: int = TARGET_SAMPLE_RATE  # after output_format: its check reads the format
     return_base64: bool | None = None  # None: inline only where result URLs are local (file://)
     output_key: str | None = Field(default=None, min_length=1, max_length=MAX_OUTPUT_KEY_CHARS)
+    stream: bool = False  # audio sent while synthesised: needs F5_STREAMING on the endpoint
 
     _voice = field_validator("local_voice")(classmethod(lambda cls, v: check_voice_name(v)))
     _output_key = field_validator("output_key")(classmethod(lambda cls, v: check_output_key(v)))
@@ -100,6 +101,14 @@ class TTSInput(_Input):
         if fmt is not None and rate not in fmt.sample_rates:
             raise ValueError(f"must be {one_of(fmt.sample_rates)} for output_format '{fmt.name}'")
         return rate
+
+    @model_validator(mode="after")
+    def _streamable(self):
+        if self.stream and self.remove_silence:
+            raise PydanticCustomError(
+                "sentence", "Silences are removed from the whole audio at once, so 'remove_silence' "
+                            "cannot be used with 'stream'; leave one of them out.")
+        return self
 
 
 class UploadInput(_Input):

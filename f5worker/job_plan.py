@@ -38,6 +38,9 @@ MAX_CHUNK_SECONDS = 30
 MAX_CHUNK_FRAMES = MAX_CHUNK_SECONDS * TARGET_SAMPLE_RATE // HOP_LENGTH
 # The most ODE steps a job may ask for; the fast path's on-device time grid holds MAX_NFE_STEP + 1.
 MAX_NFE_STEP = 64
+# A streamed job's first chunk is at most this share of the usual chunk budget (cut at a sentence,
+# a clause or a space), so its audio is ready after a short model call.
+FIRST_CHUNK_SHARE = 0.25
 
 
 @dataclass
@@ -58,6 +61,8 @@ class SynthesisRequest:
     # ref_audio as audio.prepare_reference makes it, when the caller has it already (a voice kept
     # prepared by f5worker.voices); plan() then skips that step. Not a job option.
     prepared_ref: np.ndarray | None = field(default=None, metadata={"job_option": False})
+    # A streamed job's: the first chunk is cut short (FIRST_CHUNK_SHARE). Not a job option.
+    short_first_chunk: bool = field(default=False, metadata={"job_option": False})
 
 
 # The options a job may set, with their defaults: what job_input declares as optional fields.
@@ -138,7 +143,8 @@ def plan(req: SynthesisRequest) -> JobPlan:
     ref_text = normalise_ref_text(req.ref_text)
     ref_seconds = len(ref) / req.ref_sr
     max_chars = int(utf8_len(ref_text) / ref_seconds * (CHUNK_TARGET_SECONDS - ref_seconds) * req.speed)
-    chunks = chunk_for_model(req.gen_text, max_chars)
+    chunks = (chunks_with_short_first(req.gen_text, max_chars) if req.short_first_chunk
+              else chunk_for_model(req.gen_text, max_chars))
     if not chunks:
         raise InputError("The text has nothing to speak: it is empty once spaces are removed.")
     audio = torch.from_numpy(ref).unsqueeze(0)
@@ -149,6 +155,19 @@ def plan(req: SynthesisRequest) -> JobPlan:
     # land in the middle of a CUDA graph capture; the sampler moves it on the model thread
     audio = resample_to_model_rate(audio, req.ref_sr)
     return JobPlan(items=items_for(audio, rms, ref_text, chunks, req), request=req)
+
+
+def chunks_with_short_first(text: str, max_chars: int) -> list[str]:
+    """``chunk_for_model``'s chunks, except that the first is at most ``FIRST_CHUNK_SHARE`` of
+    ``max_chars`` bytes; the rest of the text is chunked as usual."""
+    small = chunk_for_model(text, max(1, int(max_chars * FIRST_CHUNK_SHARE)))
+    if len(small) <= 1:
+        return small
+    # The pieces joined back as chunk_text joins sentences: a space after a one-byte character.
+    rest = ""
+    for piece in small[1:]:
+        rest += piece + (" " if utf8_len(piece[-1]) == 1 else "")
+    return [small[0], *chunk_for_model(rest, max_chars)]
 
 
 def items_for(audio: torch.Tensor, rms: float, ref_text: str, chunks: list[str],

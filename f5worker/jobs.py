@@ -22,8 +22,9 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Awaitable, Callable, Iterator
 
+import numpy as np
 import soundfile as sf
 
 from f5worker import audio, encoding
@@ -36,6 +37,7 @@ from f5worker.job_input import (MAX_SEED, DeleteVoiceInput, ListVoicesInput, TTS
 from f5worker.job_plan import TARGET_RMS, SynthesisRequest, planned_samples
 from f5worker.memory import HeapTrimmer
 from f5worker.settings import ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
+from f5worker.streaming import AudioStream
 from f5worker.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
                              prepare_upload)
 from s3_utils import KeyNotFound, ObjectTooLarge, Storage
@@ -93,10 +95,10 @@ def one_job(workflow):
     """A job's workflow, counted while it runs; as it ends the heap may be trimmed
     (``f5worker.memory``: at once when the worker falls idle)."""
     @functools.wraps(workflow)
-    async def run(self: "Worker", *args):
+    async def run(self: "Worker", *args, **kwargs):
         self.in_flight += 1
         try:
-            return await workflow(self, *args)
+            return await workflow(self, *args, **kwargs)
         finally:
             self.in_flight -= 1
             await self._off_loop(self.heap.after_job, self.in_flight)
@@ -130,7 +132,11 @@ class Worker:
         return await asyncio.get_running_loop().run_in_executor(self.batcher.executor, fn, *args)
 
     @one_job
-    async def tts(self, job_id: str, job: TTSInput) -> dict:
+    async def tts(self, job_id: str, job: TTSInput, on_audio: Callable[[dict], None] | None = None,
+                  on_progress: Callable[[dict], None] | None = None) -> dict:
+        """The TTS job. ``on_audio`` (a streamed job's) receives each piece of audio as soon as it
+        is known (``f5worker.streaming``); ``on_progress`` receives, for a job of several chunks,
+        ``{"chunks_done", "chunks_total", "audio_seconds"}`` after each chunk, in order."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
         seed = job.seed if job.seed is not None else random.randint(0, MAX_SEED)
@@ -158,11 +164,29 @@ class Worker:
                 ref_audio=voice.used, ref_sr=voice.sr, ref_text=ref_text, gen_text=job.text, seed=seed,
                 speed=job.speed, nfe_step=job.nfe_step, cfg_strength=job.cfg_strength,
                 sway_sampling_coef=job.sway_sampling_coef, cross_fade_duration=job.cross_fade_duration,
-                remove_silence=job.remove_silence)
+                remove_silence=job.remove_silence, short_first_chunk=on_audio is not None)
             plan = await self._off_loop(self.engine.plan, request)
             if job.return_base64:
                 self._refuse_inline_early(plan, fmt, job)
-            waves = await self.batcher.submit(plan.items)
+            stream = AudioStream(job.sample_rate, job.cross_fade_duration) if on_audio is not None else None
+            lengths: list[int] = []
+
+            async def chunk_done(wave: np.ndarray) -> None:
+                lengths.append(len(wave))
+                if stream is not None:
+                    for piece in await self._off_loop(stream.add, wave):
+                        timings.setdefault("first_audio_s", time.perf_counter() - started)
+                        on_audio(piece)
+                if on_progress is not None and len(plan.items) > 1:
+                    seconds = audio.joined_length(lengths, audio.TARGET_SAMPLE_RATE, job.cross_fade_duration)
+                    on_progress({"chunks_done": len(lengths), "chunks_total": len(plan.items),
+                                 "audio_seconds": round(seconds / audio.TARGET_SAMPLE_RATE, 3)})
+
+            waves = await self._sample(plan.items, chunk_done, first_alone=stream is not None)
+            if stream is not None:
+                for piece in await self._off_loop(stream.close):
+                    timings.setdefault("first_audio_s", time.perf_counter() - started)
+                    on_audio(piece)
             wave = self.engine.finish(plan, waves)
             timings["synthesis_s"] = time.perf_counter() - mark
 
@@ -179,6 +203,8 @@ class Worker:
                       "output_key": output_key, "voice": job.local_voice, "seed": seed, "chunks": len(plan.items),
                       "ref_text_source": ref_source, "format": fmt.name, "content_type": fmt.content_type,
                       "bytes": len(data)}
+            if stream is not None:
+                result["stream_chunks"] = stream.pieces
             # Whether the audio fits inline is settled before the upload: a job never fails after it.
             room = encoding.inline_room(result, self.settings.max_result_bytes) if inline_wanted else 0
             too_large = inline_wanted and len(data) > room
@@ -202,6 +228,25 @@ class Worker:
                           format=fmt.name, sample_rate=job.sample_rate, inline="audio_base64" in result,
                           ref_text_source=ref_source, timings=_rounded(timings))
         return result
+
+    async def _sample(self, items: list, chunk_done: Callable[[np.ndarray], Awaitable[None]], *,
+                      first_alone: bool) -> list[np.ndarray]:
+        """The items' waveforms, in order; ``chunk_done`` runs for each, in order, as soon as it and
+        those before it are sampled. With ``first_alone`` the first item is queued by itself and the
+        others only once it is sampled, so it is never held up by a model call of the longer ones.
+        (The sampler seeds each item itself: how items are grouped never changes their audio.)"""
+        waves: list[np.ndarray] = []
+        for group in ([items[:1], items[1:]] if first_alone else [items]):
+            if not group:
+                continue
+            futures = self.batcher.enqueue(group)
+            try:
+                for future in futures:
+                    waves.append(await future)
+                    await chunk_done(waves[-1])
+            finally:
+                self.batcher.withdraw(futures)  # a failed or cancelled job leaves the queue
+        return waves
 
     def _refuse_inline_early(self, plan, fmt: encoding.OutputFormat, job: TTSInput) -> None:
         """Refuse ``return_base64`` before any model call when the planned audio cannot fit: the

@@ -15,6 +15,17 @@ fitness check ``os._exit(1)``s before any job is taken, so callers would never l
 jobs would wait in the queue while workers restart), and a configuration mistake would restart
 workers in a loop. Answering each job with the cause, then being replaced, tells callers and
 still gets the worker replaced.
+
+Streaming (``F5_STREAMING``) is decided once, at start, because runpod decides once whether the
+handler is a generator. Off, the handler is an async function and a job's result is its dict. On,
+the handler is an async generator (registered with ``return_aggregate_stream``): a job yields its
+result dict as its one item, or, with ``"stream": true``, its audio pieces first
+(``f5worker.streaming``) and the result dict last; so ``/runsync`` and ``run_sync`` return a list
+whose last item is the result. runpod reads ``refresh_worker`` only from a plain handler's result;
+for a generator the handler asks through ``replace_worker`` (``serve`` sets runpod's config flag,
+which runpod reads once the job ends). Progress reports (runpod's ``progress_update``) are sent
+for TTS jobs of several chunks, only where jobs come from RunPod's queue: runpod's local modes have
+nowhere to send them.
 """
 from __future__ import annotations
 
@@ -23,11 +34,12 @@ import logging
 import re
 import sys
 import time
+from typing import Callable
 
-from f5worker.errors import StorageError, WorkerError
+from f5worker.errors import InputError, StorageError, WorkerError
 from f5worker.job_guard import JobGuard, JobStopped
 from f5worker.job_input import parse_job_input
-from f5worker.settings import Settings
+from f5worker.settings import ENV_STREAMING, Settings
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +114,23 @@ def gpu_fault(err: BaseException) -> tuple[str, BaseException] | None:
     return None
 
 
-def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard | None = None):
-    """The async handler runpod calls. With ``start_error`` (the models could not be loaded) every
-    job gets that sentence back, so callers see why, and RunPod is asked to replace the worker."""
+def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard | None = None, *,
+                 streaming: bool = False, progress: Callable[[dict, dict], None] | None = None,
+                 replace_worker: Callable[[], None] | None = None):
+    """The handler runpod calls: an async function, or with ``streaming`` an async generator (the
+    module docstring). With ``start_error`` (the models could not be loaded) every job gets that
+    sentence back, so callers see why, and RunPod is asked to replace the worker. ``progress`` is
+    runpod's ``progress_update(job, report)``; ``replace_worker`` asks runpod to replace the worker
+    after a streamed job."""
     from f5worker.jobs import COMMITTING, safe_job_id
 
     if guard is None and worker is not None:
         guard = JobGuard(worker.settings.job_timeout_s, worker.settings.tmp_dir,
                          committing=lambda task: task in COMMITTING)
 
-    async def handler(job: dict) -> dict:
+    async def run_job(job: dict, on_audio: Callable[[dict], None] | None = None) -> dict:
+        """The job's result, or its error as ``failure`` words it. ``on_audio``: where a streamed
+        job's audio goes (None: this endpoint does not stream)."""
         if start_error is not None:
             log.error("job refused (the worker did not start), asking RunPod to replace this worker: %s", start_error)
             return {"error": error_sentence(start_error), "refresh_worker": True}
@@ -123,15 +142,47 @@ def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard
                 raise JobStopped("The worker is shutting down and did not start the job; send it again.")
             job_input = parse_job_input(job.get("input"))
             endpoint = job_input.endpoint
-            workflow = {"tts": worker.tts, "upload": worker.upload, "list_voices": worker.list_voices,
-                        "voice_info": worker.voice_info, "delete_voice": worker.delete_voice}[endpoint]
-            return await guard.run(job_id, workflow(job_id, job_input))
+            if endpoint == "tts":
+                if job_input.stream and on_audio is None:
+                    raise InputError(f"This endpoint does not stream: set {ENV_STREAMING}=1 on the endpoint "
+                                     "to send 'stream': true jobs, or leave 'stream' out.")
+                report = (lambda update: progress(job, update)) if progress is not None else None
+                work = worker.tts(job_id, job_input, on_audio=on_audio if job_input.stream else None,
+                                  on_progress=report)
+            else:
+                work = {"upload": worker.upload, "list_voices": worker.list_voices, "voice_info": worker.voice_info,
+                        "delete_voice": worker.delete_voice}[endpoint](job_id, job_input)
+            return await guard.run(job_id, work)
         except Exception as err:
             result, recorded = failure(err, job_id, endpoint)
             await _record_error(worker, job_id, endpoint, recorded)
             return result
 
-    return handler
+    async def handler(job: dict) -> dict:
+        return await run_job(job)
+
+    async def streaming_handler(job: dict):
+        pieces: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        async def run_then_end() -> dict:
+            try:
+                return await run_job(job, pieces.put_nowait)
+            finally:
+                pieces.put_nowait(end)
+
+        running = asyncio.ensure_future(run_then_end())
+        try:
+            while (piece := await pieces.get()) is not end:
+                yield piece
+            result = running.result()
+        finally:
+            running.cancel()  # the caller went away (runpod cancelled the job): so does the job
+        if result.get("refresh_worker") and replace_worker is not None:
+            replace_worker()
+        yield result
+
+    return streaming_handler if streaming else handler
 
 
 def failure(err: Exception, job_id: str, endpoint: str) -> tuple[dict, str]:
@@ -190,6 +241,11 @@ def start_worker(settings: Settings, phases: dict[str, float] | None = None):
 
 def serve(settings: Settings) -> int:
     worker, start_error, runpod = start_worker(settings)
-    runpod.serverless.start({"handler": make_handler(worker, start_error),
-                             "concurrency_modifier": concurrency_modifier_for(settings)})
+    config = {"concurrency_modifier": concurrency_modifier_for(settings)}
+    if settings.streaming:
+        config["return_aggregate_stream"] = True  # run_sync and /runsync: the list of what was yielded
+    progress = runpod.serverless.progress_update if settings.on_runpod_queue else None
+    config["handler"] = make_handler(worker, start_error, streaming=settings.streaming, progress=progress,
+                                     replace_worker=lambda: config.update(refresh_worker=True))
+    runpod.serverless.start(config)
     return 0

@@ -71,6 +71,11 @@ S3_ENV_ALIASES = {
 }
 ENV_VOICE_CACHE_SIZE = "F5_VOICE_CACHE_SIZE"
 ENV_MAX_RESULT_BYTES = "F5_MAX_RESULT_BYTES"
+# On: the handler is a generator and jobs may ask for "stream": true (f5worker.service).
+ENV_STREAMING = "F5_STREAMING"
+# Set by RunPod on its workers (where runpod's SDK fetches jobs); unset in runpod's local modes,
+# where a progress report has nowhere to go.
+ENV_RUNPOD_JOB_URL = "RUNPOD_WEBHOOK_GET_JOB"
 
 # Cache variables third-party libraries read; all derived from the model root. (Not
 # TRANSFORMERS_CACHE: transformers 5 no longer reads it and finds its files through HF_HOME.)
@@ -305,6 +310,8 @@ class Settings:
     local_retention_hours: float
     voice_cache_size: int
     max_result_bytes: int
+    streaming: bool = False
+    on_runpod_queue: bool = False  # jobs come from RunPod's queue, not runpod's local modes
     warnings: tuple[str, ...] = ()  # sentences about the variables (conflicting aliases ...), no values
 
     @property
@@ -381,6 +388,8 @@ class Settings:
             local_retention_hours=_number(env, ENV_LOCAL_RETENTION_HOURS, DEFAULT_LOCAL_RETENTION_HOURS),
             voice_cache_size=_number(env, ENV_VOICE_CACHE_SIZE, DEFAULT_VOICE_CACHE_SIZE, cast=int),
             max_result_bytes=_number(env, ENV_MAX_RESULT_BYTES, DEFAULT_MAX_RESULT_BYTES, cast=int, minimum=1),
+            streaming=_truthy(env.get(ENV_STREAMING)),
+            on_runpod_queue=bool(env.get(ENV_RUNPOD_JOB_URL)),
             warnings=warnings,
         )
 

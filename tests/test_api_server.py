@@ -138,7 +138,13 @@ def _wait_ready(server: ApiServer, deadline: float) -> str | None:
 
 @pytest.fixture(scope="module")
 def api(tiny_models, tiny_whisper, s3_server, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("api-server")
+    with api_server(tiny_models, tiny_whisper, s3_server, tmp_path_factory.mktemp("api-server")) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def api_server(tiny_models, tiny_whisper, s3_server, folder: Path, extra: dict[str, str] | None = None):
+    """The local API server on a fresh bucket; ``extra``: more worker variables (F5_STREAMING ...)."""
     bucket = f"api-{uuid.uuid4().hex[:16]}"
     s3_server.client().create_bucket(Bucket=bucket)
     env = child_env({
@@ -148,7 +154,7 @@ def api(tiny_models, tiny_whisper, s3_server, tmp_path_factory):
         "AWS_SECRET_ACCESS_KEY": s3_server.secret_key, "AWS_REGION": REGION,
         "AWS_ENDPOINT_URL": s3_server.endpoint_url, ENV_AWS_CA_BUNDLE: s3_server.ca_bundle,
         "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(folder / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(folder / "no-aws-credentials"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(folder / "no-aws-credentials"), **(extra or {}),
     })
     port = free_port()
     log_path = folder / "server.log"
