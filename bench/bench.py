@@ -1,27 +1,49 @@
 #!/usr/bin/env python
-"""Stock f5-tts and the worker's inference path, side by side in one process, on random weights.
+"""Stock f5-tts and the worker side by side, on random weights of the exact F5TTS_v1_Base architecture.
 
-    python bench/bench.py --out DIR            # full-size F5TTS_v1_Base architecture (GPU)
-    python bench/bench.py --out DIR --tiny     # shrunken model: a CPU smoke run (CI)
+    python bench/bench.py --out DIR            # full size (GPU): writes DIR/bench.json, DIR/summary.md
+    python bench/bench.py --out DIR --tiny     # shrunken model, fewer runs: a CPU smoke run (CI)
 
+Why this module exists: the worker's speed, start-up and memory targets are claims about a GPU,
+and the only fair yardstick is stock f5-tts on the same weights, inputs and GPU in the same run.
 Compute does not depend on weight values, so random weights of the exact architecture time like
-the real model. Both paths load the same files: stock through ``utils_infer.load_model`` /
-``load_vocoder`` and ``infer_process`` (the path ``F5TTS.infer`` takes), the worker through
-``TTSEngine`` and its batcher. The job is the device baseline's: a 5 s reference, a 165-byte text,
-about 10.5 s of audio. Prints a Markdown table and writes ``bench.json`` into ``--out``.
+the real model. Both load the same files: stock through ``utils_infer.load_model`` /
+``load_vocoder`` and ``preprocess_ref_audio_text`` + ``infer_process`` (what ``F5TTS.infer`` runs),
+the worker through ``TTSEngine`` and its batcher.
+
+What is measured (bench/RESULTS.md has the figures and the targets):
+
+- cold start to ready, by phase, in fresh processes (bench/cold_start.py): stock, and the worker
+  twice on one fresh model root, first with an empty Triton kernel cache, then with the one the
+  first run left; when the background switch to the fused kernels landed and whether it did; a job
+  arriving at ready against the steady state; peak reserved GPU memory from process start;
+- in this process: agreement with stock (waveform rel. L2), batch-1 RTF text to waveform, and audio
+  seconds per GPU second with N jobs in flight of equal and of mixed lengths, for the worker on its
+  unfused graphed step and again after the switch to the fused kernels;
+- time to first audio: stock's streaming path now; the worker's once streaming is on main.
+
+The job is the device baseline's: a 5 s reference and a 165-byte text, about 10.5 s of audio.
+Mixed lengths are N texts cut from one passage for 2 to 20 s of audio each. ``bench.json`` is
+rewritten after every section, so a run stopped by a time limit keeps what it measured.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import builtins
+import contextlib
+import functools
 import importlib.machinery
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +53,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REF_TEXT = "Some call me nature, others call me mother nature, and I have been here long."
 GEN_TEXT = ("I don't really care what you call me. I have been a silent spectator, watching species "
             "evolve, empires rise and fall, and always remember, I am mighty and enduring.")
+# Mixed-length jobs are cut from this passage, word by word.
+PASSAGE = (GEN_TEXT + " Respect me and I'll nurture you; ignore me and you shall face the consequences. "
+           "Rivers carve the valleys, winds shape the mountains, and the oceans keep their own slow time, "
+           "while every season returns to remind you how small and how lucky you are.")
 SR = 24000
+HOP = 256
+REF_SECONDS = 5
+MIXED_SECONDS = (2.0, 20.0)
+CHILD_TIMEOUT_S = 300
+# Agreement bounds: fp32 on the CPU agrees to summation order; fp16 on a GPU to rounding
+# (tests/test_gpu.py's bound). A wrong mask or time step is O(1).
+AGREEMENT_LIMIT = {"float32": 1e-4, "float16": 3e-2, "bfloat16": 3e-2}
+TARGETS = {"cold_start_s": 5.0, "cold_start_over_torch_cuda_s": 2.0, "first_job_ratio": 1.5, "rtf_nfe32": 0.012,
+           "audio_s_per_gpu_s": 110.0, "memory_vs_stock": 2.0}
+TTFA_NOTE = "the worker's time to first audio is measured once streaming is on main"
 
 
 def stub_training_imports() -> list[str]:
@@ -65,13 +101,18 @@ def timed(fn, *args, **kw):
     return time.perf_counter() - start, out
 
 
+@functools.lru_cache(maxsize=1)
 def reference_clip():
     import numpy as np
 
     rng = np.random.default_rng(0)
-    t = np.arange(5 * SR) / SR
+    t = np.arange(REF_SECONDS * SR) / SR
     wave = 0.3 * np.sin(2 * np.pi * 180 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(t.size)
     return (np.round(wave * 32767) / 32768).astype("float32")
+
+
+def ref_path_for(folder) -> Path:
+    return Path(folder) / "ref.wav"
 
 
 def rel_l2(a, b) -> float:
@@ -83,16 +124,168 @@ def rel_l2(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-def cold_start(env: dict, path: str, importtime: bool = False) -> dict:
-    """A fresh process: ``bench/cold_start.py`` times each phase up to a served first job. With
-    ``importtime``, also the ten costliest top-level imports (python -X importtime, seconds)."""
+# --- the workloads --------------------------------------------------------------------------------
+
+def audio_seconds_per_byte() -> float:
+    """f5-tts's duration rule: generated frames = ref frames / ref text bytes x text bytes (the
+    reference transcript gets ". " normalisation and a trailing space, 2 bytes here)."""
+    ref_frames = REF_SECONDS * SR // HOP
+    return ref_frames / (len(REF_TEXT.encode()) + 2) * HOP / SR
+
+
+def text_for_seconds(seconds: float) -> str:
+    """The shortest prefix of PASSAGE, in whole words, that asks for at least ``seconds`` of audio."""
+    want = seconds / audio_seconds_per_byte()
+    words = PASSAGE.split()
+    for end in range(1, len(words) + 1):
+        text = " ".join(words[:end])
+        if len(text.encode()) >= want:
+            return text
+    raise ValueError(f"PASSAGE is too short for {seconds} s of audio")
+
+
+def equal_texts(n: int) -> list[str]:
+    return [GEN_TEXT] * n
+
+
+def mixed_texts(n: int) -> list[str]:
+    lo, hi = MIXED_SECONDS
+    return [text_for_seconds(lo + (hi - lo) * i / max(1, n - 1)) for i in range(n)]
+
+
+def worker_request(text: str, nfe: int, seed: int):
+    from f5worker.job_plan import SynthesisRequest
+
+    return SynthesisRequest(ref_audio=reference_clip(), ref_sr=SR, ref_text=REF_TEXT, gen_text=text, seed=seed,
+                            nfe_step=nfe)
+
+
+async def run_worker_jobs(engine, batcher, texts: list[str], nfe: int) -> list:
+    """``len(texts)`` jobs in flight at once through the batcher, as the worker runs concurrent jobs."""
+    plans = [engine.plan(worker_request(text, nfe, seed)) for seed, text in enumerate(texts)]
+    waves = await asyncio.gather(*(batcher.submit(plan.items) for plan in plans))
+    return [engine.finish(plan, wave) for plan, wave in zip(plans, waves)]
+
+
+@contextlib.contextmanager
+def quiet_prints():
+    """infer_process prints every chunk's text; stock's output stays out of the bench's."""
+    real = builtins.print
+    builtins.print = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        builtins.print = real
+
+
+class Stock:
+    """Stock f5-tts 1.1.22's inference, as ``F5TTS.infer`` runs it, plus its batch and streaming forms."""
+
+    def __init__(self, env, device: str, lap=None):
+        lap = lap or (lambda name: None)
+        stub_training_imports()
+        import soundfile as sf
+        import torch
+        import yaml
+
+        from f5_tts.infer import utils_infer as ui
+        from f5_tts.model import DiT
+        from f5_tts.model.utils import convert_char_to_pinyin, seed_everything
+
+        lap("import_f5")
+        arch = yaml.safe_load(Path(env["F5_MODEL_CONFIG"]).read_text())["model"]["arch"]
+        with quiet_prints():
+            self.model = ui.load_model(DiT, arch, env["F5_CKPT_FILE"], vocab_file=env["F5_VOCAB_FILE"], device=device)
+            lap("load_model")
+            self.vocoder = ui.load_vocoder("vocos", is_local=True, local_path=env["F5_VOCODER_DIR"], device=device)
+        lap("load_vocoder")
+        # stock reads the reference with torchaudio.load, which needs torchcodec + FFmpeg: the same PCM via soundfile
+        ui.torchaudio.load = lambda p, *a, **k: (
+            torch.from_numpy(sf.read(p, dtype="float32", always_2d=True)[0].T.copy()), sf.info(p).samplerate)
+        self.ui, self.device, self.torch = ui, device, torch
+        self.seed_everything, self.pinyin = seed_everything, convert_char_to_pinyin
+
+    def reference(self, ref_path):
+        with quiet_prints():
+            return self.ui.preprocess_ref_audio_text(str(ref_path), REF_TEXT, show_info=lambda *a: None)
+
+    def _infer(self, ref_path, text: str, nfe: int):
+        # cached by the audio's hash after the first call; printing already silenced by the caller
+        ref_file, ref_text = self.ui.preprocess_ref_audio_text(str(ref_path), REF_TEXT, show_info=lambda *a: None)
+        wave, _, _ = self.ui.infer_process(ref_file, ref_text, text, self.model, self.vocoder,
+                                           show_info=lambda *a: None, progress=None, nfe_step=nfe, device=self.device)
+        return wave
+
+    def job(self, ref_path, text: str, nfe: int, seed: int | None = None):
+        with quiet_prints():
+            if seed is not None:
+                self.seed_everything(seed)
+            return self._infer(ref_path, text, nfe)
+
+    def concurrent(self, ref_path, texts: list[str], nfe: int) -> list:
+        """One ``infer_process`` per text, all at once on threads: how stock runs several texts
+        (infer_batch_process runs a text's chunks the same way), each a batch of one."""
+        self.reference(ref_path)
+        with quiet_prints(), ThreadPoolExecutor(max_workers=len(texts)) as pool:
+            return list(pool.map(lambda text: self._infer(ref_path, text, nfe), texts))
+
+    def batch_equal(self, ref_path, text: str, n: int, nfe: int) -> list:
+        """``n`` copies of one text in one ``model.sample`` call and one vocoder call: stock's batch,
+        which takes one duration for all rows (equal lengths only); infer_batch_process's arithmetic."""
+        torch = self.torch
+        ref_file, ref_text = self.reference(ref_path)
+        audio, sr = self.ui.torchaudio.load(ref_file)
+        rms = torch.sqrt(torch.mean(torch.square(audio)))
+        if rms < 0.1:
+            audio = audio * 0.1 / rms
+        audio = audio.to(self.device)
+        if len(ref_text[-1].encode("utf-8")) == 1:
+            ref_text = ref_text + " "
+        ref_frames = audio.shape[-1] // HOP
+        duration = ref_frames + int(ref_frames / len(ref_text.encode()) * len(text.encode()))
+        with torch.inference_mode():
+            mel, _ = self.model.sample(cond=audio.repeat(n, 1), text=self.pinyin([ref_text + text]) * n,
+                                       duration=duration, steps=nfe, cfg_strength=2.0, sway_sampling_coef=-1.0)
+            waves = self.vocoder.decode(mel.to(torch.float32)[:, ref_frames:, :].permute(0, 2, 1))
+            if rms < 0.1:
+                waves = waves * rms / 0.1
+        return list(waves.cpu().numpy())
+
+    def first_audio_s(self, ref_path, text: str, nfe: int) -> float:
+        """Seconds until stock's streaming path (infer_batch_process(streaming=True), as its socket
+        server runs it) yields its first audio."""
+        ref_file, ref_text = self.reference(ref_path)
+        audio, sr = self.ui.torchaudio.load(ref_file)
+        seconds = audio.shape[-1] / sr
+        batches = self.ui.chunk_text(text, max_chars=int(len(ref_text.encode()) / seconds * (22 - seconds)))
+        sync()
+        start = time.perf_counter()
+        stream = self.ui.infer_batch_process((audio, sr), ref_text, batches, self.model, self.vocoder, progress=None,
+                                             nfe_step=nfe, device=self.device, streaming=True)
+        next(stream)
+        sync()
+        elapsed = time.perf_counter() - start
+        stream.close()
+        return elapsed
+
+
+# --- cold starts ------------------------------------------------------------------------------------
+
+def cold_start(env: dict, path: str, out: Path, inflight: int, nfe: int, stop_at_ready=False,
+               importtime=False) -> dict:
+    """bench/cold_start.py in a fresh process (see there). With ``importtime``, also the ten
+    costliest top-level imports (python -X importtime, seconds)."""
     env = {**os.environ, **env, "BENCH_SPAWN_T": repr(time.time())}
     flags = ["-X", "importtime"] if importtime else []
-    proc = subprocess.run([sys.executable, *flags, str(ROOT / "bench" / "cold_start.py"), path], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    cmd = [sys.executable, *flags, str(ROOT / "bench" / "cold_start.py"), path, "--inflight", str(inflight),
+           "--nfe", str(nfe), "--ref-dir", str(out)] + (["--stop-at-ready"] if stop_at_ready else [])
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, cwd=ROOT)
+    except subprocess.TimeoutExpired as err:
+        return {"error": f"no answer in {CHILD_TIMEOUT_S} s", "stderr": str(err.stderr or "")[-2000:]}
     try:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-    except Exception:
+    except (IndexError, json.JSONDecodeError):
         return {"error": (proc.stdout[-1500:] + proc.stderr[-2500:])}
     if importtime:
         top = []
@@ -107,64 +300,131 @@ def cold_start(env: dict, path: str, importtime: bool = False) -> dict:
     return result
 
 
+def memory_figures(cold: dict) -> dict:
+    """Peak reserved GPU memory from process start, from the cold-start children, and per job."""
+    out = {}
+    for name, child in cold.items():
+        peaks = child.get("peak_reserved_mib") or {}
+        one, equal, n = peaks.get("one_job"), peaks.get("inflight_equal"), child.get("inflight_jobs")
+        if one is None or equal is None:
+            continue
+        out[name] = {**peaks, "per_job_in_flight_mib": round(equal / n, 1),
+                     "added_per_job_in_flight_mib": round((equal - one) / max(1, n - 1), 1)}
+    return out
+
+
+# --- in this process ---------------------------------------------------------------------------------
+
+def median_run(fn, runs: int, warm: bool = True) -> dict:
+    """Median wall time of ``fn`` (which returns waveforms) and the audio it made."""
+    if warm:
+        fn()
+    times, waves = [], None
+    for _ in range(runs):
+        seconds, waves = timed(fn)
+        times.append(seconds)
+    audio_s = sum(len(w) for w in waves) / SR
+    median = statistics.median(times)
+    return {"median_s": median, "audio_s": audio_s, "times": times, "jobs": len(waves),
+            "rtf": median / audio_s, "audio_s_per_gpu_s": audio_s / median}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="where bench.json and summary.md go")
+    ap.add_argument("--summary", metavar="DIR", help="only print the table of DIR/bench.json (a run cut short)")
     ap.add_argument("--tiny", action="store_true", help="shrunken model, fewer runs: a CPU smoke test")
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per batch-1 figure (half that in flight)")
+    ap.add_argument("--inflight", type=int, default=16, help="jobs in flight for throughput and memory")
     ap.add_argument("--skip-cold", action="store_true")
     ap.add_argument("--models", help="where to write the random model files (default: OUT/models)")
     args = ap.parse_args(argv)
+    if args.summary:
+        print(table(json.loads((Path(args.summary) / "bench.json").read_text())))
+        return 0
+    if not args.out:
+        ap.error("--out is required")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    runs = 1 if args.tiny else args.runs
+    runs_inflight = max(1, runs // 2)
+    inflight = 4 if args.tiny else args.inflight
+    nfes = [4] if args.tiny else [32, 16]
+    nfe = nfes[0]
+    # A fresh model root: its triton/ folder is the worker's kernel cache (empty for the first cold start)
+    model_root = Path(tempfile.mkdtemp(prefix="f5bench-root-"))
+    try:
+        return run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root)
+    finally:
+        shutil.rmtree(model_root, ignore_errors=True)
+
+
+def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
+    from f5worker.settings import ENV_LOCAL_STORAGE_DIR, ENV_MODEL_ROOT, Settings, apply_cache_env
+
+    # the worker's storage (unused by the bench) goes to the temp root too, not into the repository
+    settings_env = {ENV_MODEL_ROOT: str(model_root), ENV_LOCAL_STORAGE_DIR: str(model_root / "storage")}
+    apply_cache_env(Settings.from_env({**os.environ, **settings_env}))  # before torch: Triton's cache
     stubbed = stub_training_imports()
 
     import soundfile as sf
     import torch
 
     from f5worker.random_models import write_model_set
-    from f5worker.settings import Settings
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-                 "tiny": args.tiny, "stubbed_for_stock": stubbed,
-                 "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+                 "tiny": args.tiny, "stubbed_for_stock": stubbed, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                 "runs": runs, "runs_inflight": runs_inflight, "inflight_jobs": inflight, "targets": TARGETS}
     try:
         res["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                        text=True).stdout.strip() or None
     except OSError:
         res["commit"] = None
-    runs = 1 if args.tiny else args.runs
-    nfes = [4] if args.tiny else [32, 16]
-    batch_sizes = [1, 2] if args.tiny else [1, 4, 8, 16]
+
+    started = time.perf_counter()
+
+    def save(section: str | None = None):
+        if section:  # seconds since the run started, when each section ended (for time budgets)
+            res.setdefault("section_end_s", {})[section] = round(time.perf_counter() - started, 1)
+        (out / "bench.json").write_text(json.dumps(res, indent=1))
 
     t = time.perf_counter()
     env = write_model_set(Path(args.models) if args.models else out / "models", full_size=not args.tiny)
     res["make_files_s"] = time.perf_counter() - t
     ref = reference_clip()
-    ref_path = out / "ref.wav"
+    ref_path = ref_path_for(out)
     sf.write(str(ref_path), ref, SR, subtype="PCM_16")
+    res["mixed_texts_bytes"] = [len(text.encode()) for text in mixed_texts(inflight)]
 
+    # --- cold starts, fresh processes: empty kernel cache, the same cache again, stock ----------------
     if not args.skip_cold:
-        res["cold_start_worker"] = cold_start(env, "worker")
-        res["cold_start_stock"] = cold_start(env, "stock")
-        res["cold_start_worker_importtime"] = cold_start(env, "worker", importtime=True)
+        cold = {}
+        worker_env = {**env, **settings_env}
+        for name, path, child_env in (("worker_empty_cache", "worker", worker_env),
+                                      ("worker_warm_cache", "worker", worker_env), ("stock", "stock", env)):
+            cold[name] = cold_start(child_env, path, out, inflight, nfe)
+            cold[name]["inflight_jobs"] = inflight
+            res["cold_start"] = cold
+            save(f"cold_{name}")
+        res["kernel_cache_files"] = sum(1 for p in (model_root / "triton").rglob("*") if p.is_file()) \
+            if (model_root / "triton").is_dir() else 0
+        if not args.tiny:  # where the start's import time goes (the worker's own modules only, now)
+            cold["worker_importtime"] = cold_start(worker_env, "worker", out, inflight, nfe, stop_at_ready=True,
+                                                   importtime=True)
+        res["memory"] = memory_figures(cold)
+        save("cold_starts")
 
-    # --- both paths, same files -----------------------------------------------------------------
-    import yaml
-
-    from f5_tts.infer import utils_infer as ui
-    from f5_tts.model import DiT
-    from f5_tts.model.utils import seed_everything
+    # --- both paths in this process, same files -------------------------------------------------------
     from f5worker.batcher import Batcher
     from f5worker.engine import TTSEngine
-    from f5worker.job_plan import SynthesisRequest
+    from f5worker.fast import BucketedStepRunner
+    from f5worker.fast_kernels import switch_task
     from f5worker.model_store import resolve_tts_files
 
-    arch = yaml.safe_load(Path(env["F5_MODEL_CONFIG"]).read_text())["model"]["arch"]
-    stock_model = ui.load_model(DiT, arch, env["F5_CKPT_FILE"], vocab_file=env["F5_VOCAB_FILE"], device=device)
-    stock_vocoder = ui.load_vocoder("vocos", is_local=True, local_path=env["F5_VOCODER_DIR"], device=device)
-    files = resolve_tts_files(Settings.from_env(env))
+    stock = Stock(env, device)
+    settings = Settings.from_env({**env, **settings_env})
+    files = resolve_tts_files(settings)
     try:
         engine = TTSEngine.load(files, device=device, fast=True)
         engine.warm_up()
@@ -174,141 +434,150 @@ def main(argv=None) -> int:
         res["fast_path_error"] = traceback.format_exc()[-3000:]
         print(res["fast_path_error"], file=sys.stderr)
         engine = TTSEngine.load(files, device=device, fast=False)
-    res["params"] = sum(p.numel() for p in engine.model.parameters())
-    res["dtype"] = str(engine.dtype)
-
-    # stock reads the reference with torchaudio.load, which needs torchcodec + FFmpeg: same PCM via soundfile
-    ui.torchaudio.load = lambda p, *a, **k: (torch.from_numpy(sf.read(p, dtype="float32", always_2d=True)[0].T.copy()),
-                                             sf.info(p).samplerate)
-    quiet = lambda *a, **k: None  # noqa: E731
-    import builtins
-
-    real_print = builtins.print
-    ref_file, ref_text = ui.preprocess_ref_audio_text(str(ref_path), REF_TEXT, show_info=quiet)
-
-    def stock_job(nfe, seed):
-        builtins.print = quiet  # infer_process prints every chunk
-        try:
-            seed_everything(seed)
-            wave, _, _ = ui.infer_process(ref_file, ref_text, GEN_TEXT, stock_model, stock_vocoder, show_info=quiet,
-                                          progress=None, nfe_step=nfe, device=device)
-        finally:
-            builtins.print = real_print
-        return wave
-
-    def request(nfe, seed, text=GEN_TEXT):
-        return SynthesisRequest(ref_audio=ref, ref_sr=SR, ref_text=REF_TEXT, gen_text=text, seed=seed, nfe_step=nfe)
-
-    # agreement: same weights, inputs, seed
-    agree = {}
-    for nfe in nfes:
-        stock_wave = stock_job(nfe, 1234)
-        worker_wave = engine.synthesize(request(nfe, 1234))
-        agree[f"nfe{nfe}_wave_rel_l2"] = rel_l2(worker_wave, stock_wave)
-        agree[f"nfe{nfe}_stock_rerun_rel_l2"] = rel_l2(stock_job(nfe, 1234), stock_wave)
-    texts = [GEN_TEXT, GEN_TEXT[:80], GEN_TEXT + " And then some more words.", GEN_TEXT[:40]]
-    items = [it for i, txt in enumerate(texts) for it in engine.plan(request(nfes[0], i, txt)).items]
-    together = engine.run_items(items)
-    agree["batched_vs_alone_max_rel_l2"] = max(rel_l2(w, engine.run_items([it])[0]) for it, w in zip(items, together))
-    res["agreement"] = agree
-
-    # batch 1 RTF, whole job (text to waveform)
-    for nfe in nfes:
-        for name, fn in (("stock", lambda s: stock_job(nfe, s)), ("worker", lambda s: engine.synthesize(request(nfe, s)))):
-            fn(0)
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            times, audio_s = [], None
-            for i in range(runs):
-                seconds, wave = timed(fn, i)
-                times.append(seconds)
-                audio_s = len(wave) / SR
-            entry = {"median_s": statistics.median(times), "audio_s": audio_s,
-                     "rtf": statistics.median(times) / audio_s, "times": times}
-            if device == "cuda":
-                entry["peak_job_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-                entry["peak_total_mib"] = torch.cuda.max_memory_allocated() / 2**20
-            res[f"{name}_nfe{nfe}_b1"] = entry
-
-    # throughput: N jobs in flight
-    nfe = nfes[0]
-    ref_t = torch.from_numpy(ref)[None].to(device)
-    from f5_tts.model.utils import convert_char_to_pinyin
-
-    ref_frames = ref_t.shape[-1] // 256
-    frames = ref_frames + int(ref_frames / len(REF_TEXT.encode()) * len(GEN_TEXT.encode()))
-    pinyin = convert_char_to_pinyin([REF_TEXT + " " + GEN_TEXT])
-    gen_audio_s = (frames - ref_frames) * 256 / SR
+    res["params"] = sum(p.numel() for p in engine.model.transformer.parameters())
+    res["dtype"] = str(engine.dtype).removeprefix("torch.")
     batcher = Batcher(engine.run_items)
+    limit = AGREEMENT_LIMIT.get(res["dtype"], 3e-2)
+    res["agreement_limit"] = limit
 
-    async def in_flight(n):
-        plans = [engine.plan(request(nfe, i)) for i in range(n)]
-        await asyncio.gather(*(batcher.submit(p.items) for p in plans))
-        return plans
+    def synth(text, n, seed):
+        return engine.synthesize(worker_request(text, n, seed))
 
-    for n in batch_sizes:
-        with torch.inference_mode():
-            stock_call = lambda: stock_model.sample(cond=ref_t.repeat(n, 1), text=pinyin * n, duration=frames,  # noqa: E731
-                                                    steps=nfe, cfg_strength=2.0, sway_sampling_coef=-1.0)
-            stock_call()
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            stock_s = statistics.median(timed(stock_call)[0] for _ in range(max(1, runs // 2)))
-            stock_peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
-        asyncio.run(in_flight(n))  # first use of this bucket
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        calls_before = len(batcher.calls)
-        seconds_before = len(batcher.call_seconds)
-        worker_times = []
-        audio_total = 0.0
-        for _ in range(max(1, runs // 2)):
-            seconds, plans = timed(lambda: asyncio.run(in_flight(n)))
-            worker_times.append(seconds)
-        worker_s = statistics.median(worker_times)
-        audio_total = sum(p.items[0].duration - p.items[0].ref_frames for p in plans) * 256 / SR
-        worker_peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
-        res[f"inflight_{n}"] = {
-            "stock_sample_s": stock_s, "stock_audio_s_per_gpu_s": n * gen_audio_s / stock_s,
-            "worker_s": worker_s, "worker_audio_s_per_gpu_s": audio_total / worker_s,
-            "worker_model_calls": batcher.calls[calls_before:],
-            # model calls only (DiT + vocoder), comparable to stock's model.sample figure
-            "worker_model_audio_s_per_gpu_s": audio_total * len(worker_times) / sum(batcher.call_seconds[seconds_before:]),
-            "stock_peak_mib_per_job": stock_peak / n if stock_peak is not None else None,
-            "worker_peak_mib_per_job": worker_peak / n if worker_peak is not None else None}
+    def agreement(stock_waves) -> dict:
+        figures = {f"nfe{n}_wave_rel_l2": rel_l2(synth(GEN_TEXT, n, 1234), stock_waves[n]) for n in nfes}
+        texts = [GEN_TEXT, GEN_TEXT[:80], GEN_TEXT + " And then some more words.", GEN_TEXT[:40]]
+        items = [it for i, text in enumerate(texts) for it in engine.plan(worker_request(text, nfe, i)).items]
+        together = engine.run_items(items)
+        figures["batched_vs_alone_max_rel_l2"] = max(rel_l2(w, engine.run_items([it])[0])
+                                                     for it, w in zip(items, together))
+        return figures
 
-    (out / "bench.json").write_text(json.dumps(res, indent=1))
-    print(table(res, nfes, batch_sizes))
-    print(json.dumps(res))
-    # fp32 on the CPU agrees to summation order; fp16 on a GPU to rounding (tests/test_gpu.py's bound)
-    limit = 1e-4 if engine.dtype == torch.float32 else 3e-2
-    disagree = {k: v for k, v in res["agreement"].items() if "stock_rerun" not in k and not v < limit}
+    def worker_figures(label):
+        for n in nfes:
+            res["rtf"][label][f"nfe{n}"] = median_run(lambda: [synth(GEN_TEXT, n, 0)], runs)
+            save()
+        for kind, texts in (("equal", equal_texts(inflight)), ("mixed", mixed_texts(inflight))):
+            calls = len(batcher.calls)
+            figure = median_run(lambda: asyncio.run(run_worker_jobs(engine, batcher, texts, nfe)), runs_inflight)
+            figure["model_calls"] = batcher.calls[calls:]
+            res["throughput"][kind][label] = figure
+            save(f"{label}_{kind}")
+
+    stock_waves = {n: stock.job(ref_path, GEN_TEXT, n, 1234) for n in nfes}
+    res["agreement"] = {"stock_rerun": {f"nfe{n}_wave_rel_l2": rel_l2(stock.job(ref_path, GEN_TEXT, n, 1234),
+                                                                      stock_waves[n]) for n in nfes},
+                        "unfused": agreement(stock_waves)}
+    res["rtf"] = {"stock": {}, "worker_unfused": {}}
+    res["throughput"] = {"equal": {"how_stock": f"one model.sample batch of {inflight} and one vocoder call"},
+                         "mixed": {"how_stock": f"{inflight} concurrent infer_process calls on threads (batch 1 "
+                                                "each), as infer_batch_process runs a text's chunks"}}
+    for n in nfes:
+        res["rtf"]["stock"][f"nfe{n}"] = median_run(lambda: [stock.job(ref_path, GEN_TEXT, n, 0)], runs)
+    save("load_agreement_stock_rtf")
+    worker_figures("worker_unfused")
+
+    # --- the switch to the fused kernels, as the worker's background task makes it --------------------
+    runner = engine.step_runner
+    if isinstance(runner, BucketedStepRunner):
+        seconds, switched = timed(switch_task(runner, engine.dtype, engine.device, settings.kernel_cache))
+        res["switch_in_bench"] = {"switched": bool(switched), "seconds": seconds,
+                                  "kernel_cache": "warm" if not args.skip_cold else "empty"}
+        if switched:
+            res["agreement"]["fused"] = agreement(stock_waves)
+            res["rtf"]["worker_fused"] = {}
+            worker_figures("worker_fused")
+            res["switch_in_bench"]["runner_fused"] = runner.fused
+    save("switch_and_fused")
+
+    # --- stock with N jobs in flight --------------------------------------------------------------------
+    res["throughput"]["equal"]["stock"] = median_run(lambda: stock.batch_equal(ref_path, GEN_TEXT, inflight, nfe),
+                                                     runs_inflight)
+    save("stock_equal")
+    res["throughput"]["mixed"]["stock"] = median_run(lambda: stock.concurrent(ref_path, mixed_texts(inflight), nfe),
+                                                     runs_inflight, warm=False)
+    save("stock_mixed")
+
+    # --- time to first audio ------------------------------------------------------------------------------
+    # Stock's streaming path now; "worker_s" is the place for the worker's figure, measured the same
+    # way (seconds from submitting the job to its first audio) once streaming is on main.
+    res["time_to_first_audio"] = {"stock_s": stock.first_audio_s(ref_path, GEN_TEXT, nfe), "worker_s": None,
+                                  "note": TTFA_NOTE}
+    save("time_to_first_audio")
+
+    summary = table(res)
+    (out / "summary.md").write_text(summary + "\n")
+    print(summary)
+    disagree = {f"{path}.{k}": v for path in ("unfused", "fused") for k, v in res["agreement"].get(path, {}).items()
+                if not v < limit}
     if disagree:
         print(f"the worker's output differs from stock beyond {limit}: {disagree}", file=sys.stderr)
         return 1
     return 0
 
 
-def table(res, nfes, batch_sizes) -> str:
-    lines = [f"device: {res['device']}, torch {res['torch']}, {res['params']:,} parameters, {res['dtype']}",
-             "", "| figure | stock f5-tts | worker |", "| --- | --- | --- |"]
-    for nfe in nfes:
-        s, w = res[f"stock_nfe{nfe}_b1"], res[f"worker_nfe{nfe}_b1"]
-        lines.append(f"| RTF, batch 1, {nfe} NFE | {s['rtf']:.4f} ({s['median_s']:.3f} s) | {w['rtf']:.4f} ({w['median_s']:.3f} s) |")
-        if "peak_job_mib" in s:
-            lines.append(f"| peak GPU MiB for that job | {s['peak_job_mib']:.0f} | {w['peak_job_mib']:.0f} |")
-    for n in batch_sizes:
-        r = res[f"inflight_{n}"]
-        lines.append(f"| audio-s per GPU-s, {n} in flight | {r['stock_audio_s_per_gpu_s']:.1f} (model.sample) | "
-                     f"{r['worker_audio_s_per_gpu_s']:.1f} whole jobs, {r['worker_model_audio_s_per_gpu_s']:.1f} "
-                     f"model calls {r['worker_model_calls']} |")
-    for key in ("cold_start_stock", "cold_start_worker", "cold_start_worker_importtime"):
-        if key in res:
-            lines.append(f"| {key} | {json.dumps(res[key])} | |")
-    lines.append(f"| agreement | {json.dumps(res['agreement'])} | |")
+# --- the summary --------------------------------------------------------------------------------------
+
+def _f(value, fmt="{:.3f}") -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def table(res: dict) -> str:
+    """The Markdown summary of a run's figures (of those measured, for a run cut short)."""
+    nfes = [int(k.removeprefix("nfe")) for k in res.get("rtf", {}).get("stock", {})]
+    lines = [f"device: {res['device']}, torch {res['torch']}, {res.get('params', 0):,} parameters, "
+             f"{res.get('dtype')}, commit {res.get('commit')}", "",
+             "| figure | stock f5-tts | worker | target |", "| --- | --- | --- | --- |"]
+    row = lambda *cells: lines.append("| " + " | ".join(cells) + " |")  # noqa: E731
+    cold = res.get("cold_start", {})
+    stock_cold, empty, warm = cold.get("stock", {}), cold.get("worker_empty_cache", {}), cold.get("worker_warm_cache", {})
+    if cold:
+        torch_cuda = [c.get("import_torch", 0) + c.get("cuda_init", 0) for c in (empty, warm)]
+        row("cold start to ready, s (import torch + CUDA init)",
+            f"{_f(stock_cold.get('to_ready'))} ({_f(stock_cold.get('import_torch', 0) + stock_cold.get('cuda_init', 0), '{:.2f}')})",
+            f"empty cache {_f(empty.get('to_ready'))} ({torch_cuda[0]:.2f}), warm {_f(warm.get('to_ready'))} "
+            f"({torch_cuda[1]:.2f})", f"≤ {TARGETS['cold_start_s']:g} and ≤ torch + CUDA + 2")
+        row("worker start phases (warm cache), s", "", json.dumps(warm.get("worker_phases")), "")
+        row("fused kernels switched, s after ready", "",
+            f"empty cache {_f(empty.get('fused_switch_after_ready'), '{:.1f}')} (switched: {empty.get('fused_switched')}), "
+            f"warm {_f(warm.get('fused_switch_after_ready'), '{:.1f}')} (switched: {warm.get('fused_switched')})", "")
+        row("first job at ready / after preparation, s (ratio)",
+            f"{_f(stock_cold.get('first_job'))} / {_f(stock_cold.get('job_after_preparation'))} "
+            f"({_f(stock_cold.get('first_job_ratio'), '{:.2f}')})",
+            f"empty {_f(empty.get('first_job'))} / {_f(empty.get('job_after_preparation'))} "
+            f"({_f(empty.get('first_job_ratio'), '{:.2f}')}), warm {_f(warm.get('first_job'))} / "
+            f"{_f(warm.get('job_after_preparation'))} ({_f(warm.get('first_job_ratio'), '{:.2f}')})",
+            f"≤ {TARGETS['first_job_ratio']:g}×")
+        # a job arriving while the background task compiles the kernels waits for it
+        row("second job, straight after the first, s", _f(stock_cold.get("second_job")),
+            f"empty {_f(empty.get('second_job'))}, warm {_f(warm.get('second_job'))}", "")
+    rtf = res.get("rtf", {})
+    for n in nfes:
+        s = rtf.get("stock", {}).get(f"nfe{n}", {})
+        u, f = rtf.get("worker_unfused", {}).get(f"nfe{n}", {}), rtf.get("worker_fused", {}).get(f"nfe{n}", {})
+        row(f"RTF batch 1, {n} NFE, text to waveform", _f(s.get("rtf"), "{:.4f}"),
+            f"unfused {_f(u.get('rtf'), '{:.4f}')}, fused {_f(f.get('rtf'), '{:.4f}')}",
+            f"{TARGETS['rtf_nfe32']}" if n == 32 else "")
+    for kind, tp in res.get("throughput", {}).items():
+        row(f"audio-s per GPU-s, {res['inflight_jobs']} in flight, {kind} lengths",
+            f"{_f(tp.get('stock', {}).get('audio_s_per_gpu_s'), '{:.1f}')} ({tp['how_stock']})",
+            f"unfused {_f(tp.get('worker_unfused', {}).get('audio_s_per_gpu_s'), '{:.1f}')}, fused "
+            f"{_f(tp.get('worker_fused', {}).get('audio_s_per_gpu_s'), '{:.1f}')}",
+            f"≥ {TARGETS['audio_s_per_gpu_s']:g}")
+    mem = res.get("memory", {})
+    for key, label in (("one_job", "1 job"), ("inflight_equal", "N in flight, equal"),
+                       ("inflight_mixed", "N in flight, mixed"), ("per_job_in_flight_mib", "per job in flight")):
+        row(f"peak reserved GPU MiB from process start, {label}", _f(mem.get("stock", {}).get(key), "{:.0f}"),
+            f"empty cache {_f(mem.get('worker_empty_cache', {}).get(key), '{:.0f}')}, "
+            f"warm {_f(mem.get('worker_warm_cache', {}).get(key), '{:.0f}')}",
+            f"≤ {TARGETS['memory_vs_stock']:g}× stock")
+    for path in ("unfused", "fused"):
+        if path in res.get("agreement", {}):
+            a = res["agreement"][path]
+            row(f"agreement, waveform rel. L2 vs stock, {path}", "",
+                ", ".join(f"{k.removesuffix('_rel_l2')} {v:.1e}" for k, v in a.items()), f"< {res['agreement_limit']}")
+    ttfa = res.get("time_to_first_audio", {})
+    row("time to first audio, s", _f(ttfa.get("stock_s")), _f(ttfa.get("worker_s")) if ttfa.get("worker_s") else
+        "(streaming not on main yet)", "")
     return "\n".join(lines)
 
 
