@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import builtins
 import contextlib
 import functools
@@ -53,6 +54,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REF_TEXT = "Some call me nature, others call me mother nature, and I have been here long."
 GEN_TEXT = ("I don't really care what you call me. I have been a silent spectator, watching species "
             "evolve, empires rise and fall, and always remember, I am mighty and enduring.")
+# About 20 s of audio: two copies of the 10.45 s bench text.
+TTFA_TEXT = GEN_TEXT + " " + GEN_TEXT
+TTFA_NOTE = ("a 20 s text, warm; worker: as a streamed job runs it (short first chunk sampled and vocoded "
+             "alone, then the rest in one call); stock: infer_batch_process(streaming=True)")
 # Mixed-length jobs are cut from this passage, word by word.
 PASSAGE = (GEN_TEXT + " Respect me and I'll nurture you; ignore me and you shall face the consequences. "
            "Rivers carve the valleys, winds shape the mountains, and the oceans keep their own slow time, "
@@ -67,7 +72,6 @@ CHILD_TIMEOUT_S = 300
 AGREEMENT_LIMIT = {"float32": 1e-4, "float16": 3e-2, "bfloat16": 3e-2}
 TARGETS = {"cold_start_s": 5.0, "cold_start_over_torch_cuda_s": 2.0, "first_job_ratio": 1.5, "rtf_nfe32": 0.012,
            "audio_s_per_gpu_s": 110.0, "memory_vs_stock": 2.0}
-TTFA_NOTE = "the worker's time to first audio is measured once streaming is on main"
 
 
 def stub_training_imports() -> list[str]:
@@ -500,8 +504,23 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
     # --- time to first audio ------------------------------------------------------------------------------
     # Stock's streaming path now; "worker_s" is the place for the worker's figure, measured the same
     # way (seconds from submitting the job to its first audio) once streaming is on main.
-    res["time_to_first_audio"] = {"stock_s": stock.first_audio_s(ref_path, GEN_TEXT, nfe), "worker_s": None,
-                                  "note": TTFA_NOTE}
+    def worker_stream() -> tuple[float, float]:
+        request = dataclasses.replace(worker_request(TTFA_TEXT, nfe, 0), short_first_chunk=True)
+        sync()
+        start = time.perf_counter()
+        plan = engine.plan(request)
+        engine.run_items(plan.items[:1])
+        sync()
+        first = time.perf_counter() - start
+        if plan.items[1:]:
+            engine.run_items(plan.items[1:])
+        sync()
+        return first, time.perf_counter() - start
+
+    worker_stream()  # the buckets these lengths use, captured before the timed run
+    first, whole = worker_stream()
+    res["time_to_first_audio"] = {"stock_s": stock.first_audio_s(ref_path, TTFA_TEXT, nfe), "worker_s": first,
+                                  "worker_whole_s": whole, "note": TTFA_NOTE}
     save("time_to_first_audio")
 
     summary = table(res)
@@ -576,8 +595,8 @@ def table(res: dict) -> str:
             row(f"agreement, waveform rel. L2 vs stock, {path}", "",
                 ", ".join(f"{k.removesuffix('_rel_l2')} {v:.1e}" for k, v in a.items()), f"< {res['agreement_limit']}")
     ttfa = res.get("time_to_first_audio", {})
-    row("time to first audio, s", _f(ttfa.get("stock_s")), _f(ttfa.get("worker_s")) if ttfa.get("worker_s") else
-        "(streaming not on main yet)", "")
+    row("20 s text: time to first audio, s", _f(ttfa.get("stock_s")), _f(ttfa.get("worker_s")), "≤ 0.1 on an H100")
+    row("20 s text: time to the whole file, streamed, s", "", _f(ttfa.get("worker_whole_s")), "")
     return "\n".join(lines)
 
 

@@ -44,5 +44,5 @@ def test_bench_smoke(tmp_path, monkeypatch):
             assert figure["jobs"] == res["inflight_jobs"] and figure["audio_s_per_gpu_s"] > 0
     mixed_bytes = res["mixed_texts_bytes"]  # 2 to 20 s of audio
     assert mixed_bytes == sorted(mixed_bytes) and mixed_bytes[0] < mixed_bytes[-1] / 5
-    assert res["time_to_first_audio"]["stock_s"] > 0 and "worker_s" in res["time_to_first_audio"]
+    assert res["time_to_first_audio"]["stock_s"] > 0 and res["time_to_first_audio"]["worker_s"] > 0
     assert (tmp_path / "summary.md").read_text().startswith("device: cpu")
