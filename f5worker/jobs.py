@@ -27,7 +27,7 @@ from typing import Awaitable, Callable, Iterator
 import numpy as np
 import soundfile as sf
 
-from f5worker import audio, encoding
+from f5worker import audio, encoding, streaming
 from f5worker.batcher import Batcher
 from f5worker.download import download_to_file
 from f5worker.engine import TTSEngine
@@ -37,7 +37,6 @@ from f5worker.job_input import (MAX_SEED, DeleteVoiceInput, ListVoicesInput, TTS
 from f5worker.job_plan import TARGET_RMS, SynthesisRequest, planned_samples
 from f5worker.memory import HeapTrimmer
 from f5worker.settings import ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
-from f5worker.streaming import AudioStream
 from f5worker.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
                              prepare_upload)
 from s3_utils import KeyNotFound, ObjectTooLarge, Storage
@@ -166,9 +165,8 @@ class Worker:
                 sway_sampling_coef=job.sway_sampling_coef, cross_fade_duration=job.cross_fade_duration,
                 remove_silence=job.remove_silence, short_first_chunk=on_audio is not None)
             plan = await self._off_loop(self.engine.plan, request)
-            if job.return_base64:
-                self._refuse_inline_early(plan, fmt, job)
-            stream = AudioStream(job.sample_rate, job.cross_fade_duration) if on_audio is not None else None
+            self._refuse_early(plan, fmt, job, streamed=on_audio is not None)
+            stream = streaming.AudioStream(job.sample_rate, job.cross_fade_duration) if on_audio is not None else None
             lengths: list[int] = []
 
             async def chunk_done(wave: np.ndarray) -> None:
@@ -206,7 +204,9 @@ class Worker:
             if stream is not None:
                 result["stream_chunks"] = stream.pieces
             # Whether the audio fits inline is settled before the upload: a job never fails after it.
-            room = encoding.inline_room(result, self.settings.max_result_bytes) if inline_wanted else 0
+            # A streamed job's output also holds every piece it sent (runpod keeps them all).
+            limit = self.settings.max_result_bytes - (stream.output_bytes if stream is not None else 0)
+            room = encoding.inline_room(result, limit) if inline_wanted else 0
             too_large = inline_wanted and len(data) > room
             if too_large and job.return_base64:
                 raise InputError(encoding.too_large_sentence(fmt, len(data), room))
@@ -248,14 +248,24 @@ class Worker:
                 self.batcher.withdraw(futures)  # a failed or cancelled job leaves the queue
         return waves
 
-    def _refuse_inline_early(self, plan, fmt: encoding.OutputFormat, job: TTSInput) -> None:
-        """Refuse ``return_base64`` before any model call when the planned audio cannot fit: the
-        length is known from the plan, and for WAV so is the size (compressed sizes are known only
-        once encoded, and removed silences make the audio shorter than planned)."""
+    def _refuse_early(self, plan, fmt: encoding.OutputFormat, job: TTSInput, *, streamed: bool) -> None:
+        """Refuse before any model call what cannot fit in the job's RunPod result: a streamed
+        job's pieces (runpod keeps them all in its output), then ``return_base64``'s file beside
+        them. The length is known from the plan, and so are the pieces' size and a WAV's
+        (compressed sizes are known only once encoded, and removed silences, never streamed, make
+        the audio shorter than planned)."""
         if job.remove_silence:
             return
+        limit = self.settings.max_result_bytes
+        if streamed:
+            pieces = streaming.planned_output_bytes(planned_samples(plan), job.sample_rate, len(plan.items))
+            if pieces > limit - encoding.RESULT_ALLOWANCE_BYTES:
+                raise InputError(streaming.too_long_sentence(pieces, limit))
+            limit -= pieces
+        if not job.return_base64:
+            return
         least = fmt.least_bytes(encoding.least_resampled_length(planned_samples(plan), job.sample_rate))
-        room = encoding.inline_room({}, self.settings.max_result_bytes)  # more than any real result leaves
+        room = encoding.inline_room({}, limit)  # more than any real result leaves
         if least > room:
             raise InputError(encoding.too_large_sentence(fmt, least, room, before=True))
 
