@@ -31,6 +31,11 @@ DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
 MAX_OUTPUT_KEY_CHARS = 200
 OUTPUT_KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A script in several voices (f5-tts's CLI syntax): ``voices`` maps aliases to stored voices, and a
+# ``[alias]`` in the text switches to that voice.
+MAX_SCRIPT_VOICES = 8
+VOICE_ALIAS_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+VOICE_TAG_RE = re.compile(r"\[([A-Za-z0-9_-]{1,32})\]")
 
 
 def check_voice_name(name: str) -> str:
@@ -81,6 +86,7 @@ class TTSInput(_Input):
     return_base64: bool | None = None  # None: inline only where result URLs are local (file://)
     output_key: str | None = Field(default=None, min_length=1, max_length=MAX_OUTPUT_KEY_CHARS)
     stream: bool = False  # audio sent while synthesised: needs F5_STREAMING on the endpoint
+    voices: dict[str, str] | None = None  # alias -> voice name; [alias] tags in the text switch voices
 
     _voice = field_validator("local_voice")(classmethod(lambda cls, v: check_voice_name(v)))
     _output_key = field_validator("output_key")(classmethod(lambda cls, v: check_output_key(v)))
@@ -102,6 +108,22 @@ class TTSInput(_Input):
             raise ValueError(f"must be {one_of(fmt.sample_rates)} for output_format '{fmt.name}'")
         return rate
 
+    @field_validator("voices")
+    @classmethod
+    def _aliases(cls, voices: dict[str, str] | None) -> dict[str, str] | None:
+        if voices is None:
+            return None
+        if not 1 <= len(voices) <= MAX_SCRIPT_VOICES:
+            raise ValueError(f"must name 1 to {MAX_SCRIPT_VOICES} voices")
+        for alias, name in voices.items():
+            if not VOICE_ALIAS_RE.fullmatch(alias):
+                raise ValueError("may use only aliases of 1 to 32 letters, digits, '_' or '-' (such as 'narrator')")
+            try:
+                check_voice_name(name)
+            except ValueError as err:
+                raise ValueError(f"maps '{alias}' to a voice name that {err}") from None
+        return voices
+
     @model_validator(mode="after")
     def _streamable(self):
         if self.stream and self.remove_silence:
@@ -109,6 +131,30 @@ class TTSInput(_Input):
                 "sentence", "Silences are removed from the whole audio at once, so 'remove_silence' "
                             "cannot be used with 'stream'; leave one of them out.")
         return self
+
+    @model_validator(mode="after")
+    def _tags_name_voices(self):
+        if self.voices is None:
+            return self
+        unknown = next((tag for tag in VOICE_TAG_RE.findall(self.text) if tag not in self.voices), None)
+        if unknown is not None:
+            known = one_of([f"[{alias}]" for alias in self.voices])
+            raise PydanticCustomError(
+                "sentence", f"The text's tag [{unknown}] names no voice in 'voices'; use {known}.")
+        if not self.segments():
+            raise PydanticCustomError("sentence", "The text has nothing to speak besides its voice tags.")
+        return self
+
+    def segments(self) -> list[tuple[str, str]]:
+        """The text as (voice name, text) parts, in order. Without ``voices``, all of it in
+        ``local_voice`` (a ``[word]`` is text); with it, text before the first tag is in
+        ``local_voice`` and each ``[alias]`` switches to ``voices[alias]``; parts holding only
+        spaces are left out."""
+        if self.voices is None:
+            return [(self.local_voice, self.text)]
+        parts = VOICE_TAG_RE.split(self.text)  # text, alias, text, alias, ..., text
+        names = [self.local_voice, *(self.voices[alias] for alias in parts[1::2])]
+        return [(name, text.strip()) for name, text in zip(names, parts[0::2]) if text.strip()]
 
 
 class UploadInput(_Input):
@@ -202,6 +248,8 @@ def _sentence(err: dict) -> str:
         return f"'{field}' must be a finite number."
     if kind == "bool_type":
         return f"'{field}' must be true or false."
+    if kind == "dict_type":
+        return f"'{field}' must be an object."
     if kind == "value_error":
         return f"'{field}' {str(ctx.get('error', err['msg']))}."
     return f"Invalid '{field}': {err['msg'].lower()}."

@@ -7,6 +7,7 @@ before and after the model:
 
 - ``plan`` turns one request into chunk items (reference prepared, text chunked and converted to
   the model's symbols, durations fixed), each refused before the model if it cannot fit;
+- ``plan_segments`` plans a job spoken in several voices, a request per segment, as one job;
 - ``finish`` joins a job's chunk waveforms with cross-fades.
 
 The synthesis options and their defaults are defined here once; the job's input rules
@@ -15,7 +16,7 @@ its step table from ``MAX_NFE_STEP``.
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -155,6 +156,19 @@ def plan(req: SynthesisRequest) -> JobPlan:
     # land in the middle of a CUDA graph capture; the sampler moves it on the model thread
     audio = resample_to_model_rate(audio, req.ref_sr)
     return JobPlan(items=items_for(audio, rms, ref_text, chunks, req), request=req)
+
+
+def plan_segments(requests: list[SynthesisRequest]) -> JobPlan:
+    """One job of several segments, each with its own voice (a request each, in order), as one
+    plan: each segment is planned as ``plan`` plans a job, with its chunks numbered on from the
+    segments before it, so every item's seed is the job's seed plus its index over the whole job
+    (no two items share noise, and a job of one segment is planned exactly as before). ``finish``
+    joins all the items in order, with the first request's cross-fade and silence removal (the
+    job's own, the same in every request)."""
+    items: list[ChunkItem] = []
+    for req in requests:
+        items += plan(replace(req, seed=req.seed + len(items))).items
+    return JobPlan(items=items, request=requests[0])
 
 
 def chunks_with_short_first(text: str, max_chars: int) -> list[str]:

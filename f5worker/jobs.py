@@ -27,17 +27,16 @@ from typing import Awaitable, Callable, Iterator
 import numpy as np
 import soundfile as sf
 
-from f5worker import audio, encoding
+from f5worker import audio, encoding, streaming
 from f5worker.batcher import Batcher
 from f5worker.download import download_to_file
 from f5worker.engine import TTSEngine
 from f5worker.errors import InputError, StorageError, WorkerError
 from f5worker.job_input import (MAX_SEED, DeleteVoiceInput, ListVoicesInput, TTSInput, UploadInput,
                                 VoiceInfoInput)
-from f5worker.job_plan import TARGET_RMS, SynthesisRequest, planned_samples
+from f5worker.job_plan import TARGET_RMS, SynthesisRequest, plan_segments, planned_samples
 from f5worker.memory import HeapTrimmer
 from f5worker.settings import ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
-from f5worker.streaming import AudioStream
 from f5worker.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
                              prepare_upload)
 from s3_utils import KeyNotFound, ObjectTooLarge, Storage
@@ -145,30 +144,27 @@ class Worker:
         # Inline by default only where the result URL is a path on this machine (local storage).
         inline_wanted = (job.return_base64 if job.return_base64 is not None
                          else not self.storage.result_urls_reach_callers)
+        segments = job.segments()  # (voice name, text); one part unless the job gives `voices`
         with job_files(self.settings.tmp_dir, job_id) as paths:
-            voice = await self._staging(self.voices.fetch, job.local_voice, paths["voice.wav"])
-            timings["download_s"] = time.perf_counter() - started
-            mark = time.perf_counter()
-            ref_text, ref_source = await self._ref_text(voice, job.ref_text)
-            # Looking up a stored transcript is part of fetching the voice; Whisper is its own step.
-            looked_up = time.perf_counter() - mark
-            if ref_source == "transcribed":
-                timings["transcription_s"] = looked_up
-            else:
-                timings["download_s"] += looked_up
-                timings["transcription_s"] = 0.0
+            # Each voice of the text once, in order of first use: (voice, transcript, its source).
+            timings.update(download_s=time.perf_counter() - started, transcription_s=0.0)
+            voices: dict[str, tuple[Voice, str, str]] = {}
+            for name, _ in segments:
+                if name not in voices:  # the job's ref_text is local_voice's
+                    given = job.ref_text if name == job.local_voice else None
+                    voices[name] = await self._voice(name, given, paths["voice.wav"], timings)
 
             mark = time.perf_counter()
-            request = SynthesisRequest(
-                prepared_ref=voice.reference,  # kept prepared with the voice (f5worker.voices.VoiceCache)
-                ref_audio=voice.used, ref_sr=voice.sr, ref_text=ref_text, gen_text=job.text, seed=seed,
-                speed=job.speed, nfe_step=job.nfe_step, cfg_strength=job.cfg_strength,
+            requests = [SynthesisRequest(
+                prepared_ref=voices[name][0].reference,  # kept prepared with the voice (f5worker.voices.VoiceCache)
+                ref_audio=voices[name][0].used, ref_sr=voices[name][0].sr, ref_text=voices[name][1],
+                gen_text=text, seed=seed, speed=job.speed, nfe_step=job.nfe_step, cfg_strength=job.cfg_strength,
                 sway_sampling_coef=job.sway_sampling_coef, cross_fade_duration=job.cross_fade_duration,
-                remove_silence=job.remove_silence, short_first_chunk=on_audio is not None)
-            plan = await self._off_loop(self.engine.plan, request)
-            if job.return_base64:
-                self._refuse_inline_early(plan, fmt, job)
-            stream = AudioStream(job.sample_rate, job.cross_fade_duration) if on_audio is not None else None
+                remove_silence=job.remove_silence, short_first_chunk=on_audio is not None and index == 0)
+                for index, (name, text) in enumerate(segments)]
+            plan = await self._off_loop(plan_segments, requests)
+            self._refuse_early(plan, fmt, job, streamed=on_audio is not None)
+            stream = streaming.AudioStream(job.sample_rate, job.cross_fade_duration) if on_audio is not None else None
             lengths: list[int] = []
 
             async def chunk_done(wave: np.ndarray) -> None:
@@ -201,12 +197,17 @@ class Worker:
             duration = audio.duration_seconds(samples, job.sample_rate)
             result = {"audio_url": url, "duration": round(duration, 3), "sample_rate": job.sample_rate,
                       "output_key": output_key, "voice": job.local_voice, "seed": seed, "chunks": len(plan.items),
-                      "ref_text_source": ref_source, "format": fmt.name, "content_type": fmt.content_type,
+                      "ref_text_source": next(iter(voices.values()))[2],  # the first voice's
+                      "format": fmt.name, "content_type": fmt.content_type,
                       "bytes": len(data)}
+            if job.voices is not None:
+                result["voices_used"] = list(voices)
             if stream is not None:
                 result["stream_chunks"] = stream.pieces
             # Whether the audio fits inline is settled before the upload: a job never fails after it.
-            room = encoding.inline_room(result, self.settings.max_result_bytes) if inline_wanted else 0
+            # A streamed job's output also holds every piece it sent (runpod keeps them all).
+            limit = self.settings.max_result_bytes - (stream.output_bytes if stream is not None else 0)
+            room = encoding.inline_room(result, limit) if inline_wanted else 0
             too_large = inline_wanted and len(data) > room
             if too_large and job.return_base64:
                 raise InputError(encoding.too_large_sentence(fmt, len(data), room))
@@ -226,7 +227,8 @@ class Worker:
         await self.record(job_id, "tts", "ok", voice=job.local_voice, text_chars=len(job.text), chunks=len(plan.items),
                           audio_seconds=round(duration, 3), output_bytes=len(data), output_key=output_key,
                           format=fmt.name, sample_rate=job.sample_rate, inline="audio_base64" in result,
-                          ref_text_source=ref_source, timings=_rounded(timings))
+                          ref_text_source=result["ref_text_source"], voices_used=list(voices),
+                          timings=_rounded(timings))
         return result
 
     async def _sample(self, items: list, chunk_done: Callable[[np.ndarray], Awaitable[None]], *,
@@ -248,16 +250,40 @@ class Worker:
                 self.batcher.withdraw(futures)  # a failed or cancelled job leaves the queue
         return waves
 
-    def _refuse_inline_early(self, plan, fmt: encoding.OutputFormat, job: TTSInput) -> None:
-        """Refuse ``return_base64`` before any model call when the planned audio cannot fit: the
-        length is known from the plan, and for WAV so is the size (compressed sizes are known only
-        once encoded, and removed silences make the audio shorter than planned)."""
+    def _refuse_early(self, plan, fmt: encoding.OutputFormat, job: TTSInput, *, streamed: bool) -> None:
+        """Refuse before any model call what cannot fit in the job's RunPod result: a streamed
+        job's pieces (runpod keeps them all in its output), then ``return_base64``'s file beside
+        them. The length is known from the plan, and so are the pieces' size and a WAV's
+        (compressed sizes are known only once encoded, and removed silences, never streamed, make
+        the audio shorter than planned)."""
         if job.remove_silence:
             return
+        limit = self.settings.max_result_bytes
+        if streamed:
+            pieces = streaming.planned_output_bytes(planned_samples(plan), job.sample_rate, len(plan.items))
+            if pieces > limit - encoding.RESULT_ALLOWANCE_BYTES:
+                raise InputError(streaming.too_long_sentence(pieces, limit))
+            limit -= pieces
+        if not job.return_base64:
+            return
         least = fmt.least_bytes(encoding.least_resampled_length(planned_samples(plan), job.sample_rate))
-        room = encoding.inline_room({}, self.settings.max_result_bytes)  # more than any real result leaves
+        room = encoding.inline_room({}, limit)  # more than any real result leaves
         if least > room:
             raise InputError(encoding.too_large_sentence(fmt, least, room, before=True))
+
+    async def _voice(self, name: str, given: str | None, staging: Path,
+                     timings: dict[str, float]) -> tuple[Voice, str, str]:
+        """Voice ``name`` (staged through ``staging``), its transcript and where that came from,
+        with the time taken added to ``timings``."""
+        mark = time.perf_counter()
+        voice = await self._staging(self.voices.fetch, name, staging)
+        fetched = time.perf_counter()
+        ref_text, source = await self._ref_text(voice, given)
+        # Looking up a stored transcript is part of fetching the voice; Whisper is its own step.
+        looked_up = time.perf_counter() - fetched
+        timings["download_s"] += fetched - mark + (0.0 if source == "transcribed" else looked_up)
+        timings["transcription_s"] += looked_up if source == "transcribed" else 0.0
+        return voice, ref_text, source
 
     async def _ref_text(self, voice: Voice, given: str | None) -> tuple[str, str]:
         known = await self._off_loop(self.voices.known_ref_text, voice, given)

@@ -14,13 +14,18 @@ stored file. ``AudioStream`` takes the job's chunk waveforms in order and gives 
   stored WAV, so a streamed sample equals the stored WAV's sample exactly.
 * Size: runpod streams each yielded item as one HTTP message and RunPod keeps stream items well
   under 1 MB; a piece's base64 is at most ``MAX_PIECE_BASE64_BYTES`` (a long chunk is sent as
-  several pieces).
+  several pieces). runpod also keeps every yielded item in the job's output (the endpoint's
+  ``return_aggregate_stream``), which is one RunPod result of at most ``F5_MAX_RESULT_BYTES``: the
+  pieces' share of it is known from the job's plan (``planned_output_bytes``), so a job
+  whose pieces cannot fit is refused before its model calls, and counted as they go
+  (``AudioStream.output_bytes``) for the room left to the result.
 
 Removing silences works on the whole joined waveform, so it cannot be streamed (refused earlier).
 """
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import numpy as np
@@ -28,7 +33,8 @@ import soundfile as sf
 import soxr
 
 from f5worker.audio import TARGET_SAMPLE_RATE
-from f5worker.encoding import to_base64
+from f5worker.encoding import size_text, to_base64
+from f5worker.settings import ENV_MAX_RESULT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,38 @@ MAX_PIECE_BASE64_BYTES = 256 * 1024
 # The most samples one piece holds so that its base64 stays within MAX_PIECE_BASE64_BYTES.
 MAX_PIECE_SAMPLES = MAX_PIECE_BASE64_BYTES // 4 * 3 // PCM_BYTES_PER_SAMPLE
 RESAMPLE_QUALITY = "HQ"  # encoding.resample's
+LIST_SEPARATOR_BYTES = len(", ")  # between the items of the job's output list, as json.dumps writes it
+
+
+def piece(index: int, sample_rate: int, audio_base64: str, seconds: float) -> dict:
+    """One stream piece as it is yielded."""
+    return {"chunk": index, "format": PCM_FORMAT, "sample_rate": sample_rate, "channels": 1,
+            "audio_base64": audio_base64, "seconds": seconds}
+
+
+def output_bytes(item: dict) -> int:
+    """What ``item`` adds to the job's output list, serialised as the runpod SDK does (JSON, UTF-8)."""
+    return len(json.dumps(item, ensure_ascii=False).encode("utf-8")) + LIST_SEPARATOR_BYTES
+
+
+def planned_output_bytes(samples: int, sample_rate: int, chunks: int) -> int:
+    """The most bytes the pieces of a job of ``chunks`` chunks and ``samples`` samples of audio
+    (at 24 kHz: its planned length) add to the job's output: their base64 PCM at ``sample_rate``
+    and each piece's other fields. Each chunk and the close give whole pieces of at most
+    ``MAX_PIECE_SAMPLES``, so at most one piece each beyond the full ones; each piece's base64 is
+    less than 3 bytes longer than 4/3 of its PCM; soxr's length is within a sample of the ratio's."""
+    resampled = samples if sample_rate == TARGET_SAMPLE_RATE else samples * sample_rate // TARGET_SAMPLE_RATE + 1
+    pieces = resampled // MAX_PIECE_SAMPLES + chunks + 1
+    base64_bytes = 4 * -(-resampled * PCM_BYTES_PER_SAMPLE // 3) + 3 * pieces
+    widest_seconds = round(MAX_PIECE_SAMPLES // sample_rate + 0.999, 3)
+    return base64_bytes + pieces * output_bytes(piece(pieces, sample_rate, "", widest_seconds))
+
+
+def too_long_sentence(size: int, limit: int) -> str:
+    """The refusal of a streamed job whose pieces would not fit in the job's output."""
+    return (f"A streamed job's output keeps every piece it sends, and this job's pieces would take about "
+            f"{size_text(size)} where at most {size_text(limit)} fit in a RunPod result "
+            f"({ENV_MAX_RESULT_BYTES}); send a shorter text, choose a lower sample_rate, or leave 'stream' out.")
 
 
 def pcm_s16le(samples: np.ndarray, sample_rate: int) -> bytes:
@@ -60,6 +98,7 @@ class AudioStream:
                                               quality=RESAMPLE_QUALITY))
         self.pieces = 0
         self.samples_sent = 0
+        self.output_bytes = 0  # what the pieces sent add to the job's output (runpod keeps them all)
 
     def add(self, wave: np.ndarray) -> list[dict]:
         """The pieces that ``wave`` (the next chunk) completes."""
@@ -90,9 +129,9 @@ class AudioStream:
         pieces = []
         for start in range(0, len(samples), MAX_PIECE_SAMPLES):
             part = samples[start:start + MAX_PIECE_SAMPLES]
-            pieces.append({"chunk": self.pieces, "format": PCM_FORMAT, "sample_rate": self.sample_rate,
-                           "channels": 1, "audio_base64": to_base64(pcm_s16le(part, self.sample_rate)),
-                           "seconds": round(len(part) / self.sample_rate, 3)})
+            pieces.append(piece(self.pieces, self.sample_rate, to_base64(pcm_s16le(part, self.sample_rate)),
+                                round(len(part) / self.sample_rate, 3)))
             self.pieces += 1
+            self.output_bytes += output_bytes(pieces[-1])
             self.samples_sent += len(part)
         return pieces

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import uuid
@@ -29,11 +30,14 @@ from f5worker.errors import InputError
 from f5worker.job_input import parse_job_input
 from f5worker.job_plan import FIRST_CHUNK_SHARE, chunks_with_short_first
 from f5worker.service import make_handler
-from f5worker.settings import ENV_STREAMING
-from f5worker.streaming import MAX_PIECE_BASE64_BYTES, PCM_FORMAT, AudioStream
+from f5worker.encoding import RESULT_ALLOWANCE_BYTES
+from f5worker.settings import ENV_MAX_RESULT_BYTES, ENV_STREAMING
+from f5worker.streaming import (MAX_PIECE_BASE64_BYTES, PCM_FORMAT, AudioStream, output_bytes, piece,
+                                planned_output_bytes)
 from tests.fixtures_worker import worker_ctx
 from tests.test_api_server import JOB_TIMEOUT_S, api_server, local_session
 from tests.test_client import PROXY_VARIABLES
+from tests.test_handler import assert_one_sentence
 
 NFE = 4
 BUILTIN = "basic_ref_en.wav"
@@ -45,6 +49,18 @@ LONG_TEXT = " ".join(f"This is sentence number {i}, which has a few words in it.
 def ctx(tiny_models, tiny_whisper, tmp_path_factory):
     with worker_ctx(tiny_models, tiny_whisper, tmp_path_factory.mktemp("streaming")) as built:
         yield built
+
+
+@pytest.fixture
+def limit(ctx):
+    """Sets the worker's F5_MAX_RESULT_BYTES for one test (the real setting, replaced in place)."""
+    original = ctx.worker.settings
+
+    def set_limit(max_result_bytes: int) -> None:
+        ctx.worker.settings = dataclasses.replace(original, max_result_bytes=max_result_bytes)
+
+    yield set_limit
+    ctx.worker.settings = original
 
 
 class Recorder:
@@ -139,6 +155,56 @@ def test_streamed_audio_is_the_stored_audio(ctx, sample_rate):
     assert {p["chunks_total"] for p in recorder.progress} == {result["chunks"]}
     seconds = [p["audio_seconds"] for p in recorder.progress]
     assert seconds == sorted(seconds) and seconds[-1] == pytest.approx(result["duration"], abs=2 / sample_rate + 0.001)
+
+
+def planned_length(ctx, job_input: dict) -> tuple[int, int]:
+    """The planned length (24 kHz samples) and chunks of a streamed job: those of its stored file at
+    24 kHz, as nothing is removed from a streamed job's audio."""
+    *_, result = Recorder(ctx.worker).run({**job_input, "sample_rate": 24000, "return_base64": False})
+    return len(stored_samples(ctx, result)[0]), result["chunks"]
+
+
+@pytest.mark.parametrize("sample_rate", [24000, 8000, 44100])
+def test_planned_output_bounds_what_the_pieces_add(ctx, sample_rate):
+    """What a streamed job's pieces add to its output (runpod keeps them all) is at most what its
+    plan says, and not by more than a piece's fields per chunk."""
+    job = tts_input(stream=True, sample_rate=sample_rate, return_base64=False)
+    planned, chunks = planned_length(ctx, job)
+    *pieces, result = Recorder(ctx.worker).run(job)
+    assert result["chunks"] == chunks
+    sent = sum(output_bytes(p) for p in pieces)
+    bound = planned_output_bytes(planned, sample_rate, chunks)
+    assert sent == len(json.dumps(pieces, ensure_ascii=False))  # "[", ", " between, "]"
+    assert sent <= bound <= sent + (chunks + 1 + len(pieces)) * output_bytes(piece(999, sample_rate, "", 12.999))
+
+
+def test_streamed_job_whose_pieces_cannot_fit_is_refused_before_synthesis(ctx, limit):
+    job = tts_input(stream=True)  # local storage: the file also comes inline by default
+    planned, chunks = planned_length(ctx, job)
+    bound = planned_output_bytes(planned, 24000, chunks)
+    limit(bound + RESULT_ALLOWANCE_BYTES - 1)
+    before, calls = ctx.keys(), len(ctx.worker.batcher.calls)
+    [refusal] = Recorder(ctx.worker).run(job)
+    message = assert_one_sentence(refusal)
+    assert message.startswith("A streamed job's output keeps every piece it sends, and this job's pieces would "
+                              "take about "), message
+    assert message.endswith(f"fit in a RunPod result ({ENV_MAX_RESULT_BYTES}); send a shorter text, choose a lower "
+                            "sample_rate, or leave 'stream' out."), message
+    assert len(ctx.worker.batcher.calls) == calls, "the model ran for a job refused from its plan"
+    assert ctx.keys() == before and ctx.tmp_files() == []
+    # The file asked for inline beside pieces that just fit: a WAV's size is known from the plan too.
+    limit(bound + RESULT_ALLOWANCE_BYTES + 1000)
+    [refusal] = Recorder(ctx.worker).run({**job, "return_base64": True})
+    assert assert_one_sentence(refusal).startswith("The wav audio would be at least ")
+    assert len(ctx.worker.batcher.calls) == calls
+    # Room for the pieces and a result: the job streams, and its whole output fits; the default
+    # inline copy is left out, with the reason.
+    limit(bound + RESULT_ALLOWANCE_BYTES)
+    items = Recorder(ctx.worker).run(job)
+    *pieces, result = items
+    assert "error" not in result and len(pieces) == result["stream_chunks"]
+    assert "audio_base64" not in result and result["audio_base64_omitted"].startswith("The audio is ")
+    assert len(json.dumps({"output": items}, ensure_ascii=False).encode("utf-8")) <= bound + RESULT_ALLOWANCE_BYTES
 
 
 def test_a_job_that_does_not_stream_yields_its_result_once(ctx):
