@@ -75,6 +75,12 @@ class Batcher:
         self._wakeup.set()
         return [e.future for e in entries]
 
+    @staticmethod
+    async def sampled(future: asyncio.Future) -> np.ndarray:
+        """One queued item's waveform. Awaited through the batcher, so that a job stopped at its
+        deadline says it was waiting for the model ("stuck at: Batcher.sampled")."""
+        return await future
+
     def withdraw(self, futures: list[asyncio.Future]) -> None:
         """Take the items of these futures off the queue and cancel what is not settled."""
         wanted = set(map(id, futures))

@@ -244,7 +244,7 @@ class Worker:
             futures = self.batcher.enqueue(group)
             try:
                 for future in futures:
-                    waves.append(await future)
+                    waves.append(await self.batcher.sampled(future))
                     await chunk_done(waves[-1])
             finally:
                 self.batcher.withdraw(futures)  # a failed or cancelled job leaves the queue

@@ -90,7 +90,7 @@ def test_slow_model_call_names_the_batcher(ctx, monkeypatch):
     monkeypatch.setattr(ctx.worker.engine.vocoder, "decode", slow_decode)
     keys = ctx.keys()
     seconds, result, _ = timed(ctx.handler, {"text": "Slow.", "local_voice": "basic_ref_en.wav", "nfe_step": 2})
-    assert sentence("Batcher.submit").fullmatch(result["error"]), result
+    assert sentence("Batcher.sampled").fullmatch(result["error"]), result
     assert seconds < DEADLINE_S + 1.5
     ctx.worker.batcher.executor.submit(lambda: None).result(timeout=30)  # the model call has ended
     assert ctx.tmp_files() == [] and ctx.keys() == keys
