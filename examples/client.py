@@ -73,7 +73,11 @@ class ClientError(Exception):
 
 
 class StillRunning(ClientError):
-    pass
+    """The job goes on past the client's timeout; ``download`` fetches its result later."""
+
+    def __init__(self, job_id: str, timeout_s: float, status: str | None = None):
+        state = f"is still {status} after" if status else "did not finish within"
+        super().__init__(f"Job {job_id} {state} {timeout_s:g} s; fetch it later with: download {job_id}")
 
 
 def one_line(text: str) -> str:
@@ -149,8 +153,7 @@ class Client:
                     state = self.endpoint.rp_client.get(path, timeout=STATUS_TIMEOUT_S)
             except requests.Timeout as err:
                 if self.local or time.monotonic() >= deadline:
-                    raise StillRunning(f"Job {job_id} did not finish within {timeout_s:g} s; fetch it later "
-                                       f"with: download {job_id}") from err
+                    raise StillRunning(job_id, timeout_s) from err
                 state = {"status": "UNKNOWN"}
             for item in state.get("stream") or []:
                 yield item.get("output") if isinstance(item, dict) else item
@@ -161,8 +164,7 @@ class Client:
                 raise ClientError(failure_sentence(state))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise StillRunning(f"Job {job_id} is still {status} after {timeout_s:g} s; fetch it later "
-                                   f"with: download {job_id}")
+                raise StillRunning(job_id, timeout_s, status)
             time.sleep(min(poll_s, remaining))
 
     def wait(self, job_id: str, *, timeout_s: float, poll_s: float, progress: "Progress") -> dict:
@@ -174,8 +176,7 @@ class Client:
                 state = self.state(job_id, deadline - time.monotonic())
             except requests.Timeout as err:  # locally the job itself; remotely one slow status answer
                 if self.local or time.monotonic() >= deadline:
-                    raise StillRunning(f"Job {job_id} did not finish within {timeout_s:g} s; fetch it later "
-                                       f"with: download {job_id}") from err
+                    raise StillRunning(job_id, timeout_s) from err
                 state = {"status": "UNKNOWN"}
             status = state.get("status", "UNKNOWN")
             progress.show(status, None if status in FINAL_STATES else state.get("output"))
@@ -185,8 +186,7 @@ class Client:
                 raise ClientError(failure_sentence(state))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise StillRunning(f"Job {job_id} is still {status} after {timeout_s:g} s; fetch it later "
-                                   f"with: download {job_id}")
+                raise StillRunning(job_id, timeout_s, status)
             time.sleep(min(poll_s, remaining))
 
 

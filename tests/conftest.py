@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures_s3",
     "tests.fixtures_http",
     "tests.fixtures_whisper",
+    "tests.fixtures_worker",
 ]

@@ -8,6 +8,7 @@ folder, or on a fresh bucket of the SeaweedFS server when given ``s3_server``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import uuid
 from dataclasses import dataclass
@@ -111,3 +112,16 @@ def worker_ctx(tiny_models, tiny_whisper, folder: Path, s3_server: S3Server | No
             yield Ctx("s3" if s3 else "local", worker, make_handler(worker), settings, settings.tmp_dir, s3)
         finally:
             worker.batcher.executor.shutdown(wait=True)
+
+
+@pytest.fixture
+def limit(ctx):
+    """Sets the worker's F5_MAX_RESULT_BYTES for one test (the real setting, replaced in place).
+    Needs the test module's own ``ctx`` fixture (a ``worker_ctx``)."""
+    original = ctx.worker.settings
+
+    def set_limit(max_result_bytes: int) -> None:
+        ctx.worker.settings = dataclasses.replace(original, max_result_bytes=max_result_bytes)
+
+    yield set_limit
+    ctx.worker.settings = original

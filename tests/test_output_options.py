@@ -11,7 +11,6 @@ boto3 client (the Content-Type header S3 serves included) and decoded with sound
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
 import uuid
@@ -49,18 +48,6 @@ def ctx(request, tiny_models, tiny_whisper, tmp_path_factory):
     s3_server = request.getfixturevalue("s3_server") if request.param == "s3" else None
     with worker_ctx(tiny_models, tiny_whisper, folder, s3_server, prefix="output") as built:
         yield built
-
-
-@pytest.fixture
-def limit(ctx):
-    """Sets the worker's F5_MAX_RESULT_BYTES for one test (the real setting, replaced in place)."""
-    original = ctx.worker.settings
-
-    def set_limit(max_result_bytes: int) -> None:
-        ctx.worker.settings = dataclasses.replace(original, max_result_bytes=max_result_bytes)
-
-    yield set_limit
-    ctx.worker.settings = original
 
 
 def tts(text=TEXT, **kw) -> dict:

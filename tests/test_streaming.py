@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import io
 import json
 import uuid
@@ -49,18 +48,6 @@ LONG_TEXT = " ".join(f"This is sentence number {i}, which has a few words in it.
 def ctx(tiny_models, tiny_whisper, tmp_path_factory):
     with worker_ctx(tiny_models, tiny_whisper, tmp_path_factory.mktemp("streaming")) as built:
         yield built
-
-
-@pytest.fixture
-def limit(ctx):
-    """Sets the worker's F5_MAX_RESULT_BYTES for one test (the real setting, replaced in place)."""
-    original = ctx.worker.settings
-
-    def set_limit(max_result_bytes: int) -> None:
-        ctx.worker.settings = dataclasses.replace(original, max_result_bytes=max_result_bytes)
-
-    yield set_limit
-    ctx.worker.settings = original
 
 
 class Recorder:
