@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
+from f5worker import kernels
 from f5worker.attention import attention_kind
 from f5worker.fast import BucketedStepRunner, euler_integrate, warm_fused_kernels
 
@@ -72,6 +73,9 @@ def switch_task(runner: BucketedStepRunner, dtype: torch.dtype, device, cache_di
 
     def task() -> bool:
         started = time.perf_counter()
+        if not kernels.TRITON_AVAILABLE and runner.use_triton is not False:
+            log.warning("fused kernels not used: this torch build has no Triton; serving on the unfused step")
+            return False
         try:
             if cache_dir is not None:
                 Path(cache_dir).mkdir(parents=True, exist_ok=True)

@@ -29,21 +29,35 @@ import logging
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a torch build without Triton (CPU-only wheels, some platforms): references only
+    triton = tl = None
+
+TRITON_AVAILABLE = triton is not None
 
 log = logging.getLogger(__name__)
 
 _FLAT_BLOCK = 1024  # elements per program in the flat kernels
 
 
+def _jit(kernel):
+    """``triton.jit`` where Triton is installed; without it the kernels are never launched."""
+    return triton.jit(kernel) if TRITON_AVAILABLE else kernel
+
+
 def _triton_wanted(use_triton: bool | None, tensor: torch.Tensor) -> bool:
-    return tensor.is_cuda if use_triton is None else use_triton
+    if use_triton is None:
+        return tensor.is_cuda and TRITON_AVAILABLE
+    if use_triton and not TRITON_AVAILABLE:
+        raise RuntimeError("Triton is not installed")
+    return use_triton
 
 
 # --- LayerNorm + AdaLN modulation, gated residual ----------------------------------------------
 
-@triton.jit
+@_jit
 def _rows_kernel(x_ptr, gate_ptr, y_ptr, shift_ptr, scale_ptr, h_ptr, out_ptr, rows_per_batch, D,
                  gate_stride, shift_stride, scale_stride, eps,
                  RESIDUAL: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -124,7 +138,7 @@ def gated_residual_layernorm_modulate(x, gate, y, shift, scale, eps=1e-6, use_tr
 
 # --- GELU (tanh approximation), optionally with the preceding Linear's bias --------------------
 
-@triton.jit
+@_jit
 def _gelu_tanh_kernel(x_ptr, bias_ptr, out_ptr, numel, D, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     keep = offs < numel
@@ -159,7 +173,7 @@ def gelu_tanh(x, bias=None, use_triton=None):
 
 # --- rotary embedding (x_transformers' interleaved pairs) ---------------------------------------
 
-@triton.jit
+@_jit
 def _rotary_kernel(t_ptr, cos_ptr, sin_ptr, out_ptr, N, J, D, R, t_sb, t_sj, t_sn, o_sb, o_sj, o_sn,
                    tab_sb, tab_sn, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     # one program per (batch, position): all J heads there share one row of the tables
@@ -259,7 +273,7 @@ def rotary_qkv(qkv, heads, cos, sin, use_triton=None):
 
 # --- classifier-free guidance and the Euler update ---------------------------------------------
 
-@triton.jit
+@_jit
 def _cfg_euler_kernel(x_ptr, pred_ptr, out_ptr, numel, dt, cfg,
                       DT_IN_MEMORY: tl.constexpr, CFG_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

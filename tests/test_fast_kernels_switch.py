@@ -6,6 +6,9 @@ held to those under Triton's interpreter in test_kernels.py and test_fast_fused.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -16,6 +19,7 @@ from f5worker import fast_kernels, kernels
 from f5worker.engine import TTSEngine
 from f5worker.model_store import resolve_tts_files
 from f5worker.settings import Settings
+from tests.test_cli import REPO
 from tests.test_engine import CPU_REL_L2, GEN_TEXT, load_stock, rel_l2, request, stock_infer
 
 
@@ -64,3 +68,28 @@ def test_a_compile_lock_held_too_long_leaves_the_worker_on_the_unfused_step(engi
     assert result == [False] and "Timeout" in caplog.text
     assert engine.step_runner._wanted == (False, False)
 
+
+
+def test_without_triton_the_worker_imports_and_serves_on_the_unfused_step(tiny_models):
+    """A torch build without Triton (CPU-only wheels, some platforms): the kernels module still
+    imports, its torch references run, and the switch is declined with a reason."""
+    script = f"""
+import sys, logging
+sys.modules["triton"] = None  # as if not installed: 'import triton' raises ImportError
+logging.basicConfig(level=logging.WARNING)
+import torch
+from f5worker import fast_kernels, kernels
+from f5worker.engine import TTSEngine
+from f5worker.model_store import resolve_tts_files
+from f5worker.settings import Settings
+assert not kernels.TRITON_AVAILABLE
+engine = TTSEngine.load(resolve_tts_files(Settings.from_env({tiny_models!r})), device="cpu", fast=True)
+x = torch.randn(2, 5, 64)
+assert torch.equal(kernels.layernorm_modulate(x, torch.zeros(2, 64), torch.zeros(2, 64)),
+                   kernels.layernorm_modulate_reference(x, torch.zeros(2, 64), torch.zeros(2, 64)))
+print("switched:", fast_kernels.switch_task(engine.step_runner, engine.dtype, "cpu", None)())
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "switched: False" in done.stdout and "has no Triton" in done.stderr
