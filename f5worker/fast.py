@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from f5worker import kernels
 from f5worker.attention import (AttentionPlan, FusedAttnProcessor, attend, attention_kind, fused_qkv,
                                 install_fused_attention, split_rotate)
-from f5worker.job_plan import MAX_NFE_STEP
+from f5worker.options import MAX_NFE_STEP
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,12 @@ before and after the model:
 - ``plan_segments`` plans a job spoken in several voices, a request per segment, as one job;
 - ``finish`` joins a job's chunk waveforms with cross-fades.
 
-The synthesis options and their defaults are defined here once; the job's input rules
-(``job_input``) take their defaults and the ``nfe_step`` bound from here, and the fast path sizes
-its step table from ``MAX_NFE_STEP``.
+The synthesis options' defaults and the ``nfe_step`` bound live one level lower, in the torch-free
+``f5worker.options``, which ``job_input`` and the fast path read too.
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ import torch
 from f5worker.audio import TARGET_SAMPLE_RATE, cross_fade_join, joined_length, prepare_reference, remove_silences
 from f5worker.chunking import chunk_for_model, utf8_len
 from f5worker.errors import InputError
+from f5worker.options import OPTION_DEFAULTS
 from f5worker.text_tokens import text_to_symbols
 
 # f5-tts's inference constants (f5_tts.infer.utils_infer)
@@ -37,8 +37,6 @@ MAX_FRAMES = 65536  # CFM.sample's max_duration
 CHUNK_TARGET_SECONDS = 22
 MAX_CHUNK_SECONDS = 30
 MAX_CHUNK_FRAMES = MAX_CHUNK_SECONDS * TARGET_SAMPLE_RATE // HOP_LENGTH
-# The most ODE steps a job may ask for; the fast path's on-device time grid holds MAX_NFE_STEP + 1.
-MAX_NFE_STEP = 64
 # A streamed job's first chunk is at most this share of the usual chunk budget (cut at a sentence,
 # a clause or a space), so its audio is ready after a short model call.
 FIRST_CHUNK_SHARE = 0.25
@@ -46,29 +44,24 @@ FIRST_CHUNK_SHARE = 0.25
 
 @dataclass
 class SynthesisRequest:
-    """A job's synthesis options; the defaults here are the job input's defaults."""
+    """A job's synthesis options, with the job input's defaults (f5worker.options)."""
 
     ref_audio: np.ndarray  # mono float32, as decoded
     ref_sr: int
     ref_text: str
     gen_text: str
     seed: int
-    speed: float = 1.0
-    nfe_step: int = 32
-    cfg_strength: float = 2.0
-    sway_sampling_coef: float = -1.0
-    cross_fade_duration: float = 0.15
-    remove_silence: bool = False
+    speed: float = OPTION_DEFAULTS["speed"]
+    nfe_step: int = OPTION_DEFAULTS["nfe_step"]
+    cfg_strength: float = OPTION_DEFAULTS["cfg_strength"]
+    sway_sampling_coef: float = OPTION_DEFAULTS["sway_sampling_coef"]
+    cross_fade_duration: float = OPTION_DEFAULTS["cross_fade_duration"]
+    remove_silence: bool = OPTION_DEFAULTS["remove_silence"]
     # ref_audio as audio.prepare_reference makes it, when the caller has it already (a voice kept
     # prepared by f5worker.voices); plan() then skips that step. Not a job option.
-    prepared_ref: np.ndarray | None = field(default=None, metadata={"job_option": False})
+    prepared_ref: np.ndarray | None = None
     # A streamed job's: the first chunk is cut short (FIRST_CHUNK_SHARE). Not a job option.
-    short_first_chunk: bool = field(default=False, metadata={"job_option": False})
-
-
-# The options a job may set, with their defaults: what job_input declares as optional fields.
-OPTION_DEFAULTS = {f.name: f.default for f in fields(SynthesisRequest)
-                   if f.default is not MISSING and f.metadata.get("job_option", True)}
+    short_first_chunk: bool = False
 
 
 @dataclass

@@ -126,10 +126,15 @@ def test_text_with_an_unpaired_surrogate_is_refused_in_our_words():
 def test_options_and_their_defaults_are_the_synthesis_requests():
     """One definition: the job input's optional synthesis fields default to SynthesisRequest's, and
     nfe_step is bounded by the fast path's on-device step table (MAX_NFE_STEP + 1 time points)."""
-    from f5worker.job_plan import MAX_NFE_STEP, OPTION_DEFAULTS
+    from dataclasses import fields as dataclass_fields
+
+    from f5worker.job_plan import SynthesisRequest
+    from f5worker.options import MAX_NFE_STEP, OPTION_DEFAULTS
 
     fields = TTSInput.model_fields
     assert OPTION_DEFAULTS and all(fields[name].default == value for name, value in OPTION_DEFAULTS.items())
+    request_defaults = {f.name: f.default for f in dataclass_fields(SynthesisRequest)}
+    assert all(request_defaults[name] == value for name, value in OPTION_DEFAULTS.items())
     base = {"text": "Hi.", "local_voice": "a.wav"}
     assert parse_job_input({**base, "nfe_step": MAX_NFE_STEP}).nfe_step == MAX_NFE_STEP
     with pytest.raises(InputError, match=f"at most {MAX_NFE_STEP}"):

@@ -57,3 +57,12 @@ def test_a_chinese_job_loads_the_chinese_text_tools_only(tiny_models, tiny_whisp
                                        "nfe_step": 4, "seed": 1}}, env, tmp_path / "modules.json")
     assert loaded(modules, CHINESE_TOOLS) == CHINESE_TOOLS
     assert loaded(modules, FORBIDDEN) == CHINESE_TOOLS
+
+
+def test_importing_the_handler_module_loads_no_torch():
+    """runpod-handler.py imports f5worker.service before start-up; torch (seconds) loads in
+    start-up, beside runpod's own import, not before it."""
+    probe = "import sys; sys.argv = sys.argv[:1]; import f5worker.service; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "False"
