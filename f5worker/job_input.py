@@ -136,11 +136,13 @@ class TTSInput(_Input):
     def _tags_name_voices(self):
         if self.voices is None:
             return self
-        unknown = next((tag for tag in VOICE_TAG_RE.findall(self.text) if tag not in self.voices), None)
+        tags = VOICE_TAG_RE.findall(self.text)
+        unknown = next((n for n, tag in enumerate(tags, 1) if tag not in self.voices), None)
         if unknown is not None:
+            # Said by its position, not quoted: an error sentence is logged, and the text is the caller's.
             known = one_of([f"[{alias}]" for alias in self.voices])
             raise PydanticCustomError(
-                "sentence", f"The text's tag [{unknown}] names no voice in 'voices'; use {known}.")
+                "sentence", f"Voice tag {unknown} of the text names no voice in 'voices'; use {known}.")
         if not self.segments():
             raise PydanticCustomError("sentence", "The text has nothing to speak besides its voice tags.")
         return self

@@ -97,8 +97,8 @@ def test_seeds_run_on_over_the_segments(ctx, tmp_path):
 
 def test_unknown_alias_is_refused_and_writes_nothing(ctx):
     before = ctx.keys()
-    job_id, result = ctx.run(script_job("Hello. [villain] Who goes there?"))
-    assert assert_one_sentence(result) == "The text's tag [villain] names no voice in 'voices'; use [zh] or [en]."
+    job_id, result = ctx.run(script_job("Hello. [en] Hi. [villain] Who goes there?"))
+    assert assert_one_sentence(result) == "Voice tag 2 of the text names no voice in 'voices'; use [zh] or [en]."
     assert ctx.keys() == before and ctx.tmp_files() == []
     assert log_record(ctx, job_id)["error"] == result["error"]
 
