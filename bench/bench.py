@@ -196,12 +196,14 @@ class Stock:
         from f5_tts.model import DiT
         from f5_tts.model.utils import convert_char_to_pinyin, seed_everything
 
+        from f5worker.settings import ENV_CKPT_FILE, ENV_MODEL_CONFIG, ENV_VOCAB_FILE, ENV_VOCODER_DIR
+
         lap("import_f5")
-        arch = yaml.safe_load(Path(env["F5_MODEL_CONFIG"]).read_text())["model"]["arch"]
+        arch = yaml.safe_load(Path(env[ENV_MODEL_CONFIG]).read_text())["model"]["arch"]
         with quiet_prints():
-            self.model = ui.load_model(DiT, arch, env["F5_CKPT_FILE"], vocab_file=env["F5_VOCAB_FILE"], device=device)
+            self.model = ui.load_model(DiT, arch, env[ENV_CKPT_FILE], vocab_file=env[ENV_VOCAB_FILE], device=device)
             lap("load_model")
-            self.vocoder = ui.load_vocoder("vocos", is_local=True, local_path=env["F5_VOCODER_DIR"], device=device)
+            self.vocoder = ui.load_vocoder("vocos", is_local=True, local_path=env[ENV_VOCODER_DIR], device=device)
         lap("load_vocoder")
         # stock reads the reference with torchaudio.load, which needs torchcodec + FFmpeg: the same PCM via soundfile
         ui.torchaudio.load = lambda p, *a, **k: (

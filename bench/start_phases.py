@@ -1,5 +1,8 @@
 """Process start to worker ready, by phase, on whatever device the machine has.
 
+Why this module exists: start-up is the serverless worker's cost on every scale-up, and comparing
+two commits' start on the same machine (with or without a GPU) shows what a change did to it.
+
     python bench/start_phases.py REPO MODELS_DIR
 
 REPO is a checkout of this project (pass an older commit's worktree to compare), MODELS_DIR a model
@@ -22,11 +25,13 @@ def main(repo: str, models: str) -> None:
     sys.argv = sys.argv[:1]  # runpod parses argv on import
     volume = tempfile.mkdtemp()
     os.makedirs(os.path.join(volume, "tmp"))
-    env = dict(os.environ, F5_CKPT_FILE=os.path.join(models, "model.safetensors"),
-               F5_MODEL_CONFIG=os.path.join(models, "model.yaml"), F5_VOCODER_DIR=os.path.join(models, "vocos"),
-               RUNPOD_VOLUME_PATH=volume, F5_TMP_DIR=os.path.join(volume, "tmp"),
-               F5_BAKED_MODEL_DIR=os.path.join(volume, "none"))
-    from f5worker.settings import Settings, apply_cache_env
+    from f5worker.settings import (ENV_BAKED_MODEL_DIR, ENV_CKPT_FILE, ENV_MODEL_CONFIG, ENV_TMP_DIR, ENV_VOCODER_DIR,
+                                   ENV_VOLUME_PATH, Settings, apply_cache_env)
+
+    env = {**os.environ, ENV_CKPT_FILE: os.path.join(models, "model.safetensors"),
+           ENV_MODEL_CONFIG: os.path.join(models, "model.yaml"), ENV_VOCODER_DIR: os.path.join(models, "vocos"),
+           ENV_VOLUME_PATH: volume, ENV_TMP_DIR: os.path.join(volume, "tmp"),
+           ENV_BAKED_MODEL_DIR: os.path.join(volume, "none")}
 
     settings = Settings.from_env(env)
     apply_cache_env(settings)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from f5worker import dit, f5_imports, vocoder
 from f5worker.audio import TARGET_SAMPLE_RATE
@@ -142,8 +143,6 @@ def build_stock_vocos(vocoder_dir: Path):
 def read_state_dict(ckpt: Path, device: str = "cpu") -> dict:
     """EMA weights with f5-tts's key fix-ups (load_checkpoint with use_ema=True)."""
     if ckpt.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return ema_weights(load_file(str(ckpt), device=device))
     return ema_weights(ema_entries(torch.load(str(ckpt), map_location=device, weights_only=True), ckpt))
 
