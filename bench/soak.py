@@ -23,14 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import http.server
 import json
-import os
 import random
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,7 +43,6 @@ from urllib.request import url2pathname
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import requests  # noqa: E402
 import soundfile as sf  # noqa: E402
 
 from f5worker.random_models import write_model_set  # noqa: E402
@@ -55,14 +50,13 @@ from f5worker.settings import (ENV_ALLOW_PRIVATE_URLS, ENV_ASR_MODEL, ENV_BAKED_
                                ENV_LOCAL_STORAGE_DIR, ENV_TMP_DIR, ENV_VOLUME_PATH)
 from tests.fixtures_models import speechlike  # noqa: E402
 from tests.fixtures_whisper import write_tiny_whisper  # noqa: E402
+from tests.processes import clean_env, local_session, start_api_server, stop, wait_api_ready  # noqa: E402
 from tests.reliability_report import provenance, table, write_section  # noqa: E402
 
 READY_TIMEOUT_S = 180
 JOB_TIMEOUT_S = 120
 MAX_GROWTH_PERCENT = 5.0
 SR = 24000
-# What a developer's shell may hold that must not reach the worker (it would act on it).
-_DROP = re.compile(r"^(AWS_|BUCKET_|S3_BUCKET$|RUNPOD_|F5_|ASR_MODEL$|HF_|TRANSFORMERS_|TORCH_HOME$|.*_proxy$|.*_PROXY$)")
 TEXTS = ["Hello there, this is a soak test.", "The quick brown fox jumps over the lazy dog.",
          "今天天气很好，我们去公园散步。", "สวัสดีครับ ยินดีที่ได้รู้จัก", "Привет, как дела?", "Ça va très bien, merci.",
          "Numbers like 42 and 3.14 are read aloud.", "One. Two. Three. Four. Five."]
@@ -84,23 +78,6 @@ VOICE_POOL = [f"soak-{k}.wav" for k in range(5)]
 
 
 # --- the pieces ---------------------------------------------------------------------------------------
-def _die_with_parent() -> None:  # in the child, before exec: no orphaned server if the soak dies
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session() -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False  # no proxies, no .netrc: loopback only
-    return session
-
-
 def rss_kib(pid: int) -> int:
     """VmRSS of ``pid`` and all its descendants, in KiB (0 for a process that is gone)."""
     total, todo = 0, [pid]
@@ -129,37 +106,19 @@ def api_server(folder: Path, worker_env: dict[str, str]) -> Iterator[Server]:
     volume = folder / "volume"
     tmp_dir, storage_dir = volume / "jobtmp", volume / "storage"
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not _DROP.match(k)}
-    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **worker_env, **{
+    env = clean_env({**worker_env, **{
         ENV_VOLUME_PATH: str(volume), ENV_TMP_DIR: str(tmp_dir), ENV_LOCAL_STORAGE_DIR: str(storage_dir),
-        ENV_BAKED_MODEL_DIR: str(volume / "no-baked-models"), ENV_ALLOW_PRIVATE_URLS: "true"})
-    port = _free_port()
+        ENV_BAKED_MODEL_DIR: str(volume / "no-baked-models"), ENV_ALLOW_PRIVATE_URLS: "true"}})
     log_path = folder / "server.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "runpod-handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
-             "--rp_api_port", str(port)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    server = Server(f"http://127.0.0.1:{port}", proc, tmp_dir, storage_dir, log_path)
+    proc, base_url = start_api_server(env, log_path)
+    server = Server(base_url, proc, tmp_dir, storage_dir, log_path)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        with _session() as session:
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the API server did not start; log: {log_path}")
-                with contextlib.suppress(requests.RequestException):
-                    if session.get(f"{server.base_url}/docs", timeout=2).status_code == 200:
-                        break
-                time.sleep(0.25)
+        why = wait_api_ready(base_url, proc, READY_TIMEOUT_S)
+        if why:
+            raise RuntimeError(f"the API server did not start ({why}); log: {log_path}")
         yield server
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop(proc)
 
 
 @contextlib.contextmanager
@@ -250,7 +209,7 @@ def run_soak(jobs: int, folder: Path, worker_env: dict[str, str], concurrency: i
         failures: list[str] = []
         kinds: dict[str, int] = {}
         samples: list[tuple[int, int]] = []  # (jobs done, RSS KiB)
-        session = _session()
+        session = local_session()
 
         def send(job: dict) -> dict:
             response = session.post(f"{server.base_url}/runsync", json={"input": job}, timeout=JOB_TIMEOUT_S)

@@ -21,7 +21,6 @@ import os
 import secrets
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,8 +29,9 @@ from typing import Callable, Iterator
 import requests
 
 from f5worker.settings import ENV_S3_BUCKET
-from tests.fixtures_s3 import (START_TIMEOUT_S, S3Server, _die_with_parent, _stop, _tail, _wait_ready,
+from tests.fixtures_s3 import (START_TIMEOUT_S, S3Server, _stop, _tail, _wait_ready,
                                _weed_args, _weed_command, _write_certificate)
+from tests.processes import ORPHAN_GUARD
 
 
 # --- an S3 server this test may stop ---------------------------------------------------------------
@@ -61,7 +61,7 @@ class RestartableS3:
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(_weed_command(self.folder, self.args), cwd=self.folder, env=env,
                                          stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                         preexec_fn=ORPHAN_GUARD)
         why = _wait_ready(self.server, self.proc, started + START_TIMEOUT_S)
         if why is not None:
             self.stop()

@@ -7,8 +7,6 @@ session (self-signed certificate, random credentials, every port on 127.0.0.1 an
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import datetime
 import ipaddress
 import json
@@ -16,7 +14,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +27,7 @@ import pytest
 
 from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_CA_BUNDLE, ENV_AWS_ENDPOINT_URL,
                                ENV_AWS_REGION, ENV_AWS_SECRET_ACCESS_KEY, ENV_S3_BUCKET, Settings)
+from tests.processes import ORPHAN_GUARD, stop
 
 REGION = "us-east-1"
 START_TIMEOUT_S = 30
@@ -145,11 +143,6 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _die_with_parent() -> None:  # runs in the child before exec: no orphaned weed if pytest dies
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _weed_args(folder: Path, cert: Path, key: Path, config: Path) -> dict[str, object]:
     """Every listener on 127.0.0.1 and on a free port (weed's defaults would clash between runs)."""
     master, volume, filer, s3, admin, https = _free_ports(6)
@@ -175,13 +168,7 @@ def _weed_command(folder: Path, args: dict[str, object]) -> list[str]:
 
 
 def _stop(proc: subprocess.Popen, args: dict[str, object]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    stop(proc, grace_s=10)
     # weed also listens on /tmp/seaweedfs-<part>-grpc-<port>.sock (a fixed folder, no flag) and
     # does not always remove them: remove ours, named by the ports this run used.
     for part in ("master", "volume", "filer", "s3", "admin"):
@@ -235,8 +222,7 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
             proc = subprocess.Popen(_weed_command(folder, args), cwd=folder, env=env,
                                     stdin=subprocess.DEVNULL, stdout=log_file,
                                     stderr=subprocess.STDOUT,
-                                    preexec_fn=_die_with_parent if sys.platform == "linux"
-                                    else None)
+                                    preexec_fn=ORPHAN_GUARD)
         try:
             why = _wait_ready(server, proc, started + START_TIMEOUT_S)
         except BaseException:

@@ -21,9 +21,9 @@ import pytest
 import requests
 
 from f5worker.service import build_worker, make_handler
-from f5worker.settings import (ENV_ALLOW_PRIVATE_URLS, ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR, ENV_FAST_PATH,
-                               ENV_TMP_DIR, ENV_VOLUME_PATH, Settings)
+from f5worker.settings import ENV_ALLOW_PRIVATE_URLS, ENV_FAST_PATH, Settings
 from tests.fixtures_s3 import S3Env, S3Server, make_s3_env
+from tests.processes import worker_env
 
 VOICE_PREFIXES = ("voices/", "output/")
 
@@ -89,14 +89,6 @@ class Ctx:
         return sorted(p.name for p in self.tmp_dir.iterdir())
 
 
-def worker_env(tiny_models, tiny_whisper, volume: Path, extra: dict | None = None) -> dict[str, str]:
-    tmp = volume / "jobtmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    return {**tiny_models, ENV_VOLUME_PATH: str(volume), ENV_TMP_DIR: str(tmp), ENV_ASR_MODEL: str(tiny_whisper),
-            ENV_FAST_PATH: "1", ENV_ALLOW_PRIVATE_URLS: "true",
-            ENV_BAKED_MODEL_DIR: str(volume / "no-baked-models"), **(extra or {})}
-
-
 @contextlib.contextmanager
 def worker_ctx(tiny_models, tiny_whisper, folder: Path, s3_server: S3Server | None = None,
                prefix: str = "handler", extra: dict | None = None) -> Iterator[Ctx]:
@@ -105,7 +97,8 @@ def worker_ctx(tiny_models, tiny_whisper, folder: Path, s3_server: S3Server | No
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         s3 = make_s3_env(s3_server, mp, folder, prefix=prefix) if s3_server is not None else None
-        env = worker_env(tiny_models, tiny_whisper, folder / "volume", {**(s3 or {}), **(extra or {})})
+        env = worker_env(tiny_models, tiny_whisper, folder / "volume",
+                         {ENV_FAST_PATH: "1", ENV_ALLOW_PRIVATE_URLS: "true", **(s3 or {}), **(extra or {})})
         settings = Settings.from_env(env)
         worker = build_worker(settings)
         try:

@@ -13,13 +13,9 @@ segments, done by requests/urllib3 when the request is prepared) to ``/runsync``
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
-import os
 import re
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,60 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 import soundfile as sf
 
-from f5worker.settings import (ENV_ALLOW_PRIVATE_URLS, ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR, ENV_TMP_DIR,
-                               ENV_VOLUME_PATH)
+from f5worker.settings import ENV_ALLOW_PRIVATE_URLS
 from tests.fixtures_models import SR, speechlike
 from tests.fixtures_s3 import ENV_AWS_CA_BUNDLE, REGION
+from tests.processes import clean_env, local_session, start_api_server, stop, tail, wait_api_ready, worker_env
 
-REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 120
 NFE = 6
 MARKER = "Quillibet" + secrets.token_hex(4)  # in every job's text; must never reach the server's log
-# Variables a developer's shell may hold that must not reach the worker (it would act on them).
-_DROP = re.compile(r"^(AWS_|BUCKET_|S3_BUCKET$|RUNPOD_|F5_|ASR_MODEL$|HF_|TRANSFORMERS_|TORCH_HOME$|.*_proxy$|.*_PROXY$)")
-
-
-def child_env(extra: dict[str, str]) -> dict[str, str]:
-    """This process's environment without worker/cloud/proxy settings, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not _DROP.match(k)}
-    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def worker_env(tiny_models, tiny_whisper, volume: Path) -> dict[str, str]:
-    (volume / "jobtmp").mkdir(parents=True, exist_ok=True)
-    return {**tiny_models, ENV_VOLUME_PATH: str(volume), ENV_TMP_DIR: str(volume / "jobtmp"),
-            ENV_ASR_MODEL: str(tiny_whisper), ENV_BAKED_MODEL_DIR: str(volume / "no-baked-models")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def die_with_parent() -> None:  # in the child, before exec: no orphaned server if pytest dies
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def local_session() -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False  # no proxies, no .netrc: loopback only
-    return session
-
-
 def assert_wav_matches(data: bytes, duration: float) -> None:
     """A 24 kHz WAV whose length is the reported duration, within a frame (plus the 1 ms rounding)."""
     info = sf.info(io.BytesIO(data))
@@ -119,23 +72,6 @@ class ApiServer:
         return found
 
 
-def _wait_ready(server: ApiServer, deadline: float) -> str | None:
-    last = "not tried"
-    with local_session() as session:
-        while time.monotonic() < deadline:
-            if server.proc.poll() is not None:
-                return f"the server exited with status {server.proc.returncode}"
-            try:
-                response = session.get(f"{server.base_url}/docs", timeout=2)  # redirects to the docs page
-                if response.status_code == 200:
-                    return None
-                last = f"HTTP {response.status_code}"
-            except requests.RequestException as err:
-                last = type(err).__name__
-            time.sleep(0.25)
-    return f"not ready after {READY_TIMEOUT_S} s (last: {last})"
-
-
 @pytest.fixture(scope="module")
 def api(tiny_models, tiny_whisper, s3_server, tmp_path_factory):
     with api_server(tiny_models, tiny_whisper, s3_server, tmp_path_factory.mktemp("api-server")) as server:
@@ -147,7 +83,7 @@ def api_server(tiny_models, tiny_whisper, s3_server, folder: Path, extra: dict[s
     """The local API server on a fresh bucket; ``extra``: more worker variables (F5_STREAMING ...)."""
     bucket = f"api-{uuid.uuid4().hex[:16]}"
     s3_server.client().create_bucket(Bucket=bucket)
-    env = child_env({
+    env = clean_env({
         **worker_env(tiny_models, tiny_whisper, folder / "volume"),
         ENV_ALLOW_PRIVATE_URLS: "true",
         "S3_BUCKET": bucket, "AWS_ACCESS_KEY_ID": s3_server.access_key,
@@ -156,32 +92,19 @@ def api_server(tiny_models, tiny_whisper, s3_server, folder: Path, extra: dict[s
         "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(folder / "no-aws-config"),
         "AWS_SHARED_CREDENTIALS_FILE": str(folder / "no-aws-credentials"), **(extra or {}),
     })
-    port = free_port()
     log_path = folder / "server.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "runpod-handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
-             "--rp_api_port", str(port)],
-            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None)
-    server = ApiServer(f"http://127.0.0.1:{port}", log_path, proc, s3_server.secret_key, bucket, s3_server,
-                       folder / "volume" / "jobtmp")
+    proc, base_url = start_api_server(env, log_path)
+    server = ApiServer(base_url, log_path, proc, s3_server.secret_key, bucket, s3_server, folder / "volume" / "jobtmp")
     started = time.monotonic()
     try:
-        why = _wait_ready(server, started + READY_TIMEOUT_S)
+        why = wait_api_ready(base_url, proc, READY_TIMEOUT_S)
         if why:
             pytest.fail(f"the API server did not start: {why}\n--- {log_path} (tail) ---\n{tail(log_path)}",
                         pytrace=False)
         print(f"API server ready in {time.monotonic() - started:.1f} s")
         yield server
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop(proc)
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,6 @@ Runs the real entry point as a subprocess on the tiny models with local storage 
 from __future__ import annotations
 
 import json
-import os
-import re
 import secrets
 import subprocess
 import sys
@@ -16,22 +14,15 @@ import pytest
 import soundfile as sf
 
 from f5worker.job_input import TTSInput, parse_job_input
-from f5worker.settings import ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR, ENV_TMP_DIR, ENV_VOLUME_PATH
+from tests.processes import REPO, clean_env, worker_env
 
-REPO = Path(__file__).resolve().parent.parent
 MARKER = "Frobnitz" + secrets.token_hex(4)
-# Variables a developer's shell may hold that must not reach the worker (it would act on them).
-_DROP = re.compile(r"^(AWS_|BUCKET_|S3_BUCKET$|RUNPOD_|F5_|ASR_MODEL$|HF_|TRANSFORMERS_|TORCH_HOME$|.*_proxy$|.*_PROXY$)")
 
 
 def child_env(tiny_models, tiny_whisper, volume: Path) -> dict[str, str]:
-    """This process's environment without worker/cloud/proxy settings; tiny models, local storage, offline."""
-    (volume / "jobtmp").mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not _DROP.match(k)}
-    env.update(tiny_models, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.update({ENV_VOLUME_PATH: str(volume), ENV_TMP_DIR: str(volume / "jobtmp"), ENV_ASR_MODEL: str(tiny_whisper),
-                ENV_BAKED_MODEL_DIR: str(volume / "no-baked-models")})
-    return env
+    """The entry point's environment: tiny models, local storage, offline, nothing from this shell's
+    worker or cloud settings."""
+    return clean_env(worker_env(tiny_models, tiny_whisper, volume))
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +89,7 @@ def test_a_bad_setting_is_one_line_naming_the_variable(tiny_models, tiny_whisper
 def test_the_gate_fails_a_bad_setting_without_a_traceback(tmp_path):
     from f5worker.settings import ENV_PRESIGN_EXPIRY
 
-    env = {k: v for k, v in os.environ.items() if not _DROP.match(k)}
-    env[ENV_PRESIGN_EXPIRY] = "soon"
+    env = clean_env({ENV_PRESIGN_EXPIRY: "soon"})
     run = subprocess.run([sys.executable, "validate-storage-config.py", "--skip-s3", "--skip-gpu"], cwd=REPO,
                          env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "Traceback" not in run.stderr

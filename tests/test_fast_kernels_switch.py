@@ -19,7 +19,7 @@ from f5worker import fast_kernels, kernels
 from f5worker.engine import TTSEngine
 from f5worker.model_store import resolve_tts_files
 from f5worker.settings import Settings
-from tests.test_cli import REPO
+from tests.processes import REPO
 from tests.test_engine import CPU_REL_L2, GEN_TEXT, load_stock, rel_l2, request, stock_infer
 
 

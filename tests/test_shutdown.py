@@ -29,7 +29,7 @@ import requests
 
 from f5worker.job_guard import EXIT_AFTER_S, SHUTDOWN_GRACE_S
 from f5worker.settings import ENV_ALLOW_PRIVATE_URLS, ENV_VOCODER_DIR
-from tests.test_api_server import REPO, child_env, die_with_parent, free_port, local_session, tail, worker_env
+from tests.processes import ORPHAN_GUARD, REPO, clean_env, free_port, local_session, tail, worker_env
 
 READY_TIMEOUT_S = 180
 # SIGTERM -> jobs answered after the grace -> the process gone at most EXIT_AFTER_S later; slack for
@@ -123,7 +123,7 @@ def worker_process(args: list[str], env: dict[str, str], log_path: Path):
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "runpod-handler.py", *args], cwd=REPO, env=env,
                                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                preexec_fn=die_with_parent if sys.platform == "linux" else None)
+                                preexec_fn=ORPHAN_GUARD)
     try:
         yield proc
     finally:
@@ -146,7 +146,7 @@ def terminate_and_time(proc: subprocess.Popen, log_path: Path) -> float:
 def env_for(tiny_models, tiny_whisper, tmp_path):
     def make(extra: dict[str, str] | None = None) -> tuple[dict[str, str], Path]:
         volume = tmp_path / "volume"
-        env = child_env({**worker_env(tiny_models, tiny_whisper, volume), ENV_ALLOW_PRIVATE_URLS: "true",
+        env = clean_env({**worker_env(tiny_models, tiny_whisper, volume), ENV_ALLOW_PRIVATE_URLS: "true",
                          **(extra or {})})
         return env, volume / "jobtmp"
     return make

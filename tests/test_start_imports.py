@@ -13,7 +13,8 @@ import json
 import subprocess
 import sys
 
-from tests.test_cli import REPO, child_env
+from tests.processes import REPO
+from tests.test_cli import child_env
 
 # Never imported on the start path or by an English job.
 FORBIDDEN = ("x_transformers", "einx", "einops", "torchdiffeq", "scipy", "vocos", "encodec", "pypinyin",

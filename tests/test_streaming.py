@@ -34,7 +34,8 @@ from f5worker.settings import ENV_MAX_RESULT_BYTES, ENV_STREAMING
 from f5worker.streaming import (MAX_PIECE_BASE64_BYTES, PCM_FORMAT, AudioStream, output_bytes, piece,
                                 planned_output_bytes)
 from tests.fixtures_worker import worker_ctx
-from tests.test_api_server import JOB_TIMEOUT_S, api_server, local_session
+from tests.processes import local_session
+from tests.test_api_server import JOB_TIMEOUT_S, api_server
 from tests.test_client import PROXY_VARIABLES
 from tests.test_handler import assert_one_sentence
 
