@@ -109,3 +109,18 @@ def wait_api_ready(base_url: str, proc: subprocess.Popen, timeout_s: float) -> s
                 last = type(err).__name__
             time.sleep(0.25)
     return f"not ready after {timeout_s:g} s (last: {last})"
+
+
+ENV_TRITON_INTERPRET = "TRITON_INTERPRET"  # read by Triton itself, at import
+INTERPRETED = os.environ.get(ENV_TRITON_INTERPRET) == "1"
+
+
+def run_interpreted(test_file: str, test_class: str) -> None:
+    """Runs ``test_file::test_class`` in a fresh pytest under Triton's interpreter (Triton reads the
+    switch once, at import, so it cannot be turned on in this process) and asserts it all passed."""
+    env = {**os.environ, ENV_TRITON_INTERPRET: "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          f"{Path(test_file).resolve().relative_to(REPO)}::{test_class}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert re.search(r"\d+ passed", run.stdout) and "skipped" not in run.stdout, run.stdout[-2000:]

@@ -14,12 +14,7 @@ The flash kernel and CUDA graphs need a GPU: tests/test_gpu.py covers them there
 """
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,10 +22,8 @@ import torch
 from f5worker import attention, fast, kernels
 from f5worker.dit import DiT
 from f5worker.random_models import TINY_ARCH
+from tests.processes import INTERPRETED, run_interpreted
 
-ENV_TRITON_INTERPRET = "TRITON_INTERPRET"  # read by Triton itself
-INTERPRETED = os.environ.get(ENV_TRITON_INTERPRET) == "1"
-REPO = Path(__file__).resolve().parents[1]
 VOCAB, MEL = 40, 100
 REL_L2 = 1e-5  # fp32; the fused kernels round once where torch rounds per op
 KERNEL_WRAPPERS = ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate", "gelu_tanh",
@@ -220,12 +213,7 @@ def test_fused_refuses_a_block_it_does_not_implement():
 
 @pytest.mark.skipif(INTERPRETED, reason="this process already runs the interpreted tests")
 def test_fused_step_under_triton_interpreter():
-    env = dict(os.environ, **{ENV_TRITON_INTERPRET: "1"})
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          f"{Path(__file__).relative_to(REPO)}::TestFusedUnderInterpreter"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert re.search(r"\d+ passed", run.stdout) and "skipped" not in run.stdout, run.stdout[-2000:]
+    run_interpreted(__file__, "TestFusedUnderInterpreter")
 
 
 # --- 2. the Triton kernels themselves (collected only under the interpreter) --------------------

@@ -14,12 +14,7 @@
 """
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,15 +23,13 @@ from triton.runtime.interpreter import InterpretedFunction
 from x_transformers.x_transformers import RotaryEmbedding, apply_rotary_pos_emb
 
 from f5worker import f5_imports, kernels
+from tests.processes import INTERPRETED, run_interpreted
 
 f5_imports.install()  # f5-tts's model modules without the trainer its package __init__ imports
 from f5_tts.model.backbones.dit import DiT  # noqa: E402
 from f5_tts.model.cfm import CFM  # noqa: E402
 from f5_tts.model.modules import AdaLayerNorm, AdaLayerNorm_Final, DiTBlock, FeedForward  # noqa: E402
 
-ENV_TRITON_INTERPRET = "TRITON_INTERPRET"  # read by Triton itself
-INTERPRETED = os.environ.get(ENV_TRITON_INTERPRET) == "1"
-REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2**-10, atol=1e-4),
              torch.bfloat16: dict(rtol=2**-7, atol=1e-3)}
 REFERENCES = {name: getattr(kernels, name) for name in dir(kernels) if name.endswith("_reference")}
@@ -159,12 +152,7 @@ def test_cpu_tensors_take_the_reference_path(name):
 
 @pytest.mark.skipif(INTERPRETED, reason="this process already runs the interpreted tests")
 def test_triton_kernels_under_interpreter():
-    env = dict(os.environ, **{ENV_TRITON_INTERPRET: "1"})
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          f"{Path(__file__).relative_to(REPO)}::TestTritonUnderInterpreter"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert re.search(r"\d+ passed", run.stdout) and "skipped" not in run.stdout, run.stdout[-2000:]
+    run_interpreted(__file__, "TestTritonUnderInterpreter")
 
 
 # --- 2. the Triton kernels are their references (collected only under the interpreter) ----------
