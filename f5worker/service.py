@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import sys
 import time
 from typing import Callable
 
 from f5worker.errors import InputError, StorageError, WorkerError
+from f5worker.gpu_faults import gpu_fault
 from f5worker.job_guard import JobGuard, JobStopped
 from f5worker.job_input import parse_job_input
 from f5worker.settings import ENV_STREAMING, Settings
@@ -44,8 +43,6 @@ from f5worker.settings import ENV_STREAMING, Settings
 log = logging.getLogger(__name__)
 
 SETTLE_S = 2.0  # a failed job's log record gets this long
-# Faults that leave the GPU unusable for the rest of the process (torch's wording, stable for years).
-_CUDA_FAULT = re.compile(r"CUDA error|CUBLAS_STATUS_|CUDNN_STATUS_|cuDNN error|CUDA driver")
 
 
 def build_worker(settings: Settings, phases: dict[str, float] | None = None):
