@@ -3,8 +3,8 @@
 Why this module exists: a serverless worker is billed by the GPU-second, and a DiT step on 2 items
 costs little more than on 1. Jobs that arrive together (runpod's ``concurrency_modifier`` lets
 several run on one worker) submit their chunk items here; a single loop takes whatever is pending,
-waits at most ``max_wait_s`` for company, and runs the oldest waiting item together with the
-shortest others that share its ODE settings, within a frame budget.
+waits at most ``max_wait_s`` for company, and runs the oldest waiting item together with others
+that share its ODE settings, nearest its length first, within an item and a frame budget.
 The model is only ever driven from one thread.
 """
 from __future__ import annotations
@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_WAIT_S = 0.004
 DEFAULT_MAX_ITEMS = 16
 DEFAULT_MAX_FRAMES = 16 * 2048  # sum of padded frames in one call: bounds GPU memory
+
+
+@dataclass(frozen=True)
+class OffModelThread:
+    """A background preparation task that must not hold the model thread (it waits: for a file
+    lock, say); ``prepare_in_background`` runs it on its own thread, in order with the others."""
+    run: Callable[[], object]
 
 
 @dataclass(eq=False)  # compared by identity: the generated __eq__ would compare tensors
@@ -96,13 +103,17 @@ class Batcher:
             if not entry.future.done():
                 entry.future.cancel()
 
-    def prepare_in_background(self, tasks: list[Callable[[], object]]) -> threading.Thread:
-        """Run preparation tasks on the model thread one at a time, so a job that arrives meanwhile
-        waits for one task at most, never for the whole list."""
+    def prepare_in_background(self, tasks: list[Callable[[], object] | OffModelThread]) -> threading.Thread:
+        """Run preparation tasks in order: each callable on the model thread, alone, so a job that
+        arrives meanwhile waits for one task at most, never for the whole list; each
+        ``OffModelThread`` on the background thread, so its waiting holds up no job."""
         def run():
             for task in tasks:
                 try:
-                    self.executor.submit(task).result()
+                    if isinstance(task, OffModelThread):
+                        task.run()
+                    else:
+                        self.executor.submit(task).result()
                 except Exception:  # an optimisation: a failure only costs speed later
                     log.warning("background preparation failed", exc_info=True)
 
@@ -118,19 +129,24 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def next_batch(self) -> list[_Pending]:
-        """The oldest pending item and, shortest first, others sharing its ODE settings, within the
-        budgets. The oldest always goes, so no job waits behind a stream of more common ones."""
+        """The oldest pending item and others sharing its ODE settings, within the budgets: all of
+        them when they fit, else those nearest the oldest in length (every row of a call is padded
+        to its longest item, so a call of like lengths wastes little). The oldest always goes, so
+        no job waits behind a stream of more common ones."""
         self._pending = [e for e in self._pending if not e.future.done()]
         if not self._pending:
             return []
         oldest = self._pending[0]
-        group = sorted((e for e in self._pending[1:] if e.item.batch_key == oldest.item.batch_key),
-                       key=lambda e: e.item.duration)
+        others = [e for e in self._pending[1:] if e.item.batch_key == oldest.item.batch_key]
+        # nearest length first; among equals, the oldest first (sorted() keeps queue order)
+        others.sort(key=lambda e: abs(e.item.duration - oldest.item.duration))
         batch, longest = [oldest], oldest.item.duration
-        for entry in group:
-            longest_after = max(longest, entry.item.duration)
-            if len(batch) >= self.max_items or longest_after * (len(batch) + 1) > self.max_frames:
+        for entry in others:
+            if len(batch) >= self.max_items:
                 break
+            longest_after = max(longest, entry.item.duration)
+            if longest_after * (len(batch) + 1) > self.max_frames:
+                continue  # too long for this call; a shorter one further on may still fit
             batch.append(entry)
             longest = longest_after
         for entry in batch:

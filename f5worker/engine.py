@@ -32,7 +32,7 @@ from f5worker import job_plan
 from f5worker.audio import TARGET_SAMPLE_RATE
 from f5worker.device import pick_device, pick_dtype
 from f5worker.fast import BucketedStepRunner
-from f5worker.fast_kernels import switch_task
+from f5worker.fast_kernels import switch_tasks
 from f5worker.job_plan import TARGET_RMS, ChunkItem, JobPlan, SynthesisRequest
 from f5worker.model_store import ModelFiles
 from f5worker.sampler import EagerStepRunner, sample_mels
@@ -52,7 +52,8 @@ class TTSEngine:
         self.step_runner = step_runner or EagerStepRunner(model.transformer)
 
     @classmethod
-    def load(cls, files: ModelFiles, device: str | None = None, fast: bool = False) -> "TTSEngine":
+    def load(cls, files: ModelFiles, device: str | None = None, fast: bool = False, *,
+             graph_memory_bytes: int | None = None) -> "TTSEngine":
         device = pick_device(device)
         dtype = pick_dtype(device)
         started = time.perf_counter()
@@ -63,7 +64,8 @@ class TTSEngine:
         if fast and model.own:
             # Served from the start on the unfused step with masked attention; the fused kernels and
             # variable-length attention follow once checked on this GPU (background_tasks).
-            step_runner = BucketedStepRunner(model.transformer, use_graphs=device.startswith("cuda"), varlen=False)
+            step_runner = BucketedStepRunner(model.transformer, use_graphs=device.startswith("cuda"), varlen=False,
+                                             graph_memory_bytes=graph_memory_bytes)
         log.info("model loaded on %s (%s) in %.2f s from %s", device, dtype, time.perf_counter() - started, files.sources)
         return cls(model, vocoder, device, dtype, step_runner)
 
@@ -104,12 +106,14 @@ class TTSEngine:
 
     def background_tasks(self, kernel_cache: Path | None = None, fused_kernels: bool = False) -> list:
         """What the model thread does while idle after start: capture the single-job graphs; on a
-        GPU with ``fused_kernels``, then compile, check and switch to the fused kernels
-        (f5worker.fast_kernels) and capture the same buckets again on them."""
+        GPU, then check and switch to variable-length attention where flash runs it and, with
+        ``fused_kernels``, compile, check and switch to the fused kernels (f5worker.fast_kernels),
+        and capture the same buckets again on what was switched to."""
         captures = self.precapture_tasks()
-        if not (fused_kernels and captures and isinstance(self.step_runner, BucketedStepRunner)):
+        if not (captures and isinstance(self.step_runner, BucketedStepRunner)):
             return captures
-        return [*captures, switch_task(self.step_runner, self.dtype, self.device, kernel_cache), *captures]
+        switches = switch_tasks(self.step_runner, self.dtype, self.device, kernel_cache, fused=fused_kernels)
+        return [*captures, *switches, *captures]
 
     def warm_up(self) -> float:
         """One short synthesis so the first job pays no lazy initialisation."""

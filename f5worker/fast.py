@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,18 +40,22 @@ import torch.nn.functional as F
 from f5worker import kernels
 from f5worker.attention import (AttentionPlan, FusedAttnProcessor, attend, attention_kind, fused_qkv,
                                 install_fused_attention, split_rotate)
+from f5worker.gpu_faults import fast_path_fault
 from f5worker.options import MAX_NFE_STEP
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BucketedStepRunner", "FusedAttnProcessor", "bucket_batch", "bucket_frames", "dit_step",
+__all__ = ["BucketedStepRunner", "FusedAttnProcessor", "StepTally", "bucket_batch", "bucket_frames", "dit_step",
            "euler_integrate", "warm_fused_kernels"]
 
 FRAME_BUCKET = 128  # batches are compute-bound: pad little
 SINGLE_FRAME_BUCKET = 512  # one job is launch-bound: a step costs about the same at any length, so
 # few buckets, all captured while the worker is idle, beat many captured during jobs
 SINGLE_MAX_FRAMES = 3072  # ~33 s: past f5-tts's chunk lengths (22 s of text plus the reference)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+# Padding rows repeat row 0 and are computed in full: every batch up to 32 wastes at most 15 % of
+# its rows (9 -> 10, 17 -> 20). Captures are cheap (one step each), so many sizes cost little.
+BATCH_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32)
+LEVELS = ("fused", "graphed", "eager")  # what the runner may use, fastest first; faults step down
 # Triton specialises integer arguments on divisibility by 16: every bucket's frame count is a
 # multiple of 16, so warming on 16 frames compiles the specialisations the buckets use.
 WARM_FRAMES = 16
@@ -203,11 +209,46 @@ def warm_fused_kernels(transformer, dtype, device, use_triton=None) -> None:
     log.info("fused DiT kernels ready (%s on %s)", dtype, device)
 
 
+def _capture_into(graph: torch.cuda.CUDAGraph, body, *, pool, stream: torch.cuda.Stream) -> None:
+    """Capture ``body`` into ``graph`` on ``stream``: what ``torch.cuda.graph`` does, without its
+    device-wide ``synchronize`` and ``empty_cache`` (a capture may happen inside a job). The capture
+    is always ended, so a body that fails leaves no stream capturing."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        # thread_local: another thread's CUDA call (a job being planned) must not void the capture
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            body()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+class _PoolKeeper:
+    """Keeps the graphs' shared memory pool alive for the runner's whole life.
+
+    The caching allocator counts the graphs captured into a pool and, once that count falls to 0,
+    refuses any new capture into the pool for as long as a block is still allocated in it
+    (``TORCH_INTERNAL_ASSERT(it->second->use_count > 0)`` in CUDACachingAllocator.cpp). Such blocks
+    exist: the first cuBLAS call on a (thread, stream) pair inside a capture allocates its workspace
+    in the pool and never frees it. Dropping every graph (a switch to the fused kernels, an
+    eviction) would then break every later capture. A tiny graph of its own, captured into the pool
+    first and never released, holds the count above 0, so graphs can come and go."""
+
+    def __init__(self, *, device):
+        self.stream = torch.cuda.Stream(device=device)  # every capture of the runner: one stream, one pool
+        self.pool = torch.cuda.graph_pool_handle()
+        self._tensor = torch.zeros(1, device=device)
+        self._graph = torch.cuda.CUDAGraph()
+        _capture_into(self._graph, lambda: self._tensor.add_(1), pool=self.pool, stream=self.stream)
+
+
 class _Graph:
     """One captured Euler step for a (batch, frames, guided, attention, fused) bucket, with its
     static buffers."""
 
-    def __init__(self, transformer, batch, frames, guided, attention, fused, use_triton, dtype, device, pool):
+    def __init__(self, transformer, *, batch: int, frames: int, guided: bool, attention: str, fused: bool,
+                 use_triton, dtype, device, pool, stream: torch.cuda.Stream, warm_steps: int = 2):
         self.tr = transformer
         n_mel = transformer.proj_out.out_features
         self.x = torch.zeros(batch, frames, n_mel, device=device, dtype=dtype)
@@ -220,7 +261,16 @@ class _Graph:
         self.guided, self.attention, self.fused, self.use_triton = guided, attention, fused, use_triton
         self.state = None
         self.graph = torch.cuda.CUDAGraph()
-        self._capture(pool)
+        self._capture(pool, stream, warm_steps)
+
+    @property
+    def nbytes(self) -> int:
+        """The static buffers this graph holds outside the shared pool (what eviction gives back)."""
+        tensors = [self.x, self.step_cond, self.mask, self.text, self.t_grid]
+        tensors += [t for t in (self.state.text_cond, self.state.text_uncond, self.state.cos, self.state.sin)
+                    if t is not None]
+        tensors += self.state.attention.tensors()
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def _sample_state(self) -> _SampleState:
         mask = None if self.attention == "dense" else self.mask
@@ -235,19 +285,17 @@ class _Graph:
                    self.use_triton, out=self.x)
         self.index.add_(1)
 
-    def _capture(self, pool):
+    def _capture(self, pool, stream, warm_steps: int):
         self.t_grid.copy_(torch.linspace(0, 1, MAX_NFE_STEP + 1, device=self.t_grid.device, dtype=self.t_grid.dtype))
         self.state = self._sample_state()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # lazy initialisation (cuBLAS handles, kernel choice, Triton compiles) off the graph
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            # lazy initialisation (cuBLAS handles and workspaces, kernel choice, Triton compiles) off
+            # the graph, on the capture stream itself
+            for _ in range(warm_steps):
                 self.index.zero_()
                 self._body()
-        torch.cuda.current_stream().wait_stream(side)
-        # thread_local: another thread's CUDA call (a job being planned) must not void the capture
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self._body()
+        _capture_into(self.graph, self._body, pool=pool, stream=stream)
 
     def load(self, y, step_cond, text, mask, t, cfg_strength):
         """Copy one batch's inputs into the static buffers (rows past the batch repeat row 0)."""
@@ -266,6 +314,24 @@ class _Graph:
         self.cfg.fill_(cfg_strength)
 
 
+@dataclass
+class StepTally:
+    """What the runner computed, against what the items needed: rows (batch entries, before the
+    guidance doubles them) and row-frames (rows times frames), summed over integrations."""
+    integrations: int = 0
+    rows: int = 0
+    real_rows: int = 0
+    row_frames: int = 0
+    real_row_frames: int = 0
+
+    def add(self, *, rows: int, frames: int, real_rows: int, real_row_frames: int) -> None:
+        self.integrations += 1
+        self.rows += rows
+        self.real_rows += real_rows
+        self.row_frames += rows * frames
+        self.real_row_frames += real_row_frames
+
+
 class BucketedStepRunner:
     """Integrates a batch padded to its (batch, frames) bucket: replayed CUDA graphs on a GPU, the
     same step run eagerly elsewhere (which is how the CPU tests check this path's arithmetic).
@@ -273,34 +339,60 @@ class BucketedStepRunner:
     ``fused``: the step body from f5worker.kernels (``use_fused_kernels()`` switches later).
     ``varlen``: variable-length attention for padded batches (None: where flash runs it; True also
     on the CPU, through the per-segment reference). ``use_triton``: passed to the kernels (None:
-    Triton on CUDA tensors, the torch references elsewhere)."""
+    Triton on CUDA tensors, the torch references elsewhere). ``graph_memory_bytes``: the static
+    buffers of the captured graphs are kept under this, the least recently used evicted.
+
+    A fault of the fast path itself (``f5worker.gpu_faults.fast_path_fault``: a failed capture, a
+    Triton or flash error) never fails the items: the runner steps down one of ``LEVELS`` for the
+    rest of the process (fused -> unfused graphed -> eager), logs why, and runs them again there."""
 
     def __init__(self, transformer, use_graphs: bool | None = None, fused: bool = False,
-                 varlen: bool | None = None, use_triton: bool | None = None):
+                 varlen: bool | None = None, use_triton: bool | None = None, *,
+                 graph_memory_bytes: int | None = None):
         self.tr = transformer
         install_fused_attention(transformer)
         if fused:
             check_fusable(transformer)
         self.use_graphs = torch.cuda.is_available() if use_graphs is None else use_graphs
         self.fused, self.varlen, self.use_triton = fused, varlen, use_triton
-        self.graphs: dict[tuple, _Graph] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.graph_memory_bytes = graph_memory_bytes
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()  # least recently used first
+        self.tally = StepTally()
+        self._keeper: _PoolKeeper | None = None  # created with the first graph
         self._switch_lock = threading.Lock()
         self._wanted = (fused, varlen)
+        self._floor = 0  # index into LEVELS of the fastest level still allowed
+
+    # --- levels and switches ------------------------------------------------------------------
+    @property
+    def level(self) -> str:
+        if self.fused or self.varlen is not False:
+            return LEVELS[0]
+        return LEVELS[1] if self.use_graphs else LEVELS[2]
 
     def use_fused_kernels(self) -> None:
         """Serve on the fused step from the next integration on (any thread may call this; run
         ``warm_fused_kernels`` first, or the first fused capture compiles the kernels). Graphs
-        captured unfused are dropped then, so each bucket is re-captured fused on its next use."""
+        captured unfused are dropped then, so each bucket is re-captured fused on its next use.
+        Ignored once a fault has demoted the runner below the fused level."""
         check_fusable(self.tr)
         with self._switch_lock:
-            self._wanted = (True, self._wanted[1])
+            if self._floor == 0:
+                self._wanted = (True, self._wanted[1])
 
     def use_varlen_attention(self, varlen: bool | None = None) -> None:
         """Padded batches on variable-length attention (None: where flash runs it) from the next
-        integration on; graphs of the other attention kind are simply no longer used."""
+        integration on; graphs of the other attention kind are simply no longer used. Ignored once
+        a fault has demoted the runner below the fused level."""
         with self._switch_lock:
-            self._wanted = (self._wanted[0], varlen)
+            if self._floor == 0:
+                self._wanted = (self._wanted[0], varlen)
+
+    @property
+    def requested_varlen(self) -> bool | None:
+        """The attention switch asked for (taken at the next integration)."""
+        with self._switch_lock:
+            return self._wanted[1]
 
     def _take_switch(self) -> bool:
         """On the model thread, between integrations: apply a requested switch."""
@@ -308,45 +400,112 @@ class BucketedStepRunner:
             fused, self.varlen = self._wanted
         if fused != self.fused:
             self.fused = fused
-            self.graphs = {key: graph for key, graph in self.graphs.items() if key[-1] == fused}
+            for key in [key for key in self.graphs if key[-1] != fused]:
+                del self.graphs[key]  # safe: the pool keeper holds the pool (see _PoolKeeper)
             log.info("DiT step switched to %s kernels", "fused" if fused else "unfused")
         return self.fused
 
+    def _demote(self, err: BaseException) -> bool:
+        """After a fast-path fault: step one level down for the rest of the process (True), or
+        False when ``err`` is not such a fault or there is no level left below."""
+        current = LEVELS.index(self.level)
+        if not fast_path_fault(err) or current == len(LEVELS) - 1:
+            return False
+        with self._switch_lock:
+            self._floor = max(self._floor, current + 1)
+            self._wanted = (False, False)
+            self.fused, self.varlen = False, False
+            for key in [key for key in self.graphs if key[-1] or key[3] == "varlen"]:
+                del self.graphs[key]  # never replayed again
+            if self._floor >= LEVELS.index("eager"):
+                self.use_graphs = False
+                self.graphs.clear()
+        log.warning("DiT fast path demoted from %s to %s for the rest of this process after %s: %s",
+                    LEVELS[current], self.level, type(err).__name__, str(err)[:300])
+        return True
+
+    def _demoting(self, run):
+        """``run()``, again one level down after each fast-path fault."""
+        while True:
+            try:
+                return run()
+            except Exception as err:
+                if not self._demote(err):
+                    raise
+
+    # --- graphs -------------------------------------------------------------------------------
     def single_job_buckets(self) -> list[int]:
         return list(range(SINGLE_FRAME_BUCKET, SINGLE_MAX_FRAMES + 1, SINGLE_FRAME_BUCKET)) if self.use_graphs else []
 
     def prepare(self, batch, frames, dtype, device) -> None:
         """Capture the (guided, padded) graph for a bucket ahead of the first job that needs it."""
-        fused = self._take_switch()
-        attention = attention_kind(True, device, dtype, self.varlen)
-        with torch.inference_mode():
-            self.graph_for(bucket_batch(batch), bucket_frames(frames, batch), True, attention, fused, dtype, device)
+        def capture():
+            fused = self._take_switch()
+            if not self.use_graphs:
+                return
+            attention = attention_kind(True, device, dtype, self.varlen)
+            with torch.inference_mode():
+                self.graph_for(bucket_batch(batch), bucket_frames(frames, batch), True, attention, fused, dtype, device)
+
+        self._demoting(capture)
 
     def graph_for(self, batch, frames, guided, attention, fused, dtype, device) -> _Graph:
         key = (batch, frames, guided, attention, fused)
         graph = self.graphs.get(key)
-        if graph is None:
-            graph = _Graph(self.tr, batch, frames, guided, attention, fused, self.use_triton, dtype, device, self.pool)
-            self.graphs[key] = graph
-            log.info("captured DiT step graph for batch %d x %d frames (guided=%s, %s attention, fused=%s)", *key)
+        if graph is not None:
+            self.graphs.move_to_end(key)
+            return graph
+        if self._keeper is None:
+            self._keeper = _PoolKeeper(device=device)
+        # The first capture on this runner warms twice (handles, workspaces, kernel choice); later
+        # ones once, as they only meet a new shape.
+        graph = _Graph(self.tr, batch=batch, frames=frames, guided=guided, attention=attention, fused=fused,
+                       use_triton=self.use_triton, dtype=dtype, device=device, pool=self._keeper.pool,
+                       stream=self._keeper.stream, warm_steps=1 if self.graphs else 2)
+        self.graphs[key] = graph
+        self._evict(keep=key)
+        log.info("captured DiT step graph for batch %d x %d frames (guided=%s, %s attention, fused=%s)", *key)
         return graph
 
+    def graph_bytes(self) -> int:
+        return sum(graph.nbytes for graph in self.graphs.values())
+
+    def _evict(self, keep: tuple) -> None:
+        """Drop the least recently used graphs while their buffers exceed the budget."""
+        if self.graph_memory_bytes is None:
+            return
+        while len(self.graphs) > 1 and self.graph_bytes() > self.graph_memory_bytes:
+            key = next(iter(self.graphs))
+            if key == keep:
+                break
+            del self.graphs[key]
+            log.info("evicted the DiT step graph for batch %d x %d frames (graph memory budget)", *key[:2])
+
+    # --- integration --------------------------------------------------------------------------
     def integrate(self, y, step_cond, text, mask, t, steps, cfg_strength):
         """All ``steps`` Euler steps; returns the final y for the real rows and frames."""
+        return self._demoting(lambda: self._integrate(y, step_cond, text, mask, t, steps, cfg_strength))
+
+    def _integrate(self, y, step_cond, text, mask, t, steps, cfg_strength):
         fused = self._take_switch()  # once per integration: a switch never lands mid-way
         b, n, _ = y.shape
         guided = cfg_strength >= 1e-5
         pad = bucket_frames(n, b) - n
         padded = pad > 0 or (mask is not None and not bool(mask.all()))
         attention = attention_kind(padded, y.device, y.dtype, self.varlen)
+        real_row_frames = b * n if mask is None else int(mask.sum())
         if mask is None:
             mask = torch.ones(b, n, device=y.device, dtype=torch.bool)
         y, step_cond, mask = F.pad(y, (0, 0, 0, pad)), F.pad(step_cond, (0, 0, 0, pad)), F.pad(mask, (0, pad))
-        if not self.use_graphs:
-            return euler_integrate(self.tr, y, step_cond, text, mask if padded else None, t, steps, cfg_strength,
-                                   attention, fused, self.use_triton)[:, :n]
-        graph = self.graph_for(bucket_batch(b), n + pad, guided, attention, fused, y.dtype, y.device)
-        graph.load(y, step_cond, text, mask, t, cfg_strength)
-        for _ in range(steps):
-            graph.graph.replay()
-        return graph.x[:b, :n].clone()
+        rows = bucket_batch(b) if self.use_graphs else b
+        if self.use_graphs:
+            graph = self.graph_for(rows, n + pad, guided, attention, fused, y.dtype, y.device)
+            graph.load(y, step_cond, text, mask, t, cfg_strength)
+            for _ in range(steps):
+                graph.graph.replay()
+            out = graph.x[:b, :n].clone()
+        else:
+            out = euler_integrate(self.tr, y, step_cond, text, mask if padded else None, t, steps, cfg_strength,
+                                  attention, fused, self.use_triton)[:, :n]
+        self.tally.add(rows=rows, frames=n + pad, real_rows=b, real_row_frames=real_row_frames)
+        return out

@@ -68,7 +68,8 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     device = pick_device(settings.device)
     files = resolve_tts_files(settings)
     lap("resolve_models")
-    engine = TTSEngine.load(files, device=device, fast=settings.fast_path)
+    engine = TTSEngine.load(files, device=device, fast=settings.fast_path,
+                            graph_memory_bytes=settings.graph_memory_mb * 2**20)
     lap("load_models")
     engine.warm_up()
     lap("warm_up")
@@ -89,26 +90,6 @@ def error_sentence(err: WorkerError) -> str:
     if isinstance(err, StorageError):
         message = message[0].upper() + message[1:]
     return message if message.endswith((".", "!", "?")) else message + "."
-
-
-def gpu_fault(err: BaseException) -> tuple[str, BaseException] | None:
-    """``("memory" or "device", the CUDA error)`` when ``err``, or an error it was raised from, is
-    a CUDA out-of-memory error or a CUDA device fault; None otherwise."""
-    # torch is imported by the engine, in the start-up thread; importing it here would make runpod's
-    # import wait for torch's. Without torch loaded there is no torch error to recognise.
-    torch = sys.modules.get("torch")
-    out_of_memory = torch.cuda.OutOfMemoryError if torch is not None else ()
-    accelerator = getattr(torch, "AcceleratorError", ()) if torch is not None else ()
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        text = str(err) if isinstance(err, RuntimeError) else ""
-        if isinstance(err, out_of_memory) or "CUDA out of memory" in text or "CUDA error: out of memory" in text:
-            return "memory", err
-        if isinstance(err, accelerator) or _CUDA_FAULT.search(text):
-            return "device", err
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard | None = None, *,

@@ -71,6 +71,7 @@ S3_ENV_ALIASES = {
 }
 ENV_VOICE_CACHE_SIZE = "F5_VOICE_CACHE_SIZE"
 ENV_MAX_RESULT_BYTES = "F5_MAX_RESULT_BYTES"
+ENV_GRAPH_MEMORY_MB = "F5_GRAPH_MEMORY_MB"
 # On: the handler is a generator and jobs may ask for "stream": true (f5worker.service).
 ENV_STREAMING = "F5_STREAMING"
 # Set by RunPod on its workers (where runpod's SDK fetches jobs); unset in runpod's local modes,
@@ -119,6 +120,10 @@ DEFAULT_VOICE_CACHE_SIZE = 32
 # check_return_size) warns about a result above 20 MB (counted in units of 1,000,000 bytes). The
 # worker cannot tell which operation a job came through, so the default is the smaller one.
 DEFAULT_MAX_RESULT_BYTES = 10_000_000
+# The fast path's captured graphs keep static input buffers per (batch, frames) bucket: about 1 MiB
+# for a single job, ~80 MiB for 16 jobs of 2048 frames (fp16, F5TTS_v1_Base). Past this budget the
+# least recently used are evicted (re-captured, in one step, if needed again).
+DEFAULT_GRAPH_MEMORY_MB = 1024
 
 # --- what the worker loads ----------------------------------------------------------------------
 F5_REPO = "SWivid/F5-TTS"
@@ -310,6 +315,7 @@ class Settings:
     local_retention_hours: float
     voice_cache_size: int
     max_result_bytes: int
+    graph_memory_mb: int
     streaming: bool = False
     on_runpod_queue: bool = False  # jobs come from RunPod's queue, not runpod's local modes
     warnings: tuple[str, ...] = ()  # sentences about the variables (conflicting aliases ...), no values
@@ -388,6 +394,7 @@ class Settings:
             local_retention_hours=_number(env, ENV_LOCAL_RETENTION_HOURS, DEFAULT_LOCAL_RETENTION_HOURS),
             voice_cache_size=_number(env, ENV_VOICE_CACHE_SIZE, DEFAULT_VOICE_CACHE_SIZE, cast=int),
             max_result_bytes=_number(env, ENV_MAX_RESULT_BYTES, DEFAULT_MAX_RESULT_BYTES, cast=int, minimum=1),
+            graph_memory_mb=_number(env, ENV_GRAPH_MEMORY_MB, DEFAULT_GRAPH_MEMORY_MB, cast=int, minimum=1),
             streaming=_truthy(env.get(ENV_STREAMING)),
             on_runpod_queue=bool(env.get(ENV_RUNPOD_JOB_URL)),
             warnings=warnings,
