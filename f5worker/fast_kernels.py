@@ -113,6 +113,22 @@ def varlen_switch_task(runner: BucketedStepRunner, dtype: torch.dtype, device):
     return task
 
 
+def triton_probe(device="cuda") -> str | None:
+    """Compile and launch one of the fused kernels here, against its torch reference: None when it
+    works, else why not (the pre-deploy gate reports it; the worker would serve unfused)."""
+    if not kernels.TRITON_AVAILABLE:
+        return "this torch build has no Triton"
+    try:
+        x = torch.randn(4, 64, device=device, dtype=torch.float16)
+        bias = torch.randn(64, device=device, dtype=torch.float16)
+        got = kernels.gelu_tanh(x, bias, use_triton=True)
+    except Exception as err:  # noqa: BLE001 - a missing compiler, an unsupported GPU: all mean "not here"
+        return f"{type(err).__name__}: {str(err)[:300]}"
+    if rel_l2(got, kernels.gelu_tanh_reference(x, bias)) > CHECK_REL_L2[torch.float16]:
+        return "the compiled kernel differs from its torch reference"
+    return None
+
+
 def _flock_works(path: Path) -> bool:
     """Whether the folder's filesystem implements ``flock`` (network volumes may not)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)

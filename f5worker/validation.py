@@ -48,6 +48,7 @@ from f5worker.settings import (
     ENV_AWS_SECRET_ACCESS_KEY,
     ENV_BUCKET_ENDPOINT_URL,
     ENV_CKPT_FILE,
+    ENV_FUSED_KERNELS,
     ENV_MODEL_CONFIG,
     ENV_MODEL_ROOT,
     ENV_S3_BUCKET,
@@ -529,9 +530,30 @@ def check_gpu(ctx: Context) -> CheckResult:
     return CheckResult(name, PASS, desc)
 
 
+def check_triton(ctx: Context) -> CheckResult:
+    """Whether the fast path's fused Triton kernels can compile and launch on this GPU; a warning
+    only, since the worker then serves on the unfused step (slower, never wrong)."""
+    name = "Fused kernels"
+    if ctx.args.skip_gpu or not ctx.settings.fast_path or not ctx.settings.fused_kernels:
+        return CheckResult(name, SKIP, "skipped (--skip-gpu, or the fast path or its fused kernels are off)")
+    import torch
+
+    if not torch.cuda.is_available():
+        return CheckResult(name, SKIP, "skipped: no CUDA GPU")
+    from f5worker.fast_kernels import triton_probe
+
+    problem = triton_probe("cuda")
+    if problem is None:
+        return CheckResult(name, PASS, "a Triton kernel compiled and ran here, equal to its torch reference")
+    return CheckResult(name, WARN, _fix(
+        f"the fused Triton kernels cannot run here ({problem}); the worker will serve on the slower unfused step.",
+        "build from Dockerfile.runpod, which installs the C compiler Triton needs (gcc), or use a -devel base "
+        f"image; set {ENV_FUSED_KERNELS}=0 to silence this."))
+
+
 CHECKS: tuple[Callable[[Context], CheckResult], ...] = (
     check_volume, check_model_root, check_cache_env, check_tts_models, check_asr_model,
-    check_model_space, check_tmp, check_s3, check_gpu,
+    check_model_space, check_tmp, check_s3, check_gpu, check_triton,
 )
 
 

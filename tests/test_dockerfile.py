@@ -106,6 +106,16 @@ def test_base_image_matches_pinned_torch():
     assert all("--no-cache-dir" in part for part in runs.split("pip install")[1:])
 
 
+def test_a_c_compiler_is_installed_for_triton_on_the_runtime_base():
+    """Triton compiles a launcher with a C compiler (gcc or clang, with the C library's headers);
+    a -runtime base has neither, a -devel base has both."""
+    (base,) = [rest for word, rest in instructions() if word == "FROM"]
+    runs = " ".join(rest for word, rest in instructions() if word == "RUN")
+    installs = re.findall(r"apt-get install ([^&]*)", runs)
+    assert "-devel" in base or any({"gcc", "libc6-dev"} <= set(words.split()) for words in installs), installs
+    assert "rm -rf /var/lib/apt/lists" in runs  # the package lists do not stay in the image
+
+
 def test_preload_is_optional_and_cmd_runs_handler():
     ins = instructions()
     assert ("ARG", "PRELOAD_MODELS=0") in ins

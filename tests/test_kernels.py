@@ -176,6 +176,11 @@ def triton(name, *args, **kwargs):
 class TestTritonUnderInterpreter:
     __test__ = INTERPRETED
 
+    def test_the_gates_probe_compiles_and_launches_a_kernel(self):
+        from f5worker.fast_kernels import triton_probe
+
+        assert triton_probe("cpu") is None
+
     def test_kernels_are_interpreted(self):
         for name in ("_rows_kernel", "_gelu_tanh_kernel", "_rotary_kernel", "_cfg_euler_kernel"):
             assert isinstance(getattr(kernels, name), InterpretedFunction)

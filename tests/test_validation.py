@@ -346,6 +346,28 @@ def test_gpu(capsys, monkeypatch, models_env, gib, status):
     assert code == (1 if status == "fail" else 0)
 
 
+@pytest.mark.parametrize("problem", [None, "RuntimeError: Failed to find C compiler."])
+def test_fused_kernels_that_cannot_compile_are_a_warning_with_the_fix(capsys, monkeypatch, models_env, problem):
+    import torch
+
+    from f5worker import fast_kernels
+
+    # Injected: a GPU (this machine has none) on which Triton can or cannot build its launcher.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(name="Fake GPU", total_memory=24 * 2 ** 30))
+    monkeypatch.setattr(fast_kernels, "triton_probe", lambda device: problem)
+    code, _, checks = run_json(capsys, "--skip-s3")
+    assert code == 0
+    check = checks["Fused kernels"]
+    if problem is None:
+        assert check["status"] == "pass"
+    else:
+        assert check["status"] == "warn" and "C compiler" in check["message"] and "gcc" in check["message"]
+    code, _, checks = run_json(capsys, "--skip-s3", "--skip-gpu")
+    assert checks["Fused kernels"]["status"] == "skip"
+
+
 # --- S3 and secrets --------------------------------------------------------------------------------
 
 def _closed_port() -> int:
