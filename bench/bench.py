@@ -425,7 +425,8 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
     from f5worker.batcher import Batcher
     from f5worker.engine import TTSEngine
     from f5worker.fast import BucketedStepRunner
-    from f5worker.fast_kernels import switch_task
+    from f5worker.batcher import OffModelThread
+    from f5worker.fast_kernels import switch_tasks
     from f5worker.model_store import resolve_tts_files
 
     stock = Stock(env, device)
@@ -485,14 +486,20 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
     # --- the switch to the fused kernels, as the worker's background task makes it --------------------
     runner = engine.step_runner
     if isinstance(runner, BucketedStepRunner):
-        seconds, switched = timed(switch_task(runner, engine.dtype, engine.device, settings.kernel_cache))
-        res["switch_in_bench"] = {"switched": bool(switched), "seconds": seconds,
+        def switch() -> list:  # the worker's background tasks, in order, on this thread
+            return [task.run() if isinstance(task, OffModelThread) else task()
+                    for task in switch_tasks(runner, engine.dtype, engine.device, settings.kernel_cache)]
+
+        seconds, results = timed(switch)
+        switched = bool(results[2]) if len(results) > 2 else False  # varlen, lock, fused, unlock
+        res["switch_in_bench"] = {"switched": switched, "varlen": bool(results[0]), "seconds": seconds,
                                   "kernel_cache": "warm" if not args.skip_cold else "empty"}
         if switched:
             res["agreement"]["fused"] = agreement(stock_waves)
             res["rtf"]["worker_fused"] = {}
             worker_figures("worker_fused")
             res["switch_in_bench"]["runner_fused"] = runner.fused
+        res["switch_in_bench"]["level"] = runner.level  # "fused" unless a fault demoted it
     save("switch_and_fused")
 
     # --- stock with N jobs in flight --------------------------------------------------------------------

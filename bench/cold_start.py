@@ -33,7 +33,7 @@ SPAWNED = float(os.environ.get("BENCH_SPAWN_T", time.time()))
 stamps: dict = {"interpreter": round(time.time() - SPAWNED, 3)}
 _mark = [time.time()]
 
-PREPARATION_WAIT_S = 240  # an empty kernel cache compiles here; the compile lock waits up to 300 s
+PREPARATION_WAIT_S = 240  # an empty kernel cache compiles here; the compile lock is waited for up to 240 s, off the model thread
 
 
 def lap(name: str) -> float:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One run on a GPU machine: the GPU tests, then the bench (stock f5-tts and the worker side by side),
-# everything under $OUT (default /tmp/out), a short summary table printed at the end.
+# One run on a GPU machine: the stack, the GPU tests, jobs through the worker, then the bench (stock
+# f5-tts and the worker side by side), everything under $OUT (default /tmp/out), a summary at the end.
 #
 # Reproduce on any GPU machine (NVIDIA, CUDA; from the repository root):
 #   with a package index:    scripts/setup.sh --dev && bash bench/device_run.sh      (uses .venv)
@@ -10,13 +10,19 @@
 #                            runs the image's python3, which must have torch with CUDA)
 #   PYTHON=... picks another interpreter.
 #
-# Time: at most ~9 minutes in all (a 15-minute machine lease less its start): the GPU tests get
-# 180 s, the bench what is left of RUN_BUDGET_S (default 520 s) and writes bench.json after each
-# section, so a bench cut short still leaves what it measured (and its summary is printed from that).
+# Order, by value, each section writing its results before the next starts (a run cut short keeps
+# what it measured), within RUN_BUDGET_S of wall time (default 470 s, under 8 minutes):
+#   1. the stack: python, torch, CUDA, Triton against the image's pins (bench/stack.py -> stack.json;
+#      the summary says when this is not the pinned stack);
+#   2. the GPU tests (tests/test_gpu.py: full-width capture-switch-recapture, the demotion tests, the
+#      graphed path against stock, varlen and fused kernels), 150 s at most;
+#   3. jobs through the whole worker at ready and after its fast path switched (bench/worker_jobs.py:
+#      every job must succeed), 150 s at most;
+#   4. the bench figures (stock f5-tts side by side), with what time is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
-RUN_BUDGET_S="${RUN_BUDGET_S:-520}"
+RUN_BUDGET_S="${RUN_BUDGET_S:-470}"
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 if [ -n "${PYTHON:-}" ]; then
   PY="$PYTHON"
@@ -31,21 +37,27 @@ else
   PY=python3
 fi
 export HF_HUB_OFFLINE=1
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  "$PY" -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())"
-  git rev-parse --short HEAD 2>/dev/null || true; } 2>&1 | tee "$OUT/gpu.txt"
+left() { echo $(( RUN_BUDGET_S - ($(date +%s) - started) )); }
 
-timeout -k 10 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  git rev-parse --short HEAD 2>/dev/null || true; } 2>&1 | tee "$OUT/gpu.txt"
+"$PY" bench/stack.py "$OUT/stack.json" > /dev/null 2>&1
+stack_note=$("$PY" -c "import json; print(json.load(open('$OUT/stack.json'))['note'])" 2>/dev/null || echo "stack unknown")
+echo "stack: $stack_note" | tee -a "$OUT/gpu.txt"
+
+timeout -k 10 150 "$PY" -m pytest -q -p no:cacheprovider -rA tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
 echo "GPU tests (exit $?): $(tail -1 "$OUT/gpu_tests.txt")"
 
-left=$(( RUN_BUDGET_S - ($(date +%s) - started) - 15 )); [ "$left" -lt 60 ] && left=60
-echo "bench: ${left} s left"
-timeout -k 10 "$left" "$PY" bench/bench.py --out "$OUT/bench" --models /tmp/bench-models --runs 3 \
+timeout -k 10 150 "$PY" bench/worker_jobs.py --models /tmp/bench-models --out "$OUT/worker_jobs.json" --jobs 8 \
+  > "$OUT/worker_jobs.log" 2>&1
+echo "worker jobs (exit $?; 1: a job failed): $(tail -1 "$OUT/worker_jobs.log")"
+
+budget=$(( $(left) - 15 )); [ "$budget" -lt 60 ] && budget=60
+echo "bench: ${budget} s left"
+timeout -k 10 "$budget" "$PY" bench/bench.py --out "$OUT/bench" --models /tmp/bench-models/bench --runs 3 \
   > "$OUT/bench.log" 2>&1
 status=$?
 echo "bench exit $status after $(( $(date +%s) - started )) s in all (124: cut short by the time limit)"
-if [ -f "$OUT/bench/bench.json" ]; then
-  "$PY" bench/bench.py --summary "$OUT/bench" | tee "$OUT/summary.md"
-else
-  tail -30 "$OUT/bench.log"
-fi
+{ echo "Stack: $stack_note"; echo
+  if [ -f "$OUT/bench/bench.json" ]; then "$PY" bench/bench.py --summary "$OUT/bench"; else tail -30 "$OUT/bench.log"; fi
+} | tee "$OUT/summary.md"

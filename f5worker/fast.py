@@ -7,8 +7,10 @@ what it computes:
 
 - ``BucketedStepRunner`` captures a whole ODE step (DiT with classifier-free guidance and the Euler
   update, step index advanced on the device) into a CUDA graph per (batch, frames) bucket, then
-  replays it ``nfe_step`` times. Buckets are captured on first use (tens of milliseconds) and share
-  one memory pool, so a new length never re-captures an old one and memory stays one step's worth;
+  replays it ``nfe_step`` times. Buckets are captured on first use (one step, on the runner's own
+  capture stream, without a device-wide sync) and share one memory pool, held alive by a keeper
+  graph so graphs can be dropped (a switch, the ``graph_memory_bytes`` budget, least recently used
+  first) and captured again; batch sizes are bucketed finely (at most 15 % padding rows);
 - per sample, not per step or layer: the text embeddings, the rotary tables and the attention
   plan (f5worker.attention: a padded batch runs variable-length flash attention on the valid
   tokens only, where CUDA and fp16/bf16 allow; masked SDPA elsewhere, no mask without padding);
@@ -23,6 +25,10 @@ Padding to a bucket is exact: padded frames are masked out of attention and conv
 do not change the valid frames (tests compare with stock f5-tts on the same weights, and the fused
 and variable-length paths with the unfused masked one, on the CPU; the Triton kernels under
 Triton's interpreter).
+
+A fault of the fast path itself (f5worker.gpu_faults) never fails a job: the runner steps down
+fused -> unfused graphed -> eager for the rest of the process and runs the items again; CUDA
+device faults and out-of-memory errors are raised, for the worker to be replaced.
 
 Measured vs not: nothing of the fused step or of variable-length attention has been run or timed on
 a GPU yet (written without one): tests/test_gpu.py checks both there; speed is for the bench to say.

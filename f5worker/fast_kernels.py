@@ -87,7 +87,7 @@ def _agree(errors: dict[str, float], dtype: torch.dtype, what: str) -> bool:
     bound = CHECK_REL_L2.get(dtype, 1e-2)
     if all(error <= bound for error in errors.values()):  # NaN counts as a failure
         return True
-    log.warning("%s not used: on this GPU it differs from the unfused masked step (rel. L2 %s, bound %g)",
+    log.warning("%s not used: on this GPU they differ from the unfused masked step (rel. L2 %s, bound %g)",
                 what, {k: f"{v:.2e}" for k, v in errors.items()}, bound)
     return False
 
@@ -205,7 +205,7 @@ def fused_switch_task(runner: BucketedStepRunner, dtype: torch.dtype, device):
             log.warning("fused kernels not used: %s: %s; serving on the unfused step", type(err).__name__,
                         str(err)[:500])
             return False
-        if not _agree(errors, dtype, "the fused step"):
+        if not _agree(errors, dtype, "fused kernels"):
             return False
         runner.use_fused_kernels()
         log.info("fused kernels compiled and checked in %.2f s (rel. L2 vs unfused %s); switching",

@@ -46,3 +46,22 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert mixed_bytes == sorted(mixed_bytes) and mixed_bytes[0] < mixed_bytes[-1] / 5
     assert res["time_to_first_audio"]["stock_s"] > 0 and res["time_to_first_audio"]["worker_s"] > 0
     assert (tmp_path / "summary.md").read_text().startswith("device: cpu")
+
+
+def test_worker_jobs_smoke(tmp_path):
+    """bench/worker_jobs.py on the CPU with tiny models: jobs through the real handler at ready and
+    after the background tasks, each one recorded; the device run uses it at full size."""
+    import subprocess
+    import sys
+
+    from tests.processes import REPO
+
+    out = tmp_path / "jobs.json"
+    done = subprocess.run([sys.executable, "bench/worker_jobs.py", "--tiny", "--jobs", "2", "--models",
+                           str(tmp_path / "models"), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    jobs = report["jobs_at_ready"] + report["jobs_after_background"]
+    assert len(jobs) == 4 and all(job["ok"] and job["duration"] > 0 for job in jobs) and report["failed"] == []
+    assert report["end"]["level"] in ("fused", "graphed", "eager")

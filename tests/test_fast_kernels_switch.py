@@ -59,7 +59,7 @@ def test_kernels_that_disagree_are_not_used(engine, monkeypatch, ref_wav, tmp_pa
     monkeypatch.setattr(kernels, "cfg_euler", lambda x, flow, dt, cfg, **kw: right(x, flow, dt, cfg, **kw) * 1.1)
     with caplog.at_level(logging.WARNING, logger="f5worker.fast_kernels"):
         assert fast_kernels.fused_switch_task(engine.step_runner, engine.dtype, engine.device)() is False
-    assert "differs from the unfused masked step" in caplog.text
+    assert "differ from the unfused masked step" in caplog.text
     engine.synthesize(request(ref_wav, GEN_TEXT, 7, nfe_step=2))
     assert engine.step_runner.fused is False
 

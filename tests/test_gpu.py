@@ -146,3 +146,137 @@ def test_fused_graphs_match_unfused_and_warm_compiles_every_kernel(gpu_engine):
         valid = slice(None) if mask is None else mask
         assert rel_l2_tensors(b[valid], a[valid]) < FP16_REL_L2
         assert rel_l2_tensors(a[valid], y[valid]) > 0.1  # the flow really moved y
+
+
+# --- the fast path cannot fail a job (full F5TTS_v1_Base width) -------------------------------------
+
+@pytest.fixture(scope="module")
+def full_dit():
+    """A randomly initialised DiT of F5TTS_v1_Base's exact layout, fp16 on the GPU (compute does
+    not depend on the weights' values; the zero-initialised modulation is filled so every layer acts)."""
+    from importlib.resources import files as package_files
+    from pathlib import Path
+
+    import yaml
+
+    from f5worker.dit import DiT
+    from f5worker.fast import install_fused_attention
+
+    config = Path(str(package_files("f5_tts").joinpath("configs/F5TTS_v1_Base.yaml")))
+    arch = yaml.safe_load(config.read_text())["model"]["arch"]
+    torch.manual_seed(0)
+    model = DiT(**arch, text_num_embeds=2545, mel_dim=100).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.02)
+    install_fused_attention(model)
+    return model.to("cuda", torch.float16)
+
+
+def full_cases(model, seed=3):
+    """A padded batch of three, guided, and a single job, as (y, step_cond, text, mask, t, steps, cfg)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    cases = []
+    for lengths in ([300, 190, 77], [250]):
+        frames = max(lengths)
+        y = torch.randn(len(lengths), frames, 100, device="cuda", dtype=torch.float16, generator=gen)
+        cond = torch.randn(y.shape, device="cuda", dtype=torch.float16, generator=gen) * 0.5
+        text = torch.randint(0, 2000, (len(lengths), 60), device="cuda", generator=gen)
+        mask = lengths_mask(lengths, frames) if len(lengths) > 1 else None
+        cases.append((y, cond, text, mask, torch.linspace(0, 1, 9, device="cuda", dtype=torch.float16), 8, 2.0))
+    return cases
+
+
+def on_fresh_thread(fn):
+    """``fn()`` on a new thread (a new cuBLAS handle, so new workspaces), in inference mode there."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            with torch.inference_mode():
+                out["value"] = fn()
+        except BaseException as err:  # handed back to the test's thread
+            out["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_capture_switch_evict_and_recapture_on_fresh_threads_at_full_width(full_dit):
+    """Defect 1 of the GPU review: after the switch to fused kernels drops every unfused graph, the
+    next capture into the shared pool asserted in the caching allocator. Each round here runs on a
+    fresh thread; the last round first evicts every graph (a budget of one byte)."""
+    runner = BucketedStepRunner(full_dit)
+    cases = full_cases(full_dit)
+    unfused = on_fresh_thread(lambda: [runner.integrate(*case) for case in cases])
+    on_fresh_thread(lambda: warm_fused_kernels(full_dit, torch.float16, "cuda"))
+    runner.use_fused_kernels()
+    fused = on_fresh_thread(lambda: [runner.integrate(*case) for case in cases])
+    assert runner.level == "fused" and all(key[-1] for key in runner.graphs)  # re-captured, not demoted
+    runner.graph_memory_bytes = 1
+    again = on_fresh_thread(lambda: [runner.integrate(*case) for case in cases])
+    assert runner.level == "fused" and len(runner.graphs) == 1
+    for case, a, b, c in zip(cases, unfused, fused, again):
+        valid = slice(None) if case[3] is None else case[3]
+        assert rel_l2_tensors(b[valid], a[valid]) < FP16_REL_L2
+        assert torch.equal(c, b)  # a re-captured graph computes what the first one did
+
+
+def test_a_real_capture_fault_demotes_to_eager_and_the_items_still_succeed(full_dit, monkeypatch):
+    """A host sync inside a capture is refused by CUDA (the capture is invalidated, the context is
+    not): a real capture fault. The runner must step down and give the eager step's answer."""
+    cases = full_cases(full_dit, seed=5)
+    expected = on_fresh_thread(lambda: [BucketedStepRunner(full_dit, use_graphs=False, varlen=False)
+                                        .integrate(*case) for case in cases])
+    from f5worker import fast
+
+    real_step = fast.euler_step
+
+    def syncing_step(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(fast, "euler_step", syncing_step)
+    runner = BucketedStepRunner(full_dit, varlen=False)
+    got = on_fresh_thread(lambda: [runner.integrate(*case) for case in cases])
+    assert runner.level == "eager"
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(fast, "euler_step", real_step)
+    torch.cuda.synchronize()  # the GPU is still usable
+    assert on_fresh_thread(lambda: BucketedStepRunner(full_dit).integrate(*cases[1])).isfinite().all()
+
+
+def test_a_fused_kernel_fault_on_the_gpu_demotes_to_the_unfused_graphs(full_dit, monkeypatch):
+    cases = full_cases(full_dit, seed=7)
+    unfused_runner = BucketedStepRunner(full_dit, varlen=False)
+    expected = on_fresh_thread(lambda: [unfused_runner.integrate(*case) for case in cases])
+
+    def launch_fails(*args, **kwargs):  # injected: a Triton launch refused on this GPU
+        raise RuntimeError("Triton Error [CUDA]: too many resources requested for launch (injected)")
+
+    monkeypatch.setattr(kernels, "cfg_euler", launch_fails)
+    runner = BucketedStepRunner(full_dit, fused=True, varlen=False)
+    got = on_fresh_thread(lambda: [runner.integrate(*case) for case in cases])
+    assert runner.level == "graphed" and runner.graphs
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_whisper_runs_on_its_own_stream(tiny_whisper, tmp_path, ref_wav):
+    from f5worker.audio import decode
+    from f5worker.transcriber import Transcriber
+    from tests.test_transcriber import _settings
+
+    transcriber = Transcriber(_settings(tmp_path, str(tiny_whisper)), device="cuda")
+    samples, sr = decode(ref_wav)
+    assert isinstance(transcriber.transcribe(samples, sr), str)
+    assert transcriber._stream is not None and transcriber._stream != torch.cuda.current_stream()
