@@ -178,3 +178,13 @@ def test_cached_models_folder_is_under_the_volume_mount_point(tmp_path):
     assert Settings.from_env({}).runpod_model_cache == Path("/runpod-volume/huggingface-cache/hub")
     settings = Settings.from_env({ENV_VOLUME_PATH: str(tmp_path)})
     assert settings.runpod_model_cache == tmp_path / RUNPOD_CACHED_MODELS_SUBDIR
+
+
+def test_graph_memory_budget_is_a_whole_number_of_mib():
+    from f5worker.settings import DEFAULT_GRAPH_MEMORY_MB, ENV_GRAPH_MEMORY_MB
+
+    assert Settings.from_env({}).graph_memory_mb == DEFAULT_GRAPH_MEMORY_MB
+    assert Settings.from_env({ENV_GRAPH_MEMORY_MB: "256"}).graph_memory_mb == 256
+    for bad in ("0", "1.5", "lots"):
+        with pytest.raises(ValueError, match=ENV_GRAPH_MEMORY_MB):
+            Settings.from_env({ENV_GRAPH_MEMORY_MB: bad})
