@@ -497,9 +497,9 @@ class BucketedStepRunner:
         b, n, _ = y.shape
         guided = cfg_strength >= 1e-5
         pad = bucket_frames(n, b) - n
-        padded = pad > 0 or (mask is not None and not bool(mask.all()))
+        real_row_frames = b * n if mask is None else int(mask.sum())  # the one host sync here
+        padded = pad > 0 or real_row_frames < b * n
         attention = attention_kind(padded, y.device, y.dtype, self.varlen)
-        real_row_frames = b * n if mask is None else int(mask.sum())
         if mask is None:
             mask = torch.ones(b, n, device=y.device, dtype=torch.bool)
         y, step_cond, mask = F.pad(y, (0, 0, 0, pad)), F.pad(step_cond, (0, 0, 0, pad)), F.pad(mask, (0, pad))
