@@ -246,6 +246,10 @@ class Storage:
     def put_json(self, key: str, obj: Any) -> None:
         self.put_text(key, json.dumps(obj, ensure_ascii=False, indent=2))
 
+    def check_exists(self) -> None:
+        """Raise StorageError unless the storage is there to write to: the worker checks this at
+        start and writes nothing (not even a job record) when it fails. Nothing to check here."""
+
     def probe(self) -> None:
         """Read a key that does not exist, then write, read back and delete a small object under
         ``logs/``; raise StorageError if any step fails. Used by the validation script to check
@@ -418,6 +422,17 @@ class S3Storage(Storage):
                 raise self._no_bucket("head", key) from None
             return False
         return True
+
+    def check_exists(self):
+        """The bucket must exist before anything is written: S3 servers that create a bucket on
+        a write (SeaweedFS, some MinIO setups) would otherwise create a mistyped one with the first
+        job's record. One read of a key that is not there: a GET tells a missing bucket
+        (NoSuchBucket) from a missing key; 'forbidden' (no s3:ListBucket) comes from a bucket that
+        exists."""
+        try:
+            self.get_text(f"{LOGS_PREFIX}start-check-{uuid.uuid4().hex}.txt")
+        except Forbidden:
+            return
 
     def _bucket_missing(self, key: str) -> bool:
         """HEAD answers a bare 404 for a missing key and for a missing bucket alike; ask the bucket.

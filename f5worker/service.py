@@ -74,6 +74,7 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     engine.warm_up()
     lap("warm_up")
     storage = make_storage(settings)
+    storage.check_exists()  # raises StorageError: a start error, and nothing is ever written there
     lap("open_storage")
     worker = Worker(settings, engine, storage, Transcriber(settings, device=device))
     # Graphs for the common single-job lengths are captured while the worker waits for work, then

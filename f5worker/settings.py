@@ -101,6 +101,7 @@ POD_VOLUME_PATH = "/workspace"  # where a RunPod pod (not a serverless worker) m
 DEFAULT_BAKED_MODEL_DIR = "/opt/f5-models"
 DEFAULT_TMP_DIR = "/tmp"
 DEFAULT_PRESIGN_EXPIRY = 3600
+MAX_PRESIGN_EXPIRY = 7 * 24 * 3600  # SigV4: "X-Amz-Expires must be less than a week" (AWS and SeaweedFS alike)
 DEFAULT_MAX_VOICE_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_CONCURRENCY = 16
 DEFAULT_JOB_TIMEOUT = 600.0  # a job still running after this gets an error; 0: no limit
@@ -165,9 +166,10 @@ def _truthy(value: str | None) -> bool:
 
 
 def _number(env: Mapping[str, str], name: str, default, cast=float, minimum: float = 0.0,
-            above: bool = False):
+            above: bool = False, maximum: float | None = None):
     """``env[name]`` as a ``cast`` number (``default`` when unset); ValueError naming the variable
-    when it is not a number, is below ``minimum``, or (``above``) not greater than it."""
+    when it is not a number, is below ``minimum``, (``above``) not greater than it, or above
+    ``maximum``."""
     raw = (env.get(name) or "").strip()
     if not raw:
         return default
@@ -178,6 +180,8 @@ def _number(env: Mapping[str, str], name: str, default, cast=float, minimum: flo
     if value is None or not (value > minimum if above else value >= minimum) or value == float("inf"):
         bound = f"greater than {minimum:g}" if above else f"at least {minimum:g}"
         raise ValueError(f"{name} must be a {'whole ' if cast is int else ''}number {bound}, not {raw!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum:g}, not {raw!r}")
     return value
 
 
@@ -381,7 +385,8 @@ class Settings:
             aws_secret_access_key=s3[ENV_AWS_SECRET_ACCESS_KEY],
             aws_region=s3[ENV_AWS_REGION],
             aws_endpoint_url=s3[ENV_AWS_ENDPOINT_URL],
-            presign_expiry=_number(env, ENV_PRESIGN_EXPIRY, DEFAULT_PRESIGN_EXPIRY, cast=int, minimum=1),
+            presign_expiry=_number(env, ENV_PRESIGN_EXPIRY, DEFAULT_PRESIGN_EXPIRY, cast=int, minimum=1,
+                                   maximum=MAX_PRESIGN_EXPIRY),
             allow_private_urls=_truthy(env.get(ENV_ALLOW_PRIVATE_URLS)),
             max_voice_bytes=_number(env, ENV_MAX_VOICE_BYTES, DEFAULT_MAX_VOICE_BYTES, cast=int, minimum=1),
             max_concurrency=_number(env, ENV_MAX_CONCURRENCY, DEFAULT_MAX_CONCURRENCY, cast=int, minimum=1),

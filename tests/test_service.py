@@ -159,3 +159,20 @@ def test_other_failures_do_not_replace_the_worker(ctx, monkeypatch):
         "error": "'nfe_step' must be an integer."}
     result = asyncio.run(ctx.handler({"id": job_id, "input": tts(seed=2)}))
     assert "error" not in result and "refresh_worker" not in result, result
+
+
+def test_a_bucket_that_does_not_exist_is_a_start_error_and_is_never_created(tiny_models, s3_env, tmp_path):
+    """SeaweedFS creates a bucket on a write, as some MinIO setups do: a mistyped S3_BUCKET used to
+    be created by the first job's log record, and the next job succeeded into it."""
+    import uuid
+
+    missing = f"zz-missing-{uuid.uuid4().hex[:12]}"
+    env = {**tiny_models, **s3_env, "S3_BUCKET": missing, "RUNPOD_VOLUME_PATH": str(tmp_path / "vol")}
+    worker, error, _ = start_worker(Settings.from_env(env))
+    assert worker is None and f"S3 bucket '{missing}' does not exist" in str(error)
+    handler = make_handler(worker, error)
+    for job_input in (tts(), {"text": ""}):  # a good job and a bad one: neither writes
+        result = asyncio.run(handler({"id": "j1", "input": job_input}))
+        assert result["refresh_worker"] is True and f"S3 bucket '{missing}' does not exist" in result["error"]
+    buckets = {b["Name"] for b in s3_env.server.client().list_buckets()["Buckets"]}
+    assert missing not in buckets and s3_env.bucket in buckets

@@ -188,3 +188,15 @@ def test_graph_memory_budget_is_a_whole_number_of_mib():
     for bad in ("0", "1.5", "lots"):
         with pytest.raises(ValueError, match=ENV_GRAPH_MEMORY_MB):
             Settings.from_env({ENV_GRAPH_MEMORY_MB: bad})
+
+
+@pytest.mark.parametrize("raw, ok", [("604800", True), ("604801", False), ("1000000", False), ("1e23", False),
+                                     ("0", False)])
+def test_presign_expiry_is_at_most_a_week(raw, ok):
+    from f5worker.settings import ENV_PRESIGN_EXPIRY
+
+    if ok:
+        assert Settings.from_env({ENV_PRESIGN_EXPIRY: raw}).presign_expiry == int(raw)
+    else:
+        with pytest.raises(ValueError, match=ENV_PRESIGN_EXPIRY):
+            Settings.from_env({ENV_PRESIGN_EXPIRY: raw})

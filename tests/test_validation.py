@@ -539,3 +539,10 @@ def test_unusable_alias_url_fails_the_settings_check(capsys, monkeypatch, models
     code, out, _ = run(capsys, "--skip-gpu")
     assert code == 1 and out.startswith("FAIL  settings  BUCKET_ENDPOINT_URL must look like")
     assert "hunter2" not in out
+
+
+def test_a_presign_expiry_over_a_week_fails_the_gate(capsys, monkeypatch, models_env):
+    monkeypatch.setenv("S3_PRESIGN_EXPIRY_SECONDS", "1000000")
+    code, _, checks = run_json(capsys, "--skip-s3", "--skip-gpu")
+    assert code == 1 and checks["settings"]["status"] == "fail"
+    assert "S3_PRESIGN_EXPIRY_SECONDS must be at most 604800" in checks["settings"]["message"]
