@@ -82,6 +82,10 @@ class KeyNotFound(StorageError):
         self.key = key
 
 
+class BucketMissing(StorageError):
+    """The bucket itself is not there (S3's NoSuchBucket): a setting to fix, not a passing fault."""
+
+
 class Forbidden(StorageError):
     """S3 refused the request (HTTP 403). Without s3:ListBucket that is also how a missing key reads."""
 
@@ -285,6 +289,7 @@ class S3Storage(Storage):
         self.endpoint_url = settings.aws_endpoint_url
         self.presign_expiry = settings.presign_expiry
         self.client = client if client is not None else make_s3_client(settings)
+        self._bucket_seen = False  # set by check_exists; every write checks it first
 
     def _error(self, err: BaseException, action: str, key: str, waited: float) -> StorageError | None:
         """The StorageError for a botocore failure (None: not one of theirs). Each message is one
@@ -326,8 +331,8 @@ class S3Storage(Storage):
         return None
 
     def _no_bucket(self, action: str, key: str) -> StorageError:
-        return StorageError(f"S3 bucket '{self.bucket}' does not exist; check {ENV_S3_BUCKET} "
-                            f"({action} {key})")
+        return BucketMissing(f"S3 bucket '{self.bucket}' does not exist; check {ENV_S3_BUCKET} "
+                             f"({action} {key})")
 
     @contextmanager
     def _errors(self, action: str, key: str) -> Iterator[None]:
@@ -343,7 +348,9 @@ class S3Storage(Storage):
     def upload_file(self, key, path, content_type):
         # One PutObject (no multipart: outputs are far below S3's 5 GB single-request limit), so
         # the call is bounded like any other; botocore rewinds the file for a retry.
-        with self._errors("put", check_key(key)):
+        key = check_key(key)  # before any request
+        self._before_write(key)
+        with self._errors("put", key):
             with open(path, "rb") as body:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
 
@@ -423,16 +430,24 @@ class S3Storage(Storage):
             return False
         return True
 
-    def check_exists(self):
+    def check_exists(self, *, action: str = "get", key: str | None = None):
         """The bucket must exist before anything is written: S3 servers that create a bucket on
         a write (SeaweedFS, some MinIO setups) would otherwise create a mistyped one with the first
-        job's record. One read of a key that is not there: a GET tells a missing bucket
-        (NoSuchBucket) from a missing key; 'forbidden' (no s3:ListBucket) comes from a bucket that
-        exists."""
+        job's record. One GET of a key that is not there tells a missing bucket (NoSuchBucket) from
+        a missing key; 'forbidden' (no s3:ListBucket) comes from a bucket that exists. Errors name
+        ``action`` and ``key`` (the write this check stands before), else the check's own key."""
+        probe = f"{LOGS_PREFIX}start-check-{uuid.uuid4().hex}.txt"
         try:
-            self.get_text(f"{LOGS_PREFIX}start-check-{uuid.uuid4().hex}.txt")
-        except Forbidden:
-            return
+            with self._errors(action, key or probe):
+                self.client.get_object(Bucket=self.bucket, Key=probe)["Body"].close()
+        except (KeyNotFound, Forbidden):
+            pass
+        self._bucket_seen = True
+
+    def _before_write(self, key: str) -> None:
+        """A write only into a bucket seen to exist (the start check may have met a storage fault)."""
+        if not self._bucket_seen:
+            self.check_exists(action="put", key=key)
 
     def _bucket_missing(self, key: str) -> bool:
         """HEAD answers a bare 404 for a missing key and for a missing bucket alike; ask the bucket.
@@ -447,7 +462,9 @@ class S3Storage(Storage):
         return False
 
     def put_text(self, key, text):
-        with self._errors("put", check_key(key)):
+        key = check_key(key)  # before any request
+        self._before_write(key)
+        with self._errors("put", key):
             content_type = ("application/json" if key.endswith(".json")
                             else "text/plain; charset=utf-8")
             self.client.put_object(Bucket=self.bucket, Key=key, Body=text.encode("utf-8"),
@@ -657,6 +674,18 @@ class LocalStorage(Storage):
 
 def _utc(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc)
+
+
+def check_at_start(storage: Storage) -> None:
+    """A missing bucket is a start error (``BucketMissing`` raised); a storage fault meanwhile is
+    not: it is logged, and the storage checks again before its first write (it never writes to a
+    bucket it has not seen exist)."""
+    try:
+        storage.check_exists()
+    except BucketMissing:
+        raise
+    except StorageError as err:
+        log.warning("could not check the storage at start (%s); it is checked again before the first write", err)
 
 
 def make_storage(settings: Settings) -> Storage:

@@ -6,6 +6,11 @@ several run on one worker) submit their chunk items here; a single loop takes wh
 waits at most ``max_wait_s`` for company, and runs the oldest waiting item together with others
 that share its ODE settings, nearest its length first, within an item and a frame budget.
 The model is only ever driven from one thread.
+
+``run_items(items, abandoned)`` samples a call's items; ``abandoned()`` is true once every job of
+the call has gone (failed, or stopped at its deadline), and a ``run_items`` that asks it between
+ODE steps stops there (``f5worker.errors.CallAbandoned``), so a stopped job's running call does
+not hold up the jobs queued behind it for more than one step.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from f5worker.errors import CallAbandoned
 from f5worker.job_plan import ChunkItem
 
 log = logging.getLogger(__name__)
@@ -43,7 +49,7 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, run_items: Callable[[list[ChunkItem]], list[np.ndarray]], *,
+    def __init__(self, run_items: Callable[[list[ChunkItem], Callable[[], bool]], list[np.ndarray]], *,
                  max_wait_s: float = DEFAULT_MAX_WAIT_S, max_items: int = DEFAULT_MAX_ITEMS,
                  max_frames: int = DEFAULT_MAX_FRAMES, executor: ThreadPoolExecutor | None = None):
         self._run_items = run_items
@@ -180,7 +186,11 @@ class Batcher:
         started = time.perf_counter()
         self.calls.append(len(batch))
         try:
-            waves = await loop.run_in_executor(self.executor, self._run_items, [e.item for e in batch])
+            waves = await loop.run_in_executor(self.executor, self._run_items, [e.item for e in batch],
+                                               lambda: all(e.future.done() for e in batch))
+        except CallAbandoned:  # every job it served is gone (its deadline, a failure): nothing to settle
+            log.info("model call of %d item(s) stopped between steps: no job still waits for it", len(batch))
+            return
         except Exception as exc:
             if len(batch) == 1:
                 log.warning("model call of 1 item failed: %s", type(exc).__name__, exc_info=True)

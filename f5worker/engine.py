@@ -80,8 +80,10 @@ class TTSEngine:
 
     # --- items -> waveforms (any jobs, one model call) ------------------------------------------
     @torch.inference_mode()
-    def run_items(self, items: list[ChunkItem]) -> list[np.ndarray]:
-        mels = sample_mels(self.model, items, self.step_runner)
+    def run_items(self, items: list[ChunkItem], abandoned=None) -> list[np.ndarray]:
+        """The items' waveforms; ``abandoned`` (a callable) is asked before each ODE step whether
+        anyone still wants them (f5worker.errors.CallAbandoned when not)."""
+        mels = sample_mels(self.model, items, self.step_runner, abandoned=abandoned)
         waves = []
         for item, mel in zip(items, mels):
             gen = mel[item.ref_frames:].to(torch.float32).T.unsqueeze(0)  # [1, mel, frames]

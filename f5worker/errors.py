@@ -16,3 +16,14 @@ class InputError(WorkerError):
 
 class StorageError(WorkerError):
     pass
+
+
+class CallAbandoned(Exception):
+    """Not a job's failure: a model call stopped between two ODE steps because every job it was
+    sampling for had gone (failed, or stopped at its deadline), so its GPU time went to no one."""
+
+
+def check_abandoned(abandoned) -> None:
+    """Between two steps: raise CallAbandoned when ``abandoned`` (None, or a callable) says so."""
+    if abandoned is not None and abandoned():
+        raise CallAbandoned()

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from f5worker import kernels
 from f5worker.attention import (AttentionPlan, FusedAttnProcessor, attend, attention_kind, fused_qkv,
                                 install_fused_attention, split_rotate)
+from f5worker.errors import CallAbandoned, check_abandoned
 from f5worker.gpu_faults import fast_path_fault
 from f5worker.options import MAX_NFE_STEP
 
@@ -180,10 +181,12 @@ def euler_step(transformer, x, step_cond, mask, t0, dt, state, cfg_strength, fus
 
 
 def euler_integrate(transformer, y, step_cond, text, mask, t, steps, cfg_strength, attention=None, fused=False,
-                    use_triton=None):
-    """All ``steps`` Euler steps, eagerly, at the given length (``mask`` None: no padding)."""
+                    use_triton=None, *, abandoned=None):
+    """All ``steps`` Euler steps, eagerly, at the given length (``mask`` None: no padding);
+    ``abandoned`` is checked before each (f5worker.errors.check_abandoned)."""
     state = _SampleState(transformer, step_cond, text, mask, cfg_strength >= 1e-5, attention)
     for i in range(steps):
+        check_abandoned(abandoned)
         y = euler_step(transformer, y, step_cond, mask, t[i], t[i + 1] - t[i], state, cfg_strength, fused, use_triton)
     return y
 
@@ -435,6 +438,8 @@ class BucketedStepRunner:
         while True:
             try:
                 return run()
+            except CallAbandoned:
+                raise
             except Exception as err:
                 if not self._demote(err):
                     raise
@@ -488,11 +493,12 @@ class BucketedStepRunner:
             log.info("evicted the DiT step graph for batch %d x %d frames (graph memory budget)", *key[:2])
 
     # --- integration --------------------------------------------------------------------------
-    def integrate(self, y, step_cond, text, mask, t, steps, cfg_strength):
-        """All ``steps`` Euler steps; returns the final y for the real rows and frames."""
-        return self._demoting(lambda: self._integrate(y, step_cond, text, mask, t, steps, cfg_strength))
+    def integrate(self, y, step_cond, text, mask, t, steps, cfg_strength, *, abandoned=None):
+        """All ``steps`` Euler steps; returns the final y for the real rows and frames. ``abandoned``
+        is checked before each step (f5worker.errors.check_abandoned)."""
+        return self._demoting(lambda: self._integrate(y, step_cond, text, mask, t, steps, cfg_strength, abandoned))
 
-    def _integrate(self, y, step_cond, text, mask, t, steps, cfg_strength):
+    def _integrate(self, y, step_cond, text, mask, t, steps, cfg_strength, abandoned):
         fused = self._take_switch()  # once per integration: a switch never lands mid-way
         b, n, _ = y.shape
         guided = cfg_strength >= 1e-5
@@ -508,10 +514,11 @@ class BucketedStepRunner:
             graph = self.graph_for(rows, n + pad, guided, attention, fused, y.dtype, y.device)
             graph.load(y, step_cond, text, mask, t, cfg_strength)
             for _ in range(steps):
+                check_abandoned(abandoned)
                 graph.graph.replay()
             out = graph.x[:b, :n].clone()
         else:
             out = euler_integrate(self.tr, y, step_cond, text, mask if padded else None, t, steps, cfg_strength,
-                                  attention, fused, self.use_triton)[:, :n]
+                                  attention, fused, self.use_triton, abandoned=abandoned)[:, :n]
         self.tally.add(rows=rows, frames=n + pad, real_rows=b, real_row_frames=real_row_frames)
         return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from f5worker.errors import check_abandoned
 from f5worker.job_plan import MAX_FRAMES, ChunkItem
 from f5worker.text_tokens import symbols_to_ids
 
@@ -66,18 +67,20 @@ class EagerStepRunner:
     def end(self) -> None:
         self.transformer.clear_cache()
 
-    def integrate(self, y, step_cond, text, mask, t, steps, cfg_strength):
-        """torchdiffeq's Euler solver on f5-tts's grid: y <- y + dt * f(t, y)."""
+    def integrate(self, y, step_cond, text, mask, t, steps, cfg_strength, *, abandoned=None):
+        """torchdiffeq's Euler solver on f5-tts's grid: y <- y + dt * f(t, y). ``abandoned``: checked
+        before each step (f5worker.errors.check_abandoned)."""
         self.begin(y.shape[0], y.shape[1], masked=mask is not None)
         try:
             for i in range(steps):
+                check_abandoned(abandoned)
                 y = y + (t[i + 1] - t[i]) * self(y, step_cond, text, t[i], mask, cfg_strength)
         finally:
             self.end()
         return y
 
 
-def sample_mels(model, items: list[ChunkItem], runner) -> list[torch.Tensor]:
+def sample_mels(model, items: list[ChunkItem], runner, *, abandoned=None) -> list[torch.Tensor]:
     """Each item's full mel ([frames, n_mel], reference part included), in one batched integration."""
     steps, cfg_strength, sway = items[0].batch_key
     if any(item.batch_key != items[0].batch_key for item in items):
@@ -105,6 +108,6 @@ def sample_mels(model, items: list[ChunkItem], runner) -> list[torch.Tensor]:
     y = torch.stack(noise)
 
     t = timesteps(steps, sway, device, dtype)
-    y = runner.integrate(y, step_cond, text, mask, t, steps, cfg_strength)
+    y = runner.integrate(y, step_cond, text, mask, t, steps, cfg_strength, abandoned=abandoned)
     out = torch.where(cond_mask, cond, y)
     return [out[i, :d] for i, d in enumerate(duration.tolist())]

@@ -62,7 +62,7 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     from f5worker.jobs import Worker
     from f5worker.model_store import resolve_tts_files
     from f5worker.transcriber import Transcriber
-    from s3_utils import make_storage
+    from s3_utils import check_at_start, make_storage
 
     lap("import_worker")
     device = pick_device(settings.device)
@@ -74,7 +74,7 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     engine.warm_up()
     lap("warm_up")
     storage = make_storage(settings)
-    storage.check_exists()  # raises StorageError: a start error, and nothing is ever written there
+    check_at_start(storage)  # a missing bucket: a start error
     lap("open_storage")
     worker = Worker(settings, engine, storage, Transcriber(settings, device=device))
     # Graphs for the common single-job lengths are captured while the worker waits for work, then

@@ -16,7 +16,7 @@ def item(duration: int, steps: int = 32, seed: int = 0) -> ChunkItem:
                      seed=seed, steps=steps, cfg_strength=2.0, sway_sampling_coef=-1.0)
 
 
-def echo_durations(items):
+def echo_durations(items, abandoned=None):
     """Stands in for TTSEngine.run_items: returns each item's duration, so order is checkable."""
     return [np.array([it.duration]) for it in items]
 
@@ -34,7 +34,7 @@ def test_concurrent_jobs_share_calls_and_keep_order():
 
 def test_different_ode_settings_never_share_a_call():
     seen = []
-    batcher = Batcher(lambda items: seen.append({it.steps for it in items}) or echo_durations(items))
+    batcher = Batcher(lambda items, abandoned=None: seen.append({it.steps for it in items}) or echo_durations(items))
 
     async def main():
         await asyncio.gather(batcher.submit([item(5, steps=32)]), batcher.submit([item(6, steps=16)]))
@@ -56,7 +56,7 @@ def test_frame_budget_splits_batches():
 def test_a_failed_call_fails_its_jobs_and_the_loop_goes_on():
     calls = {"n": 0}
 
-    def flaky(items):
+    def flaky(items, abandoned=None):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("out of memory")
@@ -90,7 +90,7 @@ def test_oldest_item_is_never_starved():
 def test_a_failing_item_fails_only_its_own_job():
     """One item that makes the shared model call fail: the jobs batched with it are retried alone
     and succeed; only the job that owns the item gets the error."""
-    def poisoned(items):
+    def poisoned(items, abandoned=None):
         if any(it.duration == 13 for it in items):
             raise RuntimeError("position limit exceeded")
         return echo_durations(items)
@@ -111,7 +111,7 @@ def test_a_failed_or_cancelled_job_withdraws_its_other_items():
     """Once a job has failed (or hit its deadline), its remaining chunks never reach the model."""
     ran = []
 
-    def record(items):
+    def record(items, abandoned=None):
         ran.extend(it.duration for it in items)
         if any(it.duration == 1 for it in items):
             raise RuntimeError("bad chunk")

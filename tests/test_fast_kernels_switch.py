@@ -139,7 +139,7 @@ def compile_kernels():  # on the model thread, as the fused switch task runs
 lock = CompileLock(folder / "triton", wait_s=60)
 from f5worker.batcher import OffModelThread
 model_thread = ThreadPoolExecutor(max_workers=1)
-batcher = Batcher(lambda items: [], executor=model_thread)
+batcher = Batcher(lambda items, abandoned=None: [], executor=model_thread)
 note("ready")
 prepare = batcher.prepare_in_background([OffModelThread(lock.acquire), compile_kernels, OffModelThread(lock.release)])
 time.sleep(0.3)

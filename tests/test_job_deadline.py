@@ -156,3 +156,40 @@ def test_a_job_whose_deadline_passes_while_writing_its_output_reports_what_happe
     assert "error" not in result, result
     assert result["output_key"] == f"output/{job_id}.wav" and result["output_key"] in ctx.keys()
     assert ctx.tmp_files() == []
+
+
+def test_a_stopped_jobs_running_model_call_stops_between_steps_and_the_next_job_succeeds(ctx, monkeypatch, caplog):
+    """A job stopped at its deadline while its model call runs: the call stops before its next ODE
+    step, so the job behind it is not charged for the dead job's remaining steps (it used to fail
+    "stuck at: Batcher.sampled" too, and the four after it)."""
+    import logging
+
+    from f5worker import fast, sampler
+
+    real_fast, real_eager = fast.euler_step, sampler.EagerStepRunner.__call__
+
+    def slow_fast(*args, **kwargs):  # each ODE step takes 0.1 s, as a long batch's would on a slow GPU
+        time.sleep(0.1)
+        return real_fast(*args, **kwargs)
+
+    def slow_eager(self, *args, **kwargs):
+        time.sleep(0.1)
+        return real_eager(self, *args, **kwargs)
+
+    monkeypatch.setattr(fast, "euler_step", slow_fast)
+    monkeypatch.setattr(sampler.EagerStepRunner, "__call__", slow_eager)
+
+    async def go():
+        long = asyncio.ensure_future(ctx.handler({"id": "long", "input": {
+            "text": "A long job.", "local_voice": "basic_ref_en.wav", "nfe_step": 60}}))
+        await asyncio.sleep(DEADLINE_S + 0.2)  # the long job has passed its deadline: answered, stopped
+        started = time.monotonic()
+        short = await ctx.handler({"id": "short", "input": {
+            "text": "Short.", "local_voice": "basic_ref_en.wav", "nfe_step": 2}})
+        return await long, short, time.monotonic() - started
+
+    with caplog.at_level(logging.INFO, logger="f5worker.batcher"):
+        long, short, seconds = asyncio.run(go())
+    assert sentence("Batcher.sampled").fullmatch(long["error"]), long
+    assert "error" not in short, short
+    assert "stopped between steps" in caplog.text

@@ -231,11 +231,11 @@ def test_gpu_fault_while_streaming_asks_for_a_new_worker(ctx, monkeypatch):
     real = ctx.worker.batcher._run_items
     calls = []
 
-    def fail_after_the_first_call(items):
+    def fail_after_the_first_call(items, abandoned=None):
         calls.append(len(items))
         if len(calls) > 1:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(items)
+        return real(items, abandoned)
 
     monkeypatch.setattr(ctx.worker.batcher, "_run_items", fail_after_the_first_call)
     *pieces, last = recorder.run(tts_input(stream=True))
