@@ -195,17 +195,21 @@ def remove_silences(samples: np.ndarray, sr: int) -> np.ndarray:
 
 
 def cross_fade_join(waves: list[np.ndarray], sr: int, cross_fade_seconds: float) -> np.ndarray:
-    """Join chunk waveforms with linear cross-fades (f5-tts's infer_batch_process rule)."""
-    if not waves:
-        return np.zeros(0, dtype=np.float32)
-    out = waves[0]
+    """Join chunk waveforms with linear cross-fades (f5-tts's infer_batch_process rule, which
+    concatenates the joined audio again at each chunk: quadratic in the chunk count). Here each
+    sample is written once into a buffer of the joined length, in float64 as f5-tts's fades come
+    out, so the result is the same to the bit."""
+    if len(waves) <= 1:
+        return waves[0] if waves else np.zeros(0, dtype=np.float32)
+    out = np.empty(joined_length([len(w) for w in waves], sr, cross_fade_seconds), dtype=np.float64)
+    end = len(waves[0])
+    out[:end] = waves[0]
     for nxt in waves[1:]:
-        n = min(int(cross_fade_seconds * sr), len(out), len(nxt))
-        if n <= 0:
-            out = np.concatenate([out, nxt])
-            continue
-        faded = out[-n:] * np.linspace(1, 0, n) + nxt[:n] * np.linspace(0, 1, n)
-        out = np.concatenate([out[:-n], faded, nxt[n:]])
+        n = min(int(cross_fade_seconds * sr), end, len(nxt))
+        if n > 0:
+            out[end - n:end] = out[end - n:end] * np.linspace(1, 0, n) + nxt[:n] * np.linspace(0, 1, n)
+        out[end:end + len(nxt) - n] = nxt[n:]
+        end += len(nxt) - n
     return out
 
 

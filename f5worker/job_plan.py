@@ -6,7 +6,8 @@ import this module; it imports none of them). It computes what f5-tts's ``infer_
 before and after the model:
 
 - ``plan`` turns one request into chunk items (reference prepared, text chunked and converted to
-  the model's symbols, durations fixed), each refused before the model if it cannot fit;
+  the model's symbols, durations fixed), each refused before the model if it cannot fit, and the
+  whole refused if it plans more audio or pieces than its text's length allows;
 - ``plan_segments`` plans a job spoken in several voices, a request per segment, as one job;
 - ``finish`` joins a job's chunk waveforms with cross-fades.
 
@@ -40,6 +41,13 @@ MAX_CHUNK_FRAMES = MAX_CHUNK_SECONDS * TARGET_SAMPLE_RATE // HOP_LENGTH
 # A streamed job's first chunk is at most this share of the usual chunk budget (cut at a sentence,
 # a clause or a space), so its audio is ready after a short model call.
 FIRST_CHUNK_SHARE = 0.25
+# What a job may plan, from its text's length in UTF-8 bytes (bytes, not characters: a CJK
+# character is 3 bytes and takes about as long to say as 3 Latin letters). Speech runs about 15
+# bytes a second at speed 1 and 4.5 at the slowest speed (0.3); a plan past these bounds comes
+# from a transcript far shorter than its voice's audio, and would sample hours of noise.
+PLANNED_SECONDS_PER_BYTE = 1.0
+PLANNED_SECONDS_FLOOR = 30  # a short text may always plan this much
+BYTES_PER_CHUNK = 8  # f5-tts's chunks hold whole sentences: far more than this on average
 
 
 @dataclass
@@ -108,6 +116,19 @@ def check_item_fits(item: ChunkItem) -> None:
             "voice's transcript matches its audio).")
 
 
+def check_plan_bounds(plan: JobPlan, text: str) -> None:
+    """Refuse, before any model call, a plan longer than its text can take (the bounds above)."""
+    size = utf8_len(text)
+    seconds = planned_samples(plan) / TARGET_SAMPLE_RATE
+    most_seconds = max(PLANNED_SECONDS_FLOOR, PLANNED_SECONDS_PER_BYTE * size)
+    most_chunks = 1 + size // BYTES_PER_CHUNK
+    if seconds > most_seconds or len(plan.items) > most_chunks:
+        raise InputError(
+            f"For this voice the text would take {seconds:.0f} s of audio in {len(plan.items)} pieces, more than a "
+            f"text of {size} bytes may ({most_seconds:.0f} s, {most_chunks} pieces): the voice's transcript is far "
+            "shorter than its audio (check ref_text), or the speed is very low.")
+
+
 def planned_samples(plan: JobPlan) -> int:
     """The samples ``finish`` returns for ``plan`` when silence is not removed (removing it only
     shortens), known before any model call: Vocos turns n frames into (n - 1) hops of audio, and
@@ -148,7 +169,9 @@ def plan(req: SynthesisRequest) -> JobPlan:
     # stays on the CPU: plan() runs off the model thread, and a device allocation there could
     # land in the middle of a CUDA graph capture; the sampler moves it on the model thread
     audio = resample_to_model_rate(audio, req.ref_sr)
-    return JobPlan(items=items_for(audio, rms, ref_text, chunks, req), request=req)
+    job = JobPlan(items=items_for(audio, rms, ref_text, chunks, req), request=req)
+    check_plan_bounds(job, req.gen_text)
+    return job
 
 
 def plan_segments(requests: list[SynthesisRequest]) -> JobPlan:

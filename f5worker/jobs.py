@@ -183,7 +183,7 @@ class Worker:
                 for piece in await self._off_loop(stream.close):
                     timings.setdefault("first_audio_s", time.perf_counter() - started)
                     on_audio(piece)
-            wave = self.engine.finish(plan, waves)
+            wave = await self._off_loop(self.engine.finish, plan, waves)  # seconds for a long job
             timings["synthesis_s"] = time.perf_counter() - mark
 
             mark = time.perf_counter()
