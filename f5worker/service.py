@@ -38,6 +38,7 @@ from f5worker.errors import InputError, StorageError, WorkerError
 from f5worker.gpu_faults import gpu_fault
 from f5worker.job_guard import JobGuard, JobStopped
 from f5worker.job_input import parse_job_input
+from f5worker.progress import OrderedProgress
 from f5worker.settings import ENV_STREAMING, Settings
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,10 @@ def serve(settings: Settings) -> int:
     config = {"concurrency_modifier": concurrency_modifier_for(settings)}
     if settings.streaming:
         config["return_aggregate_stream"] = True  # run_sync and /runsync: the list of what was yielded
-    progress = runpod.serverless.progress_update if settings.on_runpod_queue else None
+    # runpod's own sender, one report at a time per job (f5worker.progress): its progress_update
+    # posts each report from a thread of its own, and they arrived out of order
+    send_progress = runpod.serverless.modules.rp_progress._thread_target
+    progress = OrderedProgress(send_progress).report if settings.on_runpod_queue else None
     config["handler"] = make_handler(worker, start_error, streaming=settings.streaming, progress=progress,
                                      replace_worker=lambda: config.update(refresh_worker=True))
     runpod.serverless.start(config)

@@ -1,0 +1,54 @@
+"""Progress reports sent one at a time per job, so RunPod never gets an older one after a newer.
+
+Why this module exists: runpod's ``progress_update`` posts each report from a thread of its own, so
+a job's reports raced each other to RunPod (a 6-chunk job's arrived as 3, 4, 1, 2, 5, 6). Here each
+job gets one sender thread that posts its reports in order, with runpod's own synchronous sender
+(the function each of ``progress_update``'s threads runs); a report made while the previous one is
+still being posted replaces any report still waiting, so the newest is sent next and a slow post
+never builds a queue.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+class OrderedProgress:
+    """``report(job, update)``: queue ``update`` for ``job`` (a runpod job dict with an ``id``);
+    ``send(job, update)`` posts one report and returns once it is sent."""
+
+    def __init__(self, send: Callable[[dict, dict], None]):
+        self._send = send
+        self._lock = threading.Lock()
+        self._waiting: dict[str, tuple[dict, dict]] = {}  # job id -> (job, its newest unsent report)
+        self._senders: dict[str, threading.Thread] = {}
+
+    def report(self, job: dict, update: dict) -> None:
+        job_id = str(job.get("id"))
+        with self._lock:
+            self._waiting[job_id] = (job, update)
+            if job_id in self._senders:
+                return
+            thread = threading.Thread(target=self._drain, args=(job_id,), name=f"progress-{job_id}", daemon=True)
+            self._senders[job_id] = thread
+        thread.start()
+
+    def _drain(self, job_id: str) -> None:
+        while True:
+            with self._lock:
+                waiting = self._waiting.pop(job_id, None)
+                if waiting is None:
+                    del self._senders[job_id]
+                    return
+            try:
+                self._send(*waiting)
+            except Exception:  # noqa: BLE001 - a lost progress report never fails the job
+                log.warning("a progress report of job %s could not be sent", job_id, exc_info=True)
+
+    def idle(self) -> bool:
+        """True when no report is waiting or being sent (for tests and shutdown)."""
+        with self._lock:
+            return not self._senders
