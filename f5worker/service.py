@@ -38,6 +38,7 @@ from f5worker.errors import InputError, StorageError, WorkerError
 from f5worker.gpu_faults import gpu_fault
 from f5worker.job_guard import JobGuard, JobStopped
 from f5worker.job_input import parse_job_input
+from f5worker.local_job import local_test_job, run_local_job
 from f5worker.progress import OrderedProgress
 from f5worker.settings import ENV_STREAMING, Settings
 
@@ -230,5 +231,9 @@ def serve(settings: Settings) -> int:
     progress = OrderedProgress(send_progress).report if settings.on_runpod_queue else None
     config["handler"] = make_handler(worker, start_error, streaming=settings.streaming, progress=progress,
                                      replace_worker=lambda: config.update(refresh_worker=True))
+    args, _ = runpod.serverless.parser.parse_known_args()
+    job = local_test_job(args)
+    if job is not None:  # runpod's local mode would skip a streaming job and log the whole result
+        return asyncio.run(run_local_job(config["handler"], job))
     runpod.serverless.start(config)
     return 0

@@ -94,3 +94,35 @@ def test_the_gate_fails_a_bad_setting_without_a_traceback(tmp_path):
                          env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert f"FAIL  settings  {ENV_PRESIGN_EXPIRY} must be a whole number at least 1, not 'soon'." in run.stdout
+
+
+@pytest.mark.parametrize("streaming", ["1", "0"])
+def test_the_test_job_runs_on_a_streaming_endpoint_and_its_result_is_logged_without_secrets(
+        tiny_models, tiny_whisper, tmp_path, streaming):
+    """With F5_STREAMING=1 runpod's local mode never ran the job (the handler is a generator) and
+    said it succeeded; in both modes it logged the whole result."""
+    env = {**child_env(tiny_models, tiny_whisper, tmp_path / "volume"), "F5_STREAMING": streaming}
+
+    def run(job):
+        return subprocess.run([sys.executable, "runpod-handler.py", "--test_input", json.dumps(job)], cwd=REPO,
+                              env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
+
+    done = run({"input": {"text": f"Streamed or not {MARKER}.", "local_voice": "basic_ref_en.wav", "nfe_step": 4,
+                          "stream": streaming == "1"}})
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "completed successfully" in log and MARKER not in log
+    assert (tmp_path / "volume" / "storage" / "output" / "local_test.wav").is_file()  # the job really ran
+    assert "audio_base64\": \"<" in log  # inline audio shown by its size only
+    failed = run({"input": {"text": "Nobody.", "local_voice": "nobody-here.wav"}})
+    assert failed.returncode == 1 and "failed with error" in failed.stdout + failed.stderr
+
+
+def test_shown_results_carry_no_signature_and_no_words():
+    from f5worker.local_job import shown
+
+    result = {"audio_url": "https://b.example/output/x.wav?X-Amz-Signature=abc&X-Amz-Credential=AK",
+              "ref_text": "My secret words.", "voices": [{"ref_text": "More words."}], "duration": 1.5}
+    text = json.dumps(shown(result))
+    assert "Signature" not in text and "secret" not in text and "More words" not in text
+    assert "https://b.example/output/x.wav" in text and "1.5" in text
