@@ -86,11 +86,22 @@ def resample(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     return soxr.resample(samples, TARGET_SAMPLE_RATE, sample_rate, quality="HQ").astype(np.float32, copy=False)
 
 
-def encode(samples: np.ndarray, sample_rate: int, fmt: OutputFormat) -> bytes:
-    """``samples`` (mono float32) as a file of ``fmt``, in memory. libsndfile clips to full scale
-    for the 16-bit formats; the lossy codecs use libsndfile's default quality."""
+def pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float samples as 16-bit integers, the one conversion every 16-bit output uses (the stored
+    WAV and FLAC, and a stream's PCM pieces): libsndfile's for a WAV, clipped to full scale. Its
+    FLAC writer converts floats another way (±1 LSB in about half the samples), so FLAC is written
+    from these integers, which libsndfile stores as they are."""
     buffer = io.BytesIO()
-    sf.write(buffer, samples, sample_rate, format=fmt.sf_format, subtype=fmt.sf_subtype)
+    sf.write(buffer, samples, TARGET_SAMPLE_RATE, format="RAW", subtype="PCM_16", endian="LITTLE")
+    return np.frombuffer(buffer.getvalue(), dtype="<i2")
+
+
+def encode(samples: np.ndarray, sample_rate: int, fmt: OutputFormat) -> bytes:
+    """``samples`` (mono float32) as a file of ``fmt``, in memory: the 16-bit formats from
+    ``pcm16``'s integers; the lossy codecs at libsndfile's default quality."""
+    buffer = io.BytesIO()
+    data = pcm16(samples) if fmt.sf_subtype == "PCM_16" else samples
+    sf.write(buffer, data, sample_rate, format=fmt.sf_format, subtype=fmt.sf_subtype)
     return buffer.getvalue()
 
 

@@ -10,8 +10,8 @@ stored file. ``AudioStream`` takes the job's chunk waveforms in order and gives 
 * Sample rate: pieces are resampled with soxr's streaming resampler at the quality the stored file
   is resampled with (``encoding.resample``); soxr gives the same samples fed in pieces as in one
   call, so the streamed audio equals the stored audio at any of the job's sample rates.
-* PCM: the float samples become 16-bit PCM through libsndfile, the conversion that writes the
-  stored WAV, so a streamed sample equals the stored WAV's sample exactly.
+* PCM: the float samples become 16-bit PCM by ``encoding.pcm16``, the conversion the stored WAV
+  and FLAC are written from, so a streamed sample equals the stored file's sample exactly.
 * Size: runpod streams each yielded item as one HTTP message and RunPod keeps stream items well
   under 1 MB; a piece's base64 is at most ``MAX_PIECE_BASE64_BYTES`` (a long chunk is sent as
   several pieces). runpod also keeps every yielded item in the job's output (the endpoint's
@@ -24,16 +24,14 @@ Removing silences works on the whole joined waveform, so it cannot be streamed (
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 
 import numpy as np
-import soundfile as sf
 import soxr
 
 from f5worker.audio import TARGET_SAMPLE_RATE
-from f5worker.encoding import size_text, to_base64
+from f5worker.encoding import pcm16, size_text, to_base64
 from f5worker.settings import ENV_MAX_RESULT_BYTES
 
 log = logging.getLogger(__name__)
@@ -78,11 +76,10 @@ def too_long_sentence(size: int, limit: int) -> str:
             f"({ENV_MAX_RESULT_BYTES}); send a shorter text, choose a lower sample_rate, or leave 'stream' out.")
 
 
-def pcm_s16le(samples: np.ndarray, sample_rate: int) -> bytes:
-    """``samples`` (float) as headerless 16-bit PCM, converted as libsndfile converts for a WAV."""
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, sample_rate, format="RAW", subtype="PCM_16", endian="LITTLE")
-    return buffer.getvalue()
+def pcm_s16le(samples: np.ndarray) -> bytes:
+    """``samples`` (float) as headerless 16-bit PCM, converted as the stored 16-bit files are
+    (``encoding.pcm16``)."""
+    return pcm16(samples).tobytes()
 
 
 class AudioStream:
@@ -129,7 +126,7 @@ class AudioStream:
         pieces = []
         for start in range(0, len(samples), MAX_PIECE_SAMPLES):
             part = samples[start:start + MAX_PIECE_SAMPLES]
-            pieces.append(piece(self.pieces, self.sample_rate, to_base64(pcm_s16le(part, self.sample_rate)),
+            pieces.append(piece(self.pieces, self.sample_rate, to_base64(pcm_s16le(part)),
                                 round(len(part) / self.sample_rate, 3)))
             self.pieces += 1
             self.output_bytes += output_bytes(pieces[-1])
