@@ -86,6 +86,14 @@ class Forbidden(StorageError):
     """S3 refused the request (HTTP 403). Without s3:ListBucket that is also how a missing key reads."""
 
 
+class NotText(StorageError):
+    """The object at ``key`` is not UTF-8 text (``get_text``). ``.key`` names it."""
+
+    def __init__(self, key: str):
+        super().__init__(f"'{key}' is not UTF-8 text")
+        self.key = key
+
+
 class ObjectTooLarge(StorageError):
     """The object is larger than the caller allowed; nothing was written. ``.size`` is its size."""
 
@@ -106,6 +114,15 @@ class ObjectInfo:
 
 def _error_code(err: ClientError) -> str:
     return str(err.response.get("Error", {}).get("Code") or "unknown")
+
+
+def decode_text(key: str, data: bytes) -> str:
+    """``data`` as UTF-8 text, a leading byte-order mark dropped (some editors write one); ``NotText``
+    for anything else, so one hand-placed file in another encoding reads as what it is."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise NotText(key) from None
 
 
 def check_key(key: str) -> str:
@@ -224,7 +241,8 @@ class Storage:
         raise NotImplementedError
 
     def get_text(self, key: str) -> str | None:
-        """The UTF-8 text stored at ``key``, or None if there is none."""
+        """The UTF-8 text stored at ``key`` (``decode_text``), or None if there is none; ``NotText``
+        if it is not UTF-8."""
         raise NotImplementedError
 
     def delete(self, key: str) -> None:
@@ -443,9 +461,10 @@ class S3Storage(Storage):
             with self._errors("get", check_key(key)):
                 body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
                 with body:
-                    return body.read().decode("utf-8")
+                    data = body.read()
         except KeyNotFound:
             return None
+        return decode_text(key, data)
 
     def delete(self, key):
         with self._errors("delete", check_key(key)):
@@ -588,9 +607,10 @@ class LocalStorage(Storage):
         path = self.path_for(key)
         try:
             with self._errors("get", key):
-                return path.read_text(encoding="utf-8")
+                data = path.read_bytes()
         except KeyNotFound:
             return None
+        return decode_text(key, data)
 
     def delete(self, key):
         path = self.path_for(key)

@@ -428,6 +428,38 @@ def test_voice_info_tells_where_a_transcript_comes_from(ctx):
     assert builtin["voice_key"] is None and builtin["sha256"] is None
 
 
+def test_an_unreadable_sidecar_counts_as_no_transcript(ctx, caplog):
+    """A hand-placed .txt in Latin-1 and a .json that is not UTF-8 (a UTF-16 byte-order mark): each
+    voice reads as one without a transcript (voice_info, the listing, a TTS that has Whisper
+    transcribe it), logged once per key; a UTF-8 .txt with a byte-order mark is read without it."""
+    latin, utf16, bom = name_for("latin"), name_for("utf16"), name_for("bom")
+    for seed, name in enumerate((latin, utf16, bom)):
+        put_raw(ctx, f"voices/{name}", wav_bytes(speechlike(3.0, seed=53 + seed)))
+    put_raw(ctx, f"voices/{latin}.txt", b"Voil\xe0, caf\xe9")
+    put_raw(ctx, f"voices/{utf16}.json", b"\xff\xfe{")
+    put_raw(ctx, f"voices/{bom}.txt", "\ufeffVoilà, café".encode("utf-8"))
+    caplog.set_level("WARNING", logger="f5worker.voices")
+    for _ in range(2):
+        for name in (latin, utf16):
+            _, info = ctx.run({"endpoint": "voice_info", "voice_name": name})
+            assert (info["transcript"], info["transcript_source"]) == (None, None), info
+        listed = {v["voice_name"]: v for v in _list_all(ctx)}
+        assert (listed[latin]["transcript"], listed[utf16]["transcript"]) == (None, None)
+        assert listed[latin]["duration"] == 3.0
+    _, info = ctx.run({"endpoint": "voice_info", "voice_name": bom})
+    assert (info["transcript"], info["transcript_source"]) == ("Voilà, café", "hand-written")
+    assert listed[bom]["transcript"] == "Voilà, café"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "f5worker.voices"]
+    assert sorted(warnings) == sorted(
+        f"voice sidecar voices/{key} is not UTF-8 text; it counts as no transcript (sidecars are read as UTF-8)"
+        for key in (f"{latin}.txt", f"{utf16}.json")), warnings
+    for name in (latin, utf16):  # the no-transcript path: Whisper hears it, and its transcript is kept
+        _, result = ctx.run({"text": "Hello there.", "local_voice": name, "nfe_step": NFE, "seed": 1})
+        assert "Internal error" not in result.get("error", ""), result
+        _, info = ctx.run({"endpoint": "voice_info", "voice_name": name})
+        assert info["transcript_source"] == "whisper" and info["transcript"], info
+
+
 def test_voice_info_of_a_missing_voice(ctx):
     refused(ctx, {"endpoint": "voice_info", "voice_name": "nobody-at-all.wav"},
             "Voice 'nobody-at-all.wav' was not found; upload it first with the upload endpoint.")
