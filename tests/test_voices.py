@@ -194,6 +194,28 @@ def test_loud_upload_is_brought_down_and_never_clips(ctx):
     assert stored_reference_rms(ctx.get_bytes(f"voices/{name}")) <= TARGET_RMS * 1.01
 
 
+def test_an_upload_whose_spike_would_silence_its_speech_is_refused(ctx):
+    """One float sample at 1e30 in 3 s of speech: normalised to that peak the speech is gone, so
+    every TTS with the voice would say it is almost silent; the upload says why instead."""
+    spiked = speechlike(3.0, seed=14).astype(np.float32)
+    spiked[SR] = 1e30
+    refused(ctx, {"endpoint": "upload", "voice_base64": b64(wav_bytes(spiked, subtype="FLOAT")),
+                  "voice_name": name_for("spike"), "ref_text": "Spiked words."},
+            "The voice's loudest samples (peak 1e+30 times full scale) are so far above its speech that "
+            "bringing them within range would leave the speech almost silent; remove them")
+
+
+def test_a_float_upload_louder_than_full_scale_is_kept_and_usable(ctx):
+    """Speech recorded as float far past full scale (peaks near 3), with overs of 4: legitimate,
+    brought down to the target level like any loud upload."""
+    loud = (8.0 * speechlike(3.0, seed=15)).astype(np.float32)
+    loud[SR] = 4.0 * np.sign(loud[SR] or 1.0)
+    name = name_for("float-loud")
+    upload_b64(ctx, name, wav_bytes(loud, subtype="FLOAT"), ref_text="Loud float words.")
+    assert stored_reference_rms(ctx.get_bytes(f"voices/{name}")) == pytest.approx(TARGET_RMS, rel=0.01)
+    assert tts(ctx, name)["duration"] > 0
+
+
 def test_base64_accepts_line_breaks_and_a_data_uri(ctx):
     data = wav_bytes(speechlike(2.0, seed=13))
     wrapped = "\n".join(b64(data)[i:i + 76] for i in range(0, len(b64(data)), 76))
