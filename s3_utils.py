@@ -29,6 +29,7 @@ defined in ``f5worker.settings``). Both backends refuse keys that are absolute o
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -53,8 +54,8 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedErr
                                  ResponseStreamingError, SSLError)
 
 from f5worker.errors import StorageError
-from f5worker.settings import (ENV_AWS_CA_BUNDLE, ENV_AWS_ENDPOINT_URL, ENV_S3_BUCKET, LOGS_PREFIX,
-                               OUTPUT_PREFIX, Settings)
+from f5worker.settings import (ENV_AWS_CA_BUNDLE, ENV_AWS_ENDPOINT_URL, ENV_LOCAL_STORAGE_DIR, ENV_S3_BUCKET,
+                               LOGS_PREFIX, OUTPUT_PREFIX, Settings)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,11 @@ _NOT_MODIFIED_CODES = {"304", "NotModified"}  # a conditional GET whose object h
 _EMPTY_RANGE_CODES = {"416", "InvalidRange"}  # a range past the end (or any range of an empty object)
 _FORBIDDEN_CODES = {"403", "AccessDenied"}
 _HTTP_CODE_NAMES = {"400": "HTTP 400 Bad Request", "403": "HTTP 403 Forbidden"}  # HEAD: no body
+# What a failed local write means, where the system's words would mislead: ENOENT from mkdir is a
+# folder that cannot be made (no file is missing), EEXIST and ENOTDIR a file where a folder must go.
+_LOCAL_WRITE_REASONS = {errno.ENOENT: "a folder on the way cannot be created there",
+                        errno.EEXIST: "a file stands where a folder is needed",
+                        errno.ENOTDIR: "a file stands where a folder is needed"}
 
 
 class KeyNotFound(StorageError):
@@ -503,22 +509,30 @@ class LocalStorage(Storage):
         return path
 
     @contextmanager
-    def _errors(self, action: str, key: str, missing_is_key: bool = True) -> Iterator[None]:
+    def _errors(self, action: str, key: str) -> Iterator[None]:
+        """Filesystem failures as StorageErrors; on a read, a missing file is ``KeyNotFound``. A
+        write ("put") names what stopped it under the root: nothing is "not found" on a write."""
         try:
             yield
-        except FileNotFoundError as err:
-            if not missing_is_key:  # e.g. the file to upload is gone: not a missing key
-                raise StorageError(f"local storage failed: no such file ({action} {key})") from err
-            raise KeyNotFound(key) from err
         except OSError as err:
-            raise StorageError(f"local storage failed: {err.strerror or type(err).__name__} "
-                               f"({action} {key})") from err
+            reason = err.strerror or type(err).__name__
+            if action == "put":
+                raise StorageError(f"local storage could not write under {self.root}: "
+                                   f"{_LOCAL_WRITE_REASONS.get(err.errno, reason)} ({action} {key}); check that "
+                                   f"{ENV_LOCAL_STORAGE_DIR} names a folder the worker can write") from err
+            if isinstance(err, FileNotFoundError):
+                raise KeyNotFound(key) from err
+            raise StorageError(f"local storage failed: {reason} ({action} {key})") from err
 
     def upload_file(self, key, path, content_type):
         dest = self.path_for(key)
-        with self._errors("put", key, missing_is_key=False):
-            with open(path, "rb") as src:
-                atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
+        try:  # the worker's own staged file, not storage: said apart from a failure to write
+            src = open(path, "rb")
+        except OSError as err:
+            raise StorageError(f"local storage failed: the file to store could not be read "
+                               f"({err.strerror or type(err).__name__}) (put {key})") from err
+        with src, self._errors("put", key):
+            atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
 
     def download_file(self, key, dest_path, max_bytes=None):
         src_path = self.path_for(key)

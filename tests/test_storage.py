@@ -462,6 +462,33 @@ def test_local_missing_upload_source_is_not_a_missing_key(tmp_path):
     with pytest.raises(StorageError) as info:
         storage.upload_file(f"{OUTPUT_PREFIX}a.wav", tmp_path / "nope.wav", "audio/wav")
     assert not isinstance(info.value, KeyNotFound)
+    assert str(info.value) == ("local storage failed: the file to store could not be read (No such file or "
+                               f"directory) (put {OUTPUT_PREFIX}a.wav)")
+
+
+@pytest.mark.parametrize("root, cause", [
+    # mkdir answers ENOENT inside /proc, whoever runs it: a folder that cannot be made, no file missing
+    ("/proc/f5-worker-storage", "a folder on the way cannot be created there"),
+    ("{file}/storage", "a file stands where a folder is needed"),
+])
+def test_local_write_failures_name_the_cause(tmp_path, root, cause):
+    """An unwritable storage root: every write (an output, a job record, the gate's probe) names
+    what stopped it and the variable to fix, never "no such file" or "was not found"."""
+    (tmp_path / "a-file").write_text("not a folder")
+    staged = _write(tmp_path / "staged.wav", 100)
+    storage = LocalStorage(root.format(file=tmp_path / "a-file"))
+    writes = (lambda: storage.upload_file(f"{OUTPUT_PREFIX}a.wav", staged, "audio/wav"),
+              lambda: storage.put_json(f"{LOGS_PREFIX}job.json", {"status": "error"}))
+    for write in writes:
+        with pytest.raises(StorageError) as info:
+            write()
+        assert not isinstance(info.value, KeyNotFound)
+        assert str(info.value).startswith(f"local storage could not write under {storage.root}: {cause} (put ")
+        assert str(info.value).endswith(f"check that {ENV_LOCAL_STORAGE_DIR} names a folder the worker can write")
+    if root.startswith("/proc"):  # (under a file, the probe's first read already fails)
+        with pytest.raises(StorageError, match=cause) as info:
+            storage.probe()
+        assert "not found" not in str(info.value)
 
 
 # --- local retention (F5_LOCAL_RETENTION_HOURS) ---------------------------------------------------
