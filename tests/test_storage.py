@@ -22,6 +22,7 @@ from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_CA_BUNDLE, ENV_AWS
                                INCOMING_PREFIX, LOGS_PREFIX, OUTPUT_PREFIX, VOICES_PREFIX, Settings)
 from s3_utils import (SWEEP_INTERVAL_S, KeyNotFound, LocalStorage, ObjectTooLarge, S3Storage,
                       atomic_write, call_bound_s, make_s3_client, make_storage)
+from tests.fixtures_worker import worker_ctx
 
 # Headers Backblaze B2 (and other S3-compatible services) reject: boto3 >= 1.36 sends them by
 # default unless request_checksum_calculation / response_checksum_validation are "when_required".
@@ -489,6 +490,25 @@ def test_local_write_failures_name_the_cause(tmp_path, root, cause):
         with pytest.raises(StorageError, match=cause) as info:
             storage.probe()
         assert "not found" not in str(info.value)
+
+
+def test_a_job_whose_log_record_cannot_be_written_logs_one_line(tiny_models, tiny_whisper, tmp_path, caplog):
+    """A refused job on a storage root whose logs/ is a file: answered with its own sentence, and
+    the record's failure logged as one line naming the cause, not the exception chain behind it."""
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path) as ctx:
+        root = ctx.worker.storage.root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / LOGS_PREFIX.rstrip("/")).write_text("a file where the logs folder should be")
+        caplog.set_level("INFO")
+        job_id, result = ctx.run({"text": "Too slow.", "local_voice": "basic_ref_en.wav", "speed": 0.1})
+    assert result == {"error": "'speed' must be at least 0.3."}
+    about_record = [r for r in caplog.records if "log record" in r.getMessage()]
+    assert [(r.name, r.levelname, r.getMessage()) for r in about_record] == [(
+        "f5worker.jobs", "WARNING",
+        f"could not write the log record of job {job_id}: local storage could not write under {root}: a file "
+        f"stands where a folder is needed (put {LOGS_PREFIX}{job_id}.json); check that {ENV_LOCAL_STORAGE_DIR} "
+        "names a folder the worker can write")]
+    assert [r for r in caplog.records if r.exc_info] == []
 
 
 # --- local retention (F5_LOCAL_RETENTION_HOURS) ---------------------------------------------------
