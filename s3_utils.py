@@ -29,6 +29,7 @@ defined in ``f5worker.settings``). Both backends refuse keys that are absolute o
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -53,8 +54,8 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedErr
                                  ResponseStreamingError, SSLError)
 
 from f5worker.errors import StorageError
-from f5worker.settings import (ENV_AWS_CA_BUNDLE, ENV_AWS_ENDPOINT_URL, ENV_S3_BUCKET, LOGS_PREFIX,
-                               OUTPUT_PREFIX, Settings)
+from f5worker.settings import (ENV_AWS_CA_BUNDLE, ENV_AWS_ENDPOINT_URL, ENV_LOCAL_STORAGE_DIR, ENV_S3_BUCKET,
+                               LOGS_PREFIX, OUTPUT_PREFIX, Settings)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,11 @@ _NOT_MODIFIED_CODES = {"304", "NotModified"}  # a conditional GET whose object h
 _EMPTY_RANGE_CODES = {"416", "InvalidRange"}  # a range past the end (or any range of an empty object)
 _FORBIDDEN_CODES = {"403", "AccessDenied"}
 _HTTP_CODE_NAMES = {"400": "HTTP 400 Bad Request", "403": "HTTP 403 Forbidden"}  # HEAD: no body
+# What a failed local write means, where the system's words would mislead: ENOENT from mkdir is a
+# folder that cannot be made (no file is missing), EEXIST and ENOTDIR a file where a folder must go.
+_LOCAL_WRITE_REASONS = {errno.ENOENT: "a folder on the way cannot be created there",
+                        errno.EEXIST: "a file stands where a folder is needed",
+                        errno.ENOTDIR: "a file stands where a folder is needed"}
 
 
 class KeyNotFound(StorageError):
@@ -88,6 +94,14 @@ class BucketMissing(StorageError):
 
 class Forbidden(StorageError):
     """S3 refused the request (HTTP 403). Without s3:ListBucket that is also how a missing key reads."""
+
+
+class NotText(StorageError):
+    """The object at ``key`` is not UTF-8 text (``get_text``). ``.key`` names it."""
+
+    def __init__(self, key: str):
+        super().__init__(f"'{key}' is not UTF-8 text")
+        self.key = key
 
 
 class ObjectTooLarge(StorageError):
@@ -110,6 +124,15 @@ class ObjectInfo:
 
 def _error_code(err: ClientError) -> str:
     return str(err.response.get("Error", {}).get("Code") or "unknown")
+
+
+def decode_text(key: str, data: bytes) -> str:
+    """``data`` as UTF-8 text, a leading byte-order mark dropped (some editors write one); ``NotText``
+    for anything else, so one hand-placed file in another encoding reads as what it is."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise NotText(key) from None
 
 
 def check_key(key: str) -> str:
@@ -228,7 +251,8 @@ class Storage:
         raise NotImplementedError
 
     def get_text(self, key: str) -> str | None:
-        """The UTF-8 text stored at ``key``, or None if there is none."""
+        """The UTF-8 text stored at ``key`` (``decode_text``), or None if there is none; ``NotText``
+        if it is not UTF-8."""
         raise NotImplementedError
 
     def delete(self, key: str) -> None:
@@ -475,9 +499,10 @@ class S3Storage(Storage):
             with self._errors("get", check_key(key)):
                 body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
                 with body:
-                    return body.read().decode("utf-8")
+                    data = body.read()
         except KeyNotFound:
             return None
+        return decode_text(key, data)
 
     def delete(self, key):
         with self._errors("delete", check_key(key)):
@@ -516,22 +541,30 @@ class LocalStorage(Storage):
         return path
 
     @contextmanager
-    def _errors(self, action: str, key: str, missing_is_key: bool = True) -> Iterator[None]:
+    def _errors(self, action: str, key: str) -> Iterator[None]:
+        """Filesystem failures as StorageErrors; on a read, a missing file is ``KeyNotFound``. A
+        write ("put") names what stopped it under the root: nothing is "not found" on a write."""
         try:
             yield
-        except FileNotFoundError as err:
-            if not missing_is_key:  # e.g. the file to upload is gone: not a missing key
-                raise StorageError(f"local storage failed: no such file ({action} {key})") from err
-            raise KeyNotFound(key) from err
         except OSError as err:
-            raise StorageError(f"local storage failed: {err.strerror or type(err).__name__} "
-                               f"({action} {key})") from err
+            reason = err.strerror or type(err).__name__
+            if action == "put":
+                raise StorageError(f"local storage could not write under {self.root}: "
+                                   f"{_LOCAL_WRITE_REASONS.get(err.errno, reason)} ({action} {key}); check that "
+                                   f"{ENV_LOCAL_STORAGE_DIR} names a folder the worker can write") from err
+            if isinstance(err, FileNotFoundError):
+                raise KeyNotFound(key) from err
+            raise StorageError(f"local storage failed: {reason} ({action} {key})") from err
 
     def upload_file(self, key, path, content_type):
         dest = self.path_for(key)
-        with self._errors("put", key, missing_is_key=False):
-            with open(path, "rb") as src:
-                atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
+        try:  # the worker's own staged file, not storage: said apart from a failure to write
+            src = open(path, "rb")
+        except OSError as err:
+            raise StorageError(f"local storage failed: the file to store could not be read "
+                               f"({err.strerror or type(err).__name__}) (put {key})") from err
+        with src, self._errors("put", key):
+            atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
 
     def download_file(self, key, dest_path, max_bytes=None):
         src_path = self.path_for(key)
@@ -620,9 +653,10 @@ class LocalStorage(Storage):
         path = self.path_for(key)
         try:
             with self._errors("get", key):
-                return path.read_text(encoding="utf-8")
+                data = path.read_bytes()
         except KeyNotFound:
             return None
+        return decode_text(key, data)
 
     def delete(self, key):
         path = self.path_for(key)

@@ -17,8 +17,9 @@ only the runpod package (which brings requests and tqdm), so it can be copied ou
 
 ``--stream`` (for an endpoint with F5_STREAMING=1) sends ``"stream": true`` and reads the job's
 stream as it comes: the raw 16-bit PCM pieces are appended to ``<output>.pcm`` as they arrive (play
-it while it grows, e.g. ``ffplay -f s16le -ar 24000 -ac 1 long.pcm``), then the final result's file
-is written to ``-o`` as usual. On an endpoint with streaming on, a job's output is the list of what
+it while it grows, e.g. ``ffplay -f s16le -ar 24000 -ac 1 long.pcm``; the file is made with the
+first piece, so a job that sends none leaves none), then the final result's file is written to
+``-o`` as usual. On an endpoint with streaming on, a job's output is the list of what
 it yielded; the client takes its last item, the result.
 
 A voice given as a URL is sent as ``voice_file_url`` (the worker downloads it); a local file is
@@ -238,20 +239,27 @@ def is_pcm_piece(item) -> bool:
 
 def receive_stream(client: "Client", job_id: str, pcm_path: Path, args: argparse.Namespace,
                    progress: "Progress") -> tuple[dict, int]:
-    """Append the job's PCM pieces to ``pcm_path`` as they arrive; (the final result, pieces)."""
-    pcm_path.parent.mkdir(parents=True, exist_ok=True)
-    result, pieces, seconds = None, 0, 0.0
-    with open(pcm_path, "wb") as pcm:
+    """Append the job's PCM pieces to ``pcm_path`` as they arrive; (the final result, pieces). The
+    file is made with the first piece, so a job that sends none (refused, or on an endpoint that
+    does not stream) leaves no empty file."""
+    result, pieces, seconds, pcm = None, 0, 0.0, None
+    try:
         for item in client.stream(job_id, timeout_s=args.timeout, poll_s=args.poll):
-            if is_pcm_piece(item):
-                pcm.write(base64.b64decode(item["audio_base64"], validate=True))
-                pcm.flush()
-                pieces += 1
-                seconds += float(item.get("seconds") or 0)
-                progress.show("STREAMING", {"pieces": pieces, "audio_seconds": round(seconds, 3),
-                                            "sample_rate": item.get("sample_rate")})
-            else:
+            if not is_pcm_piece(item):
                 result = item
+                continue
+            if pcm is None:
+                pcm_path.parent.mkdir(parents=True, exist_ok=True)
+                pcm = open(pcm_path, "wb")
+            pcm.write(base64.b64decode(item["audio_base64"], validate=True))
+            pcm.flush()
+            pieces += 1
+            seconds += float(item.get("seconds") or 0)
+            progress.show("STREAMING", {"pieces": pieces, "audio_seconds": round(seconds, 3),
+                                        "sample_rate": item.get("sample_rate")})
+    finally:
+        if pcm is not None:
+            pcm.close()
     if result is None:
         raise ClientError(f"Job {job_id} ended without a result.")
     return final_output(result), pieces
@@ -386,7 +394,7 @@ def run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
         if getattr(args, "stream", False):
             pcm_path = args.output.with_suffix(".pcm")
             output, pieces = receive_stream(client, job_id, pcm_path, args, progress)
-            streamed = {"pcm_file": str(pcm_path), "pieces_received": pieces}
+            streamed = {"pcm_file": str(pcm_path) if pieces else None, "pieces_received": pieces}
         else:
             output = client.wait(job_id, timeout_s=args.timeout, poll_s=args.poll, progress=progress)
     finally:

@@ -178,14 +178,27 @@ def normalise_loudness(clip: np.ndarray, sr: int, target_rms: float) -> tuple[np
     silence) has an RMS of ``target_rms``, but never so far that a sample passes ``PEAK_LIMIT``
     (-1 dBFS); and the gain applied. Synthesis raises a quieter reference to its target RMS and
     lowers its output by as much, so a voice at the target gives output at the model's own level,
-    the same for every voice."""
+    the same for every voice.
+
+    InputError where lowering the clip leaves no speech in it (``check_speech``, which every
+    synthesis with it would then fail): a few samples far louder than the rest, such as one float
+    sample at 1e30, set the gain and bring the speech itself down to silence."""
     padded = len(clip) + int(sr * REFERENCE_PAD_SECONDS)
     rms = float(np.sqrt(np.sum(np.square(clip, dtype=np.float64)) / padded)) if padded else 0.0
     peak = float(np.max(np.abs(clip))) if len(clip) else 0.0
     if rms <= 0.0 or peak <= 0.0:
         return clip, 1.0
     gain = min(target_rms / rms, PEAK_LIMIT / peak)
-    return (clip * gain).astype(np.float32), gain
+    scaled = (clip * gain).astype(np.float32)
+    if gain < 1.0:  # only a lowering can take speech below check_speech's threshold
+        try:
+            check_speech(scaled, sr)
+        except InputError:
+            raise InputError(
+                f"The voice's loudest samples (peak {peak:.3g} times full scale) are so far above its speech "
+                "that bringing them within range would leave the speech almost silent; remove them (a 16-bit "
+                "PCM export clips them) and upload again.") from None
+    return scaled, gain
 
 
 def remove_silences(samples: np.ndarray, sr: int) -> np.ndarray:

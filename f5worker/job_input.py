@@ -30,7 +30,8 @@ MAX_S3_KEY_CHARS = 1100  # "s3://", a bucket name (at most 63) and a key (at mos
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
 MAX_OUTPUT_KEY_CHARS = 200
-OUTPUT_KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A name starts with a letter or digit and does not end in '.' (which would give "a..wav").
+OUTPUT_KEY_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_-])?")
 # A script in several voices (f5-tts's CLI syntax): ``voices`` maps aliases to stored voices, and a
 # ``[alias]`` in the text switches to that voice.
 MAX_SCRIPT_VOICES = 8
@@ -48,7 +49,10 @@ def check_voice_name(name: str) -> str:
 
 def check_output_key(key: str) -> str:
     """A caller's output name (``campaign-7/line-12``) or prefix (``campaign-7/``), to be placed
-    under ``output/``: plain names separated by single slashes, never a path that could leave it."""
+    under ``output/``: plain names separated by single slashes, never a path that could leave it.
+    The same rule holds on S3 and on a local folder, where a file and a folder cannot share a name:
+    every stored file's name ends in an output extension and no folder's may, so the two never meet
+    (``clash`` stores ``output/clash.wav``; ``clash.wav/y`` is refused, not stored beside it)."""
     if key.startswith("/"):
         raise ValueError("must be relative (it is placed under output/), so it cannot start with '/'")
     if "\\" in key:
@@ -58,11 +62,21 @@ def check_output_key(key: str) -> str:
     names = (key[:-1] if key.endswith("/") else key).split("/")
     if not all(OUTPUT_KEY_NAME_RE.fullmatch(name) for name in names):
         raise ValueError("may hold only names of letters, digits, '.', '_' and '-', each starting with a "
-                         "letter or digit, separated by single '/'")
-    extension = next((ext for ext in EXTENSIONS if key.lower().endswith(ext)), None)
+                         "letter or digit and not ending in '.', separated by single '/'")
+    file_name = None if key.endswith("/") else names[-1]
+    extension = output_extension(file_name or "")
     if extension is not None:
         raise ValueError(f"gets its extension from output_format, so leave '{extension}' off")
+    extension = next(filter(None, map(output_extension, names if file_name is None else names[:-1])), None)
+    if extension is not None:
+        raise ValueError(f"must not have a folder whose name ends in '{extension}', the ending of stored "
+                         "files, since one could stand where the folder should; rename the folder")
     return key
+
+
+def output_extension(name: str) -> str | None:
+    """The output extension ``name`` ends in (any format's, any case), or None."""
+    return next((ext for ext in EXTENSIONS if name.lower().endswith(ext)), None)
 
 
 class _Input(BaseModel):

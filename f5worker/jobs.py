@@ -419,13 +419,15 @@ class Worker:
         return {"voice_name": job.voice_name, "deleted_keys": removed}
 
     async def record(self, job_id: str, endpoint: str, status: str, **fields) -> None:
-        """The job's log record, then the retention sweep; a failure of the record is logged, never
-        raised over the result."""
+        """The job's log record, then the retention sweep; a failure of the record is logged (one
+        line; a traceback only for an unexpected one), never raised over the result."""
         entry = {"job_id": job_id, "endpoint": endpoint, "status": status,
                  "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields}
         try:
             await self._off_loop(self.storage.put_json, f"{LOGS_PREFIX}{job_id}.json", entry)
-        except Exception:
+        except StorageError as err:  # its sentence names the cause: one line, not the exception chain
+            log.warning("could not write the log record of job %s: %s", job_id, err)
+        except Exception:  # a bug: its traceback is the lead
             log.warning("could not write the log record of job %s", job_id, exc_info=True)
         # Local storage keeps outputs and records only as long as F5_LOCAL_RETENTION_HOURS says
         # (rate-limited inside; S3 buckets use lifecycle rules instead).

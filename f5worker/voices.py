@@ -11,8 +11,10 @@ very audio synthesis uses. The rules, in one place:
   uploads of one name, a fault mid-upload, or several workers sharing a bucket can never pair one
   upload's audio with another's transcript.
 - A voice put in storage by hand may have a transcript written by a person beside it,
-  ``voices/<voice_name>.txt`` (``voices/alice.wav.txt``); it is used only when the voice is short
-  enough to be used whole.
+  ``voices/<voice_name>.txt`` (``voices/alice.wav.txt``), in UTF-8 (a byte-order mark is allowed);
+  it is used only when the voice is short enough to be used whole.
+- A sidecar that cannot be read (not UTF-8; a ``.json`` that is not the object the worker writes)
+  counts as no transcript, is logged once per key, and never fails the voice or a listing.
 - A transcript Whisper made for a voice without one is kept in ``voices/<voice_name>.json``
   (``voices/alice.wav.json``) together with the SHA-256 of the voice object it was made from, and
   used only while the voice is that object.
@@ -49,7 +51,7 @@ from f5worker.errors import InputError, StorageError
 from f5worker.job_input import check_voice_name
 from f5worker.settings import (ENV_MAX_VOICE_BYTES, INCOMING_PREFIX, TRANSCRIPT_SUFFIX,
                                VOICE_META_SUFFIX, VOICES_PREFIX)
-from s3_utils import KeyNotFound, ObjectInfo, Storage, check_key
+from s3_utils import KeyNotFound, NotText, ObjectInfo, Storage, check_key
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +234,8 @@ class VoiceLibrary:
         self.storage = storage
         self._transcribe = transcribe  # (samples, sr) -> str; loaded lazily by its owner
         self.cache = VoiceCache(cache_size)
+        self._unreadable: set[str] = set()  # sidecar keys already logged as unreadable
+        self._unreadable_lock = threading.Lock()
         self._list_threads = ThreadPoolExecutor(max_workers=LIST_DETAIL_THREADS, thread_name_prefix="voice-list")
 
     # --- one voice, for synthesis ---------------------------------------------------------------
@@ -291,22 +295,44 @@ class VoiceLibrary:
         if voice.sha256 is None:
             return BUILTIN_VOICES[voice.name][1], BUILT_IN
         if not voice.clipped:
-            written = self.storage.get_text(transcript_key(voice.name))
-            if written and written.strip():
-                return written.strip(), HAND_WRITTEN
+            written = self._hand_written(voice.name)
+            if written:
+                return written, HAND_WRITTEN
         if voice.learnt_text is None:
             voice.learnt_text = self._learnt_transcript(voice.name, sha256=voice.sha256)
         return (voice.learnt_text, WHISPER) if voice.learnt_text else None
 
+    def _sidecar_text(self, key: str) -> str | None:
+        """The text of a sidecar beside a voice; None when there is none or it is not UTF-8."""
+        try:
+            return self.storage.get_text(key)
+        except NotText:
+            self._log_unreadable(key, "is not UTF-8 text")
+            return None
+
+    def _log_unreadable(self, key: str, why: str) -> None:
+        """One warning per sidecar key and process: a listing reads it at every page."""
+        with self._unreadable_lock:
+            if key in self._unreadable:
+                return
+            self._unreadable.add(key)
+        log.warning("voice sidecar %s %s; it counts as no transcript (sidecars are read as UTF-8)", key, why)
+
+    def _hand_written(self, name: str) -> str | None:
+        """A person's transcript of voice ``name`` (``transcript_key``), stripped; None if none."""
+        written = self._sidecar_text(transcript_key(name))
+        return written.strip() if written and written.strip() else None
+
     def _learnt_transcript(self, name: str, sha256: str | None = None, version: str | None = None) -> str | None:
         """Whisper's transcript of voice ``name`` if it was made from the object with this SHA-256
         (or, where only the listing's ``version`` is known, from that version)."""
-        raw = self.storage.get_text(meta_key(name))
+        raw = self._sidecar_text(meta_key(name))
         try:
             meta = json.loads(raw) if raw else {}
         except ValueError:
-            return None
+            meta = None
         if not isinstance(meta, dict):
+            self._log_unreadable(meta_key(name), "is not a JSON object")
             return None
         if ((sha256 is not None and meta.get("sha256") != sha256)
                 or (version is not None and meta.get("version") != version)):
@@ -433,9 +459,9 @@ class VoiceLibrary:
             # A voice of at most 12 s is always used whole, so a person's transcript applies; for a
             # longer one only voice_info, which reads the audio, can tell.
             if seconds is not None and seconds <= audio.REF_MAX_SECONDS:
-                written = self.storage.get_text(transcript_key(name))
-                if written and written.strip():
-                    text, source = written.strip(), HAND_WRITTEN
+                written = self._hand_written(name)
+                if written:
+                    text, source = written, HAND_WRITTEN
             if text is None:
                 learnt = self._learnt_transcript(name, version=obj.version)
                 if learnt:

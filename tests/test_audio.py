@@ -166,6 +166,20 @@ def test_loudness_normalisation_never_pushes_a_peak_past_minus_1_dbfs():
     assert audio.normalise_loudness(silent, SR, 0.1)[1] == 1.0
 
 
+@pytest.mark.parametrize("spike, refused", [(1.0, False), (4.0, False), (50.0, True), (1e30, True)])
+def test_loudness_normalisation_refuses_a_spike_that_would_silence_the_speech(spike, refused):
+    """Speech at a peak of 0.41 with one sample at ``spike``: lowered to -1 dBFS at that sample, the
+    speech falls below check_speech's threshold from a spike of about 50 on; below that it is kept."""
+    clip = speechlike(3.0, seed=1)
+    clip[SR] = spike
+    if not refused:
+        normalised, _ = audio.normalise_loudness(clip, SR, 0.1)
+        assert len(audio.check_speech(normalised, SR)) > SR
+        return
+    with pytest.raises(InputError, match=r"^The voice's loudest samples \(peak [0-9.e+]+ times full scale\)"):
+        audio.normalise_loudness(clip, SR, 0.1)
+
+
 def test_resample_to_24k_keeps_the_length_and_the_pitch():
     rate = 44100
     t = np.arange(2 * rate) / rate

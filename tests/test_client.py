@@ -92,6 +92,16 @@ def test_a_refused_job_shows_the_workers_sentence(run, tmp_path):
     assert "Traceback" not in err and not (tmp_path / "never.wav").exists()
 
 
+def test_stream_against_an_endpoint_that_does_not_stream_leaves_no_file(run, tmp_path):
+    """This server runs without F5_STREAMING: its /stream answers runpod's own sentence (the job is
+    never run), shown as it came, and no empty <output>.pcm (nor the WAV) is left behind."""
+    code, out, err = run("tts", "Streamed, or not.", "--voice", "basic_ref_en.wav", "--nfe-step", str(NFE),
+                         "--stream", "-o", str(tmp_path / "long.wav"))
+    assert code == 1 and out == ""
+    assert err.splitlines()[-1] == "Stream not supported, handler must be a generator.", err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_no_wait_then_download(run, tmp_path):
     code, out, err = run("tts", "Fetched later.", "--voice", "basic_ref_en.wav", "--nfe-step", str(NFE),
                          "--seed", "3", "--no-wait")

@@ -283,12 +283,29 @@ def test_output_key_names_the_stored_file_and_replaces_it(ctx):
     ("名前", "'output_key' may hold only names of letters, digits"),
     ("x\x00y", "'output_key' may hold only names of letters, digits"),
     ("line-12.MP3", "'output_key' gets its extension from output_format, so leave '.mp3' off."),
+    ("a.", "'output_key' may hold only names of letters, digits, '.', '_' and '-', each starting with a letter "
+           "or digit and not ending in '.', separated by single '/'."),  # it would store "output/a..wav"
+    ("take.2./a", "'output_key' may hold only names of letters, digits"),
+    ("lines.mp3/", "'output_key' must not have a folder whose name ends in '.mp3', the ending of stored files"),
     ("", "'output_key' must not be empty."),
     ("a" * (MAX_OUTPUT_KEY_CHARS + 1), f"'output_key' is too long: at most {MAX_OUTPUT_KEY_CHARS} characters."),
     (7, "'output_key' must be a string."),
 ])
 def test_output_key_outside_output_is_refused(ctx, key, expected):
     refused(ctx, tts(output_key=key), expected)
+
+
+def test_a_folder_named_like_a_stored_file_is_refused_on_both_backends(ctx):
+    """``clash`` stores ``output/clash.wav``; ``clash.wav/y`` would need a folder of that name: a
+    local folder cannot have one beside the file (it failed after synthesis, "File exists") while S3
+    stored it. One rule for both, before synthesis: no folder may end like a stored file."""
+    clash = f"clash-{uuid.uuid4().hex[:6]}"
+    _, first = ok(ctx, tts(output_key=clash, return_base64=False))
+    assert first["output_key"] == f"output/{clash}.wav"
+    refused(ctx, tts(output_key=f"{clash}.wav/y"),
+            "'output_key' must not have a folder whose name ends in '.wav', the ending of stored files, since "
+            "one could stand where the folder should; rename the folder.")
+    refused(ctx, tts(output_key=f"{clash}.WAV/"), "'output_key' must not have a folder whose name ends in '.wav'")
 
 
 # --- timings --------------------------------------------------------------------------------------

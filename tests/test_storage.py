@@ -22,6 +22,7 @@ from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_CA_BUNDLE, ENV_AWS
                                INCOMING_PREFIX, LOGS_PREFIX, OUTPUT_PREFIX, VOICES_PREFIX, Settings)
 from s3_utils import (SWEEP_INTERVAL_S, KeyNotFound, LocalStorage, ObjectTooLarge, S3Storage,
                       atomic_write, call_bound_s, make_s3_client, make_storage)
+from tests.fixtures_worker import worker_ctx
 
 # Headers Backblaze B2 (and other S3-compatible services) reject: boto3 >= 1.36 sends them by
 # default unless request_checksum_calculation / response_checksum_validation are "when_required".
@@ -462,6 +463,52 @@ def test_local_missing_upload_source_is_not_a_missing_key(tmp_path):
     with pytest.raises(StorageError) as info:
         storage.upload_file(f"{OUTPUT_PREFIX}a.wav", tmp_path / "nope.wav", "audio/wav")
     assert not isinstance(info.value, KeyNotFound)
+    assert str(info.value) == ("local storage failed: the file to store could not be read (No such file or "
+                               f"directory) (put {OUTPUT_PREFIX}a.wav)")
+
+
+@pytest.mark.parametrize("root, cause", [
+    # mkdir answers ENOENT inside /proc, whoever runs it: a folder that cannot be made, no file missing
+    ("/proc/f5-worker-storage", "a folder on the way cannot be created there"),
+    ("{file}/storage", "a file stands where a folder is needed"),
+])
+def test_local_write_failures_name_the_cause(tmp_path, root, cause):
+    """An unwritable storage root: every write (an output, a job record, the gate's probe) names
+    what stopped it and the variable to fix, never "no such file" or "was not found"."""
+    (tmp_path / "a-file").write_text("not a folder")
+    staged = _write(tmp_path / "staged.wav", 100)
+    storage = LocalStorage(root.format(file=tmp_path / "a-file"))
+    writes = (lambda: storage.upload_file(f"{OUTPUT_PREFIX}a.wav", staged, "audio/wav"),
+              lambda: storage.put_json(f"{LOGS_PREFIX}job.json", {"status": "error"}))
+    for write in writes:
+        with pytest.raises(StorageError) as info:
+            write()
+        assert not isinstance(info.value, KeyNotFound)
+        assert str(info.value).startswith(f"local storage could not write under {storage.root}: {cause} (put ")
+        assert str(info.value).endswith(f"check that {ENV_LOCAL_STORAGE_DIR} names a folder the worker can write")
+    if root.startswith("/proc"):  # (under a file, the probe's first read already fails)
+        with pytest.raises(StorageError, match=cause) as info:
+            storage.probe()
+        assert "not found" not in str(info.value)
+
+
+def test_a_job_whose_log_record_cannot_be_written_logs_one_line(tiny_models, tiny_whisper, tmp_path, caplog):
+    """A refused job on a storage root whose logs/ is a file: answered with its own sentence, and
+    the record's failure logged as one line naming the cause, not the exception chain behind it."""
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path) as ctx:
+        root = ctx.worker.storage.root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / LOGS_PREFIX.rstrip("/")).write_text("a file where the logs folder should be")
+        caplog.set_level("INFO")
+        job_id, result = ctx.run({"text": "Too slow.", "local_voice": "basic_ref_en.wav", "speed": 0.1})
+    assert result == {"error": "'speed' must be at least 0.3."}
+    about_record = [r for r in caplog.records if "log record" in r.getMessage()]
+    assert [(r.name, r.levelname, r.getMessage()) for r in about_record] == [(
+        "f5worker.jobs", "WARNING",
+        f"could not write the log record of job {job_id}: local storage could not write under {root}: a file "
+        f"stands where a folder is needed (put {LOGS_PREFIX}{job_id}.json); check that {ENV_LOCAL_STORAGE_DIR} "
+        "names a folder the worker can write")]
+    assert [r for r in caplog.records if r.exc_info] == []
 
 
 # --- local retention (F5_LOCAL_RETENTION_HOURS) ---------------------------------------------------

@@ -194,6 +194,28 @@ def test_loud_upload_is_brought_down_and_never_clips(ctx):
     assert stored_reference_rms(ctx.get_bytes(f"voices/{name}")) <= TARGET_RMS * 1.01
 
 
+def test_an_upload_whose_spike_would_silence_its_speech_is_refused(ctx):
+    """One float sample at 1e30 in 3 s of speech: normalised to that peak the speech is gone, so
+    every TTS with the voice would say it is almost silent; the upload says why instead."""
+    spiked = speechlike(3.0, seed=14).astype(np.float32)
+    spiked[SR] = 1e30
+    refused(ctx, {"endpoint": "upload", "voice_base64": b64(wav_bytes(spiked, subtype="FLOAT")),
+                  "voice_name": name_for("spike"), "ref_text": "Spiked words."},
+            "The voice's loudest samples (peak 1e+30 times full scale) are so far above its speech that "
+            "bringing them within range would leave the speech almost silent; remove them")
+
+
+def test_a_float_upload_louder_than_full_scale_is_kept_and_usable(ctx):
+    """Speech recorded as float far past full scale (peaks near 3), with overs of 4: legitimate,
+    brought down to the target level like any loud upload."""
+    loud = (8.0 * speechlike(3.0, seed=15)).astype(np.float32)
+    loud[SR] = 4.0 * np.sign(loud[SR] or 1.0)
+    name = name_for("float-loud")
+    upload_b64(ctx, name, wav_bytes(loud, subtype="FLOAT"), ref_text="Loud float words.")
+    assert stored_reference_rms(ctx.get_bytes(f"voices/{name}")) == pytest.approx(TARGET_RMS, rel=0.01)
+    assert tts(ctx, name)["duration"] > 0
+
+
 def test_base64_accepts_line_breaks_and_a_data_uri(ctx):
     data = wav_bytes(speechlike(2.0, seed=13))
     wrapped = "\n".join(b64(data)[i:i + 76] for i in range(0, len(b64(data)), 76))
@@ -426,6 +448,38 @@ def test_voice_info_tells_where_a_transcript_comes_from(ctx):
     _, builtin = ctx.run({"endpoint": "voice_info", "voice_name": BUILTIN})
     assert (builtin["transcript"], builtin["transcript_source"]) == (BUILTIN_VOICES[BUILTIN][1], "built-in")
     assert builtin["voice_key"] is None and builtin["sha256"] is None
+
+
+def test_an_unreadable_sidecar_counts_as_no_transcript(ctx, caplog):
+    """A hand-placed .txt in Latin-1 and a .json that is not UTF-8 (a UTF-16 byte-order mark): each
+    voice reads as one without a transcript (voice_info, the listing, a TTS that has Whisper
+    transcribe it), logged once per key; a UTF-8 .txt with a byte-order mark is read without it."""
+    latin, utf16, bom = name_for("latin"), name_for("utf16"), name_for("bom")
+    for seed, name in enumerate((latin, utf16, bom)):
+        put_raw(ctx, f"voices/{name}", wav_bytes(speechlike(3.0, seed=53 + seed)))
+    put_raw(ctx, f"voices/{latin}.txt", b"Voil\xe0, caf\xe9")
+    put_raw(ctx, f"voices/{utf16}.json", b"\xff\xfe{")
+    put_raw(ctx, f"voices/{bom}.txt", "\ufeffVoilà, café".encode("utf-8"))
+    caplog.set_level("WARNING", logger="f5worker.voices")
+    for _ in range(2):
+        for name in (latin, utf16):
+            _, info = ctx.run({"endpoint": "voice_info", "voice_name": name})
+            assert (info["transcript"], info["transcript_source"]) == (None, None), info
+        listed = {v["voice_name"]: v for v in _list_all(ctx)}
+        assert (listed[latin]["transcript"], listed[utf16]["transcript"]) == (None, None)
+        assert listed[latin]["duration"] == 3.0
+    _, info = ctx.run({"endpoint": "voice_info", "voice_name": bom})
+    assert (info["transcript"], info["transcript_source"]) == ("Voilà, café", "hand-written")
+    assert listed[bom]["transcript"] == "Voilà, café"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "f5worker.voices"]
+    assert sorted(warnings) == sorted(
+        f"voice sidecar voices/{key} is not UTF-8 text; it counts as no transcript (sidecars are read as UTF-8)"
+        for key in (f"{latin}.txt", f"{utf16}.json")), warnings
+    for name in (latin, utf16):  # the no-transcript path: Whisper hears it, and its transcript is kept
+        _, result = ctx.run({"text": "Hello there.", "local_voice": name, "nfe_step": NFE, "seed": 1})
+        assert "Internal error" not in result.get("error", ""), result
+        _, info = ctx.run({"endpoint": "voice_info", "voice_name": name})
+        assert info["transcript_source"] == "whisper" and info["transcript"], info
 
 
 def test_voice_info_of_a_missing_voice(ctx):
