@@ -52,6 +52,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedErr
                                  ConnectTimeoutError, EndpointConnectionError, IncompleteReadError,
                                  NoCredentialsError, PartialCredentialsError, ReadTimeoutError,
                                  ResponseStreamingError, SSLError)
+from botocore.handlers import VALID_BUCKET, VALID_S3_ARN
 
 from f5worker.errors import StorageError
 from f5worker.settings import (ENV_AWS_CA_BUNDLE, ENV_AWS_ENDPOINT_URL, ENV_LOCAL_STORAGE_DIR, ENV_S3_BUCKET,
@@ -88,8 +89,14 @@ class KeyNotFound(StorageError):
         self.key = key
 
 
-class BucketMissing(StorageError):
-    """The bucket itself is not there (S3's NoSuchBucket): a setting to fix, not a passing fault."""
+class StorageUnusable(StorageError):
+    """The storage the settings name cannot be used at all (no such bucket, a bucket name S3 does
+    not allow, a local root that is a file or cannot be written): a setting to fix, not a passing
+    fault, so a start error."""
+
+
+class BucketMissing(StorageUnusable):
+    """The bucket itself is not there (S3's NoSuchBucket)."""
 
 
 class Forbidden(StorageError):
@@ -278,15 +285,17 @@ class Storage:
         """Raise StorageError unless the storage is there to write to: the worker checks this at
         start and writes nothing (not even a job record) when it fails. Nothing to check here."""
 
-    def probe(self) -> None:
+    def probe(self, *, step: Callable[[str], None] = lambda doing: None) -> None:
         """Read a key that does not exist, then write, read back and delete a small object under
         ``logs/``; raise StorageError if any step fails. Used by the validation script to check
         the bucket, the credentials and their permissions. The read comes first so that a missing
-        bucket is reported as such, never created by the write (some servers create on PUT)."""
+        bucket is reported as such, never created by the write (some servers create on PUT).
+        ``step`` hears what each step is about to do (the gate names the one that did not finish)."""
         key = f"{LOGS_PREFIX}probe-{uuid.uuid4().hex}.txt"
         text = "f5-tts worker storage probe"
         # Built-in voices and transcript lookups rely on a missing key reading as missing: without
         # s3:ListBucket, S3 answers 403 instead of 404.
+        step(f"reading {key}, which does not exist")
         try:
             absent = self.get_text(key)
         except Forbidden:
@@ -294,12 +303,16 @@ class Storage:
                                f"s3:ListBucket on the bucket ({self.describe()})") from None
         if absent is not None:
             raise StorageError(f"storage probe found an object under a fresh random key ({self.describe()})")
+        step(f"writing {key}")
         self.put_text(key, text)
         try:
+            step(f"reading {key} back")
             if self.get_text(key) != text:
                 raise StorageError(f"storage probe read back different content ({self.describe()})")
         finally:
+            step(f"deleting {key}")
             self.delete(key)
+        step(f"checking that {key} is gone")
         if self.get_text(key) is not None:
             raise StorageError(f"storage probe object was still readable after delete ({self.describe()})")
         log.info("storage probe passed: %s", self.describe())
@@ -309,6 +322,10 @@ class S3Storage(Storage):
     def __init__(self, settings: Settings, client=None):
         if not settings.s3_bucket:
             raise StorageError("S3 storage needs a bucket name")
+        if not (VALID_BUCKET.match(settings.s3_bucket) or VALID_S3_ARN.match(settings.s3_bucket)):
+            # botocore's own rule, which it would otherwise apply to every request of every job
+            raise StorageUnusable(f"{ENV_S3_BUCKET} is not a bucket name S3 allows (letters, digits, '.', '-' "
+                                  "and '_', at most 255; or an access point ARN); correct it")
         self.bucket = settings.s3_bucket
         self.endpoint_url = settings.aws_endpoint_url
         self.presign_expiry = settings.presign_expiry
@@ -522,6 +539,19 @@ class S3Storage(Storage):
             f":{parts.port}" if parts.port else "")
 
 
+def writable_folder_problem(folder: Path) -> str | None:
+    """None if ``folder`` is a folder this process may write, or may create; else why not. Asks the
+    system (``os.access``, which also answers for a read-only filesystem) and writes nothing."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
+    return f"{existing} is not writable" if existing == folder else f"it cannot be made: {existing} is not writable"
+
+
 class LocalStorage(Storage):
     """Keys are files under ``root``. Writes are atomic: a temp file beside the target, renamed.
     With ``retention_hours`` > 0, ``sweep_expired`` removes outputs and job records older than that."""
@@ -533,6 +563,14 @@ class LocalStorage(Storage):
         self.retention_s = retention_hours * 3600.0
         self._next_sweep = 0.0
         self._sweep_lock = threading.Lock()
+
+    def check_exists(self) -> None:
+        """``StorageUnusable`` unless the root is a folder the worker can write, or one it can
+        create (nothing is created here: the gate calls this too)."""
+        problem = writable_folder_problem(self.root)
+        if problem:
+            raise StorageUnusable(f"{ENV_LOCAL_STORAGE_DIR} ({self.root}) cannot hold voices and outputs: "
+                                  f"{problem}; set it to a folder the worker can write")
 
     def path_for(self, key: str) -> Path:
         path = (self.root / check_key(key)).resolve()
@@ -711,12 +749,12 @@ def _utc(moment: datetime) -> datetime:
 
 
 def check_at_start(storage: Storage) -> None:
-    """A missing bucket is a start error (``BucketMissing`` raised); a storage fault meanwhile is
-    not: it is logged, and the storage checks again before its first write (it never writes to a
-    bucket it has not seen exist)."""
+    """Storage that cannot be used (``StorageUnusable``: a missing bucket, a local root that is a
+    file) is a start error, raised; a storage fault meanwhile is not: it is logged, and the storage
+    checks again before its first write (it never writes to a bucket it has not seen exist)."""
     try:
         storage.check_exists()
-    except BucketMissing:
+    except StorageUnusable:
         raise
     except StorageError as err:
         log.warning("could not check the storage at start (%s); it is checked again before the first write", err)

@@ -48,8 +48,8 @@ SETTLE_S = 2.0  # a failed job's log record gets this long
 
 
 def build_worker(settings: Settings, phases: dict[str, float] | None = None):
-    """Resolve and load the models, warm them up, open storage. Raises StorageError if models
-    can't be had. ``phases`` receives the seconds each start-up phase took."""
+    """Open storage, resolve and load the models, warm them up. Raises a WorkerError (the start
+    error) if storage cannot be used or the models can't be had. ``phases`` receives the seconds each start-up phase took."""
     phases = {} if phases is None else phases
     mark = time.perf_counter()
 
@@ -67,6 +67,11 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     from s3_utils import check_at_start, make_storage
 
     lap("import_worker")
+    # Storage and the device first: a setting that makes either unusable is a start error in
+    # seconds, not after the models have loaded.
+    storage = make_storage(settings)
+    check_at_start(storage)  # a missing bucket, a local root that is a file: start errors
+    lap("open_storage")
     device = pick_device(settings.device)
     files = resolve_tts_files(settings)
     lap("resolve_models")
@@ -75,9 +80,6 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     lap("load_models")
     engine.warm_up()
     lap("warm_up")
-    storage = make_storage(settings)
-    check_at_start(storage)  # a missing bucket: a start error
-    lap("open_storage")
     worker = Worker(settings, engine, storage, Transcriber(settings, device=device))
     # Graphs for the common single-job lengths are captured while the worker waits for work, then
     # (on a GPU) the fused kernels are compiled, checked and switched to (f5worker.fast_kernels).

@@ -126,6 +126,22 @@ DEFAULT_MAX_RESULT_BYTES = 10_000_000
 # least recently used are evicted (re-captured, in one step, if needed again).
 DEFAULT_GRAPH_MEMORY_MB = 1024
 
+# Upper bounds: past these a value is a slip, never a choice, and some broke every job
+# (S3_READ_TIMEOUT_SECONDS=1e308 overflowed the socket timeout: "HTTPClientError" on every call).
+MAX_JOB_TIMEOUT = 24 * 3600.0
+MAX_S3_CONNECT_TIMEOUT = 60.0
+MAX_S3_READ_TIMEOUT = 600.0
+MAX_S3_MAX_ATTEMPTS = 10
+MAX_LOCAL_RETENTION_HOURS = 10 * 365 * 24.0
+MAX_MAX_CONCURRENCY = 256
+MAX_VOICE_CACHE_SIZE = 1000
+MAX_MAX_VOICE_BYTES = 2**30
+# RunPod's larger payload limit (/runsync); see DEFAULT_MAX_RESULT_BYTES.
+MAX_MAX_RESULT_BYTES = 20_000_000
+MAX_GRAPH_MEMORY_MB = 2**20
+# F5_DEVICE: what torch and safetensors both accept ("cpu:0" is torch's, not safetensors').
+DEVICE_RE = re.compile(r"cpu|cuda(?::\d+)?")
+
 # --- what the worker loads ----------------------------------------------------------------------
 F5_REPO = "SWivid/F5-TTS"
 F5_MODEL_NAME = "F5TTS_v1_Base"
@@ -183,6 +199,43 @@ def _number(env: Mapping[str, str], name: str, default, cast=float, minimum: flo
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be at most {maximum:g}, not {raw!r}")
     return value
+
+
+def _device(env: Mapping[str, str]) -> str | None:
+    """``F5_DEVICE``: unset, ``cpu``, ``cuda`` or ``cuda:<index>``; ValueError naming it otherwise
+    (``banana`` or ``cpu:0`` started, then every model load failed)."""
+    raw = (env.get(ENV_DEVICE) or "").strip()
+    if raw and not DEVICE_RE.fullmatch(raw):
+        raise ValueError(f"{ENV_DEVICE} must be cpu, cuda or cuda:<index> (such as cuda:0), or unset "
+                         f"to pick the GPU when there is one, not {raw[:40]!r}")
+    return raw or None
+
+
+def check_endpoint_url(url: str) -> str:
+    """``AWS_ENDPOINT_URL`` as given, if it is an endpoint alone: http(s), a host, maybe a port, no
+    path (botocore puts a path before every key, so objects landed under it inside the bucket), no
+    query. ValueError naming the variable otherwise; it never repeats the URL (it may hold a password)."""
+    parts = urlsplit(url.strip())
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") \
+            or parts.query or parts.fragment:
+        raise ValueError(f"{ENV_AWS_ENDPOINT_URL} must be the S3 endpoint alone, https://<host> or "
+                         "https://<host>:<port>, with no path (a path would put every object under it "
+                         f"inside the bucket; the bucket goes in {ENV_S3_BUCKET})")
+    return url
+
+
+def _check_keys(values: Mapping[str, str | None]) -> None:
+    """A bucket needs both keys: without them botocore would look for credentials elsewhere, the
+    instance metadata address among them, which no RunPod worker has."""
+    lacking = [either_name(name) for name in (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY) if not values[name]]
+    if values[ENV_S3_BUCKET] and lacking:
+        raise ValueError(f"a bucket is set ({ENV_S3_BUCKET} or {ENV_BUCKET_ENDPOINT_URL}) but "
+                         f"{' and '.join(lacking)} {'is' if len(lacking) == 1 else 'are'} not; set the "
+                         "bucket's key pair, or unset the bucket to keep voices and outputs in the local folder")
 
 
 # A region label as the S3 providers spell it in their hostnames: us-east-1, eu-central-003 (AWS,
@@ -277,6 +330,9 @@ def resolve_s3_env(env: Mapping[str, str]) -> tuple[dict[str, str | None], tuple
         notes.append(f"{ENV_BUCKET_ENDPOINT_URL} is set but {why} and {ENV_S3_BUCKET} is not set, "
                      f"so voices and outputs go to the local folder; set {ENV_S3_BUCKET}.")
     values[ENV_S3_BUCKET] = bucket
+    if given(ENV_AWS_ENDPOINT_URL):  # runpod's alias had its bucket path taken off above
+        check_endpoint_url(env[ENV_AWS_ENDPOINT_URL])
+    _check_keys(values)
     values[ENV_AWS_REGION] = given(ENV_AWS_REGION) or region_from_endpoint(values[ENV_AWS_ENDPOINT_URL])
     return values, tuple(notes)
 
@@ -379,7 +435,7 @@ class Settings:
             model_config=env.get(ENV_MODEL_CONFIG) or None,
             vocoder_dir=env.get(ENV_VOCODER_DIR) or None,
             asr_model=env.get(ENV_ASR_MODEL) or DEFAULT_ASR_MODEL,
-            device=env.get(ENV_DEVICE) or None,
+            device=_device(env),
             s3_bucket=s3[ENV_S3_BUCKET],
             aws_access_key_id=s3[ENV_AWS_ACCESS_KEY_ID],
             aws_secret_access_key=s3[ENV_AWS_SECRET_ACCESS_KEY],
@@ -388,18 +444,27 @@ class Settings:
             presign_expiry=_number(env, ENV_PRESIGN_EXPIRY, DEFAULT_PRESIGN_EXPIRY, cast=int, minimum=1,
                                    maximum=MAX_PRESIGN_EXPIRY),
             allow_private_urls=_truthy(env.get(ENV_ALLOW_PRIVATE_URLS)),
-            max_voice_bytes=_number(env, ENV_MAX_VOICE_BYTES, DEFAULT_MAX_VOICE_BYTES, cast=int, minimum=1),
-            max_concurrency=_number(env, ENV_MAX_CONCURRENCY, DEFAULT_MAX_CONCURRENCY, cast=int, minimum=1),
+            max_voice_bytes=_number(env, ENV_MAX_VOICE_BYTES, DEFAULT_MAX_VOICE_BYTES, cast=int, minimum=1,
+                                    maximum=MAX_MAX_VOICE_BYTES),
+            max_concurrency=_number(env, ENV_MAX_CONCURRENCY, DEFAULT_MAX_CONCURRENCY, cast=int, minimum=1,
+                                    maximum=MAX_MAX_CONCURRENCY),
             fast_path=env.get(ENV_FAST_PATH, "1").strip().lower() not in {"0", "false", "no", "off"},
             fused_kernels=env.get(ENV_FUSED_KERNELS, "1").strip().lower() not in {"0", "false", "no", "off"},
-            job_timeout_s=_number(env, ENV_JOB_TIMEOUT, DEFAULT_JOB_TIMEOUT),
-            s3_connect_timeout=_number(env, ENV_S3_CONNECT_TIMEOUT, DEFAULT_S3_CONNECT_TIMEOUT, above=True),
-            s3_read_timeout=_number(env, ENV_S3_READ_TIMEOUT, DEFAULT_S3_READ_TIMEOUT, above=True),
-            s3_max_attempts=_number(env, ENV_S3_MAX_ATTEMPTS, DEFAULT_S3_MAX_ATTEMPTS, int, 1),
-            local_retention_hours=_number(env, ENV_LOCAL_RETENTION_HOURS, DEFAULT_LOCAL_RETENTION_HOURS),
-            voice_cache_size=_number(env, ENV_VOICE_CACHE_SIZE, DEFAULT_VOICE_CACHE_SIZE, cast=int),
-            max_result_bytes=_number(env, ENV_MAX_RESULT_BYTES, DEFAULT_MAX_RESULT_BYTES, cast=int, minimum=1),
-            graph_memory_mb=_number(env, ENV_GRAPH_MEMORY_MB, DEFAULT_GRAPH_MEMORY_MB, cast=int, minimum=1),
+            job_timeout_s=_number(env, ENV_JOB_TIMEOUT, DEFAULT_JOB_TIMEOUT, maximum=MAX_JOB_TIMEOUT),
+            s3_connect_timeout=_number(env, ENV_S3_CONNECT_TIMEOUT, DEFAULT_S3_CONNECT_TIMEOUT, above=True,
+                                       maximum=MAX_S3_CONNECT_TIMEOUT),
+            s3_read_timeout=_number(env, ENV_S3_READ_TIMEOUT, DEFAULT_S3_READ_TIMEOUT, above=True,
+                                    maximum=MAX_S3_READ_TIMEOUT),
+            s3_max_attempts=_number(env, ENV_S3_MAX_ATTEMPTS, DEFAULT_S3_MAX_ATTEMPTS, int, 1,
+                                    maximum=MAX_S3_MAX_ATTEMPTS),
+            local_retention_hours=_number(env, ENV_LOCAL_RETENTION_HOURS, DEFAULT_LOCAL_RETENTION_HOURS,
+                                          maximum=MAX_LOCAL_RETENTION_HOURS),
+            voice_cache_size=_number(env, ENV_VOICE_CACHE_SIZE, DEFAULT_VOICE_CACHE_SIZE, cast=int,
+                                     maximum=MAX_VOICE_CACHE_SIZE),
+            max_result_bytes=_number(env, ENV_MAX_RESULT_BYTES, DEFAULT_MAX_RESULT_BYTES, cast=int, minimum=1,
+                                     maximum=MAX_MAX_RESULT_BYTES),
+            graph_memory_mb=_number(env, ENV_GRAPH_MEMORY_MB, DEFAULT_GRAPH_MEMORY_MB, cast=int, minimum=1,
+                                    maximum=MAX_GRAPH_MEMORY_MB),
             streaming=_truthy(env.get(ENV_STREAMING)),
             on_runpod_queue=bool(env.get(ENV_RUNPOD_JOB_URL)),
             warnings=warnings,

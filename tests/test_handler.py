@@ -385,18 +385,21 @@ def test_loopback_url_refused_unless_allowed(ctx, file_server):
 
 
 def test_storage_fault_is_one_sentence_without_secrets(ctx, tmp_path, file_server):
-    """A worker whose storage cannot work: S3 with a wrong secret, or a local folder under a file."""
+    """A worker whose storage cannot work: S3 with a wrong secret, or a local folder that became a
+    file after start (one that is a file at start is a start error: tests/test_service.py)."""
     from f5worker.service import build_worker, make_handler
 
+    blocker = tmp_path / "a-folder-then-a-file"
+    blocker.mkdir()
     if ctx.kind == "s3":
         bad_secret = "WrongSecret" + secrets.token_urlsafe(24)
         settings = dataclasses.replace(ctx.settings, aws_secret_access_key=bad_secret)
     else:
         bad_secret = None
-        blocker = tmp_path / "a-file"
-        blocker.write_text("not a folder")
         settings = dataclasses.replace(ctx.settings, local_storage_dir=blocker / "storage")
     worker = build_worker(settings)
+    blocker.rmdir()
+    blocker.write_text("not a folder")
     handler = make_handler(worker)
     clip = wav_file(file_server.root, "fault.wav", 2.0)
     keys = ctx.keys()

@@ -176,3 +176,33 @@ def test_a_bucket_that_does_not_exist_is_a_start_error_and_is_never_created(tiny
         assert result["refresh_worker"] is True and f"S3 bucket '{missing}' does not exist" in result["error"]
     buckets = {b["Name"] for b in s3_env.server.client().list_buckets()["Buckets"]}
     assert missing not in buckets and s3_env.bucket in buckets
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("local root a file", "F5_LOCAL_STORAGE_DIR ({root}) cannot hold voices and outputs: {root} is a file"),
+    ("local root under a file", "F5_LOCAL_STORAGE_DIR ({root}/sub) cannot hold voices and outputs: {root} is a file"),
+    ("bucket name", "S3_BUCKET is not a bucket name S3 allows"),
+    ("device", "F5_DEVICE is cuda:3, but this machine has"),
+])
+def test_unusable_storage_or_device_is_a_start_error_before_the_models_load(tiny_models, tmp_path, setting,
+                                                                            expected):
+    """Each started, then failed every job ('File exists', 'ParamValidationError', or 'could not
+    load its models (SafetensorError)'). The checkpoint here is corrupt: the sentence being about
+    the setting shows the setting was checked before the models were read."""
+    root = tmp_path / "storage-file"
+    root.write_text("not a folder")
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    env = {**tiny_models, "F5_CKPT_FILE": str(bad), "RUNPOD_VOLUME_PATH": str(tmp_path / "vol"),
+           "F5_LOCAL_STORAGE_DIR": str(root)}
+    if setting == "local root under a file":
+        env["F5_LOCAL_STORAGE_DIR"] = str(root / "sub")
+    elif setting == "bucket name":
+        env.update({"S3_BUCKET": "Bad_Bucket!", "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+                    "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE", "AWS_SECRET_ACCESS_KEY": "example-secret"})
+    elif setting == "device":
+        env.update({"F5_DEVICE": "cuda:3", "F5_LOCAL_STORAGE_DIR": str(tmp_path / "store")})
+    worker, error, _ = start_worker(Settings.from_env(env))
+    assert worker is None and str(error).startswith(expected.format(root=root)), error
+    result = asyncio.run(make_handler(worker, error)({"id": "j1", "input": tts()}))
+    assert result["refresh_worker"] is True and expected.format(root=root)[:12] in result["error"]

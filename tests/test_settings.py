@@ -79,6 +79,9 @@ def test_a_wrong_alias_secret_is_what_fails_when_ours_is_unset(s3_env):
 
 # --- which bucket, which endpoint ------------------------------------------------------------------
 
+KEYS = {ENV_AWS_ACCESS_KEY_ID: "AKIAEXAMPLEEXAMPLE", ENV_AWS_SECRET_ACCESS_KEY: "example-secret"}
+
+
 @pytest.mark.parametrize("url, endpoint, bucket", [
     ("https://s3.us-west-004.backblazeb2.com/voices-bkt", "https://s3.us-west-004.backblazeb2.com", "voices-bkt"),
     ("https://voices-bkt.s3.us-west-004.backblazeb2.com", "https://s3.us-west-004.backblazeb2.com", "voices-bkt"),
@@ -93,9 +96,9 @@ def test_a_wrong_alias_secret_is_what_fails_when_ours_is_unset(s3_env):
 ])
 def test_bucket_endpoint_forms(url, endpoint, bucket):
     assert split_bucket_endpoint(url) == (endpoint, bucket)
-    settings = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: url})
+    settings = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: url, **KEYS})
     assert (settings.aws_endpoint_url, settings.s3_bucket) == (endpoint, bucket)
-    with_bucket = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: url, ENV_S3_BUCKET: bucket or "named"})
+    with_bucket = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: url, ENV_S3_BUCKET: bucket or "named", **KEYS})
     assert with_bucket.s3_bucket == (bucket or "named") and with_bucket.warnings == ()
 
 
@@ -108,7 +111,7 @@ def test_an_endpoint_that_names_no_bucket_says_storage_stays_local():
 
 def test_s3_bucket_wins_over_the_bucket_in_the_url():
     settings = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: "https://a.s3.us-east-1.amazonaws.com",
-                                  ENV_S3_BUCKET: "b"})
+                                  ENV_S3_BUCKET: "b", **KEYS})
     assert (settings.s3_bucket, settings.aws_endpoint_url) == ("b", "https://s3.us-east-1.amazonaws.com")
     assert settings.warnings == (f"{ENV_S3_BUCKET} and the bucket named in {ENV_BUCKET_ENDPOINT_URL} differ; "
                                  f"{ENV_S3_BUCKET} is used.",)
@@ -125,7 +128,7 @@ def test_our_endpoint_wins_and_then_the_alias_url_names_no_bucket():
 
 def test_our_endpoint_with_a_trailing_slash_is_the_same_endpoint():
     settings = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: "https://s3.us-west-004.backblazeb2.com/bkt",
-                                  ENV_AWS_ENDPOINT_URL: "https://s3.us-west-004.backblazeb2.com/"})
+                                  ENV_AWS_ENDPOINT_URL: "https://s3.us-west-004.backblazeb2.com/", **KEYS})
     assert settings.s3_bucket == "bkt" and settings.warnings == ()
 
 
@@ -200,3 +203,67 @@ def test_presign_expiry_is_at_most_a_week(raw, ok):
     else:
         with pytest.raises(ValueError, match=ENV_PRESIGN_EXPIRY):
             Settings.from_env({ENV_PRESIGN_EXPIRY: raw})
+
+
+# --- settings that would break every job are refused at start -------------------------------------
+
+# (variable, a value at its upper bound, one past it); the fault matrix starts a worker on the first.
+SETTING_LIMITS = [
+    ("S3_READ_TIMEOUT_SECONDS", "600", "1e308"),
+    ("S3_CONNECT_TIMEOUT_SECONDS", "60", "61"),
+    ("S3_MAX_ATTEMPTS", "10", "11"),
+    ("F5_JOB_TIMEOUT_SECONDS", "86400", "1e308"),
+    ("F5_LOCAL_RETENTION_HOURS", "87600", "1e308"),
+    ("F5_MAX_CONCURRENCY", "256", "100000"),
+    ("F5_VOICE_CACHE_SIZE", "1000", "10000000"),
+    ("F5_MAX_VOICE_BYTES", str(2**30), "1" + "0" * 30),
+    ("F5_MAX_RESULT_BYTES", "20000000", "20000001"),
+    ("F5_GRAPH_MEMORY_MB", str(2**20), "1" + "0" * 30),
+]
+
+
+@pytest.mark.parametrize("name, at_limit, past_limit", SETTING_LIMITS)
+def test_numbers_are_bounded_above(name, at_limit, past_limit):
+    """S3_READ_TIMEOUT_SECONDS=1e308 started and failed every job (the socket timeout overflows)."""
+    assert Settings.from_env({name: at_limit})
+    with pytest.raises(ValueError) as err:
+        Settings.from_env({name: past_limit})
+    assert str(err.value) == f"{name} must be at most {float(at_limit):g}, not {past_limit!r}"
+
+
+@pytest.mark.parametrize("url", ["https://host/advb", "https://host/a/b", "https://host?x=1", "s3://host",
+                                 "https://:9000", "https://host:port", "https://user:hunter2@host/bkt"])
+def test_an_endpoint_with_a_path_is_refused_without_repeating_it(url):
+    """With a path, botocore put every object under it inside the bucket (advb/voices/...)."""
+    with pytest.raises(ValueError) as err:
+        Settings.from_env({ENV_AWS_ENDPOINT_URL: url})
+    assert str(err.value).startswith(f"{ENV_AWS_ENDPOINT_URL} must be the S3 endpoint alone")
+    assert "hunter2" not in str(err.value) and "advb" not in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["https://s3.us-west-004.backblazeb2.com", "https://host:9000/", "http://127.0.0.1:9000"])
+def test_an_endpoint_alone_is_kept_as_given(url):
+    assert Settings.from_env({ENV_AWS_ENDPOINT_URL: url}).aws_endpoint_url == url
+
+
+@pytest.mark.parametrize("device, ok", [("cpu", True), ("cuda", True), ("cuda:1", True), ("cpu:0", False),
+                                        ("banana", False), ("cuda:", False), ("CUDA", False), ("", True)])
+def test_device_is_one_the_models_can_load_on(device, ok):
+    from f5worker.settings import ENV_DEVICE
+
+    if ok:
+        assert Settings.from_env({ENV_DEVICE: device}).device == (device or None)
+    else:
+        with pytest.raises(ValueError, match=f"^{ENV_DEVICE} must be cpu, cuda or cuda:<index>"):
+            Settings.from_env({ENV_DEVICE: device})
+
+
+@pytest.mark.parametrize("keys", [{}, {ENV_AWS_ACCESS_KEY_ID: "AKIAEXAMPLEEXAMPLE"},
+                                  {ENV_BUCKET_SECRET_ACCESS_KEY: "example-secret"}])
+def test_a_bucket_without_its_key_pair_is_refused(keys):
+    """Without keys botocore would look elsewhere, the instance metadata address among them."""
+    with pytest.raises(ValueError) as err:
+        Settings.from_env({ENV_S3_BUCKET: "voices", **keys})
+    assert str(err.value).startswith(f"a bucket is set ({ENV_S3_BUCKET} or {ENV_BUCKET_ENDPOINT_URL}) but ")
+    assert "example-secret" not in str(err.value)
+    assert Settings.from_env({ENV_S3_BUCKET: "voices", **KEYS}).s3_bucket == "voices"
