@@ -23,12 +23,14 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+import time
 import zipfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from f5worker.errors import StorageError
+from f5worker.errors import StorageError, WorkerError
 from f5worker.model_store import (
     F5_FILES,
     VOCODER_HUB_FILES,
@@ -48,7 +50,9 @@ from f5worker.settings import (
     ENV_AWS_SECRET_ACCESS_KEY,
     ENV_BUCKET_ENDPOINT_URL,
     ENV_CKPT_FILE,
+    ENV_DEVICE,
     ENV_FUSED_KERNELS,
+    ENV_LOCAL_STORAGE_DIR,
     ENV_MODEL_CONFIG,
     ENV_MODEL_ROOT,
     ENV_S3_BUCKET,
@@ -254,15 +258,27 @@ def check_model_file(path: Path) -> str | None:
 # --- the checks ------------------------------------------------------------------------------------
 
 @dataclass
+class Step:
+    """What a running check is doing now, named when it does not finish in time."""
+
+    doing: str = ""
+
+    def __call__(self, doing: str) -> None:
+        self.doing = doing
+
+
+@dataclass
 class Context:
     settings: Settings
     env: dict[str, str]
     args: argparse.Namespace
     models: ModelState
+    name: str = ""  # the running check's, from CHECKS
+    step: Step = field(default_factory=Step)
 
 
 def check_volume(ctx: Context) -> CheckResult:
-    name, volume = "volume mounted", ctx.settings.volume_path
+    name, volume = ctx.name, ctx.settings.volume_path
     if not ctx.settings.volume_mounted:
         return CheckResult(name, FAIL, _fix(
             f"{volume} does not exist or is not a directory: models would go to the container disk "
@@ -287,7 +303,7 @@ def check_volume(ctx: Context) -> CheckResult:
 
 
 def check_model_root(ctx: Context) -> CheckResult:
-    name, s = "model cache location", ctx.settings
+    name, s = ctx.name, ctx.settings
     root = s.model_root
     if _is_under(root, s.tmp_dir) and not (s.volume_mounted and _is_under(root, s.volume_path)):
         return CheckResult(name, FAIL, _fix(
@@ -317,7 +333,7 @@ def dockerfile_cache_env(settings: Settings) -> dict[str, str]:
 def check_cache_env(ctx: Context) -> CheckResult:
     """Only the variables something reads (``CACHE_ENV_SUBDIRS``); others, such as
     TRANSFORMERS_CACHE, which transformers 5 ignores, are not looked at."""
-    name, s = "cache variables", ctx.settings
+    name, s = ctx.name, ctx.settings
     expected, image = s.cache_env(), dockerfile_cache_env(s)
     unset, wrong = [], []
     for var in CACHE_ENV_SUBDIRS:
@@ -348,7 +364,7 @@ def check_cache_env(ctx: Context) -> CheckResult:
 
 
 def check_tts_models(ctx: Context) -> CheckResult:
-    name, m = "TTS models", ctx.models
+    name, m = ctx.name, ctx.models
     if m.errors:
         return CheckResult(name, FAIL, _fix(" ".join(m.errors), "correct or unset these variables."))
     problems = [p for files in m.found.values() for f in files if (p := check_model_file(f))]
@@ -379,7 +395,7 @@ def check_tts_models(ctx: Context) -> CheckResult:
 
 
 def check_asr_model(ctx: Context) -> CheckResult:
-    name, m = "transcription model", ctx.models
+    name, m = ctx.name, ctx.models
     if m.asr_path is None:
         return CheckResult(name, WARN, _fix(
             f"{ctx.settings.asr_model} is not in any local cache; it is only needed for jobs that "
@@ -395,7 +411,7 @@ def check_asr_model(ctx: Context) -> CheckResult:
 
 
 def check_model_space(ctx: Context) -> CheckResult:
-    name, m = "free space for models", ctx.models
+    name, m = ctx.name, ctx.models
     directory = _existing_ancestor(ctx.settings.hub_cache)
     try:
         free = _free_bytes(directory)
@@ -420,7 +436,7 @@ def check_model_space(ctx: Context) -> CheckResult:
 
 
 def check_tmp(ctx: Context) -> CheckResult:
-    name, tmp = "temp folder", ctx.settings.tmp_dir
+    name, tmp = ctx.name, ctx.settings.tmp_dir
     if not tmp.is_dir():
         return CheckResult(name, FAIL, _fix(f"{tmp} does not exist.",
                                             f"create it or set {ENV_TMP_DIR} to a writable folder."))
@@ -434,18 +450,6 @@ def check_tmp(ctx: Context) -> CheckResult:
             f"{tmp} has {_gb(free)} free; jobs need at least {_gb(TMP_MIN_FREE_BYTES)} for voices and outputs.",
             "raise the container disk size or free space in it."))
     return CheckResult(name, PASS, f"{tmp} (writable, {_gb(free)} free)")
-
-
-# The S3 probe answers within seconds even when the endpoint hangs: one try with short timeouts
-# (never longer than the worker's own): a hung endpoint fails its first request within 3 + 1 + 5 s.
-PROBE_CONNECT_TIMEOUT_S = 3.0
-PROBE_READ_TIMEOUT_S = 5.0
-
-
-def _probe_settings(s: Settings) -> Settings:
-    return replace(s, s3_max_attempts=1,
-                   s3_connect_timeout=min(s.s3_connect_timeout, PROBE_CONNECT_TIMEOUT_S),
-                   s3_read_timeout=min(s.s3_read_timeout, PROBE_READ_TIMEOUT_S))
 
 
 def check_s3(ctx: Context) -> CheckResult:
@@ -462,39 +466,18 @@ def check_s3(ctx: Context) -> CheckResult:
 
 
 def _check_storage(ctx: Context) -> CheckResult:
-    name, s = "S3 storage", ctx.settings
+    """The storage the worker will use, with the worker's own settings (its timeouts and tries, not
+    shorter ones: what the worker would meet is what is tested); the gate's own bound cuts it short."""
+    name, s = ctx.name, ctx.settings
     if ctx.args.skip_s3:
         return CheckResult(name, SKIP, "skipped (--skip-s3)")
     if not s.s3_bucket:
-        status = FAIL if ctx.args.require_s3 else WARN
-        local = f"{s.local_storage_dir} (not created yet)"
-        # Probe the folder only where the worker's layout already is: never leave a new
-        # storage/ folder in whatever directory this was run from.
-        if s.local_storage_dir.is_dir() or (s.volume_mounted and _is_under(s.local_storage_dir, s.volume_path)):
-            try:
-                storage = make_storage(s)
-                storage.probe()
-                local = f"{storage.describe()} (writable)"
-            except StorageError as err:
-                status, local = FAIL, f"{s.local_storage_dir}, which failed: {err}"
-        return CheckResult(name, status, _fix(
-            f"{ENV_S3_BUCKET} is not set: voices and outputs are kept in the local folder {local}, "
-            "and results are returned as file paths, not URLs.",
-            f"set {ENV_S3_BUCKET}, {either_name(ENV_AWS_ACCESS_KEY_ID)}, {either_name(ENV_AWS_SECRET_ACCESS_KEY)} "
-            f"(and {either_name(ENV_AWS_ENDPOINT_URL)} for B2, R2, MinIO ...; {ENV_BUCKET_ENDPOINT_URL} "
-            f"may name the bucket instead of {ENV_S3_BUCKET})."))
-    lacking = [either_name(v) for v, value in ((ENV_AWS_ACCESS_KEY_ID, s.aws_access_key_id),
-                                               (ENV_AWS_SECRET_ACCESS_KEY, s.aws_secret_access_key)) if not value]
-    if lacking:
-        return CheckResult(name, FAIL, _fix(f"A bucket is set ({ENV_S3_BUCKET} or {ENV_BUCKET_ENDPOINT_URL}) but "
-                                            f"{' and '.join(lacking)} "
-                                            f"{'is' if len(lacking) == 1 else 'are'} not.",
-                                            "set the bucket's access key in the endpoint's environment."))
+        return _check_local_storage(ctx)
     key_hint = f"key id ...{s.aws_access_key_id[-4:]}" if len(s.aws_access_key_id) > 8 else "key id set"
     try:
-        storage = make_storage(_probe_settings(s))
+        storage = make_storage(s)
         where = storage.describe()
-        storage.probe()
+        storage.probe(step=ctx.step)
     except StorageError as err:
         return CheckResult(name, FAIL, _fix(
             f"the storage probe failed: {err} ({key_hint}, secret set).",
@@ -507,17 +490,49 @@ def _check_storage(ctx: Context) -> CheckResult:
     return CheckResult(name, PASS, f"{where}: write, read and delete OK ({key_hint}, secret set)")
 
 
+def _check_local_storage(ctx: Context) -> CheckResult:
+    """No bucket: the local folder must be one the worker can write (or create); it is probed only
+    where it already is or is on the volume, so no new storage/ folder is left where this ran."""
+    name, s = ctx.name, ctx.settings
+    status = FAIL if ctx.args.require_s3 else WARN
+    local = f"{s.local_storage_dir} (not created yet)"
+    try:
+        storage = make_storage(s)
+        storage.check_exists()
+        if s.local_storage_dir.is_dir() or (s.volume_mounted and _is_under(s.local_storage_dir, s.volume_path)):
+            storage.probe(step=ctx.step)
+            local = f"{storage.describe()} (writable)"
+    except StorageError as err:
+        return CheckResult(name, FAIL, _fix(f"{err}.", f"set {ENV_LOCAL_STORAGE_DIR} to a writable folder, or "
+                                                       f"set {ENV_S3_BUCKET} and its keys."))
+    return CheckResult(name, status, _fix(
+        f"{ENV_S3_BUCKET} is not set: voices and outputs are kept in the local folder {local}, "
+        "and results are returned as file paths, not URLs.",
+        f"set {ENV_S3_BUCKET}, {either_name(ENV_AWS_ACCESS_KEY_ID)}, {either_name(ENV_AWS_SECRET_ACCESS_KEY)} "
+        f"(and {either_name(ENV_AWS_ENDPOINT_URL)} for B2, R2, MinIO ...; {ENV_BUCKET_ENDPOINT_URL} "
+        f"may name the bucket instead of {ENV_S3_BUCKET})."))
+
+
 def check_gpu(ctx: Context) -> CheckResult:
-    name = "GPU"
+    name = ctx.name
     if ctx.args.skip_gpu:
         return CheckResult(name, SKIP, "skipped (--skip-gpu)")
     import torch
 
+    from f5worker.device import pick_device
+
+    if ctx.settings.device == "cpu":
+        return CheckResult(name, FAIL, _fix(f"{ENV_DEVICE}=cpu: the worker would run on the CPU, far too slowly.",
+                                            f"unset {ENV_DEVICE}, or pass --skip-gpu when validating elsewhere."))
     if not torch.cuda.is_available():
         return CheckResult(name, FAIL, _fix(
             "no CUDA GPU is visible to PyTorch; the worker would run on the CPU, far too slowly.",
             "run on a GPU worker (16 GB+ recommended), or pass --skip-gpu when validating elsewhere."))
-    props = torch.cuda.get_device_properties(0)
+    try:
+        device = pick_device(ctx.settings.device)  # the worker's own rule, F5_DEVICE=cuda:<index> included
+    except WorkerError as err:
+        return CheckResult(name, FAIL, f"{err}.")
+    props = torch.cuda.get_device_properties(device)
     total = props.total_memory
     desc = f"{props.name}, {total / GIB:.1f} GiB"
     if total < GPU_MIN_BYTES:
@@ -533,7 +548,7 @@ def check_gpu(ctx: Context) -> CheckResult:
 def check_triton(ctx: Context) -> CheckResult:
     """Whether the fast path's fused Triton kernels can compile and launch on this GPU; a warning
     only, since the worker then serves on the unfused step (slower, never wrong)."""
-    name = "Fused kernels"
+    name = ctx.name
     if ctx.args.skip_gpu or not ctx.settings.fast_path or not ctx.settings.fused_kernels:
         return CheckResult(name, SKIP, "skipped (--skip-gpu, or the fast path or its fused kernels are off)")
     import torch
@@ -551,10 +566,19 @@ def check_triton(ctx: Context) -> CheckResult:
         f"image; set {ENV_FUSED_KERNELS}=0 to silence this."))
 
 
-CHECKS: tuple[Callable[[Context], CheckResult], ...] = (
-    check_volume, check_model_root, check_cache_env, check_tts_models, check_asr_model,
-    check_model_space, check_tmp, check_s3, check_gpu, check_triton,
-)
+# Each check by the name its result carries, in the order they run.
+CHECKS: dict[str, Callable[[Context], CheckResult]] = {
+    "volume mounted": check_volume,
+    "model cache location": check_model_root,
+    "cache variables": check_cache_env,
+    "TTS models": check_tts_models,
+    "transcription model": check_asr_model,
+    "free space for models": check_model_space,
+    "temp folder": check_tmp,
+    "S3 storage": check_s3,
+    "GPU": check_gpu,
+    "Fused kernels": check_triton,
+}
 
 
 # --- running them ------------------------------------------------------------------------------------
@@ -574,21 +598,75 @@ def _redactor(settings: Settings) -> Callable[[str], str]:
     return redact
 
 
+# The whole gate answers within --timeout seconds (the guide promises seconds), each check within
+# CHECK_TIMEOUT_S of it: a check still waiting then (a storage endpoint that trickles one byte a
+# second, a volume that stopped answering) is reported with the step it was at, and left behind.
+DEFAULT_GATE_TIMEOUT_S = 90.0
+CHECK_TIMEOUT_S = 30.0
+
+
+def _bounded(call: Callable[[], object], seconds: float) -> tuple[bool, object]:
+    """(True, what ``call`` returned) if it ends within ``seconds``, else (False, None); it runs on
+    a daemon thread, so one that never ends cannot keep the script from exiting. Raises what it raised."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="gate-check", daemon=True)
+    thread.start()
+    thread.join(max(seconds, 0.0))
+    if thread.is_alive():
+        return False, None
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return True, box.get("value")
+
+
+def _unfinished(name: str, seconds: float, step: Step) -> CheckResult:
+    at = f" (it was {step.doing})" if step.doing else ""
+    return CheckResult(name, FAIL, _fix(
+        f"did not finish within {seconds:.3g} s{at}; the worker would wait on the same thing.",
+        "see what it waits for (a storage endpoint or volume that answers slowly or not at all); "
+        "--timeout gives the whole run longer."))
+
+
+def _run_one(name: str, check: Callable[[Context], CheckResult], ctx: Context, deadline: float) -> CheckResult:
+    seconds = min(CHECK_TIMEOUT_S, deadline - time.monotonic())
+    if seconds <= 0:
+        return CheckResult(name, FAIL, "not run: the run's --timeout was spent by the checks before it.")
+    ctx = replace(ctx, name=name, step=Step())
+    try:
+        finished, result = _bounded(lambda: check(ctx), seconds)
+    except Exception as err:  # noqa: BLE001 - one broken check must not hide the others
+        log.debug("check %s crashed", name, exc_info=True)
+        return CheckResult(name, FAIL, f"the check itself failed ({type(err).__name__}: {err}).")
+    return result if finished else _unfinished(name, seconds, ctx.step)
+
+
 def run_checks(settings: Settings, env: dict[str, str], args: argparse.Namespace) -> list[CheckResult]:
-    models = inspect_models(settings)
+    deadline = time.monotonic() + args.timeout
+    finished, models = _bounded(lambda: inspect_models(settings), min(CHECK_TIMEOUT_S, args.timeout))
+    if not finished:
+        return [_unfinished("model files", min(CHECK_TIMEOUT_S, args.timeout), Step("looking for the model files"))]
     ctx = Context(settings=settings, env=env, args=args, models=models)
     redact = _redactor(settings)
     results = []
-    for check in CHECKS:
-        try:
-            result = check(ctx)
-        except Exception as err:  # noqa: BLE001 - one broken check must not hide the others
-            log.debug("check %s crashed", check.__name__, exc_info=True)
-            result = CheckResult(check.__name__.removeprefix("check_").replace("_", " "), FAIL,
-                                 f"the check itself failed ({type(err).__name__}: {err}).")
+    for name, check in CHECKS.items():
+        result = _run_one(name, check, ctx, deadline)
         result.message = " ".join(redact(result.message).split())  # one line, no secrets
         results.append(result)
     return results
+
+
+def _positive_seconds(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {raw!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -603,6 +681,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="fail (not warn) when S3_BUCKET is not set")
     parser.add_argument("--skip-s3", action="store_true", help="do not check S3 storage")
     parser.add_argument("--skip-gpu", action="store_true", help="do not check for a GPU")
+    parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_GATE_TIMEOUT_S, metavar="SECONDS",
+                        help=f"answer within this many seconds in all, each check within {CHECK_TIMEOUT_S:g} of "
+                             f"them (default {DEFAULT_GATE_TIMEOUT_S:g})")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     return parser.parse_args(argv)
 

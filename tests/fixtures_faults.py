@@ -7,6 +7,7 @@ not from mocked clients. Each piece is a plain context manager:
 ``restartable_s3(folder)``   a private SeaweedFS (``weed mini``, HTTPS, its own credentials) whose
                               ``stop()``/``start()`` keep ports, certificate and data;
 ``hung_endpoint()``          a port that accepts connections and never answers (URL ``http://...``);
+``dripping_endpoint()``      a port that answers headers, then one body byte every half second;
 ``fault_proxy(server, rule)`` a loopback HTTP proxy in front of an S3 server that answers 503 with
                               an S3 error body whenever ``rule(method, path)`` says so, else forwards;
 ``small_tmpfs(folder, size)`` a tmpfs of ``size`` mounted at ``folder`` (root only; None where
@@ -100,14 +101,14 @@ def restartable_s3(folder: Path) -> Iterator[RestartableS3]:
         s3.stop()
 
 
-# --- an endpoint that never answers ---------------------------------------------------------------
+# --- endpoints that never finish an answer ----------------------------------------------------------
 @contextlib.contextmanager
-def hung_endpoint() -> Iterator[str]:
-    """``http://127.0.0.1:<port>``: connections are accepted, read from, and never answered."""
+def _loopback_endpoint(name: str, on_connection: Callable[[socket.socket, threading.Event], None]) -> Iterator[str]:
+    """``http://127.0.0.1:<port>``, each accepted connection handed to ``on_connection(conn,
+    stop)`` on the accepting thread; ``stop`` is set when the block ends."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
-    held: list[socket.socket] = []
     stop = threading.Event()
 
     def accept() -> None:
@@ -117,18 +118,56 @@ def hung_endpoint() -> Iterator[str]:
                 conn, _ = listener.accept()
             except (socket.timeout, OSError):
                 continue
-            held.append(conn)
+            on_connection(conn, stop)
 
-    thread = threading.Thread(target=accept, name="hung-endpoint", daemon=True)
+    thread = threading.Thread(target=accept, name=name, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     finally:
         stop.set()
         thread.join(timeout=5)
+        listener.close()
+
+
+@contextlib.contextmanager
+def hung_endpoint() -> Iterator[str]:
+    """``http://127.0.0.1:<port>``: connections are accepted, read from, and never answered."""
+    held: list[socket.socket] = []
+    try:
+        with _loopback_endpoint("hung-endpoint", lambda conn, stop: held.append(conn)) as url:
+            yield url
+    finally:
         for conn in held:
             conn.close()
-        listener.close()
+
+
+def _drip(conn: socket.socket, stop: threading.Event) -> None:
+    """Read one request's headers, answer headers promising 1,000 bytes, then a byte each 0.5 s."""
+    with conn:
+        request = b""
+        try:
+            while b"\r\n\r\n" not in request and not stop.is_set():
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                request += chunk
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\n")
+            while not stop.wait(0.5):
+                conn.sendall(b"x")
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def dripping_endpoint() -> Iterator[str]:
+    """``http://127.0.0.1:<port>``: every request gets headers, then one body byte each half
+    second, so no socket read waits long enough for a read timeout."""
+    def on_connection(conn: socket.socket, stop: threading.Event) -> None:
+        threading.Thread(target=_drip, args=(conn, stop), name="dripping-endpoint-conn", daemon=True).start()
+
+    with _loopback_endpoint("dripping-endpoint", on_connection) as url:
+        yield url
 
 
 # --- a proxy that fails chosen requests -----------------------------------------------------------

@@ -22,8 +22,10 @@ from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_CA_BUNDLE, ENV_AWS
                                LOGS_PREFIX, OUTPUT_PREFIX, VOICES_PREFIX, Settings)
 from f5worker.voices import VoiceLibrary
 from s3_utils import KeyNotFound, S3Storage, call_bound_s
+from tests.fixtures_faults import dripping_endpoint
 
-VALIDATE_LIMIT_S = 15  # the whole validation run against a hung endpoint
+GATE_TIMEOUT_S = 6  # the gate's --timeout against endpoints that never finish an answer
+GATE_SLACK_S = 4  # its checks after the stuck one, and the interpreter's own start
 
 
 class HungServer:
@@ -137,27 +139,44 @@ def _waited(message: str, action: str, key: str) -> float:
     return float(found[1])
 
 
-def test_validation_reports_a_hung_endpoint_within_seconds(hung_server, tmp_path, monkeypatch, capsys):
-    """validate-storage-config.py once sat 186 s without output on such an endpoint. Its probe uses
-    one try and short timeouts whatever the worker's settings say (here the defaults: 48 s a call)."""
-    env = _hung_env(hung_server)
-    for name in (ENV_S3_CONNECT_TIMEOUT, ENV_S3_READ_TIMEOUT, ENV_S3_MAX_ATTEMPTS):
-        env.pop(name)
+def _run_gate(env: dict[str, str], tmp_path, monkeypatch, capsys, *args: str) -> tuple[int, float, dict]:
     for name, value in {**env, ENV_VOLUME_PATH: str(tmp_path / "volume"),
                         "AWS_EC2_METADATA_DISABLED": "true",
                         "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
                         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}.items():
         monkeypatch.setenv(name, value)
     started = time.monotonic()
-    code = validation.main(["--json", "--skip-gpu", "--require-s3"])
+    code = validation.main(["--json", "--skip-gpu", "--require-s3", *args])
     took = time.monotonic() - started
-    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
-    assert code == 1 and took < VALIDATE_LIMIT_S, took
+    return code, took, {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+
+
+def test_validation_reports_a_hung_endpoint_within_its_timeout(hung_server, tmp_path, monkeypatch, capsys):
+    """validate-storage-config.py once sat 186 s without output on such an endpoint. It probes with
+    the worker's own settings (here the defaults: 48 s a call), within its --timeout."""
+    env = _hung_env(hung_server)
+    for name in (ENV_S3_CONNECT_TIMEOUT, ENV_S3_READ_TIMEOUT, ENV_S3_MAX_ATTEMPTS):
+        env.pop(name)
+    code, took, checks = _run_gate(env, tmp_path, monkeypatch, capsys, "--timeout", str(GATE_TIMEOUT_S))
+    assert code == 1 and took < GATE_TIMEOUT_S + GATE_SLACK_S, took
     s3 = checks["S3 storage"]
     assert s3["status"] == "fail"
-    assert re.search(rf"S3 did not answer within [0-9.]+ s \(get {LOGS_PREFIX}probe-", s3["message"])
+    assert re.search(rf"did not finish within [0-9.]+ s \(it was reading {LOGS_PREFIX}probe-[0-9a-f]+\.txt, "
+                     r"which does not exist\)", s3["message"]), s3["message"]
     assert "hung-secret" not in s3["message"]
-    assert hung_server.connections() == 1  # one try
+    assert hung_server.connections() == 1  # the worker's 15 s read timeout had not yet run out
+
+
+def test_validation_is_bounded_against_an_endpoint_that_trickles(hung_server, tmp_path, monkeypatch, capsys):
+    """One byte every half second never trips a read timeout; the gate ran on past 90 s. Its bound
+    holds for the whole run, and the check names the step it was at."""
+    with dripping_endpoint() as url:
+        env = {**_hung_env(hung_server), ENV_AWS_ENDPOINT_URL: url, ENV_S3_READ_TIMEOUT: "5", ENV_S3_MAX_ATTEMPTS: "1"}
+        code, took, checks = _run_gate(env, tmp_path, monkeypatch, capsys, "--timeout", str(GATE_TIMEOUT_S))
+    assert code == 1 and took < GATE_TIMEOUT_S + GATE_SLACK_S, took
+    s3 = checks["S3 storage"]
+    assert s3["status"] == "fail" and f"(it was reading {LOGS_PREFIX}probe-" in s3["message"], s3["message"]
+    assert list(checks)[-1] == "Fused kernels"  # every check after it still reported
 
 
 # --- against the real S3 server -------------------------------------------------------------------

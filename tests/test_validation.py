@@ -26,6 +26,7 @@ from f5worker.settings import (
     ENV_AWS_SECRET_ACCESS_KEY,
     ENV_BAKED_MODEL_DIR,
     ENV_CKPT_FILE,
+    ENV_LOCAL_STORAGE_DIR,
     ENV_MODEL_CONFIG,
     ENV_S3_BUCKET,
     ENV_TMP_DIR,
@@ -397,9 +398,49 @@ def test_s3_bucket_without_secret_fails(capsys, monkeypatch, models_env):
     monkeypatch.setenv(ENV_S3_BUCKET, "my-bucket")
     monkeypatch.setenv(ENV_AWS_ACCESS_KEY_ID, "AKIAEXAMPLEEXAMPLE")
     code, _, checks = run_json(capsys, "--skip-gpu")
-    assert code == 1
-    assert checks["S3 storage"]["status"] == "fail"
-    assert ENV_AWS_SECRET_ACCESS_KEY in checks["S3 storage"]["message"]
+    assert code == 1 and list(checks) == ["settings"]  # the worker would not start either
+    assert checks["settings"]["status"] == "fail"
+    assert ENV_AWS_SECRET_ACCESS_KEY in checks["settings"]["message"]
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
+def test_a_local_storage_folder_the_worker_cannot_write_fails(capsys, monkeypatch, models_env, tmp_path, where):
+    """It used to warn '(not created yet)' and every job then failed."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    root = {"a file": blocker, "under a file": blocker / "storage", "read-only": tmp_path / "ro" / "storage"}[where]
+    if where == "read-only":
+        (tmp_path / "ro").mkdir()
+        monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "ro")  # root may write anywhere
+    monkeypatch.setenv(ENV_LOCAL_STORAGE_DIR, str(root))
+    code, _, checks = run_json(capsys, "--skip-gpu")
+    assert code == 1 and checks["S3 storage"]["status"] == "fail"
+    message = checks["S3 storage"]["message"]
+    assert message.startswith(f"{ENV_LOCAL_STORAGE_DIR} ({root}) cannot hold voices and outputs: "), message
+    assert ("is a file" if where != "read-only" else "is not writable") in message
+    assert not (tmp_path / "ro" / "storage").exists()  # the gate made nothing
+
+
+def test_a_bucket_name_s3_does_not_allow_fails(capsys, monkeypatch, models_env):
+    for name, value in {ENV_S3_BUCKET: "Bad_Bucket!", ENV_AWS_ENDPOINT_URL: "http://127.0.0.1:9",
+                        ENV_AWS_ACCESS_KEY_ID: "AKIAEXAMPLEEXAMPLE", ENV_AWS_SECRET_ACCESS_KEY: "example-secret"}.items():
+        monkeypatch.setenv(name, value)
+    code, _, checks = run_json(capsys, "--skip-gpu")
+    assert code == 1 and f"{ENV_S3_BUCKET} is not a bucket name S3 allows" in checks["S3 storage"]["message"]
+
+
+@pytest.mark.parametrize("device, expected", [("cpu", "F5_DEVICE=cpu: the worker would run on the CPU"),
+                                              ("cuda:3", "F5_DEVICE is cuda:3, but this machine has 1 CUDA")])
+def test_the_gpu_check_uses_f5_device(capsys, monkeypatch, models_env, device, expected):
+    import torch
+
+    # Stand-in for a one-GPU machine (this one has none): only the count is asked before the refusal.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("F5_DEVICE", device)
+    monkeypatch.setenv("F5_FUSED_KERNELS", "0")  # the Triton check would try this machine's missing GPU
+    code, _, checks = run_json(capsys, "--skip-s3")
+    assert code == 1 and checks["GPU"]["status"] == "fail" and checks["GPU"]["message"].startswith(expected)
 
 
 def test_no_bucket_is_local_mode(capsys, models_env, volume):
