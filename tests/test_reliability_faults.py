@@ -3,7 +3,10 @@
 Why this test exists: what a job does when what it depends on fails must be measured rather
 than asserted case by case: the S3 server stopped mid-job and restarted, an endpoint that never
 answers, 503s, bad credentials, a full temp folder and a full volume (a real tmpfs), concurrent
-uploads of one voice name, and texts that cannot be split batched with ordinary jobs. Every job is
+uploads of one voice name, texts that cannot be split batched with ordinary jobs, voice sidecars
+that are not UTF-8, a bucket that does not exist on a server that creates buckets on a write, jobs
+past the planning bounds, settings at and past their limits, and the gate against an endpoint that
+trickles. Every job is
 judged the same way: a success must have its output in storage and as reported (else it is a false
 success), a failure must be one sentence without a secret, and no job may leave a file behind.
 Each scenario adds one row to the matrix; the table is written when the module ends.
@@ -11,7 +14,9 @@ Each scenario adds one row to the matrix; the table is written when the module e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import json
 import secrets
 import threading
 import time
@@ -22,15 +27,21 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from f5worker import validation
 from f5worker.audio import embedded_transcript
-from f5worker.settings import (ENV_AWS_ENDPOINT_URL, ENV_AWS_SECRET_ACCESS_KEY, ENV_JOB_TIMEOUT,
-                               ENV_LOCAL_STORAGE_DIR, ENV_S3_CONNECT_TIMEOUT, ENV_S3_MAX_ATTEMPTS,
-                               ENV_S3_READ_TIMEOUT, ENV_TMP_DIR)
+from f5worker.service import make_handler, start_worker
+from f5worker.settings import (ENV_ALLOW_PRIVATE_URLS, ENV_AWS_ENDPOINT_URL, ENV_AWS_SECRET_ACCESS_KEY,
+                               ENV_DEVICE, ENV_JOB_TIMEOUT, ENV_LOCAL_STORAGE_DIR, ENV_S3_BUCKET,
+                               ENV_S3_CONNECT_TIMEOUT, ENV_S3_MAX_ATTEMPTS, ENV_S3_READ_TIMEOUT, ENV_TMP_DIR,
+                               ENV_VOLUME_PATH, Settings)
 from s3_utils import call_bound_s
-from tests.fixtures_faults import fault_proxy, fill, hung_endpoint, restartable_s3, small_tmpfs
+from tests.fixtures_faults import dripping_endpoint, fault_proxy, fill, hung_endpoint, restartable_s3, small_tmpfs
 from tests.fixtures_models import SR, speechlike
+from tests.fixtures_s3 import make_s3_env
 from tests.fixtures_worker import Ctx, worker_ctx
+from tests.processes import worker_env
 from tests.reliability_report import provenance, sentence_problems, table, write_section
+from tests.test_settings import SETTING_LIMITS
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
 
@@ -422,4 +433,137 @@ def test_unsplittable_text_batched_with_ordinary_jobs(matrix, tiny_models, tiny_
             row.faults += 1
             judge(row, ctx, outcomes[:1])  # the long one: audio, or a sentence saying why not
             judge(row, ctx, outcomes[1:], expect_ok=True)  # the others must not suffer for it
+    row.assert_clean()
+
+
+# --- the second hostile pass's faults ------------------------------------------------------------------------
+def count_answers(row: Row, outcomes, expect_ok: bool, secrets_: tuple[str, ...] = ()) -> None:
+    """Count answers that store nothing (voice_info, list_voices, refusals): an error must be one
+    clean sentence; with ``expect_ok`` a refusal is a problem, without it a success is a false one."""
+    for _, _, result in outcomes:
+        row.jobs += 1
+        if "error" in result:
+            row.refused += 1
+            row.problems += sentence_problems(result["error"], set(secrets_))
+            if expect_ok:
+                row.problems.append(f"failed: {result['error']}")
+        else:
+            row.ok += 1
+            row.false_successes += not expect_ok
+
+
+def test_unreadable_voice_sidecars(matrix, tiny_models, tiny_whisper, tmp_path, s3_server, clips):
+    """Hand-placed voices with a transcript in Latin-1 and a .json in UTF-16 used to fail
+    voice_info, TTS and every listing page holding them ("Internal error (UnicodeDecodeError)")."""
+    row = Row("hand-placed voices with sidecars not in UTF-8 (a Latin-1 .txt, a UTF-16 .json)", "S3")
+    matrix.append(row)
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path, s3_server, prefix="sidecar") as ctx:
+        client, bucket = ctx.s3.server.client(), ctx.s3.bucket
+        for name, suffix, body in (("latin.wav", ".txt", b"Voil\xe0, caf\xe9"), ("utf16.wav", ".json", b"\xff\xfe{")):
+            client.put_object(Bucket=bucket, Key=f"voices/{name}", Body=(clips / "clip2.wav").read_bytes())
+            client.put_object(Bucket=bucket, Key=f"voices/{name}{suffix}", Body=body)
+            row.faults += 1
+        infos = [{"endpoint": "voice_info", "voice_name": n} for n in ("latin.wav", "utf16.wav")]
+        count_answers(row, run_jobs(ctx, row, infos + [{"endpoint": "list_voices"}]), expect_ok=True)
+        judge(row, ctx, run_jobs(ctx, row, [tts(voice="latin.wav"), tts(voice="utf16.wav", ref_text="Words.")]),
+              expect_ok=True)
+    row.assert_clean()
+
+
+def test_a_bucket_that_does_not_exist(matrix, tiny_models, tiny_whisper, tmp_path, s3_server, served):
+    """SeaweedFS creates a bucket on a write: a mistyped S3_BUCKET was created by job 1's record and
+    job 2 then succeeded into it. Now it is a start error and nothing is written."""
+    row = Row("S3_BUCKET names no bucket, on a server that creates buckets on a write", "S3")
+    matrix.append(row)
+    missing = f"zz-missing-{uuid.uuid4().hex[:12]}"
+    with pytest.MonkeyPatch.context() as mp:
+        s3 = make_s3_env(s3_server, mp, tmp_path, prefix="nobucket")
+        env = worker_env(tiny_models, tiny_whisper, tmp_path / "volume",
+                         {**s3, ENV_S3_BUCKET: missing, ENV_ALLOW_PRIVATE_URLS: "true"})
+        worker, error, _ = start_worker(Settings.from_env(env))
+        handler = make_handler(worker, error)
+        row.faults += 1
+        jobs = [tts(), {"text": ""}, upload(served.url("clip0.wav"), "nobucket.wav")]
+        outcomes = [(f"f-{k}", job, run_on_a_loop(handler({"id": f"f-{k}", "input": job}))) for k, job in enumerate(jobs)]
+    count_answers(row, outcomes, expect_ok=False, secrets_=(s3_server.secret_key,))
+    if missing in {b["Name"] for b in s3_server.client().list_buckets()["Buckets"]}:
+        row.problems.append("the bucket was created")
+    row.files_left += len(list((tmp_path / "volume" / "jobtmp").iterdir()))
+    row.assert_clean()
+
+
+def test_jobs_past_the_planning_bounds(matrix, tiny_models, tiny_whisper, tmp_path, served):
+    """A voice whose transcript is one letter planned 300 letters at speed 0.3 as 2,937 s of audio;
+    now refused before any model call, while ordinary jobs beside it are served."""
+    row = Row("jobs planning more audio or pieces than their text allows, with 2 ordinary jobs", "local")
+    matrix.append(row)
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path) as ctx:
+        judge(row, ctx, run_jobs(ctx, row, [upload(served.url("clip3.wav"), "one-letter.wav", "a")]), expect_ok=True)
+        calls = len(ctx.worker.batcher.calls)
+        past = [tts("A" * 300, voice="one-letter.wav", speed=0.3), tts("A " * 300, voice="one-letter.wav", speed=0.3)]
+        outcomes = run_jobs(ctx, row, past)
+        row.faults += len(past)
+        count_answers(row, outcomes, expect_ok=False)
+        if len(ctx.worker.batcher.calls) != calls:
+            row.problems.append("a refused job reached the model")
+        judge(row, ctx, run_jobs(ctx, row, [tts(), tts("Another ordinary sentence.", seed=3)]), expect_ok=True)
+    row.assert_clean()
+
+
+PAST_LIMIT_SETTINGS = [{name: past} for name, _, past in SETTING_LIMITS] + [
+    {ENV_AWS_ENDPOINT_URL: "https://s3.example.com/advb"}, {ENV_DEVICE: "cpu:0"}, {ENV_DEVICE: "banana"},
+    {ENV_S3_BUCKET: "voices"}]
+
+
+def test_settings_at_and_past_their_limits(matrix, tiny_models, tiny_whisper, tmp_path):
+    """Each value past a limit stops the worker at start with a sentence naming its variable (here
+    the start attempts count as the row's jobs); one worker with every number at its limit serves."""
+    row = Row(f"settings past their limits ({len(PAST_LIMIT_SETTINGS)} starts), then all at them", "local")
+    matrix.append(row)
+    for env in PAST_LIMIT_SETTINGS:
+        row.jobs += 1
+        row.faults += 1
+        try:
+            Settings.from_env(env)
+        except ValueError as err:
+            row.refused += 1
+            if next(iter(env)) not in str(err) or "\n" in str(err):
+                row.problems.append(f"the sentence does not name the variable: {err}")
+        else:
+            row.false_successes += 1
+            row.problems.append(f"started with {sorted(env)}")
+    at_limits = {name: at for name, at, _ in SETTING_LIMITS}
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path, extra=at_limits) as ctx:
+        judge(row, ctx, run_jobs(ctx, row, [tts(), tts("At the limits, still served.", seed=2)]), expect_ok=True)
+    row.assert_clean()
+
+
+GATE_TIMEOUT_S = 6.0
+
+
+def test_the_gate_against_an_endpoint_that_trickles(matrix, tiny_models, tmp_path, s3_server):
+    """Headers, then one byte a second: no read timeout ever fires, and the gate ran past 90 s."""
+    row = Row(f"the gate (--timeout {GATE_TIMEOUT_S:g}) against an endpoint that trickles one byte per 0.5 s", "S3")
+    matrix.append(row)
+    with pytest.MonkeyPatch.context() as mp, dripping_endpoint() as url:
+        s3 = make_s3_env(s3_server, mp, tmp_path, prefix="drip")
+        for name, value in {**tiny_models, **s3, ENV_AWS_ENDPOINT_URL: url, ENV_VOLUME_PATH: str(tmp_path / "vol")}.items():
+            mp.setenv(name, value)
+        out = io.StringIO()
+        started = time.monotonic()
+        with contextlib.redirect_stdout(out):
+            code = validation.main(["--json", "--skip-gpu", "--timeout", str(GATE_TIMEOUT_S)])
+        row.slowest = time.monotonic() - started
+    row.jobs, row.faults = 1, 1
+    checks = {c["name"]: c for c in json.loads(out.getvalue())["checks"]}
+    stuck = checks["S3 storage"]
+    if code == 1 and stuck["status"] == "fail" and "did not finish within" in stuck["message"]:
+        row.refused = 1
+    else:
+        row.false_successes = int(code == 0)
+        row.problems.append(f"the gate said: {stuck}")
+    if row.slowest > GATE_TIMEOUT_S + 4:
+        row.problems.append(f"the gate took {row.slowest:.1f} s")
+    if s3_server.secret_key in out.getvalue():
+        row.problems.append("the secret was printed")
     row.assert_clean()
