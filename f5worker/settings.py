@@ -212,19 +212,20 @@ def _device(env: Mapping[str, str]) -> str | None:
 
 
 def check_endpoint_url(url: str) -> str:
-    """``AWS_ENDPOINT_URL`` as given, if it is an endpoint alone: http(s), a host, maybe a port, no
-    path (botocore puts a path before every key, so objects landed under it inside the bucket), no
-    query. ValueError naming the variable otherwise; it never repeats the URL (it may hold a password)."""
+    """``AWS_ENDPOINT_URL`` as given, if it is an endpoint: http(s), a host, maybe a port, no query,
+    and not a path of one name (``https://host/advb``: the bucket's place, and botocore then put every
+    object under ``advb/`` inside the bucket). A longer path is an endpoint's own (Supabase's
+    ``/storage/v1/s3``) and is kept. ValueError naming the variable otherwise; it never repeats the URL (it may hold a password)."""
     parts = urlsplit(url.strip())
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError:
         parts = parts._replace(netloc="")
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") \
-            or parts.query or parts.fragment:
+    one_name = len([seg for seg in parts.path.split("/") if seg]) == 1  # https://host/<bucket>: the bucket
+    if parts.scheme not in ("http", "https") or not parts.hostname or one_name or parts.query or parts.fragment:
         raise ValueError(f"{ENV_AWS_ENDPOINT_URL} must be the S3 endpoint alone, https://<host> or "
-                         "https://<host>:<port>, with no path (a path would put every object under it "
-                         f"inside the bucket; the bucket goes in {ENV_S3_BUCKET})")
+                         "https://<host>:<port>, not followed by a bucket's name (it would put every object "
+                         f"under that name inside the bucket; the bucket goes in {ENV_S3_BUCKET})")
     return url
 
 
@@ -330,7 +331,7 @@ def resolve_s3_env(env: Mapping[str, str]) -> tuple[dict[str, str | None], tuple
         notes.append(f"{ENV_BUCKET_ENDPOINT_URL} is set but {why} and {ENV_S3_BUCKET} is not set, "
                      f"so voices and outputs go to the local folder; set {ENV_S3_BUCKET}.")
     values[ENV_S3_BUCKET] = bucket
-    if given(ENV_AWS_ENDPOINT_URL):  # runpod's alias had its bucket path taken off above
+    if given(ENV_AWS_ENDPOINT_URL) and bucket:  # runpod's alias had its bucket path taken off above
         check_endpoint_url(env[ENV_AWS_ENDPOINT_URL])
     _check_keys(values)
     values[ENV_AWS_REGION] = given(ENV_AWS_REGION) or region_from_endpoint(values[ENV_AWS_ENDPOINT_URL])

@@ -511,7 +511,8 @@ def test_jobs_past_the_planning_bounds(matrix, tiny_models, tiny_whisper, tmp_pa
 
 
 PAST_LIMIT_SETTINGS = [{name: past} for name, _, past in SETTING_LIMITS] + [
-    {ENV_AWS_ENDPOINT_URL: "https://s3.example.com/advb"}, {ENV_DEVICE: "cpu:0"}, {ENV_DEVICE: "banana"},
+    {ENV_AWS_ENDPOINT_URL: "https://s3.example.com/advb", ENV_S3_BUCKET: "voices", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+     "AWS_SECRET_ACCESS_KEY": "example-secret"}, {ENV_DEVICE: "cpu:0"}, {ENV_DEVICE: "banana"},
     {ENV_S3_BUCKET: "voices"}]
 
 

@@ -231,19 +231,24 @@ def test_numbers_are_bounded_above(name, at_limit, past_limit):
     assert str(err.value) == f"{name} must be at most {float(at_limit):g}, not {past_limit!r}"
 
 
-@pytest.mark.parametrize("url", ["https://host/advb", "https://host/a/b", "https://host?x=1", "s3://host",
+@pytest.mark.parametrize("url", ["https://host/advb", "https://host/advb/", "https://host?x=1", "s3://host",
                                  "https://:9000", "https://host:port", "https://user:hunter2@host/bkt"])
-def test_an_endpoint_with_a_path_is_refused_without_repeating_it(url):
-    """With a path, botocore put every object under it inside the bucket (advb/voices/...)."""
+def test_an_endpoint_followed_by_a_bucket_name_is_refused_without_repeating_it(url):
+    """With the bucket's name as its path, botocore put every object under it inside the bucket
+    (advb/voices/...)."""
     with pytest.raises(ValueError) as err:
-        Settings.from_env({ENV_AWS_ENDPOINT_URL: url})
+        Settings.from_env({ENV_AWS_ENDPOINT_URL: url, ENV_S3_BUCKET: "voices", **KEYS})
     assert str(err.value).startswith(f"{ENV_AWS_ENDPOINT_URL} must be the S3 endpoint alone")
     assert "hunter2" not in str(err.value) and "advb" not in str(err.value)
 
 
-@pytest.mark.parametrize("url", ["https://s3.us-west-004.backblazeb2.com", "https://host:9000/", "http://127.0.0.1:9000"])
-def test_an_endpoint_alone_is_kept_as_given(url):
-    assert Settings.from_env({ENV_AWS_ENDPOINT_URL: url}).aws_endpoint_url == url
+@pytest.mark.parametrize("url", ["https://s3.us-west-004.backblazeb2.com", "https://host:9000/", "http://127.0.0.1:9000",
+                                 "https://project.supabase.co/storage/v1/s3"])
+def test_an_endpoint_is_kept_as_given(url):
+    """A path of several names is an endpoint's own (Supabase's S3 API)."""
+    settings = Settings.from_env({ENV_AWS_ENDPOINT_URL: url, ENV_S3_BUCKET: "voices", **KEYS})
+    assert settings.aws_endpoint_url == url
+    assert Settings.from_env({ENV_AWS_ENDPOINT_URL: "https://host/advb"}).s3_bucket is None  # no bucket: unused
 
 
 @pytest.mark.parametrize("device, ok", [("cpu", True), ("cuda", True), ("cuda:1", True), ("cpu:0", False),
