@@ -158,7 +158,7 @@ def mixed_texts(n: int) -> list[str]:
 
 
 def worker_request(text: str, nfe: int, seed: int):
-    from f5worker.job_plan import SynthesisRequest
+    from f5worker.jobs.plan import SynthesisRequest
 
     return SynthesisRequest(ref_audio=reference_clip(), ref_sr=SR, ref_text=REF_TEXT, gen_text=text, seed=seed,
                             nfe_step=nfe)
@@ -376,7 +376,7 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
     import soundfile as sf
     import torch
 
-    from f5worker.random_models import write_model_set
+    from tests.random_models import write_model_set
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
@@ -422,12 +422,12 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
         save("cold_starts")
 
     # --- both paths in this process, same files -------------------------------------------------------
-    from f5worker.batcher import Batcher
-    from f5worker.engine import TTSEngine
-    from f5worker.fast import BucketedStepRunner
-    from f5worker.batcher import OffModelThread
-    from f5worker.fast_kernels import switch_tasks
-    from f5worker.model_store import resolve_tts_files
+    from f5worker.inference.batcher import Batcher
+    from f5worker.inference.engine import TTSEngine
+    from f5worker.inference.fast import BucketedStepRunner
+    from f5worker.inference.batcher import OffModelThread
+    from f5worker.inference.kernel_switch import switch_tasks
+    from f5worker.model.store import resolve_tts_files
 
     stock = Stock(env, device)
     settings = Settings.from_env({**env, **settings_env})

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import soundfile as sf  # noqa: E402
 
-from f5worker.random_models import write_model_set  # noqa: E402
+from tests.random_models import write_model_set  # noqa: E402
 from f5worker.settings import (ENV_ALLOW_PRIVATE_URLS, ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR,  # noqa: E402
                                ENV_LOCAL_STORAGE_DIR, ENV_TMP_DIR, ENV_VOLUME_PATH)
 from tests.fixtures_models import speechlike  # noqa: E402

@@ -6,7 +6,7 @@ two commits' start on the same machine (with or without a GPU) shows what a chan
     python bench/start_phases.py REPO MODELS_DIR
 
 REPO is a checkout of this project (pass an older commit's worktree to compare), MODELS_DIR a model
-set written by ``f5worker.random_models.write_model_set`` (full size for real figures). Storage is
+set written by ``tests.random_models.write_model_set`` (full size for real figures). Storage is
 local, in a fresh temp folder. Prints one JSON line: seconds from process start to ready, and the
 worker's own start-up phases. Used for the CPU start-up figures in bench/RESULTS.md.
 """

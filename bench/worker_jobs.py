@@ -85,7 +85,7 @@ def main(argv=None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="f5-worker-jobs-"))
     (root / "tmp").mkdir()
-    from f5worker.random_models import write_model_set  # imports torch: after the cache variables
+    from tests.random_models import write_model_set  # imports torch: after the cache variables
 
     models_dir = Path(args.models) / ("tiny" if args.tiny else "full")
     marker = models_dir / "env.json"

@@ -233,7 +233,7 @@ def final_output(output) -> dict:
 
 
 def is_pcm_piece(item) -> bool:
-    """A streamed job's audio piece (the worker's f5worker.streaming), not its final result."""
+    """A streamed job's audio piece (the worker's f5worker.jobs.streaming), not its final result."""
     return isinstance(item, dict) and item.get("format") == PCM_FORMAT and "chunk" in item
 
 

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from f5worker.model_store import ASR_ALLOW_PATTERNS, F5_FILES, VOCODER_HUB_FILES, ensure_free_space
+from f5worker.model.store import ASR_ALLOW_PATTERNS, F5_FILES, VOCODER_HUB_FILES, ensure_free_space
 from f5worker.settings import ASR_DOWNLOAD_BYTES, ENV_VOLUME_PATH, POD_VOLUME_PATH, Settings
 
 log = logging.getLogger(__name__)

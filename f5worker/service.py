@@ -5,7 +5,7 @@ load at import. ``build_worker`` loads the model (and warms it up) once per proc
 ``make_handler`` returns the async handler runpod calls, which only parses, routes, calls and shapes
 the result. Errors are mapped to ``{"error": "<sentence>"}`` here and nowhere else.
 
-Besides routing, the handler runs each job under ``f5worker.job_guard`` (its deadline, and what
+Besides routing, the handler runs each job under ``f5worker.jobs.guard`` (its deadline, and what
 SIGTERM does to it), and handles faults a worker does not recover from. When the models could not
 be loaded, or a job fails with a CUDA out-of-memory error or a CUDA device fault (also when it arrives wrapped, as another error's
 cause), the caller gets a sentence and the result carries ``"refresh_worker": True``: runpod pops
@@ -20,7 +20,7 @@ Streaming (``F5_STREAMING``) is decided once, at start, because runpod decides o
 handler is a generator. Off, the handler is an async function and a job's result is its dict. On,
 the handler is an async generator (registered with ``return_aggregate_stream``): a job yields its
 result dict as its one item, or, with ``"stream": true``, its audio pieces first
-(``f5worker.streaming``) and the result dict last; so ``/runsync`` and ``run_sync`` return a list
+(``f5worker.jobs.streaming``) and the result dict last; so ``/runsync`` and ``run_sync`` return a list
 whose last item is the result. runpod reads ``refresh_worker`` only from a plain handler's result;
 for a generator the handler asks through ``replace_worker`` (``serve`` sets runpod's config flag,
 which runpod reads once the job ends). Progress reports (runpod's ``progress_update``) are sent
@@ -35,11 +35,11 @@ import time
 from typing import Callable
 
 from f5worker.errors import InputError, StorageError, WorkerError
-from f5worker.gpu_faults import gpu_fault
-from f5worker.job_guard import JobGuard, JobStopped
-from f5worker.job_input import parse_job_input
+from f5worker.inference.gpu_faults import gpu_fault
+from f5worker.jobs.guard import JobGuard, JobStopped
+from f5worker.jobs.inputs import parse_job_input
 from f5worker.local_job import local_test_job, run_local_job
-from f5worker.progress import OrderedProgress
+from f5worker.jobs.progress import OrderedProgress
 from f5worker.settings import ENV_STREAMING, Settings
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,11 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
         phases[name] = round(now - mark, 3)
         mark = now
 
-    from f5worker.device import pick_device
-    from f5worker.engine import TTSEngine
-    from f5worker.jobs import Worker
-    from f5worker.model_store import resolve_tts_files
-    from f5worker.transcriber import Transcriber
+    from f5worker.inference.device import pick_device
+    from f5worker.inference.engine import TTSEngine
+    from f5worker.jobs.workflows import Worker
+    from f5worker.model.store import resolve_tts_files
+    from f5worker.inference.transcriber import Transcriber
     from s3_utils import check_at_start, make_storage
 
     lap("import_worker")
@@ -82,7 +82,7 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     lap("warm_up")
     worker = Worker(settings, engine, storage, Transcriber(settings, device=device))
     # Graphs for the common single-job lengths are captured while the worker waits for work, then
-    # (on a GPU) the fused kernels are compiled, checked and switched to (f5worker.fast_kernels).
+    # (on a GPU) the fused kernels are compiled, checked and switched to (f5worker.inference.kernel_switch).
     worker.batcher.prepare_in_background(engine.background_tasks(settings.kernel_cache, settings.fused_kernels))
     log.info("worker ready: %s; storage: %s", phases, storage.describe())
     return worker
@@ -105,7 +105,7 @@ def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard
     sentence back, so callers see why, and RunPod is asked to replace the worker. ``progress`` is
     runpod's ``progress_update(job, report)``; ``replace_worker`` asks runpod to replace the worker
     after a streamed job."""
-    from f5worker.jobs import COMMITTING, safe_job_id
+    from f5worker.jobs.workflows import COMMITTING, safe_job_id
 
     if guard is None and worker is not None:
         guard = JobGuard(worker.settings.job_timeout_s, worker.settings.tmp_dir,
@@ -227,7 +227,7 @@ def serve(settings: Settings) -> int:
     config = {"concurrency_modifier": concurrency_modifier_for(settings)}
     if settings.streaming:
         config["return_aggregate_stream"] = True  # run_sync and /runsync: the list of what was yielded
-    # runpod's own sender, one report at a time per job (f5worker.progress): its progress_update
+    # runpod's own sender, one report at a time per job (f5worker.jobs.progress): its progress_update
     # posts each report from a thread of its own, and they arrived out of order
     send_progress = runpod.serverless.modules.rp_progress._thread_target
     progress = OrderedProgress(send_progress).report if settings.on_runpod_queue else None

@@ -9,7 +9,7 @@ Order in which settings override each other (highest first):
 2. the environment variables named below;
 3. the defaults in this module.
 
-Model files are looked for in this order (see ``f5worker.model_store``): explicit local files
+Model files are looked for in this order (see ``f5worker.model.store``): explicit local files
 (``F5_CKPT_FILE`` and friends), RunPod's cached models (``<volume>/huggingface-cache/hub``), the
 volume cache, the copy baked into the image (``F5_BAKED_MODEL_DIR``), then a download into the
 volume cache.
@@ -85,7 +85,7 @@ CACHE_ENV_SUBDIRS = {
     "HF_HUB_CACHE": "hub",
     "TORCH_HOME": "torch",
     # Triton's compiled kernels (the fast path's fused step): on the volume, so the workers of an
-    # endpoint compile them once per GPU kind and torch version (f5worker.fast_kernels).
+    # endpoint compile them once per GPU kind and torch version (f5worker.inference.kernel_switch).
     "TRITON_CACHE_DIR": "triton",
 }
 VOLUME_MODELS_SUBDIR = "models"  # the model root on a mounted volume: <volume>/models
@@ -164,7 +164,7 @@ LOGS_PREFIX = "logs/"
 # Files the upload job may take a voice from (voice_s3_key); the worker only reads them.
 INCOMING_PREFIX = "incoming/"
 # A voice is voices/<voice_name>, its name ending in .wav (e.g. voices/alice.wav); an upload carries
-# its transcript inside the WAV (f5worker.voices). Beside a voice, the voice's whole name plus a suffix:
+# its transcript inside the WAV (f5worker.jobs.voices). Beside a voice, the voice's whole name plus a suffix:
 TRANSCRIPT_SUFFIX = ".txt"  # voices/alice.wav.txt: a transcript written by a person
 VOICE_META_SUFFIX = ".json"  # voices/alice.wav.json: Whisper's transcript, bound to the voice's SHA-256
 

@@ -5,7 +5,7 @@ attached, model caches pointed at the small container disk or ``/tmp``, a half-d
 checkpoint, a volume too full for the first download, S3 credentials that cannot write) otherwise
 shows up only as a failed job after a cold start. These checks find each of them in seconds, on
 the machine that will run the worker, and say how to fix it. They read the same settings the
-worker reads (``f5worker.settings``), resolve models by the same order (``f5worker.model_store``,
+worker reads (``f5worker.settings``), resolve models by the same order (``f5worker.model.store``,
 never downloading) and probe storage with the same code (``s3_utils.make_storage``), so a passing
 run means the worker will find what it needs.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from f5worker.errors import StorageError, WorkerError
-from f5worker.model_store import (
+from f5worker.model.store import (
     F5_FILES,
     VOCODER_HUB_FILES,
     HubFile,
@@ -69,7 +69,7 @@ from f5worker.settings import (
     Settings,
     either_name,
 )
-from f5worker.tts_model import check_model_checkpoint, check_vocoder_weights
+from f5worker.model.loader import check_model_checkpoint, check_vocoder_weights
 from s3_utils import make_storage
 
 log = logging.getLogger(__name__)
@@ -519,7 +519,7 @@ def check_gpu(ctx: Context) -> CheckResult:
         return CheckResult(name, SKIP, "skipped (--skip-gpu)")
     import torch
 
-    from f5worker.device import pick_device
+    from f5worker.inference.device import pick_device
 
     if ctx.settings.device == "cpu":
         return CheckResult(name, FAIL, _fix(f"{ENV_DEVICE}=cpu: the worker would run on the CPU, far too slowly.",
@@ -555,7 +555,7 @@ def check_triton(ctx: Context) -> CheckResult:
 
     if not torch.cuda.is_available():
         return CheckResult(name, SKIP, "skipped: no CUDA GPU")
-    from f5worker.fast_kernels import triton_probe
+    from f5worker.inference.kernel_switch import triton_probe
 
     problem = triton_probe("cuda")
     if problem is None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from f5worker.random_models import write_model_set
+from tests.random_models import write_model_set
 
 SR = 24000
 

@@ -68,7 +68,7 @@ class Ctx:
 
     def stored_transcript(self, name: str) -> str | None:
         """The transcript stored inside the voice ``voices/<name>`` (uploads keep it there)."""
-        from f5worker.audio import embedded_transcript
+        from f5worker.jobs.audio import embedded_transcript
 
         data = self.get_bytes(f"voices/{name}")
         return None if data is None else embedded_transcript(data)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from f5worker import audio
-from f5worker.engine import TTSEngine
-from f5worker.job_plan import SynthesisRequest
+from f5worker.jobs import audio
+from f5worker.inference.engine import TTSEngine
+from f5worker.jobs.plan import SynthesisRequest
 from f5worker.errors import InputError
-from f5worker.model_store import resolve_tts_files
+from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
 from tests.fixtures_models import SR, speechlike
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from f5worker.batcher import Batcher
-from f5worker.job_plan import ChunkItem
+from f5worker.inference.batcher import Batcher
+from f5worker.jobs.plan import ChunkItem
 
 
 def item(duration: int, steps: int = 32, seed: int = 0) -> ChunkItem:
@@ -74,7 +74,7 @@ def test_a_failed_call_fails_its_jobs_and_the_loop_goes_on():
 
 def test_oldest_item_is_never_starved():
     """A job with rare settings, pending first, goes next even though a larger group waits."""
-    from f5worker.batcher import _Pending
+    from f5worker.inference.batcher import _Pending
 
     batcher = Batcher(echo_durations, max_items=2)
     loop = asyncio.new_event_loop()

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from f5worker.checkpoint import MEL_BUFFERS, ema_weights, read_model_config
-from f5worker.engine import TTSEngine
+from f5worker.model.checkpoint import MEL_BUFFERS, ema_weights, read_model_config
+from f5worker.inference.engine import TTSEngine
 from f5worker.errors import StorageError
-from f5worker.model_store import resolve_tts_files
+from f5worker.model.store import resolve_tts_files
 from f5worker.service import build_worker
 from f5worker.settings import ENV_CKPT_FILE, ENV_MODEL_CONFIG, ENV_VOCAB_FILE, ENV_VOCODER_DIR, Settings
-from f5worker.tts_model import (
+from f5worker.model.loader import (
     build_model,
     check_model_checkpoint,
     check_vocoder_weights,

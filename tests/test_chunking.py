@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from f5worker.chunking import chunk_for_model, chunk_text, graphemes, split_to_fit, utf8_len
+from f5worker.jobs.chunking import chunk_for_model, chunk_text, graphemes, split_to_fit, utf8_len
 
 TEXTS = [
     "Hello world. This is fine, really; it is: short! Or? " * 10,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from f5worker.job_input import TTSInput, parse_job_input
+from f5worker.jobs.inputs import TTSInput, parse_job_input
 from tests.processes import REPO, clean_env, worker_env
 
 MARKER = "Frobnitz" + secrets.token_hex(4)

@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 
 from examples import client
-from f5worker.job_input import UploadInput
+from f5worker.jobs.inputs import UploadInput
 from tests.fixtures_models import SR, speechlike
 from tests.test_api_server import NFE, api, assert_wav_matches  # noqa: F401 - api: the server fixture
 

@@ -1,4 +1,4 @@
-"""f5worker.download: every rule of download_to_file, against a loopback server only.
+"""f5worker.jobs.download: every rule of download_to_file, against a loopback server only.
 
 Refusals are checked with ``allow_private=False`` on addresses that must be refused before any
 connection; the ``loopback_only`` guard fails a test that tries to reach anything but loopback,
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from f5worker import download
-from f5worker.download import MAX_REDIRECTS, describe_url, download_to_file
+from f5worker.jobs import download
+from f5worker.jobs.download import MAX_REDIRECTS, describe_url, download_to_file
 from f5worker.errors import InputError, StorageError
 from f5worker.settings import DEFAULT_MAX_VOICE_BYTES
 
@@ -485,7 +485,7 @@ def test_trickled_headers_cannot_outlive_the_deadline(tmp_path):
     import threading
     import time as time_mod
 
-    from f5worker.download import download_to_file
+    from f5worker.jobs.download import download_to_file
     from f5worker.errors import InputError
 
     server = socket_mod.socket()

@@ -8,11 +8,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from f5worker import audio
-from f5worker.chunking import chunk_text
-from f5worker.engine import TTSEngine
-from f5worker.job_plan import MAX_CHUNK_FRAMES, SynthesisRequest, item_frames
-from f5worker.model_store import resolve_tts_files
+from f5worker.jobs import audio
+from f5worker.jobs.chunking import chunk_text
+from f5worker.inference.engine import TTSEngine
+from f5worker.jobs.plan import MAX_CHUNK_FRAMES, SynthesisRequest, item_frames
+from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
 from tests.fixtures_models import SR, speechlike
 
@@ -208,6 +208,6 @@ def test_unspeakable_text_is_refused_before_the_model(engine, ref_wav):
 
 
 def test_the_longest_item_has_a_single_job_graph_bucket():
-    from f5worker.fast import SINGLE_MAX_FRAMES, bucket_frames
+    from f5worker.inference.fast import SINGLE_MAX_FRAMES, bucket_frames
 
     assert bucket_frames(MAX_CHUNK_FRAMES, 1) <= SINGLE_MAX_FRAMES

@@ -1,4 +1,4 @@
-"""The fused DiT step and variable-length attention (f5worker.fast, f5worker.attention) on the CPU.
+"""The fused DiT step and variable-length attention (f5worker.inference.fast, f5worker.inference.attention) on the CPU.
 
 The unfused step is the reference here (tests/test_own_dit.py proves it equal to stock f5-tts):
 
@@ -19,9 +19,11 @@ import threading
 import pytest
 import torch
 
-from f5worker import attention, fast, kernels
-from f5worker.dit import DiT
-from f5worker.random_models import TINY_ARCH
+from f5worker.inference import attention
+from f5worker.inference import fast
+from f5worker.inference import kernels
+from f5worker.model.dit import DiT
+from tests.random_models import TINY_ARCH
 from tests.processes import INTERPRETED, run_interpreted
 
 VOCAB, MEL = 40, 100

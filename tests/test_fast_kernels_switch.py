@@ -17,10 +17,11 @@ import pytest
 import torch
 from filelock import FileLock
 
-from f5worker import fast_kernels, kernels
-from f5worker.batcher import OffModelThread
-from f5worker.engine import TTSEngine
-from f5worker.model_store import resolve_tts_files
+from f5worker.inference import kernel_switch as fast_kernels
+from f5worker.inference import kernels
+from f5worker.inference.batcher import OffModelThread
+from f5worker.inference.engine import TTSEngine
+from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
 from tests.processes import REPO
 from tests.test_engine import CPU_REL_L2, GEN_TEXT, load_stock, rel_l2, request, stock_infer
@@ -57,7 +58,7 @@ def test_kernels_that_disagree_are_not_used(engine, monkeypatch, ref_wav, tmp_pa
     # Fault injection: a kernel that computes the wrong thing (as a miscompiled one would).
     right = kernels.cfg_euler
     monkeypatch.setattr(kernels, "cfg_euler", lambda x, flow, dt, cfg, **kw: right(x, flow, dt, cfg, **kw) * 1.1)
-    with caplog.at_level(logging.WARNING, logger="f5worker.fast_kernels"):
+    with caplog.at_level(logging.WARNING, logger="f5worker.inference.kernel_switch"):
         assert fast_kernels.fused_switch_task(engine.step_runner, engine.dtype, engine.device)() is False
     assert "differ from the unfused masked step" in caplog.text
     engine.synthesize(request(ref_wav, GEN_TEXT, 7, nfe_step=2))
@@ -71,7 +72,7 @@ def test_a_compile_that_cannot_run_here_leaves_the_worker_on_the_unfused_step(en
         raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
 
     monkeypatch.setattr(fast_kernels, "warm_fused_kernels", no_compiler)
-    with caplog.at_level(logging.WARNING, logger="f5worker.fast_kernels"):
+    with caplog.at_level(logging.WARNING, logger="f5worker.inference.kernel_switch"):
         assert fast_kernels.fused_switch_task(engine.step_runner, engine.dtype, engine.device)() is False
     assert "Failed to find C compiler" in caplog.text and engine.step_runner.requested_varlen is False
 
@@ -90,7 +91,7 @@ def test_a_compile_lock_held_too_long_is_given_up_and_the_kernels_compiled_anywa
 LEASE_HOLDER = r"""
 import sys, time
 from pathlib import Path
-from f5worker.fast_kernels import CompileLock
+from f5worker.inference.kernel_switch import CompileLock
 lock = CompileLock(Path(sys.argv[1]), soft=True, lease_s=float(sys.argv[2]))
 assert lock.acquire()
 print("held", flush=True)
@@ -122,8 +123,8 @@ LOCK_CHILD = r"""
 import json, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from f5worker.batcher import Batcher
-from f5worker.fast_kernels import CompileLock
+from f5worker.inference.batcher import Batcher
+from f5worker.inference.kernel_switch import CompileLock
 
 folder, name = Path(sys.argv[1]), sys.argv[2]
 events = folder / "events.jsonl"
@@ -137,7 +138,7 @@ def compile_kernels():  # on the model thread, as the fused switch task runs
     note("compile-end")
 
 lock = CompileLock(folder / "triton", wait_s=60)
-from f5worker.batcher import OffModelThread
+from f5worker.inference.batcher import OffModelThread
 model_thread = ThreadPoolExecutor(max_workers=1)
 batcher = Batcher(lambda items, abandoned=None: [], executor=model_thread)
 note("ready")
@@ -179,9 +180,10 @@ import sys, logging
 sys.modules["triton"] = None  # as if not installed: 'import triton' raises ImportError
 logging.basicConfig(level=logging.WARNING)
 import torch
-from f5worker import fast_kernels, kernels
-from f5worker.engine import TTSEngine
-from f5worker.model_store import resolve_tts_files
+from f5worker.inference import kernel_switch as fast_kernels
+from f5worker.inference import kernels
+from f5worker.inference.engine import TTSEngine
+from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
 assert not kernels.TRITON_AVAILABLE
 engine = TTSEngine.load(resolve_tts_files(Settings.from_env({tiny_models!r})), device="cpu", fast=True)

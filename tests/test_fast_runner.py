@@ -1,4 +1,4 @@
-"""The fast path's step runner (f5worker.fast.BucketedStepRunner) on the CPU: a fault of its own
+"""The fast path's step runner (f5worker.inference.fast.BucketedStepRunner) on the CPU: a fault of its own
 never fails the items (it steps down a level and runs them again), a CUDA device fault or
 out-of-memory still does; batch buckets waste at most 15 % of their rows; the batcher groups like
 lengths, so the frames computed for a mixed queue stay close to the frames the items need; graph
@@ -15,11 +15,13 @@ import logging
 import pytest
 import torch
 
-from f5worker import fast, gpu_faults, kernels
-from f5worker.batcher import Batcher
-from f5worker.engine import TTSEngine
-from f5worker.job_plan import ChunkItem
-from f5worker.model_store import resolve_tts_files
+from f5worker.inference import fast
+from f5worker.inference import gpu_faults
+from f5worker.inference import kernels
+from f5worker.inference.batcher import Batcher
+from f5worker.inference.engine import TTSEngine
+from f5worker.jobs.plan import ChunkItem
+from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
 from tests.test_fast_fused import rel_l2, sample, tiny_dit
 
@@ -63,7 +65,7 @@ def test_a_failed_capture_demotes_the_runner_to_eager_and_the_items_still_succee
     runner.use_graphs = True  # as on a GPU
     assert runner.level == "graphed"
     y, step_cond, text, mask, t = case
-    with caplog.at_level(logging.WARNING, logger="f5worker.fast"), torch.inference_mode():
+    with caplog.at_level(logging.WARNING, logger="f5worker.inference.fast"), torch.inference_mode():
         got = runner.integrate(y, step_cond, text, mask, t, 2, 2.0)
         again = runner.integrate(y, step_cond, text, mask, t, 2, 2.0)
     assert torch.equal(got, expected) and torch.equal(again, expected)
@@ -90,7 +92,7 @@ def test_a_fused_kernel_fault_demotes_to_the_unfused_step_for_good(monkeypatch, 
     runner = fast.BucketedStepRunner(model, use_graphs=False, fused=True, varlen=True)
     assert runner.level == "fused"
     y, step_cond, text, mask, t = case
-    with caplog.at_level(logging.WARNING, logger="f5worker.fast"), torch.inference_mode():
+    with caplog.at_level(logging.WARNING, logger="f5worker.inference.fast"), torch.inference_mode():
         got = runner.integrate(y, step_cond, text, mask, t, 2, 2.0)
     assert rel_l2(got, expected) < 1e-6 and runner.fused is False and runner.varlen is False
     runner.use_fused_kernels()  # a later switch cannot bring the failed level back

@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from f5worker import attention, kernels
-from f5worker.engine import TTSEngine
-from f5worker.fast import BucketedStepRunner, warm_fused_kernels
-from f5worker.model_store import resolve_tts_files
+from f5worker.inference import attention
+from f5worker.inference import kernels
+from f5worker.inference.engine import TTSEngine
+from f5worker.inference.fast import BucketedStepRunner, warm_fused_kernels
+from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
 from tests.test_engine import GEN_TEXT, rel_l2, request, stock_infer
 
@@ -159,8 +160,8 @@ def full_dit():
 
     import yaml
 
-    from f5worker.dit import DiT
-    from f5worker.fast import install_fused_attention
+    from f5worker.model.dit import DiT
+    from f5worker.inference.fast import install_fused_attention
 
     config = Path(str(package_files("f5_tts").joinpath("configs/F5TTS_v1_Base.yaml")))
     arch = yaml.safe_load(config.read_text())["model"]["arch"]
@@ -235,7 +236,7 @@ def test_a_real_capture_fault_demotes_to_eager_and_the_items_still_succeed(full_
     cases = full_cases(full_dit, seed=5)
     expected = on_fresh_thread(lambda: [BucketedStepRunner(full_dit, use_graphs=False, varlen=False)
                                         .integrate(*case) for case in cases])
-    from f5worker import fast
+    from f5worker.inference import fast
 
     real_step = fast.euler_step
 
@@ -272,8 +273,8 @@ def test_a_fused_kernel_fault_on_the_gpu_demotes_to_the_unfused_graphs(full_dit,
 
 
 def test_whisper_runs_on_its_own_stream(tiny_whisper, tmp_path, ref_wav):
-    from f5worker.audio import decode
-    from f5worker.transcriber import Transcriber
+    from f5worker.jobs.audio import decode
+    from f5worker.inference.transcriber import Transcriber
     from tests.test_transcriber import _settings
 
     transcriber = Transcriber(_settings(tmp_path, str(tiny_whisper)), device="cuda")

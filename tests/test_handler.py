@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from f5worker.job_input import MAX_SEED, MAX_TEXT_CHARS
+from f5worker.jobs.inputs import MAX_SEED, MAX_TEXT_CHARS
 from tests.fixtures_models import SR, speechlike
 from tests.fixtures_worker import Ctx, worker_ctx
 

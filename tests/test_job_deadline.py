@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from f5worker.job_guard import JobGuard, stuck_at
+from f5worker.jobs.guard import JobGuard, stuck_at
 from f5worker.service import SETTLE_S
 from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_ENDPOINT_URL, ENV_AWS_REGION,
                                ENV_AWS_SECRET_ACCESS_KEY, ENV_JOB_TIMEOUT, ENV_S3_BUCKET, ENV_S3_CONNECT_TIMEOUT,
@@ -164,7 +164,8 @@ def test_a_stopped_jobs_running_model_call_stops_between_steps_and_the_next_job_
     "stuck at: Batcher.sampled" too, and the four after it)."""
     import logging
 
-    from f5worker import fast, sampler
+    from f5worker.inference import fast
+    from f5worker.inference import sampler
 
     real_fast, real_eager = fast.euler_step, sampler.EagerStepRunner.__call__
 
@@ -188,7 +189,7 @@ def test_a_stopped_jobs_running_model_call_stops_between_steps_and_the_next_job_
             "text": "Short.", "local_voice": "basic_ref_en.wav", "nfe_step": 2}})
         return await long, short, time.monotonic() - started
 
-    with caplog.at_level(logging.INFO, logger="f5worker.batcher"):
+    with caplog.at_level(logging.INFO, logger="f5worker.inference.batcher"):
         long, short, seconds = asyncio.run(go())
     assert sentence("Batcher.sampled").fullmatch(long["error"]), long
     assert "error" not in short, short

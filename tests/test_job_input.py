@@ -13,7 +13,7 @@ import re
 import pytest
 
 from f5worker.errors import InputError
-from f5worker.job_input import TTSInput, UploadInput, parse_job_input
+from f5worker.jobs.inputs import TTSInput, UploadInput, parse_job_input
 
 TTS = {"text": "Hello there.", "local_voice": "basic_ref_en.wav"}
 UPLOAD = {"endpoint": "upload", "voice_file_url": "https://example.com/v.wav", "voice_name": "v.wav"}
@@ -128,8 +128,8 @@ def test_options_and_their_defaults_are_the_synthesis_requests():
     nfe_step is bounded by the fast path's on-device step table (MAX_NFE_STEP + 1 time points)."""
     from dataclasses import fields as dataclass_fields
 
-    from f5worker.job_plan import SynthesisRequest
-    from f5worker.options import MAX_NFE_STEP, OPTION_DEFAULTS
+    from f5worker.jobs.plan import SynthesisRequest
+    from f5worker.jobs.options import MAX_NFE_STEP, OPTION_DEFAULTS
 
     fields = TTSInput.model_fields
     assert OPTION_DEFAULTS and all(fields[name].default == value for name, value in OPTION_DEFAULTS.items())

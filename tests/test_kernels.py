@@ -1,4 +1,4 @@
-"""The fused DiT kernels (f5worker.kernels), proved in two steps.
+"""The fused DiT kernels (f5worker.inference.kernels), proved in two steps.
 
 1. In this process: each ``*_reference`` equals what stock f5-tts and x_transformers compute, run
    from their own modules (AdaLayerNorm, AdaLayerNorm_Final, FeedForward, apply_rotary_pos_emb, a
@@ -6,7 +6,7 @@
 2. In a subprocess under Triton's interpreter, which runs the kernels on CPU tensors: each Triton
    kernel equals its reference (fp32, fp16, bf16; D = 64, 100 and 1024; odd N), and a stock
    DiTBlock recomputed from the kernels equals the block. The interpreter is chosen when a kernel
-   is decorated, i.e. when f5worker.kernels is imported, so the variable must be set before that
+   is decorated, i.e. when f5worker.inference.kernels is imported, so the variable must be set before that
    and must not leak into other tests (on a GPU machine they compile real kernels): hence the
    subprocess. Under the interpreter, casts to bf16 truncate where the GPU rounds to nearest, so
    bf16 results may differ from the reference by one bf16 step; fp16 and fp32 casts round as on
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from triton.runtime.interpreter import InterpretedFunction
 from x_transformers.x_transformers import RotaryEmbedding, apply_rotary_pos_emb
 
-from f5worker import f5_imports, kernels
+from f5worker.model import stock as f5_imports
+from f5worker.inference import kernels
 from tests.processes import INTERPRETED, run_interpreted
 
 f5_imports.install()  # f5-tts's model modules without the trainer its package __init__ imports
@@ -177,7 +178,7 @@ class TestTritonUnderInterpreter:
     __test__ = INTERPRETED
 
     def test_the_gates_probe_compiles_and_launches_a_kernel(self):
-        from f5worker.fast_kernels import triton_probe
+        from f5worker.inference.kernel_switch import triton_probe
 
         assert triton_probe("cpu") is None
 

@@ -5,7 +5,7 @@ import ctypes.util
 
 import pytest
 
-from f5worker.memory import HeapTrimmer
+from f5worker.jobs.memory import HeapTrimmer
 
 
 def test_trims_every_n_jobs():

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from f5worker import model_store
+from f5worker.model import store as model_store
 from f5worker.errors import StorageError
-from f5worker.model_store import F5_FILES, VOCODER_HUB_FILES, resolve_tts_files
+from f5worker.model.store import F5_FILES, VOCODER_HUB_FILES, resolve_tts_files
 from f5worker.settings import ENV_BAKED_MODEL_DIR, ENV_VOLUME_PATH, POD_VOLUME_PATH, Settings
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"

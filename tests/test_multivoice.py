@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from f5worker.audio import TARGET_SAMPLE_RATE, cross_fade_join
+from f5worker.jobs.audio import TARGET_SAMPLE_RATE, cross_fade_join
 from f5worker.errors import InputError
-from f5worker.job_input import MAX_SCRIPT_VOICES, parse_job_input
-from f5worker.job_plan import SynthesisRequest, plan, plan_segments
+from f5worker.jobs.inputs import MAX_SCRIPT_VOICES, parse_job_input
+from f5worker.jobs.plan import SynthesisRequest, plan, plan_segments
 from tests.fixtures_worker import Ctx, worker_ctx
 from tests.test_engine import CPU_REL_L2, rel_l2
 from tests.test_handler import assert_one_sentence, log_record

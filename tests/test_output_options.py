@@ -21,13 +21,14 @@ import soundfile as sf
 import soxr
 import torch
 
-from f5worker import audio, encoding
-from f5worker.encoding import FORMATS, OPUS_SAMPLE_RATES, RESULT_ALLOWANCE_BYTES, SAMPLE_RATES
-from f5worker.engine import TTSEngine
-from f5worker.job_plan import SynthesisRequest, item_frames, planned_samples
+from f5worker.jobs import audio
+from f5worker.jobs import encoding
+from f5worker.jobs.encoding import FORMATS, OPUS_SAMPLE_RATES, RESULT_ALLOWANCE_BYTES, SAMPLE_RATES
+from f5worker.inference.engine import TTSEngine
+from f5worker.jobs.plan import SynthesisRequest, item_frames, planned_samples
 from f5worker.errors import InputError
-from f5worker.job_input import MAX_OUTPUT_KEY_CHARS, parse_job_input
-from f5worker.model_store import resolve_tts_files
+from f5worker.jobs.inputs import MAX_OUTPUT_KEY_CHARS, parse_job_input
+from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
 from tests.fixtures_models import SR, speechlike
 from tests.fixtures_worker import Ctx, worker_ctx

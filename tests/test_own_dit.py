@@ -1,4 +1,4 @@
-"""The worker's own DiT (f5worker.dit) against f5-tts's real DiT: same keys, same function, light imports.
+"""The worker's own DiT (f5worker.model.dit) against f5-tts's real DiT: same keys, same function, light imports.
 
 Stock f5-tts is the reference: both models get the same random weights (DiT's zero-initialised
 projections randomised, as random_models does, so every layer shows in the output) and are compared
@@ -17,11 +17,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from f5worker import dit as own_dit
-from f5worker import f5_imports, fast
-from f5worker.checkpoint import ema_weights
-from f5worker.random_models import TINY_ARCH, packaged_vocab, write_f5_checkpoint
-from f5worker.sampler import EagerStepRunner
+from f5worker.model import dit as own_dit
+from f5worker.model import stock as f5_imports
+from f5worker.inference import fast
+from f5worker.model.checkpoint import ema_weights
+from tests.random_models import TINY_ARCH, packaged_vocab, write_f5_checkpoint
+from f5worker.inference.sampler import EagerStepRunner
 
 f5_imports.install()
 from f5_tts.model.backbones.dit import DiT as StockDiT  # noqa: E402
@@ -248,7 +249,7 @@ def test_unsupported_settings_are_named(setting):
 
 def test_import_and_forward_load_no_heavy_modules():
     code = (
-        "import sys, torch, f5worker.dit as d\n"
+        "import sys, torch, f5worker.model.dit as d\n"
         "m = d.DiT(dim=32, depth=1, heads=2, dim_head=16, text_dim=16, conv_layers=1, text_num_embeds=10).eval()\n"
         "out = m(torch.randn(2, 8, 100), torch.randn(2, 8, 100), torch.zeros(2, 3, dtype=torch.long),\n"
         "        torch.tensor(0.5), mask=torch.ones(2, 8, dtype=torch.bool), cfg_infer=True, cache=True)\n"

@@ -18,11 +18,11 @@ import pytest
 import torch
 import yaml
 
-from f5worker import f5_imports
+from f5worker.model import stock as f5_imports
 from f5worker.errors import StorageError
-from f5worker.mel import LogMelSpectrogram, mel_filterbank
-from f5worker.random_models import FULL_VOCOS, TINY_VOCOS, write_vocos
-from f5worker.vocoder import Vocoder, load_vocoder, unsupported_reason
+from f5worker.model.mel import LogMelSpectrogram, mel_filterbank
+from tests.random_models import FULL_VOCOS, TINY_VOCOS, write_vocos
+from f5worker.model.vocoder import Vocoder, load_vocoder, unsupported_reason
 from tests.fixtures_models import SR, speechlike
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,8 +214,8 @@ IMPORT_CHECK = """
 import json, sys
 from pathlib import Path
 import torch
-from f5worker.mel import LogMelSpectrogram
-from f5worker.vocoder import load_vocoder
+from f5worker.model.mel import LogMelSpectrogram
+from f5worker.model.vocoder import load_vocoder
 mel = LogMelSpectrogram()(torch.randn(1, 24000) * 0.1)
 audio = load_vocoder(Path(sys.argv[1]), "cpu").decode(mel)
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in sys.argv[2].split(","))

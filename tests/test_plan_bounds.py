@@ -1,4 +1,4 @@
-"""A job's planned audio and piece count are bounded by its text's length (f5worker.job_plan), and
+"""A job's planned audio and piece count are bounded by its text's length (f5worker.jobs.plan), and
 the join of its pieces is linear: one job could plan hours of audio from 300 letters (a 12 s voice
 whose transcript was "a", at speed 0.3) and join 400 pieces in 20 s on the event loop."""
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from f5worker import audio, job_plan
+from f5worker.jobs import audio
+from f5worker.jobs import plan as job_plan
 from f5worker.errors import InputError
 from tests.fixtures_models import speechlike
 from tests.test_engine import request

@@ -1,4 +1,4 @@
-"""Progress reports reach RunPod in order (f5worker.progress), through runpod's own sender.
+"""Progress reports reach RunPod in order (f5worker.jobs.progress), through runpod's own sender.
 
 A loopback HTTP server stands in for RunPod's job API (a real server, receiving what runpod's SDK
 posts to ``RUNPOD_WEBHOOK_POST_OUTPUT``); it is slow to take the first post (0.3 s), as a network
@@ -16,14 +16,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from f5worker.progress import OrderedProgress
+from f5worker.jobs.progress import OrderedProgress
 from tests.processes import REPO
 
 REPORTS = 12
 CHILD = r"""
 import sys, time
 import runpod
-from f5worker.progress import OrderedProgress
+from f5worker.jobs.progress import OrderedProgress
 send = runpod.serverless.modules.rp_progress._thread_target
 ordered = sys.argv[1] == "ordered"
 report = OrderedProgress(send).report if ordered else runpod.serverless.progress_update

@@ -28,7 +28,7 @@ import pytest
 import soundfile as sf
 
 from f5worker import validation
-from f5worker.audio import embedded_transcript
+from f5worker.jobs.audio import embedded_transcript
 from f5worker.service import make_handler, start_worker
 from f5worker.settings import (ENV_ALLOW_PRIVATE_URLS, ENV_AWS_ENDPOINT_URL, ENV_AWS_SECRET_ACCESS_KEY,
                                ENV_DEVICE, ENV_JOB_TIMEOUT, ENV_LOCAL_STORAGE_DIR, ENV_S3_BUCKET,
@@ -261,7 +261,7 @@ def test_s3_stopped_mid_job_and_restarted(matrix, tiny_models, tiny_whisper, tmp
 # --- an endpoint that never answers -----------------------------------------------------------------------
 def test_s3_endpoint_that_never_answers(matrix, tiny_models, tiny_whisper, tmp_path, s3_server, served):
     """Each job is answered by its deadline, except one whose final write had begun: that one is
-    seen through, which the S3 timeouts bound (f5worker.job_guard.JobGuard)."""
+    seen through, which the S3 timeouts bound (f5worker.jobs.guard.JobGuard)."""
     row = Row("S3 endpoint hung (3 s job deadline, short S3 timeouts)", "S3")
     matrix.append(row)
     with hung_endpoint() as url:

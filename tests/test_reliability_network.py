@@ -16,7 +16,7 @@ import socket
 
 import pytest
 
-from f5worker.download import download_to_file
+from f5worker.jobs.download import download_to_file
 from f5worker.errors import InputError
 from f5worker.settings import ENV_ALLOW_PRIVATE_URLS
 from tests.fixtures_worker import worker_ctx

@@ -36,8 +36,8 @@ import soundfile as sf
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from f5worker import download
-from f5worker.job_input import MAX_REF_TEXT_CHARS, MAX_SEED, MAX_TEXT_CHARS
+from f5worker.jobs import download
+from f5worker.jobs.inputs import MAX_REF_TEXT_CHARS, MAX_SEED, MAX_TEXT_CHARS
 from f5worker.settings import ENV_ALLOW_PRIVATE_URLS, ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY
 from tests.fixtures_models import SR, speechlike
 from tests.fixtures_worker import worker_ctx

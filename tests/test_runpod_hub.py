@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from f5worker import settings as settings_module
-from f5worker.job_input import parse_job_input
+from f5worker.jobs.inputs import parse_job_input
 from f5worker.settings import USER_FACING_ENV, Settings
 from f5worker.validation import GIB, GPU_RECOMMENDED_BYTES
 from tests.test_dockerfile import instructions

@@ -18,7 +18,7 @@ import torch
 from runpod.serverless.modules.rp_job import run_job
 
 from f5worker.errors import StorageError
-from f5worker.gpu_faults import gpu_fault
+from f5worker.inference.gpu_faults import gpu_fault
 from f5worker.service import make_handler, start_worker
 from f5worker.settings import Settings
 from tests.fixtures_models import SR, speechlike

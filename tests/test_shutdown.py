@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from f5worker.job_guard import EXIT_AFTER_S, SHUTDOWN_GRACE_S
+from f5worker.jobs.guard import EXIT_AFTER_S, SHUTDOWN_GRACE_S
 from f5worker.settings import ENV_ALLOW_PRIVATE_URLS, ENV_VOCODER_DIR
 from tests.processes import ORPHAN_GUARD, REPO, clean_env, free_port, local_session, tail, worker_env
 

@@ -48,7 +48,7 @@ def test_start_and_an_english_job_import_none_of_the_slow_packages(tiny_models, 
     modules = modules_after({"input": {"text": "Hello there, café au lait at 10:30; ready?",
                                        "local_voice": "basic_ref_en.wav", "nfe_step": 4, "seed": 1}},
                             env, tmp_path / "modules.json")
-    assert "torch" in modules and "f5worker.dit" in modules  # the probe saw the real run
+    assert "torch" in modules and "f5worker.model.dit" in modules  # the probe saw the real run
     assert loaded(modules, FORBIDDEN) == set()
 
 

@@ -504,7 +504,7 @@ def test_a_job_whose_log_record_cannot_be_written_logs_one_line(tiny_models, tin
     assert result == {"error": "'speed' must be at least 0.3."}
     about_record = [r for r in caplog.records if "log record" in r.getMessage()]
     assert [(r.name, r.levelname, r.getMessage()) for r in about_record] == [(
-        "f5worker.jobs", "WARNING",
+        "f5worker.jobs.workflows", "WARNING",
         f"could not write the log record of job {job_id}: local storage could not write under {root}: a file "
         f"stands where a folder is needed (put {LOGS_PREFIX}{job_id}.json); check that {ENV_LOCAL_STORAGE_DIR} "
         "names a folder the worker can write")]

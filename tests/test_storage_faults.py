@@ -20,7 +20,7 @@ from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_CA_BUNDLE, ENV_AWS
                                ENV_AWS_SECRET_ACCESS_KEY, ENV_S3_BUCKET, ENV_S3_CONNECT_TIMEOUT,
                                ENV_S3_MAX_ATTEMPTS, ENV_S3_READ_TIMEOUT, ENV_VOLUME_PATH,
                                LOGS_PREFIX, OUTPUT_PREFIX, VOICES_PREFIX, Settings)
-from f5worker.voices import VoiceLibrary
+from f5worker.jobs.voices import VoiceLibrary
 from s3_utils import KeyNotFound, S3Storage, call_bound_s
 from tests.fixtures_faults import dripping_endpoint
 

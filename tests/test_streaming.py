@@ -22,16 +22,16 @@ import pytest
 import soundfile as sf
 
 from examples import client
-from f5worker import encoding
-from f5worker.audio import TARGET_SAMPLE_RATE, cross_fade_join
-from f5worker.chunking import chunk_for_model, utf8_len
+from f5worker.jobs import encoding
+from f5worker.jobs.audio import TARGET_SAMPLE_RATE, cross_fade_join
+from f5worker.jobs.chunking import chunk_for_model, utf8_len
 from f5worker.errors import InputError
-from f5worker.job_input import parse_job_input
-from f5worker.job_plan import FIRST_CHUNK_SHARE, chunks_with_short_first
+from f5worker.jobs.inputs import parse_job_input
+from f5worker.jobs.plan import FIRST_CHUNK_SHARE, chunks_with_short_first
 from f5worker.service import make_handler
-from f5worker.encoding import RESULT_ALLOWANCE_BYTES
+from f5worker.jobs.encoding import RESULT_ALLOWANCE_BYTES
 from f5worker.settings import ENV_MAX_RESULT_BYTES, ENV_STREAMING
-from f5worker.streaming import (MAX_PIECE_BASE64_BYTES, PCM_FORMAT, AudioStream, output_bytes, piece,
+from f5worker.jobs.streaming import (MAX_PIECE_BASE64_BYTES, PCM_FORMAT, AudioStream, output_bytes, piece,
                                 planned_output_bytes)
 from tests.fixtures_worker import worker_ctx
 from tests.processes import local_session

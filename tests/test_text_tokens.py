@@ -1,4 +1,4 @@
-"""f5worker.text_tokens against f5-tts 1.1.22's own tokenizer, with f5-tts's functions as the reference.
+"""f5worker.model.text_tokens against f5-tts 1.1.22's own tokenizer, with f5-tts's functions as the reference.
 
 Covers: the vocabulary map, symbols and ids on a corpus of scripts and punctuation, random mixed
 text, every Unicode character outside the slow ranges, the segmenter facts the fast path rests on
@@ -19,10 +19,11 @@ import pytest
 import rjieba
 import torch
 
-from f5worker import f5_imports, text_tokens
-from f5worker.random_models import packaged_vocab
+from f5worker.model import stock as f5_imports
+from f5worker.model import text_tokens
+from tests.random_models import packaged_vocab
 
-f5_imports.install()  # f5-tts's model package without its trainer: see f5worker.f5_imports
+f5_imports.install()  # f5-tts's model package without its trainer: see f5worker.model.stock
 from f5_tts.model.utils import convert_char_to_pinyin, get_tokenizer, list_str_to_idx  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def test_lone_surrogate_fails_as_f5_tts_does():
 _SUBPROCESS = """
 import json, logging, sys, threading
 logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
-from f5worker import text_tokens
+from f5worker.model import text_tokens
 HEAVY = ("rjieba", "jieba", "pypinyin", "f5_tts", "x_transformers", "einx", "transformers")
 latin = [text_tokens.text_to_symbols(t) for t in json.loads(sys.argv[1])]
 before = [m for m in HEAVY if m in sys.modules]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from f5worker.errors import StorageError
-from f5worker.model_store import resolve_asr_model
+from f5worker.model.store import resolve_asr_model
 from f5worker.settings import ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR, ENV_VOLUME_PATH, Settings
-from f5worker.transcriber import Transcriber
+from f5worker.inference.transcriber import Transcriber
 
 
 def _settings(tmp_path, asr_model: str) -> Settings:
@@ -72,6 +72,6 @@ def test_the_transcriber_does_not_import_the_tts_engine():
     import subprocess
     import sys
 
-    code = "import sys, f5worker.transcriber; print('f5worker.engine' in sys.modules, 'f5_tts' in sys.modules)"
+    code = "import sys, f5worker.inference.transcriber; print('f5worker.inference.engine' in sys.modules, 'f5_tts' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from f5worker.engine import TTSEngine
-from f5worker.model_store import resolve_tts_files
-from f5worker.random_models import (
+from f5worker.inference.engine import TTSEngine
+from f5worker.model.store import resolve_tts_files
+from tests.random_models import (
     TINY_ARCH,
     TINY_VOCOS,
     packaged_vocab,
@@ -23,7 +23,7 @@ from f5worker.random_models import (
     write_vocos,
 )
 from f5worker.settings import Settings
-from f5worker.tts_model import F5Model, check_model_checkpoint, model_unsupported_reason
+from f5worker.model.loader import F5Model, check_model_checkpoint, model_unsupported_reason
 from tests.test_engine import CPU_REL_L2, load_stock, rel_l2, request, stock_infer
 
 STOCK_ONLY_ARCH = {**TINY_ARCH, "pe_attn_head": 1}
@@ -47,12 +47,12 @@ def stock(stock_only_models):
 def test_the_default_layout_runs_the_own_model(tiny_models):
     engine = TTSEngine.load(resolve_tts_files(Settings.from_env(tiny_models)), device="cpu", fast=True)
     assert isinstance(engine.model, F5Model)
-    assert type(engine.vocoder).__module__ == "f5worker.vocoder"
+    assert type(engine.vocoder).__module__ == "f5worker.model.vocoder"
 
 
 def test_another_layout_falls_back_to_stock_and_says_so(stock_only_models, stock, monkeypatch, ref_wav, caplog):
     assert "pe_attn_head" in model_unsupported_reason({"arch": STOCK_ONLY_ARCH})
-    with caplog.at_level(logging.WARNING, logger="f5worker.tts_model"):
+    with caplog.at_level(logging.WARNING, logger="f5worker.model.loader"):
         engine = TTSEngine.load(resolve_tts_files(Settings.from_env(stock_only_models)), device="cpu", fast=True)
     assert type(engine.model).__module__ == "f5_tts.model.cfm"
     assert type(engine.step_runner).__name__ == "EagerStepRunner"  # the fast path is written for the own layout

@@ -16,7 +16,7 @@ import pytest
 
 from f5worker import settings as settings_module
 from f5worker import validation
-from f5worker.model_store import F5_FILES, VOCODER_HUB_FILES
+from f5worker.model.store import F5_FILES, VOCODER_HUB_FILES
 from f5worker.settings import (
     CACHE_ENV_SUBDIRS,
     DEFAULT_VOLUME_PATH,
@@ -351,7 +351,7 @@ def test_gpu(capsys, monkeypatch, models_env, gib, status):
 def test_fused_kernels_that_cannot_compile_are_a_warning_with_the_fix(capsys, monkeypatch, models_env, problem):
     import torch
 
-    from f5worker import fast_kernels
+    from f5worker.inference import kernel_switch as fast_kernels
 
     # Injected: a GPU (this machine has none) on which Triton can or cannot build its launcher.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

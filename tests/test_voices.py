@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from f5worker import audio
-from f5worker.job_plan import TARGET_RMS
-from f5worker.job_input import MAX_LIST_LIMIT
-from f5worker.voices import BUILTIN_VOICES
+from f5worker.jobs import audio
+from f5worker.jobs.plan import TARGET_RMS
+from f5worker.jobs.inputs import MAX_LIST_LIMIT
+from f5worker.jobs.voices import BUILTIN_VOICES
 from s3_utils import KeyNotFound, ObjectInfo
 from tests.fixtures_models import SR, speechlike
 from tests.fixtures_worker import Ctx, worker_ctx
@@ -386,7 +386,7 @@ def test_list_voices_reads_a_few_kib_per_voice(ctx, tiny_models, tiny_whisper, t
 
 def test_a_voice_deleted_while_listed_is_left_out(ctx, tmp_path):
     """Someone deletes a voice between the listing and the reading of its header."""
-    from f5worker.voices import VoiceLibrary
+    from f5worker.jobs.voices import VoiceLibrary
 
     class DeletingMeanwhile(CountingStorage):
         def list_objects(self, *args, **kwargs):
@@ -460,7 +460,7 @@ def test_an_unreadable_sidecar_counts_as_no_transcript(ctx, caplog):
     put_raw(ctx, f"voices/{latin}.txt", b"Voil\xe0, caf\xe9")
     put_raw(ctx, f"voices/{utf16}.json", b"\xff\xfe{")
     put_raw(ctx, f"voices/{bom}.txt", "\ufeffVoilà, café".encode("utf-8"))
-    caplog.set_level("WARNING", logger="f5worker.voices")
+    caplog.set_level("WARNING", logger="f5worker.jobs.voices")
     for _ in range(2):
         for name in (latin, utf16):
             _, info = ctx.run({"endpoint": "voice_info", "voice_name": name})
@@ -471,7 +471,7 @@ def test_an_unreadable_sidecar_counts_as_no_transcript(ctx, caplog):
     _, info = ctx.run({"endpoint": "voice_info", "voice_name": bom})
     assert (info["transcript"], info["transcript_source"]) == ("Voilà, café", "hand-written")
     assert listed[bom]["transcript"] == "Voilà, café"
-    warnings = [r.getMessage() for r in caplog.records if r.name == "f5worker.voices"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "f5worker.jobs.voices"]
     assert sorted(warnings) == sorted(
         f"voice sidecar voices/{key} is not UTF-8 text; it counts as no transcript (sidecars are read as UTF-8)"
         for key in (f"{latin}.txt", f"{utf16}.json")), warnings
@@ -589,7 +589,7 @@ def test_cache_size_zero_reads_every_time(ctx):
 
 
 def test_cache_keeps_the_most_recently_used(tmp_path):
-    from f5worker.voices import VoiceLibrary
+    from f5worker.jobs.voices import VoiceLibrary
     from s3_utils import LocalStorage
 
     storage = LocalStorage(tmp_path / "st")

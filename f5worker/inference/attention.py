@@ -26,7 +26,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from f5worker.dit import apply_rotary
+from f5worker.model.dit import apply_rotary
 
 log = logging.getLogger(__name__)
 

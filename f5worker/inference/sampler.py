@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from f5worker.errors import check_abandoned
-from f5worker.job_plan import MAX_FRAMES, ChunkItem
-from f5worker.text_tokens import symbols_to_ids
+from f5worker.jobs.plan import MAX_FRAMES, ChunkItem
+from f5worker.model.text_tokens import symbols_to_ids
 
 # f5-tts's Empirically Pruned Step Sampling grids (f5_tts.model.utils.get_epss_timesteps), in 32nds.
 EPSS_GRIDS = {

@@ -12,12 +12,12 @@ what it computes:
   graph so graphs can be dropped (a switch, the ``graph_memory_bytes`` budget, least recently used
   first) and captured again; batch sizes are bucketed finely (at most 15 % padding rows);
 - per sample, not per step or layer: the text embeddings, the rotary tables and the attention
-  plan (f5worker.attention: a padded batch runs variable-length flash attention on the valid
+  plan (f5worker.inference.attention: a padded batch runs variable-length flash attention on the valid
   tokens only, where CUDA and fp16/bf16 allow; masked SDPA elsewhere, no mask without padding);
 - two step bodies. *Unfused* (what the worker serves on from the start): DiTBlock's own torch ops
   with QKV fused into one matmul. *Fused* (``fused=True``, or ``use_fused_kernels()`` once
   ``warm_fused_kernels`` has compiled them): each layer's elementwise chains as the Triton kernels of
-  f5worker.kernels (modulated LayerNorm; rotary on the fused QKV; GELU with the bias; gated residual
+  f5worker.inference.kernels (modulated LayerNorm; rotary on the fused QKV; GELU with the bias; gated residual
   fused with the next modulated norm, the last one with the final norm) and the guidance mix with
   the Euler update as one kernel.
 
@@ -26,7 +26,7 @@ do not change the valid frames (tests compare with stock f5-tts on the same weig
 and variable-length paths with the unfused masked one, on the CPU; the Triton kernels under
 Triton's interpreter).
 
-A fault of the fast path itself (f5worker.gpu_faults) never fails a job: the runner steps down
+A fault of the fast path itself (f5worker.inference.gpu_faults) never fails a job: the runner steps down
 fused -> unfused graphed -> eager for the rest of the process and runs the items again; CUDA
 device faults and out-of-memory errors are raised, for the worker to be replaced.
 
@@ -43,12 +43,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from f5worker import kernels
-from f5worker.attention import (AttentionPlan, FusedAttnProcessor, attend, attention_kind, fused_qkv,
+from f5worker.inference import kernels
+from f5worker.inference.attention import (AttentionPlan, FusedAttnProcessor, attend, attention_kind, fused_qkv,
                                 install_fused_attention, split_rotate)
 from f5worker.errors import CallAbandoned, check_abandoned
-from f5worker.gpu_faults import fast_path_fault
-from f5worker.options import MAX_NFE_STEP
+from f5worker.inference.gpu_faults import fast_path_fault
+from f5worker.jobs.options import MAX_NFE_STEP
 
 log = logging.getLogger(__name__)
 
@@ -345,13 +345,13 @@ class BucketedStepRunner:
     """Integrates a batch padded to its (batch, frames) bucket: replayed CUDA graphs on a GPU, the
     same step run eagerly elsewhere (which is how the CPU tests check this path's arithmetic).
 
-    ``fused``: the step body from f5worker.kernels (``use_fused_kernels()`` switches later).
+    ``fused``: the step body from f5worker.inference.kernels (``use_fused_kernels()`` switches later).
     ``varlen``: variable-length attention for padded batches (None: where flash runs it; True also
     on the CPU, through the per-segment reference). ``use_triton``: passed to the kernels (None:
     Triton on CUDA tensors, the torch references elsewhere). ``graph_memory_bytes``: the static
     buffers of the captured graphs are kept under this, the least recently used evicted.
 
-    A fault of the fast path itself (``f5worker.gpu_faults.fast_path_fault``: a failed capture, a
+    A fault of the fast path itself (``f5worker.inference.gpu_faults.fast_path_fault``: a failed capture, a
     Triton or flash error) never fails the items: the runner steps down one of ``LEVELS`` for the
     rest of the process (fused -> unfused graphed -> eager), logs why, and runs them again there."""
 

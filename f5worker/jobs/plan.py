@@ -12,7 +12,7 @@ before and after the model:
 - ``finish`` joins a job's chunk waveforms with cross-fades.
 
 The synthesis options' defaults and the ``nfe_step`` bound live one level lower, in the torch-free
-``f5worker.options``, which ``job_input`` and the fast path read too.
+``f5worker.jobs.options``, which ``job_input`` and the fast path read too.
 """
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from f5worker.audio import TARGET_SAMPLE_RATE, cross_fade_join, joined_length, prepare_reference, remove_silences
-from f5worker.chunking import chunk_for_model, utf8_len
+from f5worker.jobs.audio import TARGET_SAMPLE_RATE, cross_fade_join, joined_length, prepare_reference, remove_silences
+from f5worker.jobs.chunking import chunk_for_model, utf8_len
 from f5worker.errors import InputError
-from f5worker.options import OPTION_DEFAULTS
-from f5worker.text_tokens import text_to_symbols
+from f5worker.jobs.options import OPTION_DEFAULTS
+from f5worker.model.text_tokens import text_to_symbols
 
 # f5-tts's inference constants (f5_tts.infer.utils_infer)
 HOP_LENGTH = 256
@@ -52,7 +52,7 @@ BYTES_PER_CHUNK = 8  # f5-tts's chunks hold whole sentences: far more than this 
 
 @dataclass
 class SynthesisRequest:
-    """A job's synthesis options, with the job input's defaults (f5worker.options)."""
+    """A job's synthesis options, with the job input's defaults (f5worker.jobs.options)."""
 
     ref_audio: np.ndarray  # mono float32, as decoded
     ref_sr: int
@@ -66,7 +66,7 @@ class SynthesisRequest:
     cross_fade_duration: float = OPTION_DEFAULTS["cross_fade_duration"]
     remove_silence: bool = OPTION_DEFAULTS["remove_silence"]
     # ref_audio as audio.prepare_reference makes it, when the caller has it already (a voice kept
-    # prepared by f5worker.voices); plan() then skips that step. Not a job option.
+    # prepared by f5worker.jobs.voices); plan() then skips that step. Not a job option.
     prepared_ref: np.ndarray | None = None
     # A streamed job's: the first chunk is cut short (FIRST_CHUNK_SHARE). Not a job option.
     short_first_chunk: bool = False

@@ -31,7 +31,7 @@ def write_model_config(path: Path, arch: dict, name: str = "F5TTS_tiny") -> Path
 def write_f5_checkpoint(path: Path, arch: dict, vocab: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
-    from f5worker import f5_imports
+    from f5worker.model import stock as f5_imports
 
     f5_imports.install()
     from f5_tts.model.backbones.dit import DiT

@@ -25,7 +25,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from f5worker.audio import TARGET_SAMPLE_RATE
+from f5worker.jobs.audio import TARGET_SAMPLE_RATE
 
 # Sample rates a job may ask for: the common telephone, wideband, CD and studio rates around the
 # model's own 24 kHz. Each is reached from 24 kHz by one soxr resampling ("HQ" quality).

@@ -27,17 +27,19 @@ from typing import Awaitable, Callable, Iterator
 import numpy as np
 import soundfile as sf
 
-from f5worker import audio, encoding, streaming
-from f5worker.batcher import Batcher
-from f5worker.download import download_to_file
-from f5worker.engine import TTSEngine
+from f5worker.jobs import audio
+from f5worker.jobs import encoding
+from f5worker.jobs import streaming
+from f5worker.inference.batcher import Batcher
+from f5worker.jobs.download import download_to_file
+from f5worker.inference.engine import TTSEngine
 from f5worker.errors import InputError, StorageError, WorkerError
-from f5worker.job_input import (MAX_SEED, DeleteVoiceInput, ListVoicesInput, TTSInput, UploadInput,
+from f5worker.jobs.inputs import (MAX_SEED, DeleteVoiceInput, ListVoicesInput, TTSInput, UploadInput,
                                 VoiceInfoInput)
-from f5worker.job_plan import TARGET_RMS, SynthesisRequest, plan_segments, planned_samples
-from f5worker.memory import HeapTrimmer
+from f5worker.jobs.plan import TARGET_RMS, SynthesisRequest, plan_segments, planned_samples
+from f5worker.jobs.memory import HeapTrimmer
 from f5worker.settings import ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
-from f5worker.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
+from f5worker.jobs.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
                              prepare_upload)
 from s3_utils import KeyNotFound, ObjectTooLarge, Storage
 
@@ -92,7 +94,7 @@ def job_files(tmp_dir: Path, job_id: str) -> Iterator[dict[str, Path]]:
 
 def one_job(workflow):
     """A job's workflow, counted while it runs; as it ends the heap may be trimmed
-    (``f5worker.memory``: at once when the worker falls idle)."""
+    (``f5worker.jobs.memory``: at once when the worker falls idle)."""
     @functools.wraps(workflow)
     async def run(self: "Worker", *args, **kwargs):
         self.in_flight += 1
@@ -134,7 +136,7 @@ class Worker:
     async def tts(self, job_id: str, job: TTSInput, on_audio: Callable[[dict], None] | None = None,
                   on_progress: Callable[[dict], None] | None = None) -> dict:
         """The TTS job. ``on_audio`` (a streamed job's) receives each piece of audio as soon as it
-        is known (``f5worker.streaming``); ``on_progress`` receives, for a job of several chunks,
+        is known (``f5worker.jobs.streaming``); ``on_progress`` receives, for a job of several chunks,
         ``{"chunks_done", "chunks_total", "audio_seconds"}`` after each chunk, in order."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -156,7 +158,7 @@ class Worker:
 
             mark = time.perf_counter()
             requests = [SynthesisRequest(
-                prepared_ref=voices[name][0].reference,  # kept prepared with the voice (f5worker.voices.VoiceCache)
+                prepared_ref=voices[name][0].reference,  # kept prepared with the voice (f5worker.jobs.voices.VoiceCache)
                 ref_audio=voices[name][0].used, ref_sr=voices[name][0].sr, ref_text=voices[name][1],
                 gen_text=text, seed=seed, speed=job.speed, nfe_step=job.nfe_step, cfg_strength=job.cfg_strength,
                 sway_sampling_coef=job.sway_sampling_coef, cross_fade_duration=job.cross_fade_duration,

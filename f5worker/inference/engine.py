@@ -5,13 +5,13 @@ Why this module exists: it is the only place that runs the model. It computes wh
 Euler solver), split into steps a batcher can share between jobs:
 
 - ``plan`` turns one request into chunk items and ``finish`` joins a job's chunk waveforms
-  (CPU work, defined in ``f5worker.job_plan``);
+  (CPU work, defined in ``f5worker.jobs.plan``);
 - ``run_items`` samples any list of items in one model call, whatever job each came from, and
   decodes each item's mel with the vocoder.
 
 Which model code runs (the worker's own, or stock f5-tts's for a layout the own one does not
-cover) is ``f5worker.tts_model``'s choice; how the ODE is integrated is the step runner's: the
-sampler's eager one, or the fast path's bucketed CUDA graphs (``f5worker.fast``).
+cover) is ``f5worker.model.loader``'s choice; how the ODE is integrated is the step runner's: the
+sampler's eager one, or the fast path's bucketed CUDA graphs (``f5worker.inference.fast``).
 
 The sampler generates each item's starting noise from its own seeded generator (chunk ``i`` of a
 job with seed ``s`` uses ``s + i``), so an item's result does not depend on what it is batched with;
@@ -28,15 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from f5worker import job_plan
-from f5worker.audio import TARGET_SAMPLE_RATE
-from f5worker.device import pick_device, pick_dtype
-from f5worker.fast import BucketedStepRunner
-from f5worker.fast_kernels import switch_tasks
-from f5worker.job_plan import TARGET_RMS, ChunkItem, JobPlan, SynthesisRequest
-from f5worker.model_store import ModelFiles
-from f5worker.sampler import EagerStepRunner, sample_mels
-from f5worker.tts_model import load_model, load_vocoder
+from f5worker.jobs import plan as job_plan
+from f5worker.jobs.audio import TARGET_SAMPLE_RATE
+from f5worker.inference.device import pick_device, pick_dtype
+from f5worker.inference.fast import BucketedStepRunner
+from f5worker.inference.kernel_switch import switch_tasks
+from f5worker.jobs.plan import TARGET_RMS, ChunkItem, JobPlan, SynthesisRequest
+from f5worker.model.store import ModelFiles
+from f5worker.inference.sampler import EagerStepRunner, sample_mels
+from f5worker.model.loader import load_model, load_vocoder
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class TTSEngine:
         self.vocoder = vocoder
         self.device = device
         self.dtype = dtype
-        # Integrates the ODE; the fast path (f5worker.fast) pads to buckets and replays CUDA graphs.
+        # Integrates the ODE; the fast path (f5worker.inference.fast) pads to buckets and replays CUDA graphs.
         self.step_runner = step_runner or EagerStepRunner(model.transformer)
 
     @classmethod
@@ -69,7 +69,7 @@ class TTSEngine:
         log.info("model loaded on %s (%s) in %.2f s from %s", device, dtype, time.perf_counter() - started, files.sources)
         return cls(model, vocoder, device, dtype, step_runner)
 
-    # --- one job -> items, and back (CPU work: f5worker.job_plan) ------------------------------
+    # --- one job -> items, and back (CPU work: f5worker.jobs.plan) ------------------------------
     @staticmethod
     def plan(req: SynthesisRequest) -> JobPlan:
         return job_plan.plan(req)
@@ -109,7 +109,7 @@ class TTSEngine:
     def background_tasks(self, kernel_cache: Path | None = None, fused_kernels: bool = False) -> list:
         """What the model thread does while idle after start: capture the single-job graphs; on a
         GPU, then check and switch to variable-length attention where flash runs it and, with
-        ``fused_kernels``, compile, check and switch to the fused kernels (f5worker.fast_kernels),
+        ``fused_kernels``, compile, check and switch to the fused kernels (f5worker.inference.kernel_switch),
         and capture the same buckets again on what was switched to."""
         captures = self.precapture_tasks()
         if not (captures and isinstance(self.step_runner, BucketedStepRunner)):

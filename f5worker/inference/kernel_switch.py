@@ -4,7 +4,7 @@ on this GPU, never on the start path or a job's.
 Why this module exists: Triton compiles each fused kernel on its first launch (seconds, the first
 time on a GPU kind and torch version), so compiling at start would break the cold-start target
 and compiling inside a job would stall it. The worker therefore serves on the unfused graphed step
-with masked attention from the start; this module's background tasks then follow (f5worker.batcher
+with masked attention from the start; this module's background tasks then follow (f5worker.inference.batcher
 runs them while the worker is idle, each model-thread task alone, so a job arriving meanwhile waits
 for one task at most):
 
@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from filelock import BaseFileLock, FileLock, SoftFileLease, Timeout
 
-from f5worker import kernels
-from f5worker.attention import attention_kind
-from f5worker.batcher import OffModelThread
-from f5worker.fast import BucketedStepRunner, euler_integrate, warm_fused_kernels
+from f5worker.inference import kernels
+from f5worker.inference.attention import attention_kind
+from f5worker.inference.batcher import OffModelThread
+from f5worker.inference.fast import BucketedStepRunner, euler_integrate, warm_fused_kernels
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .errors import InputError, StorageError
-from .settings import ENV_ALLOW_PRIVATE_URLS
+from f5worker.errors import InputError, StorageError
+from f5worker.settings import ENV_ALLOW_PRIVATE_URLS
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import time
 import numpy as np
 import torch
 
-from f5worker.device import pick_device, pick_dtype
+from f5worker.inference.device import pick_device, pick_dtype
 from f5worker.errors import StorageError
-from f5worker.model_store import resolve_asr_model
+from f5worker.model.store import resolve_asr_model
 from f5worker.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ without normalisation; ``clamp(min=1e-5).log()``), so its output equals f5-tts's
 
 Its submodules and buffers are named as torchaudio names them (``mel_spec.spectrogram.window``,
 ``mel_spec.mel_scale.fb``), so the same module is the Vocos checkpoint's ``feature_extractor``
-(f5worker.vocoder) and loads the filterbank that checkpoint carries.
+(f5worker.model.vocoder) and loads the filterbank that checkpoint carries.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ SAMPLE_RATE = 24000
 N_FFT = 1024
 HOP_LENGTH = 256
 N_MELS = 100
-# f5-tts's floor before the log; Vocos's own feature extractor uses 1e-7 (f5worker.vocoder).
+# f5-tts's floor before the log; Vocos's own feature extractor uses 1e-7 (f5worker.model.vocoder).
 F5_LOG_FLOOR = 1e-5
 
 

@@ -5,7 +5,7 @@ fine-tune saved with renamed tensors, a config of another size, weights gone NaN
 first two fail deep inside ``load_state_dict`` with a torch message; NaN weights load without
 complaint and every job returns noise. This module holds f5-tts's key fix-ups (defined here once)
 and the comparisons of a file's tensors with the model a config describes (built by
-``f5worker.tts_model``, on the ``meta`` device for the pre-deploy gate: no memory, no GPU), so both
+``f5worker.model.loader``, on the ``meta`` device for the pre-deploy gate: no memory, no GPU), so both
 the gate (``f5worker.validation``) and the worker's loader refuse such weights with one
 StorageError sentence naming the file and the first problems.
 

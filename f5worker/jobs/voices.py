@@ -46,9 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
-from f5worker import audio
+from f5worker.jobs import audio
 from f5worker.errors import InputError, StorageError
-from f5worker.job_input import check_voice_name
+from f5worker.jobs.inputs import check_voice_name
 from f5worker.settings import (ENV_MAX_VOICE_BYTES, INCOMING_PREFIX, TRANSCRIPT_SUFFIX,
                                VOICE_META_SUFFIX, VOICES_PREFIX)
 from s3_utils import KeyNotFound, NotText, ObjectInfo, Storage, check_key
@@ -147,7 +147,7 @@ class VoiceCache:
         return len(self._voices)
 
 
-# --- where an upload's audio comes from (besides a URL: f5worker.download) -------------------------
+# --- where an upload's audio comes from (besides a URL: f5worker.jobs.download) -------------------------
 def decode_base64_voice(text: str, max_bytes: int) -> bytes:
     """The bytes of ``voice_base64``: standard base64 (RFC 4648, with padding; line breaks and a
     ``data:...;base64,`` prefix are allowed), at most ``max_bytes`` once decoded."""

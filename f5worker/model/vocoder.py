@@ -17,10 +17,10 @@ import torch
 import yaml
 from torch import nn
 
-from f5worker.checkpoint import (VOCODER_CONFIG, VOCODER_WEIGHTS, VOCOS_ARCHITECTURE, require_finite, require_fit,
+from f5worker.model.checkpoint import (VOCODER_CONFIG, VOCODER_WEIGHTS, VOCOS_ARCHITECTURE, require_finite, require_fit,
                                  shapes, vocos_subject)
 from f5worker.errors import StorageError
-from f5worker.mel import LogMelSpectrogram
+from f5worker.model.mel import LogMelSpectrogram
 
 VOCOS_LOG_FLOOR = 1e-7  # vocos's safe_log; the feature extractor is not used to decode
 REQUIRED = object()  # an init_args entry vocos has no default for

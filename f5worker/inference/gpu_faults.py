@@ -2,7 +2,7 @@
 
 Why this module exists: two layers must tell faults apart by the same rule. The handler
 (``f5worker.service``) asks RunPod to replace the worker after a CUDA out-of-memory error or a
-CUDA device fault; the fast path (``f5worker.fast``) demotes itself one level (fused -> unfused
+CUDA device fault; the fast path (``f5worker.inference.fast``) demotes itself one level (fused -> unfused
 graphed -> eager) after any other fault of its own: a graph capture that failed (including the
 caching allocator's ``use_count > 0`` assert on a pool whose graphs are all gone), a Triton compile
 or launch error, a flash-attention call the build does not support. Those leave the GPU usable:

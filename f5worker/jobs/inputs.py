@@ -16,10 +16,10 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from f5worker.audio import TARGET_SAMPLE_RATE
-from f5worker.encoding import DEFAULT_FORMAT, EXTENSIONS, FORMATS, SAMPLE_RATES, one_of
+from f5worker.jobs.audio import TARGET_SAMPLE_RATE
+from f5worker.jobs.encoding import DEFAULT_FORMAT, EXTENSIONS, FORMATS, SAMPLE_RATES, one_of
 from f5worker.errors import InputError
-from f5worker.options import MAX_NFE_STEP, OPTION_DEFAULTS as DEFAULT
+from f5worker.jobs.options import MAX_NFE_STEP, OPTION_DEFAULTS as DEFAULT
 
 MAX_TEXT_CHARS = 2000
 MAX_REF_TEXT_CHARS = 500

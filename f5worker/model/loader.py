@@ -1,8 +1,8 @@
 """The models the sampler runs: the worker's own DiT, mel and Vocos where they cover the files'
 architecture, f5-tts's and vocos's own classes where they do not.
 
-Why this module exists: the worker's own model code (``f5worker.dit``, ``f5worker.mel``,
-``f5worker.vocoder``, ``f5worker.text_tokens``) imports only torch, which keeps seconds of
+Why this module exists: the worker's own model code (``f5worker.model.dit``, ``f5worker.model.mel``,
+``f5worker.model.vocoder``, ``f5worker.model.text_tokens``) imports only torch, which keeps seconds of
 imports (x_transformers, einx, torchdiffeq, scipy, vocos, pypinyin, jieba) off a cold start. It
 covers F5TTS_v1-style checkpoints and the Vocos mel vocoder; for any other layout in
 ``F5_MODEL_CONFIG`` the worker builds stock f5-tts's CFM instead, says why at start, and runs it on
@@ -19,9 +19,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from f5worker import dit, f5_imports, vocoder
-from f5worker.audio import TARGET_SAMPLE_RATE
-from f5worker.checkpoint import (
+from f5worker.model import dit
+from f5worker.model import stock as f5_imports
+from f5worker.model import vocoder
+from f5worker.jobs.audio import TARGET_SAMPLE_RATE
+from f5worker.model.checkpoint import (
     VOCODER_CONFIG,
     VOCODER_WEIGHTS,
     VOCOS_ARCHITECTURE,
@@ -38,9 +40,9 @@ from f5worker.checkpoint import (
     vocos_subject,
 )
 from f5worker.errors import StorageError
-from f5worker.job_plan import HOP_LENGTH, N_MEL
-from f5worker.mel import LogMelSpectrogram
-from f5worker.text_tokens import load_vocab
+from f5worker.jobs.plan import HOP_LENGTH, N_MEL
+from f5worker.model.mel import LogMelSpectrogram
+from f5worker.model.text_tokens import load_vocab
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +172,7 @@ def load_model(model_config: Path, ckpt: Path, vocab: Path, device: str, dtype: 
 
 
 def load_vocoder(vocoder_dir: Path, device: str):
-    """The vocoder of config.yaml + pytorch_model.bin: the own one (f5worker.vocoder) where it covers
+    """The vocoder of config.yaml + pytorch_model.bin: the own one (f5worker.model.vocoder) where it covers
     the config, stock Vocos otherwise; weights that do not fit or are not finite are refused."""
     if (reason := vocoder_unsupported_reason(vocoder_dir)) is None:
         return vocoder.load_vocoder(Path(vocoder_dir), device)

@@ -30,8 +30,8 @@ import logging
 import numpy as np
 import soxr
 
-from f5worker.audio import TARGET_SAMPLE_RATE
-from f5worker.encoding import pcm16, size_text, to_base64
+from f5worker.jobs.audio import TARGET_SAMPLE_RATE
+from f5worker.jobs.encoding import pcm16, size_text, to_base64
 from f5worker.settings import ENV_MAX_RESULT_BYTES
 
 log = logging.getLogger(__name__)
