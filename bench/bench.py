@@ -166,9 +166,11 @@ def worker_request(text: str, nfe: int, seed: int):
 
 async def run_worker_jobs(engine, batcher, texts: list[str], nfe: int) -> list:
     """``len(texts)`` jobs in flight at once through the batcher, as the worker runs concurrent jobs."""
-    plans = [engine.plan(worker_request(text, nfe, seed)) for seed, text in enumerate(texts)]
+    from f5worker.jobs import plan as job_plan
+
+    plans = [job_plan.plan(worker_request(text, nfe, seed)) for seed, text in enumerate(texts)]
     waves = await asyncio.gather(*(batcher.submit(plan.items) for plan in plans))
-    return [engine.finish(plan, wave) for plan, wave in zip(plans, waves)]
+    return [job_plan.finish(plan, wave) for plan, wave in zip(plans, waves)]
 
 
 @contextlib.contextmanager
@@ -423,6 +425,7 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
 
     # --- both paths in this process, same files -------------------------------------------------------
     from f5worker.inference.batcher import Batcher
+    from f5worker.jobs import plan as job_plan
     from f5worker.inference.engine import TTSEngine
     from f5worker.inference.fast import BucketedStepRunner
     from f5worker.inference.batcher import OffModelThread
@@ -434,7 +437,7 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
     files = resolve_tts_files(settings)
     try:
         engine = TTSEngine.load(files, device=device, fast=True)
-        engine.warm_up()
+        job_plan.warm_up(engine)
     except Exception:  # report the fast path's failure and still measure the rest
         import traceback
 
@@ -448,12 +451,12 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
     res["agreement_limit"] = limit
 
     def synth(text, n, seed):
-        return engine.synthesize(worker_request(text, n, seed))
+        return job_plan.synthesize(engine, worker_request(text, n, seed))
 
     def agreement(stock_waves) -> dict:
         figures = {f"nfe{n}_wave_rel_l2": rel_l2(synth(GEN_TEXT, n, 1234), stock_waves[n]) for n in nfes}
         texts = [GEN_TEXT, GEN_TEXT[:80], GEN_TEXT + " And then some more words.", GEN_TEXT[:40]]
-        items = [it for i, text in enumerate(texts) for it in engine.plan(worker_request(text, nfe, i)).items]
+        items = [it for i, text in enumerate(texts) for it in job_plan.plan(worker_request(text, nfe, i)).items]
         together = engine.run_items(items)
         figures["batched_vs_alone_max_rel_l2"] = max(rel_l2(w, engine.run_items([it])[0])
                                                      for it, w in zip(items, together))
@@ -517,7 +520,7 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
         request = dataclasses.replace(worker_request(TTFA_TEXT, nfe, 0), short_first_chunk=True)
         sync()
         start = time.perf_counter()
-        plan = engine.plan(request)
+        plan = job_plan.plan(request)
         engine.run_items(plan.items[:1])
         sync()
         first = time.perf_counter() - start

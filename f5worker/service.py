@@ -64,6 +64,7 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     from f5worker.jobs.workflows import Worker
     from f5worker.model.store import resolve_tts_files
     from f5worker.inference.transcriber import Transcriber
+    from f5worker.jobs.plan import warm_up
     from s3_utils import check_at_start, make_storage
 
     lap("import_worker")
@@ -78,7 +79,7 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     engine = TTSEngine.load(files, device=device, fast=settings.fast_path,
                             graph_memory_bytes=settings.graph_memory_mb * 2**20)
     lap("load_models")
-    engine.warm_up()
+    warm_up(engine)
     lap("warm_up")
     worker = Worker(settings, engine, storage, Transcriber(settings, device=device))
     # Graphs for the common single-job lengths are captured while the worker waits for work, then

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from f5worker.jobs import plan as job_plan
 from f5worker.jobs import audio
 from f5worker.inference.engine import TTSEngine
 from f5worker.jobs.plan import SynthesisRequest
@@ -68,7 +69,7 @@ def test_resampled_reference_and_options_synthesise(tiny_models, tmp_path):
     ref = (0.3 * np.sin(2 * np.pi * 180 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
     request = SynthesisRequest(ref_audio=ref, ref_sr=44100, ref_text="A reference.", gen_text="Hello there.",
                                seed=3, nfe_step=2, remove_silence=True, cross_fade_duration=0.0)
-    wave = engine.synthesize(request)
+    wave = job_plan.synthesize(engine, request)
     assert wave.dtype == np.float32 and len(wave) > 0 and np.isfinite(wave).all()
 
     # A reference prepared beforehand (a cached voice) gives exactly what plan() would prepare.
@@ -76,7 +77,7 @@ def test_resampled_reference_and_options_synthesise(tiny_models, tmp_path):
     fresh = SynthesisRequest(ref_audio=clip, ref_sr=SR, ref_text="A reference.", gen_text="Hello there.",
                              seed=3, nfe_step=2)
     prepared = dataclasses.replace(fresh, prepared_ref=audio.prepare_reference(clip, SR))
-    assert np.array_equal(engine.synthesize(fresh), engine.synthesize(prepared))
+    assert np.array_equal(job_plan.synthesize(engine, fresh), job_plan.synthesize(engine, prepared))
 
 
 # --- stored voices: the transcript chunk, the header summary, loudness -----------------------------

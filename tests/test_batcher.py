@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from f5worker.inference.batcher import Batcher
-from f5worker.jobs.plan import ChunkItem
+from f5worker.inference.items import ChunkItem
 
 
 def item(duration: int, steps: int = 32, seed: int = 0) -> ChunkItem:

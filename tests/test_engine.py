@@ -8,10 +8,12 @@ import pytest
 import soundfile as sf
 import torch
 
+from f5worker.jobs import plan as job_plan
 from f5worker.jobs import audio
 from f5worker.jobs.chunking import chunk_text
 from f5worker.inference.engine import TTSEngine
-from f5worker.jobs.plan import MAX_CHUNK_FRAMES, SynthesisRequest, item_frames
+from f5worker.inference.items import item_frames
+from f5worker.jobs.plan import MAX_CHUNK_FRAMES, SynthesisRequest
 from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
 from tests.fixtures_models import SR, speechlike
@@ -83,21 +85,21 @@ def request(ref_wav: Path, gen_text: str, seed: int, **kw) -> SynthesisRequest:
 def test_waveform_equals_stock_f5tts(engine, stock, monkeypatch, ref_wav):
     for nfe, seed in ((8, 7), (16, 123)):
         expected = stock_infer(stock, monkeypatch, ref_wav, GEN_TEXT, seed, nfe_step=nfe)
-        got = engine.synthesize(request(ref_wav, GEN_TEXT, seed, nfe_step=nfe))
+        got = job_plan.synthesize(engine, request(ref_wav, GEN_TEXT, seed, nfe_step=nfe))
         assert rel_l2(got, expected) < CPU_REL_L2
     # and the seed matters (the comparison above is not trivially true)
-    other = engine.synthesize(request(ref_wav, GEN_TEXT, 8, nfe_step=8))
+    other = job_plan.synthesize(engine, request(ref_wav, GEN_TEXT, 8, nfe_step=8))
     assert rel_l2(other, stock_infer(stock, monkeypatch, ref_wav, GEN_TEXT, 7, nfe_step=8)) > 1e-2
 
 
 def test_options_follow_stock(engine, stock, monkeypatch, ref_wav):
     kw = dict(nfe_step=6, speed=1.4, cfg_strength=1.5, sway_sampling_coef=-0.5)
     expected = stock_infer(stock, monkeypatch, ref_wav, GEN_TEXT, 3, **kw)
-    assert rel_l2(engine.synthesize(request(ref_wav, GEN_TEXT, 3, **kw)), expected) < CPU_REL_L2
+    assert rel_l2(job_plan.synthesize(engine, request(ref_wav, GEN_TEXT, 3, **kw)), expected) < CPU_REL_L2
 
 
 def test_batched_items_equal_items_alone(engine, ref_wav):
-    plans = [engine.plan(request(ref_wav, text, seed, nfe_step=6)) for text, seed in
+    plans = [job_plan.plan(request(ref_wav, text, seed, nfe_step=6)) for text, seed in
              (("Short one.", 1), (GEN_TEXT + " And a much longer second sentence follows it.", 2), (GEN_TEXT, 3))]
     items = [item for plan in plans for item in plan.items]
     assert len({item.duration for item in items}) == len(items)  # different lengths, so padding is used
@@ -122,10 +124,10 @@ def test_chunk_text_matches_f5tts(text, max_chars):
 
 def test_long_text_is_chunked_and_cross_faded(engine, ref_wav):
     long_text = " ".join(f"Sentence number {i} is here to make the text long." for i in range(12))
-    plan = engine.plan(request(ref_wav, long_text, 5, nfe_step=2))
+    plan = job_plan.plan(request(ref_wav, long_text, 5, nfe_step=2))
     assert len(plan.items) > 1
     waves = engine.run_items(plan.items)
-    joined = engine.finish(plan, waves)
+    joined = job_plan.finish(plan, waves)
     fade = int(0.15 * SR)
     assert len(joined) == sum(len(w) for w in waves) - fade * (len(waves) - 1)
 
@@ -191,7 +193,7 @@ def test_split_on_silence_never_repeats_audio():
 def test_any_text_is_planned_within_the_model_limit(engine, ref_wav, text):
     """Text f5-tts would keep as one overlong chunk is split, and no item exceeds the frames the
     model takes at once: the check runs before anything reaches the model."""
-    plan = engine.plan(request(ref_wav, text, 1, nfe_step=2))
+    plan = job_plan.plan(request(ref_wav, text, 1, nfe_step=2))
     assert len(plan.items) > 1
     assert max(item_frames(item) for item in plan.items) <= MAX_CHUNK_FRAMES
 
@@ -204,7 +206,7 @@ def test_unspeakable_text_is_refused_before_the_model(engine, ref_wav):
     req = request(ref_wav, "👩‍👩‍👧‍👦", 1, nfe_step=2, speed=0.3)
     req.ref_text = "A"
     with pytest.raises(InputError, match="cannot be cut into pieces"):
-        engine.plan(req)
+        job_plan.plan(req)
 
 
 def test_the_longest_item_has_a_single_job_graph_bucket():

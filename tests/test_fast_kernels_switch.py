@@ -17,6 +17,7 @@ import pytest
 import torch
 from filelock import FileLock
 
+from f5worker.jobs import plan as job_plan
 from f5worker.inference import kernel_switch as fast_kernels
 from f5worker.inference import kernels
 from f5worker.inference.batcher import OffModelThread
@@ -48,7 +49,7 @@ def test_checked_kernels_are_switched_to_and_compute_what_stock_does(engine, tin
     assert run_in_order(tasks) == [False, True, True, None]
     assert (tmp_path / "triton" / fast_kernels.LOCK_NAME).exists()
     assert runner.fused is False  # a switch lands between integrations, on the model thread
-    got = engine.synthesize(request(ref_wav, GEN_TEXT, 7, nfe_step=8))
+    got = job_plan.synthesize(engine, request(ref_wav, GEN_TEXT, 7, nfe_step=8))
     assert runner.fused is True
     expected = stock_infer(load_stock(tiny_models), monkeypatch, ref_wav, GEN_TEXT, 7, nfe_step=8)
     assert rel_l2(got, expected) < CPU_REL_L2
@@ -61,7 +62,7 @@ def test_kernels_that_disagree_are_not_used(engine, monkeypatch, ref_wav, tmp_pa
     with caplog.at_level(logging.WARNING, logger="f5worker.inference.kernel_switch"):
         assert fast_kernels.fused_switch_task(engine.step_runner, engine.dtype, engine.device)() is False
     assert "differ from the unfused masked step" in caplog.text
-    engine.synthesize(request(ref_wav, GEN_TEXT, 7, nfe_step=2))
+    job_plan.synthesize(engine, request(ref_wav, GEN_TEXT, 7, nfe_step=2))
     assert engine.step_runner.fused is False
 
 

@@ -20,7 +20,7 @@ from f5worker.inference import gpu_faults
 from f5worker.inference import kernels
 from f5worker.inference.batcher import Batcher
 from f5worker.inference.engine import TTSEngine
-from f5worker.jobs.plan import ChunkItem
+from f5worker.inference.items import ChunkItem
 from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
 from tests.test_fast_fused import rel_l2, sample, tiny_dit

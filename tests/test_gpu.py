@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from f5worker.jobs import plan as job_plan
 from f5worker.inference import attention
 from f5worker.inference import kernels
 from f5worker.inference.engine import TTSEngine
@@ -49,14 +50,14 @@ def test_graphed_path_matches_stock_fp16(gpu_engine, tiny_models, monkeypatch, r
     for nfe in (16, 32):
         expected = stock_infer((utils_infer, model, vocoder), monkeypatch, ref_wav, GEN_TEXT, 11, device="cuda",
                                nfe_step=nfe)
-        got = gpu_engine.synthesize(request(ref_wav, GEN_TEXT, 11, nfe_step=nfe))
+        got = job_plan.synthesize(gpu_engine, request(ref_wav, GEN_TEXT, 11, nfe_step=nfe))
         assert np.isfinite(got).all()
         assert rel_l2(got, expected) < FP16_REL_L2
     assert gpu_engine.step_runner.graphs  # the graphs really ran
 
 
 def test_graphed_batches_match_items_alone(gpu_engine, ref_wav):
-    plans = [gpu_engine.plan(request(ref_wav, GEN_TEXT[: 20 + 15 * i], i, nfe_step=32)) for i in range(5)]
+    plans = [job_plan.plan(request(ref_wav, GEN_TEXT[: 20 + 15 * i], i, nfe_step=32)) for i in range(5)]
     items = [it for p in plans for it in p.items]
     together = gpu_engine.run_items(items)
     for item, wave in zip(items, together):

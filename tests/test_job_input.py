@@ -129,7 +129,8 @@ def test_options_and_their_defaults_are_the_synthesis_requests():
     from dataclasses import fields as dataclass_fields
 
     from f5worker.jobs.plan import SynthesisRequest
-    from f5worker.jobs.options import MAX_NFE_STEP, OPTION_DEFAULTS
+    from f5worker.inference.items import MAX_NFE_STEP
+    from f5worker.jobs.options import OPTION_DEFAULTS
 
     fields = TTSInput.model_fields
     assert OPTION_DEFAULTS and all(fields[name].default == value for name, value in OPTION_DEFAULTS.items())

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from f5worker.jobs.audio import TARGET_SAMPLE_RATE, cross_fade_join
+from f5worker.jobs.audio import cross_fade_join
+from f5worker.model.constants import SAMPLE_RATE
 from f5worker.errors import InputError
 from f5worker.jobs.inputs import MAX_SCRIPT_VOICES, parse_job_input
 from f5worker.jobs.plan import SynthesisRequest, plan, plan_segments
@@ -56,7 +57,7 @@ def request_for(ctx: Ctx, name: str, text: str, seed: int, tmp_path) -> Synthesi
 def as_stored(wave: np.ndarray) -> np.ndarray:
     """``wave`` as the 16-bit WAV holds it."""
     buffer = io.BytesIO()
-    sf.write(buffer, wave, TARGET_SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    sf.write(buffer, wave, SAMPLE_RATE, format="WAV", subtype="PCM_16")
     return sf.read(io.BytesIO(buffer.getvalue()), dtype="float32")[0]
 
 
@@ -72,9 +73,9 @@ def test_script_is_its_segments_in_their_voices_joined(ctx, tmp_path):
         waves += ctx.worker.engine.run_items(items)
         seed += len(items)
     assert result["chunks"] == len(waves) == seed - 11 >= 3
-    expected = as_stored(cross_fade_join(waves, TARGET_SAMPLE_RATE, 0.15).astype(np.float32))
+    expected = as_stored(cross_fade_join(waves, SAMPLE_RATE, 0.15).astype(np.float32))
     stored, sr = sf.read(io.BytesIO(ctx.get_bytes(result["output_key"])), dtype="float32")
-    assert sr == TARGET_SAMPLE_RATE
+    assert sr == SAMPLE_RATE
     assert rel_l2(stored, expected) < CPU_REL_L2  # batched with each other: equal to fp32 rounding
     # The same text in one voice is other audio: the voices were really switched.
     _, one_voice = ctx.run(script_job(SCRIPT.replace("[zh]", "[en]")))

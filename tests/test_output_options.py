@@ -21,11 +21,13 @@ import soundfile as sf
 import soxr
 import torch
 
+from f5worker.jobs import plan as job_plan
 from f5worker.jobs import audio
 from f5worker.jobs import encoding
 from f5worker.jobs.encoding import FORMATS, OPUS_SAMPLE_RATES, RESULT_ALLOWANCE_BYTES, SAMPLE_RATES
 from f5worker.inference.engine import TTSEngine
-from f5worker.jobs.plan import SynthesisRequest, item_frames, planned_samples
+from f5worker.inference.items import item_frames
+from f5worker.jobs.plan import SynthesisRequest, planned_samples
 from f5worker.errors import InputError
 from f5worker.jobs.inputs import MAX_OUTPUT_KEY_CHARS, parse_job_input
 from f5worker.model.store import resolve_tts_files
@@ -138,7 +140,7 @@ def engine(tiny_models):
 
 
 def plan_for(engine, text: str, fade: float):
-    return engine.plan(SynthesisRequest(ref_audio=speechlike(3.0), ref_sr=SR, ref_text="This is a reference.",
+    return job_plan.plan(SynthesisRequest(ref_audio=speechlike(3.0), ref_sr=SR, ref_text="This is a reference.",
                                         gen_text=text, seed=1, nfe_step=2, cross_fade_duration=fade))
 
 
@@ -156,9 +158,9 @@ def test_joined_and_planned_lengths_are_exact(engine):
         with torch.inference_mode():
             waves = [engine.vocoder.decode(torch.randn(1, 100, item_frames(item) - item.ref_frames)).squeeze().numpy()
                      for item in plan.items]
-        assert planned_samples(plan) == len(engine.finish(plan, waves)), text
+        assert planned_samples(plan) == len(job_plan.finish(plan, waves)), text
     plan = plan_for(engine, "Hello there.", 0.15)  # and one whole synthesis
-    assert planned_samples(plan) == len(engine.finish(plan, engine.run_items(plan.items)))
+    assert planned_samples(plan) == len(job_plan.finish(plan, engine.run_items(plan.items)))
 
 
 # --- formats and rates through the handler --------------------------------------------------------

@@ -9,10 +9,11 @@ import pytest
 from f5worker.jobs import audio
 from f5worker.jobs import plan as job_plan
 from f5worker.errors import InputError
+from f5worker.model.constants import SAMPLE_RATE
 from tests.fixtures_models import speechlike
 from tests.test_engine import request
 
-SR = audio.TARGET_SAMPLE_RATE
+SR = SAMPLE_RATE
 
 
 def voice(seconds: float) -> np.ndarray:

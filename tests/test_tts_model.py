@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from f5worker.jobs import plan as job_plan
 from f5worker.inference.engine import TTSEngine
 from f5worker.model.store import resolve_tts_files
 from tests.random_models import (
@@ -62,11 +63,11 @@ def test_another_layout_falls_back_to_stock_and_says_so(stock_only_models, stock
                            Path(stock_only_models["F5_VOCAB_FILE"]))
     text = "Hello from a layout of another kind."
     expected = stock_infer(stock, monkeypatch, ref_wav, text, 5, nfe_step=6)
-    assert rel_l2(engine.synthesize(request(ref_wav, text, 5, nfe_step=6)), expected) < CPU_REL_L2
+    assert rel_l2(job_plan.synthesize(engine, request(ref_wav, text, 5, nfe_step=6)), expected) < CPU_REL_L2
 
 
 @pytest.mark.parametrize("text", ["你好，世界。我们今天去公园散步。", "I said 你好 to the team at 9:30, then left."])
 def test_chinese_and_mixed_text_equal_stock(tiny_models, monkeypatch, ref_wav, text):
     engine = TTSEngine.load(resolve_tts_files(Settings.from_env(tiny_models)), device="cpu")
     expected = stock_infer(load_stock(tiny_models), monkeypatch, ref_wav, text, 11, nfe_step=6)
-    assert rel_l2(engine.synthesize(request(ref_wav, text, 11, nfe_step=6)), expected) < CPU_REL_L2
+    assert rel_l2(job_plan.synthesize(engine, request(ref_wav, text, 11, nfe_step=6)), expected) < CPU_REL_L2

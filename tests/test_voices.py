@@ -23,7 +23,7 @@ import pytest
 import soundfile as sf
 
 from f5worker.jobs import audio
-from f5worker.jobs.plan import TARGET_RMS
+from f5worker.model.constants import TARGET_RMS
 from f5worker.jobs.inputs import MAX_LIST_LIMIT
 from f5worker.jobs.voices import BUILTIN_VOICES
 from s3_utils import KeyNotFound, ObjectInfo

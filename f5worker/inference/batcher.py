@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from f5worker.errors import CallAbandoned
-from f5worker.jobs.plan import ChunkItem
+from f5worker.inference.items import ChunkItem
 
 log = logging.getLogger(__name__)
 

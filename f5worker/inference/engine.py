@@ -1,17 +1,14 @@
-"""F5-TTS inference: one small class that loads the model once and turns requests into waveforms.
+"""F5-TTS inference: one small class that loads the model once and turns items into waveforms.
 
 Why this module exists: it is the only place that runs the model. It computes what f5-tts's
-``F5TTS.infer`` computes (``infer_process`` -> ``infer_batch_process`` -> ``CFM.sample`` with the
-Euler solver), split into steps a batcher can share between jobs:
-
-- ``plan`` turns one request into chunk items and ``finish`` joins a job's chunk waveforms
-  (CPU work, defined in ``f5worker.jobs.plan``);
-- ``run_items`` samples any list of items in one model call, whatever job each came from, and
-  decodes each item's mel with the vocoder.
+``CFM.sample`` and vocoder compute for chunk items (``inference.items``) that any jobs planned
+(``jobs.plan``): ``run_items`` samples any list of items in one model call, whatever job each came
+from, and decodes each item's mel with the vocoder.
 
 Which model code runs (the worker's own, or stock f5-tts's for a layout the own one does not
-cover) is ``f5worker.model.loader``'s choice; how the ODE is integrated is the step runner's: the
-sampler's eager one, or the fast path's bucketed CUDA graphs (``f5worker.inference.fast``).
+cover) is ``model.loader``'s choice; how the ODE is integrated is the step runner's
+(``inference.sampler.StepRunner``): the sampler's eager one, or the fast path's bucketed CUDA
+graphs (``inference.fast``).
 
 The sampler generates each item's starting noise from its own seeded generator (chunk ``i`` of a
 job with seed ``s`` uses ``s + i``), so an item's result does not depend on what it is batched with;
@@ -28,22 +25,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from f5worker.jobs import plan as job_plan
-from f5worker.jobs.audio import TARGET_SAMPLE_RATE
 from f5worker.inference.device import pick_device, pick_dtype
 from f5worker.inference.fast import BucketedStepRunner
+from f5worker.inference.items import ChunkItem
 from f5worker.inference.kernel_switch import switch_tasks
-from f5worker.jobs.plan import TARGET_RMS, ChunkItem, JobPlan, SynthesisRequest
+from f5worker.inference.sampler import EagerStepRunner, StepRunner, sample_mels
+from f5worker.model.constants import TARGET_RMS
+from f5worker.model.loader import F5Model, load_model, load_vocoder
 from f5worker.model.store import ModelFiles
-from f5worker.inference.sampler import EagerStepRunner, sample_mels
-from f5worker.model.loader import load_model, load_vocoder
 
 log = logging.getLogger(__name__)
 
-class TTSEngine:
-    """Loads once per worker; ``plan``/``run_items``/``finish`` or ``synthesize`` for one job."""
 
-    def __init__(self, model, vocoder, device: str, dtype: torch.dtype, step_runner=None):
+class TTSEngine:
+    """Loads once per worker; ``run_items`` for any jobs' items (``jobs.plan`` makes and joins them)."""
+
+    def __init__(self, model, vocoder, device: str, dtype: torch.dtype, step_runner: StepRunner | None = None):
         self.model = model
         self.vocoder = vocoder
         self.device = device
@@ -61,22 +58,13 @@ class TTSEngine:
         vocoder = load_vocoder(files.vocoder_dir, device)
         step_runner = None
         # The fast path is written for the own model's layout; a stock fallback runs eagerly.
-        if fast and model.own:
+        if fast and isinstance(model, F5Model):
             # Served from the start on the unfused step with masked attention; the fused kernels and
             # variable-length attention follow once checked on this GPU (background_tasks).
             step_runner = BucketedStepRunner(model.transformer, use_graphs=device.startswith("cuda"), varlen=False,
                                              graph_memory_bytes=graph_memory_bytes)
         log.info("model loaded on %s (%s) in %.2f s from %s", device, dtype, time.perf_counter() - started, files.sources)
         return cls(model, vocoder, device, dtype, step_runner)
-
-    # --- one job -> items, and back (CPU work: f5worker.jobs.plan) ------------------------------
-    @staticmethod
-    def plan(req: SynthesisRequest) -> JobPlan:
-        return job_plan.plan(req)
-
-    @staticmethod
-    def finish(plan: JobPlan, waves: list[np.ndarray]) -> np.ndarray:
-        return job_plan.finish(plan, waves)
 
     # --- items -> waveforms (any jobs, one model call) ------------------------------------------
     @torch.inference_mode()
@@ -93,18 +81,12 @@ class TTSEngine:
             waves.append(wave.squeeze().cpu().numpy())
         return waves
 
-    def synthesize(self, req: SynthesisRequest) -> np.ndarray:
-        plan = self.plan(req)
-        return self.finish(plan, self.run_items(plan.items))
-
     def precapture_tasks(self) -> list:
         """Callables that each prepare one single-job length bucket (CUDA graph capture), to run
         when the GPU is idle; empty where the step runner has nothing to prepare."""
-        prepare = getattr(self.step_runner, "prepare", None)
-        if prepare is None:
-            return []
-        return [lambda frames=frames: prepare(1, frames, self.dtype, self.device)
-                for frames in self.step_runner.single_job_buckets()]
+        runner = self.step_runner
+        return [lambda frames=frames: runner.prepare(1, frames, self.dtype, self.device)
+                for frames in runner.single_job_buckets()]
 
     def background_tasks(self, kernel_cache: Path | None = None, fused_kernels: bool = False) -> list:
         """What the model thread does while idle after start: capture the single-job graphs; on a
@@ -116,12 +98,3 @@ class TTSEngine:
             return captures
         switches = switch_tasks(self.step_runner, self.dtype, self.device, kernel_cache, fused=fused_kernels)
         return [*captures, *switches, *captures]
-
-    def warm_up(self) -> float:
-        """One short synthesis so the first job pays no lazy initialisation."""
-        started = time.perf_counter()
-        t = np.arange(TARGET_SAMPLE_RATE * 2, dtype=np.float32) / TARGET_SAMPLE_RATE
-        tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-        self.synthesize(SynthesisRequest(ref_audio=tone, ref_sr=TARGET_SAMPLE_RATE, ref_text="Warm up.",
-                                         gen_text="Warm up.", seed=0, nfe_step=2))
-        return time.perf_counter() - started

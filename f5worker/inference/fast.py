@@ -48,7 +48,7 @@ from f5worker.inference.attention import (AttentionPlan, FusedAttnProcessor, att
                                 install_fused_attention, split_rotate)
 from f5worker.errors import CallAbandoned, check_abandoned
 from f5worker.inference.gpu_faults import fast_path_fault
-from f5worker.jobs.options import MAX_NFE_STEP
+from f5worker.inference.items import MAX_NFE_STEP
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,14 @@ step runner, so the eager and the CUDA-graphed paths share everything else.
 """
 from __future__ import annotations
 
+from typing import Callable, Protocol
+
 import torch
 import torch.nn.functional as F
 
 from f5worker.errors import check_abandoned
-from f5worker.jobs.plan import MAX_FRAMES, ChunkItem
+from f5worker.inference.items import ChunkItem
+from f5worker.model.constants import MAX_FRAMES
 from f5worker.model.text_tokens import symbols_to_ids
 
 # f5-tts's Empirically Pruned Step Sampling grids (f5_tts.model.utils.get_epss_timesteps), in 32nds.
@@ -43,8 +46,24 @@ def lens_to_mask(lengths: torch.Tensor, length: int | None = None) -> torch.Tens
     return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
 
 
+class StepRunner(Protocol):
+    """How the ODE is integrated: this module's eager runner, or the fast path's bucketed CUDA
+    graphs (``inference.fast.BucketedStepRunner``). The engine and the sampler use only this."""
+
+    def integrate(self, y: torch.Tensor, step_cond: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None,
+                  t: torch.Tensor, steps: int, cfg_strength: float, *,
+                  abandoned: Callable[[], bool] | None = None) -> torch.Tensor:
+        """``y`` after ``steps`` Euler steps on the grid ``t`` (``y`` is [batch, frames, mel])."""
+
+    def single_job_buckets(self) -> list[int]:
+        """The frame lengths worth preparing ahead for one job; empty when nothing is prepared."""
+
+    def prepare(self, batch: int, frames: int, dtype: torch.dtype, device: str) -> None:
+        """Make a (batch, frames) call fast before a job needs it (a CUDA graph capture, say)."""
+
+
 class EagerStepRunner:
-    """f5-tts's own DiT forward, called as CFM.sample calls it."""
+    """f5-tts's own DiT forward, called as CFM.sample calls it (a ``StepRunner``)."""
 
     def __init__(self, transformer):
         self.transformer = transformer
@@ -67,6 +86,12 @@ class EagerStepRunner:
     def end(self) -> None:
         self.transformer.clear_cache()
 
+    def single_job_buckets(self) -> list[int]:
+        return []  # eager: nothing to prepare
+
+    def prepare(self, batch: int, frames: int, dtype: torch.dtype, device: str) -> None:
+        return None
+
     def integrate(self, y, step_cond, text, mask, t, steps, cfg_strength, *, abandoned=None):
         """torchdiffeq's Euler solver on f5-tts's grid: y <- y + dt * f(t, y). ``abandoned``: checked
         before each step (f5worker.errors.check_abandoned)."""
@@ -80,7 +105,7 @@ class EagerStepRunner:
         return y
 
 
-def sample_mels(model, items: list[ChunkItem], runner, *, abandoned=None) -> list[torch.Tensor]:
+def sample_mels(model, items: list[ChunkItem], runner: StepRunner, *, abandoned=None) -> list[torch.Tensor]:
     """Each item's full mel ([frames, n_mel], reference part included), in one batched integration."""
     steps, cfg_strength, sway = items[0].batch_key
     if any(item.batch_key != items[0].batch_key for item in items):

@@ -21,8 +21,8 @@ import numpy as np
 import soundfile as sf
 
 from f5worker.errors import InputError
+from f5worker.model.constants import SAMPLE_RATE
 
-TARGET_SAMPLE_RATE = 24000  # F5-TTS / Vocos mel rate
 REF_MAX_SECONDS = 12.0  # f5-tts clips references here; longer ones only cost time
 REF_MIN_SECONDS = 1.0
 VOICE_MAX_SECONDS = 60.0  # an upload longer than this is refused
@@ -159,7 +159,7 @@ def prepare_reference(samples: np.ndarray, sr: int) -> np.ndarray:
     return np.concatenate([trimmed, np.zeros(int(sr * REFERENCE_PAD_SECONDS), dtype=np.float32)]).astype(np.float32)
 
 
-def resample(samples: np.ndarray, sr: int, target_sr: int = TARGET_SAMPLE_RATE) -> np.ndarray:
+def resample(samples: np.ndarray, sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     """``samples`` at ``target_sr``, with the resampler synthesis uses (torchaudio's windowed sinc,
     its defaults), so a voice resampled once at upload sounds as it would resampled at every job."""
     if sr == target_sr:

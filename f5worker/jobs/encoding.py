@@ -25,7 +25,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from f5worker.jobs.audio import TARGET_SAMPLE_RATE
+from f5worker.model.constants import SAMPLE_RATE
 
 # Sample rates a job may ask for: the common telephone, wideband, CD and studio rates around the
 # model's own 24 kHz. Each is reached from 24 kHz by one soxr resampling ("HQ" quality).
@@ -76,14 +76,14 @@ def one_of(values) -> str:
 def least_resampled_length(samples: int, sample_rate: int) -> int:
     """At least as many samples as ``resample`` returns for ``samples`` samples at 24 kHz (soxr
     rounds to a neighbouring whole sample; this is the lower one)."""
-    return samples * sample_rate // TARGET_SAMPLE_RATE
+    return samples * sample_rate // SAMPLE_RATE
 
 
 def resample(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     """The model's 24 kHz output at ``sample_rate``; the duration is kept to within one sample."""
-    if sample_rate == TARGET_SAMPLE_RATE:
+    if sample_rate == SAMPLE_RATE:
         return samples
-    return soxr.resample(samples, TARGET_SAMPLE_RATE, sample_rate, quality="HQ").astype(np.float32, copy=False)
+    return soxr.resample(samples, SAMPLE_RATE, sample_rate, quality="HQ").astype(np.float32, copy=False)
 
 
 def pcm16(samples: np.ndarray) -> np.ndarray:
@@ -92,7 +92,7 @@ def pcm16(samples: np.ndarray) -> np.ndarray:
     FLAC writer converts floats another way (±1 LSB in about half the samples), so FLAC is written
     from these integers, which libsndfile stores as they are."""
     buffer = io.BytesIO()
-    sf.write(buffer, samples, TARGET_SAMPLE_RATE, format="RAW", subtype="PCM_16", endian="LITTLE")
+    sf.write(buffer, samples, SAMPLE_RATE, format="RAW", subtype="PCM_16", endian="LITTLE")
     return np.frombuffer(buffer.getvalue(), dtype="<i2")
 
 

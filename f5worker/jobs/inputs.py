@@ -16,10 +16,11 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from f5worker.jobs.audio import TARGET_SAMPLE_RATE
 from f5worker.jobs.encoding import DEFAULT_FORMAT, EXTENSIONS, FORMATS, SAMPLE_RATES, one_of
 from f5worker.errors import InputError
-from f5worker.jobs.options import MAX_NFE_STEP, OPTION_DEFAULTS as DEFAULT
+from f5worker.inference.items import MAX_NFE_STEP
+from f5worker.jobs.options import OPTION_DEFAULTS as DEFAULT
+from f5worker.model.constants import SAMPLE_RATE
 
 MAX_TEXT_CHARS = 2000
 MAX_REF_TEXT_CHARS = 500
@@ -96,7 +97,7 @@ class TTSInput(_Input):
     remove_silence: bool = DEFAULT["remove_silence"]
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     output_format: str = DEFAULT_FORMAT
-    sample_rate: int = TARGET_SAMPLE_RATE  # after output_format: its check reads the format
+    sample_rate: int = SAMPLE_RATE  # after output_format: its check reads the format
     return_base64: bool | None = None  # None: inline only where result URLs are local (file://)
     output_key: str | None = Field(default=None, min_length=1, max_length=MAX_OUTPUT_KEY_CHARS)
     stream: bool = False  # audio sent while synthesised: needs F5_STREAMING on the endpoint

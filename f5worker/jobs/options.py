@@ -1,13 +1,11 @@
-"""The synthesis options a job may set, their defaults, and the bound on its ODE steps.
+"""The synthesis options a job may set, and their defaults.
 
-Why this module exists: the job's input rules (``job_input``, which the handler imports at start)
-and the CPU job plan (``job_plan``, which needs torch) both need these. Defined here once, below
-both and without torch, so reading a job's input never imports torch.
+Why this module exists: the job's input rules (``jobs.inputs``, which the handler imports at start)
+and the job plan (``jobs.plan``, which needs torch) both need these. Defined here once, torch-free,
+so reading a job's input never imports torch. The bound on ``nfe_step`` is the fast path's
+(``inference.items.MAX_NFE_STEP``).
 """
 from __future__ import annotations
-
-# The most ODE steps a job may ask for; the fast path's on-device time grid holds MAX_NFE_STEP + 1.
-MAX_NFE_STEP = 64
 
 # Each option a job may leave out, with its default (f5-tts's infer_process defaults).
 OPTION_DEFAULTS = {

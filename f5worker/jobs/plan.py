@@ -1,43 +1,40 @@
-"""One synthesis job as CPU work: its options, its chunk items, and the join of their waveforms.
+"""One synthesis job as CPU work: its request, its chunk items, and the join of their waveforms.
 
-Why this module exists: everything about a job that is not the model lives here, below the
-sampler and the engine, so dependencies run one way (``job_input`` and ``engine`` and ``sampler``
-import this module; it imports none of them). It computes what f5-tts's ``infer_process`` does
-before and after the model:
+Why this module exists: everything about a job that is not the model lives here. It computes what
+f5-tts's ``infer_process`` does before and after the model:
 
-- ``plan`` turns one request into chunk items (reference prepared, text chunked and converted to
-  the model's symbols, durations fixed), each refused before the model if it cannot fit, and the
-  whole refused if it plans more audio or pieces than its text's length allows;
+- ``plan`` turns one request into chunk items (``inference.items``: reference prepared, text
+  chunked and converted to the model's symbols, durations fixed), each refused before the model if
+  it cannot fit, and the whole refused if it plans more audio or pieces than its text's length allows;
 - ``plan_segments`` plans a job spoken in several voices, a request per segment, as one job;
-- ``finish`` joins a job's chunk waveforms with cross-fades.
+- ``finish`` joins a job's chunk waveforms with cross-fades;
+- ``synthesize`` and ``warm_up`` run one request outside the batcher (start-up, tests, benches).
 
-The synthesis options' defaults and the ``nfe_step`` bound live one level lower, in the torch-free
-``f5worker.jobs.options``, which ``job_input`` and the fast path read too.
+The synthesis options' defaults live in the torch-free ``jobs.options``, which the input rules read too.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
-from f5worker.jobs.audio import TARGET_SAMPLE_RATE, cross_fade_join, joined_length, prepare_reference, remove_silences
+from f5worker.jobs.audio import cross_fade_join, joined_length, prepare_reference, remove_silences
 from f5worker.jobs.chunking import chunk_for_model, utf8_len
 from f5worker.errors import InputError
 from f5worker.jobs.options import OPTION_DEFAULTS
 from f5worker.model.text_tokens import text_to_symbols
+from f5worker.inference.items import ChunkItem, item_frames
+from f5worker.model.constants import HOP_LENGTH, SAMPLE_RATE, TARGET_RMS
 
-# f5-tts's inference constants (f5_tts.infer.utils_infer)
-HOP_LENGTH = 256
-N_MEL = 100
-TARGET_RMS = 0.1
-MAX_FRAMES = 65536  # CFM.sample's max_duration
 # f5-tts sizes chunks so that reference plus chunk last about 22 s. Nothing longer than this ever
 # reaches the model: it stays inside the largest single-job graph bucket (fast.SINGLE_MAX_FRAMES)
 # and far inside the text embedding's position table (8192).
 CHUNK_TARGET_SECONDS = 22
 MAX_CHUNK_SECONDS = 30
-MAX_CHUNK_FRAMES = MAX_CHUNK_SECONDS * TARGET_SAMPLE_RATE // HOP_LENGTH
+MAX_CHUNK_FRAMES = MAX_CHUNK_SECONDS * SAMPLE_RATE // HOP_LENGTH
 # A streamed job's first chunk is at most this share of the usual chunk budget (cut at a sentence,
 # a clause or a space), so its audio is ready after a short model call.
 FIRST_CHUNK_SHARE = 0.25
@@ -73,43 +70,17 @@ class SynthesisRequest:
 
 
 @dataclass
-class ChunkItem:
-    """One chunk of one job: everything the sampler needs, nothing about the job around it."""
-
-    cond_wave: torch.Tensor  # [1, samples] at 24 kHz, RMS-normalised, on the CPU
-    text: list[str]  # the model's symbols for ref_text + chunk text (pinyin for Chinese)
-    duration: int  # total frames, reference included
-    ref_frames: int
-    ref_rms: float
-    seed: int
-    steps: int
-    cfg_strength: float
-    sway_sampling_coef: float
-
-    @property
-    def batch_key(self) -> tuple:
-        """Items may share a model call only when they integrate the same ODE grid."""
-        return (self.steps, self.cfg_strength, self.sway_sampling_coef)
-
-
-@dataclass
 class JobPlan:
     items: list[ChunkItem]
     request: SynthesisRequest
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def item_frames(item: ChunkItem) -> int:
-    """The frames the sampler will integrate for ``item``: its duration, raised (as CFM.sample
-    does) to cover every text token and the reference."""
-    return max(item.duration, len(item.text) + 1, item.ref_frames + 2)
-
-
 def check_item_fits(item: ChunkItem) -> None:
     """Refuse, before anything reaches the model, an item longer than the model takes at once."""
     frames = item_frames(item)
     if frames > MAX_CHUNK_FRAMES:
-        seconds = frames * HOP_LENGTH / TARGET_SAMPLE_RATE
+        seconds = frames * HOP_LENGTH / SAMPLE_RATE
         raise InputError(
             f"This text cannot be cut into pieces the model can speak with this voice: one piece would "
             f"need {seconds:.0f} s of audio and at most {MAX_CHUNK_SECONDS} s fit (check that the "
@@ -119,7 +90,7 @@ def check_item_fits(item: ChunkItem) -> None:
 def check_plan_bounds(plan: JobPlan, text: str) -> None:
     """Refuse, before any model call, a plan longer than its text can take (the bounds above)."""
     size = utf8_len(text)
-    seconds = planned_samples(plan) / TARGET_SAMPLE_RATE
+    seconds = planned_samples(plan) / SAMPLE_RATE
     most_seconds = max(PLANNED_SECONDS_FLOOR, PLANNED_SECONDS_PER_BYTE * size)
     most_chunks = 1 + size // BYTES_PER_CHUNK
     if seconds > most_seconds or len(plan.items) > most_chunks:
@@ -134,7 +105,7 @@ def planned_samples(plan: JobPlan) -> int:
     shortens), known before any model call: Vocos turns n frames into (n - 1) hops of audio, and
     chunks are joined with cross-fades."""
     lengths = [max(0, item_frames(item) - item.ref_frames - 1) * HOP_LENGTH for item in plan.items]
-    return joined_length(lengths, TARGET_SAMPLE_RATE, plan.request.cross_fade_duration)
+    return joined_length(lengths, SAMPLE_RATE, plan.request.cross_fade_duration)
 
 
 def normalise_ref_text(ref_text: str) -> str:
@@ -145,12 +116,12 @@ def normalise_ref_text(ref_text: str) -> str:
 
 
 def resample_to_model_rate(audio: torch.Tensor, sr: int) -> torch.Tensor:
-    if sr == TARGET_SAMPLE_RATE:
+    if sr == SAMPLE_RATE:
         return audio
     # Imported only for a voice not stored at 24 kHz (uploads are): keeps torchaudio off the start path.
     import torchaudio
 
-    return torchaudio.transforms.Resample(sr, TARGET_SAMPLE_RATE)(audio)
+    return torchaudio.transforms.Resample(sr, SAMPLE_RATE)(audio)
 
 
 def plan(req: SynthesisRequest) -> JobPlan:
@@ -221,7 +192,30 @@ def items_for(audio: torch.Tensor, rms: float, ref_text: str, chunks: list[str],
 
 
 def finish(job: JobPlan, waves: list[np.ndarray]) -> np.ndarray:
-    wave = cross_fade_join(waves, TARGET_SAMPLE_RATE, job.request.cross_fade_duration)
+    wave = cross_fade_join(waves, SAMPLE_RATE, job.request.cross_fade_duration)
     if job.request.remove_silence:
-        wave = remove_silences(wave, TARGET_SAMPLE_RATE)
+        wave = remove_silences(wave, SAMPLE_RATE)
     return wave.astype(np.float32)
+
+
+class ItemRunner(Protocol):
+    """What runs chunk items: ``inference.engine.TTSEngine`` (any jobs' items in one model call)."""
+
+    def run_items(self, items: list[ChunkItem], abandoned: Callable[[], bool] | None = None) -> list[np.ndarray]:
+        """Each item's waveform at 24 kHz, in order."""
+
+
+def synthesize(runner: ItemRunner, req: SynthesisRequest) -> np.ndarray:
+    """One request end to end in one model call, outside the batcher: the warm-up, tests, benches."""
+    job = plan(req)
+    return finish(job, runner.run_items(job.items))
+
+
+def warm_up(runner: ItemRunner) -> float:
+    """One short synthesis so the first job pays no lazy initialisation; its seconds."""
+    started = time.perf_counter()
+    t = np.arange(SAMPLE_RATE * 2, dtype=np.float32) / SAMPLE_RATE
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    synthesize(runner, SynthesisRequest(ref_audio=tone, ref_sr=SAMPLE_RATE, ref_text="Warm up.",
+                                        gen_text="Warm up.", seed=0, nfe_step=2))
+    return time.perf_counter() - started

@@ -30,9 +30,9 @@ import logging
 import numpy as np
 import soxr
 
-from f5worker.jobs.audio import TARGET_SAMPLE_RATE
 from f5worker.jobs.encoding import pcm16, size_text, to_base64
 from f5worker.settings import ENV_MAX_RESULT_BYTES
+from f5worker.model.constants import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def planned_output_bytes(samples: int, sample_rate: int, chunks: int) -> int:
     and each piece's other fields. Each chunk and the close give whole pieces of at most
     ``MAX_PIECE_SAMPLES``, so at most one piece each beyond the full ones; each piece's base64 is
     less than 3 bytes longer than 4/3 of its PCM; soxr's length is within a sample of the ratio's."""
-    resampled = samples if sample_rate == TARGET_SAMPLE_RATE else samples * sample_rate // TARGET_SAMPLE_RATE + 1
+    resampled = samples if sample_rate == SAMPLE_RATE else samples * sample_rate // SAMPLE_RATE + 1
     pieces = resampled // MAX_PIECE_SAMPLES + chunks + 1
     base64_bytes = 4 * -(-resampled * PCM_BYTES_PER_SAMPLE // 3) + 3 * pieces
     widest_seconds = round(MAX_PIECE_SAMPLES // sample_rate + 0.999, 3)
@@ -87,11 +87,11 @@ class AudioStream:
 
     def __init__(self, sample_rate: int, cross_fade_seconds: float):
         self.sample_rate = sample_rate
-        self.fade = int(cross_fade_seconds * TARGET_SAMPLE_RATE)  # cross_fade_join's window
+        self.fade = int(cross_fade_seconds * SAMPLE_RATE)  # cross_fade_join's window
         self.held = np.zeros(0, dtype=np.float32)  # the join's last samples, exactly as it holds them
         self.joined = 0  # samples of the join so far, held ones included
-        self.resampler = (None if sample_rate == TARGET_SAMPLE_RATE else
-                          soxr.ResampleStream(TARGET_SAMPLE_RATE, sample_rate, 1, dtype="float32",
+        self.resampler = (None if sample_rate == SAMPLE_RATE else
+                          soxr.ResampleStream(SAMPLE_RATE, sample_rate, 1, dtype="float32",
                                               quality=RESAMPLE_QUALITY))
         self.pieces = 0
         self.samples_sent = 0

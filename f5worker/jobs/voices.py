@@ -52,6 +52,7 @@ from f5worker.jobs.inputs import check_voice_name
 from f5worker.settings import (ENV_MAX_VOICE_BYTES, INCOMING_PREFIX, TRANSCRIPT_SUFFIX,
                                VOICE_META_SUFFIX, VOICES_PREFIX)
 from s3_utils import KeyNotFound, NotText, ObjectInfo, Storage, check_key
+from f5worker.model.constants import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +196,8 @@ def prepare_upload(samples: np.ndarray, sr: int, target_rms: float) -> tuple[np.
     (``audio.normalise_loudness``). Returns it, whether speech past it was dropped, and the gain."""
     used, clipped = audio.clip_reference(samples, sr)
     used = audio.resample(used, sr)
-    trimmed = audio.check_speech(used, audio.TARGET_SAMPLE_RATE)
-    normalised, gain = audio.normalise_loudness(trimmed, audio.TARGET_SAMPLE_RATE, target_rms)
+    trimmed = audio.check_speech(used, SAMPLE_RATE)
+    normalised, gain = audio.normalise_loudness(trimmed, SAMPLE_RATE, target_rms)
     return normalised, clipped, gain
 
 

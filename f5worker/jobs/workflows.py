@@ -36,12 +36,14 @@ from f5worker.inference.engine import TTSEngine
 from f5worker.errors import InputError, StorageError, WorkerError
 from f5worker.jobs.inputs import (MAX_SEED, DeleteVoiceInput, ListVoicesInput, TTSInput, UploadInput,
                                 VoiceInfoInput)
-from f5worker.jobs.plan import TARGET_RMS, SynthesisRequest, plan_segments, planned_samples
+from f5worker.jobs.plan import SynthesisRequest, finish, plan_segments, planned_samples
+from f5worker.model.constants import TARGET_RMS
 from f5worker.jobs.memory import HeapTrimmer
 from f5worker.settings import ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
 from f5worker.jobs.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
                              prepare_upload)
 from s3_utils import KeyNotFound, ObjectTooLarge, Storage
+from f5worker.model.constants import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -176,16 +178,16 @@ class Worker:
                         timings.setdefault("first_audio_s", time.perf_counter() - started)
                         on_audio(piece)
                 if on_progress is not None and len(plan.items) > 1:
-                    seconds = audio.joined_length(lengths, audio.TARGET_SAMPLE_RATE, job.cross_fade_duration)
+                    seconds = audio.joined_length(lengths, SAMPLE_RATE, job.cross_fade_duration)
                     on_progress({"chunks_done": len(lengths), "chunks_total": len(plan.items),
-                                 "audio_seconds": round(seconds / audio.TARGET_SAMPLE_RATE, 3)})
+                                 "audio_seconds": round(seconds / SAMPLE_RATE, 3)})
 
             waves = await self._sample(plan.items, chunk_done, first_alone=stream is not None)
             if stream is not None:
                 for piece in await self._off_loop(stream.close):
                     timings.setdefault("first_audio_s", time.perf_counter() - started)
                     on_audio(piece)
-            wave = await self._off_loop(self.engine.finish, plan, waves)  # seconds for a long job
+            wave = await self._off_loop(finish, plan, waves)  # seconds for a long job
             timings["synthesis_s"] = time.perf_counter() - mark
 
             mark = time.perf_counter()
@@ -365,7 +367,7 @@ class Worker:
                                  f"{audio.VOICE_MAX_SECONDS:g} seconds long (it is {duration:.1f} s).")
             # Stored is the part synthesis uses, prepared once, and the transcript describes exactly that part.
             clip, clipped, gain = await self._off_loop(prepare_upload, samples, sr, TARGET_RMS)
-            sr = audio.TARGET_SAMPLE_RATE
+            sr = SAMPLE_RATE
             if job.ref_text and clipped:
                 raise clipped_refusal(duration)
             ref_text = job.ref_text or await self._transcribe_off_the_clock(clip, sr)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from f5worker.model import dit
 from f5worker.model import stock as f5_imports
 from f5worker.model import vocoder
-from f5worker.jobs.audio import TARGET_SAMPLE_RATE
+from f5worker.model.constants import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE
 from f5worker.model.checkpoint import (
     VOCODER_CONFIG,
     VOCODER_WEIGHTS,
@@ -40,15 +40,14 @@ from f5worker.model.checkpoint import (
     vocos_subject,
 )
 from f5worker.errors import StorageError
-from f5worker.jobs.plan import HOP_LENGTH, N_MEL
 from f5worker.model.mel import LogMelSpectrogram
 from f5worker.model.text_tokens import load_vocab
 
 log = logging.getLogger(__name__)
 
 # f5-tts's mel settings for F5TTS_v1_Base (its config's model.mel_spec); the own model covers these.
-MEL_SPEC_KWARGS = dict(n_fft=1024, hop_length=HOP_LENGTH, win_length=1024, n_mel_channels=N_MEL,
-                       target_sample_rate=TARGET_SAMPLE_RATE, mel_spec_type="vocos")
+MEL_SPEC_KWARGS = dict(n_fft=N_FFT, hop_length=HOP_LENGTH, win_length=N_FFT, n_mel_channels=N_MELS,
+                       target_sample_rate=SAMPLE_RATE, mel_spec_type="vocos")
 TRANSFORMER_PREFIX = "transformer."
 
 
@@ -56,8 +55,6 @@ class F5Model:
     """What the sampler needs of f5-tts's CFM (``transformer``, ``mel_spec``, ``vocab_char_map``,
     ``num_channels``), with the worker's own DiT and mel. Its state dict is the transformer's under
     the checkpoint's names; the mel's filterbank is computed, not loaded (as CFM's is)."""
-
-    own = True
 
     def __init__(self, transformer: dit.DiT, vocab_char_map: dict[str, int], mel_spec: LogMelSpectrogram):
         self.transformer = transformer
@@ -96,7 +93,7 @@ def build_model(model_cfg: dict, vocab: Path):
     if model_unsupported_reason(model_cfg) is not None:
         return build_stock_cfm(model_cfg, vocab)
     vocab_char_map = load_vocab(vocab)
-    transformer = dit.DiT(**model_cfg["arch"], text_num_embeds=len(vocab_char_map), mel_dim=N_MEL)
+    transformer = dit.DiT(**model_cfg["arch"], text_num_embeds=len(vocab_char_map), mel_dim=N_MELS)
     with torch.device("cpu"):  # tiny; and a Hann window on meta would import torch._dynamo
         mel = LogMelSpectrogram()
     return F5Model(transformer, vocab_char_map, mel)
@@ -118,7 +115,6 @@ def build_stock_cfm(model_cfg: dict, vocab: Path):
         odeint_kwargs=dict(method="euler"),
         vocab_char_map=vocab_char_map,
     )
-    model.own = False
     return model
 
 

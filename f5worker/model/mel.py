@@ -17,10 +17,8 @@ import math
 import torch
 from torch import nn
 
-SAMPLE_RATE = 24000
-N_FFT = 1024
-HOP_LENGTH = 256
-N_MELS = 100
+from f5worker.model.constants import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE
+
 # f5-tts's floor before the log; Vocos's own feature extractor uses 1e-7 (f5worker.model.vocoder).
 F5_LOG_FLOOR = 1e-5
 

@@ -1,0 +1,43 @@
+"""What one model call is asked for: chunk items, the frames each integrates, the step bound.
+
+Why this module exists: the job plan above makes items and the sampler, batcher and fast path
+below consume them; defined here, at the bottom of the inference layer, so the plan imports
+inference and never the other way. Torch-free at import (the tensor is only an annotation), since
+the input rules read ``MAX_NFE_STEP`` at start.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# The most ODE steps a job may ask for; the fast path's on-device time grid holds MAX_NFE_STEP + 1.
+MAX_NFE_STEP = 64
+
+
+@dataclass
+class ChunkItem:
+    """One chunk of one job: everything the sampler needs, nothing about the job around it."""
+
+    cond_wave: torch.Tensor  # [1, samples] at 24 kHz, RMS-normalised, on the CPU
+    text: list[str]  # the model's symbols for ref_text + chunk text (pinyin for Chinese)
+    duration: int  # total frames, reference included
+    ref_frames: int
+    ref_rms: float
+    seed: int
+    steps: int
+    cfg_strength: float
+    sway_sampling_coef: float
+
+    @property
+    def batch_key(self) -> tuple:
+        """Items may share a model call only when they integrate the same ODE grid."""
+        return (self.steps, self.cfg_strength, self.sway_sampling_coef)
+
+
+def item_frames(item: ChunkItem) -> int:
+    """The frames the sampler will integrate for ``item``: its duration, raised (as CFM.sample
+    does) to cover every text token and the reference."""
+    return max(item.duration, len(item.text) + 1, item.ref_frames + 2)
