@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
+
+from f5worker.env_values import Device, Flag, Number, Parser, PathValue, Present, Text, Var
 
 # --- environment variable names (the only place they are spelled) -------------------------------
 ENV_VOLUME_PATH = "RUNPOD_VOLUME_PATH"
@@ -95,52 +97,19 @@ VOLUME_MODELS_SUBDIR = "models"  # the model root on a mounted volume: <volume>/
 RUNPOD_CACHED_MODELS_SUBDIR = "huggingface-cache/hub"
 F5_SUBDIR = "f5-tts"
 
-# --- defaults -----------------------------------------------------------------------------------
-DEFAULT_VOLUME_PATH = "/runpod-volume"
+# --- fixed places ---------------------------------------------------------------------------------
+DEFAULT_VOLUME_PATH = "/runpod-volume"  # where RunPod mounts a network volume on a serverless worker
 POD_VOLUME_PATH = "/workspace"  # where a RunPod pod (not a serverless worker) mounts a network volume
 DEFAULT_BAKED_MODEL_DIR = "/opt/f5-models"
-DEFAULT_TMP_DIR = "/tmp"
-DEFAULT_PRESIGN_EXPIRY = 3600
-MAX_PRESIGN_EXPIRY = 7 * 24 * 3600  # SigV4: "X-Amz-Expires must be less than a week" (AWS and SeaweedFS alike)
-DEFAULT_MAX_VOICE_BYTES = 50 * 1024 * 1024
-DEFAULT_MAX_CONCURRENCY = 16
-DEFAULT_JOB_TIMEOUT = 600.0  # a job still running after this gets an error; 0: no limit
-# S3 requests: a request that gets no answer for S3_READ_TIMEOUT_SECONDS fails, and one storage call
-# makes at most S3_MAX_ATTEMPTS requests. Worst case of one call against an endpoint that stops
-# answering: attempts x (connect + read + 1 s) plus botocore's backoff between tries, 48 s with
-# these defaults (``s3_utils.call_bound_s`` has the formula).
-DEFAULT_S3_CONNECT_TIMEOUT = 5.0
-DEFAULT_S3_READ_TIMEOUT = 15.0
-DEFAULT_S3_MAX_ATTEMPTS = 2
-DEFAULT_LOCAL_RETENTION_HOURS = 0.0  # 0: local outputs and job records are kept forever
-# Prepared reference voices kept in memory (about 2.3 MB each for 12 s at 24 kHz); 0: no cache.
-DEFAULT_VOICE_CACHE_SIZE = 32
 # The largest job result RunPod passes back, which bounds audio returned inline (base64): RunPod's
 # endpoint operations reference (docs.runpod.io/serverless/references/operations) gives a payload
 # limit of 10 MB for /run and 20 MB for /runsync, and the runpod SDK (serverless/modules/rp_tips.py,
 # check_return_size) warns about a result above 20 MB (counted in units of 1,000,000 bytes). The
 # worker cannot tell which operation a job came through, so the default is the smaller one.
-DEFAULT_MAX_RESULT_BYTES = 10_000_000
-# The fast path's captured graphs keep static input buffers per (batch, frames) bucket: about 1 MiB
-# for a single job, ~80 MiB for 16 jobs of 2048 frames (fp16, F5TTS_v1_Base). Past this budget the
-# least recently used are evicted (re-captured, in one step, if needed again).
-DEFAULT_GRAPH_MEMORY_MB = 1024
-
-# Upper bounds: past these a value is a slip, never a choice, and some broke every job
-# (S3_READ_TIMEOUT_SECONDS=1e308 overflowed the socket timeout: "HTTPClientError" on every call).
-MAX_JOB_TIMEOUT = 24 * 3600.0
-MAX_S3_CONNECT_TIMEOUT = 60.0
-MAX_S3_READ_TIMEOUT = 600.0
-MAX_S3_MAX_ATTEMPTS = 10
-MAX_LOCAL_RETENTION_HOURS = 10 * 365 * 24.0
-MAX_MAX_CONCURRENCY = 256
-MAX_VOICE_CACHE_SIZE = 1000
-MAX_MAX_VOICE_BYTES = 2**30
-# RunPod's larger payload limit (/runsync); see DEFAULT_MAX_RESULT_BYTES.
-MAX_MAX_RESULT_BYTES = 20_000_000
-MAX_GRAPH_MEMORY_MB = 2**20
-# F5_DEVICE: what torch and safetensors both accept ("cpu:0" is torch's, not safetensors').
-DEVICE_RE = re.compile(r"cpu|cuda(?::\d+)?")
+RUN_RESULT_BYTES = 10_000_000
+RUNSYNC_RESULT_BYTES = 20_000_000
+# SigV4: "X-Amz-Expires must be less than a week" (AWS and SeaweedFS alike).
+MAX_PRESIGN_EXPIRY = 7 * 24 * 3600
 
 # --- what the worker loads ----------------------------------------------------------------------
 F5_REPO = "SWivid/F5-TTS"
@@ -149,7 +118,6 @@ F5_CKPT_IN_REPO = "F5TTS_v1_Base/model_1250000.safetensors"
 F5_VOCAB_IN_REPO = "F5TTS_v1_Base/vocab.txt"
 VOCODER_REPO = "charactr/vocos-mel-24khz"
 VOCODER_FILES = ("config.yaml", "pytorch_model.bin")
-DEFAULT_ASR_MODEL = "openai/whisper-large-v3-turbo"
 
 # Approximate download sizes, used to refuse a download the volume has no room for.
 F5_DOWNLOAD_BYTES = 1_400_000_000
@@ -167,49 +135,6 @@ INCOMING_PREFIX = "incoming/"
 # its transcript inside the WAV (f5worker.jobs.voices). Beside a voice, the voice's whole name plus a suffix:
 TRANSCRIPT_SUFFIX = ".txt"  # voices/alice.wav.txt: a transcript written by a person
 VOICE_META_SUFFIX = ".json"  # voices/alice.wav.json: Whisper's transcript, bound to the voice's SHA-256
-
-# The variables a person deploying the worker is offered (the RunPod Hub listing, .runpod/hub.json,
-# lists exactly these; tests/test_runpod_hub.py holds it to this list). The others have defaults
-# that suit RunPod, or are for development and tests.
-USER_FACING_ENV = (
-    ENV_S3_BUCKET, ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY, ENV_AWS_REGION, ENV_AWS_ENDPOINT_URL,
-    ENV_PRESIGN_EXPIRY, ENV_MAX_CONCURRENCY, ENV_JOB_TIMEOUT, ENV_FAST_PATH, ENV_STREAMING, ENV_ASR_MODEL,
-)
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _number(env: Mapping[str, str], name: str, default, cast=float, minimum: float = 0.0,
-            above: bool = False, maximum: float | None = None):
-    """``env[name]`` as a ``cast`` number (``default`` when unset); ValueError naming the variable
-    when it is not a number, is below ``minimum``, (``above``) not greater than it, or above
-    ``maximum``."""
-    raw = (env.get(name) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = cast(raw)
-    except ValueError:
-        value = None
-    if value is None or not (value > minimum if above else value >= minimum) or value == float("inf"):
-        bound = f"greater than {minimum:g}" if above else f"at least {minimum:g}"
-        raise ValueError(f"{name} must be a {'whole ' if cast is int else ''}number {bound}, not {raw!r}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be at most {maximum:g}, not {raw!r}")
-    return value
-
-
-def _device(env: Mapping[str, str]) -> str | None:
-    """``F5_DEVICE``: unset, ``cpu``, ``cuda`` or ``cuda:<index>``; ValueError naming it otherwise
-    (``banana`` or ``cpu:0`` started, then every model load failed)."""
-    raw = (env.get(ENV_DEVICE) or "").strip()
-    if raw and not DEVICE_RE.fullmatch(raw):
-        raise ValueError(f"{ENV_DEVICE} must be cpu, cuda or cuda:<index> (such as cuda:0), or unset "
-                         f"to pick the GPU when there is one, not {raw[:40]!r}")
-    return raw or None
-
 
 def check_endpoint_url(url: str) -> str:
     """``AWS_ENDPOINT_URL`` as given, if it is an endpoint: http(s), a host, maybe a port, no query,
@@ -345,40 +270,120 @@ def either_name(name: str) -> str:
     return f"{name} (or {alias})" if alias else name
 
 
+WHOLE = dict(whole=True)
+S3_HELP = ("S3 storage (B2: `https://s3.<region>.backblazeb2.com`). A bucket needs both keys (the worker never looks for "
+           "credentials elsewhere, such as an instance metadata address); the bucket's name follows botocore's rule "
+           "(letters, digits, `.`, `-`, `_`, at most 255; or an access point ARN). Each S3 setting, broken, stops the "
+           "worker at start with a sentence naming the variable, and fails the gate")
+
+
+def setting(env: str, parse: Parser, default, doc: str, *, shown: str | None = None, offered: bool = False):
+    """A ``Settings`` field and its row (``Var``): the one place a setting is declared."""
+    return field(default=default, metadata={"var": Var(env, parse, default, doc, shown, offered)})
+
+
 @dataclass(frozen=True)
 class Settings:
-    volume_path: Path
-    model_root: Path
-    baked_model_dir: Path
-    tmp_dir: Path
-    local_storage_dir: Path
-    ckpt_file: str | None
-    vocab_file: str | None
-    model_config: str | None
-    vocoder_dir: str | None
-    asr_model: str
-    device: str | None
-    s3_bucket: str | None
-    aws_access_key_id: str | None
-    aws_secret_access_key: str | None
-    aws_region: str | None
-    aws_endpoint_url: str | None
-    presign_expiry: int
-    allow_private_urls: bool
-    max_voice_bytes: int
-    max_concurrency: int
-    fast_path: bool
-    fused_kernels: bool
-    job_timeout_s: float
-    s3_connect_timeout: float
-    s3_read_timeout: float
-    s3_max_attempts: int
-    local_retention_hours: float
-    voice_cache_size: int
-    max_result_bytes: int
-    graph_memory_mb: int
-    streaming: bool = False
-    on_runpod_queue: bool = False  # jobs come from RunPod's queue, not runpod's local modes
+    """Every setting the worker reads, each declared once by its row; ``from_env`` reads them all."""
+
+    volume_path: Path = setting(
+        ENV_VOLUME_PATH, PathValue(), Path(DEFAULT_VOLUME_PATH),
+        "network volume; the model root is `<volume>/models` when it exists, else `~/.cache/f5-tts-worker/models`")
+    model_root: Path | None = setting(ENV_MODEL_ROOT, PathValue(), None, "model root override", shown="derived")
+    baked_model_dir: Path = setting(ENV_BAKED_MODEL_DIR, PathValue(), Path(DEFAULT_BAKED_MODEL_DIR),
+                                    "models baked into the image (outside the volume mount)")
+    tmp_dir: Path = setting(
+        ENV_TMP_DIR, PathValue(), Path("/tmp"),
+        "per-job files `<job_id>_voice.wav`, `<job_id>_output.wav` (the encoded output, whatever its format), "
+        "`<job_id>_download` (an upload's source)")
+    local_storage_dir: Path | None = setting(
+        ENV_LOCAL_STORAGE_DIR, PathValue(), None,
+        "storage with no `S3_BUCKET`; a path that is a file, lies under a file, or cannot be written (or created) "
+        "is a start error and fails the gate", shown="`<volume>/storage` or `./storage`")
+    ckpt_file: str | None = setting(ENV_CKPT_FILE, Text(), None, "explicit local checkpoint (a fine-tune)")
+    vocab_file: str | None = setting(ENV_VOCAB_FILE, Text(), None, "explicit local vocabulary")
+    model_config: str | None = setting(
+        ENV_MODEL_CONFIG, Text(), None, "explicit model config: an f5-tts YAML, so the architecture may differ")
+    vocoder_dir: str | None = setting(ENV_VOCODER_DIR, Text(), None, "explicit local Vocos folder")
+    asr_model: str = setting(ENV_ASR_MODEL, Text(), "openai/whisper-large-v3-turbo",
+                             "transcriber: a hub id or a local folder", offered=True)
+    device: str | None = setting(
+        ENV_DEVICE, Device(), None,
+        "anything else (`cpu:0`, `banana`) stops the worker at start, and a CUDA device the machine lacks is a "
+        "start error", shown="`cuda` if available else `cpu`")
+    s3_bucket: str | None = setting(ENV_S3_BUCKET, Text(), None, S3_HELP, offered=True)
+    aws_access_key_id: str | None = setting(ENV_AWS_ACCESS_KEY_ID, Text(), None, "the bucket's key id", offered=True)
+    aws_secret_access_key: str | None = setting(ENV_AWS_SECRET_ACCESS_KEY, Text(), None, "the bucket's secret key",
+                                                offered=True)
+    aws_region: str | None = setting(
+        ENV_AWS_REGION, Text(), None, "the bucket's region (SigV4 signs with it)", offered=True,
+        shown="from the endpoint's host (`s3.<region>.…`, `<region>.digitaloceanspaces.com`), else `us-east-1`")
+    aws_endpoint_url: str | None = setting(
+        ENV_AWS_ENDPOINT_URL, Text(), None,
+        "the endpoint alone, `https://<host>[:<port>]`, not followed by a bucket's name (`https://<host>/<bucket>`: "
+        "botocore would put every object under that name inside the bucket; a longer path, an endpoint's own such "
+        "as Supabase's `/storage/v1/s3`, is kept)", offered=True)
+    presign_expiry: int = setting(
+        ENV_PRESIGN_EXPIRY, Number(1, MAX_PRESIGN_EXPIRY, **WHOLE), 3600,
+        "lifetime of `audio_url`, seconds (seven days is the most an S3 presigned URL may last)", offered=True)
+    allow_private_urls: bool = setting(ENV_ALLOW_PRIVATE_URLS, Flag(), False,
+                                       "allow uploads from private addresses (runpod's SDK's switch)")
+    max_voice_bytes: int = setting(ENV_MAX_VOICE_BYTES, Number(1, 2**30, **WHOLE), 50 * 1024 * 1024,
+                                   "upload size cap, for every source (URL, base64, key)")
+    max_concurrency: int = setting(ENV_MAX_CONCURRENCY, Number(1, 256, **WHOLE), 16,
+                                   "jobs runpod may hand one worker at once (batched together)", offered=True)
+    fast_path: bool = setting(ENV_FAST_PATH, Flag(), True,
+                              "bucketed CUDA-graph inference; `0` runs the DiT forward eagerly", offered=True)
+    fused_kernels: bool = setting(
+        ENV_FUSED_KERNELS, Flag(), True,
+        "after start, compile the fast path's fused Triton kernels (cache: `TRITON_CACHE_DIR`, on the volume; the "
+        "compile lock there is waited for off the model thread, at most 240 s), check them against the unfused "
+        "step on this GPU, and switch to them only if they agree; `0` stays on the unfused step. Variable-length "
+        "flash attention is checked and switched to on its own, wherever flash runs, whatever this says")
+    job_timeout_s: float = setting(
+        ENV_JOB_TIMEOUT, Number(0, 24 * 3600.0), 600.0,
+        "seconds: a job still running after this is stopped and answered with an error naming what it waited on; "
+        "0: no limit", offered=True)
+    # One storage call against an endpoint that stops answering ends within attempts x (connect + read + 1 s)
+    # plus botocore's backoff, 48 s with these defaults (``s3_utils.call_bound_s`` has the formula).
+    s3_connect_timeout: float = setting(ENV_S3_CONNECT_TIMEOUT, Number(0, 60.0, above=True), 5.0,
+                                        "seconds to connect to the storage endpoint")
+    s3_read_timeout: float = setting(
+        ENV_S3_READ_TIMEOUT, Number(0, 600.0, above=True), 15.0,
+        "seconds: a storage request with no answer for this long fails "
+        "([guide](STORAGE-DEPLOYMENT-GUIDE.md#storage-timeouts))")
+    s3_max_attempts: int = setting(
+        ENV_S3_MAX_ATTEMPTS, Number(1, 10, **WHOLE), 2,
+        "tries per storage call, so it ends within attempts × (connect + 1 + read) s plus backoff: 48 s with the "
+        "defaults")
+    local_retention_hours: float = setting(
+        ENV_LOCAL_RETENTION_HOURS, Number(0, 10 * 365 * 24.0), 0.0,
+        "local storage only: `output/` and `logs/` files older than this are removed, checked after jobs at most "
+        "every 10 minutes; never `voices/`; 0 keeps them forever. On S3 use lifecycle rules "
+        "([guide](STORAGE-DEPLOYMENT-GUIDE.md#keeping-storage-from-growing))")
+    # Prepared reference voices are about 2.3 MB each (12 s at 24 kHz).
+    voice_cache_size: int = setting(
+        ENV_VOICE_CACHE_SIZE, Number(0, 1000, **WHOLE), 32,
+        "prepared voices kept in memory per worker, each checked against storage at every use with one "
+        "conditional GET ([prepared voices](#prepared-voices-in-memory)); 0: none")
+    max_result_bytes: int = setting(
+        ENV_MAX_RESULT_BYTES, Number(1, RUNSYNC_RESULT_BYTES, **WHOLE), RUN_RESULT_BYTES,
+        "the largest result a job returns, which bounds inline audio (`return_base64`); the default is RunPod's "
+        "payload limit for `/run` (`/runsync` takes 20 MB, the most it may be set to)")
+    # Captured graphs keep static input buffers per (batch, frames) bucket: about 1 MiB for a single
+    # job, ~80 MiB for 16 jobs of 2048 frames (fp16, F5TTS_v1_Base).
+    graph_memory_mb: int = setting(
+        ENV_GRAPH_MEMORY_MB, Number(1, 2**20, **WHOLE), 1024,
+        "the fast path's captured CUDA graphs keep their static input buffers under this many MiB, the least "
+        "recently used evicted (re-captured, in one step, if needed again)")
+    streaming: bool = setting(
+        ENV_STREAMING, Flag(), False,
+        "`1`: the handler streams ([streaming](#streaming)); jobs may ask for `\"stream\": true`, and every "
+        "job's output becomes the list of what it yielded, its result last", offered=True)
+    on_runpod_queue: bool = setting(
+        ENV_RUNPOD_JOB_URL, Present(), False,
+        "set by RunPod on its workers: jobs come from RunPod's queue (progress reports go there), not runpod's "
+        "local modes; never set by hand")
     warnings: tuple[str, ...] = ()  # sentences about the variables (conflicting aliases ...), no values
 
     @property
@@ -410,66 +415,48 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Every row read from ``env`` (the S3 ones after runpod's aliases are resolved), then the
+        folders that default to places under the volume; ValueError naming a variable it refuses."""
         env = os.environ if env is None else env
-        volume = Path(env.get(ENV_VOLUME_PATH) or DEFAULT_VOLUME_PATH)
-        if env.get(ENV_MODEL_ROOT):
-            model_root = Path(env[ENV_MODEL_ROOT])
-        elif volume.is_dir():
-            model_root = volume / VOLUME_MODELS_SUBDIR
-        else:  # no volume: a per-user cache, never /tmp (job files live there and get swept)
-            model_root = Path.home() / ".cache" / "f5-tts-worker" / "models"
-        if env.get(ENV_LOCAL_STORAGE_DIR):
-            local_storage = Path(env[ENV_LOCAL_STORAGE_DIR])
-        elif volume.is_dir():
-            local_storage = volume / "storage"
-        else:
-            local_storage = Path("storage").resolve()
         s3, warnings = resolve_s3_env(env)
-        return cls(
-            volume_path=volume,
-            model_root=model_root,
-            baked_model_dir=Path(env.get(ENV_BAKED_MODEL_DIR) or DEFAULT_BAKED_MODEL_DIR),
-            tmp_dir=Path(env.get(ENV_TMP_DIR) or DEFAULT_TMP_DIR),
-            local_storage_dir=local_storage,
-            ckpt_file=env.get(ENV_CKPT_FILE) or None,
-            vocab_file=env.get(ENV_VOCAB_FILE) or None,
-            model_config=env.get(ENV_MODEL_CONFIG) or None,
-            vocoder_dir=env.get(ENV_VOCODER_DIR) or None,
-            asr_model=env.get(ENV_ASR_MODEL) or DEFAULT_ASR_MODEL,
-            device=_device(env),
-            s3_bucket=s3[ENV_S3_BUCKET],
-            aws_access_key_id=s3[ENV_AWS_ACCESS_KEY_ID],
-            aws_secret_access_key=s3[ENV_AWS_SECRET_ACCESS_KEY],
-            aws_region=s3[ENV_AWS_REGION],
-            aws_endpoint_url=s3[ENV_AWS_ENDPOINT_URL],
-            presign_expiry=_number(env, ENV_PRESIGN_EXPIRY, DEFAULT_PRESIGN_EXPIRY, cast=int, minimum=1,
-                                   maximum=MAX_PRESIGN_EXPIRY),
-            allow_private_urls=_truthy(env.get(ENV_ALLOW_PRIVATE_URLS)),
-            max_voice_bytes=_number(env, ENV_MAX_VOICE_BYTES, DEFAULT_MAX_VOICE_BYTES, cast=int, minimum=1,
-                                    maximum=MAX_MAX_VOICE_BYTES),
-            max_concurrency=_number(env, ENV_MAX_CONCURRENCY, DEFAULT_MAX_CONCURRENCY, cast=int, minimum=1,
-                                    maximum=MAX_MAX_CONCURRENCY),
-            fast_path=env.get(ENV_FAST_PATH, "1").strip().lower() not in {"0", "false", "no", "off"},
-            fused_kernels=env.get(ENV_FUSED_KERNELS, "1").strip().lower() not in {"0", "false", "no", "off"},
-            job_timeout_s=_number(env, ENV_JOB_TIMEOUT, DEFAULT_JOB_TIMEOUT, maximum=MAX_JOB_TIMEOUT),
-            s3_connect_timeout=_number(env, ENV_S3_CONNECT_TIMEOUT, DEFAULT_S3_CONNECT_TIMEOUT, above=True,
-                                       maximum=MAX_S3_CONNECT_TIMEOUT),
-            s3_read_timeout=_number(env, ENV_S3_READ_TIMEOUT, DEFAULT_S3_READ_TIMEOUT, above=True,
-                                    maximum=MAX_S3_READ_TIMEOUT),
-            s3_max_attempts=_number(env, ENV_S3_MAX_ATTEMPTS, DEFAULT_S3_MAX_ATTEMPTS, int, 1,
-                                    maximum=MAX_S3_MAX_ATTEMPTS),
-            local_retention_hours=_number(env, ENV_LOCAL_RETENTION_HOURS, DEFAULT_LOCAL_RETENTION_HOURS,
-                                          maximum=MAX_LOCAL_RETENTION_HOURS),
-            voice_cache_size=_number(env, ENV_VOICE_CACHE_SIZE, DEFAULT_VOICE_CACHE_SIZE, cast=int,
-                                     maximum=MAX_VOICE_CACHE_SIZE),
-            max_result_bytes=_number(env, ENV_MAX_RESULT_BYTES, DEFAULT_MAX_RESULT_BYTES, cast=int, minimum=1,
-                                     maximum=MAX_MAX_RESULT_BYTES),
-            graph_memory_mb=_number(env, ENV_GRAPH_MEMORY_MB, DEFAULT_GRAPH_MEMORY_MB, cast=int, minimum=1,
-                                    maximum=MAX_GRAPH_MEMORY_MB),
-            streaming=_truthy(env.get(ENV_STREAMING)),
-            on_runpod_queue=bool(env.get(ENV_RUNPOD_JOB_URL)),
-            warnings=warnings,
-        )
+        source = {**env, **{name: value or "" for name, value in s3.items()}}
+        values = {name: var.read(source) for name, var in VARS.items()}
+        volume = values["volume_path"]
+        if values["model_root"] is None:
+            # no volume: a per-user cache, never /tmp (job files live there and get swept)
+            values["model_root"] = (volume / VOLUME_MODELS_SUBDIR if volume.is_dir()
+                                    else Path.home() / ".cache" / "f5-tts-worker" / "models")
+        if values["local_storage_dir"] is None:
+            values["local_storage_dir"] = volume / "storage" if volume.is_dir() else Path("storage").resolve()
+        return cls(**values, warnings=warnings)
+
+
+# Each field's row, by field name: what from_env reads, and what the README's table and the Hub check derive from.
+VARS: dict[str, Var] = {f.name: f.metadata["var"] for f in fields(Settings) if "var" in f.metadata}
+# The variables a person deploying the worker is offered (the RunPod Hub listing, .runpod/hub.json,
+# lists exactly these; tests/test_runpod_hub.py holds it to this list). The others have defaults
+# that suit RunPod, or are for development and tests.
+USER_FACING_ENV = tuple(var.env for var in VARS.values() if var.offered)
+# Variables that are not Settings fields, for the README's table: runpod's aliases and botocore's own.
+OTHER_VARS = (
+    Var(ENV_BUCKET_ENDPOINT_URL, Text(), None,
+        f"runpod's name, accepted for `{ENV_AWS_ENDPOINT_URL}`; it may name the bucket, used when `{ENV_S3_BUCKET}` "
+        "is unset: `https://<host>/<bucket>`, `https://<bucket>.s3.<region>.<provider>`, "
+        "`https://<bucket>.<region>.digitaloceanspaces.com` "
+        "([guide](STORAGE-DEPLOYMENT-GUIDE.md#environment-variables))"),
+    Var(ENV_BUCKET_ACCESS_KEY_ID, Text(), None, f"runpod's name, accepted for `{ENV_AWS_ACCESS_KEY_ID}`"),
+    Var(ENV_BUCKET_SECRET_ACCESS_KEY, Text(), None,
+        f"runpod's name, accepted for `{ENV_AWS_SECRET_ACCESS_KEY}`. When both of a pair are set the `AWS_*` one "
+        "is used and the log says so (names only)"),
+    Var(ENV_AWS_CA_BUNDLE, PathValue(), None,
+        "CA certificate file for an S3 endpoint with a private CA (read by botocore)"),
+)
+TABLE_HEADER = "| variable | default | accepts | meaning |\n| --- | --- | --- | --- |"
+
+
+def markdown_table() -> str:
+    """The README's configuration table, one row per variable."""
+    return "\n".join([TABLE_HEADER, *(var.markdown_row() for var in (*VARS.values(), *OTHER_VARS))])
 
 
 def apply_cache_env(settings: Settings, env: dict | None = None) -> dict[str, str]:
@@ -479,3 +466,20 @@ def apply_cache_env(settings: Settings, env: dict | None = None) -> dict[str, st
     values = settings.cache_env()
     env.update(values)
     return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m f5worker.settings --markdown`` prints the README's configuration table."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m f5worker.settings", description=main.__doc__)
+    parser.add_argument("--markdown", action="store_true", help="print the README's configuration table")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        sys.stdout.write(markdown_table() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

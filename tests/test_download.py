@@ -19,7 +19,7 @@ import requests
 from f5worker.jobs import download
 from f5worker.jobs.download import MAX_REDIRECTS, describe_url, download_to_file
 from f5worker.errors import InputError, StorageError
-from f5worker.settings import DEFAULT_MAX_VOICE_BYTES
+from f5worker.settings import VARS
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
 
@@ -64,7 +64,7 @@ def assert_nothing_left(dest: Path) -> None:
         assert list(dest.parent.iterdir()) == [], "a temporary file was left behind"
 
 
-def fetch(url, dest, *, max_bytes=DEFAULT_MAX_VOICE_BYTES, allow_private=True, **kwargs):
+def fetch(url, dest, *, max_bytes=VARS["max_voice_bytes"].default, allow_private=True, **kwargs):
     return download_to_file(url, dest, max_bytes=max_bytes, allow_private=allow_private,
                             **{**FAST, **kwargs})
 
@@ -384,7 +384,7 @@ def test_refuses_a_file_over_the_cap(file_server, voice, dest):
 def test_limit_is_shown_in_megabytes(file_server, dest):
     refused(file_server.url("_huge"), dest,
             r"^The voice file is larger than the 50 MB limit\.$",
-            max_bytes=DEFAULT_MAX_VOICE_BYTES)
+            max_bytes=VARS["max_voice_bytes"].default)
 
 
 def test_refuses_a_huge_content_length_early(file_server, dest):

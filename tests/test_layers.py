@@ -14,7 +14,7 @@ from tests.processes import REPO
 PACKAGE = "f5worker"
 # Lowest first. A module may import its own layer and those before it, never one after it.
 LAYERS = (
-    ("base", ("f5worker.errors", "f5worker.settings")),
+    ("base", ("f5worker.errors", "f5worker.env_values", "f5worker.settings")),
     ("storage", ("s3_utils",)),
     ("model", ("f5worker.model",)),
     ("inference", ("f5worker.inference",)),

@@ -18,7 +18,8 @@ import pytest
 
 from f5worker import settings as settings_module
 from f5worker.jobs.inputs import parse_job_input
-from f5worker.settings import USER_FACING_ENV, Settings
+from f5worker.env_values import Number
+from f5worker.settings import USER_FACING_ENV, VARS, Settings
 from f5worker.validation import GIB, GPU_RECOMMENDED_BYTES
 from tests.test_dockerfile import instructions
 
@@ -84,6 +85,18 @@ def test_presets_set_only_listed_variables_to_values_the_worker_accepts():
     for preset in HUB["config"]["presets"]:
         assert preset["name"] and set(preset["defaults"]) <= set(ENV), preset
         Settings.from_env({k: env_value(ENV[k], v) for k, v in preset["defaults"].items()})
+
+
+@pytest.mark.parametrize("key", [k for k in ENV if {"min", "max"} & set(ENV[k]["input"])])
+def test_listed_bounds_are_the_rows_bounds(key):
+    """The listing's number fields carry the bounds the setting's own row declares (settings.VARS)."""
+    (var,) = [var for var in VARS.values() if var.env == key]
+    assert isinstance(var.parse, Number), key
+    field = ENV[key]["input"]
+    if "min" in field:
+        assert field["min"] == var.parse.low or (var.parse.above and field["min"] > var.parse.low), key
+    if "max" in field:
+        assert field["max"] == var.parse.high, key
 
 
 # --- tests.json ----------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from f5worker.env_values import Flag
 from f5worker.errors import StorageError
 from f5worker.settings import (
+    VARS,
     ENV_AWS_ACCESS_KEY_ID,
     ENV_AWS_ENDPOINT_URL,
     ENV_AWS_REGION,
@@ -25,6 +27,7 @@ from f5worker.settings import (
     split_bucket_endpoint,
 )
 from s3_utils import make_storage
+from tests.processes import REPO
 
 SECRET = "sekrit-" + uuid.uuid4().hex
 OTHER_SECRET = "other-" + uuid.uuid4().hex
@@ -184,9 +187,9 @@ def test_cached_models_folder_is_under_the_volume_mount_point(tmp_path):
 
 
 def test_graph_memory_budget_is_a_whole_number_of_mib():
-    from f5worker.settings import DEFAULT_GRAPH_MEMORY_MB, ENV_GRAPH_MEMORY_MB
+    from f5worker.settings import ENV_GRAPH_MEMORY_MB
 
-    assert Settings.from_env({}).graph_memory_mb == DEFAULT_GRAPH_MEMORY_MB
+    assert Settings.from_env({}).graph_memory_mb == 1024
     assert Settings.from_env({ENV_GRAPH_MEMORY_MB: "256"}).graph_memory_mb == 256
     for bad in ("0", "1.5", "lots"):
         with pytest.raises(ValueError, match=ENV_GRAPH_MEMORY_MB):
@@ -272,3 +275,53 @@ def test_a_bucket_without_its_key_pair_is_refused(keys):
     assert str(err.value).startswith(f"a bucket is set ({ENV_S3_BUCKET} or {ENV_BUCKET_ENDPOINT_URL}) but ")
     assert "example-secret" not in str(err.value)
     assert Settings.from_env({ENV_S3_BUCKET: "voices", **KEYS}).s3_bucket == "voices"
+
+
+# --- the rows: each setting declared once ------------------------------------------------------------
+
+FLAG_FIELDS = [name for name, var in VARS.items() if isinstance(var.parse, Flag)]
+
+
+@pytest.mark.parametrize("name", FLAG_FIELDS)
+def test_a_flag_refuses_a_word_it_does_not_know(name):
+    env = VARS[name].env
+    for word, value in (("1", True), ("On", True), ("yes", True), ("0", False), ("FALSE", False), ("off", False)):
+        assert getattr(Settings.from_env({env: word}), name) is value
+    for typo in ("flase", "2", "enabled", "nope"):
+        with pytest.raises(ValueError, match=f"^{env} must be one of"):
+            Settings.from_env({env: typo})
+
+
+def test_the_fast_path_typo_no_longer_turns_it_on():
+    with pytest.raises(ValueError, match="F5_FAST_PATH"):
+        Settings.from_env({"F5_FAST_PATH": "flase"})
+
+
+def test_every_field_but_the_notes_has_one_row_and_each_variable_one_field():
+    from dataclasses import fields
+
+    assert {f.name for f in fields(Settings)} - set(VARS) == {"warnings"}
+    names = [var.env for var in VARS.values()]
+    assert len(names) == len(set(names))
+
+
+def test_every_default_is_what_an_empty_environment_gives():
+    settings = Settings.from_env({})
+    derived = {"model_root", "local_storage_dir"}  # computed from the volume at start
+    for name, var in VARS.items():
+        if name not in derived:
+            assert getattr(settings, name) == var.default, name
+
+
+def test_the_readme_table_is_the_rows():
+    from f5worker.settings import markdown_table
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert markdown_table() in readme, "regenerate it: python -m f5worker.settings --markdown"
+
+
+def test_the_table_prints_from_the_command_line(capsys):
+    from f5worker.settings import main, markdown_table
+
+    assert main(["--markdown"]) == 0
+    assert capsys.readouterr().out == markdown_table() + "\n"

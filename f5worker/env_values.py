@@ -1,0 +1,154 @@
+"""How a setting's text becomes its value: one parser per kind, each refusing what it does not know.
+
+Why this module exists: a setting is declared once, as a row (``Var``: variable, parser, default,
+one-line doc) on its ``Settings`` field, and everything else is derived from the rows: reading the
+environment, the README's configuration table, the RunPod Hub listing's check. The parsers here
+are that vocabulary. Each takes the variable's name and its text (never empty: unset and empty
+both mean the default) and returns the value, or raises ValueError with one sentence naming the
+variable and never repeating a value that might be a secret.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+SHOWN_CHARS = 40  # of a refused value, in the sentence that refuses it
+
+
+def figure(value: float) -> str:
+    """A bound or default as the README writes it: 1,048,576, 0.5."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+
+
+class Parser(Protocol):
+    def __call__(self, name: str, raw: str) -> Any:
+        """The value of ``raw`` (not empty), or ValueError naming ``name``."""
+
+    def accepts(self) -> str:
+        """What the parser takes, for the README's table."""
+
+
+class Text:
+    def __call__(self, name: str, raw: str) -> str:
+        return raw
+
+    def accepts(self) -> str:
+        return "text"
+
+
+class PathValue:
+    def __call__(self, name: str, raw: str) -> Path:
+        return Path(raw)
+
+    def accepts(self) -> str:
+        return "a path"
+
+
+class Flag:
+    """On or off, in the words people write; anything else is refused (``flase`` turned a
+    setting on when every value but a few "off" words meant on)."""
+
+    def __call__(self, name: str, raw: str) -> bool:
+        word = raw.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise ValueError(f"{name} must be one of {', '.join(TRUE_WORDS)} (on) or {', '.join(FALSE_WORDS)} (off), "
+                         f"not {raw[:SHOWN_CHARS]!r}")
+
+    def accepts(self) -> str:
+        return "`1`/`0` (also true/false, yes/no, on/off)"
+
+
+@dataclass(frozen=True)
+class Number:
+    """A number from ``low`` to ``high``; ``whole`` for integers, ``above`` when ``low`` itself is
+    not allowed. Upper bounds are set where a larger value is a slip, never a choice (one,
+    ``S3_READ_TIMEOUT_SECONDS=1e308``, overflowed the socket timeout and failed every call)."""
+
+    low: float
+    high: float
+    whole: bool = False
+    above: bool = False
+
+    def __call__(self, name: str, raw: str) -> int | float:
+        try:
+            value = int(raw) if self.whole else float(raw)
+        except ValueError:
+            value = None
+        if value is None or value != value or not (value > self.low if self.above else value >= self.low):
+            bound = f"greater than {self.low:g}" if self.above else f"at least {self.low:g}"
+            raise ValueError(f"{name} must be a {'whole ' if self.whole else ''}number {bound}, "
+                             f"not {raw[:SHOWN_CHARS]!r}")
+        if value > self.high:
+            raise ValueError(f"{name} must be at most {self.high:g}, not {raw[:SHOWN_CHARS]!r}")
+        return value
+
+    def accepts(self) -> str:
+        kind = "whole number" if self.whole else "number"
+        low = f"above {figure(self.low)}" if self.above else figure(self.low)
+        return f"{kind}, {low} to {figure(self.high)}"
+
+
+class Device:
+    """What torch and safetensors both accept (``cpu:0`` is torch's, not safetensors')."""
+
+    PATTERN = re.compile(r"cpu|cuda(?::\d+)?")
+
+    def __call__(self, name: str, raw: str) -> str:
+        value = raw.strip()
+        if not self.PATTERN.fullmatch(value):
+            raise ValueError(f"{name} must be cpu, cuda or cuda:<index> (such as cuda:0), or unset "
+                             f"to pick the GPU when there is one, not {raw[:SHOWN_CHARS]!r}")
+        return value
+
+    def accepts(self) -> str:
+        return "`cpu`, `cuda`, `cuda:<index>`"
+
+
+class Present:
+    """Whether the variable is set at all (RunPod's own markers)."""
+
+    def __call__(self, name: str, raw: str) -> bool:
+        return True
+
+    def accepts(self) -> str:
+        return "set or unset"
+
+
+@dataclass(frozen=True)
+class Var:
+    """One setting: its variable, how its text is read, its default, what it means.
+
+    ``shown`` is how the README shows a default computed at start (a folder under the volume,
+    say); ``offered`` puts the variable in the RunPod Hub listing (``.runpod/hub.json``)."""
+
+    env: str
+    parse: Parser
+    default: Any
+    doc: str
+    shown: str | None = None
+    offered: bool = False
+
+    def read(self, env) -> Any:
+        raw = (env.get(self.env) or "").strip()
+        return self.parse(self.env, raw) if raw else self.default
+
+    def shown_default(self) -> str:
+        if self.shown is not None:
+            return self.shown
+        if self.default is None:
+            return "unset"
+        if isinstance(self.default, bool):
+            return f"`{int(self.default)}`"
+        if isinstance(self.default, (int, float)):
+            return f"`{figure(self.default)}`"
+        return f"`{self.default}`"
+
+    def markdown_row(self) -> str:
+        return f"| `{self.env}` | {self.shown_default()} | {self.parse.accepts()} | {self.doc} |"
