@@ -32,11 +32,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from f5worker.errors import InputError, StorageError, WorkerError
 from f5worker.inference.gpu_faults import gpu_fault
-from f5worker.jobs.guard import JobGuard, JobStopped
+from f5worker.jobs.guard import COMMITTING, JobGuard, JobStopped, safe_job_id
 from f5worker.jobs.inputs import parse_job_input
 from f5worker.local_job import local_test_job, run_local_job
 from f5worker.jobs.progress import OrderedProgress
@@ -98,6 +99,89 @@ def error_sentence(err: WorkerError) -> str:
     return message if message.endswith((".", "!", "?")) else message + "."
 
 
+@dataclass(frozen=True)
+class JobCall:
+    """What a job brings beside its input: its id, the job as runpod gave it (for progress
+    reports), and where a streamed job's audio goes (None: this endpoint does not stream)."""
+
+    job_id: str
+    job: dict
+    on_audio: Callable[[dict], None] | None
+    progress: Callable[[dict, dict], None] | None
+
+
+def start_tts(worker, job_input, call: JobCall) -> Awaitable[dict]:
+    if job_input.stream and call.on_audio is None:
+        raise InputError(f"This endpoint does not stream: set {ENV_STREAMING}=1 on the endpoint "
+                         "to send 'stream': true jobs, or leave 'stream' out.")
+    report = (lambda update: call.progress(call.job, update)) if call.progress is not None else None
+    return worker.tts(call.job_id, job_input, on_audio=call.on_audio if job_input.stream else None,
+                      on_progress=report)
+
+
+# A job's "endpoint" -> the workflow that runs it (jobs.workflows.Worker), as a coroutine to guard.
+ROUTES: dict[str, Callable[..., Awaitable[dict]]] = {
+    "tts": start_tts,
+    "upload": lambda worker, job_input, call: worker.upload(call.job_id, job_input),
+    "list_voices": lambda worker, job_input, call: worker.list_voices(call.job_id, job_input),
+    "voice_info": lambda worker, job_input, call: worker.voice_info(call.job_id, job_input),
+    "delete_voice": lambda worker, job_input, call: worker.delete_voice(call.job_id, job_input),
+}
+
+
+@dataclass
+class JobRunner:
+    """Runs one job: parse, route, guard, and the result or the error as ``failure`` words it."""
+
+    worker: object
+    start_error: WorkerError | None
+    guard: JobGuard | None
+    progress: Callable[[dict, dict], None] | None = None
+
+    async def run(self, job: dict, on_audio: Callable[[dict], None] | None = None) -> dict:
+        if self.start_error is not None:
+            log.error("job refused (the worker did not start), asking RunPod to replace this worker: %s",
+                      self.start_error)
+            return {"error": error_sentence(self.start_error), "refresh_worker": True}
+        self.guard.watch_sigterm()
+        call = JobCall(safe_job_id(job.get("id")), job, on_audio, self.progress)
+        endpoint = "unknown"
+        try:
+            if self.guard.stopping:
+                raise JobStopped("The worker is shutting down and did not start the job; send it again.")
+            job_input = parse_job_input(job.get("input"))
+            endpoint = job_input.endpoint
+            return await self.guard.run(call.job_id, ROUTES[endpoint](self.worker, job_input, call))
+        except Exception as err:
+            result, recorded = failure(err, call.job_id, endpoint)
+            await _record_error(self.worker, call.job_id, endpoint, recorded)
+            return result
+
+
+async def stream_job(runner: JobRunner, job: dict, replace_worker: Callable[[], None] | None):
+    """A streamed job: each piece of audio as it is sampled, then the result. A caller that goes
+    away (runpod cancelled the job) cancels the job."""
+    pieces: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def run_then_end() -> dict:
+        try:
+            return await runner.run(job, pieces.put_nowait)
+        finally:
+            pieces.put_nowait(end)
+
+    running = asyncio.ensure_future(run_then_end())
+    try:
+        while (piece := await pieces.get()) is not end:
+            yield piece
+        result = running.result()
+    finally:
+        running.cancel()
+    if result.get("refresh_worker") and replace_worker is not None:
+        replace_worker()
+    yield result
+
+
 def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard | None = None, *,
                  streaming: bool = False, progress: Callable[[dict, dict], None] | None = None,
                  replace_worker: Callable[[], None] | None = None):
@@ -106,65 +190,17 @@ def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard
     sentence back, so callers see why, and RunPod is asked to replace the worker. ``progress`` is
     runpod's ``progress_update(job, report)``; ``replace_worker`` asks runpod to replace the worker
     after a streamed job."""
-    from f5worker.jobs.workflows import COMMITTING, safe_job_id
-
     if guard is None and worker is not None:
         guard = JobGuard(worker.settings.job_timeout_s, worker.settings.tmp_dir,
                          committing=lambda task: task in COMMITTING)
-
-    async def run_job(job: dict, on_audio: Callable[[dict], None] | None = None) -> dict:
-        """The job's result, or its error as ``failure`` words it. ``on_audio``: where a streamed
-        job's audio goes (None: this endpoint does not stream)."""
-        if start_error is not None:
-            log.error("job refused (the worker did not start), asking RunPod to replace this worker: %s", start_error)
-            return {"error": error_sentence(start_error), "refresh_worker": True}
-        guard.watch_sigterm()
-        job_id = safe_job_id(job.get("id"))
-        endpoint = "unknown"
-        try:
-            if guard.stopping:
-                raise JobStopped("The worker is shutting down and did not start the job; send it again.")
-            job_input = parse_job_input(job.get("input"))
-            endpoint = job_input.endpoint
-            if endpoint == "tts":
-                if job_input.stream and on_audio is None:
-                    raise InputError(f"This endpoint does not stream: set {ENV_STREAMING}=1 on the endpoint "
-                                     "to send 'stream': true jobs, or leave 'stream' out.")
-                report = (lambda update: progress(job, update)) if progress is not None else None
-                work = worker.tts(job_id, job_input, on_audio=on_audio if job_input.stream else None,
-                                  on_progress=report)
-            else:
-                work = {"upload": worker.upload, "list_voices": worker.list_voices, "voice_info": worker.voice_info,
-                        "delete_voice": worker.delete_voice}[endpoint](job_id, job_input)
-            return await guard.run(job_id, work)
-        except Exception as err:
-            result, recorded = failure(err, job_id, endpoint)
-            await _record_error(worker, job_id, endpoint, recorded)
-            return result
+    runner = JobRunner(worker, start_error, guard, progress)
 
     async def handler(job: dict) -> dict:
-        return await run_job(job)
+        return await runner.run(job)
 
     async def streaming_handler(job: dict):
-        pieces: asyncio.Queue = asyncio.Queue()
-        end = object()
-
-        async def run_then_end() -> dict:
-            try:
-                return await run_job(job, pieces.put_nowait)
-            finally:
-                pieces.put_nowait(end)
-
-        running = asyncio.ensure_future(run_then_end())
-        try:
-            while (piece := await pieces.get()) is not end:
-                yield piece
-            result = running.result()
-        finally:
-            running.cancel()  # the caller went away (runpod cancelled the job): so does the job
-        if result.get("refresh_worker") and replace_worker is not None:
-            replace_worker()
-        yield result
+        async for item in stream_job(runner, job, replace_worker):
+            yield item
 
     return streaming_handler if streaming else handler
 

@@ -28,15 +28,22 @@ import functools
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
 import time
+import uuid
+import weakref
 from pathlib import Path
 
 from f5worker.errors import WorkerError
 
 log = logging.getLogger(__name__)
+
+SAFE_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# Jobs whose final write has begun (``jobs.workflows.Worker._commit``); a job's task leaves with the task.
+COMMITTING: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()
 
 SHUTDOWN_GRACE_S = 3.0  # after SIGTERM, jobs in flight get this long to finish
 EXIT_AFTER_S = 5.0  # then answers go out; a process still alive this much later ends itself
@@ -65,6 +72,11 @@ def stuck_at(task: asyncio.Task) -> str:
             where = _callable_name(handed)
         coro = coro.cr_await
     return where
+
+
+def safe_job_id(job_id: object) -> str:
+    """Job ids name temp files and storage keys; anything unusual is replaced by a fresh id."""
+    return job_id if isinstance(job_id, str) and SAFE_JOB_ID.fullmatch(job_id) else uuid.uuid4().hex
 
 
 class JobGuard:

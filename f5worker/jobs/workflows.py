@@ -20,6 +20,7 @@ import time
 import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Awaitable, Callable, Iterator
@@ -36,8 +37,9 @@ from f5worker.inference.engine import TTSEngine
 from f5worker.errors import InputError, StorageError, WorkerError
 from f5worker.jobs.inputs import (MAX_SEED, DeleteVoiceInput, ListVoicesInput, TTSInput, UploadInput,
                                 VoiceInfoInput)
-from f5worker.jobs.plan import SynthesisRequest, finish, plan_segments, planned_samples
+from f5worker.jobs.plan import JobPlan, SynthesisRequest, finish, plan_segments, planned_samples
 from f5worker.model.constants import TARGET_RMS
+from f5worker.jobs.guard import COMMITTING
 from f5worker.jobs.memory import HeapTrimmer
 from f5worker.settings import ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
 from f5worker.jobs.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
@@ -46,16 +48,6 @@ from s3_utils import KeyNotFound, ObjectTooLarge, Storage
 from f5worker.model.constants import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
-
-SAFE_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-# Jobs whose final write has begun (``Worker._commit``); a job's task leaves with the task.
-COMMITTING: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()
-
-
-def safe_job_id(job_id: object) -> str:
-    """Job ids name temp files and storage keys; anything unusual is replaced by a fresh id."""
-    return job_id if isinstance(job_id, str) and SAFE_JOB_ID.fullmatch(job_id) else uuid.uuid4().hex
-
 
 def output_key_for(job_id: str, requested: str | None, fmt: encoding.OutputFormat) -> str:
     """Where a TTS job's audio is stored: ``output/<job_id>.<ext>``, or the caller's ``output_key``
@@ -92,6 +84,72 @@ def job_files(tmp_dir: Path, job_id: str) -> Iterator[dict[str, Path]]:
     finally:
         for path in paths.values():
             path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class JobVoice:
+    """One voice of a TTS job: the voice, its transcript, and where that came from."""
+
+    voice: Voice
+    ref_text: str
+    ref_text_source: str
+
+
+@dataclass(frozen=True)
+class InlineAudio:
+    """Whether a job's audio goes back inline (base64) and, if it does not fit, the room there was."""
+
+    wanted: bool
+    room: int
+    too_large: bool
+
+
+class JobClock:
+    """A job's ``timings``: seconds since it started, and seconds per named step (a step timed
+    twice adds up)."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def since_start(self) -> float:
+        return time.perf_counter() - self.started
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        mark = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - mark
+
+
+def synthesis_requests(job: TTSInput, voices: dict[str, JobVoice], seed: int, *,
+                       streamed: bool) -> list[SynthesisRequest]:
+    """One request per segment of the job's text, each in its voice; a streamed job's first is cut short."""
+    return [SynthesisRequest(
+        prepared_ref=voices[name].voice.reference,  # kept prepared with the voice (jobs.voices.VoiceCache)
+        ref_audio=voices[name].voice.used, ref_sr=voices[name].voice.sr, ref_text=voices[name].ref_text,
+        gen_text=text, seed=seed, speed=job.speed, nfe_step=job.nfe_step, cfg_strength=job.cfg_strength,
+        sway_sampling_coef=job.sway_sampling_coef, cross_fade_duration=job.cross_fade_duration,
+        remove_silence=job.remove_silence, short_first_chunk=streamed and index == 0)
+        for index, (name, text) in enumerate(job.segments())]
+
+
+def tts_result(job: TTSInput, voices: dict[str, JobVoice], plan: JobPlan, fmt: encoding.OutputFormat, *,
+               url: str, output_key: str, seed: int, samples: np.ndarray, data: bytes,
+               stream: streaming.AudioStream | None) -> dict:
+    """A TTS job's result before its timings and inline audio."""
+    result = {"audio_url": url, "duration": round(audio.duration_seconds(samples, job.sample_rate), 3),
+              "sample_rate": job.sample_rate, "output_key": output_key, "voice": job.local_voice, "seed": seed,
+              "chunks": len(plan.items),
+              "ref_text_source": next(iter(voices.values())).ref_text_source,  # the first voice's
+              "format": fmt.name, "content_type": fmt.content_type, "bytes": len(data)}
+    if job.voices is not None:
+        result["voices_used"] = list(voices)
+    if stream is not None:
+        result["stream_chunks"] = stream.pieces
+    return result
 
 
 def one_job(workflow):
@@ -140,100 +198,95 @@ class Worker:
         """The TTS job. ``on_audio`` (a streamed job's) receives each piece of audio as soon as it
         is known (``f5worker.jobs.streaming``); ``on_progress`` receives, for a job of several chunks,
         ``{"chunks_done", "chunks_total", "audio_seconds"}`` after each chunk, in order."""
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
+        clock = JobClock()
         seed = job.seed if job.seed is not None else random.randint(0, MAX_SEED)
         fmt = encoding.FORMATS[job.output_format]
         output_key = output_key_for(job_id, job.output_key, fmt)
-        # Inline by default only where the result URL is a path on this machine (local storage).
-        inline_wanted = (job.return_base64 if job.return_base64 is not None
-                         else not self.storage.result_urls_reach_callers)
-        segments = job.segments()  # (voice name, text); one part unless the job gives `voices`
         with job_files(self.settings.tmp_dir, job_id) as paths:
-            # Each voice of the text once, in order of first use: (voice, transcript, its source).
-            timings.update(download_s=time.perf_counter() - started, transcription_s=0.0)
-            voices: dict[str, tuple[Voice, str, str]] = {}
-            for name, _ in segments:
-                if name not in voices:  # the job's ref_text is local_voice's
-                    given = job.ref_text if name == job.local_voice else None
-                    voices[name] = await self._voice(name, given, paths["voice.wav"], timings)
-
-            mark = time.perf_counter()
-            requests = [SynthesisRequest(
-                prepared_ref=voices[name][0].reference,  # kept prepared with the voice (f5worker.jobs.voices.VoiceCache)
-                ref_audio=voices[name][0].used, ref_sr=voices[name][0].sr, ref_text=voices[name][1],
-                gen_text=text, seed=seed, speed=job.speed, nfe_step=job.nfe_step, cfg_strength=job.cfg_strength,
-                sway_sampling_coef=job.sway_sampling_coef, cross_fade_duration=job.cross_fade_duration,
-                remove_silence=job.remove_silence, short_first_chunk=on_audio is not None and index == 0)
-                for index, (name, text) in enumerate(segments)]
-            plan = await self._off_loop(plan_segments, requests)
-            self._refuse_early(plan, fmt, job, streamed=on_audio is not None)
-            stream = streaming.AudioStream(job.sample_rate, job.cross_fade_duration) if on_audio is not None else None
-            lengths: list[int] = []
-
-            async def chunk_done(wave: np.ndarray) -> None:
-                lengths.append(len(wave))
-                if stream is not None:
-                    for piece in await self._off_loop(stream.add, wave):
-                        timings.setdefault("first_audio_s", time.perf_counter() - started)
-                        on_audio(piece)
-                if on_progress is not None and len(plan.items) > 1:
-                    seconds = audio.joined_length(lengths, SAMPLE_RATE, job.cross_fade_duration)
-                    on_progress({"chunks_done": len(lengths), "chunks_total": len(plan.items),
-                                 "audio_seconds": round(seconds / SAMPLE_RATE, 3)})
-
-            waves = await self._sample(plan.items, chunk_done, first_alone=stream is not None)
-            if stream is not None:
-                for piece in await self._off_loop(stream.close):
-                    timings.setdefault("first_audio_s", time.perf_counter() - started)
-                    on_audio(piece)
-            wave = await self._off_loop(finish, plan, waves)  # seconds for a long job
-            timings["synthesis_s"] = time.perf_counter() - mark
-
-            mark = time.perf_counter()
-            samples = await self._off_loop(encoding.resample, wave, job.sample_rate)
-            data = await self._off_loop(encoding.encode, samples, job.sample_rate, fmt)
-            await self._staging(paths["output.wav"].write_bytes, data)
-            timings["encoding_s"] = time.perf_counter() - mark
-
-            mark = time.perf_counter()
-            url = await self._off_loop(self.storage.result_url, output_key)
-            duration = audio.duration_seconds(samples, job.sample_rate)
-            result = {"audio_url": url, "duration": round(duration, 3), "sample_rate": job.sample_rate,
-                      "output_key": output_key, "voice": job.local_voice, "seed": seed, "chunks": len(plan.items),
-                      "ref_text_source": next(iter(voices.values()))[2],  # the first voice's
-                      "format": fmt.name, "content_type": fmt.content_type,
-                      "bytes": len(data)}
-            if job.voices is not None:
-                result["voices_used"] = list(voices)
-            if stream is not None:
-                result["stream_chunks"] = stream.pieces
-            # Whether the audio fits inline is settled before the upload: a job never fails after it.
-            # A streamed job's output also holds every piece it sent (runpod keeps them all).
-            limit = self.settings.max_result_bytes - (stream.output_bytes if stream is not None else 0)
-            room = encoding.inline_room(result, limit) if inline_wanted else 0
-            too_large = inline_wanted and len(data) > room
-            if too_large and job.return_base64:
-                raise InputError(encoding.too_large_sentence(fmt, len(data), room))
-            await self._commit(self.storage.upload_file, output_key, paths["output.wav"], fmt.content_type)
-            timings["upload_s"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        if too_large:  # the local-storage default: the stored file only, and why
-            result["audio_base64_omitted"] = encoding.omitted_sentence(len(data), room)
-            log.warning("job %s: audio of %d bytes too large to return inline", job_id, len(data))
-        elif inline_wanted:
-            result["audio_base64"] = await self._off_loop(encoding.to_base64, data)
-        timings["encoding_s"] += time.perf_counter() - mark
-        timings["total_s"] = time.perf_counter() - started
-        result["timings"] = _rounded(timings)
-        result["rtf"] = round(timings["synthesis_s"] / duration, 4) if duration > 0 else None
+            clock.timings.update(download_s=clock.since_start(), transcription_s=0.0)
+            voices = await self._job_voices(job, paths["voice.wav"], clock.timings)
+            with clock.step("synthesis_s"):
+                plan = await self._off_loop(plan_segments, synthesis_requests(job, voices, seed,
+                                                                              streamed=on_audio is not None))
+                self._refuse_early(plan, fmt, job, streamed=on_audio is not None)
+                stream = (streaming.AudioStream(job.sample_rate, job.cross_fade_duration)
+                          if on_audio is not None else None)
+                wave = await self._synthesize(plan, job, stream, on_audio, on_progress, clock)
+            with clock.step("encoding_s"):
+                samples = await self._off_loop(encoding.resample, wave, job.sample_rate)
+                data = await self._off_loop(encoding.encode, samples, job.sample_rate, fmt)
+                await self._staging(paths["output.wav"].write_bytes, data)
+            with clock.step("upload_s"):
+                url = await self._off_loop(self.storage.result_url, output_key)
+                result = tts_result(job, voices, plan, fmt, url=url, output_key=output_key, seed=seed,
+                                    samples=samples, data=data, stream=stream)
+                # Whether the audio fits inline is settled before the upload: a job never fails after it.
+                inline = self._inline_decision(job, result, len(data), stream)
+                if inline.too_large and job.return_base64:
+                    raise InputError(encoding.too_large_sentence(fmt, len(data), inline.room))
+                await self._commit(self.storage.upload_file, output_key, paths["output.wav"], fmt.content_type)
+        with clock.step("encoding_s"):
+            await self._attach_inline(job_id, result, inline, data)
+        clock.timings["total_s"] = clock.since_start()
+        result["timings"] = _rounded(clock.timings)
+        result["rtf"] = round(clock.timings["synthesis_s"] / result["duration"], 4) if result["duration"] > 0 else None
         await self.record(job_id, "tts", "ok", voice=job.local_voice, text_chars=len(job.text), chunks=len(plan.items),
-                          audio_seconds=round(duration, 3), output_bytes=len(data), output_key=output_key,
+                          audio_seconds=result["duration"], output_bytes=len(data), output_key=output_key,
                           format=fmt.name, sample_rate=job.sample_rate, inline="audio_base64" in result,
                           ref_text_source=result["ref_text_source"], voices_used=list(voices),
-                          timings=_rounded(timings))
+                          timings=result["timings"])
         return result
+
+    async def _job_voices(self, job: TTSInput, staging: Path, timings: dict[str, float]) -> dict[str, JobVoice]:
+        """Each voice of the text once, in order of first use (the job's ref_text is local_voice's)."""
+        voices: dict[str, JobVoice] = {}
+        for name, _ in job.segments():
+            if name not in voices:
+                given = job.ref_text if name == job.local_voice else None
+                voices[name] = await self._voice(name, given, staging, timings)
+        return voices
+
+    async def _synthesize(self, plan: JobPlan, job: TTSInput, stream: streaming.AudioStream | None,
+                          on_audio: Callable[[dict], None] | None, on_progress: Callable[[dict], None] | None,
+                          clock: JobClock) -> np.ndarray:
+        """The plan's chunks sampled through the batcher, streamed and reported as each is done, then joined."""
+        lengths: list[int] = []
+
+        def send(pieces: list[dict]) -> None:
+            for piece in pieces:
+                clock.timings.setdefault("first_audio_s", clock.since_start())
+                on_audio(piece)
+
+        async def chunk_done(wave: np.ndarray) -> None:
+            lengths.append(len(wave))
+            if stream is not None:
+                send(await self._off_loop(stream.add, wave))
+            if on_progress is not None and len(plan.items) > 1:
+                seconds = audio.joined_length(lengths, SAMPLE_RATE, job.cross_fade_duration)
+                on_progress({"chunks_done": len(lengths), "chunks_total": len(plan.items),
+                             "audio_seconds": round(seconds / SAMPLE_RATE, 3)})
+
+        waves = await self._sample(plan.items, chunk_done, first_alone=stream is not None)
+        if stream is not None:
+            send(await self._off_loop(stream.close))
+        return await self._off_loop(finish, plan, waves)  # seconds for a long job
+
+    def _inline_decision(self, job: TTSInput, result: dict, size: int,
+                         stream: streaming.AudioStream | None) -> InlineAudio:
+        """Whether the audio goes back inline. By default only where the result URL is a path on this
+        machine (local storage); a streamed job's output also holds every piece it sent (runpod
+        keeps them all), which the room leaves out."""
+        wanted = job.return_base64 if job.return_base64 is not None else not self.storage.result_urls_reach_callers
+        limit = self.settings.max_result_bytes - (stream.output_bytes if stream is not None else 0)
+        room = encoding.inline_room(result, limit) if wanted else 0
+        return InlineAudio(wanted=wanted, room=room, too_large=wanted and size > room)
+
+    async def _attach_inline(self, job_id: str, result: dict, inline: InlineAudio, data: bytes) -> None:
+        if inline.too_large:  # the local-storage default: the stored file only, and why
+            result["audio_base64_omitted"] = encoding.omitted_sentence(len(data), inline.room)
+            log.warning("job %s: audio of %d bytes too large to return inline", job_id, len(data))
+        elif inline.wanted:
+            result["audio_base64"] = await self._off_loop(encoding.to_base64, data)
 
     async def _sample(self, items: list, chunk_done: Callable[[np.ndarray], Awaitable[None]], *,
                       first_alone: bool) -> list[np.ndarray]:
@@ -276,7 +329,7 @@ class Worker:
             raise InputError(encoding.too_large_sentence(fmt, least, room, before=True))
 
     async def _voice(self, name: str, given: str | None, staging: Path,
-                     timings: dict[str, float]) -> tuple[Voice, str, str]:
+                     timings: dict[str, float]) -> JobVoice:
         """Voice ``name`` (staged through ``staging``), its transcript and where that came from,
         with the time taken added to ``timings``."""
         mark = time.perf_counter()
@@ -287,7 +340,7 @@ class Worker:
         looked_up = time.perf_counter() - fetched
         timings["download_s"] += fetched - mark + (0.0 if source == "transcribed" else looked_up)
         timings["transcription_s"] += looked_up if source == "transcribed" else 0.0
-        return voice, ref_text, source
+        return JobVoice(voice, ref_text, source)
 
     async def _ref_text(self, voice: Voice, given: str | None) -> tuple[str, str]:
         known = await self._off_loop(self.voices.known_ref_text, voice, given)
