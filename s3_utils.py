@@ -332,7 +332,7 @@ class S3Storage(Storage):
         self.client = client if client is not None else make_s3_client(settings)
         self._bucket_seen = False  # set by check_exists; every write checks it first
 
-    def _error(self, err: BaseException, action: str, key: str, waited: float) -> StorageError | None:
+    def _error(self, err: BaseException, action: str, key: str, waited: float) -> StorageError | None:  # noqa: C901 - one storage error per botocore error kind
         """The StorageError for a botocore failure (None: not one of theirs). Each message is one
         sentence built from the error code or type only: botocore's own texts can carry URLs.
         ``waited``: seconds the call took, all tries together (a timeout names it, since which

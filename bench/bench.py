@@ -367,7 +367,7 @@ def main(argv=None) -> int:
         shutil.rmtree(model_root, ignore_errors=True)
 
 
-def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
+def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:  # noqa: C901 - the bench's phases in order, each a few lines
     from f5worker.settings import ENV_LOCAL_STORAGE_DIR, ENV_MODEL_ROOT, Settings, apply_cache_env
 
     # the worker's storage (unused by the bench) goes to the temp root too, not into the repository
@@ -464,11 +464,12 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
 
     def worker_figures(label):
         for n in nfes:
-            res["rtf"][label][f"nfe{n}"] = median_run(lambda: [synth(GEN_TEXT, n, 0)], runs)
+            res["rtf"][label][f"nfe{n}"] = median_run(lambda n=n: [synth(GEN_TEXT, n, 0)], runs)
             save()
         for kind, texts in (("equal", equal_texts(inflight)), ("mixed", mixed_texts(inflight))):
             calls = len(batcher.calls)
-            figure = median_run(lambda: asyncio.run(run_worker_jobs(engine, batcher, texts, nfe)), runs_inflight)
+            figure = median_run(lambda texts=texts: asyncio.run(run_worker_jobs(engine, batcher, texts, nfe)),
+                                runs_inflight)
             figure["model_calls"] = batcher.calls[calls:]
             res["throughput"][kind][label] = figure
             save(f"{label}_{kind}")
@@ -482,7 +483,7 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
                          "mixed": {"how_stock": f"{inflight} concurrent infer_process calls on threads (batch 1 "
                                                 "each), as infer_batch_process runs a text's chunks"}}
     for n in nfes:
-        res["rtf"]["stock"][f"nfe{n}"] = median_run(lambda: [stock.job(ref_path, GEN_TEXT, n, 0)], runs)
+        res["rtf"]["stock"][f"nfe{n}"] = median_run(lambda n=n: [stock.job(ref_path, GEN_TEXT, n, 0)], runs)
     save("load_agreement_stock_rtf")
     worker_figures("worker_unfused")
 

@@ -172,7 +172,7 @@ def run_stock(args) -> None:
     ref_path = ref_path_for(args.ref_dir)
     text = equal_texts(1)[0]
     for name, seed in (("first_job", 0), ("second_job", 1), ("job_after_preparation", 2)):
-        stamps[name] = timed_s(torch, lambda: stock.job(ref_path, text, args.nfe, seed))
+        stamps[name] = timed_s(torch, lambda seed=seed: stock.job(ref_path, text, args.nfe, seed))
     stamps["first_job_ratio"] = round(stamps["first_job"] / stamps["job_after_preparation"], 2)
     stamps["peak_reserved_mib"]["one_job"] = peak_reserved_mib(torch)
     stamps["inflight_equal_first_s"] = timed_s(torch, lambda: stock.batch_equal(ref_path, text, args.inflight, args.nfe))

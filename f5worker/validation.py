@@ -214,7 +214,7 @@ def fit_problems(m: ModelState) -> list[str]:
     return problems
 
 
-def check_model_file(path: Path) -> str | None:
+def check_model_file(path: Path) -> str | None:  # noqa: C901 - one model file's checks, each a line
     """None if ``path`` is non-empty and its format's header loads, else what is wrong with it."""
     try:
         size = path.stat().st_size

@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 export VENV="${VENV:-.venv}"
 scripts/setup.sh --dev
 export HF_HUB_OFFLINE=1
+"$VENV/bin/ruff" check --quiet .  # ruff.toml: unused names, likely bugs, functions too complex
 exec "$VENV/bin/python" -m pytest "$@"

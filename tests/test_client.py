@@ -25,7 +25,7 @@ PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "http
 
 
 @pytest.fixture
-def run(api, monkeypatch):
+def run(api, monkeypatch):  # noqa: F811 - api: the fixture imported above
     """``main`` against the local server: (exit status, stdout, stderr)."""
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", api.s3_server.ca_bundle)  # the presigned URLs' CA
     for name in PROXY_VARIABLES:

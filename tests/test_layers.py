@@ -134,7 +134,7 @@ def test_the_check_catches_an_upward_import_and_a_circle(tmp_path):
     # The checks run on imports made up here, so a check that could never fail is caught.
     here = REPO / "f5worker" / "model" / "dit.py"
     up = Import("f5worker.model.dit", "f5worker.jobs.plan", here, 3)
-    assert upward([up]) == [f"f5worker/model/dit.py:3: f5worker.model.dit (model) imports f5worker.jobs.plan (jobs), "
+    assert upward([up]) == ["f5worker/model/dit.py:3: f5worker.model.dit (model) imports f5worker.jobs.plan (jobs), "
                             "a higher layer"]
     back = Import("f5worker.jobs.plan", "f5worker.model.dit", REPO / "f5worker" / "jobs" / "plan.py", 9)
     assert len(cycles([up, back])) == 1 and "f5worker/jobs/plan.py:9" in cycles([up, back])[0]

@@ -160,7 +160,7 @@ def judge(row: Row, ctx: Ctx, outcomes, secrets_: tuple[str, ...] = (), expect_o
     """Count each outcome into ``row``; check files left in the temp folder and local storage.
     ``racing``: the uploads wrote one name at once, so only the winner's voice can be checked (by
     the caller), not each upload's."""
-    for job_id, job, result in outcomes:
+    for _job_id, job, result in outcomes:
         row.jobs += 1
         if not isinstance(result, dict):
             row.problems.append(f"result is {type(result).__name__}")
@@ -427,7 +427,7 @@ def test_unsplittable_text_batched_with_ordinary_jobs(matrix, tiny_models, tiny_
     row = Row("long unsplittable texts (" + ", ".join(LONG_TEXTS) + ") batched with 4 ordinary jobs each", "local")
     matrix.append(row)
     with worker_ctx(tiny_models, tiny_whisper, tmp_path) as ctx:
-        for name, text in LONG_TEXTS.items():
+        for text in LONG_TEXTS.values():
             ordinary = [tts(f"Ordinary job number {i}, said plainly.", seed=i) for i in range(4)]
             outcomes = run_jobs(ctx, row, [tts(text, nfe_step=1)] + ordinary)
             row.faults += 1

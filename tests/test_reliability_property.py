@@ -206,7 +206,7 @@ def upload_urls(base: str):
     return good, bad
 
 
-def case_strategy(base: str):
+def case_strategy(base: str):  # noqa: C901 - one strategy per fault kind
     good_urls, bad_urls = upload_urls(base)
     upload_fields = {**UPLOAD_FIELDS, "voice_file_url": (st.sampled_from(good_urls), st.sampled_from(bad_urls),
                                                          NOT_A_STR)}
@@ -369,7 +369,7 @@ def storage_snapshot(root: Path) -> tuple[frozenset, list[str]]:
     return frozenset(names), partial
 
 
-def check(ctx, tally: Tally, case: Case, secrets_: set[str]) -> None:
+def check(ctx, tally: Tally, case: Case, secrets_: set[str]) -> None:  # noqa: C901 - one expectation per fault kind
     root = ctx.settings.local_storage_dir
     before, _ = storage_snapshot(root)
     job_id = case.job_id if case.job_id is not None else f"p-{uuid.uuid4().hex[:12]}"

@@ -304,7 +304,7 @@ def _fetch(session: requests.Session, url: str, out, *, max_bytes: int, allow_pr
     raise InputError(f"Downloading the {what} failed: more than {MAX_REDIRECTS} redirects.")
 
 
-def download_to_file(url: str, dest: Path, *, max_bytes: int, allow_private: bool,
+def download_to_file(url: str, dest: Path, *, max_bytes: int, allow_private: bool,  # noqa: C901 - checks in order
                      connect_timeout: float = 10, read_timeout: float = 30,
                      total_timeout: float = 120, field: str = "voice_file_url",
                      what: str = "voice file") -> int:

@@ -236,7 +236,7 @@ def _field_name(loc) -> str:
     return name if len(name) <= MAX_FIELD_NAME_SHOWN else name[:MAX_FIELD_NAME_SHOWN - 1] + "…"
 
 
-def _sentence(err: dict) -> str:
+def _sentence(err: dict) -> str:  # noqa: C901 - one sentence per pydantic error kind
     field = _field_name(err["loc"])
     kind, ctx = err["type"], err.get("ctx", {})
     if kind == "sentence":  # a rule over several fields, already worded as the sentence

@@ -14,11 +14,8 @@ import errno
 import functools
 import logging
 import random
-import re
 import shutil
 import time
-import uuid
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
