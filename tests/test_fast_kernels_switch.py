@@ -132,9 +132,17 @@ def note(what):
     with events.open("a") as f:
         f.write(json.dumps({"who": name, "what": what, "t": time.time()}) + "\n")
 
+def others_job_ran():
+    return any(e["what"] == "job-ran" and e["who"] != name
+               for e in map(json.loads, events.read_text().splitlines()))
+
 def compile_kernels():  # on the model thread, as the fused switch task runs
+    # Lasts until the other worker has served a job (at most 30 s), so the check does not hang on
+    # how long each process takes to import torch on a loaded machine.
     note("compile-start")
-    time.sleep(1.0)
+    deadline = time.time() + 30
+    while time.time() < deadline and not others_job_ran():
+        time.sleep(0.05)
     note("compile-end")
 
 lock = CompileLock(folder / "triton", wait_s=60)
