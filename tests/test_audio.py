@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from f5worker.jobs import resampling
 from f5worker.jobs import plan as job_plan
 from f5worker.jobs import audio
 from f5worker.inference.engine import TTSEngine
@@ -73,7 +74,7 @@ def test_resampled_reference_and_options_synthesise(tiny_models, tmp_path):
     assert wave.dtype == np.float32 and len(wave) > 0 and np.isfinite(wave).all()
 
     # A reference prepared beforehand (a cached voice) gives exactly what plan() would prepare.
-    clip = audio.resample(speechlike(3.0, seed=4), SR)
+    clip = resampling.to_model_rate(speechlike(3.0, seed=4), SR)
     fresh = SynthesisRequest(ref_audio=clip, ref_sr=SR, ref_text="A reference.", gen_text="Hello there.",
                              seed=3, nfe_step=2)
     prepared = dataclasses.replace(fresh, prepared_ref=audio.prepare_reference(clip, SR))
@@ -185,8 +186,21 @@ def test_resample_to_24k_keeps_the_length_and_the_pitch():
     rate = 44100
     t = np.arange(2 * rate) / rate
     tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-    out = audio.resample(tone, rate)
+    out = resampling.to_model_rate(tone, rate)
     assert out.dtype == np.float32 and len(out) == 2 * SR
     peak_hz = np.argmax(np.abs(np.fft.rfft(out))) * SR / len(out)
     assert abs(peak_hz - 440) <= 1
-    assert audio.resample(tone, SR) is tone  # already at the rate: untouched
+    assert resampling.to_model_rate(tone, SR) is tone  # already at the rate: untouched
+
+
+@pytest.mark.parametrize("rate", [16000, 22050, 44100, 48000])
+def test_voices_are_resampled_as_f5_tts_resamples_a_reference(rate):
+    """One resampler for the upload and the job: f5-tts's own (infer_batch_process's
+    ``torchaudio.transforms.Resample``). The functional form the upload used before differs from it
+    in the last bits (up to 7e-6 here), so a voice resampled at upload was not the job's voice."""
+    import torch
+    import torchaudio
+
+    clip = speechlike(1.5, seed=rate)
+    stock = torchaudio.transforms.Resample(rate, SR)(torch.from_numpy(clip).unsqueeze(0))[0].numpy()
+    assert np.array_equal(resampling.to_model_rate(clip, rate), stock)

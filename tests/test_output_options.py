@@ -21,6 +21,7 @@ import soundfile as sf
 import soxr
 import torch
 
+from f5worker.jobs import resampling
 from f5worker.jobs import plan as job_plan
 from f5worker.jobs import audio
 from f5worker.jobs import encoding
@@ -88,7 +89,7 @@ def test_every_format_and_rate_it_allows_encodes_and_decodes(name):
     assert sf.check_format(fmt.sf_format, fmt.sf_subtype)  # the installed libsndfile writes it
     wave = speechlike(1.0, seed=1)
     for rate in fmt.sample_rates:
-        samples = encoding.resample(wave, rate)
+        samples = resampling.from_model_rate(wave, rate)
         data = encoding.encode(samples, rate, fmt)
         info = sf.info(io.BytesIO(data))
         assert (info.format, info.subtype, info.samplerate, info.channels) == (*SF_NAMES[name], rate, 1)
@@ -98,20 +99,20 @@ def test_every_format_and_rate_it_allows_encodes_and_decodes(name):
     refused_rates = set(SAMPLE_RATES) - set(fmt.sample_rates)
     for rate in refused_rates:  # what the input rules refuse really cannot be written
         with pytest.raises(sf.LibsndfileError):
-            encoding.encode(encoding.resample(wave, rate), rate, fmt)
+            encoding.encode(resampling.from_model_rate(wave, rate), rate, fmt)
     assert refused_rates == (set(SAMPLE_RATES) - set(OPUS_SAMPLE_RATES) if name == "opus" else set())
 
 
 def test_resampling_keeps_duration_and_content():
     wave = speechlike(2.0, seed=3)
     for rate in SAMPLE_RATES:
-        out = encoding.resample(wave, rate)
+        out = resampling.from_model_rate(wave, rate)
         assert out.dtype == np.float32 and abs(len(out) / rate - 2.0) <= 1 / rate
         for n in (1, 79, 80, 240, 1001, 39424, 48_000 + 17):  # the early size refusal's lower bound
-            got = len(encoding.resample(np.zeros(n, np.float32), rate))
-            assert got - encoding.least_resampled_length(n, rate) in (0, 1), (n, rate, got)
+            got = len(resampling.from_model_rate(np.zeros(n, np.float32), rate))
+            assert got - resampling.least_output_length(n, rate) in (0, 1), (n, rate, got)
     for rate in (44100, 48000):  # up and back again: the same signal, not one relabelled
-        back = soxr.resample(encoding.resample(wave, rate), rate, SR)
+        back = soxr.resample(resampling.from_model_rate(wave, rate), rate, SR)
         core = slice(SR // 10, -SR // 10)
         assert np.linalg.norm(back[core] - wave[core]) / np.linalg.norm(wave[core]) < 0.01
 

@@ -22,7 +22,7 @@ import pytest
 import soundfile as sf
 
 from examples import client
-from f5worker.jobs import encoding
+from f5worker.jobs import resampling
 from f5worker.jobs.audio import cross_fade_join
 from f5worker.model.constants import SAMPLE_RATE
 from f5worker.jobs.chunking import chunk_for_model, utf8_len
@@ -95,7 +95,7 @@ def stored_samples(ctx, result: dict) -> tuple[np.ndarray, int]:
 def test_pieces_concatenate_to_the_finished_join(sample_rate, lengths, fade):
     rng = np.random.default_rng(len(lengths))
     waves = [(0.3 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
-    expected = encoding.resample(cross_fade_join(waves, SAMPLE_RATE, fade).astype(np.float32), sample_rate)
+    expected = resampling.from_model_rate(cross_fade_join(waves, SAMPLE_RATE, fade).astype(np.float32), sample_rate)
     stream = AudioStream(sample_rate, fade)
     pieces = [piece for wave in waves for piece in stream.add(wave)] + stream.close()
     assert [p["chunk"] for p in pieces] == list(range(len(pieces)))

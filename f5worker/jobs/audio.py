@@ -21,7 +21,6 @@ import numpy as np
 import soundfile as sf
 
 from f5worker.errors import InputError
-from f5worker.model.constants import SAMPLE_RATE
 
 REF_MAX_SECONDS = 12.0  # f5-tts clips references here; longer ones only cost time
 REF_MIN_SECONDS = 1.0
@@ -157,20 +156,6 @@ def prepare_reference(samples: np.ndarray, sr: int) -> np.ndarray:
     50 ms of silence, as f5-tts's preprocess_ref_audio_text does."""
     trimmed = check_speech(clip_reference(samples, sr)[0], sr)
     return np.concatenate([trimmed, np.zeros(int(sr * REFERENCE_PAD_SECONDS), dtype=np.float32)]).astype(np.float32)
-
-
-def resample(samples: np.ndarray, sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
-    """``samples`` at ``target_sr``, with the resampler synthesis uses (torchaudio's windowed sinc,
-    its defaults), so a voice resampled once at upload sounds as it would resampled at every job."""
-    if sr == target_sr:
-        return samples
-    # torch is imported only when a voice needs resampling: this module is also loaded by the
-    # validation script and the tests, which should not pay for torch.
-    import torch
-    import torchaudio
-
-    wave = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(samples)), sr, target_sr)
-    return wave.numpy().astype(np.float32)
 
 
 def normalise_loudness(clip: np.ndarray, sr: int, target_rms: float) -> tuple[np.ndarray, float]:

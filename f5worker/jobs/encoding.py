@@ -5,8 +5,7 @@ few sample rates, stored and optionally inline (base64) in the result. What each
 extension, Content-Type, libsndfile format and subtype, the sample rates its codec takes) is said
 once, in ``FORMATS``; the input rules, the encoder and the README are written from it. Encoding is
 libsndfile's (through soundfile, whose wheel bundles libsndfile 1.2 with FLAC, Vorbis, Opus and LAME
-MP3; no FFmpeg), resampling soxr's (already installed as librosa's dependency; it imports in about
-2 ms once numpy is loaded, where torchaudio would pull in torch).
+MP3; no FFmpeg); resampling is ``jobs.resampling``'s.
 
 Content types: ``audio/wav``, ``audio/flac``, ``audio/ogg`` and ``audio/mpeg`` are the registered
 types. Opus is stored as an Ogg Opus file (RFC 7845), whose registered type is ``audio/ogg``;
@@ -23,12 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
-import soxr
 
 from f5worker.model.constants import SAMPLE_RATE
 
 # Sample rates a job may ask for: the common telephone, wideband, CD and studio rates around the
-# model's own 24 kHz. Each is reached from 24 kHz by one soxr resampling ("HQ" quality).
+# model's own 24 kHz. Each is reached from 24 kHz by one resampling (jobs.resampling.from_model_rate).
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 OPUS_SAMPLE_RATES = (8000, 16000, 24000, 48000)  # of those, the ones Opus takes (it also takes 12 kHz)
 WAV_HEADER_BYTES = 44  # what libsndfile writes before 16-bit PCM samples in a WAV
@@ -71,19 +69,6 @@ def one_of(values) -> str:
     """'a, b or c' for a sentence."""
     items = [str(v) for v in values]
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
-
-
-def least_resampled_length(samples: int, sample_rate: int) -> int:
-    """At least as many samples as ``resample`` returns for ``samples`` samples at 24 kHz (soxr
-    rounds to a neighbouring whole sample; this is the lower one)."""
-    return samples * sample_rate // SAMPLE_RATE
-
-
-def resample(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-    """The model's 24 kHz output at ``sample_rate``; the duration is kept to within one sample."""
-    if sample_rate == SAMPLE_RATE:
-        return samples
-    return soxr.resample(samples, SAMPLE_RATE, sample_rate, quality="HQ").astype(np.float32, copy=False)
 
 
 def pcm16(samples: np.ndarray) -> np.ndarray:

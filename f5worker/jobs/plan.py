@@ -25,6 +25,7 @@ from f5worker.jobs.audio import cross_fade_join, joined_length, prepare_referenc
 from f5worker.jobs.chunking import chunk_for_model, utf8_len
 from f5worker.errors import InputError
 from f5worker.jobs.options import OPTION_DEFAULTS
+from f5worker.jobs.resampling import to_model_rate
 from f5worker.model.text_tokens import text_to_symbols
 from f5worker.inference.items import ChunkItem, item_frames
 from f5worker.model.constants import HOP_LENGTH, SAMPLE_RATE, TARGET_RMS
@@ -115,15 +116,6 @@ def normalise_ref_text(ref_text: str) -> str:
     return ref_text
 
 
-def resample_to_model_rate(audio: torch.Tensor, sr: int) -> torch.Tensor:
-    if sr == SAMPLE_RATE:
-        return audio
-    # Imported only for a voice not stored at 24 kHz (uploads are): keeps torchaudio off the start path.
-    import torchaudio
-
-    return torchaudio.transforms.Resample(sr, SAMPLE_RATE)(audio)
-
-
 def plan(req: SynthesisRequest) -> JobPlan:
     ref = req.prepared_ref if req.prepared_ref is not None else prepare_reference(req.ref_audio, req.ref_sr)
     ref_text = normalise_ref_text(req.ref_text)
@@ -139,7 +131,7 @@ def plan(req: SynthesisRequest) -> JobPlan:
         audio = audio * TARGET_RMS / rms
     # stays on the CPU: plan() runs off the model thread, and a device allocation there could
     # land in the middle of a CUDA graph capture; the sampler moves it on the model thread
-    audio = resample_to_model_rate(audio, req.ref_sr)
+    audio = torch.from_numpy(to_model_rate(audio[0].numpy(), req.ref_sr)).unsqueeze(0)
     job = JobPlan(items=items_for(audio, rms, ref_text, chunks, req), request=req)
     check_plan_bounds(job, req.gen_text)
     return job

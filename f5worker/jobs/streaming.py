@@ -8,7 +8,7 @@ stored file. ``AudioStream`` takes the job's chunk waveforms in order and gives 
   the last cross-fade window of what has been joined so far is held back until the next chunk
   arrives (it is faded into that chunk's start), and sent at the end.
 * Sample rate: pieces are resampled with soxr's streaming resampler at the quality the stored file
-  is resampled with (``encoding.resample``); soxr gives the same samples fed in pieces as in one
+  is resampled with (``resampling.from_model_rate``); soxr gives the same samples fed in pieces as in one
   call, so the streamed audio equals the stored audio at any of the job's sample rates.
 * PCM: the float samples become 16-bit PCM by ``encoding.pcm16``, the conversion the stored WAV
   and FLAC are written from, so a streamed sample equals the stored file's sample exactly.
@@ -28,10 +28,10 @@ import json
 import logging
 
 import numpy as np
-import soxr
 
 from f5worker.jobs.encoding import pcm16, size_text, to_base64
 from f5worker.settings import ENV_MAX_RESULT_BYTES
+from f5worker.jobs.resampling import OutputStream
 from f5worker.model.constants import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ PCM_BYTES_PER_SAMPLE = 2
 MAX_PIECE_BASE64_BYTES = 256 * 1024
 # The most samples one piece holds so that its base64 stays within MAX_PIECE_BASE64_BYTES.
 MAX_PIECE_SAMPLES = MAX_PIECE_BASE64_BYTES // 4 * 3 // PCM_BYTES_PER_SAMPLE
-RESAMPLE_QUALITY = "HQ"  # encoding.resample's
 LIST_SEPARATOR_BYTES = len(", ")  # between the items of the job's output list, as json.dumps writes it
 
 
@@ -90,9 +89,7 @@ class AudioStream:
         self.fade = int(cross_fade_seconds * SAMPLE_RATE)  # cross_fade_join's window
         self.held = np.zeros(0, dtype=np.float32)  # the join's last samples, exactly as it holds them
         self.joined = 0  # samples of the join so far, held ones included
-        self.resampler = (None if sample_rate == SAMPLE_RATE else
-                          soxr.ResampleStream(SAMPLE_RATE, sample_rate, 1, dtype="float32",
-                                              quality=RESAMPLE_QUALITY))
+        self.resampler = OutputStream(sample_rate)
         self.pieces = 0
         self.samples_sent = 0
         self.output_bytes = 0  # what the pieces sent add to the job's output (runpod keeps them all)
@@ -121,8 +118,7 @@ class AudioStream:
 
     def _pieces(self, samples: np.ndarray, *, last: bool) -> list[dict]:
         samples = samples.astype(np.float32)  # job_plan.finish's type
-        if self.resampler is not None:
-            samples = self.resampler.resample_chunk(samples, last=last)
+        samples = self.resampler.resample(samples, last=last)
         pieces = []
         for start in range(0, len(samples), MAX_PIECE_SAMPLES):
             part = samples[start:start + MAX_PIECE_SAMPLES]

@@ -52,6 +52,7 @@ from f5worker.jobs.inputs import check_voice_name
 from f5worker.settings import (ENV_MAX_VOICE_BYTES, INCOMING_PREFIX, TRANSCRIPT_SUFFIX,
                                VOICE_META_SUFFIX, VOICES_PREFIX)
 from s3_utils import KeyNotFound, NotText, ObjectInfo, Storage, check_key
+from f5worker.jobs.resampling import to_model_rate
 from f5worker.model.constants import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def prepare_upload(samples: np.ndarray, sr: int, target_rms: float) -> tuple[np.
     at a pause), at 24 kHz, its silent edges trimmed, loudness normalised to ``target_rms``
     (``audio.normalise_loudness``). Returns it, whether speech past it was dropped, and the gain."""
     used, clipped = audio.clip_reference(samples, sr)
-    used = audio.resample(used, sr)
+    used = to_model_rate(used, sr)
     trimmed = audio.check_speech(used, SAMPLE_RATE)
     normalised, gain = audio.normalise_loudness(trimmed, SAMPLE_RATE, target_rms)
     return normalised, clipped, gain

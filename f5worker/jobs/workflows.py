@@ -38,6 +38,7 @@ from f5worker.jobs.plan import JobPlan, SynthesisRequest, finish, plan_segments,
 from f5worker.model.constants import TARGET_RMS
 from f5worker.jobs.guard import COMMITTING
 from f5worker.jobs.memory import HeapTrimmer
+from f5worker.jobs.resampling import from_model_rate, least_output_length
 from f5worker.settings import ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
 from f5worker.jobs.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
                              prepare_upload)
@@ -210,7 +211,7 @@ class Worker:
                           if on_audio is not None else None)
                 wave = await self._synthesize(plan, job, stream, on_audio, on_progress, clock)
             with clock.step("encoding_s"):
-                samples = await self._off_loop(encoding.resample, wave, job.sample_rate)
+                samples = await self._off_loop(from_model_rate, wave, job.sample_rate)
                 data = await self._off_loop(encoding.encode, samples, job.sample_rate, fmt)
                 await self._staging(paths["output.wav"].write_bytes, data)
             with clock.step("upload_s"):
@@ -320,7 +321,7 @@ class Worker:
             limit -= pieces
         if not job.return_base64:
             return
-        least = fmt.least_bytes(encoding.least_resampled_length(planned_samples(plan), job.sample_rate))
+        least = fmt.least_bytes(least_output_length(planned_samples(plan), job.sample_rate))
         room = encoding.inline_room({}, limit)  # more than any real result leaves
         if least > room:
             raise InputError(encoding.too_large_sentence(fmt, least, room, before=True))
