@@ -67,8 +67,9 @@ CASES = {"alone": [12], "padded_batch": [12, 9, 4]}
 def integrate_both(model, lengths, cfg_strength, **fused_kw):
     y, step_cond, text, mask, t = sample(lengths)
     with torch.inference_mode():
-        unfused = fast.euler_integrate(model, y, step_cond, text, mask, t, 2, cfg_strength)
-        fused = fast.euler_integrate(model, y, step_cond, text, mask, t, 2, cfg_strength, fused=True, **fused_kw)
+        unfused = fast.euler_integrate(model, y, step_cond, text, mask, t, steps=2, cfg_strength=cfg_strength)
+        fused = fast.euler_integrate(model, y, step_cond, text, mask, t, steps=2, cfg_strength=cfg_strength, fused=True,
+                                     **fused_kw)
     assert rel_l2(unfused, y) > 1e-2  # the flow really moved y: equality below is not trivial
     if mask is not None:  # padded frames come out as the unfused path leaves them
         assert torch.equal(fused[~mask], unfused[~mask]) or rel_l2(fused[~mask], unfused[~mask]) <= REL_L2

@@ -172,7 +172,7 @@ def test_sampler_and_fast_step_match_stock(arch):
         full = torch.ones_like(mask)
         for guided in (True, False):
             states = [fast._SampleState(m, cond, text, mask, guided) for m in (own, stock)]
-            steps = [fast.dit_step(m, x, cond, mask, torch.tensor(0.3), s, 2.0) for m, s in zip((own, stock), states)]
+            steps = [fast.dit_step(m, x, cond, mask, torch.tensor(0.3), s, cfg_strength=2.0) for m, s in zip((own, stock), states)]
             assert_close(*steps)
         runs = [fast.BucketedStepRunner(m, use_graphs=False).integrate(x, cond, text, full, t, 3, 2.0)
                 for m in (own, stock)]  # installs the fused attention processor on both

@@ -150,7 +150,7 @@ def _blocks_fused(tr, h, t, state, use_triton):
     return tr.proj_out(norm)
 
 
-def dit_flow(transformer, x, step_cond, mask, time, state: _SampleState, fused=False, use_triton=None):
+def dit_flow(transformer, x, step_cond, mask, time, state: _SampleState, *, fused: bool = False, use_triton=None):
     """DiT.forward(cfg_infer=True) with the per-sample state: (cond, uncond) rows stacked when
     guided, else the conditioned flow alone."""
     tr = transformer
@@ -162,32 +162,36 @@ def dit_flow(transformer, x, step_cond, mask, time, state: _SampleState, fused=F
     return _blocks_fused(tr, h, t, state, use_triton) if fused else _blocks_unfused(tr, h, t, state)
 
 
-def dit_step(transformer, x, step_cond, mask, time, state: _SampleState, cfg_strength, fused=False, use_triton=None):
+def dit_step(transformer, x, step_cond, mask, time, state: _SampleState, *, cfg_strength, fused: bool = False,
+             use_triton=None):
     """The flow after the guidance mix (as CFM.sample's ODE function returns it)."""
-    out = dit_flow(transformer, x, step_cond, mask, time, state, fused, use_triton)
+    out = dit_flow(transformer, x, step_cond, mask, time, state, fused=fused, use_triton=use_triton)
     if state.text_uncond is None:
         return out
     pred, null_pred = torch.chunk(out, 2, dim=0)
     return pred + (pred - null_pred) * cfg_strength
 
 
-def euler_step(transformer, x, step_cond, mask, t0, dt, state, cfg_strength, fused=False, use_triton=None, out=None):
+def euler_step(transformer, x, step_cond, mask, t0, dt, state, *, cfg_strength, fused: bool = False, use_triton=None,
+               out=None):
     """``x + dt * f(t0, x)``, into ``out`` if given; fused and guided, mix and update are one kernel."""
     if fused and state.text_uncond is not None:
-        flow = dit_flow(transformer, x, step_cond, mask, t0, state, fused, use_triton)
+        flow = dit_flow(transformer, x, step_cond, mask, t0, state, fused=fused, use_triton=use_triton)
         return kernels.cfg_euler(x, flow, dt, cfg_strength, out=out, use_triton=use_triton)
-    stepped = x + dt * dit_step(transformer, x, step_cond, mask, t0, state, cfg_strength, fused, use_triton)
+    stepped = x + dt * dit_step(transformer, x, step_cond, mask, t0, state, cfg_strength=cfg_strength, fused=fused,
+                                use_triton=use_triton)
     return stepped if out is None else out.copy_(stepped)
 
 
-def euler_integrate(transformer, y, step_cond, text, mask, t, steps, cfg_strength, attention=None, fused=False,
-                    use_triton=None, *, abandoned=None):
+def euler_integrate(transformer, y, step_cond, text, mask, t, *, steps: int, cfg_strength, attention=None,
+                    fused: bool = False, use_triton=None, abandoned=None):
     """All ``steps`` Euler steps, eagerly, at the given length (``mask`` None: no padding);
     ``abandoned`` is checked before each (f5worker.errors.check_abandoned)."""
     state = _SampleState(transformer, step_cond, text, mask, cfg_strength >= 1e-5, attention)
     for i in range(steps):
         check_abandoned(abandoned)
-        y = euler_step(transformer, y, step_cond, mask, t[i], t[i + 1] - t[i], state, cfg_strength, fused, use_triton)
+        y = euler_step(transformer, y, step_cond, mask, t[i], t[i + 1] - t[i], state, cfg_strength=cfg_strength,
+                       fused=fused, use_triton=use_triton)
     return y
 
 
@@ -214,7 +218,8 @@ def warm_fused_kernels(transformer, dtype, device, use_triton=None) -> None:
     for guided in (True, False):
         state = _SampleState(transformer, x, text, mask, guided)
         t0 = torch.index_select(t_grid, 0, torch.zeros(1, device=device, dtype=torch.long))
-        euler_step(transformer, x, x, mask, t0, t_grid[1:] - t0, state, cfg if guided else 0.0, True, use_triton)
+        euler_step(transformer, x, x, mask, t0, t_grid[1:] - t0, state, cfg_strength=cfg if guided else 0.0, fused=True,
+                   use_triton=use_triton)
     log.info("fused DiT kernels ready (%s on %s)", dtype, device)
 
 
@@ -290,8 +295,8 @@ class _Graph:
         t0 = torch.index_select(self.t_grid, 0, self.index.view(1))
         dt = torch.index_select(self.t_grid, 0, (self.index + 1).view(1)) - t0
         mask = None if self.attention == "dense" else self.mask
-        euler_step(self.tr, self.x, self.step_cond, mask, t0, dt, self.state, self.cfg, self.fused,
-                   self.use_triton, out=self.x)
+        euler_step(self.tr, self.x, self.step_cond, mask, t0, dt, self.state, cfg_strength=self.cfg, fused=self.fused,
+                   use_triton=self.use_triton, out=self.x)
         self.index.add_(1)
 
     def _capture(self, pool, stream, warm_steps: int):
@@ -518,7 +523,8 @@ class BucketedStepRunner:
                 graph.graph.replay()
             out = graph.x[:b, :n].clone()
         else:
-            out = euler_integrate(self.tr, y, step_cond, text, mask if padded else None, t, steps, cfg_strength,
-                                  attention, fused, self.use_triton, abandoned=abandoned)[:, :n]
+            out = euler_integrate(self.tr, y, step_cond, text, mask if padded else None, t, steps=steps,
+                                  cfg_strength=cfg_strength, attention=attention, fused=fused,
+                                  use_triton=self.use_triton, abandoned=abandoned)[:, :n]
         self.tally.add(rows=rows, frames=n + pad, real_rows=b, real_row_frames=real_row_frames)
         return out

@@ -75,7 +75,8 @@ def check_fast_paths(transformer, dtype: torch.dtype, device, use_triton=None, *
     varlen = attention_kind(True, device, dtype, True)
 
     def run(attention: str, fused: bool) -> torch.Tensor:
-        out = euler_integrate(transformer, y, cond, text, mask, t, CHECK_STEPS, 2.0, attention, fused, use_triton)
+        out = euler_integrate(transformer, y, cond, text, mask, t, steps=CHECK_STEPS, cfg_strength=2.0,
+                              attention=attention, fused=fused, use_triton=use_triton)
         return out * mask[..., None]
 
     expected = run("masked", False)
