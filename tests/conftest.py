@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures_http",
     "tests.fixtures_whisper",
     "tests.fixtures_worker",
+    "tests.fixtures_api",
 ]

@@ -124,3 +124,9 @@ def run_interpreted(test_file: str, test_class: str) -> None:
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert re.search(r"\d+ passed", run.stdout) and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+def child_env(tiny_models, tiny_whisper, volume: Path) -> dict[str, str]:
+    """The entry point's environment: tiny models, local storage, offline, nothing from this shell's
+    worker or cloud settings."""
+    return clean_env(worker_env(tiny_models, tiny_whisper, volume))

@@ -3,7 +3,6 @@ naming the file and the tensor: by the pre-deploy check (read from disk, model o
 and by the worker's own loader (``TTSEngine.load``, ``build_worker``)."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,64 +22,7 @@ from f5worker.model.loader import (
     load_model,
     read_state_dict,
 )
-
-TARGET = "transformer.proj_out.weight"  # the tensor each damage touches, by the model's name
-RAW_TARGET = "ema_model." + TARGET  # its key in the checkpoint file
-VOCOS_TARGET = "backbone.embed.weight"
-
-
-def renamed_tensor(state: dict) -> str:
-    state[RAW_TARGET + "_renamed"] = state.pop(RAW_TARGET)
-    return rf"1 tensor missing \({TARGET}\); 1 unexpected tensor \({TARGET}_renamed\)"
-
-
-def wrong_shape(state: dict) -> str:
-    rows, cols = state[RAW_TARGET].shape
-    state[RAW_TARGET] = torch.zeros(rows + 1, cols)
-    return rf"1 tensor of the wrong shape \({TARGET}: \[{rows + 1}, {cols}\] instead of \[{rows}, {cols}\]\)"
-
-
-def nan_weight(state: dict) -> str:
-    state[RAW_TARGET] = state[RAW_TARGET].clone()
-    state[RAW_TARGET].view(-1)[3] = float("nan")
-    return rf"non-finite values \(NaN or infinity\) in 1 tensor \({TARGET}\)"
-
-
-def inf_weight(state: dict) -> str:
-    state[RAW_TARGET] = state[RAW_TARGET].clone()
-    state[RAW_TARGET].view(-1)[0] = float("-inf")
-    return rf"non-finite values \(NaN or infinity\) in 1 tensor \({TARGET}\)"
-
-
-def extra_tensor(state: dict) -> str:
-    state["ema_model.transformer.adapter.weight"] = torch.zeros(4)
-    return r"1 unexpected tensor \(transformer.adapter.weight\)"
-
-
-DAMAGES = [renamed_tensor, wrong_shape, nan_weight, inf_weight, extra_tensor]
-
-
-def damaged_copy(tiny_models: dict[str, str], folder: Path, damage, suffix: str = ".safetensors"
-                 ) -> tuple[dict[str, str], str]:
-    """The tiny model set's environment with its checkpoint replaced by a damaged copy in ``folder``
-    (as safetensors, or as a .pt training checkpoint); and the pattern the refusal must contain."""
-    state = load_file(tiny_models[ENV_CKPT_FILE])
-    pattern = damage(state)
-    ckpt = folder / f"damaged{suffix}"
-    if suffix == ".safetensors":
-        save_file(state, str(ckpt))
-    else:
-        torch.save({"ema_model_state_dict": state}, str(ckpt))
-    return {**tiny_models, ENV_CKPT_FILE: str(ckpt)}, pattern
-
-
-def nan_vocoder(tiny_models: dict[str, str], folder: Path) -> dict[str, str]:
-    vocoder = folder / "vocos"
-    shutil.copytree(tiny_models[ENV_VOCODER_DIR], vocoder)
-    state = torch.load(str(vocoder / "pytorch_model.bin"), weights_only=True)
-    state[VOCOS_TARGET].view(-1)[0] = float("nan")
-    torch.save(state, str(vocoder / "pytorch_model.bin"))
-    return {**tiny_models, ENV_VOCODER_DIR: str(vocoder)}
+from tests.helpers import DAMAGES, RAW_TARGET, TARGET, VOCOS_TARGET, damaged_copy, nan_vocoder, nan_weight
 
 
 def gate_check(env: dict[str, str]) -> None:

@@ -8,21 +8,15 @@ import json
 import secrets
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import soundfile as sf
 
 from f5worker.jobs.inputs import TTSInput, parse_job_input
-from tests.processes import REPO, clean_env, worker_env
+from tests.processes import REPO, clean_env
+from tests.processes import child_env
 
 MARKER = "Frobnitz" + secrets.token_hex(4)
-
-
-def child_env(tiny_models, tiny_whisper, volume: Path) -> dict[str, str]:
-    """The entry point's environment: tiny models, local storage, offline, nothing from this shell's
-    worker or cloud settings."""
-    return clean_env(worker_env(tiny_models, tiny_whisper, volume))
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,8 @@ import soundfile as sf
 from examples import client
 from f5worker.jobs.inputs import UploadInput
 from tests.fixtures_models import SR, speechlike
-from tests.test_api_server import NFE, api, assert_wav_matches  # noqa: F401 - api: the server fixture
-
-PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+from tests.fixtures_api import NFE
+from tests.helpers import PROXY_VARIABLES, assert_wav_matches
 
 
 @pytest.fixture

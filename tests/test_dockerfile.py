@@ -19,44 +19,10 @@ from f5worker.settings import (
     ENV_VOLUME_PATH,
     Settings,
 )
+from tests.helpers import DOCKERFILE, env_values, instructions
 
 REPO = Path(__file__).resolve().parent.parent
-DOCKERFILE = REPO / "Dockerfile.runpod"
 SETTINGS_ENV_NAMES = {v for k, v in vars(settings_module).items() if k.startswith("ENV_")}
-
-
-def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    out, pending = [], ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):  # a comment inside a continued instruction
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        full = (pending + line).strip()
-        pending = ""
-        word, _, rest = full.partition(" ")
-        out.append((word.upper(), rest.strip()))
-    return out
-
-
-def env_values() -> dict[str, str]:
-    values = {}
-    for word, rest in instructions():
-        if word != "ENV":
-            continue
-        tokens = shlex.split(rest)
-        if tokens and "=" not in tokens[0]:  # legacy form: ENV NAME value
-            values[tokens[0]] = " ".join(tokens[1:])
-            continue
-        for token in tokens:
-            name, _, value = token.partition("=")
-            values[name] = value
-    return values
 
 
 def hadolint() -> str:

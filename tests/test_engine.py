@@ -6,30 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from f5worker.jobs import plan as job_plan
 from f5worker.jobs import audio
 from f5worker.jobs.chunking import chunk_text
 from f5worker.inference.engine import TTSEngine
 from f5worker.inference.items import item_frames
-from f5worker.jobs.plan import MAX_CHUNK_FRAMES, SynthesisRequest
+from f5worker.jobs.plan import MAX_CHUNK_FRAMES
 from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
 from tests.fixtures_models import SR, speechlike
-
-REF_TEXT = "This is a reference."
-GEN_TEXT = "Hello there, this is a test of the worker."
-# CPU fp32 on the same weights: the only differences are summation order (batched matmuls, masked
-# vs unmasked attention). fp16 on a GPU is held to a looser bound in the GPU tests.
-CPU_REL_L2 = 1e-4
-
-
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert np.isfinite(a).all() and np.isfinite(b).all()
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+from tests.helpers import CPU_REL_L2, GEN_TEXT, load_stock, rel_l2, request, stock_infer
 
 
 @pytest.fixture(scope="module", params=["eager", "fast"])
@@ -43,43 +30,6 @@ def engine(request, tiny_models):
 @pytest.fixture(scope="module")
 def stock(tiny_models):
     return load_stock(tiny_models)
-
-
-def load_stock(tiny_models: dict[str, str]):
-    """Stock f5-tts loading: utils_infer.load_model + load_vocoder, on the same files."""
-    import yaml
-    from f5_tts.infer import utils_infer
-    from f5_tts.model import DiT
-
-    arch = yaml.safe_load(Path(tiny_models["F5_MODEL_CONFIG"]).read_text())["model"]["arch"]
-    model = utils_infer.load_model(DiT, arch, tiny_models["F5_CKPT_FILE"], vocab_file=tiny_models["F5_VOCAB_FILE"],
-                                   device="cpu")
-    vocoder = utils_infer.load_vocoder("vocos", is_local=True, local_path=tiny_models["F5_VOCODER_DIR"], device="cpu")
-    return utils_infer, model, vocoder
-
-
-def stock_infer(stock, monkeypatch, ref_wav, gen_text, seed, device="cpu", **kw):
-    """The path F5TTS.infer takes: preprocess_ref_audio_text, seed_everything, infer_process."""
-    from f5_tts.model.utils import seed_everything
-
-    utils_infer, model, vocoder = stock
-    # torchaudio 2.9 decodes through torchcodec + FFmpeg, which the worker does not ship; this reads
-    # the same PCM file with soundfile instead (a stand-in for the decoder only, not for inference).
-    monkeypatch.setattr(utils_infer.torchaudio, "load",
-                        lambda p: (torch.from_numpy(sf.read(p, dtype="float32", always_2d=True)[0].T.copy()),
-                                   sf.info(p).samplerate))
-    ref_file, ref_text = utils_infer.preprocess_ref_audio_text(str(ref_wav), REF_TEXT, show_info=lambda *_: None)
-    seed_everything(seed)
-    wave, sr, _ = utils_infer.infer_process(ref_file, ref_text, gen_text, model, vocoder, show_info=lambda *_: None,
-                                            progress=None, device=device, **kw)
-    Path(ref_file).unlink()
-    utils_infer._ref_audio_cache.clear()  # it maps the audio's hash to the file just removed
-    return wave
-
-
-def request(ref_wav: Path, gen_text: str, seed: int, **kw) -> SynthesisRequest:
-    samples, sr = audio.decode(ref_wav)
-    return SynthesisRequest(ref_audio=samples, ref_sr=sr, ref_text=REF_TEXT, gen_text=gen_text, seed=seed, **kw)
 
 
 def test_waveform_equals_stock_f5tts(engine, stock, monkeypatch, ref_wav):

@@ -22,43 +22,12 @@ import torch
 from f5worker.inference import attention
 from f5worker.inference import fast
 from f5worker.inference import kernels
-from f5worker.model.dit import DiT
-from tests.random_models import TINY_ARCH
 from tests.processes import INTERPRETED, run_interpreted
+from tests.helpers import rel_l2, sample, tiny_dit
 
-VOCAB, MEL = 40, 100
 REL_L2 = 1e-5  # fp32; the fused kernels round once where torch rounds per op
 KERNEL_WRAPPERS = ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate", "gelu_tanh",
                    "rotary", "rotary_qkv", "cfg_euler")
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape and torch.isfinite(a).all() and torch.isfinite(b).all()
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def tiny_dit(seed: int = 0) -> DiT:
-    torch.manual_seed(seed)
-    model = DiT(**TINY_ARCH, text_num_embeds=VOCAB, mel_dim=MEL).eval()
-    with torch.no_grad():  # DiT zero-initialises its modulation and output: every layer must show
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.02)
-    fast.install_fused_attention(model)
-    return model
-
-
-def sample(lengths: list[int], frames: int | None = None, seed: int = 1):
-    """(y, step_cond, text, mask or None, t): noise, a reference prefix, text with batch padding."""
-    frames = frames or max(lengths)
-    gen = torch.Generator().manual_seed(seed)
-    batch = len(lengths)
-    y = torch.randn(batch, frames, MEL, generator=gen)
-    mask = torch.arange(frames)[None] < torch.tensor(lengths)[:, None]
-    step_cond = torch.randn(batch, frames, MEL, generator=gen) * (torch.arange(frames)[None, :, None] < 4)
-    text = torch.randint(0, VOCAB, (batch, 9), generator=gen)
-    text[1:, 6:] = -1
-    return y, step_cond, text, None if mask.all() else mask, torch.linspace(0, 1, 3)
 
 
 CASES = {"alone": [12], "padded_batch": [12, 9, 4]}

@@ -23,8 +23,8 @@ from f5worker.inference.batcher import OffModelThread
 from f5worker.inference.engine import TTSEngine
 from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
+from tests.helpers import CPU_REL_L2, GEN_TEXT, load_stock, rel_l2, request, stock_infer
 from tests.processes import REPO
-from tests.test_engine import CPU_REL_L2, GEN_TEXT, load_stock, rel_l2, request, stock_infer
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from f5worker.inference.engine import TTSEngine
 from f5worker.inference.items import ChunkItem
 from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
-from tests.test_fast_fused import rel_l2, sample, tiny_dit
+from tests.helpers import rel_l2, sample, tiny_dit
 
 ALLOCATOR_ASSERT = ('captures_underway.empty() INTERNAL ASSERT FAILED at "/pytorch/c10/cuda/CUDACachingAllocator.cpp"'
                     ':2418, please report a bug to PyTorch. it->second->use_count > 0')

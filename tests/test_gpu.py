@@ -18,7 +18,7 @@ from f5worker.inference.engine import TTSEngine
 from f5worker.inference.fast import BucketedStepRunner, warm_fused_kernels
 from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
-from tests.test_engine import GEN_TEXT, rel_l2, request, stock_infer
+from tests.helpers import GEN_TEXT, rel_l2, request, stock_infer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -276,9 +276,9 @@ def test_a_fused_kernel_fault_on_the_gpu_demotes_to_the_unfused_graphs(full_dit,
 def test_whisper_runs_on_its_own_stream(tiny_whisper, tmp_path, ref_wav):
     from f5worker.jobs.audio import decode
     from f5worker.inference.transcriber import Transcriber
-    from tests.test_transcriber import _settings
+    from tests.helpers import whisper_settings
 
-    transcriber = Transcriber(_settings(tmp_path, str(tiny_whisper)), device="cuda")
+    transcriber = Transcriber(whisper_settings(tmp_path, str(tiny_whisper)), device="cuda")
     samples, sr = decode(ref_wav)
     assert isinstance(transcriber.transcribe(samples, sr), str)
     assert transcriber._stream is not None and transcriber._stream != torch.cuda.current_stream()

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import re
 import secrets
 import uuid
 from pathlib import Path
@@ -23,6 +22,7 @@ import soundfile as sf
 from f5worker.jobs.inputs import MAX_SEED, MAX_TEXT_CHARS
 from tests.fixtures_models import SR, speechlike
 from tests.fixtures_worker import Ctx, worker_ctx
+from tests.helpers import assert_one_sentence, assert_wav_matches, log_record
 
 NFE = 6  # few ODE steps: each job takes a fraction of a second on the tiny model
 BUILTIN = "basic_ref_en.wav"
@@ -58,31 +58,6 @@ def wav_file(folder: Path, name: str, seconds: float, seed: int = 0) -> Path:
 
 def voice_name(tag: str) -> str:
     return f"{tag}-{uuid.uuid4().hex[:8]}.wav"
-
-
-def assert_wav_matches(data: bytes, duration: float, sr: int = 24000) -> None:
-    """A PCM WAV whose length is the reported duration, within one frame (plus the result's 1 ms rounding)."""
-    info = sf.info(io.BytesIO(data))
-    assert info.format == "WAV" and info.samplerate == sr and info.channels == 1
-    assert abs(info.frames / sr - duration) <= 1 / sr + 0.0005, (info.frames, duration)
-
-
-def assert_one_sentence(result: dict) -> str:
-    assert set(result) == {"error"}, result
-    message = result["error"]
-    assert isinstance(message, str) and message.strip() == message and message
-    assert "\n" not in message and "Traceback" not in message
-    assert message.endswith("."), message
-    assert not re.search(r"[.!?]\s+[A-Z]", message[:-1]), f"more than one sentence: {message!r}"
-    return message
-
-
-def log_record(ctx: Ctx, job_id: str) -> dict:
-    text = ctx.get_text(f"logs/{job_id}.json")
-    assert text is not None, f"no log record for job {job_id}"
-    record = json.loads(text)
-    assert record["job_id"] == job_id
-    return record
 
 
 def upload(ctx: Ctx, file_server, path: Path, name: str, **kw) -> tuple[str, dict]:

@@ -20,9 +20,7 @@ from f5worker.errors import InputError
 from f5worker.jobs.inputs import MAX_SCRIPT_VOICES, parse_job_input
 from f5worker.jobs.plan import SynthesisRequest, plan, plan_segments
 from tests.fixtures_worker import Ctx, worker_ctx
-from tests.test_engine import CPU_REL_L2, rel_l2
-from tests.test_handler import assert_one_sentence, log_record
-from tests.test_streaming import Recorder, pcm_of
+from tests.helpers import CPU_REL_L2, Recorder, assert_one_sentence, log_record, pcm_of, rel_l2
 
 NFE = 4
 EN, ZH = "basic_ref_en.wav", "basic_ref_zh.wav"

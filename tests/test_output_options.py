@@ -35,7 +35,7 @@ from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
 from tests.fixtures_models import SR, speechlike
 from tests.fixtures_worker import Ctx, worker_ctx
-from tests.test_handler import assert_one_sentence, log_record
+from tests.helpers import assert_one_sentence, log_record
 
 NFE = 4
 BUILTIN = "basic_ref_en.wav"

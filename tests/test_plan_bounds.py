@@ -11,7 +11,7 @@ from f5worker.jobs import plan as job_plan
 from f5worker.errors import InputError
 from f5worker.model.constants import SAMPLE_RATE
 from tests.fixtures_models import speechlike
-from tests.test_engine import request
+from tests.helpers import request
 
 SR = SAMPLE_RATE
 

@@ -41,7 +41,7 @@ from tests.fixtures_s3 import make_s3_env
 from tests.fixtures_worker import Ctx, worker_ctx
 from tests.processes import worker_env
 from tests.reliability_report import provenance, sentence_problems, table, write_section
-from tests.test_settings import SETTING_LIMITS
+from tests.helpers import SETTING_LIMITS
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
 

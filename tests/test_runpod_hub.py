@@ -21,7 +21,7 @@ from f5worker.jobs.inputs import parse_job_input
 from f5worker.env_values import Number
 from f5worker.settings import USER_FACING_ENV, VARS, Settings
 from f5worker.validation import GIB, GPU_RECOMMENDED_BYTES
-from tests.test_dockerfile import instructions
+from tests.helpers import instructions
 
 REPO = Path(__file__).resolve().parent.parent
 HUB = json.loads((REPO / ".runpod" / "hub.json").read_text(encoding="utf-8"))

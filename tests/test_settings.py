@@ -28,6 +28,7 @@ from f5worker.settings import (
 )
 from s3_utils import make_storage
 from tests.processes import REPO
+from tests.helpers import SETTING_LIMITS
 
 SECRET = "sekrit-" + uuid.uuid4().hex
 OTHER_SECRET = "other-" + uuid.uuid4().hex
@@ -209,20 +210,6 @@ def test_presign_expiry_is_at_most_a_week(raw, ok):
 
 
 # --- settings that would break every job are refused at start -------------------------------------
-
-# (variable, a value at its upper bound, one past it); the fault matrix starts a worker on the first.
-SETTING_LIMITS = [
-    ("S3_READ_TIMEOUT_SECONDS", "600", "1e308"),
-    ("S3_CONNECT_TIMEOUT_SECONDS", "60", "61"),
-    ("S3_MAX_ATTEMPTS", "10", "11"),
-    ("F5_JOB_TIMEOUT_SECONDS", "86400", "1e308"),
-    ("F5_LOCAL_RETENTION_HOURS", "87600", "1e308"),
-    ("F5_MAX_CONCURRENCY", "256", "100000"),
-    ("F5_VOICE_CACHE_SIZE", "1000", "10000000"),
-    ("F5_MAX_VOICE_BYTES", str(2**30), "1" + "0" * 30),
-    ("F5_MAX_RESULT_BYTES", "20000000", "20000001"),
-    ("F5_GRAPH_MEMORY_MB", str(2**20), "1" + "0" * 30),
-]
 
 
 @pytest.mark.parametrize("name, at_limit, past_limit", SETTING_LIMITS)

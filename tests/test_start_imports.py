@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from tests.processes import REPO
-from tests.test_cli import child_env
+from tests.processes import child_env
 
 # Never imported on the start path or by an English job.
 FORBIDDEN = ("x_transformers", "einx", "einops", "torchdiffeq", "scipy", "vocos", "encodec", "pypinyin",

@@ -12,10 +12,8 @@ progress reports, so the worker sends none there (``Settings.on_runpod_queue``).
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
-import uuid
 
 import numpy as np
 import pytest
@@ -29,16 +27,14 @@ from f5worker.jobs.chunking import chunk_for_model, utf8_len
 from f5worker.errors import InputError
 from f5worker.jobs.inputs import parse_job_input
 from f5worker.jobs.plan import FIRST_CHUNK_SHARE, chunks_with_short_first
-from f5worker.service import make_handler
 from f5worker.jobs.encoding import RESULT_ALLOWANCE_BYTES
 from f5worker.settings import ENV_MAX_RESULT_BYTES, ENV_STREAMING
 from f5worker.jobs.streaming import (MAX_PIECE_BASE64_BYTES, PCM_FORMAT, AudioStream, output_bytes, piece,
                                 planned_output_bytes)
 from tests.fixtures_worker import worker_ctx
 from tests.processes import local_session
-from tests.test_api_server import JOB_TIMEOUT_S, api_server
-from tests.test_client import PROXY_VARIABLES
-from tests.test_handler import assert_one_sentence
+from tests.fixtures_api import JOB_TIMEOUT_S, api_server
+from tests.helpers import PROXY_VARIABLES, Recorder, assert_one_sentence, pcm_of
 
 NFE = 4
 BUILTIN = "basic_ref_en.wav"
@@ -52,30 +48,8 @@ def ctx(tiny_models, tiny_whisper, tmp_path_factory):
         yield built
 
 
-class Recorder:
-    """The streaming handler with what it reported: progress updates and replacement requests."""
-
-    def __init__(self, worker):
-        self.progress: list[dict] = []
-        self.replacements = 0
-        self.handler = make_handler(worker, streaming=True, progress=lambda job, update: self.progress.append(update),
-                                    replace_worker=self._replace)
-
-    def _replace(self):
-        self.replacements += 1
-
-    def run(self, job_input: dict) -> list:
-        async def collect():
-            return [item async for item in self.handler({"id": f"s-{uuid.uuid4().hex[:10]}", "input": job_input})]
-        return asyncio.run(collect())
-
-
 def tts_input(text=LONG_TEXT, **kw) -> dict:
     return {"text": text, "local_voice": BUILTIN, "nfe_step": NFE, "seed": 5, **kw}
-
-
-def pcm_of(pieces: list[dict]) -> np.ndarray:
-    return np.concatenate([np.frombuffer(base64.b64decode(p["audio_base64"]), "<i2") for p in pieces])
 
 
 def stored_samples(ctx, result: dict) -> tuple[np.ndarray, int]:

@@ -8,15 +8,8 @@ import pytest
 
 from f5worker.errors import StorageError
 from f5worker.model.store import resolve_asr_model
-from f5worker.settings import ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR, ENV_VOLUME_PATH, Settings
 from f5worker.inference.transcriber import Transcriber
-
-
-def _settings(tmp_path, asr_model: str) -> Settings:
-    volume = tmp_path / "volume"
-    volume.mkdir(exist_ok=True)
-    return Settings.from_env({ENV_ASR_MODEL: asr_model, ENV_VOLUME_PATH: str(volume),
-                              ENV_BAKED_MODEL_DIR: str(tmp_path / "no-baked-copy")})
+from tests.helpers import whisper_settings
 
 
 def _tone(seconds: float = 2.0, sr: int = 24000) -> np.ndarray:
@@ -25,7 +18,7 @@ def _tone(seconds: float = 2.0, sr: int = 24000) -> np.ndarray:
 
 
 def test_transcribes_and_loads_once(tiny_whisper, tmp_path):
-    transcriber = Transcriber(_settings(tmp_path, str(tiny_whisper)), device="cpu")
+    transcriber = Transcriber(whisper_settings(tmp_path, str(tiny_whisper)), device="cpu")
     assert not transcriber.loaded
     first = transcriber.transcribe(_tone(), 24000)  # 24 kHz in: resampled to 16 kHz inside
     assert isinstance(first, str) and first and first == first.strip()
@@ -41,7 +34,7 @@ def test_concurrent_first_calls_load_once(tiny_whisper, tmp_path, monkeypatch):
     calls = []
     real_pipeline = transformers.pipeline
     monkeypatch.setattr(transformers, "pipeline", lambda *a, **k: calls.append(1) or real_pipeline(*a, **k))
-    transcriber = Transcriber(_settings(tmp_path, str(tiny_whisper)), device="cpu")
+    transcriber = Transcriber(whisper_settings(tmp_path, str(tiny_whisper)), device="cpu")
     with ThreadPoolExecutor(4) as pool:
         texts = list(pool.map(lambda _: transcriber.transcribe(_tone(1.0, 16000), 16000), range(4)))
     assert len(calls) == 1 and len(set(texts)) == 1
@@ -52,7 +45,7 @@ def test_broken_folder_is_a_storage_error(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{not json")
     with pytest.raises(StorageError, match="could not be loaded") as info:
-        Transcriber(_settings(tmp_path, str(folder)), device="cpu").transcribe(_tone(), 24000)
+        Transcriber(whisper_settings(tmp_path, str(folder)), device="cpu").transcribe(_tone(), 24000)
     assert str(folder) in str(info.value)
 
 
@@ -61,7 +54,7 @@ def test_uncached_repo_offline_is_a_storage_error(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
-    settings = _settings(tmp_path, "openai/whisper-tiny")
+    settings = whisper_settings(tmp_path, "openai/whisper-tiny")
     with pytest.raises(StorageError, match="openai/whisper-tiny"):
         resolve_asr_model(settings)
     with pytest.raises(StorageError):

@@ -25,7 +25,7 @@ from tests.random_models import (
 )
 from f5worker.settings import Settings
 from f5worker.model.loader import F5Model, check_model_checkpoint, model_unsupported_reason
-from tests.test_engine import CPU_REL_L2, load_stock, rel_l2, request, stock_infer
+from tests.helpers import CPU_REL_L2, load_stock, rel_l2, request, stock_infer
 
 STOCK_ONLY_ARCH = {**TINY_ARCH, "pe_attn_head": 1}
 

@@ -16,6 +16,7 @@ import pytest
 
 from f5worker import settings as settings_module
 from f5worker import validation
+from tests.helpers import env_values as dockerfile_env_values
 from f5worker.model.store import F5_FILES, VOCODER_HUB_FILES
 from f5worker.settings import (
     CACHE_ENV_SUBDIRS,
@@ -36,8 +37,7 @@ from f5worker.settings import (
     Settings,
 )
 from f5worker.validation import main
-from tests.test_checkpoint import DAMAGES, VOCOS_TARGET, damaged_copy, nan_vocoder, nan_weight
-from tests.test_dockerfile import env_values as dockerfile_env_values
+from tests.helpers import DAMAGES, VOCOS_TARGET, damaged_copy, nan_vocoder, nan_weight
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "validate-storage-config.py"
