@@ -20,7 +20,7 @@ What is measured (bench/RESULTS.md has the figures and the targets):
 - in this process: agreement with stock (waveform rel. L2), batch-1 RTF text to waveform, and audio
   seconds per GPU second with N jobs in flight of equal and of mixed lengths, for the worker on its
   unfused graphed step and again after the switch to the fused kernels;
-- time to first audio: stock's streaming path now; the worker's once streaming is on main.
+- time to first audio: stock's streaming path, and the worker's first chunk alone (``worker_s``).
 
 The job is the device baseline's: a 5 s reference and a 165-byte text, about 10.5 s of audio.
 Mixed lengths are N texts cut from one passage for 2 to 20 s of audio each. ``bench.json`` is
@@ -515,8 +515,8 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
     save("stock_mixed")
 
     # --- time to first audio ------------------------------------------------------------------------------
-    # Stock's streaming path now; "worker_s" is the place for the worker's figure, measured the same
-    # way (seconds from submitting the job to its first audio) once streaming is on main.
+    # Stock's streaming path, and the worker's ("worker_s"): seconds from submitting the job to its
+    # first audio, the short first chunk alone.
     def worker_stream() -> tuple[float, float]:
         request = dataclasses.replace(worker_request(TTFA_TEXT, nfe, 0), short_first_chunk=True)
         sync()

@@ -108,6 +108,7 @@ def run_worker(args) -> None:
     if args.stop_at_ready:
         return
     from bench.bench import equal_texts, mixed_texts, run_worker_jobs, worker_request
+    from f5worker.jobs.plan import synthesize
 
     engine, batcher = worker.engine, worker.batcher
     preparation_done: list[float] = []
@@ -117,7 +118,7 @@ def run_worker(args) -> None:
         watcher.start()
 
     def job(seed):  # through the model thread, as the batcher runs jobs
-        return batcher.executor.submit(engine.synthesize, worker_request(equal_texts(1)[0], args.nfe, seed)).result()
+        return batcher.executor.submit(synthesize, engine, worker_request(equal_texts(1)[0], args.nfe, seed)).result()
 
     stamps["first_job"] = timed_s(torch, lambda: job(0))
     stamps["second_job"] = timed_s(torch, lambda: job(1))

@@ -1,7 +1,7 @@
 """Download every model the worker uses into a cache folder, ahead of the first job.
 
 Why this module exists: the Dockerfile's optional preload step and an operator warming a fresh
-network volume need the same list of files the worker resolves (``model_store``), fetched into
+network volume need the same list of files the worker resolves (``model.store``), fetched into
 huggingface_hub's cache layout so the worker finds them without a download.
 
     python -m f5worker.preload                  # into the image copy, F5_BAKED_MODEL_DIR/hub

@@ -147,7 +147,7 @@ class ModelState:
 
 
 def _explicit_errors(settings: Settings) -> list[str]:
-    """The same explicit-file rules as ``model_store``'s resolvers, checked all at once."""
+    """The same explicit-file rules as ``model.store``'s resolvers, checked all at once."""
     errors = []
     for env_name, value in ((ENV_CKPT_FILE, settings.ckpt_file), (ENV_VOCAB_FILE, settings.vocab_file),
                             (ENV_MODEL_CONFIG, settings.model_config), (ENV_VOCODER_DIR, settings.vocoder_dir)):

@@ -3,7 +3,7 @@
 Why this module exists: f5-tts's own ``transcribe`` keeps its pipeline in a module global, loads it
 from the hub by repo id and is not safe to call from several threads. ``Transcriber`` does the same
 work (transformers' ASR pipeline, 30 s chunks, task "transcribe", fp16 on CUDA) on the folder that
-``model_store.resolve_asr_model`` found, loads it once under a lock, and reports a model that cannot
+``model.store.resolve_asr_model`` found, loads it once under a lock, and reports a model that cannot
 be loaded as a ``StorageError``.
 """
 from __future__ import annotations

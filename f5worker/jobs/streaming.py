@@ -4,7 +4,7 @@ Why this module exists: a streamed job sends its audio as raw 16-bit PCM while l
 still being sampled, and a caller who concatenates the pieces must hold exactly the samples of the
 stored file. ``AudioStream`` takes the job's chunk waveforms in order and gives out the pieces:
 
-* Cross-fades: chunks are joined as ``job_plan.finish`` joins them (``audio.cross_fade_join``), so
+* Cross-fades: chunks are joined as ``jobs.plan.finish`` joins them (``audio.cross_fade_join``), so
   the last cross-fade window of what has been joined so far is held back until the next chunk
   arrives (it is faded into that chunk's start), and sent at the end.
 * Sample rate: pieces are resampled with soxr's streaming resampler at the quality the stored file
@@ -117,7 +117,7 @@ class AudioStream:
         return self._pieces(held, last=True)
 
     def _pieces(self, samples: np.ndarray, *, last: bool) -> list[dict]:
-        samples = samples.astype(np.float32)  # job_plan.finish's type
+        samples = samples.astype(np.float32)  # plan.finish's type
         samples = self.resampler.resample(samples, last=last)
         pieces = []
         for start in range(0, len(samples), MAX_PIECE_SAMPLES):

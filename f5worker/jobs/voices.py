@@ -25,7 +25,7 @@ very audio synthesis uses. The rules, in one place:
   GET, whether the object is still that version, so a replaced voice is never served stale and an
   unchanged one costs no transfer and no preparation.
 
-Voice names are checked by ``job_input`` before they get here; keys are built only from checked
+Voice names are checked by ``jobs.inputs`` before they get here; keys are built only from checked
 names, so nothing outside ``voices/`` is touched (``incoming_key`` is the one way in from
 elsewhere, read-only).
 """

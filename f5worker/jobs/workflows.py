@@ -383,7 +383,7 @@ class Worker:
     async def _commit(self, fn, *args):
         """The job's one write that changes what a caller sees (the output, or the voice). Once it
         has begun the job is seen through to its real end: the deadline no longer turns it into an
-        error over a change that was made (``job_guard.JobGuard`` waits for a committing job)."""
+        error over a change that was made (``jobs.guard.JobGuard`` waits for a committing job)."""
         COMMITTING.add(asyncio.current_task())
         if asyncio.iscoroutinefunction(fn):
             return await fn(*args)

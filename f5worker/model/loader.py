@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from f5worker.model import dit
-from f5worker.model import stock as f5_imports
+from f5worker.model import stock
 from f5worker.model import vocoder
 from f5worker.model.constants import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE
 from f5worker.model.checkpoint import (
@@ -101,7 +101,7 @@ def build_model(model_cfg: dict, vocab: Path):
 
 def build_stock_cfm(model_cfg: dict, vocab: Path):
     """The CFM model f5-tts's ``load_model`` builds (the fallback for layouts the own model lacks)."""
-    f5_imports.install()
+    stock.install()
     # Stock f5-tts imports only here, for a layout the own model does not cover: seconds of imports
     # that the usual start path does without.
     from f5_tts.model.backbones.dit import DiT
