@@ -553,11 +553,16 @@ def check_triton(ctx: Context) -> CheckResult:
         return CheckResult(name, SKIP, "skipped (--skip-gpu, or the fast path or its fused kernels are off)")
     import torch
 
-    if not torch.cuda.is_available():
-        return CheckResult(name, SKIP, "skipped: no CUDA GPU")
+    if not torch.cuda.is_available() or ctx.settings.device == "cpu":
+        return CheckResult(name, SKIP, "skipped: no CUDA GPU in use")
+    from f5worker.inference.device import pick_device
     from f5worker.inference.kernel_switch import triton_probe
 
-    problem = triton_probe("cuda")
+    try:
+        device = pick_device(ctx.settings.device)  # the GPU the worker would use (F5_DEVICE=cuda:<index>)
+    except WorkerError:
+        return CheckResult(name, SKIP, f"skipped: {ENV_DEVICE} names no GPU here (the GPU check says so)")
+    problem = triton_probe(device)
     if problem is None:
         return CheckResult(name, PASS, "a Triton kernel compiled and ran here, equal to its torch reference")
     return CheckResult(name, WARN, _fix(

@@ -369,6 +369,28 @@ def test_fused_kernels_that_cannot_compile_are_a_warning_with_the_fix(capsys, mo
     assert checks["Fused kernels"]["status"] == "skip"
 
 
+def test_the_fused_kernel_probe_runs_on_the_gpu_the_worker_would_use(capsys, monkeypatch, models_env):
+    """F5_DEVICE=cuda:1: the probe ran on cuda (device 0) and could pass for a GPU the worker never uses."""
+    import torch
+
+    from f5worker.inference import kernel_switch
+
+    # Injected: two GPUs (this machine has none); the probe records where it was asked to run.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(name="Fake GPU", total_memory=24 * 2 ** 30))
+    probed = []
+    monkeypatch.setattr(kernel_switch, "triton_probe", lambda device: probed.append(device))
+    monkeypatch.setenv("F5_DEVICE", "cuda:1")
+    run_json(capsys, "--skip-s3")
+    assert probed == ["cuda:1"]
+    monkeypatch.setenv("F5_DEVICE", "cuda:5")  # not on this machine: the GPU check fails, the probe is skipped
+    probed.clear()
+    _, _, checks = run_json(capsys, "--skip-s3")
+    assert probed == [] and checks["Fused kernels"]["status"] == "skip" and checks["GPU"]["status"] == "fail"
+
+
 # --- S3 and secrets --------------------------------------------------------------------------------
 
 def _closed_port() -> int:
