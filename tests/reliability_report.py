@@ -38,6 +38,14 @@ def provenance(command: str) -> str:
     return f"_{when}, commit {commit}, `{command}`_"
 
 
+def whole_run(config) -> bool:
+    """Whether pytest runs every test it collected: no ``-k``, ``-m``, ``--deselect`` or node id
+    (``file.py::test``). Only such a run may rewrite a section; a selection's figures are partial
+    (the fault matrix's guard counted the selected items, so ``-k`` wrote a table of a few rows)."""
+    return not (config.getoption("keyword") or config.getoption("markexpr") or config.getoption("deselect")
+                or any("::" in str(arg) for arg in config.args))
+
+
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section ``name`` of tests/RELIABILITY.md with ``body``."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"

@@ -40,7 +40,7 @@ from tests.fixtures_models import SR, speechlike
 from tests.fixtures_s3 import make_s3_env
 from tests.fixtures_worker import Ctx, worker_ctx
 from tests.processes import worker_env
-from tests.reliability_report import provenance, sentence_problems, table, write_section
+from tests.reliability_report import provenance, sentence_problems, table, whole_run, write_section
 from tests.helpers import SETTING_LIMITS
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
@@ -83,8 +83,9 @@ class Row:
 def matrix(request):
     rows: list[Row] = []
     yield rows
-    if len(rows) < sum(1 for item in request.session.items if item.module is request.module):
-        return  # a selection of scenarios (-k): the recorded table stays the last whole one
+    if not whole_run(request.config) or len(rows) < sum(1 for item in request.session.items
+                                                         if item.module is request.module):
+        return  # a selection of scenarios, or a run cut short: the recorded table stays the last whole one
     headers = ["scenario", "storage", "jobs", "faults injected", "ok", "refused (one sentence)", "false successes",
                "files left", "slowest job (s)", "other problems"]
     totals = ["**all**", "", *(sum(getattr(r, f) for r in rows) for f in
