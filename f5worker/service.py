@@ -30,6 +30,7 @@ nowhere to send them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -199,8 +200,10 @@ def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard
         return await runner.run(job)
 
     async def streaming_handler(job: dict):
-        async for item in stream_job(runner, job, replace_worker):
-            yield item
+        # aclosing: a caller that closes this generator closes the job's at once, not at collection
+        async with contextlib.aclosing(stream_job(runner, job, replace_worker)) as items:
+            async for item in items:
+                yield item
 
     return streaming_handler if streaming else handler
 

@@ -417,7 +417,9 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """Every row read from ``env`` (the S3 ones after runpod's aliases are resolved), then the
         folders that default to places under the volume; ValueError naming a variable it refuses."""
-        env = os.environ if env is None else env
+        # Surrounding spaces dropped first, so a value of spaces alone is unset for every check alike
+        # (a key of " " passed the bucket-needs-both-keys check, then reached boto3 as no key).
+        env = {name: value.strip() for name, value in (os.environ if env is None else env).items()}
         s3, warnings = resolve_s3_env(env)
         source = {**env, **{name: value or "" for name, value in s3.items()}}
         values = {name: var.read(source) for name, var in VARS.items()}

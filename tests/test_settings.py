@@ -312,3 +312,15 @@ def test_the_table_prints_from_the_command_line(capsys):
 
     assert main(["--markdown"]) == 0
     assert capsys.readouterr().out == markdown_table() + "\n"
+
+
+@pytest.mark.parametrize("blank", [ENV_AWS_ACCESS_KEY_ID, ENV_BUCKET_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY])
+def test_a_key_of_spaces_alone_is_no_key(blank):
+    """It passed the bucket-needs-both-keys check, then reached boto3 as no key (botocore would look
+    for credentials elsewhere); the gate's storage check failed with a TypeError."""
+    env = {ENV_S3_BUCKET: "bucket", ENV_AWS_ACCESS_KEY_ID: "AKIAEXAMPLE", ENV_AWS_SECRET_ACCESS_KEY: "secret"}
+    if blank == ENV_BUCKET_ACCESS_KEY_ID:
+        env.pop(ENV_AWS_ACCESS_KEY_ID)
+    env[blank] = "   "
+    with pytest.raises(ValueError, match="a bucket is set .* but AWS_"):
+        Settings.from_env(env)

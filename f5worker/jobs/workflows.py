@@ -135,10 +135,10 @@ def synthesis_requests(job: TTSInput, voices: dict[str, JobVoice], seed: int, *,
 
 
 def tts_result(job: TTSInput, voices: dict[str, JobVoice], plan: JobPlan, fmt: encoding.OutputFormat, *,
-               url: str, output_key: str, seed: int, samples: np.ndarray, data: bytes,
+               url: str, output_key: str, seed: int, duration: float, data: bytes,
                stream: streaming.AudioStream | None) -> dict:
     """A TTS job's result before its timings and inline audio."""
-    result = {"audio_url": url, "duration": round(audio.duration_seconds(samples, job.sample_rate), 3),
+    result = {"audio_url": url, "duration": round(duration, 3),
               "sample_rate": job.sample_rate, "output_key": output_key, "voice": job.local_voice, "seed": seed,
               "chunks": len(plan.items),
               "ref_text_source": next(iter(voices.values())).ref_text_source,  # the first voice's
@@ -216,8 +216,9 @@ class Worker:
                 await self._staging(paths["output.wav"].write_bytes, data)
             with clock.step("upload_s"):
                 url = await self._off_loop(self.storage.result_url, output_key)
+                duration = audio.duration_seconds(samples, job.sample_rate)
                 result = tts_result(job, voices, plan, fmt, url=url, output_key=output_key, seed=seed,
-                                    samples=samples, data=data, stream=stream)
+                                    duration=duration, data=data, stream=stream)
                 # Whether the audio fits inline is settled before the upload: a job never fails after it.
                 inline = self._inline_decision(job, result, len(data), stream)
                 if inline.too_large and job.return_base64:
@@ -227,7 +228,7 @@ class Worker:
             await self._attach_inline(job_id, result, inline, data)
         clock.timings["total_s"] = clock.since_start()
         result["timings"] = _rounded(clock.timings)
-        result["rtf"] = round(clock.timings["synthesis_s"] / result["duration"], 4) if result["duration"] > 0 else None
+        result["rtf"] = round(clock.timings["synthesis_s"] / duration, 4) if duration > 0 else None
         await self.record(job_id, "tts", "ok", voice=job.local_voice, text_chars=len(job.text), chunks=len(plan.items),
                           audio_seconds=result["duration"], output_bytes=len(data), output_key=output_key,
                           format=fmt.name, sample_rate=job.sample_rate, inline="audio_base64" in result,
