@@ -85,7 +85,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         segments = parts.path.split("/")[1:]
         route = segments[0] if segments else ""
-        try:  # noqa: C901 - a test server's routes
+        try:
             if route == "_chain" and len(segments) >= 3:
                 n, name = int(segments[1]), "/".join(segments[2:])
                 if n <= 0:

@@ -27,6 +27,7 @@ the address check meaningless and ``.netrc`` could attach credentials to a calle
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -35,6 +36,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -304,7 +306,7 @@ def _fetch(session: requests.Session, url: str, out, *, max_bytes: int, allow_pr
     raise InputError(f"Downloading the {what} failed: more than {MAX_REDIRECTS} redirects.")
 
 
-def download_to_file(url: str, dest: Path, *, max_bytes: int, allow_private: bool,  # noqa: C901 - checks in order
+def download_to_file(url: str, dest: Path, *, max_bytes: int, allow_private: bool,
                      connect_timeout: float = 10, read_timeout: float = 30,
                      total_timeout: float = 120, field: str = "voice_file_url",
                      what: str = "voice file") -> int:
@@ -320,45 +322,12 @@ def download_to_file(url: str, dest: Path, *, max_bytes: int, allow_private: boo
     tmp_path: str | None = None
     ok = False
     try:
-        if not isinstance(url, str) or not url.strip():
-            raise InputError(f"{field} must be an http or https URL.")
-        url = url.strip()
-        # Check before creating anything: a refused URL never touches the disk or the network.
-        _check_url(url, field, allow_private, redirected=False)
+        url = _checked_url(url, field, allow_private)  # before anything: a refused URL touches nothing
         logger.info("Downloading %s (limit %s bytes)", safe, max_bytes)
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_path = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.",
-                                            suffix=".part")
-        except OSError:
-            raise StorageError(f"The {what} could not be saved on the worker.") from None
-        sockets: list = []
-        expired = threading.Event()
-
-        def stop_at_deadline():
-            # Per-read timeouts cannot bound a server that trickles headers; shutting the sockets
-            # down ends any blocked read at once.
-            expired.set()
-            for sock in sockets:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), stop_at_deadline)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            with os.fdopen(fd, "wb") as out, _session(field, allow_private, sockets) as session:
-                written = _fetch(session, url, out, max_bytes=max_bytes, allow_private=allow_private,
-                                 connect_timeout=connect_timeout, read_timeout=read_timeout,
-                                 deadline=deadline, field=field, what=what)
-        except (InputError, StorageError, OSError, requests.RequestException, urllib3.exceptions.HTTPError):
-            if expired.is_set():
-                raise InputError(f"Downloading the {what} timed out.") from None
-            raise
-        finally:
-            watchdog.cancel()
+        fd, tmp_path = _temp_file_beside(dest, what)
+        written = _fetch_before_deadline(fd, url, deadline, max_bytes=max_bytes, allow_private=allow_private,
+                                         connect_timeout=connect_timeout, read_timeout=read_timeout,
+                                         field=field, what=what)
         try:
             os.replace(tmp_path, dest)
         except OSError:
@@ -377,11 +346,72 @@ def download_to_file(url: str, dest: Path, *, max_bytes: int, allow_private: boo
         raise StorageError(f"The {what} could not be saved on the worker.") from None
     finally:
         if not ok:
-            for leftover in (tmp_path, dest):
-                if leftover is not None:
-                    try:
-                        os.unlink(leftover)
-                    except FileNotFoundError:
-                        pass
-                    except OSError:
-                        logger.warning("Could not remove %s after a failed download", leftover)
+            _remove(tmp_path, dest)
+
+
+def _checked_url(url, field: str, allow_private: bool) -> str:
+    if not isinstance(url, str) or not url.strip():
+        raise InputError(f"{field} must be an http or https URL.")
+    url = url.strip()
+    _check_url(url, field, allow_private, redirected=False)
+    return url
+
+
+def _temp_file_beside(dest: Path, what: str) -> tuple[int, str]:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError:
+        raise StorageError(f"The {what} could not be saved on the worker.") from None
+
+
+@contextlib.contextmanager
+def _deadline_watchdog(deadline: float, sockets: list) -> Iterator[threading.Event]:
+    """Shuts the download's sockets down at ``deadline``: per-read timeouts cannot bound a server
+    that trickles headers, and a shut-down socket ends any blocked read at once. Yields the event
+    that says it fired."""
+    expired = threading.Event()
+
+    def stop_at_deadline():
+        expired.set()
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), stop_at_deadline)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield expired
+    finally:
+        watchdog.cancel()
+
+
+def _fetch_before_deadline(fd: int, url: str, deadline: float, *, max_bytes: int, allow_private: bool,
+                           connect_timeout: float, read_timeout: float, field: str, what: str) -> int:
+    """``_fetch`` into the open temp file ``fd``, ended by the watchdog at ``deadline``."""
+    sockets: list = []
+    with _deadline_watchdog(deadline, sockets) as expired:
+        try:
+            with os.fdopen(fd, "wb") as out, _session(field, allow_private, sockets) as session:
+                return _fetch(session, url, out, max_bytes=max_bytes, allow_private=allow_private,
+                              connect_timeout=connect_timeout, read_timeout=read_timeout,
+                              deadline=deadline, field=field, what=what)
+        except (InputError, StorageError, OSError, requests.RequestException, urllib3.exceptions.HTTPError):
+            if expired.is_set():
+                raise InputError(f"Downloading the {what} timed out.") from None
+            raise
+
+
+def _remove(*paths) -> None:
+    """What a failed download leaves: its temp file and any ``dest`` (even one from before)."""
+    for leftover in paths:
+        if leftover is not None:
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                logger.warning("Could not remove %s after a failed download", leftover)
