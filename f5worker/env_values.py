@@ -136,7 +136,7 @@ class Var:
     offered: bool = False
 
     def read(self, env) -> Any:
-        raw = (env.get(self.env) or "").strip()
+        raw = env.get(self.env) or ""  # stripped by the caller (Settings.from_env)
         return self.parse(self.env, raw) if raw else self.default
 
     def shown_default(self) -> str:

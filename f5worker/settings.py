@@ -270,7 +270,6 @@ def either_name(name: str) -> str:
     return f"{name} (or {alias})" if alias else name
 
 
-WHOLE = dict(whole=True)
 S3_HELP = ("S3 storage (B2: `https://s3.<region>.backblazeb2.com`). A bucket needs both keys (the worker never looks for "
            "credentials elsewhere, such as an instance metadata address); the bucket's name follows botocore's rule "
            "(letters, digits, `.`, `-`, `_`, at most 255; or an access point ARN). Each S3 setting, broken, stops the "
@@ -324,13 +323,13 @@ class Settings:
         "botocore would put every object under that name inside the bucket; a longer path, an endpoint's own such "
         "as Supabase's `/storage/v1/s3`, is kept)", offered=True)
     presign_expiry: int = setting(
-        ENV_PRESIGN_EXPIRY, Number(1, MAX_PRESIGN_EXPIRY, **WHOLE), 3600,
+        ENV_PRESIGN_EXPIRY, Number(1, MAX_PRESIGN_EXPIRY, whole=True), 3600,
         "lifetime of `audio_url`, seconds (seven days is the most an S3 presigned URL may last)", offered=True)
     allow_private_urls: bool = setting(ENV_ALLOW_PRIVATE_URLS, Flag(), False,
                                        "allow uploads from private addresses (runpod's SDK's switch)")
-    max_voice_bytes: int = setting(ENV_MAX_VOICE_BYTES, Number(1, 2**30, **WHOLE), 50 * 1024 * 1024,
+    max_voice_bytes: int = setting(ENV_MAX_VOICE_BYTES, Number(1, 2**30, whole=True), 50 * 1024 * 1024,
                                    "upload size cap, for every source (URL, base64, key)")
-    max_concurrency: int = setting(ENV_MAX_CONCURRENCY, Number(1, 256, **WHOLE), 16,
+    max_concurrency: int = setting(ENV_MAX_CONCURRENCY, Number(1, 256, whole=True), 16,
                                    "jobs runpod may hand one worker at once (batched together)", offered=True)
     fast_path: bool = setting(ENV_FAST_PATH, Flag(), True,
                               "bucketed CUDA-graph inference; `0` runs the DiT forward eagerly", offered=True)
@@ -353,7 +352,7 @@ class Settings:
         "seconds: a storage request with no answer for this long fails "
         "([guide](STORAGE-DEPLOYMENT-GUIDE.md#storage-timeouts))")
     s3_max_attempts: int = setting(
-        ENV_S3_MAX_ATTEMPTS, Number(1, 10, **WHOLE), 2,
+        ENV_S3_MAX_ATTEMPTS, Number(1, 10, whole=True), 2,
         "tries per storage call, so it ends within attempts × (connect + 1 + read) s plus backoff: 48 s with the "
         "defaults")
     local_retention_hours: float = setting(
@@ -363,17 +362,17 @@ class Settings:
         "([guide](STORAGE-DEPLOYMENT-GUIDE.md#keeping-storage-from-growing))")
     # Prepared reference voices are about 2.3 MB each (12 s at 24 kHz).
     voice_cache_size: int = setting(
-        ENV_VOICE_CACHE_SIZE, Number(0, 1000, **WHOLE), 32,
+        ENV_VOICE_CACHE_SIZE, Number(0, 1000, whole=True), 32,
         "prepared voices kept in memory per worker, each checked against storage at every use with one "
         "conditional GET ([prepared voices](#prepared-voices-in-memory)); 0: none")
     max_result_bytes: int = setting(
-        ENV_MAX_RESULT_BYTES, Number(1, RUNSYNC_RESULT_BYTES, **WHOLE), RUN_RESULT_BYTES,
+        ENV_MAX_RESULT_BYTES, Number(1, RUNSYNC_RESULT_BYTES, whole=True), RUN_RESULT_BYTES,
         "the largest result a job returns, which bounds inline audio (`return_base64`); the default is RunPod's "
         "payload limit for `/run` (`/runsync` takes 20 MB, the most it may be set to)")
     # Captured graphs keep static input buffers per (batch, frames) bucket: about 1 MiB for a single
     # job, ~80 MiB for 16 jobs of 2048 frames (fp16, F5TTS_v1_Base).
     graph_memory_mb: int = setting(
-        ENV_GRAPH_MEMORY_MB, Number(1, 2**20, **WHOLE), 1024,
+        ENV_GRAPH_MEMORY_MB, Number(1, 2**20, whole=True), 1024,
         "the fast path's captured CUDA graphs keep their static input buffers under this many MiB, the least "
         "recently used evicted (re-captured, in one step, if needed again)")
     streaming: bool = setting(

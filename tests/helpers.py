@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pytest  # noqa: F401 - the helpers' asserts are pytest's
 import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file

@@ -122,7 +122,7 @@ class JobClock:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - mark
 
 
-def synthesis_requests(job: TTSInput, voices: dict[str, JobVoice], seed: int, *,
+def synthesis_requests(job: TTSInput, segments: list[tuple[str, str]], voices: dict[str, JobVoice], seed: int, *,
                        streamed: bool) -> list[SynthesisRequest]:
     """One request per segment of the job's text, each in its voice; a streamed job's first is cut short."""
     return [SynthesisRequest(
@@ -131,7 +131,7 @@ def synthesis_requests(job: TTSInput, voices: dict[str, JobVoice], seed: int, *,
         gen_text=text, seed=seed, speed=job.speed, nfe_step=job.nfe_step, cfg_strength=job.cfg_strength,
         sway_sampling_coef=job.sway_sampling_coef, cross_fade_duration=job.cross_fade_duration,
         remove_silence=job.remove_silence, short_first_chunk=streamed and index == 0)
-        for index, (name, text) in enumerate(job.segments())]
+        for index, (name, text) in enumerate(segments)]
 
 
 def tts_result(job: TTSInput, voices: dict[str, JobVoice], plan: JobPlan, fmt: encoding.OutputFormat, *,
@@ -202,9 +202,10 @@ class Worker:
         output_key = output_key_for(job_id, job.output_key, fmt)
         with job_files(self.settings.tmp_dir, job_id) as paths:
             clock.timings.update(download_s=clock.since_start(), transcription_s=0.0)
-            voices = await self._job_voices(job, paths["voice.wav"], clock.timings)
+            segments = job.segments()  # (voice name, text); one part unless the job gives `voices`
+            voices = await self._job_voices(job, segments, paths["voice.wav"], clock.timings)
             with clock.step("synthesis_s"):
-                plan = await self._off_loop(plan_segments, synthesis_requests(job, voices, seed,
+                plan = await self._off_loop(plan_segments, synthesis_requests(job, segments, voices, seed,
                                                                               streamed=on_audio is not None))
                 self._refuse_early(plan, fmt, job, streamed=on_audio is not None)
                 stream = (streaming.AudioStream(job.sample_rate, job.cross_fade_duration)
@@ -236,10 +237,11 @@ class Worker:
                           timings=result["timings"])
         return result
 
-    async def _job_voices(self, job: TTSInput, staging: Path, timings: dict[str, float]) -> dict[str, JobVoice]:
+    async def _job_voices(self, job: TTSInput, segments: list[tuple[str, str]], staging: Path,
+                          timings: dict[str, float]) -> dict[str, JobVoice]:
         """Each voice of the text once, in order of first use (the job's ref_text is local_voice's)."""
         voices: dict[str, JobVoice] = {}
-        for name, _ in job.segments():
+        for name, _ in segments:
             if name not in voices:
                 given = job.ref_text if name == job.local_voice else None
                 voices[name] = await self._voice(name, given, staging, timings)
