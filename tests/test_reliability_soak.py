@@ -14,7 +14,7 @@ from tests.reliability_report import write_section
 
 pytestmark = pytest.mark.usefixtures("loopback_only")  # the server is a subprocess; this guards the client side
 
-JOBS = 200
+JOBS = 300  # 150 warm-up jobs, then 150 measured (bench/soak.py's run_soak)
 
 
 def test_short_soak_through_the_local_api_server(tiny_models, tiny_whisper, tmp_path):
