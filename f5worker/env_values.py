@@ -9,6 +9,7 @@ variable and never repeating a value that might be a secret.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,50 @@ class Device:
 
     def accepts(self) -> str:
         return "`cpu`, `cuda`, `cuda:<index>`"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a few words, as written (lower case)."""
+
+    words: tuple[str, ...]
+
+    def __call__(self, name: str, raw: str) -> str:
+        word = raw.strip().lower()
+        if word not in self.words:
+            raise ValueError(f"{name} must be {' or '.join(self.words)}, not {raw[:SHOWN_CHARS]!r}")
+        return word
+
+    def accepts(self) -> str:
+        return " or ".join(f"`{word}`" for word in self.words)
+
+
+class NameMap:
+    """A JSON object of names to names (``{"alloy": "alice.wav"}``); what the names may be is
+    checked where they are used."""
+
+    def __call__(self, name: str, raw: str) -> dict[str, str]:
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ValueError(f"{name} must be a JSON object of names to names, such as "
+                             '{"alloy": "alice.wav"}')
+        return value
+
+    def accepts(self) -> str:
+        return 'JSON object, `{"name": "voice.wav"}`'
+
+
+class Secret:
+    """Text that is never shown: not in a sentence, a log line or the README."""
+
+    def __call__(self, name: str, raw: str) -> str:
+        return raw
+
+    def accepts(self) -> str:
+        return "text (never logged)"
 
 
 class Present:

@@ -1,6 +1,7 @@
 """The two failures a job can report, mapped to ``{"error": ...}`` in one place (the handler).
 
-``InputError``: the caller sent something we refuse; nothing was changed.
+``InputError``: the caller sent something we refuse; nothing was changed (``NotFound``: it names
+something that does not exist, which the HTTP face answers with 404).
 ``StorageError``: a model, voice or output could not be read or written.
 Each carries one clear sentence meant for the caller; never credentials, URLs with signatures or job text.
 """
@@ -11,7 +12,15 @@ class WorkerError(Exception):
 
 
 class InputError(WorkerError):
-    pass
+    """``param``: the input field at fault, where one is (OpenAI's error shape names it)."""
+
+    def __init__(self, message: str = "", *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class NotFound(InputError):
+    """What the input names (a voice) does not exist; nothing was changed."""
 
 
 class StorageError(WorkerError):

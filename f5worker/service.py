@@ -130,6 +130,15 @@ ROUTES: dict[str, Callable[..., Awaitable[dict]]] = {
 }
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended: its result, or ``{"error": <sentence>}`` (with ``refresh_worker`` after a
+    GPU fault) and the exception that caused it."""
+
+    result: dict
+    error: Exception | None = None
+
+
 @dataclass
 class JobRunner:
     """Runs one job: parse, route, guard, and the result or the error as ``failure`` words it."""
@@ -144,19 +153,35 @@ class JobRunner:
             log.error("job refused (the worker did not start), asking RunPod to replace this worker: %s",
                       self.start_error)
             return {"error": error_sentence(self.start_error), "refresh_worker": True}
-        self.guard.watch_sigterm()
         call = JobCall(safe_job_id(job.get("id")), job, on_audio, self.progress)
-        endpoint = "unknown"
+        try:
+            job_input = parse_job_input(job.get("input"))
+        except InputError as err:
+            return (await self.failed(err, call.job_id, "unknown")).result
+        endpoint = job_input.endpoint
+        outcome = await self.outcome(call.job_id, endpoint, lambda: ROUTES[endpoint](self.worker, job_input, call))
+        return outcome.result
+
+    async def outcome(self, job_id: str, endpoint: str, start: Callable[[], Awaitable[dict]]) -> Outcome:
+        """The workflow ``start()`` begins, run under the guard (its deadline, SIGTERM); a failure
+        is logged and recorded once. Both faces run their jobs through here."""
+        self.guard.watch_sigterm()
         try:
             if self.guard.stopping:
                 raise JobStopped("The worker is shutting down and did not start the job; send it again.")
-            job_input = parse_job_input(job.get("input"))
-            endpoint = job_input.endpoint
-            return await self.guard.run(call.job_id, ROUTES[endpoint](self.worker, job_input, call))
+            return Outcome(await self.guard.run(job_id, start()))
         except Exception as err:
-            result, recorded = failure(err, call.job_id, endpoint)
-            await _record_error(self.worker, call.job_id, endpoint, recorded)
-            return result
+            return await self.failed(err, job_id, endpoint)
+
+    async def failed(self, err: Exception, job_id: str, endpoint: str) -> Outcome:
+        result, recorded = failure(err, job_id, endpoint)
+        await _record_error(self.worker, job_id, endpoint, recorded)
+        return Outcome(result, err)
+
+
+def job_guard(settings: Settings) -> JobGuard:
+    """The guard of a worker's jobs: its deadline, and a job whose final write has begun is waited for."""
+    return JobGuard(settings.job_timeout_s, settings.tmp_dir, committing=lambda task: task in COMMITTING)
 
 
 async def stream_job(runner: JobRunner, job: dict, replace_worker: Callable[[], None] | None):
@@ -192,8 +217,7 @@ def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard
     runpod's ``progress_update(job, report)``; ``replace_worker`` asks runpod to replace the worker
     after a streamed job."""
     if guard is None and worker is not None:
-        guard = JobGuard(worker.settings.job_timeout_s, worker.settings.tmp_dir,
-                         committing=lambda task: task in COMMITTING)
+        guard = job_guard(worker.settings)
     runner = JobRunner(worker, start_error, guard, progress)
 
     async def handler(job: dict) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
-from f5worker.env_values import Device, Flag, Number, Parser, PathValue, Present, Text, Var
+from f5worker.env_values import Choice, Device, Flag, NameMap, Number, Parser, PathValue, Present, Secret, Text, Var
 
 # --- environment variable names (the only place they are spelled) -------------------------------
 ENV_VOLUME_PATH = "RUNPOD_VOLUME_PATH"
@@ -76,6 +76,16 @@ ENV_MAX_RESULT_BYTES = "F5_MAX_RESULT_BYTES"
 ENV_GRAPH_MEMORY_MB = "F5_GRAPH_MEMORY_MB"
 # On: the handler is a generator and jobs may ask for "stream": true (f5worker.service).
 ENV_STREAMING = "F5_STREAMING"
+# The HTTP face (f5worker.http): OpenAI's speech API on a RunPod load-balancing endpoint. PORT and
+# PORT_HEALTH are the names RunPod's load balancer uses.
+ENV_SERVE = "F5_SERVE"
+ENV_HTTP_HOST = "F5_HTTP_HOST"
+ENV_PORT = "PORT"
+ENV_PORT_HEALTH = "PORT_HEALTH"
+ENV_API_KEY = "F5_API_KEY"
+ENV_HTTP_STORE_RESULTS = "F5_HTTP_STORE_RESULTS"
+ENV_VOICE_ALIASES = "F5_VOICE_ALIASES"
+SERVE_FACES = ("queue", "http")
 # Set by RunPod on its workers (where runpod's SDK fetches jobs); unset in runpod's local modes,
 # where a progress report has nowhere to go.
 ENV_RUNPOD_JOB_URL = "RUNPOD_WEBHOOK_GET_JOB"
@@ -379,11 +389,35 @@ class Settings:
         ENV_STREAMING, Flag(), False,
         "`1`: the handler streams ([streaming](#streaming)); jobs may ask for `\"stream\": true`, and every "
         "job's output becomes the list of what it yielded, its result last", offered=True)
+    serve: str = setting(
+        ENV_SERVE, Choice(SERVE_FACES), "queue",
+        "`queue`: RunPod's job queue; `http`: OpenAI's speech API over HTTP, for a load-balancing endpoint "
+        "([HTTP](#openais-speech-api-over-http))", offered=True)
+    http_host: str = setting(ENV_HTTP_HOST, Text(), "0.0.0.0", "`http` only: the address the server binds")
+    port: int = setting(ENV_PORT, Number(1, 65535, whole=True), 80,
+                        "`http` only: the API's port (RunPod's load balancer sets it)")
+    port_health: int | None = setting(ENV_PORT_HEALTH, Number(1, 65535, whole=True), None,
+                                      "`http` only: the port of `GET /ping` when it is not `PORT`", shown="`PORT`")
+    api_key: str | None = setting(
+        ENV_API_KEY, Secret(), None,
+        "`http` only: every route but `/ping` then needs `Authorization: Bearer <key>`; unset, a server reached "
+        "other than through RunPod's proxy is open")
+    http_store_results: bool = setting(
+        ENV_HTTP_STORE_RESULTS, Flag(), False,
+        "`http` only: also store each response's audio under `output/`, as queue jobs are")
+    voice_aliases: dict[str, str] | None = setting(
+        ENV_VOICE_ALIASES, NameMap(), None,
+        "`http` only: voice names a client may send for a stored voice (`{\"alloy\": \"alice.wav\"}`), for "
+        "clients whose voice names cannot be changed", shown="none")
     on_runpod_queue: bool = setting(
         ENV_RUNPOD_JOB_URL, Present(), False,
         "set by RunPod on its workers: jobs come from RunPod's queue (progress reports go there), not runpod's "
         "local modes; never set by hand")
     warnings: tuple[str, ...] = ()  # sentences about the variables (conflicting aliases ...), no values
+
+    @property
+    def health_port(self) -> int:
+        return self.port_health or self.port
 
     @property
     def volume_mounted(self) -> bool:

@@ -279,8 +279,17 @@ def parse_job_input(raw: object) -> JobInput:
     endpoint = raw.get("endpoint", "tts")
     model = ENDPOINTS.get(endpoint) if isinstance(endpoint, str) else None
     if model is None:
-        raise InputError(f"Unknown endpoint; use one of: {', '.join(ENDPOINTS)}.")
+        raise InputError(f"Unknown endpoint; use one of: {', '.join(ENDPOINTS)}.", param="endpoint")
+    return parse_model(model, raw)
+
+
+def parse_model(model: type[BaseModel], raw: dict, rename: dict[str, str] | None = None):
+    """``raw`` as ``model``, or an InputError naming the first thing wrong; ``rename`` gives fields
+    the names the caller knows them by (the HTTP face's ``input`` for ``text``)."""
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise InputError(_sentence(exc.errors(include_url=False)[0])) from None
+        err = exc.errors(include_url=False)[0]
+        loc = tuple((rename or {}).get(part, part) if isinstance(part, str) else part for part in err["loc"])
+        err = {**err, "loc": loc}
+        raise InputError(_sentence(err), param=_field_name(loc) if loc else None) from None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Protocol
 
 import numpy as np
 
@@ -81,8 +82,28 @@ def pcm_s16le(samples: np.ndarray) -> bytes:
     return pcm16(samples).tobytes()
 
 
-class AudioStream:
-    """One job's chunk waveforms (24 kHz, in order) in, stream pieces (dicts) out."""
+class LiveAudio(Protocol):
+    """Where a job's audio goes while it is synthesised (``jobs.workflows.Worker.tts``): each
+    chunk's waveform (24 kHz, in order) in, whatever the face sends out (pieces, bytes).
+
+    ``result_bytes`` is what has been sent that a RunPod result also keeps (the queue face's
+    pieces; 0 where nothing is kept), and ``planned_result_bytes`` the most it will be;
+    ``samples_sent`` and ``bytes_sent`` count the audio sent, at the job's sample rate."""
+
+    result_bytes: int
+    samples_sent: int
+    bytes_sent: int
+
+    def add(self, wave: np.ndarray) -> list: ...
+
+    def close(self) -> list: ...
+
+    def planned_result_bytes(self, samples: int, chunks: int) -> int: ...
+
+
+class JoinedAudio:
+    """Chunk waveforms (24 kHz, in order) in, the joined audio at ``sample_rate`` out as it
+    becomes final: the samples of the stored file, in pieces (the module docstring)."""
 
     def __init__(self, sample_rate: int, cross_fade_seconds: float):
         self.sample_rate = sample_rate
@@ -90,12 +111,9 @@ class AudioStream:
         self.held = np.zeros(0, dtype=np.float32)  # the join's last samples, exactly as it holds them
         self.joined = 0  # samples of the join so far, held ones included
         self.resampler = OutputStream(sample_rate)
-        self.pieces = 0
-        self.samples_sent = 0
-        self.output_bytes = 0  # what the pieces sent add to the job's output (runpod keeps them all)
 
-    def add(self, wave: np.ndarray) -> list[dict]:
-        """The pieces that ``wave`` (the next chunk) completes."""
+    def add(self, wave: np.ndarray) -> np.ndarray:
+        """The samples that ``wave`` (the next chunk) makes final."""
         if self.joined == 0:
             region = wave
         else:  # cross_fade_join's step, on the part of the join that can still change
@@ -109,22 +127,49 @@ class AudioStream:
         self.joined += len(wave)
         keep = min(self.fade, self.joined)
         ready, self.held = region[:len(region) - keep], region[len(region) - keep:]
-        return self._pieces(ready, last=False)
+        return self._out(ready, last=False)
+
+    def close(self) -> np.ndarray:
+        """What was held back: the end of the audio."""
+        held, self.held = self.held, np.zeros(0, dtype=np.float32)
+        return self._out(held, last=True)
+
+    def _out(self, samples: np.ndarray, *, last: bool) -> np.ndarray:
+        return self.resampler.resample(samples.astype(np.float32), last=last)  # plan.finish's type
+
+
+class AudioStream:
+    """The queue face's stream: one job's chunk waveforms in, stream pieces (dicts) out."""
+
+    def __init__(self, sample_rate: int, cross_fade_seconds: float):
+        self.sample_rate = sample_rate
+        self.audio = JoinedAudio(sample_rate, cross_fade_seconds)
+        self.pieces = 0
+        self.samples_sent = 0
+        self.result_bytes = 0  # what the pieces sent add to the job's output (runpod keeps them all)
+
+    def add(self, wave: np.ndarray) -> list[dict]:
+        """The pieces that ``wave`` (the next chunk) completes."""
+        return self._pieces(self.audio.add(wave))
 
     def close(self) -> list[dict]:
         """The pieces of what was held back: the end of the audio."""
-        held, self.held = self.held, np.zeros(0, dtype=np.float32)
-        return self._pieces(held, last=True)
+        return self._pieces(self.audio.close())
 
-    def _pieces(self, samples: np.ndarray, *, last: bool) -> list[dict]:
-        samples = samples.astype(np.float32)  # plan.finish's type
-        samples = self.resampler.resample(samples, last=last)
+    def planned_result_bytes(self, samples: int, chunks: int) -> int:
+        return planned_output_bytes(samples, self.sample_rate, chunks)
+
+    @property
+    def bytes_sent(self) -> int:  # of PCM, before base64
+        return self.samples_sent * PCM_BYTES_PER_SAMPLE
+
+    def _pieces(self, samples: np.ndarray) -> list[dict]:
         pieces = []
         for start in range(0, len(samples), MAX_PIECE_SAMPLES):
             part = samples[start:start + MAX_PIECE_SAMPLES]
             pieces.append(piece(self.pieces, self.sample_rate, to_base64(pcm_s16le(part)),
                                 round(len(part) / self.sample_rate, 3)))
             self.pieces += 1
-            self.output_bytes += output_bytes(pieces[-1])
+            self.result_bytes += output_bytes(pieces[-1])
             self.samples_sent += len(part)
         return pieces

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from f5worker.jobs import audio
-from f5worker.errors import InputError, StorageError
+from f5worker.errors import InputError, NotFound, StorageError
 from f5worker.jobs.inputs import check_voice_name
 from f5worker.settings import (ENV_MAX_VOICE_BYTES, INCOMING_PREFIX, TRANSCRIPT_SUFFIX,
                                VOICE_META_SUFFIX, VOICES_PREFIX)
@@ -113,7 +113,7 @@ def clipped_refusal(voice_seconds: float) -> InputError:
 
 
 def not_found(name: str) -> InputError:
-    return InputError(f"Voice '{name}' was not found; upload it first with the upload endpoint.")
+    return NotFound(f"Voice '{name}' was not found; upload it first with the upload endpoint.")
 
 
 class VoiceCache:
@@ -387,7 +387,7 @@ class VoiceLibrary:
         except KeyNotFound:
             if name in BUILTIN_VOICES:
                 raise InputError(f"Voice '{name}' is built in and cannot be deleted.") from None
-            raise InputError(f"Voice '{name}' was not found, so nothing was deleted.") from None
+            raise NotFound(f"Voice '{name}' was not found, so nothing was deleted.") from None
 
     def delete(self, name: str) -> list[str]:
         """Remove stored voice ``name`` (``require_stored`` first) and what lies beside it; returns

@@ -94,6 +94,17 @@ class JobVoice:
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """Where one TTS job's audio goes: its format, its key if stored, and its stream if any."""
+
+    job_id: str
+    job: TTSInput
+    fmt: encoding.OutputFormat
+    output_key: str
+    stream: streaming.LiveAudio | None
+
+
+@dataclass(frozen=True)
 class InlineAudio:
     """Whether a job's audio goes back inline (base64) and, if it does not fit, the room there was."""
 
@@ -135,8 +146,8 @@ def synthesis_requests(job: TTSInput, segments: list[tuple[str, str]], voices: d
 
 
 def tts_result(job: TTSInput, voices: dict[str, JobVoice], plan: JobPlan, fmt: encoding.OutputFormat, *,
-               url: str, output_key: str, seed: int, duration: float, data: bytes,
-               stream: streaming.AudioStream | None) -> dict:
+               url: str | None, output_key: str | None, seed: int, duration: float, data: bytes,
+               stream: streaming.LiveAudio | None) -> dict:
     """A TTS job's result before its timings and inline audio."""
     result = {"audio_url": url, "duration": round(duration, 3),
               "sample_rate": job.sample_rate, "output_key": output_key, "voice": job.local_voice, "seed": seed,
@@ -145,7 +156,7 @@ def tts_result(job: TTSInput, voices: dict[str, JobVoice], plan: JobPlan, fmt: e
               "format": fmt.name, "content_type": fmt.content_type, "bytes": len(data)}
     if job.voices is not None:
         result["voices_used"] = list(voices)
-    if stream is not None:
+    if isinstance(stream, streaming.AudioStream):
         result["stream_chunks"] = stream.pieces
     return result
 
@@ -191,50 +202,75 @@ class Worker:
         return await asyncio.get_running_loop().run_in_executor(self.batcher.executor, fn, *args)
 
     @one_job
-    async def tts(self, job_id: str, job: TTSInput, on_audio: Callable[[dict], None] | None = None,
-                  on_progress: Callable[[dict], None] | None = None) -> dict:
-        """The TTS job. ``on_audio`` (a streamed job's) receives each piece of audio as soon as it
-        is known (``f5worker.jobs.streaming``); ``on_progress`` receives, for a job of several chunks,
-        ``{"chunks_done", "chunks_total", "audio_seconds"}`` after each chunk, in order."""
+    async def tts(self, job_id: str, job: TTSInput, on_audio: Callable[[object], None] | None = None,
+                  on_progress: Callable[[dict], None] | None = None, *, stream: streaming.LiveAudio | None = None,
+                  store: bool = True) -> dict:
+        """The TTS job. ``on_audio`` receives what ``stream`` makes of each chunk as soon as it is
+        known (by default the queue face's pieces, ``jobs.streaming.AudioStream``; a job that removes
+        silences gets it all at the end); ``on_progress`` receives, for a job of several chunks,
+        ``{"chunks_done", "chunks_total", "audio_seconds"}`` after each chunk, in order. Without
+        ``store`` the audio is only streamed: nothing is encoded whole, uploaded or inline."""
         clock = JobClock()
         seed = job.seed if job.seed is not None else random.randint(0, MAX_SEED)
         fmt = encoding.FORMATS[job.output_format]
-        output_key = output_key_for(job_id, job.output_key, fmt)
+        if on_audio is not None and stream is None:
+            stream = streaming.AudioStream(job.sample_rate, job.cross_fade_duration)
+        live = stream is not None and not job.remove_silence
         with job_files(self.settings.tmp_dir, job_id) as paths:
             clock.timings.update(download_s=clock.since_start(), transcription_s=0.0)
             segments = job.segments()  # (voice name, text); one part unless the job gives `voices`
             voices = await self._job_voices(job, segments, paths["voice.wav"], clock.timings)
             with clock.step("synthesis_s"):
                 plan = await self._off_loop(plan_segments, synthesis_requests(job, segments, voices, seed,
-                                                                              streamed=on_audio is not None))
-                self._refuse_early(plan, fmt, job, streamed=on_audio is not None)
-                stream = (streaming.AudioStream(job.sample_rate, job.cross_fade_duration)
-                          if on_audio is not None else None)
-                wave = await self._synthesize(plan, job, stream, on_audio, on_progress, clock)
-            with clock.step("encoding_s"):
-                samples = await self._off_loop(from_model_rate, wave, job.sample_rate)
-                data = await self._off_loop(encoding.encode, samples, job.sample_rate, fmt)
-                await self._staging(paths["output.wav"].write_bytes, data)
-            with clock.step("upload_s"):
-                url = await self._off_loop(self.storage.result_url, output_key)
-                duration = audio.duration_seconds(samples, job.sample_rate)
-                result = tts_result(job, voices, plan, fmt, url=url, output_key=output_key, seed=seed,
-                                    duration=duration, data=data, stream=stream)
-                # Whether the audio fits inline is settled before the upload: a job never fails after it.
-                inline = self._inline_decision(job, result, len(data), stream)
-                if inline.too_large and job.return_base64:
-                    raise InputError(encoding.too_large_sentence(fmt, len(data), inline.room))
-                await self._commit(self.storage.upload_file, output_key, paths["output.wav"], fmt.content_type)
-        with clock.step("encoding_s"):
-            await self._attach_inline(job_id, result, inline, data)
+                                                                              streamed=live))
+                self._refuse_early(plan, fmt, job, stream if live else None)
+                wave = await self._synthesize(plan, job, stream, on_audio, on_progress, clock, live=live)
+            delivery = Delivery(job_id, job, fmt, output_key_for(job_id, job.output_key, fmt), stream)
+            if store:
+                result = await self._store(delivery, wave, voices, plan, seed, paths["output.wav"], clock)
+            else:
+                result = self._unstored_result(delivery, voices, plan, seed)
         clock.timings["total_s"] = clock.since_start()
         result["timings"] = _rounded(clock.timings)
+        duration = result["duration"]
         result["rtf"] = round(clock.timings["synthesis_s"] / duration, 4) if duration > 0 else None
         await self.record(job_id, "tts", "ok", voice=job.local_voice, text_chars=len(job.text), chunks=len(plan.items),
-                          audio_seconds=result["duration"], output_bytes=len(data), output_key=output_key,
-                          format=fmt.name, sample_rate=job.sample_rate, inline="audio_base64" in result,
-                          ref_text_source=result["ref_text_source"], voices_used=list(voices),
-                          timings=result["timings"])
+                          audio_seconds=result["duration"], output_bytes=result["bytes"],
+                          output_key=result["output_key"], format=result["format"], sample_rate=job.sample_rate,
+                          inline="audio_base64" in result, ref_text_source=result["ref_text_source"],
+                          voices_used=list(voices), timings=result["timings"])
+        return result
+
+    async def _store(self, delivery: "Delivery", wave: np.ndarray, voices: dict[str, JobVoice], plan: JobPlan,
+                     seed: int, staging: Path, clock: JobClock) -> dict:
+        """The job's audio encoded whole, stored (and inline if asked); its result."""
+        job, fmt = delivery.job, delivery.fmt
+        with clock.step("encoding_s"):
+            samples = await self._off_loop(from_model_rate, wave, job.sample_rate)
+            data = await self._off_loop(encoding.encode, samples, job.sample_rate, fmt)
+            await self._staging(staging.write_bytes, data)
+        with clock.step("upload_s"):
+            url = await self._off_loop(self.storage.result_url, delivery.output_key)
+            duration = audio.duration_seconds(samples, job.sample_rate)
+            result = tts_result(job, voices, plan, fmt, url=url, output_key=delivery.output_key, seed=seed,
+                                duration=duration, data=data, stream=delivery.stream)
+            # Whether the audio fits inline is settled before the upload: a job never fails after it.
+            inline = self._inline_decision(job, result, len(data), delivery.stream)
+            if inline.too_large and job.return_base64:
+                raise InputError(encoding.too_large_sentence(fmt, len(data), inline.room))
+            await self._commit(self.storage.upload_file, delivery.output_key, staging, fmt.content_type)
+        with clock.step("encoding_s"):
+            await self._attach_inline(delivery.job_id, result, inline, data)
+        return result
+
+    @staticmethod
+    def _unstored_result(delivery: "Delivery", voices: dict[str, JobVoice], plan: JobPlan, seed: int) -> dict:
+        """The result of a job whose audio was only streamed (a job not stored is streamed): no URL,
+        no key; its length and size are the stream's."""
+        job, stream = delivery.job, delivery.stream
+        result = tts_result(job, voices, plan, delivery.fmt, url=None, output_key=None, seed=seed,
+                            duration=stream.samples_sent / job.sample_rate, data=b"", stream=stream)
+        result["bytes"] = stream.bytes_sent
         return result
 
     async def _job_voices(self, job: TTSInput, segments: list[tuple[str, str]], staging: Path,
@@ -247,38 +283,43 @@ class Worker:
                 voices[name] = await self._voice(name, given, staging, timings)
         return voices
 
-    async def _synthesize(self, plan: JobPlan, job: TTSInput, stream: streaming.AudioStream | None,
-                          on_audio: Callable[[dict], None] | None, on_progress: Callable[[dict], None] | None,
-                          clock: JobClock) -> np.ndarray:
-        """The plan's chunks sampled through the batcher, streamed and reported as each is done, then joined."""
+    async def _synthesize(self, plan: JobPlan, job: TTSInput, stream: streaming.LiveAudio | None,
+                          on_audio: Callable[[object], None] | None, on_progress: Callable[[dict], None] | None,
+                          clock: JobClock, *, live: bool) -> np.ndarray:
+        """The plan's chunks sampled through the batcher, streamed (``live``) and reported as each is
+        done, then joined; a stream that is not live gets the joined audio as its one chunk."""
         lengths: list[int] = []
 
-        def send(pieces: list[dict]) -> None:
+        def send(pieces: list) -> None:
             for piece in pieces:
                 clock.timings.setdefault("first_audio_s", clock.since_start())
                 on_audio(piece)
 
         async def chunk_done(wave: np.ndarray) -> None:
             lengths.append(len(wave))
-            if stream is not None:
+            if live:
                 send(await self._off_loop(stream.add, wave))
             if on_progress is not None and len(plan.items) > 1:
                 seconds = audio.joined_length(lengths, SAMPLE_RATE, job.cross_fade_duration)
                 on_progress({"chunks_done": len(lengths), "chunks_total": len(plan.items),
                              "audio_seconds": round(seconds / SAMPLE_RATE, 3)})
 
-        waves = await self._sample(plan.items, chunk_done, first_alone=stream is not None)
-        if stream is not None:
+        waves = await self._sample(plan.items, chunk_done, first_alone=live)
+        if live:
             send(await self._off_loop(stream.close))
-        return await self._off_loop(finish, plan, waves)  # seconds for a long job
+        joined = await self._off_loop(finish, plan, waves)  # seconds for a long job
+        if stream is not None and not live:  # silences removed from the whole: one chunk, no fades
+            send(await self._off_loop(stream.add, joined))
+            send(await self._off_loop(stream.close))
+        return joined
 
     def _inline_decision(self, job: TTSInput, result: dict, size: int,
-                         stream: streaming.AudioStream | None) -> InlineAudio:
+                         stream: streaming.LiveAudio | None) -> InlineAudio:
         """Whether the audio goes back inline. By default only where the result URL is a path on this
         machine (local storage); a streamed job's output also holds every piece it sent (runpod
         keeps them all), which the room leaves out."""
         wanted = job.return_base64 if job.return_base64 is not None else not self.storage.result_urls_reach_callers
-        limit = self.settings.max_result_bytes - (stream.output_bytes if stream is not None else 0)
+        limit = self.settings.max_result_bytes - (stream.result_bytes if stream is not None else 0)
         room = encoding.inline_room(result, limit) if wanted else 0
         return InlineAudio(wanted=wanted, room=room, too_large=wanted and size > room)
 
@@ -308,7 +349,8 @@ class Worker:
                 self.batcher.withdraw(futures)  # a failed or cancelled job leaves the queue
         return waves
 
-    def _refuse_early(self, plan, fmt: encoding.OutputFormat, job: TTSInput, *, streamed: bool) -> None:
+    def _refuse_early(self, plan, fmt: encoding.OutputFormat, job: TTSInput,
+                      stream: streaming.LiveAudio | None) -> None:
         """Refuse before any model call what cannot fit in the job's RunPod result: a streamed
         job's pieces (runpod keeps them all in its output), then ``return_base64``'s file beside
         them. The length is known from the plan, and so are the pieces' size and a WAV's
@@ -317,8 +359,8 @@ class Worker:
         if job.remove_silence:
             return
         limit = self.settings.max_result_bytes
-        if streamed:
-            pieces = streaming.planned_output_bytes(planned_samples(plan), job.sample_rate, len(plan.items))
+        if stream is not None:
+            pieces = stream.planned_result_bytes(planned_samples(plan), len(plan.items))
             if pieces > limit - encoding.RESULT_ALLOWANCE_BYTES:
                 raise InputError(streaming.too_long_sentence(pieces, limit))
             limit -= pieces

@@ -1,0 +1,213 @@
+"""A job's audio encoded while it is synthesised: the bytes of an HTTP response (``f5worker.http``).
+
+Why this module exists: OpenAI's speech API answers with the audio file itself, in mp3, opus, aac,
+flac, wav or pcm, and a client plays it while the rest is synthesised. ``EncodedStream`` takes the
+job's chunk waveforms (as ``jobs.streaming.JoinedAudio`` joins them: the samples of the stored
+file) and gives out the file's bytes as they are known. What each format is, said once in
+``LIVE_FORMATS``:
+
+* ``wav``: 16-bit PCM after a header whose sizes say "to the end of the stream" (0xFFFFFFFF), the
+  length being unknown when the header is sent; libsndfile and FFmpeg read such a file to its end.
+* ``pcm``: the same samples with no header: 16-bit signed little-endian mono, 24 kHz unless the
+  request asks for another ``sample_rate`` (OpenAI's ``pcm``).
+* ``mp3`` (LAME), ``opus`` (libopus in Ogg) and ``aac`` (FFmpeg's AAC in ADTS): PyAV, whose wheel
+  bundles FFmpeg with these encoders (libsndfile has no AAC), muxing into a sink that cannot seek,
+  so each muxer writes as it goes. Ogg pages are cut every ``OGG_PAGE_US`` so a page never holds
+  back more than that of audio.
+* ``flac`` is sent when complete: its header (STREAMINFO) holds the length and an MD5 of the audio,
+  written at the end, and a FLAC without them is refused by libsndfile (soundfile), which Python
+  clients read audio with. Choose another format for audio that starts at once.
+
+The lossy codecs add their encoder delay (LAME about 50 ms, AAC about 40 ms of priming) as every
+encoder does; a decoder that honours the stream's padding info removes it.
+"""
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+import av
+import numpy as np
+
+from f5worker.jobs.encoding import pcm16
+from f5worker.jobs.streaming import JoinedAudio
+
+OGG_PAGE_US = 100_000  # an Ogg page every 100 ms of audio at most
+STREAM_SIZE = 0xFFFFFFFF  # a WAV size field's "unknown, to the end"
+
+
+@dataclass(frozen=True)
+class LiveFormat:
+    name: str  # the request's response_format
+    content_type: str
+    container: str | None  # FFmpeg's muxer, through PyAV; None: written here
+    codec: str | None
+    sample_format: str  # the PyAV sample format the codec is fed
+    live: bool  # bytes sent as chunks are sampled; False: sent once complete
+    stored_as: str  # jobs.encoding's format of a stored copy (F5_HTTP_STORE_RESULTS)
+
+
+LIVE_FORMATS: dict[str, LiveFormat] = {fmt.name: fmt for fmt in (
+    LiveFormat("mp3", "audio/mpeg", "mp3", "libmp3lame", "fltp", live=True, stored_as="mp3"),
+    LiveFormat("opus", "audio/ogg; codecs=opus", "ogg", "libopus", "flt", live=True, stored_as="opus"),
+    LiveFormat("aac", "audio/aac", "adts", "aac", "fltp", live=True, stored_as="wav"),
+    LiveFormat("flac", "audio/flac", "flac", "flac", "s16", live=False, stored_as="flac"),
+    LiveFormat("wav", "audio/wav", None, None, "s16", live=True, stored_as="wav"),
+    LiveFormat("pcm", "audio/pcm", None, None, "s16", live=True, stored_as="wav"),
+)}
+DEFAULT_LIVE_FORMAT = "mp3"  # OpenAI's default
+
+
+class Encoder(Protocol):
+    def add(self, samples: np.ndarray) -> bytes:
+        """The bytes ``samples`` (mono float32, the next ones) complete."""
+
+    def close(self) -> bytes:
+        """The rest of the file."""
+
+
+class PcmEncoder:
+    def __init__(self, sample_rate: int):
+        self.sample_rate = sample_rate
+
+    def add(self, samples: np.ndarray) -> bytes:
+        return pcm16(samples).tobytes()  # the stored WAV's conversion
+
+    def close(self) -> bytes:
+        return b""
+
+
+class WavEncoder(PcmEncoder):
+    def __init__(self, sample_rate: int):
+        super().__init__(sample_rate)
+        self.header: bytes | None = wav_stream_header(sample_rate)
+
+    def add(self, samples: np.ndarray) -> bytes:
+        header, self.header = self.header or b"", None
+        return header + super().add(samples)
+
+    def close(self) -> bytes:
+        return self.add(np.zeros(0, dtype=np.float32))  # a job of no samples still sends its header
+
+
+def wav_stream_header(sample_rate: int) -> bytes:
+    """A 16-bit mono WAV's header for a stream of unknown length."""
+    fmt = struct.pack("<HHIIHH", 1, 1, sample_rate, sample_rate * 2, 2, 16)
+    return (b"RIFF" + struct.pack("<I", STREAM_SIZE) + b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+            + b"data" + struct.pack("<I", STREAM_SIZE))
+
+
+class _Sink:
+    """A write-only file for PyAV: it cannot seek, so the muxer writes in order, and what it wrote
+    is taken as it comes."""
+
+    def __init__(self):
+        self.parts: list[bytes] = []
+
+    def write(self, data) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        data, self.parts = b"".join(self.parts), []
+        return data
+
+
+class AvEncoder:
+    """mp3, opus, aac and flac through PyAV (FFmpeg)."""
+
+    def __init__(self, fmt: LiveFormat, sample_rate: int):
+        self.fmt = fmt
+        self.sink = _Sink() if fmt.live else io.BytesIO()
+        options = {"page_duration": str(OGG_PAGE_US)} if fmt.container == "ogg" else {}
+        self.container = av.open(self.sink, mode="w", format=fmt.container, options=options)
+        self.stream = self.container.add_stream(fmt.codec, rate=sample_rate, layout="mono")
+        self.stream.codec_context.format = fmt.sample_format
+        self.sample_rate = sample_rate
+        self.pts = 0
+
+    def add(self, samples: np.ndarray) -> bytes:
+        if len(samples):
+            self._mux(self.stream.encode(self._frame(samples)))
+        return self._taken()
+
+    def close(self) -> bytes:
+        self._mux(self.stream.encode(None))
+        self.container.close()
+        if isinstance(self.sink, io.BytesIO):
+            return self.sink.getvalue()
+        return self._taken()
+
+    def discard(self) -> None:
+        """Free FFmpeg's state without finishing the file (the job failed)."""
+        try:
+            self.container.close()
+        except (av.FFmpegError, ValueError):
+            pass
+
+    def _frame(self, samples: np.ndarray) -> av.AudioFrame:
+        if self.fmt.sample_format == "s16":
+            data = pcm16(samples)[None, :]
+        else:
+            data = np.ascontiguousarray(samples, dtype=np.float32)[None, :]
+        frame = av.AudioFrame.from_ndarray(data, format=self.fmt.sample_format, layout="mono")
+        frame.sample_rate = self.sample_rate
+        frame.pts = self.pts
+        self.pts += len(samples)
+        return frame
+
+    def _mux(self, packets) -> None:
+        for packet in packets:
+            self.container.mux(packet)
+
+    def _taken(self) -> bytes:
+        return self.sink.take() if isinstance(self.sink, _Sink) else b""
+
+
+def make_encoder(fmt: LiveFormat, sample_rate: int) -> Encoder:
+    if fmt.name == "wav":
+        return WavEncoder(sample_rate)
+    if fmt.name == "pcm":
+        return PcmEncoder(sample_rate)
+    return AvEncoder(fmt, sample_rate)
+
+
+class EncodedStream:
+    """One job's chunk waveforms (24 kHz, in order) in, the response's bytes out: a
+    ``jobs.streaming.LiveAudio`` whose output a RunPod result never keeps."""
+
+    result_bytes = 0
+
+    def __init__(self, fmt: LiveFormat, sample_rate: int, cross_fade_seconds: float):
+        self.fmt = fmt
+        self.audio = JoinedAudio(sample_rate, cross_fade_seconds)
+        self.encoder = make_encoder(fmt, sample_rate)
+        self.bytes_sent = 0
+        self.samples_sent = 0
+        self.closed = False
+
+    def add(self, wave: np.ndarray) -> list[bytes]:
+        return self._out(self.encoder.add(self._counted(self.audio.add(wave))))
+
+    def close(self) -> list[bytes]:
+        data = self.encoder.add(self._counted(self.audio.close())) + self.encoder.close()
+        self.closed = True
+        return self._out(data)
+
+    def discard(self) -> None:
+        if not self.closed and isinstance(self.encoder, AvEncoder):
+            self.encoder.discard()
+        self.closed = True
+
+    def planned_result_bytes(self, samples: int, chunks: int) -> int:
+        return 0
+
+    def _counted(self, samples: np.ndarray) -> np.ndarray:
+        self.samples_sent += len(samples)
+        return samples
+
+    def _out(self, data: bytes) -> list[bytes]:
+        self.bytes_sent += len(data)
+        return [data] if data else []
