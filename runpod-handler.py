@@ -4,6 +4,7 @@
     python runpod-handler.py                          # as a RunPod worker
     python runpod-handler.py --test_input "$(cat test_input.json)"   # one local job, exit 0/1
     python runpod-handler.py --rp_serve_api --rp_api_host 127.0.0.1  # runpod's local API server
+    F5_SERVE=http PORT=8000 python runpod-handler.py                 # OpenAI's speech API over HTTP
 
 The logic lives in ``f5worker.service``; this script only orders start-up: cache variables first
 (huggingface_hub reads them once, at import), then logging, then the worker.
@@ -31,6 +32,10 @@ def main(argv=None) -> int:
     # output (presigned URLs, signatures included). It reads the level once, at import.
     if not (os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL")):
         os.environ["RUNPOD_LOG_LEVEL"] = "INFO"
+    if settings.serve == "http":  # OpenAI's speech API on PORT, for a load-balancing endpoint
+        from f5worker.http.server import serve_http
+
+        return serve_http(settings)
     from f5worker.service import serve  # imports torch: only after the cache variables are set
 
     return serve(settings)

@@ -266,24 +266,30 @@ def concurrency_modifier_for(settings: Settings):
     return lambda current: settings.max_concurrency
 
 
+def load_worker(settings: Settings, phases: dict[str, float] | None = None) -> tuple[object | None, WorkerError | None]:
+    """``build_worker``, its failure as the start error every job (and, over HTTP, /ping) answers with."""
+    try:
+        return build_worker(settings, phases), None
+    except WorkerError as err:
+        log.error("the worker cannot serve jobs: %s", err)
+        return None, err
+    except Exception as exc:  # a corrupt checkpoint, a config that is not f5-tts's, ...
+        log.exception("the worker could not start")
+        return None, StorageError(f"The worker could not load its models ({type(exc).__name__}); "
+                                  "the worker log has details.")
+
+
 def start_worker(settings: Settings, phases: dict[str, float] | None = None):
     """Load the worker while runpod's SDK imports (its import alone takes over a second); returns
     (worker or None, start error or None, the runpod module)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="startup") as pool:
-        loading = pool.submit(build_worker, settings, phases)
+        loading = pool.submit(load_worker, settings, phases)
         import runpod
 
-        try:
-            return loading.result(), None, runpod
-        except WorkerError as err:
-            log.error("the worker cannot serve jobs: %s", err)
-            return None, err, runpod
-        except Exception as exc:  # a corrupt checkpoint, a config that is not f5-tts's, ...
-            log.exception("the worker could not start")
-            return None, StorageError(f"The worker could not load its models ({type(exc).__name__}); "
-                                      "the worker log has details."), runpod
+        worker, start_error = loading.result()
+        return worker, start_error, runpod
 
 
 def serve(settings: Settings) -> int:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import requests
 
-from f5worker.settings import ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR, ENV_TMP_DIR, ENV_VOLUME_PATH
+from f5worker.settings import (ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR, ENV_HTTP_HOST, ENV_PORT, ENV_PORT_HEALTH, ENV_SERVE,
+                               ENV_TMP_DIR, ENV_VOLUME_PATH)
 
 REPO = Path(__file__).resolve().parent.parent
 # Variables a developer's shell may hold that must not reach the worker (it would act on them).
@@ -91,6 +92,19 @@ def start_api_server(env: dict[str, str], log_path: Path) -> tuple[subprocess.Po
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             preexec_fn=ORPHAN_GUARD)
     return proc, f"http://127.0.0.1:{port}"
+
+
+def start_http_server(env: dict[str, str], log_path: Path, *, health_apart: bool = False
+                      ) -> tuple[subprocess.Popen, str, str]:
+    """``F5_SERVE=http runpod-handler.py`` on free loopback ports: the process, the API's base URL
+    and /ping's (on a port of its own with ``health_apart``)."""
+    port = free_port()
+    health = free_port() if health_apart else port
+    env = {**env, ENV_SERVE: "http", ENV_HTTP_HOST: "127.0.0.1", ENV_PORT: str(port), ENV_PORT_HEALTH: str(health)}
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "runpod-handler.py"], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=ORPHAN_GUARD)
+    return proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{health}/ping"
 
 
 def wait_api_ready(base_url: str, proc: subprocess.Popen, timeout_s: float) -> str | None:

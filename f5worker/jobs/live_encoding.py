@@ -140,13 +140,6 @@ class AvEncoder:
             return self.sink.getvalue()
         return self._taken()
 
-    def discard(self) -> None:
-        """Free FFmpeg's state without finishing the file (the job failed)."""
-        try:
-            self.container.close()
-        except (av.FFmpegError, ValueError):
-            pass
-
     def _frame(self, samples: np.ndarray) -> av.AudioFrame:
         if self.fmt.sample_format == "s16":
             data = pcm16(samples)[None, :]
@@ -192,14 +185,12 @@ class EncodedStream:
         return self._out(self.encoder.add(self._counted(self.audio.add(wave))))
 
     def close(self) -> list[bytes]:
+        """The rest of the file, always as one item (maybe empty): whoever receives it knows from
+        ``closed`` that the audio is complete."""
         data = self.encoder.add(self._counted(self.audio.close())) + self.encoder.close()
         self.closed = True
-        return self._out(data)
-
-    def discard(self) -> None:
-        if not self.closed and isinstance(self.encoder, AvEncoder):
-            self.encoder.discard()
-        self.closed = True
+        self.bytes_sent += len(data)
+        return [data]
 
     def planned_result_bytes(self, samples: int, chunks: int) -> int:
         return 0

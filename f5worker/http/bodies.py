@@ -1,0 +1,130 @@
+"""What the HTTP face accepts: OpenAI's speech request, the voice form, the query of a voice list.
+
+Why this module exists: a request becomes the queue face's job input (``jobs.inputs``), so every
+F5-TTS knob is checked by the same rules and refused with the same sentence; only OpenAI's own
+fields are read here. ``instructions`` (OpenAI's voice direction) is accepted and not used: F5-TTS
+takes its style from the reference voice. Any other field nobody defines is refused.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from f5worker.errors import InputError, NotFound
+from f5worker.jobs.inputs import ListVoicesInput, TTSInput, UploadInput, parse_model
+from f5worker.jobs.live_encoding import DEFAULT_LIVE_FORMAT, LIVE_FORMATS, LiveFormat
+from f5worker.jobs.encoding import one_of
+from f5worker.jobs.options import OPTION_DEFAULTS
+from f5worker.settings import F5_MODEL_NAME, Settings
+
+# OpenAI's own model names, which mean the default model, so a client whose model cannot be changed works.
+OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+# The job contract's F5-TTS knobs, accepted beside OpenAI's fields (the SDK's ``extra_body``).
+KNOBS = ("ref_text", "nfe_step", "seed", "cfg_strength", "sway_sampling_coef", "cross_fade_duration",
+         "remove_silence", "sample_rate")
+# A speech body's fields as the job's input names them, for its sentences.
+RENAMED = {"text": "input", "local_voice": "voice", "output_format": "response_format"}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, str_strip_whitespace=True)
+
+
+class VoiceId(_Body):
+    id: str  # the SDK's custom-voice form, {"id": "alice"}
+
+
+class SpeechBody(_Body):
+    model: str | None = None  # None: the default model
+    input: str
+    voice: str | VoiceId
+    instructions: str | None = Field(default=None, max_length=4096)  # accepted, not used (module docstring)
+    response_format: str = DEFAULT_LIVE_FORMAT
+    speed: float = OPTION_DEFAULTS["speed"]
+    stream_format: Literal["audio", "sse"] = "audio"
+
+
+@dataclass(frozen=True)
+class SpeechRequest:
+    job: TTSInput
+    fmt: LiveFormat
+    sse: bool
+
+
+def served_model(settings: Settings) -> str:
+    """The name of the model this worker serves: F5TTS_v1_Base, or a fine-tune's checkpoint file name."""
+    if settings.ckpt_file:
+        return settings.ckpt_file.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return F5_MODEL_NAME
+
+
+def model_names(settings: Settings) -> tuple[str, ...]:
+    return (served_model(settings), *OPENAI_MODELS)
+
+
+def stored_voice_name(name: str, aliases: dict[str, str] | None) -> str:
+    """A client's voice as a stored voice's name: an alias's voice, and ``alice`` is ``alice.wav``."""
+    name = (aliases or {}).get(name, name)
+    return name if name.lower().endswith(".wav") else f"{name}.wav"
+
+
+def json_body(data: bytes) -> dict:
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise InputError("The request body must be JSON.") from None
+    if not isinstance(body, dict):
+        raise InputError("The request body must be a JSON object.")
+    return body
+
+
+def parse_speech(raw: dict, settings: Settings) -> SpeechRequest:
+    """A speech request's body as the job it asks for, or an InputError (NotFound for a model)."""
+    knobs = {name: raw[name] for name in KNOBS if name in raw}
+    body = parse_model(SpeechBody, {k: v for k, v in raw.items() if k not in KNOBS})
+    if body.model is not None and body.model not in model_names(settings):
+        raise NotFound(f"Model '{body.model[:60]}' is not served here; use {one_of(model_names(settings))}.",
+                       param="model")
+    if body.response_format not in LIVE_FORMATS:
+        raise InputError(f"'response_format' must be {one_of(LIVE_FORMATS)}.", param="response_format")
+    fmt = LIVE_FORMATS[body.response_format]
+    voice = body.voice.id if isinstance(body.voice, VoiceId) else body.voice
+    job = parse_model(TTSInput, {"text": body.input, "local_voice": stored_voice_name(voice, settings.voice_aliases),
+                                 "speed": body.speed, "output_format": fmt.stored_as, **knobs}, RENAMED)
+    return SpeechRequest(job, fmt, sse=body.stream_format == "sse")
+
+
+def parse_voice_list(query: dict[str, str]) -> ListVoicesInput:
+    """``GET /v1/audio/voices?limit=&cursor=&details=``: the list job's input (query values are text)."""
+    unknown = next((name for name in query if name not in ("limit", "cursor", "details")), None)
+    if unknown is not None:
+        raise InputError(f"Unknown query parameter '{unknown[:40]}'.", param=unknown[:40])
+    raw: dict = {"endpoint": "list_voices"}
+    if "limit" in query:
+        if not query["limit"].isdigit():
+            raise InputError("'limit' must be an integer.", param="limit")
+        raw["limit"] = int(query["limit"])
+    if "cursor" in query:
+        raw["cursor"] = query["cursor"]
+    if "details" in query:
+        if query["details"] not in ("true", "false"):
+            raise InputError("'details' must be true or false.", param="details")
+        raw["details"] = query["details"] == "true"
+    return parse_model(ListVoicesInput, raw)
+
+
+def voice_upload(name: object, ref_text: object, audio_base64: str, aliases: dict[str, str] | None) -> UploadInput:
+    """``POST /v1/audio/voices``'s form as the upload job's input (the file as base64, so the job's
+    one decoder, size cap, normalisation and atomic write apply)."""
+    if not isinstance(name, str) or not name.strip():
+        raise InputError("The form needs a 'name' for the voice.", param="name")
+    if ref_text is not None and not isinstance(ref_text, str):
+        raise InputError("'ref_text' must be text.", param="ref_text")
+    raw = {"endpoint": "upload", "voice_base64": audio_base64, "voice_name": stored_voice_name(name.strip(), None)}
+    if ref_text is not None and ref_text.strip():
+        raw["ref_text"] = ref_text
+    return parse_model(UploadInput, raw, {"voice_name": "name"})
+

@@ -1,0 +1,143 @@
+"""``POST /v1/audio/speech``'s answer: the audio file's bytes sent as the job samples its chunks.
+
+Why this module exists: the answer's status must be known before its first byte, and a client that
+goes away must stop its job at once. ``SpeechJob`` starts the job (``Worker.tts`` with a
+``jobs.live_encoding.EncodedStream``, through ``JobRunner.outcome``: the queue face's deadline,
+shutdown and error record) and hands out its bytes. ``SpeechResponse`` waits for the first bytes,
+so a job refused or failed before any audio gets its OpenAI-shaped error and status; once audio
+has gone out, a failure ends the connection without the body's end (``Transfer-Encoding:
+chunked`` with no last chunk, or an SSE ``error`` event), so no client takes a cut-off file for a
+whole one. Throughout, it listens for the client's disconnect, which cancels the job: its chunks
+leave the batcher (``Worker._sample`` withdraws them) and its temp files are removed.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from typing import Callable
+
+import anyio
+from starlette.responses import Response
+
+from f5worker.http.bodies import SpeechRequest
+from f5worker.http.errors import ApiError, api_error
+from f5worker.jobs.live_encoding import EncodedStream
+from f5worker.service import JobRunner
+
+log = logging.getLogger(__name__)
+
+AUDIO_DONE = object()  # the stream's last bytes were handed out
+JOB_DONE = object()  # the job's workflow ended
+
+
+class SpeechJob:
+    """One speech request's job, started at once; ``next`` hands out its bytes in order."""
+
+    def __init__(self, runner: JobRunner, job_id: str, request: SpeechRequest, *, store: bool,
+                 on_failure: Callable[[ApiError], None]):
+        self.job_id = job_id
+        self.stream = EncodedStream(request.fmt, request.job.sample_rate, request.job.cross_fade_duration)
+        self.items: asyncio.Queue = asyncio.Queue()
+        self.complete = False  # every byte of the audio was handed out
+        self.on_failure = on_failure
+        worker = runner.worker
+        self.task = asyncio.ensure_future(runner.outcome(job_id, "tts", lambda: worker.tts(
+            job_id, request.job, self._receive, stream=self.stream, store=store)))
+        self.task.add_done_callback(lambda _: self.items.put_nowait(JOB_DONE))
+
+    def _receive(self, data: bytes) -> None:
+        """The worker's ``on_audio``, on the event loop: the stream's close gives the last item."""
+        if data:
+            self.items.put_nowait(data)
+        if self.stream.closed:
+            self.items.put_nowait(AUDIO_DONE)
+
+    async def next(self) -> bytes | None:
+        """The next bytes, None once the audio is complete, or the job's ApiError."""
+        item = await self.items.get()
+        if item is AUDIO_DONE:
+            self.complete = True
+            return None
+        if item is JOB_DONE:
+            outcome = self.task.result()
+            if outcome.error is None:  # a job that ended without audio (it cannot, but says so)
+                self.complete = True
+                return None
+            error = api_error(outcome)
+            self.on_failure(error)
+            raise error
+        return item
+
+    def stop(self) -> None:
+        """The answer ended: a job whose audio is complete finishes on its own (its record, a
+        stored copy); any other is cancelled."""
+        if not self.complete:
+            self.task.cancel()
+
+
+class SpeechResponse(Response):
+    """The ASGI answer to one speech request (module docstring); ``on_end`` runs however it ends."""
+
+    def __init__(self, job: SpeechJob, *, sse: bool, on_end: Callable[[], None]):
+        super().__init__(media_type="text/event-stream" if sse else job.stream.fmt.content_type)
+        self.job = job
+        self.sse = sse
+        self.on_end = on_end
+        self.finished = False  # the whole answer was sent
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    if not self.finished:  # uvicorn also says "disconnect" once an answer is complete
+                        log.info("speech %s: the client went away; its job is stopped", self.job.job_id)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(watch_disconnect)
+                await self._answer(scope, receive, send)
+                group.cancel_scope.cancel()
+        finally:
+            self.job.stop()
+            self.on_end()
+
+    async def _answer(self, scope, receive, send) -> None:
+        try:
+            data = await self.job.next()
+        except ApiError as err:
+            self.finished = True
+            await err.response()(scope, receive, send)
+            return
+        headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        headers.append((b"x-job-id", self.job.job_id.encode("ascii")))  # its record: logs/<job id>.json
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        try:
+            while data is not None:
+                await send({"type": "http.response.body", "body": self._event(data), "more_body": True})
+                data = await self.job.next()
+        except ApiError as err:
+            log.warning("speech %s failed after its audio began: %s", self.job.job_id, err.message)
+            if self.sse:  # an SSE client reads the error as an event; the end is not sent
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": sse_event({"type": "error", **err.body()})})
+            return  # without the body's end: the connection closes, and the client sees it cut short
+        if self.sse:
+            await send({"type": "http.response.body", "body": sse_event(DONE_EVENT), "more_body": True})
+        self.finished = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _event(self, data: bytes) -> bytes:
+        if not self.sse:
+            return data
+        return sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
+
+
+# OpenAI's last event; F5-TTS counts no tokens, so its usage is zero.
+DONE_EVENT = {"type": "speech.audio.done", "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}}
+
+
+def sse_event(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode("utf-8")

@@ -1,0 +1,407 @@
+"""The HTTP face (``F5_SERVE=http``) as OpenAI's own SDK calls it: the real ``openai`` client
+against the real FastAPI app under uvicorn on 127.0.0.1, in front of a worker built on the tiny models.
+
+The server runs in this process (uvicorn on a thread) so that the tests can look at the worker
+behind it: the batcher's model calls, the temp folder, storage. ``ModelProbe`` wraps the batcher's
+real model function (it still runs) to count the chunks sampled and, where a test must see what
+happens between two model calls, to hold a call until the test lets it go.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib.resources import files as package_files
+from pathlib import Path
+
+import av
+import openai
+import pytest
+import requests
+import uvicorn
+
+from f5worker.http.app import ServerState, make_app
+from f5worker.http.gate import JSON_BODY_BYTES
+from f5worker.jobs.voices import BUILTIN_VOICES
+from f5worker.settings import ENV_API_KEY
+from tests.fixtures_worker import worker_ctx
+from tests.processes import free_port, local_session
+
+pytestmark = pytest.mark.usefixtures("loopback_only")
+
+KEY = "sk-test-" + "4" * 24
+BUILTIN = "basic_ref_en"  # f5-tts's example voice, as a client names it (no .wav)
+NFE = 4
+GATE_S = 60  # the longest a held model call waits for its release
+LONG_TEXT = " ".join(["The quick brown fox jumps over the lazy dog, and then it runs far away into the woods."] * 6)
+SHORT_TEXT = "Hello there, this is a short test."
+
+
+class ModelProbe:
+    """Counts the chunks each model call samples; ``hold()`` makes the calls after the next
+    ``after`` wait until ``release()`` (then they run as they would have)."""
+
+    def __init__(self, batcher):
+        self.batcher = batcher
+        self.real = batcher._run_items
+        self.items_sampled = 0
+        self.calls = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.hold_after: int | None = None
+        self.abandoned_when_released: list[bool] = []
+        batcher._run_items = self
+
+    def __call__(self, items, abandoned):
+        self.calls += 1
+        if self.hold_after is not None and self.calls > self.hold_after:
+            assert self.gate.wait(GATE_S), "a held model call was never released"
+            self.abandoned_when_released.append(bool(abandoned()))
+        waves = self.real(items, abandoned)
+        self.items_sampled += len(items)
+        return waves
+
+    def hold(self, after: int = 0) -> None:
+        self.hold_after = self.calls + after
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.hold_after = None
+        self.gate.set()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models, tiny_whisper, tmp_path_factory):
+    """(ctx, base_url, probe, state): the app behind uvicorn on a free loopback port."""
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path_factory.mktemp("http-api"),
+                    extra={ENV_API_KEY: KEY}) as ctx:
+        state = ServerState(ctx.settings)
+        state.ready(ctx.worker)
+        probe = ModelProbe(ctx.worker.batcher)
+        server = uvicorn.Server(uvicorn.Config(make_app(state), host="127.0.0.1", port=free_port(),
+                                               log_config=None, lifespan="off"))
+        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        try:
+            yield ctx, f"http://127.0.0.1:{server.config.port}", probe, state
+        finally:
+            probe.release()
+            server.should_exit = True
+            thread.join(30)
+
+
+@pytest.fixture
+def client(served) -> openai.OpenAI:
+    _, base_url, _, _ = served
+    http = openai.DefaultHttpx2Client(trust_env=False)  # no proxies: loopback only
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0, http_client=http) as sdk:
+        yield sdk
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left(served):
+    """Every request leaves the temp folder empty and no slot taken, however it ended."""
+    ctx, _, probe, state = served
+    yield
+    probe.release()
+    deadline = time.monotonic() + 10
+    while (ctx.tmp_files() or state.in_flight) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ctx.tmp_files() == [], "a request left files in the temp folder"
+    assert state.in_flight == 0, "a request kept its slot"
+
+
+# --- helpers --------------------------------------------------------------------------------------
+def speak(client: openai.OpenAI, text: str = SHORT_TEXT, **kw) -> tuple[bytes, str]:
+    """The audio of one speech request, and its job id."""
+    extra = {"nfe_step": NFE, **kw.pop("extra_body", {})}
+    raw = client.audio.speech.with_raw_response.create(model=kw.pop("model", "tts-1"), input=text,
+                                                       voice=kw.pop("voice", BUILTIN), extra_body=extra, **kw)
+    return raw.http_response.content, raw.headers["x-job-id"]
+
+
+def record(ctx, job_id: str) -> dict:
+    """The job's log record, written once its audio has gone out."""
+    deadline = time.monotonic() + 10
+    while (text := ctx.get_text(f"logs/{job_id}.json")) is None:
+        assert time.monotonic() < deadline, f"no record for {job_id}"
+        time.sleep(0.05)
+    return json.loads(text)
+
+
+def decoded_seconds(data: bytes, fmt: str, sample_rate: int = 24000) -> float:
+    if fmt == "pcm":
+        return len(data) / 2 / sample_rate
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        samples = sum(frame.samples for frame in container.decode(stream))
+        return samples / stream.rate
+
+
+def api(base_url: str, method: str, path: str, **kw) -> requests.Response:
+    with local_session() as session:
+        headers = {"Authorization": f"Bearer {KEY}", **kw.pop("headers", {})}
+        return session.request(method, f"{base_url}{path}", headers=headers, timeout=60, **kw)
+
+
+def assert_openai_error(response: requests.Response, status: int, message_start: str, param=None) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"].startswith(message_start), error["message"]
+    kind = "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
+    assert error["type"] == kind
+    if param is not None:
+        assert error["param"] == param
+
+
+# --- formats --------------------------------------------------------------------------------------
+# Lossy codecs add their encoder delay and pad their last frame (LAME, AAC: up to ~100 ms).
+LOSSY_SLACK_S = {"mp3": 0.12, "aac": 0.12, "opus": 0.03}
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "opus", "aac", "flac", "wav", "pcm"])
+def test_every_response_format_decodes_to_the_reported_duration(client, served, fmt):
+    ctx, _, _, _ = served
+    data, job_id = speak(client, response_format=fmt, extra_body={"seed": 3})
+    seconds = record(ctx, job_id)["audio_seconds"]
+    assert seconds > 0.5
+    # the record rounds to the millisecond
+    assert seconds - 0.0005 <= decoded_seconds(data, fmt) <= seconds + 0.0005 + LOSSY_SLACK_S.get(fmt, 0)
+
+
+def test_pcm_is_the_wav_without_its_header_and_16_bit_24_khz(client):
+    pcm, _ = speak(client, response_format="pcm", extra_body={"seed": 5})
+    wav, _ = speak(client, response_format="wav", extra_body={"seed": 5})
+    assert wav[:4] == b"RIFF" and wav[8:16] == b"WAVEfmt "
+    assert int.from_bytes(wav[24:28], "little") == 24000 and int.from_bytes(wav[34:36], "little") == 16
+    assert wav[44:] == pcm
+
+
+def test_sample_rate_knob_and_content_types(client, served):
+    _, base_url, _, _ = served
+    response = api(base_url, "POST", "/v1/audio/speech",
+                   json={"input": SHORT_TEXT, "voice": BUILTIN, "response_format": "opus", "sample_rate": 48000,
+                         "nfe_step": NFE})
+    assert response.status_code == 200 and response.headers["content-type"] == "audio/ogg; codecs=opus"
+    with av.open(io.BytesIO(response.content)) as container:
+        assert container.streams.audio[0].codec_context.name == "opus"
+    for fmt, content_type in [("mp3", "audio/mpeg"), ("aac", "audio/aac"), ("flac", "audio/flac"), ("pcm", "audio/pcm")]:
+        response = api(base_url, "POST", "/v1/audio/speech",
+                       json={"input": "Hi there.", "voice": BUILTIN, "response_format": fmt, "nfe_step": 2})
+        assert response.headers["content-type"] == content_type
+
+
+# --- streaming ------------------------------------------------------------------------------------
+def test_first_bytes_arrive_while_later_chunks_are_unsampled(client, served):
+    ctx, _, probe, _ = served
+    probe.hold(after=1)  # the first chunk's call runs; the rest wait until the test has its bytes
+    sampled_before = probe.items_sampled
+    with client.audio.speech.with_streaming_response.create(
+            model="tts-1", input=LONG_TEXT, voice=BUILTIN, response_format="pcm",
+            extra_body={"nfe_step": NFE, "seed": 1}) as response:
+        chunks = response.iter_bytes(4096)
+        first = next(chunks)
+        assert first, "no audio"
+        assert probe.items_sampled - sampled_before == 1, "the first bytes waited for later chunks"
+        probe.release()
+        rest = b"".join(chunks)
+        job_id = response.headers["x-job-id"]
+    chunks_total = record(ctx, job_id)["chunks"]
+    assert chunks_total > 1
+    assert probe.items_sampled - sampled_before == chunks_total
+    whole, _ = speak(client, LONG_TEXT, response_format="pcm", extra_body={"seed": 1})
+    assert first + rest == whole  # streamed as it was sampled, the same audio as in one piece
+
+
+def test_sse_events_carry_the_same_audio(client, served):
+    _, base_url, _, _ = served
+    body = {"model": "gpt-4o-mini-tts", "input": SHORT_TEXT, "voice": BUILTIN, "response_format": "pcm",
+            "stream_format": "sse", "nfe_step": NFE, "seed": 9}
+    with local_session() as session:
+        response = session.post(f"{base_url}/v1/audio/speech", json=body, stream=True, timeout=60,
+                                headers={"Authorization": f"Bearer {KEY}"})
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[len("data: "):]) for line in response.iter_lines(decode_unicode=True)
+                  if line.startswith("data: ")]
+    assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)
+    assert events[-1]["type"] == "speech.audio.done" and "usage" in events[-1]
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    plain, _ = speak(client, response_format="pcm", extra_body={"seed": 9})
+    assert audio == plain
+
+
+def test_removed_silences_are_sent_whole(client, served):
+    ctx, _, _, _ = served
+    data, job_id = speak(client, LONG_TEXT, response_format="wav", extra_body={"remove_silence": True, "seed": 2})
+    assert abs(decoded_seconds(data, "wav") - record(ctx, job_id)["audio_seconds"]) < 0.001
+
+
+def test_a_client_that_goes_away_frees_the_batcher(client, served):
+    ctx, _, probe, state = served
+    probe.hold(after=1)
+    released_before = len(probe.abandoned_when_released)
+    with client.audio.speech.with_streaming_response.create(
+            model="tts-1", input=LONG_TEXT, voice=BUILTIN, response_format="mp3",
+            extra_body={"nfe_step": NFE}) as response:
+        next(response.iter_bytes(64))
+    # closed after its first bytes: its remaining chunks leave the queue, its files and slot go
+    deadline = time.monotonic() + 5
+    while (ctx.worker.batcher._pending or state.in_flight or ctx.tmp_files()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ctx.worker.batcher._pending == [] and state.in_flight == 0 and ctx.tmp_files() == []
+    probe.release()
+    deadline = time.monotonic() + 5
+    while len(probe.abandoned_when_released) == released_before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # the call that held the rest (if it had begun) found no job left to sample for
+    assert all(probe.abandoned_when_released[released_before:])
+    assert speak(client)[0]  # and the worker serves the next request
+
+
+# --- load -----------------------------------------------------------------------------------------
+def test_sixteen_at_once_share_model_calls_and_the_seventeenth_gets_429(client, served):
+    ctx, base_url, probe, state = served
+    limit = ctx.settings.max_concurrency
+    assert limit == 16
+    probe.hold()  # every model call waits, so all sixteen are in flight together
+    calls_before = probe.calls
+    with ThreadPoolExecutor(limit) as pool:
+        try:
+            futures = [pool.submit(speak, client, f"Sentence number {n} of the load test.", response_format="wav")
+                       for n in range(limit)]
+            deadline = time.monotonic() + 30
+            while state.in_flight < limit:
+                assert time.monotonic() < deadline, f"only {state.in_flight} requests in flight"
+                time.sleep(0.02)
+            refused = api(base_url, "POST", "/v1/audio/speech", json={"input": "One more.", "voice": BUILTIN})
+            assert_openai_error(refused, 429, "This worker is serving the 16 requests")
+            assert refused.headers["retry-after"] == "1"
+        finally:
+            probe.release()  # a failure above must not leave sixteen calls waiting out their holds
+        results = [future.result(timeout=120) for future in futures]
+    assert all(data[:4] == b"RIFF" for data, _ in results)
+    assert probe.calls - calls_before < limit  # batched: fewer model calls than requests
+
+
+# --- voices and models ----------------------------------------------------------------------------
+def test_voices_uploaded_listed_used_and_deleted_over_http(client, served):
+    ctx, base_url, _, _ = served
+    clip = builtin_clip()
+    uploaded = api(base_url, "POST", "/v1/audio/voices", files={"file": ("me.wav", clip, "audio/wav")},
+                   data={"name": "http-alice", "ref_text": "Some call me nature, others call me mother nature."})
+    assert uploaded.status_code == 200, uploaded.text
+    assert uploaded.json()["id"] == "http-alice" and uploaded.json()["voice_key"] == "voices/http-alice.wav"
+    listed = api(base_url, "GET", "/v1/audio/voices", params={"details": "false"}).json()
+    assert "http-alice" in [v["id"] for v in listed["voices"]] and listed["object"] == "list"
+    data, _ = speak(client, voice="http-alice", response_format="wav")
+    assert data[:4] == b"RIFF"
+    data, _ = speak(client, voice={"id": "http-alice"}, response_format="wav")  # the SDK's custom-voice form
+    assert data[:4] == b"RIFF"
+    deleted = api(base_url, "DELETE", "/v1/audio/voices/http-alice")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert "voices/http-alice.wav" not in ctx.keys()
+    with pytest.raises(openai.NotFoundError, match="Voice 'http-alice.wav' was not found"):
+        speak(client, voice="http-alice")
+    assert_openai_error(api(base_url, "DELETE", "/v1/audio/voices/http-alice"), 404,
+                        "Voice 'http-alice.wav' was not found")
+
+
+def builtin_clip() -> bytes:
+    """f5-tts's example voice, as a file a client would upload."""
+    return Path(str(package_files("f5_tts").joinpath(BUILTIN_VOICES[f"{BUILTIN}.wav"][0]))).read_bytes()
+
+
+def test_models_in_openai_shape(client, served):
+    ctx, _, _, _ = served
+    names = [model.id for model in client.models.list()]
+    assert names[1:] == ["tts-1", "tts-1-hd", "gpt-4o-mini-tts"] and len(names) == 4
+    data, _ = speak(client, model=names[0])  # the served model's own name works too
+    assert data
+    with pytest.raises(openai.NotFoundError, match="Model 'whisper-1' is not served here"):
+        speak(client, model="whisper-1")
+
+
+# --- refusals -------------------------------------------------------------------------------------
+def test_a_wrong_key_is_refused_and_ping_needs_none(served):
+    _, base_url, _, _ = served
+    http = openai.DefaultHttpx2Client(trust_env=False)
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-wrong", max_retries=0, http_client=http) as wrong:
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+    assert_openai_error(api(base_url, "GET", "/v1/models", headers={"Authorization": ""}), 401, "Incorrect or missing API key")
+    with local_session() as session:
+        assert session.get(f"{base_url}/ping", timeout=10).status_code == 200
+
+
+HOSTILE = [
+    ({"input": SHORT_TEXT, "voice": BUILTIN, "volume": 3}, 400, "Unknown input field 'volume'.", "volume"),
+    ({"input": SHORT_TEXT, "voice": BUILTIN, "speed": "fast"}, 400, "'speed' must be a number.", "speed"),
+    ({"input": SHORT_TEXT, "voice": BUILTIN, "seed": "7"}, 400, "'seed' must be an integer.", "seed"),
+    ({"input": 42, "voice": BUILTIN}, 400, "'input' must be a string.", "input"),
+    ({"input": "a" * 2001, "voice": BUILTIN}, 400, "'input' is too long: at most 2000 characters.", "input"),
+    ({"input": "   ", "voice": BUILTIN}, 400, "'input' must not be empty.", "input"),
+    ({"input": SHORT_TEXT, "voice": "../../etc/passwd"}, 400, "'voice' must be a file name", "voice"),
+    ({"input": SHORT_TEXT, "voice": BUILTIN, "response_format": "ogg"}, 400, "'response_format' must be mp3",
+     "response_format"),
+    ({"input": SHORT_TEXT, "voice": BUILTIN, "stream_format": "chunks"}, 400, "Invalid 'stream_format'",
+     "stream_format"),
+    ({"input": SHORT_TEXT, "voice": BUILTIN, "nfe_step": 0}, 400, "'nfe_step' must be at least 1.", "nfe_step"),
+    ({"input": SHORT_TEXT, "voice": BUILTIN, "response_format": "opus", "sample_rate": 44100}, 400,
+     "'sample_rate' must be 8000, 16000, 24000 or 48000 for output_format 'opus'", "sample_rate"),
+    ({"input": SHORT_TEXT}, 400, "Missing required input 'voice'.", "voice"),
+    ({"input": SHORT_TEXT, "voice": "nobody-here"}, 404, "Voice 'nobody-here.wav' was not found", None),
+    ([1, 2], 400, "The request body must be a JSON object.", None),
+]
+
+
+@pytest.mark.parametrize("body,status,message,param", HOSTILE, ids=[m[:30] for _, _, m, _ in HOSTILE])
+def test_hostile_bodies_get_one_openai_error_and_change_nothing(served, body, status, message, param):
+    ctx, base_url, _, _ = served
+    keys = ctx.keys(("voices/", "output/"))
+    assert_openai_error(api(base_url, "POST", "/v1/audio/speech", json=body), status, message, param)
+    assert ctx.keys(("voices/", "output/")) == keys
+
+
+def test_bodies_that_are_not_json_or_too_large(served):
+    _, base_url, _, _ = served
+    assert_openai_error(api(base_url, "POST", "/v1/audio/speech", data=b"{not json"), 400,
+                        "The request body must be JSON.")
+    huge = json.dumps({"input": "a" * (JSON_BODY_BYTES + 10), "voice": BUILTIN}).encode()
+    assert_openai_error(api(base_url, "POST", "/v1/audio/speech", data=huge), 413, "The request body is larger")
+
+    def chunked():  # no Content-Length: refused as the bytes pass the limit, never read whole
+        for _ in range(JSON_BODY_BYTES // 65536 + 2):
+            yield b" " * 65536
+    assert_openai_error(api(base_url, "POST", "/v1/audio/speech", data=chunked()), 413, "The request body is larger")
+    assert_openai_error(api(base_url, "GET", "/v1/nothing"), 404, "There is no route")
+    assert_openai_error(api(base_url, "PUT", "/v1/audio/speech"), 405, "PUT is not allowed")
+
+
+def test_bad_voice_uploads_are_refused_with_nothing_stored(served):
+    ctx, base_url, _, _ = served
+    keys = ctx.keys(("voices/",))
+    assert_openai_error(api(base_url, "POST", "/v1/audio/voices", files={"file": ("x.wav", b"not audio", "audio/wav")},
+                            data={"name": "junk"}), 400, "The voice file is not decodable audio")
+    assert_openai_error(api(base_url, "POST", "/v1/audio/voices", data={"name": "nofile"}), 400,
+                        "The form needs the voice's audio as a 'file' part.")
+    assert_openai_error(api(base_url, "POST", "/v1/audio/voices", files={"file": ("x.wav", builtin_clip(), "audio/wav")},
+                            data={"name": "../escape"}), 400, "'name' must be a file name", "name")
+    assert_openai_error(api(base_url, "GET", "/v1/audio/voices", params={"limit": "lots"}), 400,
+                        "'limit' must be an integer.")
+    assert ctx.keys(("voices/",)) == keys
+
+
+def test_results_are_not_stored_by_default(client, served):
+    ctx, _, _, _ = served
+    before = ctx.keys(("output/",))
+    _, job_id = speak(client, response_format="wav")
+    assert record(ctx, job_id)["output_key"] is None
+    assert ctx.keys(("output/",)) == before
