@@ -65,3 +65,17 @@ def test_worker_jobs_smoke(tmp_path):
     jobs = report["jobs_at_ready"] + report["jobs_after_background"]
     assert len(jobs) == 4 and all(job["ok"] and job["duration"] > 0 for job in jobs) and report["failed"] == []
     assert report["end"]["level"] in ("fused", "graphed", "eager")
+
+
+def test_http_latency_smoke(tmp_path):
+    """bench/http_latency.py end to end on the tiny models: both faces, each figure in its order."""
+    from bench import http_latency
+
+    out = tmp_path / "http.json"
+    assert http_latency.main(["--out", str(out), "--runs", "1", "--nfe", "2"]) == 0
+    res = json.loads(out.read_text())
+    assert 0 < res["queue"]["queue_first_audio_s"] <= res["queue"]["queue_result_s"]
+    for fmt in ("pcm", "mp3"):
+        run = res[f"{fmt}_runs"][0]
+        assert 0 < run["first_call_end_s"] < run["ttfb_s"] <= run["ttlb_s"] and run["bytes"] > 0
+        assert run["overhead_ms"] == (run["ttfb_s"] - run["first_call_end_s"]) * 1000
