@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One run on a GPU machine: the stack, the GPU tests, jobs through the worker, then the bench (stock
+# One run on a GPU machine: the stack, the GPU tests, jobs through the worker, HTTP latency, then the bench (stock
 # f5-tts and the worker side by side), everything under $OUT (default /tmp/out), a summary at the end.
 #
 # Reproduce on any GPU machine (NVIDIA, CUDA; from the repository root):
@@ -18,7 +18,9 @@
 #      graphed path against stock, varlen and fused kernels), 150 s at most;
 #   3. jobs through the whole worker at ready and after its fast path switched (bench/worker_jobs.py:
 #      every job must succeed), 150 s at most;
-#   4. the bench figures (stock f5-tts side by side), with what time is left.
+#   4. time to first and last byte over HTTP beside the queue face's first audio
+#      (bench/http_latency.py, full size), 75 s at most;
+#   5. the bench figures (stock f5-tts side by side), with what time is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -51,6 +53,10 @@ echo "GPU tests (exit $?): $(tail -1 "$OUT/gpu_tests.txt")"
 timeout -k 10 150 "$PY" bench/worker_jobs.py --models /tmp/bench-models --out "$OUT/worker_jobs.json" --jobs 8 \
   > "$OUT/worker_jobs.log" 2>&1
 echo "worker jobs (exit $?; 1: a job failed): $(tail -1 "$OUT/worker_jobs.log")"
+
+timeout -k 10 75 "$PY" bench/http_latency.py --full --runs 3 --models /tmp/bench-models/http \
+  --out "$OUT/http_latency.json" > "$OUT/http_latency.log" 2>&1
+echo "HTTP latency (exit $?): $(tail -1 "$OUT/http_latency.log")"
 
 budget=$(( $(left) - 15 )); [ "$budget" -lt 60 ] && budget=60
 echo "bench: ${budget} s left"

@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("device", "queue", "pcm", "mp3")}, indent=1))
+    print(json.dumps({k: report[k] for k in ("device", "queue", "pcm", "mp3")}))  # one line: the device run shows it
     return 0
 
 
