@@ -374,6 +374,8 @@ def test_bodies_that_are_not_json_or_too_large(served):
     _, base_url, _, _ = served
     assert_openai_error(api(base_url, "POST", "/v1/audio/speech", data=b"{not json"), 400,
                         "The request body must be JSON.")
+    nested = b"[" * 200_000  # past Python's recursion depth, well under the body limit
+    assert_openai_error(api(base_url, "POST", "/v1/audio/speech", data=nested), 400, "The request body must be JSON.")
     huge = json.dumps({"input": "a" * (JSON_BODY_BYTES + 10), "voice": BUILTIN}).encode()
     assert_openai_error(api(base_url, "POST", "/v1/audio/speech", data=huge), 413, "The request body is larger")
 
@@ -396,6 +398,10 @@ def test_bad_voice_uploads_are_refused_with_nothing_stored(served):
                             data={"name": "../escape"}), 400, "'name' must be a file name", "name")
     assert_openai_error(api(base_url, "GET", "/v1/audio/voices", params={"limit": "lots"}), 400,
                         "'limit' must be an integer.")
+    assert_openai_error(api(base_url, "GET", "/v1/audio/voices", params={"limit": "\u00b2"}), 400,
+                        "'limit' must be an integer.")  # a digit to str.isdigit, not to int()
+    assert_openai_error(api(base_url, "POST", "/v1/audio/voices", files={"file": ("x.wav", b"", "audio/wav")},
+                            data={"name": "empty"}), 400, "'file' must not be empty.", "file")
     assert ctx.keys(("voices/",)) == keys
 
 

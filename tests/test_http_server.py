@@ -58,7 +58,9 @@ def test_ping_goes_from_204_to_200_then_the_sdk_is_served_and_sigterm_ends_it(se
                                                response_format="wav", extra_body={"nfe_step": 2}).content
         assert audio[:4] == b"RIFF" and len(audio) > 1000
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)  # idle: uvicorn stops at once, well within the jobs' shutdown bound
+        # idle: uvicorn stops at once, well within the jobs' shutdown bound, and the entry point
+        # returns (uvicorn's own re-raise of SIGTERM would end it with -15 before jobs are awaited)
+        assert proc.wait(timeout=20) == 0
         with pytest.raises(requests.ConnectionError), local_session() as session:
             session.get(ping_url, timeout=5)
     finally:

@@ -9,6 +9,7 @@ load-balancing endpoint has no queue to absorb it and a wait would only end at t
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import uuid
@@ -41,6 +42,11 @@ class ServerState:
         self.runner: JobRunner | None = None
         self.failure: str | None = None  # the sentence /ping and every route answer with, once failed
         self.in_flight = 0
+        self.jobs: set[asyncio.Task] = set()  # speech jobs still running, awaited at shutdown
+
+    def track(self, task: asyncio.Task) -> None:
+        self.jobs.add(task)
+        task.add_done_callback(self.jobs.discard)
 
     def ready(self, worker) -> None:
         self.runner = JobRunner(worker, None, job_guard(self.settings))
@@ -168,13 +174,14 @@ async def speech(request: Request):
     job_id = new_job_id()
     try:
         parsed = parse_speech(json_body(await request.body()), state.settings)
+        job = SpeechJob(runner, job_id, parsed, store=state.settings.http_store_results, on_failure=state.note)
     except InputError as err:
         release()
         raise api_error(await runner.failed(err, job_id, "tts")) from None
     except BaseException:
         release()
         raise
-    job = SpeechJob(runner, job_id, parsed, store=state.settings.http_store_results, on_failure=state.note)
+    state.track(job.task)
     return SpeechResponse(job, sse=parsed.sse, on_end=release)
 
 

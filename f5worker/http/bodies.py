@@ -74,7 +74,7 @@ def stored_voice_name(name: str, aliases: dict[str, str] | None) -> str:
 def json_body(data: bytes) -> dict:
     try:
         body = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past Python's depth
         raise InputError("The request body must be JSON.") from None
     if not isinstance(body, dict):
         raise InputError("The request body must be a JSON object.")
@@ -104,7 +104,7 @@ def parse_voice_list(query: dict[str, str]) -> ListVoicesInput:
         raise InputError(f"Unknown query parameter '{unknown[:40]}'.", param=unknown[:40])
     raw: dict = {"endpoint": "list_voices"}
     if "limit" in query:
-        if not query["limit"].isdigit():
+        if not (query["limit"].isascii() and query["limit"].isdigit()):  # int('²') fails
             raise InputError("'limit' must be an integer.", param="limit")
         raw["limit"] = int(query["limit"])
     if "cursor" in query:
@@ -126,5 +126,5 @@ def voice_upload(name: object, ref_text: object, audio_base64: str, aliases: dic
     raw = {"endpoint": "upload", "voice_base64": audio_base64, "voice_name": stored_voice_name(name.strip(), None)}
     if ref_text is not None and ref_text.strip():
         raw["ref_text"] = ref_text
-    return parse_model(UploadInput, raw, {"voice_name": "name"})
+    return parse_model(UploadInput, raw, {"voice_name": "name", "voice_base64": "file"})
 

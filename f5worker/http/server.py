@@ -5,15 +5,16 @@ worker's first seconds (200 ready, 204 initialising, anything else unhealthy) an
 ``PORT``. So the servers listen first and the models load afterwards, in a thread of their own:
 ``/ping`` answers 204 meanwhile, 200 once the worker is ready, 503 with the start error's sentence
 if it could not start (RunPod then replaces the worker). SIGTERM: uvicorn stops accepting and
-waits for the requests in flight; the jobs' guard (``jobs.guard.JobGuard``, chained in front of
-uvicorn's handler once the worker is ready) ends those still running after its grace, and the
-process after its exit bound.
+waits for the requests in flight, then the speech jobs still writing their records; the jobs'
+guard (``jobs.guard.JobGuard``, chained in front of uvicorn's handler once the worker is ready)
+ends those still running after its grace, and the process after its exit bound.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import signal
 import threading
 
 import uvicorn
@@ -24,6 +25,24 @@ from f5worker.service import error_sentence, load_worker
 from f5worker.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class ApiServer(uvicorn.Server):
+    """The ``PORT`` server: uvicorn's SIGINT/SIGTERM handling, without raising the signal again once
+    it has stopped (uvicorn does, which ends the process with the signal's default action before the
+    speech jobs still finishing, their records and stored copies, are awaited)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 class HealthServer(uvicorn.Server):
@@ -63,7 +82,7 @@ def became_ready(state: ServerState, worker) -> None:
 async def serve_forever(state: ServerState) -> bool:
     """The servers until SIGTERM; False if the API's port could not be opened."""
     settings = state.settings
-    main = uvicorn.Server(server_config(make_app(state), settings, settings.port, access_log=True))
+    main = ApiServer(server_config(make_app(state), settings, settings.port, access_log=True))
     servers = [main]
     if settings.health_port != settings.port:
         servers.append(HealthServer(server_config(make_ping_app(state), settings, settings.health_port,
@@ -77,7 +96,16 @@ async def serve_forever(state: ServerState) -> bool:
     for server in servers:
         server.should_exit = True
     await asyncio.gather(*running, return_exceptions=True)
+    await finish_jobs(state)
     return main.started
+
+
+async def finish_jobs(state: ServerState) -> None:
+    """Speech jobs whose answers have ended but whose records or stored copies are still being
+    written, awaited within the shutdown bound (the jobs' guard ends any still running after it)."""
+    if state.jobs:
+        log.info("shutdown: waiting for %d speech job(s) to finish", len(state.jobs))
+        await asyncio.wait(set(state.jobs), timeout=SHUTDOWN_GRACE_S + EXIT_AFTER_S)
 
 
 def serve_http(settings: Settings) -> int:

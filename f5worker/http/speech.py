@@ -78,7 +78,8 @@ class SpeechJob:
 
 
 class SpeechResponse(Response):
-    """The ASGI answer to one speech request (module docstring); ``on_end`` runs however it ends."""
+    """The ASGI answer to one speech request (module docstring); ``on_end`` runs once it has ended
+    and so has its job."""
 
     def __init__(self, job: SpeechJob, *, sse: bool, on_end: Callable[[], None]):
         super().__init__(media_type="text/event-stream" if sse else job.stream.fmt.content_type)
@@ -102,7 +103,9 @@ class SpeechResponse(Response):
                 group.cancel_scope.cancel()
         finally:
             self.job.stop()
-            self.on_end()
+            # the slot is free once the job has ended, not the answer: a cancelled job's model call
+            # or encoding may still be running, and counts against F5_MAX_CONCURRENCY until it stops
+            self.job.task.add_done_callback(lambda _: self.on_end())
 
     async def _answer(self, scope, receive, send) -> None:
         try:

@@ -19,7 +19,9 @@ file) and gives out the file's bytes as they are known. What each format is, sai
   clients read audio with. Choose another format for audio that starts at once.
 
 The lossy codecs add their encoder delay (LAME about 50 ms, AAC about 40 ms of priming) as every
-encoder does; a decoder that honours the stream's padding info removes it.
+encoder does. Only Opus says how much (its pre-skip, which decoders drop); a streamed mp3 has no
+Xing/LAME tag (written at the end of a seekable file) and ADTS has no such field, so their
+decoders keep the priming.
 """
 from __future__ import annotations
 
