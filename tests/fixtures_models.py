@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.random_models import write_model_set
+from tests.random_models import TINY_V0_ARCH, write_model_set
 
 SR = 24000
 
@@ -29,6 +29,12 @@ def speechlike(seconds: float, seed: int = 0, sr: int = SR, lead_silence: float 
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     """Env vars (F5_CKPT_FILE, F5_VOCAB_FILE, F5_MODEL_CONFIG, F5_VOCODER_DIR) of a tiny model set."""
     return write_model_set(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_v0_models(tmp_path_factory) -> dict[str, str]:
+    """The same variables for a tiny model of F5TTS_Base's (v0) layout."""
+    return write_model_set(tmp_path_factory.mktemp("tiny-v0-models"), arch=TINY_V0_ARCH)
 
 
 @pytest.fixture(scope="session")

@@ -100,9 +100,9 @@ def request(ref_wav: Path, gen_text: str, seed: int, **kw) -> SynthesisRequest:
 VOCAB, MEL = 40, 100
 
 
-def tiny_dit(seed: int = 0) -> DiT:
+def tiny_dit(seed: int = 0, arch: dict | None = None) -> DiT:
     torch.manual_seed(seed)
-    model = DiT(**TINY_ARCH, text_num_embeds=VOCAB, mel_dim=MEL).eval()
+    model = DiT(**(arch or TINY_ARCH), text_num_embeds=VOCAB, mel_dim=MEL).eval()
     with torch.no_grad():  # DiT zero-initialises its modulation and output: every layer must show
         for p in model.parameters():
             if torch.count_nonzero(p) == 0:

@@ -75,13 +75,22 @@ def packaged_vocab() -> Path:
     return Path(str(package_files("f5_tts").joinpath("infer/examples/vocab.txt")))
 
 
-def write_model_set(folder: Path, full_size: bool = False) -> dict[str, str]:
+# F5TTS_Base's (v0) layout at tiny size: rotary on the first head only, text padding unmasked; and
+# F5TTS_Small's shape (more heads, deeper than TINY_ARCH) on v0's attention
+TINY_V0_ARCH = dict(TINY_ARCH, heads=3, dim_head=16, text_mask_padding=False, pe_attn_head=1)
+TINY_SMALL_ARCH = dict(TINY_ARCH, dim=48, depth=3, heads=3, dim_head=16, text_mask_padding=False, pe_attn_head=1)
+
+
+def packaged_arch(name: str) -> dict:
+    """The model.arch of a config f5-tts ships (F5TTS_v1_Base, F5TTS_Base, ...)."""
+    return yaml.safe_load(Path(str(package_files("f5_tts").joinpath(f"configs/{name}.yaml"))).read_text())["model"]["arch"]
+
+
+def write_model_set(folder: Path, full_size: bool = False, arch: dict | None = None) -> dict[str, str]:
     """Writes a complete model set; returns the worker environment variables that point at it."""
     folder.mkdir(parents=True, exist_ok=True)
-    if full_size:
-        arch = yaml.safe_load(Path(str(package_files("f5_tts").joinpath("configs/F5TTS_v1_Base.yaml"))).read_text())["model"]["arch"]
-    else:
-        arch = TINY_ARCH
+    if arch is None:
+        arch = packaged_arch("F5TTS_v1_Base") if full_size else TINY_ARCH
     config = write_model_config(folder / "model.yaml", arch)
     vocab = packaged_vocab()
     ckpt = write_f5_checkpoint(folder / "model.safetensors", arch, vocab)

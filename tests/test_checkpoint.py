@@ -72,15 +72,47 @@ def test_worker_start_refuses_nan_weights_with_a_sentence(tiny_models, tmp_path)
         build_worker(Settings.from_env({**env, "F5_DEVICE": "cpu"}))
 
 
-def test_training_checkpoint_without_ema_weights(tiny_models, tmp_path):
+def test_training_checkpoint_without_ema_weights_loads_its_trained_weights(tiny_models, tmp_path):
+    """A .pt saved by f5-tts's trainer without EMA: its model_state_dict (no ema_model. prefix) is used."""
+    trained = {k.removeprefix("ema_model."): v for k, v in load_file(tiny_models[ENV_CKPT_FILE]).items()}
     ckpt = tmp_path / "model.pt"
-    torch.save({"model_state_dict": load_file(tiny_models[ENV_CKPT_FILE])}, str(ckpt))
+    torch.save({"model_state_dict": trained, "optimizer_state_dict": {}, "update": 7}, str(ckpt))
     env = {**tiny_models, ENV_CKPT_FILE: str(ckpt)}
-    pattern = rf"^The checkpoint {ckpt} has no ema_model_state_dict"
+    gate_check(env)
+    assert read_state_dict(ckpt).keys() == read_state_dict(Path(tiny_models[ENV_CKPT_FILE])).keys()
+    engine = TTSEngine.load(resolve_tts_files(Settings.from_env(env)), device="cpu")
+    loaded = engine.model.state_dict()
+    assert loaded.keys() == trained.keys() - set(MEL_BUFFERS)
+    assert all(torch.equal(loaded[k], trained[k]) for k in loaded)
+
+
+def test_checkpoint_with_neither_weights_refused(tiny_models, tmp_path):
+    ckpt = tmp_path / "model.pt"
+    torch.save({"optimizer_state_dict": {}, "update": 7}, str(ckpt))
+    env = {**tiny_models, ENV_CKPT_FILE: str(ckpt)}
+    pattern = rf"^The checkpoint {ckpt} has neither ema_model_state_dict nor model_state_dict"
     with pytest.raises(StorageError, match=pattern):
         gate_check(env)
     with pytest.raises(StorageError, match=pattern):
         TTSEngine.load(resolve_tts_files(Settings.from_env(env)), device="cpu")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_vocabulary_that_does_not_fit_is_refused_naming_both_sizes_and_files(tiny_models, tmp_path, suffix):
+    """f5-tts's most reported loading failure (a text_embed size mismatch), in one sentence, at
+    start and by the gate."""
+    vocab = tmp_path / "vocab_other.txt"
+    lines = Path(tiny_models[ENV_VOCAB_FILE]).read_text(encoding="utf-8").splitlines()[:50]
+    vocab.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    env, _ = damaged_copy({**tiny_models}, tmp_path, lambda state: "", suffix)
+    env[ENV_VOCAB_FILE] = str(vocab)
+    trained = len(Path(tiny_models[ENV_VOCAB_FILE]).read_text(encoding="utf-8").splitlines())
+    pattern = (rf"^The vocabulary {vocab} has 50 symbols but the checkpoint {env[ENV_CKPT_FILE]} was trained "
+               rf"with {trained}: give the model the vocab.txt it was trained with\.$")
+    with pytest.raises(StorageError, match=pattern):
+        gate_check(env)
+    with pytest.raises(StorageError, match=pattern):
+        build_worker(Settings.from_env({**env, "F5_DEVICE": "cpu"}))
 
 
 def test_nan_vocoder_refused(tiny_models, tmp_path):

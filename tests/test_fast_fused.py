@@ -24,6 +24,7 @@ from f5worker.inference import fast
 from f5worker.inference import kernels
 from tests.processes import INTERPRETED, run_interpreted
 from tests.helpers import rel_l2, sample, tiny_dit
+from tests.random_models import TINY_V0_ARCH
 
 REL_L2 = 1e-5  # fp32; the fused kernels round once where torch rounds per op
 KERNEL_WRAPPERS = ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate", "gelu_tanh",
@@ -49,8 +50,9 @@ def integrate_both(model, lengths, cfg_strength, **fused_kw):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("cfg_strength", [2.0, 0.0])
-def test_fused_step_with_reference_kernels_equals_unfused(case, cfg_strength):
-    fused, unfused = integrate_both(tiny_dit(), CASES[case], cfg_strength)
+@pytest.mark.parametrize("arch", ["v1", "v0"])
+def test_fused_step_with_reference_kernels_equals_unfused(case, cfg_strength, arch):
+    fused, unfused = integrate_both(tiny_dit(arch=TINY_V0_ARCH if arch == "v0" else None), CASES[case], cfg_strength)
     assert rel_l2(fused, unfused) <= REL_L2
 
 
@@ -195,9 +197,10 @@ class TestFusedUnderInterpreter:
 
     @pytest.mark.parametrize("case", CASES)
     @pytest.mark.parametrize("cfg_strength", [2.0, 0.0])
-    def test_fused_step_with_triton_kernels_equals_unfused(self, case, cfg_strength, monkeypatch):
+    @pytest.mark.parametrize("arch", ["v1", "v0"])
+    def test_fused_step_with_triton_kernels_equals_unfused(self, case, cfg_strength, arch, monkeypatch):
         assert type(kernels._rows_kernel).__name__ == "InterpretedFunction"
-        model = tiny_dit()
+        model = tiny_dit(arch=TINY_V0_ARCH if arch == "v0" else None)
 
         def refuse(*_, **__):
             raise AssertionError("use_triton=True ran a torch reference")

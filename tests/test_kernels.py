@@ -54,9 +54,9 @@ def rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
     return (scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))).to(dtype)
 
 
-def stock_block(dim=48, heads=2, dim_head=24, seed=0):
+def stock_block(dim=48, heads=2, dim_head=24, seed=0, pe_attn_head=None):
     torch.manual_seed(seed)
-    return DiTBlock(dim=dim, heads=heads, dim_head=dim_head, ff_mult=2, dropout=0.0).eval()
+    return DiTBlock(dim=dim, heads=heads, dim_head=dim_head, ff_mult=2, dropout=0.0, pe_attn_head=pe_attn_head).eval()
 
 
 def block_from_kernels(block, x, t, mask, rope, use_triton):
@@ -67,7 +67,8 @@ def block_from_kernels(block, x, t, mask, rope, use_triton):
     qkv = F.linear(norm, torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]),
                    torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]))
     cos, sin = kernels.rope_tables(rope[0])
-    q, k, v = kernels.rotary_qkv(qkv, attn.heads, cos, sin, use_triton=use_triton)
+    q, k, v = kernels.rotary_qkv(qkv, attn.heads, cos, sin, use_triton=use_triton,
+                                 rotary_heads=attn.processor.pe_attn_head)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
     out = attn.to_out[0](out.transpose(1, 2).flatten(2)).masked_fill(~mask[..., None], 0.0)
     h, norm = kernels.gated_residual_layernorm_modulate(x, gate_msa, out, shift_mlp, scale_mlp, use_triton=use_triton)
@@ -117,8 +118,9 @@ def test_rotary_is_x_transformers_apply_rotary_pos_emb(shape, freqs_shape, dtype
     assert_close(kernels.rotary_reference(t, freqs), apply_rotary_pos_emb(t, freqs, 1.0), dtype)
 
 
-def test_block_from_references_is_stock_dit_block():
-    block = stock_block()
+@pytest.mark.parametrize("pe_attn_head", [None, 1])  # v1's rotary on every head; v0's on the first
+def test_block_from_references_is_stock_dit_block(pe_attn_head):
+    block = stock_block(heads=3, dim_head=16, pe_attn_head=pe_attn_head)
     x, t, mask, rope = block_inputs(block)
     with torch.no_grad():
         expected = block(x, t, mask=mask, rope=rope)
@@ -222,11 +224,16 @@ class TestTritonUnderInterpreter:
 
     @pytest.mark.parametrize("batch, n, heads, dim, rot", [(2, 5, 2, 64, 64), (1, 3, 3, 100, 64), (1, 1, 1, 64, 64)])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-    def test_rotary_qkv(self, batch, n, heads, dim, rot, dtype):
+    @pytest.mark.parametrize("rotary_heads", [None, 1])
+    def test_rotary_qkv(self, batch, n, heads, dim, rot, dtype, rotary_heads):
         qkv = rand(batch, n, 3 * heads * dim, dtype=dtype, seed=1)
         cos, sin = kernels.rope_tables(rand(1, n + 2, rot, seed=2, scale=10.0))
-        expected = kernels.rotary_qkv_reference(qkv, heads, cos, sin)
-        for actual, wanted in zip(triton("rotary_qkv", qkv, heads, cos, sin), expected):
+        expected = kernels.rotary_qkv_reference(qkv, heads, cos, sin, rotary_heads=rotary_heads)
+        if rotary_heads is not None and heads > 1:  # heads past the first are q's and k's as projected
+            plain = qkv.reshape(batch, n, 3, heads, dim).permute(2, 0, 3, 1, 4)
+            assert torch.equal(expected[0][:, 1:], plain[0][:, 1:]) and torch.equal(expected[1][:, 1:], plain[1][:, 1:])
+        actuals = triton("rotary_qkv", qkv, heads, cos, sin, rotary_heads=rotary_heads)
+        for actual, wanted in zip(actuals, expected):
             assert actual.shape == (batch, heads, n, dim)
             assert_close(actual, wanted, dtype)
         with pytest.raises(ValueError):
@@ -246,8 +253,9 @@ class TestTritonUnderInterpreter:
         with pytest.raises(ValueError):
             triton("cfg_euler", x, pred_both[1:], 0.125, 2.0)
 
-    def test_dit_block_from_kernels_is_stock(self):
-        block = stock_block()
+    @pytest.mark.parametrize("pe_attn_head", [None, 1])
+    def test_dit_block_from_kernels_is_stock(self, pe_attn_head):
+        block = stock_block(heads=3, dim_head=16, pe_attn_head=pe_attn_head)
         x, t, mask, rope = block_inputs(block)
         with torch.no_grad(), references_refused():
             actual = block_from_kernels(block, x, t, mask, rope, use_triton=True)

@@ -21,7 +21,7 @@ from f5worker.model import dit as own_dit
 from f5worker.model import stock as f5_imports
 from f5worker.inference import fast
 from f5worker.model.checkpoint import ema_weights
-from tests.random_models import TINY_ARCH, packaged_vocab, write_f5_checkpoint
+from tests.random_models import TINY_ARCH, TINY_SMALL_ARCH, TINY_V0_ARCH, packaged_vocab, write_f5_checkpoint
 from f5worker.inference.sampler import EagerStepRunner
 
 f5_imports.install()
@@ -37,7 +37,10 @@ ARCHS = {
     "tiny_v1": TINY_ARCH,
     "no_text_convs": dict(TINY_ARCH, conv_layers=0, heads=4, dim_head=16, ff_mult=3, depth=1),
     "unmasked_text": dict(TINY_ARCH, text_mask_padding=False, conv_layers=2, text_dim=None, attn_mask_enabled=True),
+    "tiny_v0": TINY_V0_ARCH,
+    "tiny_small_v0": TINY_SMALL_ARCH,
 }
+V0_ARCHS = ("tiny_v0", "tiny_small_v0")
 FORBIDDEN = ("x_transformers", "einx", "einops", "torchdiffeq", "scipy", "vocos", "pypinyin", "jieba", "rjieba",
              "transformers", "f5_tts", "torch._dynamo")
 # Stock warns when built with attention masking on (one of the archs here); that is not under test.
@@ -113,9 +116,10 @@ def test_forward_matches_stock(arch, call):
             assert_close(own(x, cond, text, time, **kwargs), stock(x, cond, text, time, **kwargs))
 
 
-def test_fp16_forward_and_rotary_match_stock():
+@pytest.mark.parametrize("arch", ["tiny_v1", *V0_ARCHS])
+def test_fp16_forward_and_rotary_match_stock(arch):
     """In fp16 stock computes its rotary angles in fp16 (the buffer is cast with the model); so does ours."""
-    stock, own = model_pair(TINY_ARCH)
+    stock, own = model_pair(ARCHS[arch])
     stock, own = stock.half(), own.half()
     x, cond, text, mask = inputs()
     with torch.inference_mode():
@@ -160,7 +164,23 @@ def test_apply_rotary_matches_x_transformers():
         assert torch.equal(own_dit.apply_rotary(t, freqs), apply_rotary_pos_emb(t, freqs, 1.0))
 
 
-@pytest.mark.parametrize("arch", ["tiny_v1", "unmasked_text"])
+def test_v0_rotates_the_first_head_only():
+    """pe_attn_head really changes the function (so equality with stock above is not vacuous)."""
+    torch.manual_seed(0)
+    v0 = own_dit.DiT(**ARCHS["tiny_v0"], text_num_embeds=VOCAB, mel_dim=MEL)
+    randomise_zeros(v0)
+    every_head = own_dit.DiT(**dict(ARCHS["tiny_v0"], pe_attn_head=None), text_num_embeds=VOCAB, mel_dim=MEL)
+    every_head.load_state_dict(v0.state_dict(), strict=True)
+    x, cond, text, _ = inputs()
+    with torch.inference_mode():
+        assert not torch.allclose(v0(x, cond, text, torch.tensor(0.3)), every_head(x, cond, text, torch.tensor(0.3)))
+    t = torch.randn(2, 3, 10, 16)  # dim_head 16
+    freqs, _ = v0.rotary_embed.forward_from_seq_len(10)
+    rotated = own_dit.apply_rotary_heads(t, freqs, 1)
+    assert torch.equal(rotated[:, 1:], t[:, 1:]) and not torch.equal(rotated[:, :1], t[:, :1])
+
+
+@pytest.mark.parametrize("arch", ["tiny_v1", "unmasked_text", *V0_ARCHS])
 def test_sampler_and_fast_step_match_stock(arch):
     stock, own = model_pair(ARCHS[arch])
     x, cond, text, mask = inputs(batch=3)
@@ -205,8 +225,12 @@ def meta_models(arch: dict, vocab_size: int):
         return stock, own_dit.DiT(**arch, text_num_embeds=vocab_size, mel_dim=MEL)
 
 
-def test_full_base_arch_has_stock_keys_and_shapes():
-    arch = packaged_config_arch("F5TTS_v1_Base")["arch"]
+PACKAGED_LAYOUTS = ["F5TTS_v1_Base", "F5TTS_v1_Small", "F5TTS_Base", "F5TTS_Small"]
+
+
+@pytest.mark.parametrize("name", PACKAGED_LAYOUTS)
+def test_full_packaged_archs_have_stock_keys_and_shapes(name):
+    arch = packaged_config_arch(name)["arch"]
     vocab_size = get_tokenizer(str(packaged_vocab()), "custom")[1]
     assert vocab_size == len(packaged_vocab().read_text(encoding="utf-8").splitlines())
     assert own_dit.unsupported_reason(arch) is None
@@ -224,22 +248,17 @@ def test_full_base_arch_has_stock_keys_and_shapes():
     assert sum(p.numel() for p in own.parameters()) == sum(p.numel() for p in stock.parameters())
 
 
-@pytest.mark.parametrize("name", ["F5TTS_v1_Base", "F5TTS_v1_Small", "F5TTS_Base", "F5TTS_Small"])
-def test_packaged_configs_are_built_or_refused_in_one_sentence(name):
-    arch = packaged_config_arch(name)["arch"]
+def test_a_layout_not_covered_is_refused_in_one_sentence():
+    arch = dict(packaged_config_arch("F5TTS_v1_Base")["arch"], qk_norm="rms_norm")
     reason = own_dit.unsupported_reason(arch)
-    if reason is None:
-        stock, own = meta_models(arch, VOCAB)
-        assert own.state_dict().keys() == stock.state_dict().keys()
-    else:
-        assert "pe_attn_head" in reason and reason.count(".") <= 1
-        with pytest.raises(ValueError, match="pe_attn_head"):
-            own_dit.DiT(**arch, text_num_embeds=VOCAB)
+    assert "qk_norm" in reason and reason.count(".") <= 1
+    with pytest.raises(ValueError, match="qk_norm"):
+        own_dit.DiT(**arch, text_num_embeds=VOCAB)
 
 
 @pytest.mark.parametrize("setting", [dict(qk_norm="rms_norm"), dict(attn_backend="flash_attn"),
                                      dict(long_skip_connection=True), dict(text_embedding_average_upsampling=True),
-                                     dict(pe_attn_head=1), dict(rope_theta=500)])
+                                     dict(rope_theta=500)])
 def test_unsupported_settings_are_named(setting):
     key = next(iter(setting))
     reason = own_dit.unsupported_reason(dict(TINY_ARCH, **setting))
@@ -250,7 +269,8 @@ def test_unsupported_settings_are_named(setting):
 def test_import_and_forward_load_no_heavy_modules():
     code = (
         "import sys, torch, f5worker.model.dit as d\n"
-        "m = d.DiT(dim=32, depth=1, heads=2, dim_head=16, text_dim=16, conv_layers=1, text_num_embeds=10).eval()\n"
+        "m = d.DiT(dim=32, depth=1, heads=2, dim_head=16, text_dim=16, conv_layers=1, text_num_embeds=10,\n"
+        "          pe_attn_head=1, text_mask_padding=False).eval()\n"
         "out = m(torch.randn(2, 8, 100), torch.randn(2, 8, 100), torch.zeros(2, 3, dtype=torch.long),\n"
         "        torch.tensor(0.5), mask=torch.ones(2, 8, dtype=torch.bool), cfg_infer=True, cache=True)\n"
         "assert out.shape == (4, 8, 100)\n"

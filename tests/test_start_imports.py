@@ -52,6 +52,15 @@ def test_start_and_an_english_job_import_none_of_the_slow_packages(tiny_models, 
     assert loaded(modules, FORBIDDEN) == set()
 
 
+def test_a_v0_model_starts_and_speaks_on_the_own_model(tiny_v0_models, tiny_whisper, tmp_path):
+    """F5TTS_Base's layout (the community fine-tunes') no longer falls back to stock's import chain."""
+    env = child_env(tiny_v0_models, tiny_whisper, tmp_path / "volume")
+    modules = modules_after({"input": {"text": "Hello there.", "local_voice": "basic_ref_en.wav", "nfe_step": 4,
+                                       "seed": 1}}, env, tmp_path / "modules.json")
+    assert "f5worker.model.dit" in modules
+    assert loaded(modules, FORBIDDEN) == set()
+
+
 def test_a_chinese_job_loads_the_chinese_text_tools_only(tiny_models, tiny_whisper, tmp_path):
     env = child_env(tiny_models, tiny_whisper, tmp_path / "volume")
     modules = modules_after({"input": {"text": "你好，世界。Hello.", "local_voice": "basic_ref_en.wav",

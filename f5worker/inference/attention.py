@@ -26,7 +26,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from f5worker.model.dit import apply_rotary
+from f5worker.model.dit import apply_rotary_heads
 
 log = logging.getLogger(__name__)
 
@@ -128,19 +128,26 @@ def fused_qkv(attn) -> tuple[torch.Tensor, torch.Tensor]:
             torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]))
 
 
+def rotary_heads(attn) -> int | None:
+    """How many leading heads an attention layer rotates (f5-tts's ``pe_attn_head``; None: all).
+    Every processor the worker installs or builds (own, stock, fused) keeps it under that name."""
+    return attn.processor.pe_attn_head
+
+
 def split_rotate(attn, qkv, freqs):
     """The fused projection [B, N, 3*H*Dh] as q, k, v [B, H, N, Dh], q and k rotated (plain torch)."""
-    batch, head_dim = qkv.shape[0], attn.inner_dim // attn.heads
+    batch, head_dim, heads = qkv.shape[0], attn.inner_dim // attn.heads, rotary_heads(attn)
     query, key, value = qkv.view(batch, -1, 3, attn.heads, head_dim).permute(2, 0, 3, 1, 4)
-    return apply_rotary(query, freqs), apply_rotary(key, freqs), value
+    return apply_rotary_heads(query, freqs, heads), apply_rotary_heads(key, freqs, heads), value
 
 
 class FusedAttnProcessor:
     """f5-tts's AttnProcessor (torch backend) with QKV fused and the mask broadcast."""
 
     def __init__(self, attn, pe_attn_head=None):
-        if attn.q_norm is not None or pe_attn_head is not None:
-            raise ValueError("fused attention supports the F5TTS_v1 layout (no qk_norm, rope on all heads)")
+        if attn.q_norm is not None:
+            raise ValueError("fused attention supports f5-tts's DiT layouts without qk_norm")
+        self.pe_attn_head = pe_attn_head
         self.qkv_weight, self.qkv_bias = (t.detach() for t in fused_qkv(attn))
 
     def __call__(self, attn, x, mask=None, rope=None):
@@ -156,5 +163,4 @@ class FusedAttnProcessor:
 
 def install_fused_attention(transformer) -> None:
     for block in transformer.transformer_blocks:
-        proc = block.attn.processor
-        block.attn.processor = FusedAttnProcessor(block.attn, getattr(proc, "pe_attn_head", None))
+        block.attn.processor = FusedAttnProcessor(block.attn, rotary_heads(block.attn))

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from f5worker.inference import kernels
 from f5worker.inference.attention import (AttentionPlan, FusedAttnProcessor, attend, attention_kind, fused_qkv,
-                                install_fused_attention, split_rotate)
+                                install_fused_attention, rotary_heads, split_rotate)
 from f5worker.errors import CallAbandoned, check_abandoned
 from f5worker.inference.gpu_faults import fast_path_fault
 from f5worker.inference.items import MAX_NFE_STEP
@@ -112,7 +112,8 @@ class _SampleState:
 def _attention(attn, x, state: _SampleState, fused: bool, use_triton):
     qkv = F.linear(x, *fused_qkv(attn))
     if fused:
-        q, k, v = kernels.rotary_qkv(qkv, attn.heads, state.cos, state.sin, use_triton=use_triton)
+        q, k, v = kernels.rotary_qkv(qkv, attn.heads, state.cos, state.sin, use_triton=use_triton,
+                                     rotary_heads=rotary_heads(attn))
     else:
         q, k, v = split_rotate(attn, qkv, state.rope[0])
     return state.attention.zero_padding(attn.to_out[0](attend(q, k, v, state.attention)))

@@ -174,25 +174,27 @@ def gelu_tanh(x, bias=None, use_triton=None):
 # --- rotary embedding (x_transformers' interleaved pairs) ---------------------------------------
 
 @_jit
-def _rotary_kernel(t_ptr, cos_ptr, sin_ptr, out_ptr, N, J, D, R, t_sb, t_sj, t_sn, o_sb, o_sj, o_sn,
+def _rotary_kernel(t_ptr, cos_ptr, sin_ptr, out_ptr, N, J, D, R, H, P, t_sb, t_sj, t_sn, o_sb, o_sj, o_sn,
                    tab_sb, tab_sn, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    # one program per (batch, position): all J heads there share one row of the tables
+    # one program per (batch, position): all J head slots there share one row of the tables. The
+    # slots are groups of H heads (q's, then k's); the first P of each group are rotated, the
+    # others copied (f5-tts's pe_attn_head), as are the dims past R.
     pid = tl.program_id(0).to(tl.int64)
     b = pid // N
     n = pid % N
     j = tl.arange(0, BLOCK_J)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     keep = (j < J) & (d < D)
-    rotated = d < R
+    rotated = (d < R) & (j % H < P)
     src = t_ptr + b * t_sb + n * t_sn + j * t_sj
     x = tl.load(src + d, mask=keep, other=0.0).to(tl.float32)
     partner = tl.load(src + (d ^ 1), mask=keep & rotated, other=0.0).to(tl.float32)
     table = b * tab_sb + n * tab_sn + d
-    cos = tl.load(cos_ptr + table, mask=rotated, other=1.0)
-    sin = tl.load(sin_ptr + table, mask=rotated, other=0.0)
+    cos = tl.load(cos_ptr + table, mask=d < R, other=1.0)
+    sin = tl.load(sin_ptr + table, mask=d < R, other=0.0)
     # rotate_half on pairs (2i, 2i+1): (-x[2i+1], x[2i])
     sign = tl.where(d % 2 == 0, -1.0, 1.0)
-    out = x * cos + sign * partner * sin
+    out = tl.where(rotated, x * cos + sign * partner * sin, x)
     tl.store(out_ptr + b * o_sb + n * o_sn + j * o_sj + d, out.to(out_ptr.dtype.element_ty), mask=keep)
 
 
@@ -207,25 +209,33 @@ def _rotate_half(t):
     return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
-def _rotary_from_tables(t, cos, sin):
-    """fp32 apply_rotary_pos_emb on t [B, H, N, Dh] with tables [Bf, Nf, R] (last N positions)."""
+def _rotary_from_tables(t, cos, sin, rotary_heads: int | None = None):
+    """fp32 apply_rotary_pos_emb on t [B, H, N, Dh] with tables [Bf, Nf, R] (last N positions), on
+    the first ``rotary_heads`` heads (None: all), the others passed through."""
+    if rotary_heads is not None:
+        return torch.cat((_rotary_from_tables(t[:, :rotary_heads], cos, sin), t[:, rotary_heads:]), dim=1)
     rot, n = cos.shape[-1], t.shape[-2]
     cos, sin = cos[:, None, -n:], sin[:, None, -n:]
     head, rest = t[..., :rot].float(), t[..., rot:]
     return torch.cat(((head * cos + _rotate_half(head) * sin).to(t.dtype), rest), dim=-1)
 
 
-def _launch_rotary(src, out, cos, sin, heads_dim: int, seq_dim: int):
-    """src and out viewed as [B, ..., Dh]; heads_dim and seq_dim name the J and N dims of both."""
+def _launch_rotary(src, out, cos, sin, heads_dim: int, seq_dim: int, *, group: int | None = None,
+                   rotary_heads: int | None = None):
+    """src and out viewed as [B, ..., Dh]; heads_dim and seq_dim name the J and N dims of both. The
+    J slots are groups of ``group`` heads (default: one group of all J), of which the first
+    ``rotary_heads`` (default: all) are rotated."""
     batch, n, slots, dim, rot = src.shape[0], src.shape[seq_dim], src.shape[heads_dim], src.shape[-1], cos.shape[-1]
     if cos.shape[1] < n or rot > dim or rot % 2:
         raise ValueError(f"rotary tables {tuple(cos.shape)} do not fit {n} positions of head dim {dim}")
+    group = slots if group is None else group
+    rotated = group if rotary_heads is None else min(rotary_heads, group)
     if src.numel() == 0:
         return
     cos, sin = cos[:, -n:], sin[:, -n:]  # x_transformers takes the last N positions
     tab_sb = 0 if cos.shape[0] == 1 else cos.stride(0)
     block_j, block_d = triton.next_power_of_2(slots), triton.next_power_of_2(dim)
-    _rotary_kernel[(batch * n,)](src, cos, sin, out, n, slots, dim, rot,
+    _rotary_kernel[(batch * n,)](src, cos, sin, out, n, slots, dim, rot, group, rotated,
                                  src.stride(0), src.stride(heads_dim), src.stride(seq_dim),
                                  out.stride(0), out.stride(heads_dim), out.stride(seq_dim),
                                  tab_sb, cos.stride(1), BLOCK_J=block_j, BLOCK_D=block_d,
@@ -250,23 +260,25 @@ def rotary(t, freqs, use_triton=None):
     return out
 
 
-def rotary_qkv_reference(qkv, heads, cos, sin, use_triton=None):
+def rotary_qkv_reference(qkv, heads, cos, sin, use_triton=None, *, rotary_heads: int | None = None):
     batch, n = qkv.shape[:2]
     q, k, v = qkv.reshape(batch, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    return _rotary_from_tables(q, cos, sin), _rotary_from_tables(k, cos, sin), v
+    return _rotary_from_tables(q, cos, sin, rotary_heads), _rotary_from_tables(k, cos, sin, rotary_heads), v
 
 
-def rotary_qkv(qkv, heads, cos, sin, use_triton=None):
+def rotary_qkv(qkv, heads, cos, sin, use_triton=None, *, rotary_heads: int | None = None):
     """The fused QKV projection ([B, N, 3*H*Dh], q then k then v) split into q, k, v [B, H, N, Dh],
-    q and k rotated in one kernel; (cos, sin) from ``rope_tables``, computed once per sample."""
+    q and k rotated in one kernel; (cos, sin) from ``rope_tables``, computed once per sample. Only
+    the first ``rotary_heads`` heads of q and of k are rotated (f5-tts's ``pe_attn_head``; None: all)."""
     if not _triton_wanted(use_triton, qkv):
-        return rotary_qkv_reference(qkv, heads, cos, sin)
+        return rotary_qkv_reference(qkv, heads, cos, sin, rotary_heads=rotary_heads)
     batch, n = qkv.shape[:2]
     packed = qkv.contiguous().view(batch, n, 3, heads, -1)
     dim = packed.shape[-1]
     rotated = torch.empty(batch, n, 2, heads, dim, dtype=qkv.dtype, device=qkv.device)
     qk_in = packed.view(batch, n, 3 * heads, dim)[:, :, : 2 * heads]
-    _launch_rotary(qk_in, rotated.view(batch, n, 2 * heads, dim), cos, sin, heads_dim=2, seq_dim=1)
+    _launch_rotary(qk_in, rotated.view(batch, n, 2 * heads, dim), cos, sin, heads_dim=2, seq_dim=1, group=heads,
+                   rotary_heads=rotary_heads)
     q, k = rotated.permute(2, 0, 3, 1, 4)
     return q, k, packed[:, :, 2].transpose(1, 2)
 

@@ -27,7 +27,9 @@ from f5worker.errors import StorageError
 from f5worker.settings import VOCODER_FILES
 
 EMA_STATE = "ema_model_state_dict"  # where a .pt training checkpoint keeps the EMA weights
+MODEL_STATE = "model_state_dict"  # the trained (not averaged) weights: used where a checkpoint has no EMA
 EMA_PREFIX = "ema_model."
+TEXT_EMBED = "transformer.text_embed.text_embed.weight"  # [vocabulary size + 1, text_dim]: row 0 is the filler
 EMA_BOOKKEEPING = ("initted", "step")  # ema_pytorch's own entries, not weights
 # Buffers older checkpoints carry and the model recomputes (f5-tts's patch for 305e3ea).
 MEL_BUFFERS = ("mel_spec.mel_stft.mel_scale.fb", "mel_spec.mel_stft.spectrogram.window")
@@ -50,11 +52,24 @@ def ema_weights(entries: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def ema_entries(raw: Mapping, ckpt: Path) -> Mapping:
-    """The EMA state of a loaded .pt checkpoint (a safetensors file is the EMA state itself)."""
-    entries = raw.get(EMA_STATE) if isinstance(raw, Mapping) else None
-    if not isinstance(entries, Mapping):
-        raise StorageError(f"The checkpoint {ckpt} has no {EMA_STATE}, so it is not an f5-tts training checkpoint.")
-    return entries
+    """The weights of a loaded .pt checkpoint (a safetensors file is the weights themselves): its EMA
+    state, as f5-tts's inference loads (reduced checkpoints keep only that), else the trained
+    weights of a training checkpoint saved without EMA."""
+    for key in (EMA_STATE, MODEL_STATE):
+        entries = raw.get(key) if isinstance(raw, Mapping) else None
+        if isinstance(entries, Mapping):
+            return entries
+    raise StorageError(f"The checkpoint {ckpt} has neither {EMA_STATE} nor {MODEL_STATE}, so it is not an "
+                       "f5-tts training checkpoint.")
+
+
+def require_vocab_fits(ckpt: Path, vocab: Path, vocab_size: int, found: Mapping[str, torch.Size]) -> None:
+    """The most reported F5-TTS loading failure, said in words: a checkpoint with another
+    vocabulary's text embedding (fine-tunes ship their own vocab.txt)."""
+    shape = found.get(TEXT_EMBED)
+    if shape is not None and len(shape) == 2 and shape[0] != vocab_size + 1:
+        raise StorageError(f"The vocabulary {vocab} has {vocab_size} symbols but the checkpoint {ckpt} was "
+                           f"trained with {shape[0] - 1}: give the model the vocab.txt it was trained with.")
 
 
 def read_model_config(path: Path) -> dict:

@@ -4,8 +4,9 @@ Why this module exists: f5-tts's DiT imports x_transformers (and through it einx
 and, next to it, the text front end's dictionaries: seconds of a cold start for a few hundred lines
 of model. This module computes the same function with the same module tree and parameter and buffer
 names, importing only torch, so a checkpoint (or a stock model's state dict) loads into it strictly.
-It covers the F5TTS_v1 layout family; ``unsupported_reason`` says what it does not cover, and the
-engine falls back to stock f5-tts for that.
+It covers every DiT layout f5-tts ships (v1 Base and Small; v0 Base and Small, which rotate the
+first attention head only, ``pe_attn_head: 1``, and leave text padding unmasked);
+``unsupported_reason`` says what it does not cover, and the engine falls back to stock f5-tts for that.
 
 Numerics follow stock op for op (tests compare with f5-tts in fp32 and fp16). That includes stock's
 precision quirks: the rotary ``inv_freq`` and the text ``freqs_cis`` are buffers cast with the model,
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 FIXED_SETTINGS = {
     "text_embedding_average_upsampling": (False,),
     "qk_norm": (None,),
-    "pe_attn_head": (None,),
     "attn_backend": ("torch",),
     "long_skip_connection": (False,),
 }
@@ -35,7 +35,7 @@ FIXED_SETTINGS = {
 # pass; the forward computes the same with it on or off.
 FREE_SETTINGS = frozenset({
     "dim", "depth", "heads", "dim_head", "dropout", "ff_mult", "mel_dim", "text_num_embeds", "text_dim",
-    "text_mask_padding", "conv_layers", "attn_mask_enabled", "checkpoint_activations",
+    "text_mask_padding", "conv_layers", "attn_mask_enabled", "checkpoint_activations", "pe_attn_head",
 })
 TEXT_MAX_POS = 8192  # stock's text position table: ~87 s of 24 kHz audio
 
@@ -74,6 +74,14 @@ def apply_rotary(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     rot = rot * freqs.cos() + rotate_half(rot) * freqs.sin()
     out = torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
     return out.to(dtype)
+
+
+def apply_rotary_heads(t: torch.Tensor, freqs: torch.Tensor, heads: int | None) -> torch.Tensor:
+    """Rotary on the first ``heads`` heads of t [b, h, n, d], the others passed through (f5-tts's
+    ``pe_attn_head``; None rotates every head)."""
+    if heads is None:
+        return apply_rotary(t, freqs)
+    return torch.cat((apply_rotary(t[:, :heads], freqs), t[:, heads:]), dim=1)
 
 
 class RotaryEmbedding(nn.Module):
@@ -267,11 +275,12 @@ class FeedForward(nn.Module):
 
 
 class AttnProcessor:
-    """f5-tts's AttnProcessor, torch backend, rotary on every head. ``attn_mask_enabled`` masks padded
-    keys (f5-tts's v1 config leaves it off; the sampler turns it on for padded batches)."""
+    """f5-tts's AttnProcessor, torch backend: rotary on the first ``pe_attn_head`` heads (None: on
+    every head). ``attn_mask_enabled`` masks padded keys (f5-tts's configs leave it off; the sampler
+    turns it on for padded batches)."""
 
-    def __init__(self, attn_mask_enabled: bool = False):
-        self.pe_attn_head = None
+    def __init__(self, attn_mask_enabled: bool = False, pe_attn_head: int | None = None):
+        self.pe_attn_head = pe_attn_head
         self.attn_backend = "torch"
         self.attn_mask_enabled = attn_mask_enabled
 
@@ -283,7 +292,8 @@ class AttnProcessor:
 
         query, key, value = split_heads(attn.to_q(x)), split_heads(attn.to_k(x)), split_heads(attn.to_v(x))
         if rope is not None:
-            query, key = apply_rotary(query, rope[0]), apply_rotary(key, rope[0])
+            heads = self.pe_attn_head
+            query, key = apply_rotary_heads(query, rope[0], heads), apply_rotary_heads(key, rope[0], heads)
         # Broadcast [b, 1, 1, n], not expanded to [b, h, n, n]: same result, lets SDPA pick a fused kernel.
         attn_mask = mask[:, None, None, :] if self.attn_mask_enabled and mask is not None else None
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
@@ -309,10 +319,10 @@ class Attention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, dim, heads, dim_head, ff_mult=4, dropout=0.1, attn_mask_enabled=False):
+    def __init__(self, dim, heads, dim_head, ff_mult=4, dropout=0.1, attn_mask_enabled=False, pe_attn_head=None):
         super().__init__()
         self.attn_norm = AdaLayerNorm(dim)
-        self.attn = Attention(AttnProcessor(attn_mask_enabled), dim=dim, heads=heads, dim_head=dim_head,
+        self.attn = Attention(AttnProcessor(attn_mask_enabled, pe_attn_head), dim=dim, heads=heads, dim_head=dim_head,
                               dropout=dropout)
         self.ff_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim=dim, mult=ff_mult, dropout=dropout)
@@ -334,7 +344,7 @@ class DiT(nn.Module):
         super().__init__()
         reason = unsupported_reason(dict(
             text_embedding_average_upsampling=text_embedding_average_upsampling, qk_norm=qk_norm,
-            pe_attn_head=pe_attn_head, attn_backend=attn_backend, long_skip_connection=long_skip_connection))
+            attn_backend=attn_backend, long_skip_connection=long_skip_connection))
         if reason:
             raise ValueError(reason)
         text_dim = mel_dim if text_dim is None else text_dim
@@ -345,7 +355,8 @@ class DiT(nn.Module):
         self.rotary_embed = RotaryEmbedding(dim_head)
         self.dim, self.depth = dim, depth
         self.transformer_blocks = nn.ModuleList([
-            DiTBlock(dim, heads, dim_head, ff_mult=ff_mult, dropout=dropout, attn_mask_enabled=attn_mask_enabled)
+            DiTBlock(dim, heads, dim_head, ff_mult=ff_mult, dropout=dropout, attn_mask_enabled=attn_mask_enabled,
+                     pe_attn_head=pe_attn_head)
             for _ in range(depth)])
         self.norm_out = AdaLayerNorm_Final(dim)
         self.proj_out = nn.Linear(dim, mel_dim)

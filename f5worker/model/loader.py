@@ -4,8 +4,9 @@ architecture, f5-tts's and vocos's own classes where they do not.
 Why this module exists: the worker's own model code (``f5worker.model.dit``, ``f5worker.model.mel``,
 ``f5worker.model.vocoder``, ``f5worker.model.text_tokens``) imports only torch, which keeps seconds of
 imports (x_transformers, einx, torchdiffeq, scipy, vocos, pypinyin, jieba) off a cold start. It
-covers F5TTS_v1-style checkpoints and the Vocos mel vocoder; for any other layout in
-``F5_MODEL_CONFIG`` the worker builds stock f5-tts's CFM instead, says why at start, and runs it on
+covers every DiT layout f5-tts ships (F5TTS_v1_Base, F5TTS_Base, both Small ones) and the Vocos
+mel vocoder; for any other layout (another backbone's settings, qk-norm, another mel) the worker
+builds stock f5-tts's CFM instead, says why at start, and runs it on
 the eager path. The choice is made here once, for the worker's loader and the pre-deploy gate alike,
 so both check the very model the worker will run.
 """
@@ -36,6 +37,7 @@ from f5worker.model.checkpoint import (
     read_model_config,
     require_finite,
     require_fit,
+    require_vocab_fits,
     shapes,
     vocos_subject,
 )
@@ -139,7 +141,7 @@ def build_stock_vocos(vocoder_dir: Path):
 # --- the worker's loaders ------------------------------------------------------------------------
 
 def read_state_dict(ckpt: Path, device: str = "cpu") -> dict:
-    """EMA weights with f5-tts's key fix-ups (load_checkpoint with use_ema=True)."""
+    """The weights (EMA where the file has them) with f5-tts's key fix-ups (load_checkpoint with use_ema=True)."""
     if ckpt.suffix == ".safetensors":
         return ema_weights(load_file(str(ckpt), device=device))
     return ema_weights(ema_entries(torch.load(str(ckpt), map_location=device, weights_only=True), ckpt))
@@ -157,6 +159,7 @@ def load_model(model_config: Path, ckpt: Path, vocab: Path, device: str, dtype: 
         log.warning("model %s: the worker's own model does not cover it (%s); running stock f5-tts's, "
                     "on the slower eager path", model_name(model_cfg, model_config), reason)
     state = read_state_dict(Path(ckpt), device)
+    require_vocab_fits(Path(ckpt), Path(vocab), len(load_vocab(vocab)), shapes(state))
     with torch.device(device):
         model = build_model(model_cfg, Path(vocab))
     what = cfm_subject(ckpt)
@@ -194,6 +197,7 @@ def check_model_checkpoint(ckpt: Path, model_config: Path, vocab: Path) -> None:
         model = build_model(model_cfg, vocab)
     what = cfm_subject(ckpt)
     with open_ema(Path(ckpt)) as (found, read):
+        require_vocab_fits(Path(ckpt), Path(vocab), len(load_vocab(vocab)), found)
         require_fit(what, model_name(model_cfg, model_config), shapes(model.state_dict()), found)
         require_finite(what, ((name, read(name)) for name in found))
 
