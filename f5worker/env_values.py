@@ -146,6 +146,56 @@ class NameMap:
         return 'JSON object, `{"name": "voice.wav"}`'
 
 
+# A model's name in F5_MODELS, a job's "model" and OpenAI's model field: what a caller may type.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODEL_FIELDS = ("ckpt", "vocab", "config")  # ckpt required; vocab and config default (model.registry)
+MODEL_MAP_EXAMPLE = ('{"de": {"ckpt": "hf://owner/repo/model.pt", "vocab": "hf://owner/repo/vocab.txt", '
+                     '"config": "F5TTS_Base"}}')
+
+
+class ModelMap:
+    """A JSON object of model names to their files (``MODEL_MAP_EXAMPLE``); where each file is
+    found is checked where the models are resolved (f5worker.model.store)."""
+
+    def __call__(self, name: str, raw: str) -> dict[str, dict[str, str]]:
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError):
+            value = None
+        if not isinstance(value, dict) or not value:
+            raise ValueError(f"{name} must be a JSON object of model names to their files, such as {MODEL_MAP_EXAMPLE}")
+        for model, files in value.items():
+            if not MODEL_NAME.match(model):
+                raise ValueError(f"{name} names a model {model[:SHOWN_CHARS]!r}; a model's name is 1 to 64 letters, "
+                                 "digits, '.', '_' or '-', beginning with a letter or digit")
+            if not isinstance(files, dict) or not isinstance(files.get("ckpt"), str) \
+                    or not all(isinstance(v, str) and v.strip() for v in files.values()):
+                raise ValueError(f"{name}: model {model!r} must be an object with \"ckpt\" and optionally \"vocab\" "
+                                 "and \"config\", each a local path or an hf://owner/repo/path address")
+            unknown = sorted(set(files) - set(MODEL_FIELDS))
+            if unknown:
+                raise ValueError(f"{name}: model {model!r} has {unknown[0][:SHOWN_CHARS]!r}, which is not one of "
+                                 f"{', '.join(MODEL_FIELDS)}")
+        return {model: {k: v.strip() for k, v in files.items()} for model, files in value.items()}
+
+    def accepts(self) -> str:
+        return 'JSON object, `{"name": {"ckpt": …, "vocab": …, "config": …}}`'
+
+
+class NameList:
+    """Comma-separated model names (``de, fr``); which names exist is checked where they are used."""
+
+    def __call__(self, name: str, raw: str) -> tuple[str, ...]:
+        names = tuple(part.strip() for part in raw.split(",") if part.strip())
+        bad = [n for n in names if not MODEL_NAME.match(n)]
+        if bad:
+            raise ValueError(f"{name} must be model names separated by commas, not {bad[0][:SHOWN_CHARS]!r}")
+        return names
+
+    def accepts(self) -> str:
+        return "names, comma-separated"
+
+
 class Secret:
     """Text that is never shown: not in a sentence, a log line or the README."""
 

@@ -84,6 +84,9 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     warm_up(engine)
     lap("warm_up")
     worker = Worker(settings, engine, storage, Transcriber(settings, device=device))
+    for name in settings.preload_models:  # F5_PRELOAD_MODELS: loaded now, not by their first job
+        worker.models.load_now(name)
+    lap("preload_models")
     # Graphs for the common single-job lengths are captured while the worker waits for work, then
     # (on a GPU) the fused kernels are compiled, checked and switched to (f5worker.inference.kernel_switch).
     worker.batcher.prepare_in_background(engine.background_tasks(settings.kernel_cache, settings.fused_kernels))
@@ -125,6 +128,7 @@ ROUTES: dict[str, Callable[..., Awaitable[dict]]] = {
     "tts": start_tts,
     "upload": lambda worker, job_input, call: worker.upload(call.job_id, job_input),
     "list_voices": lambda worker, job_input, call: worker.list_voices(call.job_id, job_input),
+    "list_models": lambda worker, job_input, call: worker.list_models(call.job_id, job_input),
     "voice_info": lambda worker, job_input, call: worker.voice_info(call.job_id, job_input),
     "delete_voice": lambda worker, job_input, call: worker.delete_voice(call.job_id, job_input),
 }

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
-from f5worker.env_values import Choice, Device, Flag, NameMap, Number, Parser, PathValue, Present, Secret, Text, Var
+from f5worker.env_values import (Choice, Device, Flag, ModelMap, NameList, NameMap, Number, Parser, PathValue, Present,
+                                 Secret, Text, Var)
 
 # --- environment variable names (the only place they are spelled) -------------------------------
 ENV_VOLUME_PATH = "RUNPOD_VOLUME_PATH"
@@ -39,6 +40,11 @@ ENV_CKPT_FILE = "F5_CKPT_FILE"
 ENV_VOCAB_FILE = "F5_VOCAB_FILE"
 ENV_MODEL_CONFIG = "F5_MODEL_CONFIG"
 ENV_VOCODER_DIR = "F5_VOCODER_DIR"
+# The model registry (f5worker.model.registry): several models per endpoint.
+ENV_MODELS = "F5_MODELS"
+ENV_DEFAULT_MODEL = "F5_DEFAULT_MODEL"
+ENV_PRELOAD_MODELS = "F5_PRELOAD_MODELS"
+ENV_MODEL_MEMORY_MB = "F5_MODEL_MEMORY_MB"
 ENV_ASR_MODEL = "ASR_MODEL"
 ENV_DEVICE = "F5_DEVICE"
 ENV_S3_BUCKET = "S3_BUCKET"
@@ -126,6 +132,12 @@ F5_REPO = "SWivid/F5-TTS"
 F5_MODEL_NAME = "F5TTS_v1_Base"
 F5_CKPT_IN_REPO = "F5TTS_v1_Base/model_1250000.safetensors"
 F5_VOCAB_IN_REPO = "F5TTS_v1_Base/vocab.txt"
+# The other built-in model: F5-TTS's first release, the layout most community fine-tunes start from.
+F5_V0_MODEL_NAME = "F5TTS_Base"
+F5_V0_CKPT_IN_REPO = "F5TTS_Base/model_1200000.safetensors"
+F5_V0_VOCAB_IN_REPO = "F5TTS_Base/vocab.txt"
+# The DiT layouts f5-tts ships as configs (f5_tts/configs/<name>.yaml), which F5_MODELS' "config" may name.
+PACKAGED_LAYOUTS = ("F5TTS_v1_Base", "F5TTS_Base", "F5TTS_v1_Small", "F5TTS_Small")
 VOCODER_REPO = "charactr/vocos-mel-24khz"
 VOCODER_FILES = ("config.yaml", "pytorch_model.bin")
 
@@ -314,6 +326,22 @@ class Settings:
     model_config: str | None = setting(
         ENV_MODEL_CONFIG, Text(), None, "explicit model config: an f5-tts YAML, so the architecture may differ")
     vocoder_dir: str | None = setting(ENV_VOCODER_DIR, Text(), None, "explicit local Vocos folder")
+    models: dict[str, dict[str, str]] | None = setting(
+        ENV_MODELS, ModelMap(), None,
+        "more models beside the built-in `F5TTS_v1_Base` and `F5TTS_Base`: each `ckpt` and `vocab` a local path or "
+        "`hf://owner/repo/path`, `config` a layout f5-tts ships (" + ", ".join(f"`{n}`" for n in PACKAGED_LAYOUTS)
+        + ") or a YAML file ([models](#several-models-per-endpoint))", shown="none", offered=True)
+    default_model: str = setting(
+        ENV_DEFAULT_MODEL, Text(), F5_MODEL_NAME,
+        "the model of jobs that name none, loaded at start; `F5_CKPT_FILE`, `F5_VOCAB_FILE` and `F5_MODEL_CONFIG` "
+        "replace its files", offered=True)
+    preload_models: tuple[str, ...] = setting(
+        ENV_PRELOAD_MODELS, NameList(), (),
+        "models loaded at start beside the default (the others load on first use)", shown="none", offered=True)
+    model_memory_mb: int = setting(
+        ENV_MODEL_MEMORY_MB, Number(1, 2**22, whole=True), 16384,
+        "TTS model weights kept on the device under this many MiB; past it the least recently used model "
+        "without work in flight is unloaded (F5TTS_v1_Base: 643 MiB in fp16)")
     asr_model: str = setting(ENV_ASR_MODEL, Text(), "openai/whisper-large-v3-turbo",
                              "transcriber: a hub id or a local folder", offered=True)
     device: str | None = setting(

@@ -322,10 +322,12 @@ def builtin_clip() -> bytes:
 def test_models_in_openai_shape(client, served):
     ctx, _, _, _ = served
     names = [model.id for model in client.models.list()]
-    assert names[1:] == ["tts-1", "tts-1-hd", "gpt-4o-mini-tts"] and len(names) == 4
+    # the registry (the default first; F5_CKPT_FILE replaced its files), then OpenAI's names for the default
+    assert names == ["F5TTS_v1_Base", "F5TTS_Base", "tts-1", "tts-1-hd", "gpt-4o-mini-tts"]
     data, _ = speak(client, model=names[0])  # the served model's own name works too
     assert data
-    with pytest.raises(openai.NotFoundError, match="Model 'whisper-1' is not served here"):
+    with pytest.raises(openai.NotFoundError, match="There is no model 'whisper-1' on this endpoint; it serves "
+                                                   "F5TTS_v1_Base, F5TTS_Base."):
         speak(client, model="whisper-1")
 
 

@@ -79,7 +79,7 @@ def test_bool_fields_take_only_true_or_false(field, value):
 @pytest.mark.parametrize("value", [None, "", 7, True, ["tts"], {"name": "tts"}])
 def test_endpoint_must_be_a_known_name(value):
     assert refusal({**TTS, "endpoint": value}) == (
-        "Unknown endpoint; use one of: tts, upload, list_voices, delete_voice, voice_info.")
+        "Unknown endpoint; use one of: tts, upload, list_voices, delete_voice, voice_info, list_models.")
 
 
 def test_optional_fields_take_null():

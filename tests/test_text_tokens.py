@@ -206,3 +206,42 @@ def test_english_leaves_chinese_machinery_unimported_and_chinese_loads_it_once()
     assert not {"jieba", "f5_tts", "x_transformers", "einx", "transformers"} & set(result["after"])
     assert result["chinese"] == [convert_char_to_pinyin([chinese])[0]] * 8
     assert done.stderr.count("Loading the Chinese segmenter") == 1
+
+
+# The scripts the community fine-tunes of f5-tts's SHARED.md serve, each with a vocabulary of its
+# own as a fine-tune ships it (the characters of its training text): Finnish, French, German,
+# Italian, Japanese, Latvian, Russian, Spanish (F5TTS_Base layout), Hindi (Small), Arabic (Small).
+FINE_TUNE_CORPUS = {
+    "fi": "Hyvää huomenta! Äiti ja isä söivät jäätelöä, eikö? Öljyä 3,5 litraa.",
+    "fr": "Ça alors ! L'œuvre coûte 12 € ; où est-elle ? « Très bien », dit-il.",
+    "de": "Grüß Gott! Die Straße ist 5 km lang – schön, oder? Fußgänger überqueren sie.",
+    "it": "Perché no? È già l'una: c'è un caffè là, più tardi andrò.",
+    "ja": "今日はいい天気ですね。カタカナも、ひらがなも、漢字も読めます！",
+    "lv": "Labdien! Ķēķis, ģimene, ļoti, ņemt, šodien, žurnāls — 12 eiro.",
+    "ru": "Здравствуйте! Съешь же ещё этих мягких французских булок, да выпей чаю.",
+    "es": "¿Qué tal? ¡Señor Núñez, el pingüino bebió agua! Año 2024.",
+    "hi": "नमस्ते दुनिया! आज मौसम बहुत अच्छा है, है ना? १२३ रुपये।",
+    "ar": "مرحبا بالعالم! كيف حالك اليوم؟ ١٢٣ درهم.",
+}
+
+
+def fine_tune_vocab(path: Path, texts: list[str], left_out: str) -> Path:
+    """A vocab.txt of the symbols of ``texts`` (one per line, f5-tts's format), ``left_out`` not
+    among them: those map as f5-tts maps a symbol outside the vocabulary."""
+    symbols = sorted({s for t in texts for s in convert_char_to_pinyin([t])[0]} - set(left_out))
+    path.write_text("".join(f"{s}\n" for s in [" ", *[s for s in symbols if s != " "]]), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("lang", FINE_TUNE_CORPUS)
+def test_each_fine_tunes_script_with_its_own_vocabulary_matches_f5_tts(lang, tmp_path):
+    text = FINE_TUNE_CORPUS[lang]
+    vocab_file = fine_tune_vocab(tmp_path / "vocab.txt", [text, "abc"], left_out=text[3] + "!")
+    reference, size = get_tokenizer(str(vocab_file), "custom")
+    ours = text_tokens.load_vocab(vocab_file)
+    assert ours == reference and len(ours) == size
+    symbols = text_tokens.text_to_symbols(text)
+    assert symbols == convert_char_to_pinyin([text])[0]
+    ids = text_tokens.symbols_to_ids([symbols], ours)
+    assert ids.tolist() == _reference_ids([text], reference).tolist()
+    assert 0 in ids.tolist()[0]  # the left-out symbols really were outside the vocabulary

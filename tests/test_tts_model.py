@@ -2,7 +2,7 @@
 
 The own model's equality with stock on the default layout is in test_engine.py (English) and here
 for Chinese and mixed text (the own tokeniser end to end); the fallback for a layout the own model
-does not cover (rotary on one head, as F5TTS_Base's pe_attn_head) is chosen, said at start, checked
+does not cover (qk-norm, which no layout f5-tts ships uses) is chosen, said at start, checked
 by the pre-deploy gate, and computes what stock computes.
 """
 from __future__ import annotations
@@ -27,13 +27,13 @@ from f5worker.settings import Settings
 from f5worker.model.loader import F5Model, check_model_checkpoint, model_unsupported_reason
 from tests.helpers import CPU_REL_L2, load_stock, rel_l2, request, stock_infer
 
-STOCK_ONLY_ARCH = {**TINY_ARCH, "pe_attn_head": 1}
+STOCK_ONLY_ARCH = {**TINY_ARCH, "qk_norm": "rms_norm"}
 
 
 @pytest.fixture(scope="module")
 def stock_only_models(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("stock-only")
-    config = write_model_config(folder / "model.yaml", STOCK_ONLY_ARCH, name="F5TTS_pe_head")
+    config = write_model_config(folder / "model.yaml", STOCK_ONLY_ARCH, name="F5TTS_qk_norm")
     ckpt = write_f5_checkpoint(folder / "model.safetensors", STOCK_ONLY_ARCH, packaged_vocab())
     vocoder = write_vocos(folder / "vocos", TINY_VOCOS)
     return {"F5_CKPT_FILE": str(ckpt), "F5_VOCAB_FILE": str(packaged_vocab()), "F5_MODEL_CONFIG": str(config),
@@ -52,12 +52,12 @@ def test_the_default_layout_runs_the_own_model(tiny_models):
 
 
 def test_another_layout_falls_back_to_stock_and_says_so(stock_only_models, stock, monkeypatch, ref_wav, caplog):
-    assert "pe_attn_head" in model_unsupported_reason({"arch": STOCK_ONLY_ARCH})
+    assert "qk_norm" in model_unsupported_reason({"arch": STOCK_ONLY_ARCH})
     with caplog.at_level(logging.WARNING, logger="f5worker.model.loader"):
         engine = TTSEngine.load(resolve_tts_files(Settings.from_env(stock_only_models)), device="cpu", fast=True)
     assert type(engine.model).__module__ == "f5_tts.model.cfm"
     assert type(engine.step_runner).__name__ == "EagerStepRunner"  # the fast path is written for the own layout
-    assert any("F5TTS_pe_head" in r.getMessage() and "pe_attn_head" in r.getMessage() for r in caplog.records)
+    assert any("F5TTS_qk_norm" in r.getMessage() and "qk_norm" in r.getMessage() for r in caplog.records)
     # the gate checks the model the worker runs
     check_model_checkpoint(Path(stock_only_models["F5_CKPT_FILE"]), Path(stock_only_models["F5_MODEL_CONFIG"]),
                            Path(stock_only_models["F5_VOCAB_FILE"]))

@@ -13,15 +13,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from f5worker.errors import InputError, NotFound
+from f5worker.errors import InputError
 from f5worker.jobs.inputs import ListVoicesInput, TTSInput, UploadInput, parse_model
 from f5worker.jobs.live_encoding import DEFAULT_LIVE_FORMAT, LIVE_FORMATS, LiveFormat
 from f5worker.jobs.encoding import one_of
 from f5worker.jobs.options import OPTION_DEFAULTS
-from f5worker.settings import F5_MODEL_NAME, Settings
+from f5worker.model.registry import OPENAI_MODEL_ALIASES, model_for_job, model_registry
+from f5worker.settings import Settings
 
-# OpenAI's own model names, which mean the default model, so a client whose model cannot be changed works.
-OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 # The job contract's F5-TTS knobs, accepted beside OpenAI's fields (the SDK's ``extra_body``).
 KNOBS = ("ref_text", "nfe_step", "seed", "cfg_strength", "sway_sampling_coef", "cross_fade_duration",
          "remove_silence", "sample_rate")
@@ -54,15 +53,9 @@ class SpeechRequest:
     sse: bool
 
 
-def served_model(settings: Settings) -> str:
-    """The name of the model this worker serves: F5TTS_v1_Base, or a fine-tune's checkpoint file name."""
-    if settings.ckpt_file:
-        return settings.ckpt_file.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    return F5_MODEL_NAME
-
-
 def model_names(settings: Settings) -> tuple[str, ...]:
-    return (served_model(settings), *OPENAI_MODELS)
+    """What ``model`` may be: the registered models (the default first), then OpenAI's names for it."""
+    return (*model_registry(settings), *OPENAI_MODEL_ALIASES)
 
 
 def stored_voice_name(name: str, aliases: dict[str, str] | None) -> str:
@@ -82,18 +75,18 @@ def json_body(data: bytes) -> dict:
 
 
 def parse_speech(raw: dict, settings: Settings) -> SpeechRequest:
-    """A speech request's body as the job it asks for, or an InputError (NotFound for a model)."""
+    """A speech request's body as the job it asks for, or an InputError (NotFound for a model that
+    is not registered: ``model`` picks one of f5worker.model.registry's, OpenAI's names the default)."""
     knobs = {name: raw[name] for name in KNOBS if name in raw}
     body = parse_model(SpeechBody, {k: v for k, v in raw.items() if k not in KNOBS})
-    if body.model is not None and body.model not in model_names(settings):
-        raise NotFound(f"Model '{body.model[:60]}' is not served here; use {one_of(model_names(settings))}.",
-                       param="model")
+    model = model_for_job(body.model, model_registry(settings), settings.default_model)  # NotFound, as queue jobs get
     if body.response_format not in LIVE_FORMATS:
         raise InputError(f"'response_format' must be {one_of(LIVE_FORMATS)}.", param="response_format")
     fmt = LIVE_FORMATS[body.response_format]
     voice = body.voice.id if isinstance(body.voice, VoiceId) else body.voice
     job = parse_model(TTSInput, {"text": body.input, "local_voice": stored_voice_name(voice, settings.voice_aliases),
-                                 "speed": body.speed, "output_format": fmt.stored_as, **knobs}, RENAMED)
+                                 "speed": body.speed, "output_format": fmt.stored_as, "model": model, **knobs},
+                    RENAMED)
     return SpeechRequest(job, fmt, sse=body.stream_format == "sse")
 
 

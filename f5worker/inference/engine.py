@@ -50,12 +50,13 @@ class TTSEngine:
 
     @classmethod
     def load(cls, files: ModelFiles, device: str | None = None, fast: bool = False, *,
-             graph_memory_bytes: int | None = None) -> "TTSEngine":
+             graph_memory_bytes: int | None = None, vocoder=None) -> "TTSEngine":
+        """The engine of ``files``; ``vocoder``: one already loaded (every model of a worker shares one)."""
         device = pick_device(device)
         dtype = pick_dtype(device)
         started = time.perf_counter()
         model = load_model(files.model_config, files.ckpt, files.vocab, device, dtype)
-        vocoder = load_vocoder(files.vocoder_dir, device)
+        vocoder = vocoder if vocoder is not None else load_vocoder(files.vocoder_dir, device)
         step_runner = None
         # The fast path is written for the own model's layout; a stock fallback runs eagerly.
         if fast and isinstance(model, F5Model):
@@ -63,8 +64,14 @@ class TTSEngine:
             # variable-length attention follow once checked on this GPU (background_tasks).
             step_runner = BucketedStepRunner(model.transformer, use_graphs=device.startswith("cuda"), varlen=False,
                                              graph_memory_bytes=graph_memory_bytes)
-        log.info("model loaded on %s (%s) in %.2f s from %s", device, dtype, time.perf_counter() - started, files.sources)
+        log.info("model %s loaded on %s (%s) in %.2f s from %s", files.model, device, dtype,
+                 time.perf_counter() - started, files.sources)
         return cls(model, vocoder, device, dtype, step_runner)
+
+    @property
+    def weight_bytes(self) -> int:
+        """The TTS model's weights on the device (the vocoder is shared, so not counted)."""
+        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
 
     # --- items -> waveforms (any jobs, one model call) ------------------------------------------
     @torch.inference_mode()

@@ -30,11 +30,12 @@ class ChunkItem:
     steps: int
     cfg_strength: float
     sway_sampling_coef: float
+    model: str = ""  # the registered model that samples it (f5worker.model.registry); "": the default
 
     @property
     def batch_key(self) -> tuple:
-        """Items may share a model call only when they integrate the same ODE grid."""
-        return (self.steps, self.cfg_strength, self.sway_sampling_coef)
+        """Items may share a model call only when one model integrates the same ODE grid for them."""
+        return (self.model, self.steps, self.cfg_strength, self.sway_sampling_coef)
 
 
 def item_frames(item: ChunkItem) -> int:

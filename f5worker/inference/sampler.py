@@ -107,7 +107,7 @@ class EagerStepRunner:
 
 def sample_mels(model, items: list[ChunkItem], runner: StepRunner, *, abandoned=None) -> list[torch.Tensor]:
     """Each item's full mel ([frames, n_mel], reference part included), in one batched integration."""
-    steps, cfg_strength, sway = items[0].batch_key
+    _, steps, cfg_strength, sway = items[0].batch_key
     if any(item.batch_key != items[0].batch_key for item in items):
         raise ValueError("items with different sampling settings cannot share a batch")
     weight = next(model.transformer.parameters())

@@ -31,6 +31,7 @@ MAX_S3_KEY_CHARS = 1100  # "s3://", a bucket name (at most 63) and a key (at mos
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
 MAX_OUTPUT_KEY_CHARS = 200
+MAX_MODEL_NAME_CHARS = 64  # as f5worker.env_values.MODEL_NAME allows; which names exist: model.registry
 # A name starts with a letter or digit and does not end in '.' (which would give "a..wav").
 OUTPUT_KEY_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_-])?")
 # A script in several voices (f5-tts's CLI syntax): ``voices`` maps aliases to stored voices, and a
@@ -102,6 +103,7 @@ class TTSInput(_Input):
     output_key: str | None = Field(default=None, min_length=1, max_length=MAX_OUTPUT_KEY_CHARS)
     stream: bool = False  # audio sent while synthesised: needs F5_STREAMING on the endpoint
     voices: dict[str, str] | None = None  # alias -> voice name; [alias] tags in the text switch voices
+    model: str | None = Field(default=None, min_length=1, max_length=MAX_MODEL_NAME_CHARS)  # registered name
 
     _voice = field_validator("local_voice")(classmethod(lambda cls, v: check_voice_name(v)))
     _output_key = field_validator("output_key")(classmethod(lambda cls, v: check_output_key(v)))
@@ -206,6 +208,10 @@ class ListVoicesInput(_Input):
     details: bool = True
 
 
+class ListModelsInput(_Input):
+    endpoint: Literal["list_models"]
+
+
 class DeleteVoiceInput(_Input):
     endpoint: Literal["delete_voice"]
     voice_name: str
@@ -220,9 +226,9 @@ class VoiceInfoInput(_Input):
     _voice = field_validator("voice_name")(classmethod(lambda cls, v: check_voice_name(v)))
 
 
-JobInput = Union[TTSInput, UploadInput, ListVoicesInput, DeleteVoiceInput, VoiceInfoInput]
+JobInput = Union[TTSInput, UploadInput, ListVoicesInput, DeleteVoiceInput, VoiceInfoInput, ListModelsInput]
 ENDPOINTS = {"tts": TTSInput, "upload": UploadInput, "list_voices": ListVoicesInput,
-             "delete_voice": DeleteVoiceInput, "voice_info": VoiceInfoInput}
+             "delete_voice": DeleteVoiceInput, "voice_info": VoiceInfoInput, "list_models": ListModelsInput}
 
 
 MAX_FIELD_NAME_SHOWN = 40

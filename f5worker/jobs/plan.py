@@ -66,6 +66,7 @@ class SynthesisRequest:
     # ref_audio as audio.prepare_reference makes it, when the caller has it already (a voice kept
     # prepared by f5worker.jobs.voices); plan() then skips that step. Not a job option.
     prepared_ref: np.ndarray | None = None
+    model: str = ""  # the registered model that speaks it (f5worker.model.registry); "": the default
     # A streamed job's: the first chunk is cut short (FIRST_CHUNK_SHARE). Not a job option.
     short_first_chunk: bool = False
 
@@ -177,7 +178,7 @@ def items_for(audio: torch.Tensor, rms: float, ref_text: str, chunks: list[str],
         item = ChunkItem(
             cond_wave=audio, text=text_to_symbols(ref_text + chunk), duration=duration,
             ref_frames=ref_frames, ref_rms=rms, seed=req.seed + index, steps=req.nfe_step,
-            cfg_strength=req.cfg_strength, sway_sampling_coef=req.sway_sampling_coef)
+            cfg_strength=req.cfg_strength, sway_sampling_coef=req.sway_sampling_coef, model=req.model)
         check_item_fits(item)
         items.append(item)
     return items

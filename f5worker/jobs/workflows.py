@@ -31,13 +31,16 @@ from f5worker.jobs import streaming
 from f5worker.inference.batcher import Batcher
 from f5worker.jobs.download import download_to_file
 from f5worker.inference.engine import TTSEngine
+from f5worker.inference.models import ModelPool
 from f5worker.errors import InputError, StorageError, WorkerError
-from f5worker.jobs.inputs import (MAX_SEED, DeleteVoiceInput, ListVoicesInput, TTSInput, UploadInput,
-                                VoiceInfoInput)
+from f5worker.jobs.inputs import (MAX_SEED, DeleteVoiceInput, ListModelsInput, ListVoicesInput, TTSInput,
+                                  UploadInput, VoiceInfoInput)
 from f5worker.jobs.plan import JobPlan, SynthesisRequest, finish, plan_segments, planned_samples
 from f5worker.model.constants import TARGET_RMS
 from f5worker.jobs.guard import COMMITTING
 from f5worker.jobs.memory import HeapTrimmer
+from f5worker.jobs.models import JobModels
+from f5worker.model.store import ModelFiles
 from f5worker.jobs.resampling import from_model_rate, least_output_length
 from f5worker.settings import ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
 from f5worker.jobs.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
@@ -134,14 +137,14 @@ class JobClock:
 
 
 def synthesis_requests(job: TTSInput, segments: list[tuple[str, str]], voices: dict[str, JobVoice], seed: int, *,
-                       streamed: bool) -> list[SynthesisRequest]:
+                       streamed: bool, model: str) -> list[SynthesisRequest]:
     """One request per segment of the job's text, each in its voice; a streamed job's first is cut short."""
     return [SynthesisRequest(
         prepared_ref=voices[name].voice.reference,  # kept prepared with the voice (jobs.voices.VoiceCache)
         ref_audio=voices[name].voice.used, ref_sr=voices[name].voice.sr, ref_text=voices[name].ref_text,
         gen_text=text, seed=seed, speed=job.speed, nfe_step=job.nfe_step, cfg_strength=job.cfg_strength,
         sway_sampling_coef=job.sway_sampling_coef, cross_fade_duration=job.cross_fade_duration,
-        remove_silence=job.remove_silence, short_first_chunk=streamed and index == 0)
+        remove_silence=job.remove_silence, short_first_chunk=streamed and index == 0, model=model)
         for index, (name, text) in enumerate(segments)]
 
 
@@ -151,7 +154,7 @@ def tts_result(job: TTSInput, voices: dict[str, JobVoice], plan: JobPlan, fmt: e
     """A TTS job's result before its timings and inline audio."""
     result = {"audio_url": url, "duration": round(duration, 3),
               "sample_rate": job.sample_rate, "output_key": output_key, "voice": job.local_voice, "seed": seed,
-              "chunks": len(plan.items),
+              "chunks": len(plan.items), "model": plan.items[0].model,
               "ref_text_source": next(iter(voices.values())).ref_text_source,  # the first voice's
               "format": fmt.name, "content_type": fmt.content_type, "bytes": len(data)}
     if job.voices is not None:
@@ -159,6 +162,13 @@ def tts_result(job: TTSInput, voices: dict[str, JobVoice], plan: JobPlan, fmt: e
     if isinstance(stream, streaming.AudioStream):
         result["stream_chunks"] = stream.pieces
     return result
+
+
+def engine_like(default: TTSEngine, settings: Settings, files: ModelFiles) -> TTSEngine:
+    """Another registered model's engine, loaded as the default's was: its device and dtype, the fast
+    path as configured, and the default's vocoder (one for every model)."""
+    return TTSEngine.load(files, device=default.device, fast=settings.fast_path,
+                          graph_memory_bytes=settings.graph_memory_mb * 2**20, vocoder=default.vocoder)
 
 
 def one_job(workflow):
@@ -179,10 +189,13 @@ class Worker:
     """Everything a job needs, created once per worker process."""
 
     def __init__(self, settings: Settings, engine: TTSEngine, storage: Storage, transcriber=None):
+        """``engine``: the default model's (f5worker.model.registry); the others load on first use."""
         self.settings = settings
-        self.engine = engine
         self.storage = storage
-        self.batcher = Batcher(engine.run_items)
+        pool = ModelPool(settings.default_model, engine, budget_bytes=settings.model_memory_mb * 2**20)
+        self.batcher = Batcher(pool.run_items)
+        self.models = JobModels(settings, pool, load_engine=functools.partial(engine_like, engine, settings),
+                                on_model_thread=self._on_gpu_thread, off_loop=self._off_loop)
         self.transcriber = transcriber
         self.voices = VoiceLibrary(storage, self._transcribe if transcriber is not None else None,
                                    cache_size=settings.voice_cache_size)
@@ -194,6 +207,11 @@ class Worker:
         self.io_threads = ThreadPoolExecutor(max_workers=max(8, 4 * settings.max_concurrency),
                                              thread_name_prefix="job-io")
         self.transcriptions = 0  # Whisper runs, for logs and tests
+
+    @property
+    def engine(self) -> TTSEngine:
+        """The default model's engine (its vocoder is every model's)."""
+        return self.models.pool.default_engine
 
     def _transcribe(self, samples, sr) -> str:
         return self.transcriber.transcribe(samples, sr)
@@ -216,13 +234,16 @@ class Worker:
         if on_audio is not None and stream is None:
             stream = streaming.AudioStream(job.sample_rate, job.cross_fade_duration)
         live = stream is not None and not job.remove_silence
-        with job_files(self.settings.tmp_dir, job_id) as paths:
+        model = self.models.name_for(job.model)
+        with job_files(self.settings.tmp_dir, job_id) as paths, self.models.pool.in_use(model):
             clock.timings.update(download_s=clock.since_start(), transcription_s=0.0)
             segments = job.segments()  # (voice name, text); one part unless the job gives `voices`
             voices = await self._job_voices(job, segments, paths["voice.wav"], clock.timings)
+            if waited := await self.models.ensure_loaded(model):
+                clock.timings["model_load_s"] = waited
             with clock.step("synthesis_s"):
                 plan = await self._off_loop(plan_segments, synthesis_requests(job, segments, voices, seed,
-                                                                              streamed=live))
+                                                                              streamed=live, model=model))
                 self._refuse_early(plan, fmt, job, stream if live else None)
                 wave = await self._synthesize(plan, job, stream, on_audio, on_progress, clock, live=live)
             delivery = Delivery(job_id, job, fmt, output_key_for(job_id, job.output_key, fmt), stream)
@@ -234,7 +255,8 @@ class Worker:
         result["timings"] = _rounded(clock.timings)
         duration = result["duration"]
         result["rtf"] = round(clock.timings["synthesis_s"] / duration, 4) if duration > 0 else None
-        await self.record(job_id, "tts", "ok", voice=job.local_voice, text_chars=len(job.text), chunks=len(plan.items),
+        await self.record(job_id, "tts", "ok", voice=job.local_voice, model=model, text_chars=len(job.text),
+                          chunks=len(plan.items),
                           audio_seconds=result["duration"], output_bytes=result["bytes"],
                           output_key=result["output_key"], format=result["format"], sample_rate=job.sample_rate,
                           inline="audio_base64" in result, ref_text_source=result["ref_text_source"],
@@ -499,6 +521,13 @@ class Worker:
         timings = {"total_s": time.perf_counter() - started}
         await self.record(job_id, "list_voices", "ok", voices=len(voices), timings=_rounded(timings))
         return {"voices": voices, "next_cursor": next_cursor}
+
+    async def list_models(self, job_id: str, job: ListModelsInput) -> dict:
+        started = time.perf_counter()
+        models = await self._off_loop(self.models.describe)
+        timings = {"total_s": time.perf_counter() - started}
+        await self.record(job_id, "list_models", "ok", models=len(models), timings=_rounded(timings))
+        return {"models": models, "default": self.models.pool.default}
 
     @one_job
     async def voice_info(self, job_id: str, job: VoiceInfoInput) -> dict:

@@ -187,6 +187,14 @@ def load_vocoder(vocoder_dir: Path, device: str):
     return model
 
 
+def weight_bytes(model_config: Path, vocab: Path, dtype: torch.dtype) -> int:
+    """What a config's model weighs on its device in ``dtype`` (built on the meta device: no memory),
+    for the model memory budget before a model is loaded."""
+    with torch.device("meta"):
+        model = build_model(read_model_config(Path(model_config)), Path(vocab))
+    return sum(t.numel() for t in model.state_dict().values()) * torch.empty((), dtype=dtype).element_size()
+
+
 # --- the pre-deploy gate's checks: the same models, shapes only ---------------------------------
 
 def check_model_checkpoint(ckpt: Path, model_config: Path, vocab: Path) -> None:

@@ -32,18 +32,17 @@ from pathlib import Path
 from typing import Callable
 
 from f5worker.errors import StorageError
+from f5worker.model.registry import ModelSpec, model_registry, split_hf
 from f5worker.settings import (
     ASR_DOWNLOAD_BYTES,
     DOWNLOAD_HEADROOM_BYTES,
-    ENV_CKPT_FILE,
-    ENV_MODEL_CONFIG,
-    ENV_VOCAB_FILE,
     ENV_VOCODER_DIR,
     F5_CKPT_IN_REPO,
     F5_DOWNLOAD_BYTES,
     F5_MODEL_NAME,
     F5_REPO,
     F5_VOCAB_IN_REPO,
+    PACKAGED_LAYOUTS,
     VOCODER_DOWNLOAD_BYTES,
     VOCODER_FILES,
     VOCODER_REPO,
@@ -63,7 +62,8 @@ class HubFile:
     size_hint: int  # bytes, for the free-space check before a download
 
 
-F5_FILES = (HubFile(F5_REPO, F5_CKPT_IN_REPO, F5_DOWNLOAD_BYTES), HubFile(F5_REPO, F5_VOCAB_IN_REPO, 20_000))
+VOCAB_DOWNLOAD_BYTES = 20_000
+F5_FILES = (HubFile(F5_REPO, F5_CKPT_IN_REPO, F5_DOWNLOAD_BYTES), HubFile(F5_REPO, F5_VOCAB_IN_REPO, VOCAB_DOWNLOAD_BYTES))
 VOCODER_HUB_FILES = tuple(HubFile(VOCODER_REPO, name, VOCODER_DOWNLOAD_BYTES // 2) for name in VOCODER_FILES)
 
 
@@ -76,10 +76,7 @@ class ModelFiles:
     model_config: Path
     vocoder_dir: Path
     sources: dict[str, str] = field(default_factory=dict)
-
-
-def default_model_config() -> Path:
-    return Path(str(package_files("f5_tts").joinpath(f"configs/{F5_MODEL_NAME}.yaml")))
+    model: str = F5_MODEL_NAME  # its name in the registry (f5worker.model.registry)
 
 
 def cache_dirs(settings: Settings) -> list[tuple[str, Path]]:
@@ -180,22 +177,53 @@ def _explicit(path: str, what: str) -> Path:
     return p
 
 
-def resolve_f5_files(settings: Settings, *, allow_download: bool = True) -> tuple[Path, Path, Path, str]:
-    """The F5-TTS checkpoint, its vocab and model config, and where they came from."""
-    if settings.ckpt_file:
-        ckpt = _explicit(settings.ckpt_file, ENV_CKPT_FILE)
-        vocab = _explicit(settings.vocab_file, ENV_VOCAB_FILE) if settings.vocab_file else None
-        source = "local files"
-    else:
-        found, source = resolve_hub_files(F5_FILES, settings, allow_download=allow_download)
-        ckpt, vocab = found[F5_FILES[0]], found[F5_FILES[1]]
-        if settings.vocab_file:
-            vocab = _explicit(settings.vocab_file, ENV_VOCAB_FILE)
-    if vocab is None:  # a local checkpoint with no vocab: f5-tts's own packaged vocab (what F5TTS does)
-        vocab = Path(str(package_files("f5_tts").joinpath("infer/examples/vocab.txt")))
-    model_config = (_explicit(settings.model_config, ENV_MODEL_CONFIG) if settings.model_config
-                    else default_model_config())
-    return ckpt, vocab, model_config, source
+def packaged_vocab() -> Path:
+    """f5-tts's own vocabulary (F5TTS_v1_Base's), used for a checkpoint given without one, as F5TTS does."""
+    return Path(str(package_files("f5_tts").joinpath("infer/examples/vocab.txt")))
+
+
+def model_config_path(spec: ModelSpec) -> Path:
+    """The config YAML of a model: f5-tts's packaged one for a layout it ships, else the given file."""
+    if spec.config in PACKAGED_LAYOUTS:
+        return Path(str(package_files("f5_tts").joinpath(f"configs/{spec.config}.yaml")))
+    return _explicit(spec.config, spec.label("config"))
+
+
+def _hub_parts(spec: ModelSpec) -> dict[str, HubFile]:
+    """The model's files addressed as hf://owner/repo/path, as the hub files to find."""
+    hints = {"ckpt": F5_DOWNLOAD_BYTES, "vocab": VOCAB_DOWNLOAD_BYTES}
+    parts = {}
+    for part, address in (("ckpt", spec.ckpt), ("vocab", spec.vocab)):
+        where = split_hf(address) if address else None
+        if where is not None:
+            parts[part] = HubFile(where[0], where[1], hints[part])
+    return parts
+
+
+def resolve_model_files(spec: ModelSpec, settings: Settings, *, allow_download: bool = True
+                        ) -> tuple[Path, Path, Path, str]:
+    """A registered model's checkpoint, vocabulary and config, and where they came from. Files of
+    one hub repo are taken from one cache together (a checkpoint never meets another copy's vocab)."""
+    hub = _hub_parts(spec)
+    paths, sources = {}, []
+    for repo in dict.fromkeys(f.repo for f in hub.values()):
+        wanted = tuple(f for f in hub.values() if f.repo == repo)
+        found, source = resolve_hub_files(wanted, settings, allow_download=allow_download)
+        paths.update({part: found[f] for part, f in hub.items() if f.repo == repo})
+        sources.append(source)
+    for part, address in (("ckpt", spec.ckpt), ("vocab", spec.vocab)):
+        if address and part not in hub:
+            paths[part] = _explicit(address, spec.label(part))
+            sources.append("local files")
+    vocab = paths.get("vocab") or packaged_vocab()
+    return paths["ckpt"], vocab, model_config_path(spec), "; ".join(dict.fromkeys(sources))
+
+
+def resolve_f5_files(settings: Settings, *, allow_download: bool = True, model: str | None = None
+                     ) -> tuple[Path, Path, Path, str]:
+    """The checkpoint, vocab and model config of a registered model (the default one unless named)."""
+    registry = model_registry(settings)
+    return resolve_model_files(registry[model or settings.default_model], settings, allow_download=allow_download)
 
 
 def resolve_vocoder_dir(settings: Settings, *, allow_download: bool = True) -> tuple[Path, str]:
@@ -210,11 +238,13 @@ def resolve_vocoder_dir(settings: Settings, *, allow_download: bool = True) -> t
     return found[VOCODER_HUB_FILES[0]].parent, source
 
 
-def resolve_tts_files(settings: Settings, *, allow_download: bool = True) -> ModelFiles:
-    ckpt, vocab, model_config, f5_source = resolve_f5_files(settings, allow_download=allow_download)
+def resolve_tts_files(settings: Settings, *, allow_download: bool = True, model: str | None = None) -> ModelFiles:
+    """Everything a TTS engine loads for a registered model (the default one unless named)."""
+    name = model or settings.default_model
+    ckpt, vocab, model_config, f5_source = resolve_f5_files(settings, allow_download=allow_download, model=name)
     vocoder_dir, vocoder_source = resolve_vocoder_dir(settings, allow_download=allow_download)
     return ModelFiles(ckpt=ckpt, vocab=vocab, model_config=model_config, vocoder_dir=vocoder_dir,
-                      sources={"f5": f5_source, "vocoder": vocoder_source})
+                      sources={"f5": f5_source, "vocoder": vocoder_source}, model=name)
 
 
 def _holds_asr_model(snapshot: Path) -> bool:

@@ -1,0 +1,100 @@
+"""The models a job may name: which registered model it means, loading it on first use, the list.
+
+Why this module exists: a job for a model that is not loaded yet must wait for it without holding up
+the jobs of loaded models more than it must. Its files are found (and downloaded, through the volume
+cache with its room check and huggingface_hub's per-file lock, so one worker downloads while others
+wait) on the I/O threads; only the load itself runs on the model thread, between model calls. Room
+is made under the memory budget first (``inference.models.ModelPool``), never by unloading a model
+that a job still has work queued for: a job holds its model (``ModelPool.in_use``) from before it
+asks for it until its last chunk is sampled.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from typing import Awaitable, Callable
+
+from f5worker.errors import StorageError
+from f5worker.inference.engine import TTSEngine
+from f5worker.inference.models import ModelPool
+from f5worker.model.checkpoint import model_name, read_model_config
+from f5worker.model.loader import weight_bytes
+from f5worker.model.registry import ModelSpec, model_for_job, model_registry
+from f5worker.model.store import ModelFiles, resolve_model_files, resolve_tts_files
+from f5worker.model.text_tokens import load_vocab
+from f5worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[..., Awaitable]  # runs fn(*args) on a thread (the model thread, or the I/O threads)
+
+
+class JobModels:
+    """The registry of one worker and its loaded models (``pool``)."""
+
+    def __init__(self, settings: Settings, pool: ModelPool, *, load_engine: Callable[[ModelFiles], TTSEngine],
+                 on_model_thread: Runner, off_loop: Runner):
+        self.settings = settings
+        self.registry: dict[str, ModelSpec] = model_registry(settings)
+        self.pool = pool
+        self._load_engine = load_engine
+        self._on_model_thread = on_model_thread
+        self._off_loop = off_loop
+        self._loading: dict[str, asyncio.Lock] = {}
+
+    def name_for(self, requested: str | None) -> str:
+        """The registered name a job's ``model`` means (NotFound, listing the names, if none)."""
+        return model_for_job(requested, self.registry, self.pool.default)
+
+    async def ensure_loaded(self, name: str) -> float:
+        """Load ``name`` unless it is loaded; the seconds this call waited for it (0.0 when loaded).
+        Jobs asking at once for a model that is loading wait for the one load."""
+        if self.pool.get(name) is not None:
+            return 0.0
+        started = time.perf_counter()
+        async with self._loading.setdefault(name, asyncio.Lock()):
+            if self.pool.get(name) is None:
+                await self._load(name)
+        return time.perf_counter() - started
+
+    async def _load(self, name: str) -> None:
+        files = await self._off_loop(functools.partial(resolve_tts_files, self.settings, model=name))
+        await self._off_loop(self._make_room, files)
+        engine = await self._on_model_thread(self._load_engine, files)
+        self._added(name, engine)
+
+    def load_now(self, name: str) -> None:
+        """Load ``name`` in this thread, before the worker serves (F5_PRELOAD_MODELS)."""
+        if self.pool.get(name) is None:
+            files = resolve_tts_files(self.settings, model=name)
+            self._make_room(files)
+            self._added(name, self._load_engine(files))
+
+    def _make_room(self, files: ModelFiles) -> None:
+        needed = weight_bytes(files.model_config, files.vocab, self.pool.default_engine.dtype)
+        self.pool.make_room(needed, keep=files.model)
+
+    def _added(self, name: str, engine: TTSEngine) -> None:
+        self.pool.add(name, engine)
+        log.info("model %s ready (%.0f MiB of weights; loaded: %s)", name, engine.weight_bytes / 2**20,
+                 ", ".join(self.pool.loaded()))
+
+    def describe(self) -> list[dict]:
+        """Each registered model as ``list_models`` answers (blocking: reads local files only)."""
+        loaded = set(self.pool.loaded())
+        return [self._description(spec, loaded) for spec in self.registry.values()]
+
+    def _description(self, spec: ModelSpec, loaded: set[str]) -> dict:
+        entry = {"name": spec.name, "default": spec.name == self.pool.default, "loaded": spec.name in loaded,
+                 "layout": spec.config, "vocab_size": None, "files": {"ckpt": spec.ckpt, "vocab": spec.vocab},
+                 "registered_by": spec.origin, "source": None}
+        try:
+            ckpt, vocab, config, source = resolve_model_files(spec, self.settings, allow_download=False)
+            entry.update(layout=model_name(read_model_config(config), config), vocab_size=len(load_vocab(vocab)),
+                         source=source)
+        except (StorageError, OSError, UnicodeDecodeError) as err:
+            entry["source"] = f"not available locally: {err}"
+        return entry
+

@@ -1,0 +1,128 @@
+"""Which models an endpoint serves, by name: the built-in two, ``F5_MODELS``, and the default.
+
+Why this module exists: most people who deploy F5-TTS outside English and Chinese run a community
+fine-tune, and a product serving several languages should not need one endpoint (its own cold
+starts, its own idle GPU) per model. The registry is the one place that says which names exist and
+where each one's files are said to be; ``model.store`` finds the files, ``inference.models`` holds
+the loaded ones. Nothing is read or loaded here.
+
+A model is three files: the checkpoint, its vocabulary, its config. Each file is a local path or an
+``hf://owner/repo/path`` address (f5-tts's CLI's spelling, found in RunPod's cached models, the volume
+cache or the image copy, else downloaded); the config may instead name a layout f5-tts ships. The
+single-model variables (``F5_CKPT_FILE``, ``F5_VOCAB_FILE``, ``F5_MODEL_CONFIG``) keep working: they
+replace the default model's files, as they replaced the one model's before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from f5worker.errors import NotFound, StorageError
+from f5worker.settings import (
+    ENV_CKPT_FILE,
+    ENV_DEFAULT_MODEL,
+    ENV_MODEL_CONFIG,
+    ENV_MODELS,
+    ENV_PRELOAD_MODELS,
+    ENV_VOCAB_FILE,
+    F5_CKPT_IN_REPO,
+    F5_MODEL_NAME,
+    F5_REPO,
+    F5_V0_CKPT_IN_REPO,
+    F5_V0_MODEL_NAME,
+    F5_V0_VOCAB_IN_REPO,
+    F5_VOCAB_IN_REPO,
+    Settings,
+)
+
+HF_SCHEME = "hf://"
+# OpenAI's model names: a client that cannot change its model name still gets the default model.
+OPENAI_MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registered model: where its files are said to be (nothing resolved yet).
+
+    ``vocab`` None means f5-tts's packaged vocabulary (what f5-tts does for a checkpoint given
+    without one); ``labels`` say, per file, what a message about it names (``F5_CKPT_FILE``, or
+    ``F5_MODELS' model 'de' ckpt``)."""
+
+    name: str
+    ckpt: str
+    vocab: str | None
+    config: str
+    origin: str  # "built-in", F5_MODELS, or the single-model variables
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def label(self, part: str) -> str:
+        return dict(self.labels).get(part, f"model {self.name!r}'s {part}")
+
+
+BUILTIN_MODELS = {
+    F5_MODEL_NAME: ModelSpec(F5_MODEL_NAME, f"{HF_SCHEME}{F5_REPO}/{F5_CKPT_IN_REPO}",
+                             f"{HF_SCHEME}{F5_REPO}/{F5_VOCAB_IN_REPO}", F5_MODEL_NAME, "built-in"),
+    F5_V0_MODEL_NAME: ModelSpec(F5_V0_MODEL_NAME, f"{HF_SCHEME}{F5_REPO}/{F5_V0_CKPT_IN_REPO}",
+                                f"{HF_SCHEME}{F5_REPO}/{F5_V0_VOCAB_IN_REPO}", F5_V0_MODEL_NAME, "built-in"),
+}
+
+
+def split_hf(address: str) -> tuple[str, str] | None:
+    """``hf://owner/repo/path/in/repo`` as (``owner/repo``, ``path/in/repo``); None for a local path."""
+    if not address.startswith(HF_SCHEME):
+        return None
+    parts = address[len(HF_SCHEME):].split("/", 2)
+    if len(parts) < 3 or not all(parts):
+        raise StorageError(f"{address} is not an hf://owner/repo/path address.")
+    return f"{parts[0]}/{parts[1]}", parts[2]
+
+
+def _from_models_variable(name: str, files: dict[str, str]) -> ModelSpec:
+    labels = tuple((part, f"{ENV_MODELS}' model {name!r} {part}") for part in ("ckpt", "vocab", "config"))
+    return ModelSpec(name, files["ckpt"], files.get("vocab"), files.get("config", F5_MODEL_NAME), ENV_MODELS, labels)
+
+
+def _with_single_model_variables(spec: ModelSpec, settings: Settings) -> ModelSpec:
+    """The default model with F5_CKPT_FILE / F5_VOCAB_FILE / F5_MODEL_CONFIG in place of its files.
+    A local checkpoint without F5_VOCAB_FILE gets f5-tts's packaged vocabulary, as before."""
+    if not (settings.ckpt_file or settings.vocab_file or settings.model_config):
+        return spec
+    ckpt = settings.ckpt_file or spec.ckpt
+    vocab = settings.vocab_file or (None if settings.ckpt_file else spec.vocab)
+    labels = dict(spec.labels)
+    for part, env, value in (("ckpt", ENV_CKPT_FILE, settings.ckpt_file), ("vocab", ENV_VOCAB_FILE, settings.vocab_file),
+                             ("config", ENV_MODEL_CONFIG, settings.model_config)):
+        if value:
+            labels[part] = env
+    used = [env for env, v in ((ENV_CKPT_FILE, settings.ckpt_file), (ENV_VOCAB_FILE, settings.vocab_file),
+                               (ENV_MODEL_CONFIG, settings.model_config)) if v]
+    return ModelSpec(spec.name, ckpt, vocab, settings.model_config or spec.config, ", ".join(used),
+                     tuple(labels.items()))
+
+
+def model_registry(settings: Settings) -> dict[str, ModelSpec]:
+    """Every model the endpoint serves, by name, the default first. StorageError when the default
+    or a preloaded name is not registered, naming the registered ones."""
+    specs = dict(BUILTIN_MODELS)
+    for name, files in (settings.models or {}).items():
+        specs[name] = _from_models_variable(name, files)  # may redefine a built-in name
+    default = settings.default_model
+    if default not in specs:
+        raise StorageError(f"{ENV_DEFAULT_MODEL} names {default!r}, which is not a registered model; the "
+                           f"registered ones are {', '.join(specs)}.")
+    for name in settings.preload_models:
+        if name not in specs:
+            raise StorageError(f"{ENV_PRELOAD_MODELS} names {name!r}, which is not a registered model; the "
+                               f"registered ones are {', '.join(specs)}.")
+    specs[default] = _with_single_model_variables(specs[default], settings)
+    return {default: specs[default], **{n: s for n, s in specs.items() if n != default}}
+
+
+def model_for_job(requested: str | None, registry: dict[str, ModelSpec], default: str) -> str:
+    """The registered name a job's (or a request's) ``model`` means: the default when it names
+    none or one of OpenAI's; a NotFound naming the registered ones otherwise."""
+    if requested is None or requested in OPENAI_MODEL_ALIASES:
+        return default
+    if requested not in registry:
+        raise NotFound(f"There is no model {requested[:64]!r} on this endpoint; it serves "
+                         f"{', '.join(registry)}.", param="model")
+    return requested
