@@ -1,4 +1,4 @@
-"""Download every model the worker uses into a cache folder, ahead of the first job.
+"""Download every model the worker uses (the registry's, f5worker.model.registry) into a cache folder, ahead of the first job.
 
 Why this module exists: the Dockerfile's optional preload step and an operator warming a fresh
 network volume need the same list of files the worker resolves (``model.store``), fetched into
@@ -18,16 +18,25 @@ import os
 import sys
 from pathlib import Path
 
-from f5worker.model.store import ASR_ALLOW_PATTERNS, F5_FILES, VOCODER_HUB_FILES, ensure_free_space
+from f5worker.model.registry import model_registry, required_models
+from f5worker.model.store import ASR_ALLOW_PATTERNS, VOCODER_HUB_FILES, HubFile, ensure_free_space, hub_parts
 from f5worker.settings import ASR_DOWNLOAD_BYTES, ENV_VOLUME_PATH, POD_VOLUME_PATH, Settings
 
 log = logging.getLogger(__name__)
 
 
+def registry_hub_files(settings: Settings) -> list[HubFile]:
+    """The hub files of every model the worker may be asked for at once: the default, the preloaded
+    and those F5_MODELS registers (f5worker.model.registry.required_models), and the vocoder."""
+    registry = model_registry(settings)
+    files = [f for name in required_models(settings, registry) for f in hub_parts(registry[name]).values()]
+    return list(dict.fromkeys([*files, *VOCODER_HUB_FILES]))
+
+
 def preload(cache_dir: Path, settings: Settings, with_asr: bool = True) -> list[Path]:
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    hub_files = list(F5_FILES + VOCODER_HUB_FILES)
+    hub_files = registry_hub_files(settings)
     ensure_free_space(cache_dir, sum(f.size_hint for f in hub_files) + (ASR_DOWNLOAD_BYTES if with_asr else 0))
     paths = [Path(hf_hub_download(f.repo, f.filename, cache_dir=str(cache_dir))) for f in hub_files]
     if with_asr:

@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Callable
 
 from f5worker.errors import StorageError, WorkerError
+from f5worker.model.registry import ModelSpec, model_registry, required_models, split_hf
 from f5worker.model.store import (
-    F5_FILES,
     VOCODER_HUB_FILES,
     HubFile,
+    hub_parts,
     resolve_asr_model,
-    resolve_f5_files,
     resolve_hub_files,
+    resolve_model_files,
     resolve_vocoder_dir,
 )
 from f5worker.settings import (
@@ -49,7 +50,6 @@ from f5worker.settings import (
     ENV_AWS_ENDPOINT_URL,
     ENV_AWS_SECRET_ACCESS_KEY,
     ENV_BUCKET_ENDPOINT_URL,
-    ENV_CKPT_FILE,
     ENV_DEVICE,
     ENV_FUSED_KERNELS,
     ENV_LOCAL_STORAGE_DIR,
@@ -57,11 +57,9 @@ from f5worker.settings import (
     ENV_MODEL_ROOT,
     ENV_S3_BUCKET,
     ENV_TMP_DIR,
-    ENV_VOCAB_FILE,
     ENV_VOCODER_DIR,
     ENV_VOLUME_PATH,
-    F5_DOWNLOAD_BYTES,
-    F5_MODEL_NAME,
+    PACKAGED_LAYOUTS,
     POD_VOLUME_PATH,
     VOCODER_DOWNLOAD_BYTES,
     VOCODER_FILES,
@@ -136,28 +134,54 @@ def _free_bytes(directory: Path) -> int:
 class ModelState:
     """Which model sets resolve locally (never downloading), and what the missing ones need."""
 
-    f5: tuple[Path, Path, Path] | None  # checkpoint, vocab, model config, when all resolved
+    f5: dict[str, tuple[Path, Path, Path]]  # model name -> checkpoint, vocab, config, when all resolved
     vocoder_dir: Path | None  # when its files resolved
-    found: dict[str, list[Path]]  # label -> files found (checked for integrity)
-    sources: dict[str, str]  # label -> where it came from
-    missing: dict[str, int]  # label -> approximate download bytes
+    found: dict[str, list[Path]]  # model name or "vocoder" -> files found (checked for integrity)
+    sources: dict[str, str]  # model name or "vocoder" -> where it came from
+    missing: dict[str, int]  # model name or "vocoder" -> approximate download bytes
     errors: list[str]  # explicit settings that point at nothing: a download cannot fix these
     asr_path: Path | None
     asr_error: str | None
 
 
 def _explicit_errors(settings: Settings) -> list[str]:
-    """The same explicit-file rules as ``model.store``'s resolvers, checked all at once."""
+    """The same explicit-folder rules as ``model.store``'s resolvers (a model's own files: below)."""
     errors = []
-    for env_name, value in ((ENV_CKPT_FILE, settings.ckpt_file), (ENV_VOCAB_FILE, settings.vocab_file),
-                            (ENV_MODEL_CONFIG, settings.model_config), (ENV_VOCODER_DIR, settings.vocoder_dir)):
-        if value and not Path(value).exists():
-            errors.append(f"{env_name} is set to {value}, which does not exist.")
+    if settings.vocoder_dir and not Path(settings.vocoder_dir).exists():
+        errors.append(f"{ENV_VOCODER_DIR} is set to {settings.vocoder_dir}, which does not exist.")
     if settings.vocoder_dir and Path(settings.vocoder_dir).is_dir():
         lacking = [n for n in VOCODER_FILES if not (Path(settings.vocoder_dir) / n).is_file()]
         if lacking:
             errors.append(f"{ENV_VOCODER_DIR} ({settings.vocoder_dir}) lacks {', '.join(lacking)}.")
     return errors
+
+
+def _local_part_errors(spec: ModelSpec) -> list[str]:
+    """A model's local files (not hf://) that do not exist: a download cannot fix these."""
+    parts = [("ckpt", spec.ckpt), ("vocab", spec.vocab)]
+    if spec.config not in PACKAGED_LAYOUTS:
+        parts.append(("config", spec.config))
+    return [f"{spec.label(part)} is set to {value}, which does not exist." for part, value in parts
+            if value and split_hf(value) is None and not Path(value).exists()]
+
+
+def _inspect_tts_model(state: "ModelState", spec: ModelSpec, settings: Settings, *, required: bool) -> None:
+    try:
+        ckpt, vocab, config, state.sources[spec.name] = resolve_model_files(spec, settings, allow_download=False)
+    except StorageError as err:
+        if not required:
+            return
+        local = _local_part_errors(spec)
+        hub = [f for f in hub_parts(spec).values() if not _cached((f,), settings)]
+        if local:
+            state.errors.extend(local)
+        elif hub:
+            state.missing[spec.name] = sum(f.size_hint for f in hub)
+        else:
+            state.errors.append(str(err))
+        return
+    state.f5[spec.name] = (ckpt, vocab, config)
+    state.found[spec.name] = [ckpt, vocab, config]
 
 
 def _cached(hub_files: tuple[HubFile, ...], settings: Settings) -> bool:
@@ -170,17 +194,16 @@ def _cached(hub_files: tuple[HubFile, ...], settings: Settings) -> bool:
 
 def inspect_models(settings: Settings) -> ModelState:
     """Each set (F5-TTS files, vocoder) on its own: one missing set must not hide the other's faults."""
-    state = ModelState(f5=None, vocoder_dir=None, found={}, sources={}, missing={},
+    state = ModelState(f5={}, vocoder_dir=None, found={}, sources={}, missing={},
                        errors=_explicit_errors(settings), asr_path=None, asr_error=None)
     try:
-        ckpt, vocab, config, state.sources["f5"] = resolve_f5_files(settings, allow_download=False)
-        state.f5 = (ckpt, vocab, config)
-        state.found["f5"] = [ckpt, vocab, config]
-    except StorageError as err:  # an explicit file that is not there is in state.errors already
-        if not settings.ckpt_file and not _cached(F5_FILES, settings):
-            state.missing["f5"] = F5_DOWNLOAD_BYTES
-        elif not state.errors:
-            state.errors.append(str(err))
+        registry = model_registry(settings)
+    except StorageError as err:  # F5_DEFAULT_MODEL or F5_PRELOAD_MODELS names no model
+        state.errors.append(str(err))
+        registry = {}
+    required = required_models(settings, registry)
+    for name, spec in registry.items():
+        _inspect_tts_model(state, spec, settings, required=name in required)
     try:
         state.vocoder_dir, state.sources["vocoder"] = resolve_vocoder_dir(settings, allow_download=False)
         state.found["vocoder"] = [state.vocoder_dir / n for n in VOCODER_FILES]
@@ -200,8 +223,7 @@ def fit_problems(m: ModelState) -> list[str]:
     """The sentences the worker's loader would refuse the weights with: names and shapes against the
     architecture (built on the meta device, so no second copy of the model anywhere), finite values."""
     problems = []
-    if m.f5 is not None:
-        ckpt, vocab, config = m.f5
+    for ckpt, vocab, config in m.f5.values():
         try:
             check_model_checkpoint(ckpt, config, vocab)
         except StorageError as err:
@@ -379,10 +401,9 @@ def check_tts_models(ctx: Context) -> CheckResult:
             " ".join(misfits),
             "replace the file (a cached copy: delete its snapshot link and blob so the worker downloads "
             f"it again), or set {ENV_MODEL_CONFIG} to the config the weights were trained with."))
-    labels = {"f5": F5_MODEL_NAME, "vocoder": "vocoder"}
-    where = "; ".join(f"{labels[k]} from {v}" for k, v in ctx.models.sources.items())
+    where = "; ".join(f"{k} from {v}" for k, v in ctx.models.sources.items())
     if m.missing:
-        what = " and ".join(labels[k] for k in m.missing)
+        what = " and ".join(m.missing)
         message = (f"{what} not in any local cache; the first job will download about "
                    f"{_gb(sum(m.missing.values()))} into {ctx.settings.hub_cache}"
                    + (f" ({where})" if where else "") + ".")

@@ -58,15 +58,16 @@ def rel_l2(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-def load_stock(tiny_models: dict[str, str]):
-    """Stock f5-tts loading: utils_infer.load_model + load_vocoder, on the same files."""
+def load_stock(tiny_models: dict[str, str], use_ema: bool = True):
+    """Stock f5-tts loading: utils_infer.load_model + load_vocoder, on the same files (``use_ema``
+    False for a training checkpoint saved without EMA, as f5-tts's CLI's --no_ema loads it)."""
     import yaml
     from f5_tts.infer import utils_infer
     from f5_tts.model import DiT
 
     arch = yaml.safe_load(Path(tiny_models["F5_MODEL_CONFIG"]).read_text())["model"]["arch"]
     model = utils_infer.load_model(DiT, arch, tiny_models["F5_CKPT_FILE"], vocab_file=tiny_models["F5_VOCAB_FILE"],
-                                   device="cpu")
+                                   device="cpu", use_ema=use_ema)
     vocoder = utils_infer.load_vocoder("vocos", is_local=True, local_path=tiny_models["F5_VOCODER_DIR"], device="cpu")
     return utils_infer, model, vocoder
 
@@ -301,3 +302,12 @@ def pcm_of(pieces: list[dict]) -> np.ndarray:
 
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+def hub_snapshot(cache_dir: Path, repo: str) -> Path:
+    """The snapshot folder of ``repo`` in a huggingface_hub cache layout (refs/main -> commit)."""
+    commit = uuid.uuid4().hex + "abcdefgh"
+    repo_dir = cache_dir / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return repo_dir / "snapshots" / commit

@@ -28,7 +28,10 @@ def write_model_config(path: Path, arch: dict, name: str = "F5TTS_tiny") -> Path
     return path
 
 
-def write_f5_checkpoint(path: Path, arch: dict, vocab: Path, seed: int = 0) -> Path:
+def write_f5_checkpoint(path: Path, arch: dict, vocab: Path, seed: int = 0, ema: bool = True) -> Path:
+    """An f5-tts checkpoint of random weights: EMA safetensors (as the hub ships them) or, for a
+    ``.pt`` path, a training checkpoint (its EMA state, or with ``ema=False`` only the trained weights,
+    ``model_state_dict``, as a training run saved without EMA)."""
     from safetensors.torch import save_file
 
     from f5worker.model import stock as f5_imports
@@ -48,7 +51,22 @@ def write_f5_checkpoint(path: Path, arch: dict, vocab: Path, seed: int = 0) -> P
                 p.normal_(0, 0.02)
     state = {f"ema_model.{k}": v.contiguous() for k, v in model.state_dict().items()
              if not k.startswith("mel_spec.")}
-    save_file(state, str(path))
+    if path.suffix != ".pt":
+        save_file(state, str(path))
+    elif ema:
+        torch.save({"ema_model_state_dict": {**state, "initted": torch.tensor(True), "step": torch.tensor(9)}},
+                   str(path))
+    else:
+        torch.save({"model_state_dict": {k.removeprefix("ema_model."): v for k, v in state.items()},
+                    "optimizer_state_dict": {}, "update": 9}, str(path))
+    return path
+
+
+def write_vocab(path: Path, extra: str) -> Path:
+    """A fine-tune's own vocabulary: f5-tts's packaged one with ``extra``'s characters added (so
+    its size, and every id past the packaged ones, are its own)."""
+    lines = packaged_vocab().read_text(encoding="utf-8").splitlines()
+    path.write_text("".join(f"{line}\n" for line in [*lines, *(c for c in extra if c not in lines)]), encoding="utf-8")
     return path
 
 

@@ -37,7 +37,8 @@ from f5worker.settings import (
     Settings,
 )
 from f5worker.validation import main
-from tests.helpers import DAMAGES, VOCOS_TARGET, damaged_copy, nan_vocoder, nan_weight
+from tests.random_models import TINY_SMALL_ARCH, TINY_V0_ARCH, write_f5_checkpoint, write_model_config, write_vocab
+from tests.helpers import DAMAGES, VOCOS_TARGET, damaged_copy, hub_snapshot, nan_vocoder, nan_weight
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "validate-storage-config.py"
@@ -86,15 +87,6 @@ def run_json(capsys, *args: str) -> tuple[int, dict, dict[str, dict]]:
     doc = json.loads(out)
     assert doc["ok"] is (code == 0)
     return code, doc, {c["name"]: c for c in doc["checks"]}
-
-
-def hub_snapshot(cache_dir: Path, repo: str) -> Path:
-    """The snapshot folder of ``repo`` in a huggingface_hub cache layout (refs/main -> commit)."""
-    commit = uuid.uuid4().hex + "abcdefgh"
-    repo_dir = cache_dir / ("models--" + repo.replace("/", "--"))
-    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-    (repo_dir / "refs" / "main").write_text(commit)
-    return repo_dir / "snapshots" / commit
 
 
 def populate_cache(cache_dir: Path, tiny_models: dict[str, str], *, f5: bool = True, vocoder: bool = True) -> None:
@@ -609,3 +601,46 @@ def test_a_presign_expiry_over_a_week_fails_the_gate(capsys, monkeypatch, models
     code, _, checks = run_json(capsys, "--skip-s3", "--skip-gpu")
     assert code == 1 and checks["settings"]["status"] == "fail"
     assert "S3_PRESIGN_EXPIRY_SECONDS must be at most 604800" in checks["settings"]["message"]
+
+
+# --- several models (F5_MODELS) ---------------------------------------------------------------------
+
+def registered_model(folder: Path, arch: dict, extra: str, **kw) -> dict[str, str]:
+    folder.mkdir(parents=True)
+    vocab = write_vocab(folder / "vocab.txt", extra)
+    return {"ckpt": str(write_f5_checkpoint(folder / "model.pt", arch, vocab, **kw)), "vocab": str(vocab),
+            "config": str(write_model_config(folder / "model.yaml", arch))}
+
+
+def test_every_registered_model_is_checked(capsys, monkeypatch, models_env, tmp_path):
+    de = registered_model(tmp_path / "de", TINY_V0_ARCH, "ẞĳ")
+    hi = registered_model(tmp_path / "hi", TINY_SMALL_ARCH, "नमस्ते", ema=False)
+    monkeypatch.setenv("F5_MODELS", json.dumps({"de": de, "hi": hi}))
+    code, doc, checks = run_json(capsys, *OFFLINE, "--require-models")
+    assert code == 0, doc
+    message = checks["TTS models"]["message"]
+    assert "de from local files" in message and "hi from local files" in message
+    assert "F5TTS_Base" not in message  # a built-in nobody asked for is not required
+    # a registered model given the other's vocabulary: the worker's sentence, naming both
+    monkeypatch.setenv("F5_MODELS", json.dumps({"de": {**de, "vocab": hi["vocab"]}}))
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 1 and checks["TTS models"]["status"] == "fail"
+    assert f"The vocabulary {hi['vocab']} has" in checks["TTS models"]["message"]
+    assert f"the checkpoint {de['ckpt']} was trained with" in checks["TTS models"]["message"]
+
+
+def test_a_registered_model_not_cached_needs_room_and_a_missing_local_file_fails(capsys, monkeypatch, models_env,
+                                                                              tmp_path):
+    monkeypatch.setenv("F5_MODELS", json.dumps({"fr": {"ckpt": "hf://someone/fr-tiny/model.pt",
+                                                       "vocab": "hf://someone/fr-tiny/vocab.txt"}}))
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 0 and checks["TTS models"]["status"] == "warn"
+    assert "fr not in any local cache" in checks["TTS models"]["message"]
+    monkeypatch.setattr(validation, "_free_bytes", lambda directory: 300_000_000)
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert checks["free space for models"]["status"] == "fail"
+    monkeypatch.setenv("F5_MODELS", json.dumps({"fr": {"ckpt": str(tmp_path / "gone.pt")}}))
+    code, _, checks = run_json(capsys, *OFFLINE)
+    assert code == 1 and checks["TTS models"]["status"] == "fail"
+    assert f"F5_MODELS' model 'fr' ckpt is set to {tmp_path / 'gone.pt'}, which does not exist." \
+        in checks["TTS models"]["message"]

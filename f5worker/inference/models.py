@@ -32,18 +32,18 @@ class ModelPool:
     def __init__(self, default: str, engine: TTSEngine, *, budget_bytes: int):
         self.default = default
         self.budget_bytes = budget_bytes
+        # What every engine shares, kept apart from the engines so that none is held for it
+        self.vocoder, self.device, self.dtype = engine.vocoder, engine.device, engine.dtype
         self._engines: OrderedDict[str, TTSEngine] = OrderedDict({default: engine})
         self._in_use: dict[str, int] = {}
         self._lock = threading.Lock()  # the model thread reads, the event loop adds and unloads
         self.unloaded: list[str] = []  # names unloaded to make room, in order, for logs and tests
 
     @property
-    def default_engine(self) -> TTSEngine:
-        return self._engines.get(self.default) or next(iter(self._engines.values()))
-
-    @property
-    def vocoder(self):
-        return self.default_engine.vocoder
+    def default_engine(self) -> TTSEngine | None:
+        """The default model's engine; None while it is unloaded (to make room for others)."""
+        with self._lock:
+            return self._engines.get(self.default)
 
     def loaded(self) -> list[str]:
         with self._lock:

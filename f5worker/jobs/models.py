@@ -73,7 +73,7 @@ class JobModels:
             self._added(name, self._load_engine(files))
 
     def _make_room(self, files: ModelFiles) -> None:
-        needed = weight_bytes(files.model_config, files.vocab, self.pool.default_engine.dtype)
+        needed = weight_bytes(files.model_config, files.vocab, self.pool.dtype)
         self.pool.make_room(needed, keep=files.model)
 
     def _added(self, name: str, engine: TTSEngine) -> None:

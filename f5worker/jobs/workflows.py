@@ -164,11 +164,11 @@ def tts_result(job: TTSInput, voices: dict[str, JobVoice], plan: JobPlan, fmt: e
     return result
 
 
-def engine_like(default: TTSEngine, settings: Settings, files: ModelFiles) -> TTSEngine:
-    """Another registered model's engine, loaded as the default's was: its device and dtype, the fast
-    path as configured, and the default's vocoder (one for every model)."""
-    return TTSEngine.load(files, device=default.device, fast=settings.fast_path,
-                          graph_memory_bytes=settings.graph_memory_mb * 2**20, vocoder=default.vocoder)
+def engine_like(pool: ModelPool, settings: Settings, files: ModelFiles) -> TTSEngine:
+    """Another registered model's engine, loaded as the default's was: the pool's device, the fast
+    path as configured, and the one vocoder every model shares."""
+    return TTSEngine.load(files, device=pool.device, fast=settings.fast_path,
+                          graph_memory_bytes=settings.graph_memory_mb * 2**20, vocoder=pool.vocoder)
 
 
 def one_job(workflow):
@@ -194,7 +194,7 @@ class Worker:
         self.storage = storage
         pool = ModelPool(settings.default_model, engine, budget_bytes=settings.model_memory_mb * 2**20)
         self.batcher = Batcher(pool.run_items)
-        self.models = JobModels(settings, pool, load_engine=functools.partial(engine_like, engine, settings),
+        self.models = JobModels(settings, pool, load_engine=functools.partial(engine_like, pool, settings),
                                 on_model_thread=self._on_gpu_thread, off_loop=self._off_loop)
         self.transcriber = transcriber
         self.voices = VoiceLibrary(storage, self._transcribe if transcriber is not None else None,
@@ -209,8 +209,8 @@ class Worker:
         self.transcriptions = 0  # Whisper runs, for logs and tests
 
     @property
-    def engine(self) -> TTSEngine:
-        """The default model's engine (its vocoder is every model's)."""
+    def engine(self) -> TTSEngine | None:
+        """The default model's engine (its vocoder is every model's); None while it is unloaded."""
         return self.models.pool.default_engine
 
     def _transcribe(self, samples, sr) -> str:

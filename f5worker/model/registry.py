@@ -126,3 +126,11 @@ def model_for_job(requested: str | None, registry: dict[str, ModelSpec], default
         raise NotFound(f"There is no model {requested[:64]!r} on this endpoint; it serves "
                          f"{', '.join(registry)}.", param="model")
     return requested
+
+
+def required_models(settings: Settings, registry: dict[str, ModelSpec]) -> list[str]:
+    """The models an endpoint must have at hand: the default, the preloaded, and every one
+    F5_MODELS registers (a built-in that is not the default is fetched only when a job names it).
+    What the pre-deploy gate checks and ``python -m f5worker.preload`` fetches."""
+    return [name for name, spec in registry.items()
+            if name == settings.default_model or name in settings.preload_models or spec.origin != "built-in"]

@@ -189,7 +189,7 @@ def model_config_path(spec: ModelSpec) -> Path:
     return _explicit(spec.config, spec.label("config"))
 
 
-def _hub_parts(spec: ModelSpec) -> dict[str, HubFile]:
+def hub_parts(spec: ModelSpec) -> dict[str, HubFile]:
     """The model's files addressed as hf://owner/repo/path, as the hub files to find."""
     hints = {"ckpt": F5_DOWNLOAD_BYTES, "vocab": VOCAB_DOWNLOAD_BYTES}
     parts = {}
@@ -204,7 +204,7 @@ def resolve_model_files(spec: ModelSpec, settings: Settings, *, allow_download: 
                         ) -> tuple[Path, Path, Path, str]:
     """A registered model's checkpoint, vocabulary and config, and where they came from. Files of
     one hub repo are taken from one cache together (a checkpoint never meets another copy's vocab)."""
-    hub = _hub_parts(spec)
+    hub = hub_parts(spec)
     paths, sources = {}, []
     for repo in dict.fromkeys(f.repo for f in hub.values()):
         wanted = tuple(f for f in hub.values() if f.repo == repo)
