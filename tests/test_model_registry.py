@@ -255,3 +255,16 @@ def test_preload_fetches_the_required_models_hub_files_only():
     with_base = Settings.from_env({"F5_PRELOAD_MODELS": "F5TTS_Base"})
     assert ("SWivid/F5-TTS", "F5TTS_Base/model_1200000.safetensors") in {
         (f.repo, f.filename) for f in registry_hub_files(with_base)}
+
+
+def test_preloaded_models_load_at_start_and_the_default_may_be_a_registered_one(tiny_models, tiny_whisper,
+                                                                                 registered, tmp_path):
+    models = json.dumps({"de": registered["de"], "hi": registered["hi"]})
+    unset_single_model = {ENV_CKPT_FILE: "", ENV_VOCAB_FILE: "", ENV_MODEL_CONFIG: ""}  # else they are de's files
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path, extra={"F5_MODELS": models, "F5_PRELOAD_MODELS": "hi",
+                                                                "F5_DEFAULT_MODEL": "de", **unset_single_model}) as ctx:
+        assert ctx.worker.models.pool.loaded() == ["de", "hi"]
+        de_vocab = Path(registered["de"]["vocab"]).read_text(encoding="utf-8").splitlines()
+        assert len(ctx.worker.engine.model.vocab_char_map) == len(de_vocab)  # de's own files
+        _, result = ctx.run({"text": "Hallo.", "local_voice": "basic_ref_en.wav", "nfe_step": 2})
+        assert result["model"] == "de" and "model_load_s" not in result["timings"]

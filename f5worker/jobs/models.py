@@ -35,8 +35,12 @@ class JobModels:
     """The registry of one worker and its loaded models (``pool``)."""
 
     def __init__(self, settings: Settings, pool: ModelPool, *, load_engine: Callable[[ModelFiles], TTSEngine],
-                 on_model_thread: Runner, off_loop: Runner):
+                 on_model_thread: Runner, off_loop: Runner,
+                 on_loaded: Callable[[TTSEngine], object] = lambda engine: None):
+        """``on_loaded``: what follows a model's load (the worker queues its graph captures and
+        kernel switch, as for the default model at start)."""
         self.settings = settings
+        self._on_loaded = on_loaded
         self.registry: dict[str, ModelSpec] = model_registry(settings)
         self.pool = pool
         self._load_engine = load_engine
@@ -78,6 +82,7 @@ class JobModels:
 
     def _added(self, name: str, engine: TTSEngine) -> None:
         self.pool.add(name, engine)
+        self._on_loaded(engine)
         log.info("model %s ready (%.0f MiB of weights; loaded: %s)", name, engine.weight_bytes / 2**20,
                  ", ".join(self.pool.loaded()))
 

@@ -195,7 +195,8 @@ class Worker:
         pool = ModelPool(settings.default_model, engine, budget_bytes=settings.model_memory_mb * 2**20)
         self.batcher = Batcher(pool.run_items)
         self.models = JobModels(settings, pool, load_engine=functools.partial(engine_like, pool, settings),
-                                on_model_thread=self._on_gpu_thread, off_loop=self._off_loop)
+                                on_model_thread=self._on_gpu_thread, off_loop=self._off_loop,
+                                on_loaded=self._prepare_in_background)
         self.transcriber = transcriber
         self.voices = VoiceLibrary(storage, self._transcribe if transcriber is not None else None,
                                    cache_size=settings.voice_cache_size)
@@ -207,6 +208,12 @@ class Worker:
         self.io_threads = ThreadPoolExecutor(max_workers=max(8, 4 * settings.max_concurrency),
                                              thread_name_prefix="job-io")
         self.transcriptions = 0  # Whisper runs, for logs and tests
+
+    def _prepare_in_background(self, engine: TTSEngine) -> None:
+        """A model loaded after start gets what the default got at start (f5worker.service): its
+        single-job graphs captured while idle, then the fast path's switches checked on it."""
+        self.batcher.prepare_in_background(engine.background_tasks(self.settings.kernel_cache,
+                                                                   self.settings.fused_kernels))
 
     @property
     def engine(self) -> TTSEngine | None:
