@@ -21,6 +21,7 @@ import pytest
 from f5worker.errors import StorageError
 from f5worker.inference.engine import TTSEngine
 from f5worker.jobs.plan import finish, plan
+from f5worker.model.loader import weight_bytes
 from f5worker.model.registry import model_registry
 from f5worker.model.store import resolve_tts_files
 from f5worker.preload import registry_hub_files
@@ -268,3 +269,25 @@ def test_preloaded_models_load_at_start_and_the_default_may_be_a_registered_one(
         assert len(ctx.worker.engine.model.vocab_char_map) == len(de_vocab)  # de's own files
         _, result = ctx.run({"text": "Hallo.", "local_voice": "basic_ref_en.wav", "nfe_step": 2})
         assert result["model"] == "de" and "model_load_s" not in result["timings"]
+
+
+def test_a_job_for_a_model_past_the_budget_unloads_the_least_recently_used(ctx):
+    pool, models = ctx.worker.models.pool, ctx.worker.models
+    for name in ("de", "fr"):
+        asyncio.run(models.ensure_loaded(name))
+    pool.make_room(10**15, keep="fr")  # only fr left
+    asyncio.run(models.ensure_loaded("de"))  # fr, then de: fr is the least recently used
+    budget = pool.budget_bytes
+    try:
+        hi = resolve_tts_files(ctx.settings, model="hi")
+        hi_bytes = weight_bytes(hi.model_config, hi.vocab, pool.dtype)
+        # full: hi fits once fr, and only fr, is unloaded
+        pool.budget_bytes = pool.held_bytes() - pool.get("fr").weight_bytes + hi_bytes
+        pool.get("de")
+        pool.unloaded.clear()
+        _, result = ctx.run({"text": "Namaste.", "local_voice": "basic_ref_en.wav", "nfe_step": 2, "model": "hi"})
+        assert "error" not in result, result
+        assert result["timings"]["model_load_s"] > 0
+        assert pool.unloaded == ["fr"] and pool.loaded() == ["de", "hi"]
+    finally:
+        pool.budget_bytes = budget

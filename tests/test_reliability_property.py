@@ -47,7 +47,7 @@ pytestmark = pytest.mark.usefixtures("loopback_only")
 
 EXAMPLES = 1000
 COMMAND = "pytest tests/test_reliability_property.py"
-TTS_OUTPUT = {"audio_url", "duration", "sample_rate", "output_key", "voice", "seed", "chunks", "ref_text_source",
+TTS_OUTPUT = {"audio_url", "duration", "sample_rate", "output_key", "voice", "seed", "chunks", "model", "ref_text_source",
               "format", "content_type", "bytes", "timings", "rtf"}
 # Local storage returns the audio inline by default, or says why it could not.
 TTS_INLINE = ("audio_base64", "audio_base64_omitted")

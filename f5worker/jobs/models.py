@@ -14,6 +14,7 @@ import asyncio
 import functools
 import logging
 import time
+import weakref
 from typing import Awaitable, Callable
 
 from f5worker.errors import StorageError
@@ -46,7 +47,9 @@ class JobModels:
         self._load_engine = load_engine
         self._on_model_thread = on_model_thread
         self._off_loop = off_loop
-        self._loading: dict[str, asyncio.Lock] = {}
+        # per event loop: a lock belongs to the loop it first waited on (tests run one loop per job)
+        self._loading: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = \
+            weakref.WeakKeyDictionary()
 
     def name_for(self, requested: str | None) -> str:
         """The registered name a job's ``model`` means (NotFound, listing the names, if none)."""
@@ -58,7 +61,8 @@ class JobModels:
         if self.pool.get(name) is not None:
             return 0.0
         started = time.perf_counter()
-        async with self._loading.setdefault(name, asyncio.Lock()):
+        locks = self._loading.setdefault(asyncio.get_running_loop(), {})
+        async with locks.setdefault(name, asyncio.Lock()):
             if self.pool.get(name) is None:
                 await self._load(name)
         return time.perf_counter() - started
