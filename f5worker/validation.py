@@ -172,7 +172,9 @@ def _inspect_tts_model(state: "ModelState", spec: ModelSpec, settings: Settings,
         if not required:
             return
         local = _local_part_errors(spec)
-        hub = [f for f in hub_parts(spec).values() if not _cached((f,), settings)]
+        parts = list(hub_parts(spec).values())
+        repos = {f.repo: tuple(g for g in parts if g.repo == f.repo) for f in parts}  # a repo's files: one set
+        hub = [f for files in repos.values() if not _cached(files, settings) for f in files]
         if local:
             state.errors.extend(local)
         elif hub:

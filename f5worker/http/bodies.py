@@ -18,7 +18,7 @@ from f5worker.jobs.inputs import ListVoicesInput, TTSInput, UploadInput, parse_m
 from f5worker.jobs.live_encoding import DEFAULT_LIVE_FORMAT, LIVE_FORMATS, LiveFormat
 from f5worker.jobs.encoding import one_of
 from f5worker.jobs.options import OPTION_DEFAULTS
-from f5worker.model.registry import OPENAI_MODEL_ALIASES, model_for_job, model_registry
+from f5worker.model.registry import default_aliases, model_for_job, model_registry
 from f5worker.settings import Settings
 
 # The job contract's F5-TTS knobs, accepted beside OpenAI's fields (the SDK's ``extra_body``).
@@ -54,8 +54,9 @@ class SpeechRequest:
 
 
 def model_names(settings: Settings) -> tuple[str, ...]:
-    """What ``model`` may be: the registered models (the default first), then OpenAI's names for it."""
-    return (*model_registry(settings), *OPENAI_MODEL_ALIASES)
+    """What ``model`` may be: the registered models (the default first), then the default's other
+    names (a fine-tune's checkpoint stem, OpenAI's)."""
+    return (*model_registry(settings), *default_aliases(settings))
 
 
 def stored_voice_name(name: str, aliases: dict[str, str] | None) -> str:
@@ -79,7 +80,7 @@ def parse_speech(raw: dict, settings: Settings) -> SpeechRequest:
     is not registered: ``model`` picks one of f5worker.model.registry's, OpenAI's names the default)."""
     knobs = {name: raw[name] for name in KNOBS if name in raw}
     body = parse_model(SpeechBody, {k: v for k, v in raw.items() if k not in KNOBS})
-    model = model_for_job(body.model, model_registry(settings), settings.default_model)  # NotFound, as queue jobs get
+    model = model_for_job(body.model, model_registry(settings), settings.default_model, default_aliases(settings))  # NotFound, as queue jobs get
     if body.response_format not in LIVE_FORMATS:
         raise InputError(f"'response_format' must be {one_of(LIVE_FORMATS)}.", param="response_format")
     fmt = LIVE_FORMATS[body.response_format]

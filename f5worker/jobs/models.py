@@ -22,7 +22,7 @@ from f5worker.inference.engine import TTSEngine
 from f5worker.inference.models import ModelPool
 from f5worker.model.checkpoint import model_name, read_model_config
 from f5worker.model.loader import weight_bytes
-from f5worker.model.registry import ModelSpec, model_for_job, model_registry
+from f5worker.model.registry import ModelSpec, default_aliases, model_for_job, model_registry
 from f5worker.model.store import ModelFiles, resolve_model_files, resolve_tts_files
 from f5worker.model.text_tokens import load_vocab
 from f5worker.settings import Settings
@@ -47,13 +47,14 @@ class JobModels:
         self._load_engine = load_engine
         self._on_model_thread = on_model_thread
         self._off_loop = off_loop
-        # per event loop: a lock belongs to the loop it first waited on (tests run one loop per job)
-        self._loading: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = \
+        # One load at a time (so two loads never both fit the budget before either is added), per
+        # event loop: a lock belongs to the loop it first waited on (tests run one loop per job)
+        self._loading: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = \
             weakref.WeakKeyDictionary()
 
     def name_for(self, requested: str | None) -> str:
         """The registered name a job's ``model`` means (NotFound, listing the names, if none)."""
-        return model_for_job(requested, self.registry, self.pool.default)
+        return model_for_job(requested, self.registry, self.pool.default, default_aliases(self.settings))
 
     async def ensure_loaded(self, name: str) -> float:
         """Load ``name`` unless it is loaded; the seconds this call waited for it (0.0 when loaded).
@@ -61,8 +62,7 @@ class JobModels:
         if self.pool.get(name) is not None:
             return 0.0
         started = time.perf_counter()
-        locks = self._loading.setdefault(asyncio.get_running_loop(), {})
-        async with locks.setdefault(name, asyncio.Lock()):
+        async with self._loading.setdefault(asyncio.get_running_loop(), asyncio.Lock()):
             if self.pool.get(name) is None:
                 await self._load(name)
         return time.perf_counter() - started
@@ -70,8 +70,9 @@ class JobModels:
     async def _load(self, name: str) -> None:
         files = await self._off_loop(functools.partial(resolve_tts_files, self.settings, model=name))
         await self._off_loop(self._make_room, files)
-        engine = await self._on_model_thread(self._load_engine, files)
-        self._added(name, engine)
+        # loaded and added on the model thread: a job cancelled meanwhile (its deadline) does not
+        # throw away a load that goes on there anyway
+        await self._on_model_thread(lambda: self._added(name, self._load_engine(files)))
 
     def load_now(self, name: str) -> None:
         """Load ``name`` in this thread, before the worker serves (F5_PRELOAD_MODELS)."""

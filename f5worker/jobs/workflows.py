@@ -529,6 +529,7 @@ class Worker:
         await self.record(job_id, "list_voices", "ok", voices=len(voices), timings=_rounded(timings))
         return {"voices": voices, "next_cursor": next_cursor}
 
+    @one_job
     async def list_models(self, job_id: str, job: ListModelsInput) -> dict:
         started = time.perf_counter()
         models = await self._off_loop(self.models.describe)

@@ -15,6 +15,7 @@ replace the default model's files, as they replaced the one model's before.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from f5worker.errors import NotFound, StorageError
 from f5worker.settings import (
@@ -117,10 +118,18 @@ def model_registry(settings: Settings) -> dict[str, ModelSpec]:
     return {default: specs[default], **{n: s for n, s in specs.items() if n != default}}
 
 
-def model_for_job(requested: str | None, registry: dict[str, ModelSpec], default: str) -> str:
+def default_aliases(settings: Settings) -> tuple[str, ...]:
+    """Other names of the default model: OpenAI's, and the file stem of an ``F5_CKPT_FILE`` (what
+    the HTTP face called a fine-tune before there was a registry, so its clients keep working)."""
+    stem = Path(settings.ckpt_file).stem if settings.ckpt_file else None
+    return (*([stem] if stem and stem != settings.default_model else []), *OPENAI_MODEL_ALIASES)
+
+
+def model_for_job(requested: str | None, registry: dict[str, ModelSpec], default: str,
+                  aliases: tuple[str, ...] = OPENAI_MODEL_ALIASES) -> str:
     """The registered name a job's (or a request's) ``model`` means: the default when it names
-    none or one of OpenAI's; a NotFound naming the registered ones otherwise."""
-    if requested is None or requested in OPENAI_MODEL_ALIASES:
+    none or one of its ``aliases``; a NotFound naming the registered ones otherwise."""
+    if requested is None or (requested in aliases and requested not in registry):
         return default
     if requested not in registry:
         raise NotFound(f"There is no model {requested[:64]!r} on this endpoint; it serves "
