@@ -32,16 +32,13 @@ from pathlib import Path
 from typing import Callable
 
 from f5worker.errors import StorageError
-from f5worker.model.registry import ModelSpec, model_registry, split_hf
+from f5worker.model.registry import BUILTIN_MODELS, ModelSpec, model_registry, split_hf
 from f5worker.settings import (
     ASR_DOWNLOAD_BYTES,
     DOWNLOAD_HEADROOM_BYTES,
     ENV_VOCODER_DIR,
-    F5_CKPT_IN_REPO,
     F5_DOWNLOAD_BYTES,
     F5_MODEL_NAME,
-    F5_REPO,
-    F5_VOCAB_IN_REPO,
     PACKAGED_LAYOUTS,
     VOCODER_DOWNLOAD_BYTES,
     VOCODER_FILES,
@@ -63,7 +60,6 @@ class HubFile:
 
 
 VOCAB_DOWNLOAD_BYTES = 20_000
-F5_FILES = (HubFile(F5_REPO, F5_CKPT_IN_REPO, F5_DOWNLOAD_BYTES), HubFile(F5_REPO, F5_VOCAB_IN_REPO, VOCAB_DOWNLOAD_BYTES))
 VOCODER_HUB_FILES = tuple(HubFile(VOCODER_REPO, name, VOCODER_DOWNLOAD_BYTES // 2) for name in VOCODER_FILES)
 
 
@@ -198,6 +194,10 @@ def hub_parts(spec: ModelSpec) -> dict[str, HubFile]:
         if where is not None:
             parts[part] = HubFile(where[0], where[1], hints[part])
     return parts
+
+
+# The default built-in model's hub files (ckpt, vocab), as the registry addresses them.
+F5_FILES = tuple(hub_parts(BUILTIN_MODELS[F5_MODEL_NAME]).values())
 
 
 def resolve_model_files(spec: ModelSpec, settings: Settings, *, allow_download: bool = True
