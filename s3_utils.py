@@ -67,6 +67,10 @@ BACKOFF_CAP_S = 20.0
 RETRY_AFTER_EXTRA_S = 5.0
 EXPECT_CONTINUE_WAIT_S = 1.0
 COPY_CHUNK_BYTES = 1024 * 1024
+# Outputs larger than this are uploaded in parts of this size: S3 and B2 take parts of 5 MiB up
+# to 5 GiB (the last may be smaller) and at most 10,000 of them, so up to 160 GiB here; a part is
+# one call, sent well within the storage timeouts on any link that carries audio at all.
+MULTIPART_PART_BYTES = 16 * 1024 * 1024
 SWEEP_INTERVAL_S = 600.0  # a local retention sweep runs at most once per 10 minutes
 SWEPT_PREFIXES = (OUTPUT_PREFIX, LOGS_PREFIX)  # never voices/
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
@@ -330,6 +334,7 @@ class S3Storage(Storage):
         self.endpoint_url = settings.aws_endpoint_url
         self.presign_expiry = settings.presign_expiry
         self.client = client if client is not None else make_s3_client(settings)
+        self.part_bytes = MULTIPART_PART_BYTES
         self._bucket_seen = False  # set by check_exists; every write checks it first
 
     def _error(self, err: BaseException, action: str, key: str, waited: float) -> StorageError | None:  # noqa: C901 - one storage error per botocore error kind
@@ -387,13 +392,47 @@ class S3Storage(Storage):
             raise mapped from err
 
     def upload_file(self, key, path, content_type):
-        # One PutObject (no multipart: outputs are far below S3's 5 GB single-request limit), so
-        # the call is bounded like any other; botocore rewinds the file for a retry.
+        # Up to one part's size, one PutObject, bounded like any other call (botocore rewinds the
+        # file for a retry); a larger file (a chapter-length job's) as a multipart upload.
         key = check_key(key)  # before any request
         self._before_write(key)
+        if os.path.getsize(path) > self.part_bytes:
+            self._upload_parts(key, path, content_type)
+            return
         with self._errors("put", key):
             with open(path, "rb") as body:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+
+    def _upload_parts(self, key: str, path, content_type: str) -> None:
+        """A multipart upload of parts of ``part_bytes`` read one at a time, each part one call
+        with the storage timeouts and tries, so no call grows with the file. On any failure the
+        upload is aborted, so no uploaded part is left stored (and billed); the object appears
+        only once every part is in, or not at all."""
+        with self._errors("put", key):
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key,
+                                                            ContentType=content_type)["UploadId"]
+        try:
+            parts = []
+            with open(path, "rb") as body:
+                while data := body.read(self.part_bytes):
+                    number = len(parts) + 1
+                    with self._errors("put", key):
+                        answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                         PartNumber=number, Body=data)
+                    parts.append({"ETag": answer["ETag"], "PartNumber": number})
+            with self._errors("put", key):
+                self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                      MultipartUpload={"Parts": parts})
+        except BaseException:
+            self._abort_upload(key, upload_id)
+            raise
+
+    def _abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as err:  # the bucket's lifecycle rule for incomplete uploads is the backstop
+            mapped = self._error(err, "abort upload", key, 0.0)
+            log.warning("could not abort the multipart upload of %s: %s", key, mapped or type(err).__name__)
 
     def download_file(self, key, dest_path, max_bytes=None):
         # One GetObject streamed to the file (botocore checks the length at the end); the body is

@@ -25,6 +25,7 @@ import uvicorn
 
 from f5worker.http.app import ServerState, make_app
 from f5worker.http.gate import JSON_BODY_BYTES
+from f5worker.jobs.inputs import MAX_TEXT_CHARS
 from f5worker.jobs.voices import BUILTIN_VOICES
 from f5worker.settings import ENV_API_KEY
 from tests.fixtures_worker import worker_ctx
@@ -350,7 +351,8 @@ HOSTILE = [
     ({"input": SHORT_TEXT, "voice": BUILTIN, "speed": "fast"}, 400, "'speed' must be a number.", "speed"),
     ({"input": SHORT_TEXT, "voice": BUILTIN, "seed": "7"}, 400, "'seed' must be an integer.", "seed"),
     ({"input": 42, "voice": BUILTIN}, 400, "'input' must be a string.", "input"),
-    ({"input": "a" * 2001, "voice": BUILTIN}, 400, "'input' is too long: at most 2000 characters.", "input"),
+    ({"input": "a" * (MAX_TEXT_CHARS + 1), "voice": BUILTIN}, 400,
+     f"'input' is too long: at most {MAX_TEXT_CHARS} characters.", "input"),
     ({"input": "   ", "voice": BUILTIN}, 400, "'input' must not be empty.", "input"),
     ({"input": SHORT_TEXT, "voice": "../../etc/passwd"}, 400, "'voice' must be a file name", "voice"),
     ({"input": SHORT_TEXT, "voice": BUILTIN, "response_format": "ogg"}, 400, "'response_format' must be mp3",

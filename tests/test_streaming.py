@@ -21,6 +21,7 @@ import soundfile as sf
 
 from examples import client
 from f5worker.jobs import resampling
+from f5worker.jobs.assembly import planned_segments_bytes
 from f5worker.jobs.audio import cross_fade_join
 from f5worker.model.constants import SAMPLE_RATE
 from f5worker.jobs.chunking import chunk_for_model, utf8_len
@@ -146,8 +147,11 @@ def test_planned_output_bounds_what_the_pieces_add(ctx, sample_rate):
 
 def test_streamed_job_whose_pieces_cannot_fit_is_refused_before_synthesis(ctx, limit):
     job = tts_input(stream=True)  # local storage: the file also comes inline by default
-    planned, chunks = planned_length(ctx, job)
-    bound = planned_output_bytes(planned, 24000, chunks)
+    *_, stored = Recorder(ctx.worker).run({**job, "return_base64": False})
+    planned, chunks = len(stored_samples(ctx, stored)[0]), stored["chunks"]
+    # The pieces, and the result's segments beside them (each chunk's text and times)
+    bound = planned_output_bytes(planned, 24000, chunks) + planned_segments_bytes(
+        [s["text"] for s in stored["segments"]])
     limit(bound + RESULT_ALLOWANCE_BYTES - 1)
     before, calls = ctx.keys(), len(ctx.worker.batcher.calls)
     [refusal] = Recorder(ctx.worker).run(job)

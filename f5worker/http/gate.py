@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 VOICES_PATH = "/v1/audio/voices"  # the one route whose body is a file
 OPEN_PATHS = ("/ping",)  # the health check answers without a key: RunPod's load balancer sends none
-JSON_BODY_BYTES = 1 << 20  # a speech request is a few KiB: 1 MiB is far beyond any real one
+JSON_BODY_BYTES = 1 << 20  # a speech request of 100,000 characters is at most 600 KB, escaped as \uXXXX
 FORM_OVERHEAD_BYTES = 1 << 20  # a voice form's fields and multipart boundaries beside the file
 
 

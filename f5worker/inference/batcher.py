@@ -3,9 +3,14 @@
 Why this module exists: a serverless worker is billed by the GPU-second, and a DiT step on 2 items
 costs little more than on 1. Jobs that arrive together (runpod's ``concurrency_modifier`` lets
 several run on one worker) submit their chunk items here; a single loop takes whatever is pending,
-waits at most ``max_wait_s`` for company, and runs the oldest waiting item together with others
-that share its ODE settings, nearest its length first, within an item and a frame budget.
-The model is only ever driven from one thread.
+waits at most ``max_wait_s`` for company, and runs one job's oldest waiting item together with
+others that share its ODE settings, nearest its length first, within an item and a frame budget
+and at most ``MAX_LENGTH_RATIO`` apart in length. The model is only ever driven from one thread.
+
+Fairness: jobs take turns leading a call (the one served longest ago leads; a new job has never
+been served), and a job queues only ``job_window`` items at a time (``jobs.workflows`` keeps the
+rest), so a short job that arrives while a chapter-length one runs waits for one model call of it,
+not for its whole text.
 
 ``run_items(items, abandoned)`` samples a call's items; ``abandoned()`` is true once every job of
 the call has gone (failed, or stopped at its deadline), and a ``run_items`` that asks it between
@@ -32,6 +37,13 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_WAIT_S = 0.004
 DEFAULT_MAX_ITEMS = 16
 DEFAULT_MAX_FRAMES = 16 * 2048  # sum of padded frames in one call: bounds GPU memory
+# Items of one call are at most this far apart in length: every row is padded to the longest, so a
+# row padded to more than twice its own length wastes more than the shared call saves, and a short
+# job's answer would wait for a long job's much longer rows.
+MAX_LENGTH_RATIO = 2.0
+# Items a job keeps queued at once: its next call's share and one more, so a long job's own chunks
+# still share calls while another job's items can lead the very next one.
+DEFAULT_JOB_WINDOW = 2
 
 
 @dataclass(frozen=True)
@@ -41,18 +53,31 @@ class OffModelThread:
     run: Callable[[], object]
 
 
+@dataclass(eq=False)  # compared by identity
+class JobTurn:
+    """One job's place in the rotation of who leads a call: the number of the call that last
+    served it (-1: none yet). A job queueing its items in several goes passes the same one."""
+    last_call: int = -1
+
+
 @dataclass(eq=False)  # compared by identity: the generated __eq__ would compare tensors
 class _Pending:
     item: ChunkItem
     future: asyncio.Future
-    job: list["_Pending"] = field(default_factory=list)  # every entry of the same submit()
+    # The futures of the same enqueue(), not their entries: an entry referring to a list of
+    # entries would be a reference cycle, freed only by the cyclic collector, and a long job's
+    # sampled waveforms were kept by hundreds of them until it ran.
+    job: list[asyncio.Future] = field(default_factory=list)
+    turn: JobTurn = field(default_factory=JobTurn)
 
 
 class Batcher:
     def __init__(self, run_items: Callable[[list[ChunkItem], Callable[[], bool]], list[np.ndarray]], *,
                  max_wait_s: float = DEFAULT_MAX_WAIT_S, max_items: int = DEFAULT_MAX_ITEMS,
-                 max_frames: int = DEFAULT_MAX_FRAMES, executor: ThreadPoolExecutor | None = None):
+                 max_frames: int = DEFAULT_MAX_FRAMES, job_window: int = DEFAULT_JOB_WINDOW,
+                 executor: ThreadPoolExecutor | None = None):
         self._run_items = run_items
+        self.job_window = job_window
         self.max_wait_s = max_wait_s
         self.max_items = max_items
         self.max_frames = max_frames
@@ -76,17 +101,18 @@ class Batcher:
             self.withdraw(futures)
             raise
 
-    def enqueue(self, items: list[ChunkItem]) -> list[asyncio.Future]:
-        """Queue the items as one job's; each future gets its item's waveform as soon as the model
-        call that sampled it ends (a streamed job uses each as it comes). A caller that stops
-        waiting calls ``withdraw``."""
+    def enqueue(self, items: list[ChunkItem], turn: JobTurn | None = None) -> list[asyncio.Future]:
+        """Queue the items as one job's (``turn``: that job's, when it queues in several goes); each
+        future gets its item's waveform as soon as the model call that sampled it ends (a streamed
+        job uses each as it comes). A caller that stops waiting calls ``withdraw``."""
         self._ensure_loop()
         loop = asyncio.get_running_loop()
-        entries: list[_Pending] = []
-        entries.extend(_Pending(item, loop.create_future(), entries) for item in items)
+        turn = turn if turn is not None else JobTurn()
+        futures = [loop.create_future() for _ in items]
+        entries = [_Pending(item, future, futures, turn) for item, future in zip(items, futures)]
         self._pending.extend(entries)
         self._wakeup.set()
-        return [e.future for e in entries]
+        return futures
 
     @staticmethod
     async def sampled(future: asyncio.Future) -> np.ndarray:
@@ -135,18 +161,20 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def next_batch(self) -> list[_Pending]:
-        """The oldest pending item and others sharing its ODE settings, within the budgets: all of
-        them when they fit, else those nearest the oldest in length (every row of a call is padded
-        to its longest item, so a call of like lengths wastes little). The oldest always goes, so
-        no job waits behind a stream of more common ones."""
+        """The lead item and others sharing its ODE settings, within the budgets: all of them when
+        they fit, else those nearest the lead in length (every row of a call is padded to its
+        longest item, so a call of like lengths wastes little). The lead is the oldest item of the
+        job served longest ago, and it always goes: no job waits behind a stream of more common
+        ones, or behind another job's turns."""
         self._pending = [e for e in self._pending if not e.future.done()]
         if not self._pending:
             return []
-        oldest = self._pending[0]
-        others = [e for e in self._pending[1:] if e.item.batch_key == oldest.item.batch_key]
+        lead = min(self._pending, key=lambda e: e.turn.last_call)  # min() keeps the first of equals
+        others = [e for e in self._pending if e is not lead and e.item.batch_key == lead.item.batch_key
+                  and _within_ratio(e.item.duration, lead.item.duration)]
         # nearest length first; among equals, the oldest first (sorted() keeps queue order)
-        others.sort(key=lambda e: abs(e.item.duration - oldest.item.duration))
-        batch, longest = [oldest], oldest.item.duration
+        others.sort(key=lambda e: abs(e.item.duration - lead.item.duration))
+        batch, longest = [lead], lead.item.duration
         for entry in others:
             if len(batch) >= self.max_items:
                 break
@@ -157,6 +185,7 @@ class Batcher:
             longest = longest_after
         for entry in batch:
             self._pending.remove(entry)
+            entry.turn.last_call = len(self.calls)
         return batch
 
     async def _loop(self) -> None:
@@ -214,4 +243,9 @@ class Batcher:
             return
         entry.future.set_exception(error)
         # The job has failed: its other chunks are not worth a model call.
-        self._withdraw([e for e in entry.job if e is not entry])
+        self.withdraw([f for f in entry.job if f is not entry.future])
+
+
+def _within_ratio(a: int, b: int) -> bool:
+    """Whether items of ``a`` and ``b`` frames may share a call (``MAX_LENGTH_RATIO``)."""
+    return max(a, b) <= MAX_LENGTH_RATIO * max(1, min(a, b))

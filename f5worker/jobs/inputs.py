@@ -22,7 +22,7 @@ from f5worker.inference.items import MAX_NFE_STEP
 from f5worker.jobs.options import OPTION_DEFAULTS as DEFAULT
 from f5worker.model.constants import SAMPLE_RATE
 
-MAX_TEXT_CHARS = 2000
+MAX_TEXT_CHARS = 100_000  # a chapter: about 100 minutes of speech, assembled on disk (jobs.assembly)
 MAX_REF_TEXT_CHARS = 500
 MAX_SEED = 2**31 - 1
 VOICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}\.wav$")

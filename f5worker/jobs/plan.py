@@ -76,6 +76,7 @@ class JobPlan:
     items: list[ChunkItem]
     request: SynthesisRequest
     timings: dict[str, float] = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)  # each item's own text, as the job's segments say it
 
 
 def check_item_fits(item: ChunkItem) -> None:
@@ -133,7 +134,7 @@ def plan(req: SynthesisRequest) -> JobPlan:
     # stays on the CPU: plan() runs off the model thread, and a device allocation there could
     # land in the middle of a CUDA graph capture; the sampler moves it on the model thread
     audio = torch.from_numpy(to_model_rate(audio[0].numpy(), req.ref_sr)).unsqueeze(0)
-    job = JobPlan(items=items_for(audio, rms, ref_text, chunks, req), request=req)
+    job = JobPlan(items=items_for(audio, rms, ref_text, chunks, req), request=req, texts=chunks)
     check_plan_bounds(job, req.gen_text)
     return job
 
@@ -146,9 +147,12 @@ def plan_segments(requests: list[SynthesisRequest]) -> JobPlan:
     joins all the items in order, with the first request's cross-fade and silence removal (the
     job's own, the same in every request)."""
     items: list[ChunkItem] = []
+    texts: list[str] = []
     for req in requests:
-        items += plan(replace(req, seed=req.seed + len(items))).items
-    return JobPlan(items=items, request=requests[0])
+        part = plan(replace(req, seed=req.seed + len(items)))
+        items += part.items
+        texts += part.texts
+    return JobPlan(items=items, request=requests[0], texts=texts)
 
 
 def chunks_with_short_first(text: str, max_chars: int) -> list[str]:

@@ -4,8 +4,8 @@ Why this module exists: a streamed job sends its audio as raw 16-bit PCM while l
 still being sampled, and a caller who concatenates the pieces must hold exactly the samples of the
 stored file. ``AudioStream`` takes the job's chunk waveforms in order and gives out the pieces:
 
-* Cross-fades: chunks are joined as ``jobs.plan.finish`` joins them (``audio.cross_fade_join``), so
-  the last cross-fade window of what has been joined so far is held back until the next chunk
+* Cross-fades: chunks are joined as ``jobs.plan.finish`` joins them (``jobs.assembly.CrossFadeJoin``),
+  so the last cross-fade window of what has been joined so far is held back until the next chunk
   arrives (it is faded into that chunk's start), and sent at the end.
 * Sample rate: pieces are resampled with soxr's streaming resampler at the quality the stored file
   is resampled with (``resampling.from_model_rate``); soxr gives the same samples fed in pieces as in one
@@ -30,6 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
+from f5worker.jobs.assembly import CrossFadeJoin
 from f5worker.jobs.encoding import pcm16, size_text, to_base64
 from f5worker.settings import ENV_MAX_RESULT_BYTES
 from f5worker.jobs.resampling import OutputStream
@@ -106,33 +107,16 @@ class JoinedAudio:
     becomes final: the samples of the stored file, in pieces (the module docstring)."""
 
     def __init__(self, sample_rate: int, cross_fade_seconds: float):
-        self.sample_rate = sample_rate
-        self.fade = int(cross_fade_seconds * SAMPLE_RATE)  # cross_fade_join's window
-        self.held = np.zeros(0, dtype=np.float32)  # the join's last samples, exactly as it holds them
-        self.joined = 0  # samples of the join so far, held ones included
+        self.join = CrossFadeJoin(cross_fade_seconds)
         self.resampler = OutputStream(sample_rate)
 
     def add(self, wave: np.ndarray) -> np.ndarray:
         """The samples that ``wave`` (the next chunk) makes final."""
-        if self.joined == 0:
-            region = wave
-        else:  # cross_fade_join's step, on the part of the join that can still change
-            n = min(self.fade, self.joined, len(wave))
-            if n <= 0:
-                region = np.concatenate([self.held, wave])
-            else:
-                faded = self.held[-n:] * np.linspace(1, 0, n) + wave[:n] * np.linspace(0, 1, n)
-                region = np.concatenate([self.held[:-n], faded, wave[n:]])
-            self.joined -= n
-        self.joined += len(wave)
-        keep = min(self.fade, self.joined)
-        ready, self.held = region[:len(region) - keep], region[len(region) - keep:]
-        return self._out(ready, last=False)
+        return self._out(self.join.add(wave), last=False)
 
     def close(self) -> np.ndarray:
         """What was held back: the end of the audio."""
-        held, self.held = self.held, np.zeros(0, dtype=np.float32)
-        return self._out(held, last=True)
+        return self._out(self.join.close(), last=True)
 
     def _out(self, samples: np.ndarray, *, last: bool) -> np.ndarray:
         return self.resampler.resample(samples.astype(np.float32), last=last)  # plan.finish's type

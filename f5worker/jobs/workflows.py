@@ -9,6 +9,7 @@ JSON record per job under ``logs/`` (sizes and timings; never credentials or the
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import functools
@@ -26,22 +27,23 @@ import numpy as np
 import soundfile as sf
 
 from f5worker.jobs import audio
+from f5worker.jobs.assembly import Assembled, AudioAssembly, AudioWriter, planned_segments_bytes
 from f5worker.jobs import encoding
 from f5worker.jobs import streaming
-from f5worker.inference.batcher import Batcher
+from f5worker.inference.batcher import Batcher, JobTurn
 from f5worker.jobs.download import download_to_file
 from f5worker.inference.engine import TTSEngine
 from f5worker.inference.models import ModelPool
 from f5worker.errors import InputError, StorageError, WorkerError
 from f5worker.jobs.inputs import (MAX_SEED, DeleteVoiceInput, ListModelsInput, ListVoicesInput, TTSInput,
                                   UploadInput, VoiceInfoInput)
-from f5worker.jobs.plan import JobPlan, SynthesisRequest, finish, plan_segments, planned_samples
+from f5worker.jobs.plan import JobPlan, SynthesisRequest, plan_segments, planned_samples
 from f5worker.model.constants import TARGET_RMS
 from f5worker.jobs.guard import COMMITTING
 from f5worker.jobs.memory import HeapTrimmer
 from f5worker.jobs.models import JobModels
 from f5worker.model.store import ModelFiles
-from f5worker.jobs.resampling import from_model_rate, least_output_length
+from f5worker.jobs.resampling import least_output_length
 from f5worker.settings import ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
 from f5worker.jobs.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
                              prepare_upload)
@@ -149,18 +151,19 @@ def synthesis_requests(job: TTSInput, segments: list[tuple[str, str]], voices: d
 
 
 def tts_result(job: TTSInput, voices: dict[str, JobVoice], plan: JobPlan, fmt: encoding.OutputFormat, *,
-               url: str | None, output_key: str | None, seed: int, duration: float, data: bytes,
+               url: str | None, output_key: str | None, seed: int, assembled: Assembled, size: int,
                stream: streaming.LiveAudio | None) -> dict:
     """A TTS job's result before its timings and inline audio."""
-    result = {"audio_url": url, "duration": round(duration, 3),
+    result = {"audio_url": url, "duration": round(assembled.duration, 3),
               "sample_rate": job.sample_rate, "output_key": output_key, "voice": job.local_voice, "seed": seed,
               "chunks": len(plan.items), "model": plan.items[0].model,
               "ref_text_source": next(iter(voices.values())).ref_text_source,  # the first voice's
-              "format": fmt.name, "content_type": fmt.content_type, "bytes": len(data)}
+              "format": fmt.name, "content_type": fmt.content_type, "bytes": size}
     if job.voices is not None:
         result["voices_used"] = list(voices)
     if isinstance(stream, streaming.AudioStream):
         result["stream_chunks"] = stream.pieces
+    result["segments"] = assembled.segments
     return result
 
 
@@ -252,12 +255,13 @@ class Worker:
                 plan = await self._off_loop(plan_segments, synthesis_requests(job, segments, voices, seed,
                                                                               streamed=live, model=model))
                 self._refuse_early(plan, fmt, job, stream if live else None)
-                wave = await self._synthesize(plan, job, stream, on_audio, on_progress, clock, live=live)
+                assembly = await self._assembly(job, fmt, paths["output.wav"] if store else None, stream, live=live)
+            assembled = await self._synthesize(plan, job, assembly, stream, on_audio, on_progress, clock, live=live)
             delivery = Delivery(job_id, job, fmt, output_key_for(job_id, job.output_key, fmt), stream)
             if store:
-                result = await self._store(delivery, wave, voices, plan, seed, paths["output.wav"], clock)
+                result = await self._store(delivery, assembled, voices, plan, seed, paths["output.wav"], clock)
             else:
-                result = self._unstored_result(delivery, voices, plan, seed)
+                result = self._unstored_result(delivery, voices, plan, seed, assembled)
         clock.timings["total_s"] = clock.since_start()
         result["timings"] = _rounded(clock.timings)
         duration = result["duration"]
@@ -270,37 +274,42 @@ class Worker:
                           voices_used=list(voices), timings=result["timings"])
         return result
 
-    async def _store(self, delivery: "Delivery", wave: np.ndarray, voices: dict[str, JobVoice], plan: JobPlan,
-                     seed: int, staging: Path, clock: JobClock) -> dict:
-        """The job's audio encoded whole, stored (and inline if asked); its result."""
+    async def _assembly(self, job: TTSInput, fmt: encoding.OutputFormat, staging: Path | None,
+                        stream: streaming.LiveAudio | None, *, live: bool) -> AudioAssembly:
+        """Where the job's audio is put together as it is sampled: written to ``staging`` (when it
+        is stored), and kept for a stream that gets it only at the end (silences removed)."""
+        writer = None
+        if staging is not None:
+            writer = await self._staging(AudioWriter, staging, fmt, job.sample_rate)
+        return AudioAssembly(sample_rate=job.sample_rate, cross_fade_seconds=job.cross_fade_duration,
+                             remove_silence=job.remove_silence, writer=writer, keep=stream is not None and not live)
+
+    async def _store(self, delivery: "Delivery", assembled: Assembled, voices: dict[str, JobVoice],
+                     plan: JobPlan, seed: int, staging: Path, clock: JobClock) -> dict:
+        """The job's audio file (written as it was sampled) stored, and inline if asked; its result."""
         job, fmt = delivery.job, delivery.fmt
-        with clock.step("encoding_s"):
-            samples = await self._off_loop(from_model_rate, wave, job.sample_rate)
-            data = await self._off_loop(encoding.encode, samples, job.sample_rate, fmt)
-            await self._staging(staging.write_bytes, data)
+        size = (await self._staging(staging.stat)).st_size
         with clock.step("upload_s"):
             url = await self._off_loop(self.storage.result_url, delivery.output_key)
-            duration = audio.duration_seconds(samples, job.sample_rate)
             result = tts_result(job, voices, plan, fmt, url=url, output_key=delivery.output_key, seed=seed,
-                                duration=duration, data=data, stream=delivery.stream)
+                                assembled=assembled, size=size, stream=delivery.stream)
             # Whether the audio fits inline is settled before the upload: a job never fails after it.
-            inline = self._inline_decision(job, result, len(data), delivery.stream)
+            inline = self._inline_decision(job, result, size, delivery.stream)
             if inline.too_large and job.return_base64:
-                raise InputError(encoding.too_large_sentence(fmt, len(data), inline.room))
+                raise InputError(encoding.too_large_sentence(fmt, size, inline.room))
             await self._commit(self.storage.upload_file, delivery.output_key, staging, fmt.content_type)
         with clock.step("encoding_s"):
-            await self._attach_inline(delivery.job_id, result, inline, data)
+            await self._attach_inline(delivery.job_id, result, inline, staging, size)
         return result
 
     @staticmethod
-    def _unstored_result(delivery: "Delivery", voices: dict[str, JobVoice], plan: JobPlan, seed: int) -> dict:
+    def _unstored_result(delivery: "Delivery", voices: dict[str, JobVoice], plan: JobPlan, seed: int,
+                         assembled: Assembled) -> dict:
         """The result of a job whose audio was only streamed (a job not stored is streamed): no URL,
-        no key; its length and size are the stream's."""
+        no key; its size is the stream's."""
         job, stream = delivery.job, delivery.stream
-        result = tts_result(job, voices, plan, delivery.fmt, url=None, output_key=None, seed=seed,
-                            duration=stream.samples_sent / job.sample_rate, data=b"", stream=stream)
-        result["bytes"] = stream.bytes_sent
-        return result
+        return tts_result(job, voices, plan, delivery.fmt, url=None, output_key=None, seed=seed,
+                          assembled=assembled, size=stream.bytes_sent, stream=stream)
 
     async def _job_voices(self, job: TTSInput, segments: list[tuple[str, str]], staging: Path,
                           timings: dict[str, float]) -> dict[str, JobVoice]:
@@ -312,11 +321,12 @@ class Worker:
                 voices[name] = await self._voice(name, given, staging, timings)
         return voices
 
-    async def _synthesize(self, plan: JobPlan, job: TTSInput, stream: streaming.LiveAudio | None,
-                          on_audio: Callable[[object], None] | None, on_progress: Callable[[dict], None] | None,
-                          clock: JobClock, *, live: bool) -> np.ndarray:
-        """The plan's chunks sampled through the batcher, streamed (``live``) and reported as each is
-        done, then joined; a stream that is not live gets the joined audio as its one chunk."""
+    async def _synthesize(self, plan: JobPlan, job: TTSInput, assembly: AudioAssembly,
+                          stream: streaming.LiveAudio | None, on_audio: Callable[[object], None] | None,
+                          on_progress: Callable[[dict], None] | None, clock: JobClock, *, live: bool) -> Assembled:
+        """The plan's chunks sampled through the batcher and assembled (``jobs.assembly``: written as
+        they come, none kept), streamed (``live``) and reported as each is done; a stream that is
+        not live gets the assembled audio as its one chunk."""
         lengths: list[int] = []
 
         def send(pieces: list) -> None:
@@ -328,19 +338,26 @@ class Worker:
             lengths.append(len(wave))
             if live:
                 send(await self._off_loop(stream.add, wave))
+            await self._staging(assembly.add, wave)  # while the model samples the next chunks
             if on_progress is not None and len(plan.items) > 1:
                 seconds = audio.joined_length(lengths, SAMPLE_RATE, job.cross_fade_duration)
                 on_progress({"chunks_done": len(lengths), "chunks_total": len(plan.items),
                              "audio_seconds": round(seconds / SAMPLE_RATE, 3)})
 
-        waves = await self._sample(plan.items, chunk_done, first_alone=live)
-        if live:
-            send(await self._off_loop(stream.close))
-        joined = await self._off_loop(finish, plan, waves)  # seconds for a long job
-        if stream is not None and not live:  # silences removed from the whole: one chunk, no fades
-            send(await self._off_loop(stream.add, joined))
-            send(await self._off_loop(stream.close))
-        return joined
+        try:
+            with clock.step("synthesis_s"):
+                await self._sample(plan.items, chunk_done, first_alone=live)
+            with clock.step("encoding_s"):  # what is left once the last chunk is in
+                assembled = await self._staging(assembly.close, plan.texts)
+                if live:
+                    send(await self._off_loop(stream.close))
+                elif stream is not None:  # silences removed from the whole: one chunk, no fades
+                    send(await self._off_loop(stream.add, np.concatenate(assembly.kept)))
+                    send(await self._off_loop(stream.close))
+        except BaseException:
+            assembly.abandon()  # no thread uses it now (_off_loop waits for its thread)
+            raise
+        return assembled
 
     def _inline_decision(self, job: TTSInput, result: dict, size: int,
                          stream: streaming.LiveAudio | None) -> InlineAudio:
@@ -352,31 +369,39 @@ class Worker:
         room = encoding.inline_room(result, limit) if wanted else 0
         return InlineAudio(wanted=wanted, room=room, too_large=wanted and size > room)
 
-    async def _attach_inline(self, job_id: str, result: dict, inline: InlineAudio, data: bytes) -> None:
+    async def _attach_inline(self, job_id: str, result: dict, inline: InlineAudio, staging: Path, size: int) -> None:
         if inline.too_large:  # the local-storage default: the stored file only, and why
-            result["audio_base64_omitted"] = encoding.omitted_sentence(len(data), inline.room)
-            log.warning("job %s: audio of %d bytes too large to return inline", job_id, len(data))
+            result["audio_base64_omitted"] = encoding.omitted_sentence(size, inline.room)
+            log.warning("job %s: audio of %d bytes too large to return inline", job_id, size)
         elif inline.wanted:
+            data = await self._staging(staging.read_bytes)
             result["audio_base64"] = await self._off_loop(encoding.to_base64, data)
 
     async def _sample(self, items: list, chunk_done: Callable[[np.ndarray], Awaitable[None]], *,
-                      first_alone: bool) -> list[np.ndarray]:
-        """The items' waveforms, in order; ``chunk_done`` runs for each, in order, as soon as it and
-        those before it are sampled. With ``first_alone`` the first item is queued by itself and the
-        others only once it is sampled, so it is never held up by a model call of the longer ones.
+                      first_alone: bool) -> None:
+        """``chunk_done`` runs for each item's waveform, in order, as soon as it and those before it
+        are sampled; none is kept after. The job queues only the batcher's ``job_window`` items
+        ahead at a time, so its memory does not grow with its text and a job arriving meanwhile
+        waits for one model call of it, not for all its chunks. With ``first_alone`` the first
+        item is queued by itself, so it is never held up by a model call of the longer ones.
         (The sampler seeds each item itself: how items are grouped never changes their audio.)"""
-        waves: list[np.ndarray] = []
-        for group in ([items[:1], items[1:]] if first_alone else [items]):
-            if not group:
-                continue
-            futures = self.batcher.enqueue(group)
-            try:
-                for future in futures:
-                    waves.append(await self.batcher.sampled(future))
-                    await chunk_done(waves[-1])
-            finally:
-                self.batcher.withdraw(futures)  # a failed or cancelled job leaves the queue
-        return waves
+        turn = JobTurn()
+        queued: collections.deque[asyncio.Future] = collections.deque()
+        queued_up_to = 0
+        try:
+            for done in range(len(items)):
+                # The next window once every queued item is sampled, so that it goes in one call
+                # (topped up one item at a time, each would get a call of its own).
+                if all(future.done() for future in queued):
+                    window = 1 if first_alone and done == 0 else self.batcher.job_window
+                    more = items[queued_up_to:queued_up_to + window]
+                    queued.extend(self.batcher.enqueue(more, turn))
+                    queued_up_to += len(more)
+                wave = await self.batcher.sampled(queued[0])
+                queued.popleft()
+                await chunk_done(wave)
+        finally:
+            self.batcher.withdraw(list(queued))  # a failed or cancelled job leaves the queue
 
     def _refuse_early(self, plan, fmt: encoding.OutputFormat, job: TTSInput,
                       stream: streaming.LiveAudio | None) -> None:
@@ -388,8 +413,9 @@ class Worker:
         if job.remove_silence:
             return
         limit = self.settings.max_result_bytes
-        if stream is not None:
-            pieces = stream.planned_result_bytes(planned_samples(plan), len(plan.items))
+        if stream is not None:  # the pieces and the result's segments, which a result always has
+            pieces = stream.planned_result_bytes(planned_samples(plan), len(plan.items)) + planned_segments_bytes(
+                plan.texts)
             if pieces > limit - encoding.RESULT_ALLOWANCE_BYTES:
                 raise InputError(streaming.too_long_sentence(pieces, limit))
             limit -= pieces

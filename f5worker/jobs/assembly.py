@@ -1,0 +1,257 @@
+"""A TTS job's audio put together as its chunks are sampled: joined, its long pauses shortened,
+resampled and written to its output file piece by piece, and where each chunk lies in it.
+
+Why this module exists: a chapter-length job (100,000 characters, about 100 minutes of audio)
+cannot hold its waveform in memory (float64 while joined, float32, resampled, then encoded: well
+over 2 GB). Here each chunk's waveform leaves memory as soon as it is written, so a job's memory
+does not grow with its text. Every step gives the samples ``jobs.plan.finish`` and
+``jobs.resampling.from_model_rate`` give for the whole (tests compare them):
+
+* ``CrossFadeJoin``: ``audio.cross_fade_join`` fed chunk by chunk. The last cross-fade window of
+  the join so far is held back until the next chunk fades into it.
+* ``SilenceCutter``: ``audio.remove_silences`` (f5-tts's rule: pauses over 1 s shortened to 0.5 s
+  on each side, judged in 10 ms steps from the first sample) fed in pieces, holding back only the
+  pause it is in (and, until the first sound, what came before it: an all-silent output is kept
+  whole, as f5-tts keeps it).
+* resampling with soxr's streaming resampler (``resampling.OutputStream``), then the file written
+  by libsndfile as it goes (16-bit formats from ``encoding.pcm16``'s integers, as ``encode``).
+
+``segments`` says, for each chunk, its text and its start and end in the output, in seconds: the
+boundary between two chunks is the middle of their cross-fade, mapped through any shortened pause
+and the output sample rate, so the segments tile the audio exactly from 0 to its duration.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+import numpy as np
+import soundfile as sf
+
+from f5worker.jobs.audio import _chunk_dbfs
+from f5worker.jobs.encoding import OutputFormat, pcm16
+from f5worker.jobs.resampling import OutputStream
+from f5worker.model.constants import SAMPLE_RATE
+
+# audio.remove_silences's parameters: pauses of at least 1 s below -50 dBFS keep 0.5 s at each side.
+SILENCE_STEP = SAMPLE_RATE // 100  # 10 ms
+MIN_SILENCE_STEPS = 100
+SILENCE_THRESHOLD_DB = -50.0
+KEEP_SAMPLES = SAMPLE_RATE // 2
+WIDEST_SECONDS = 999999.999  # longer than any job may plan (jobs.plan's bounds)
+
+
+class CrossFadeJoin:
+    """``audio.cross_fade_join`` fed one chunk at a time: each ``add`` gives the samples the chunk
+    makes final (float64 where faded, as the whole join computes them), ``close`` the rest."""
+
+    def __init__(self, cross_fade_seconds: float):
+        self.fade = int(cross_fade_seconds * SAMPLE_RATE)  # cross_fade_join's window
+        self.held = np.zeros(0, dtype=np.float32)  # the join's last samples, exactly as it holds them
+        self.joined = 0  # samples of the join so far, held ones included
+        self.starts: list[int] = []  # where each chunk begins in the join
+        self.overlaps: list[int] = []  # the samples each chunk shares with the one before it
+
+    def add(self, wave: np.ndarray) -> np.ndarray:
+        n = min(self.fade, self.joined, len(wave)) if self.starts else 0
+        if not self.starts:
+            region = wave
+        elif n <= 0:
+            region = np.concatenate([self.held, wave])
+        else:  # cross_fade_join's step, on the part of the join that can still change
+            faded = self.held[-n:] * np.linspace(1, 0, n) + wave[:n] * np.linspace(0, 1, n)
+            region = np.concatenate([self.held[:-n], faded, wave[n:]])
+        self.starts.append(self.joined - n)
+        self.overlaps.append(n)
+        self.joined += len(wave) - n
+        keep = min(self.fade, self.joined)
+        ready, self.held = region[:len(region) - keep], region[len(region) - keep:]
+        return ready
+
+    def close(self) -> np.ndarray:
+        held, self.held = self.held, np.zeros(0, dtype=np.float32)
+        return held
+
+    def boundaries(self) -> list[int]:
+        """Where one chunk hands over to the next in the join (the middle of their cross-fade),
+        with 0 first and the join's length last: chunk i spans boundaries i to i + 1 (never
+        backwards: a chunk shorter than a fade may span nothing)."""
+        bounds = [0]
+        for start, overlap in zip(self.starts[1:], self.overlaps[1:]):
+            # A chunk shorter than the fade lies inside it: the next hand-over may not come first.
+            bounds.append(max(bounds[-1], start + overlap // 2))
+        return [*bounds, self.joined]
+
+
+@dataclass
+class SilenceCutter:
+    """``audio.remove_silences`` fed in pieces; ``cuts`` are the input ranges it removed."""
+
+    taken: int = 0  # input samples judged so far (whole 10 ms steps)
+    pending: np.ndarray = field(default_factory=lambda: np.zeros(0))  # input not yet a whole step
+    run: list[np.ndarray] = field(default_factory=list)  # the quiet run in progress (its kept part)
+    run_start: int | None = None
+    run_steps: int = 0
+    sounded: bool = False  # a loud step was seen: what came before is settled
+    cuts: list[tuple[int, int]] = field(default_factory=list)
+
+    def add(self, samples: np.ndarray) -> np.ndarray:
+        data = np.concatenate([self.pending, samples]) if len(self.pending) else samples
+        whole = len(data) // SILENCE_STEP * SILENCE_STEP
+        self.pending = data[whole:]
+        if not whole:
+            return data[:0]
+        steps = data[:whole]
+        quiet = _chunk_dbfs(steps, SAMPLE_RATE) < SILENCE_THRESHOLD_DB
+        out: list[np.ndarray] = []
+        # Runs of equal quietness, each handled at once.
+        edges = np.flatnonzero(np.diff(quiet.astype(np.int8))) + 1
+        for a, b in zip([0, *edges], [*edges, len(quiet)]):
+            piece = steps[a * SILENCE_STEP:b * SILENCE_STEP]
+            if quiet[a]:
+                self._quiet(piece)
+            else:
+                out += self._end_run(long_run_to_end=False)
+                out.append(piece)
+                self.sounded = True
+            self.taken += len(piece)
+        return np.concatenate(out) if out else data[:0]
+
+    def close(self) -> np.ndarray:
+        """The rest: a partial last step counts as sound (as in ``audio._silent_runs``)."""
+        rest, self.pending = self.pending, np.zeros(0)
+        out = self._end_run(long_run_to_end=not len(rest)) + [rest]
+        return np.concatenate(out)
+
+    def _quiet(self, piece: np.ndarray) -> None:
+        if self.run_start is None:
+            self.run_start, self.run_steps, self.run = self.taken, 0, []
+        self.run_steps += len(piece) // SILENCE_STEP
+        self.run.append(piece)
+        # A long pause after sound keeps only its first and last KEEP_SAMPLES; before any sound
+        # everything is held (the output may be silence throughout, which is kept whole).
+        if self.sounded and sum(map(len, self.run)) > 4 * KEEP_SAMPLES:
+            run = np.concatenate(self.run)
+            self.run = [run[:KEEP_SAMPLES], run[-KEEP_SAMPLES:]]
+
+    def _end_run(self, *, long_run_to_end: bool) -> list[np.ndarray]:
+        """What is kept of the quiet run in progress, now that it ends (at sound, or at the end)."""
+        if self.run_start is None:
+            return []
+        start, end, run, self.run_start = self.run_start, self.taken, self.run, None
+        if self.run_steps < MIN_SILENCE_STEPS:
+            return run
+        held = np.concatenate(run)
+        if not self.sounded:  # a run from the first sample keeps only its last part
+            if long_run_to_end:  # silence throughout: remove_silences keeps it all
+                return [held]
+            self.cuts.append((0, end - KEEP_SAMPLES))
+            return [held[-KEEP_SAMPLES:]]
+        if long_run_to_end:  # a run to the very end keeps only its first part
+            self.cuts.append((start + KEEP_SAMPLES, end))
+            return [held[:KEEP_SAMPLES]]
+        self.cuts.append((start + KEEP_SAMPLES, end - KEEP_SAMPLES))
+        return [held[:KEEP_SAMPLES], held[-KEEP_SAMPLES:]]
+
+
+def after_cuts(position: int, cuts: list[tuple[int, int]]) -> int:
+    """Where ``position`` of the input lies once ``cuts`` are removed (inside one: where it was)."""
+    removed = 0
+    for a, b in cuts:
+        if position <= a:
+            break
+        removed += min(position, b) - a
+    return position - removed
+
+
+class AudioWriter:
+    """The output file, written as samples come (16-bit formats from ``pcm16``'s integers)."""
+
+    def __init__(self, path: Path, fmt: OutputFormat, sample_rate: int):
+        self.pcm = fmt.sf_subtype == "PCM_16"
+        self.file = sf.SoundFile(str(path), "w", samplerate=sample_rate, channels=1, format=fmt.sf_format,
+                                 subtype=fmt.sf_subtype)
+
+    def write(self, samples: np.ndarray) -> None:
+        if len(samples):
+            self.file.write(pcm16(samples) if self.pcm else samples)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass(frozen=True)
+class Assembled:
+    """What a job's audio came to: its length at 24 kHz and at the job's rate, and its segments."""
+
+    model_samples: int
+    samples: int
+    sample_rate: int
+    segments: list[dict]
+
+    @property
+    def duration(self) -> float:
+        return self.samples / self.sample_rate
+
+
+class AudioAssembly:
+    """One job's chunk waveforms (24 kHz, in order) in; the output file (``writer``, if any)
+    written as they are known. With ``keep`` the final audio at 24 kHz is also kept, in ``kept``
+    (for a stream that gets it whole at the end, having its silences removed)."""
+
+    def __init__(self, *, sample_rate: int, cross_fade_seconds: float, remove_silence: bool,
+                 writer: AudioWriter | None = None, keep: bool = False):
+        self.sample_rate = sample_rate
+        self.join = CrossFadeJoin(cross_fade_seconds)
+        self.cutter = SilenceCutter() if remove_silence else None
+        self.resampler = OutputStream(sample_rate)
+        self.writer = writer
+        self.kept: list[np.ndarray] | None = [] if keep else None
+        self.model_samples = 0
+        self.samples = 0
+
+    def add(self, wave: np.ndarray) -> None:
+        self._out(self.join.add(wave), last=False)
+
+    def close(self, texts: list[str]) -> Assembled:
+        """The end of the audio written and the file closed; ``texts``: each chunk's text."""
+        self._out(self.join.close(), last=True)
+        if self.writer is not None:
+            self.writer.close()
+        return Assembled(self.model_samples, self.samples, self.sample_rate, self._segments(texts))
+
+    def abandon(self) -> None:
+        """The file closed after a failure (the job's temp files are removed after)."""
+        if self.writer is not None:
+            with contextlib.suppress(Exception):  # a full disk fails the flush too; the job says why
+                self.writer.close()
+
+    def _out(self, joined: np.ndarray, *, last: bool) -> None:
+        if self.cutter is not None:
+            joined = self.cutter.add(joined)
+            if last:
+                joined = np.concatenate([joined, self.cutter.close()])
+        final = joined.astype(np.float32)  # plan.finish's type
+        self.model_samples += len(final)
+        if self.kept is not None:
+            self.kept.append(final)
+        out = self.resampler.resample(final, last=last)
+        self.samples += len(out)
+        if self.writer is not None:
+            self.writer.write(out)
+
+    def _segments(self, texts: list[str]) -> list[dict]:
+        cuts = self.cutter.cuts if self.cutter is not None else []
+        # position * samples / model_samples first: the last boundary comes out as the duration exactly
+        times = [round(after_cuts(b, cuts) * self.samples / self.model_samples / self.sample_rate, 3)
+                 if self.model_samples else 0.0 for b in self.join.boundaries()]
+        return [{"text": text, "start": start, "end": end}
+                for text, start, end in zip(texts, times, times[1:])]
+
+
+def planned_segments_bytes(texts: list[str]) -> int:
+    """The most bytes a result's ``segments`` for chunks of these texts takes (serialised as the
+    runpod SDK does), known before any model call."""
+    widest = [{"text": text, "start": WIDEST_SECONDS, "end": WIDEST_SECONDS} for text in texts]
+    return len(json.dumps({"segments": widest}, ensure_ascii=False).encode("utf-8"))

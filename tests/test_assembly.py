@@ -1,0 +1,141 @@
+"""A job's audio assembled piece by piece (``jobs.assembly``) equals the whole done at once.
+
+The join, the shortened pauses, the resampling and the written file are each compared with the
+functions that do the same work on the whole waveform (``audio.cross_fade_join``,
+``audio.remove_silences``, ``resampling.from_model_rate``, ``encoding.encode``), on waveforms of
+awkward lengths and pauses placed at every edge case of f5-tts's rule; the segments tile the
+output exactly, and each lies where its chunk's own samples are.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from f5worker.jobs import encoding, resampling
+from f5worker.jobs.assembly import (KEEP_SAMPLES, AudioAssembly, AudioWriter, CrossFadeJoin, SilenceCutter,
+                                    after_cuts)
+from f5worker.jobs.audio import cross_fade_join, remove_silences
+from f5worker.model.constants import SAMPLE_RATE
+
+SR = SAMPLE_RATE
+STEP = SR // 100
+
+
+def sound(rng, n):
+    return (0.3 * rng.standard_normal(n)).astype(np.float32)
+
+
+def hush(n):
+    return np.zeros(n, dtype=np.float32)
+
+
+def with_pauses(rng, layout):
+    """Sound and silence of the given lengths ('s', n) / ('q', n), one after another."""
+    return np.concatenate([sound(rng, n) if kind == "s" else hush(n) for kind, n in layout])
+
+
+LAYOUTS = {
+    "long pause in the middle": [("s", 30000), ("q", 60000), ("s", 20000)],
+    "pause of exactly 1 s": [("s", 24000), ("q", 24000), ("s", 24000)],
+    "pause just under 1 s": [("s", 24000), ("q", 23999), ("s", 24001)],
+    "off the 10 ms grid": [("s", 12345), ("q", 50001), ("s", 777), ("q", 30000), ("s", 999)],
+    "silent start": [("q", 70000), ("s", 30000)],
+    "silent end on the grid": [("s", 24000), ("q", 48000)],
+    "silent end with a partial step": [("s", 24000), ("q", 48100)],
+    "silence throughout": [("q", 72000)],
+    "silence throughout, partial step": [("q", 72050)],
+    "short silence throughout": [("q", 5000)],
+    "no pause": [("s", 50000)],
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("piece", [1000, 240, 77777])
+def test_silence_cutter_is_remove_silences_fed_in_pieces(name, piece):
+    samples = with_pauses(np.random.default_rng(7), LAYOUTS[name]).astype(np.float64)
+    cutter = SilenceCutter()
+    out = [cutter.add(samples[i:i + piece]) for i in range(0, len(samples), piece)] + [cutter.close()]
+    expected = remove_silences(samples, SR)
+    np.testing.assert_array_equal(np.concatenate(out).astype(np.float32), expected)
+    # The cuts are exactly what was removed.
+    kept = np.ones(len(samples), dtype=bool)
+    for a, b in cutter.cuts:
+        kept[a:b] = False
+    np.testing.assert_array_equal(samples[kept].astype(np.float32), expected)
+    assert after_cuts(len(samples), cutter.cuts) == len(expected)
+
+
+def test_a_long_pause_is_not_held_in_memory():
+    cutter = SilenceCutter()
+    cutter.add(sound(np.random.default_rng(1), 20 * STEP))
+    for _ in range(200):  # 100 s of silence, a second at a time
+        assert len(cutter.add(hush(SR))) == 0
+        assert sum(map(len, cutter.run)) <= 4 * KEEP_SAMPLES + SR
+
+
+@pytest.mark.parametrize("lengths, fade", [([12000, 30000, 500, 24000], 0.15), ([100, 50, 20000], 0.15),
+                                           ([9000, 9000, 9000], 0.0), ([70000], 0.15)])
+def test_cross_fade_join_in_pieces_and_its_boundaries(lengths, fade):
+    rng = np.random.default_rng(3)
+    waves = [sound(rng, n) for n in lengths]
+    join = CrossFadeJoin(fade)
+    out = np.concatenate([join.add(w) for w in waves] + [join.close()])
+    np.testing.assert_array_equal(out, cross_fade_join(waves, SR, fade))
+    bounds = join.boundaries()
+    assert bounds[0] == 0 and bounds[-1] == len(out) and bounds == sorted(bounds)
+    for index, wave in enumerate(waves):  # what is only this chunk's lies inside its segment
+        start = join.starts[index]
+        last = index + 1 == len(waves)
+        plain = (start + join.overlaps[index], start + len(wave) - (0 if last else join.overlaps[index + 1]))
+        if min(lengths) > 2 * join.fade:  # else a fade reaches past a whole chunk
+            assert bounds[index] <= plain[0] and plain[1] <= bounds[index + 1]
+            np.testing.assert_array_equal(out[plain[0]:plain[1]], wave[plain[0] - start:plain[1] - start])
+
+
+@pytest.mark.parametrize("fmt_name", ["wav", "flac", "mp3"])
+@pytest.mark.parametrize("sample_rate", [24000, 44100, 16000])
+@pytest.mark.parametrize("remove_silence", [False, True])
+def test_assembled_file_is_the_whole_job_encoded(tmp_path, fmt_name, sample_rate, remove_silence):
+    rng = np.random.default_rng(11)
+    waves = [with_pauses(rng, [("s", 20000), ("q", 40000), ("s", 9000)]), sound(rng, 30011),
+             with_pauses(rng, [("q", 30000), ("s", 15000)])]
+    fmt = encoding.FORMATS[fmt_name]
+    whole = cross_fade_join(waves, SR, 0.15)
+    if remove_silence:
+        whole = remove_silences(whole, SR)
+    expected = resampling.from_model_rate(whole.astype(np.float32), sample_rate)
+    path = tmp_path / f"out.{fmt.extension}"
+    assembly = AudioAssembly(sample_rate=sample_rate, cross_fade_seconds=0.15, remove_silence=remove_silence,
+                             writer=AudioWriter(path, fmt, sample_rate))
+    for wave in waves:
+        assembly.add(wave)
+    done = assembly.close(["one", "two", "three"])
+    assert done.samples == len(expected) and done.model_samples == len(whole)
+    written, rate = sf.read(str(path), dtype="float32")
+    assert rate == sample_rate
+    if not fmt.lossy:
+        want, _ = sf.read(io.BytesIO(encoding.encode(expected, sample_rate, fmt)), dtype="float32")
+        np.testing.assert_array_equal(written, want)
+    segments = done.segments
+    assert [s["text"] for s in segments] == ["one", "two", "three"]
+    assert segments[0]["start"] == 0 and segments[-1]["end"] == round(done.duration, 3)
+    assert all(a["end"] == b["start"] for a, b in zip(segments, segments[1:]))
+    assert all(s["start"] < s["end"] for s in segments)
+    if remove_silence:  # the first chunk's 40000-sample pause is shortened to 24000
+        assert segments[0]["end"] < (20000 + 40000 + 9000) / SR - 0.5
+
+
+def test_segments_in_seconds_at_every_rate():
+    rng = np.random.default_rng(5)
+    waves = [sound(rng, 48000), sound(rng, 24000)]
+    ends = []
+    for rate in (8000, 24000, 48000):
+        assembly = AudioAssembly(sample_rate=rate, cross_fade_seconds=0.15, remove_silence=False)
+        for wave in waves:
+            assembly.add(wave)
+        ends.append(assembly.close(["a", "b"]).segments[0]["end"])
+    # The hand-over is in the middle of the 0.15 s fade after the first 2 s.
+    assert all(abs(end - (2 - 0.075)) <= 0.001 for end in ends), ends
