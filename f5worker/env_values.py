@@ -148,7 +148,8 @@ class NameMap:
 
 # A model's name in F5_MODELS, a job's "model" and OpenAI's model field: what a caller may type.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-MODEL_FIELDS = ("ckpt", "vocab", "config")  # ckpt required; vocab and config default (model.registry)
+MODEL_FIELDS = ("ckpt", "vocab", "config", "language")  # ckpt required; the others default (model.registry)
+LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(?:_[A-Z]{2})?$")  # ISO 639 and a region: en, de, pt_BR
 MODEL_MAP_EXAMPLE = ('{"de": {"ckpt": "hf://owner/repo/model.pt", "vocab": "hf://owner/repo/vocab.txt", '
                      '"config": "F5TTS_Base"}}')
 
@@ -172,6 +173,9 @@ class ModelMap:
                     or not all(isinstance(v, str) and v.strip() for v in files.values()):
                 raise ValueError(f"{name}: model {model!r} must be an object with \"ckpt\" and optionally \"vocab\" "
                                  "and \"config\", each a local path or an hf://owner/repo/path address")
+            if "language" in files and not LANGUAGE_CODE.match(files["language"].strip()):
+                raise ValueError(f"{name}: model {model!r} has language {files['language'][:SHOWN_CHARS]!r}; a "
+                                 "language is an ISO 639 code such as 'de' or 'pt_BR'")
             unknown = sorted(set(files) - set(MODEL_FIELDS))
             if unknown:
                 raise ValueError(f"{name}: model {model!r} has {unknown[0][:SHOWN_CHARS]!r}, which is not one of "
@@ -179,7 +183,7 @@ class ModelMap:
         return {model: {k: v.strip() for k, v in files.items()} for model, files in value.items()}
 
     def accepts(self) -> str:
-        return 'JSON object, `{"name": {"ckpt": …, "vocab": …, "config": …}}`'
+        return 'JSON object, `{"name": {"ckpt": …, "vocab": …, "config": …, "language": …}}`'
 
 
 class NameList:

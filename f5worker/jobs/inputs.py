@@ -104,6 +104,7 @@ class TTSInput(_Input):
     stream: bool = False  # audio sent while synthesised: needs F5_STREAMING on the endpoint
     voices: dict[str, str] | None = None  # alias -> voice name; [alias] tags in the text switch voices
     model: str | None = Field(default=None, min_length=1, max_length=MAX_MODEL_NAME_CHARS)  # registered name
+    normalize: bool = False  # numbers, dates, times, currencies and units spoken as words (jobs.normalize)
 
     _voice = field_validator("local_voice")(classmethod(lambda cls, v: check_voice_name(v)))
     _output_key = field_validator("output_key")(classmethod(lambda cls, v: check_output_key(v)))

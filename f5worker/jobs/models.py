@@ -99,7 +99,7 @@ class JobModels:
     def _description(self, spec: ModelSpec, loaded: set[str]) -> dict:
         entry = {"name": spec.name, "default": spec.name == self.pool.default, "loaded": spec.name in loaded,
                  "layout": spec.config, "vocab_size": None, "files": {"ckpt": spec.ckpt, "vocab": spec.vocab},
-                 "registered_by": spec.origin, "source": None}
+                 "language": spec.language, "registered_by": spec.origin, "source": None}
         try:
             ckpt, vocab, config, source = resolve_model_files(spec, self.settings, allow_download=False)
             entry.update(layout=model_name(read_model_config(config), config), vocab_size=len(load_vocab(vocab)),

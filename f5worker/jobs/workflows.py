@@ -41,6 +41,7 @@ from f5worker.jobs.plan import JobPlan, SynthesisRequest, plan_segments, planned
 from f5worker.model.constants import TARGET_RMS
 from f5worker.jobs.guard import COMMITTING
 from f5worker.jobs.memory import HeapTrimmer
+from f5worker.jobs.normalize import normalize_texts
 from f5worker.jobs.models import JobModels
 from f5worker.model.store import ModelFiles
 from f5worker.jobs.resampling import least_output_length
@@ -247,7 +248,7 @@ class Worker:
         model = self.models.name_for(job.model)
         with job_files(self.settings.tmp_dir, job_id) as paths, self.models.pool.in_use(model):
             clock.timings.update(download_s=clock.since_start(), transcription_s=0.0)
-            segments = job.segments()  # (voice name, text); one part unless the job gives `voices`
+            segments, normalized = await self._spoken_segments(job, model)
             voices = await self._job_voices(job, segments, paths["voice.wav"], clock.timings)
             if waited := await self.models.ensure_loaded(model):
                 clock.timings["model_load_s"] = waited
@@ -262,6 +263,8 @@ class Worker:
                 result = await self._store(delivery, assembled, voices, plan, seed, paths["output.wav"], clock)
             else:
                 result = self._unstored_result(delivery, voices, plan, seed, assembled)
+        if normalized is not None:
+            result["normalized"] = normalized
         clock.timings["total_s"] = clock.since_start()
         result["timings"] = _rounded(clock.timings)
         duration = result["duration"]
@@ -283,6 +286,16 @@ class Worker:
             writer = await self._staging(AudioWriter, staging, fmt, job.sample_rate)
         return AudioAssembly(sample_rate=job.sample_rate, cross_fade_seconds=job.cross_fade_duration,
                              remove_silence=job.remove_silence, writer=writer, keep=stream is not None and not live)
+
+    async def _spoken_segments(self, job: TTSInput, model: str) -> tuple[list[tuple[str, str]], dict | None]:
+        """The job's text as (voice name, text) parts (one unless the job gives ``voices``), with
+        its numbers as words if asked (``normalize``), and the result's ``normalized`` field."""
+        segments = job.segments()
+        if not job.normalize:
+            return segments, None
+        texts, normalized = await self._off_loop(normalize_texts, [text for _, text in segments],
+                                                 self.models.registry[model].language)
+        return [(name, text) for (name, _), text in zip(segments, texts)], normalized
 
     async def _store(self, delivery: "Delivery", assembled: Assembled, voices: dict[str, JobVoice],
                      plan: JobPlan, seed: int, staging: Path, clock: JobClock) -> dict:

@@ -54,6 +54,7 @@ class ModelSpec:
     config: str
     origin: str  # "built-in", F5_MODELS, or the single-model variables
     labels: tuple[tuple[str, str], ...] = ()
+    language: str = "en"  # what its text is normalised in (jobs.normalize); CJK script says its own
 
     def label(self, part: str) -> str:
         return dict(self.labels).get(part, f"model {self.name!r}'s {part}")
@@ -79,7 +80,8 @@ def split_hf(address: str) -> tuple[str, str] | None:
 
 def _from_models_variable(name: str, files: dict[str, str]) -> ModelSpec:
     labels = tuple((part, f"{ENV_MODELS}' model {name!r} {part}") for part in ("ckpt", "vocab", "config"))
-    return ModelSpec(name, files["ckpt"], files.get("vocab"), files.get("config", F5_MODEL_NAME), ENV_MODELS, labels)
+    return ModelSpec(name, files["ckpt"], files.get("vocab"), files.get("config", F5_MODEL_NAME), ENV_MODELS, labels,
+                     files.get("language", "en"))
 
 
 def _with_single_model_variables(spec: ModelSpec, settings: Settings) -> ModelSpec:
@@ -97,7 +99,7 @@ def _with_single_model_variables(spec: ModelSpec, settings: Settings) -> ModelSp
     used = [env for env, v in ((ENV_CKPT_FILE, settings.ckpt_file), (ENV_VOCAB_FILE, settings.vocab_file),
                                (ENV_MODEL_CONFIG, settings.model_config)) if v]
     return ModelSpec(spec.name, ckpt, vocab, settings.model_config or spec.config, ", ".join(used),
-                     tuple(labels.items()))
+                     tuple(labels.items()), spec.language)
 
 
 def model_registry(settings: Settings) -> dict[str, ModelSpec]:

@@ -1,0 +1,171 @@
+"""Numbers spoken as words, on request (``"normalize": true``): cardinals, decimals, ordinals,
+percentages, currencies, times, dates, years and common units, in the text's language.
+
+Why this module exists: F5-TTS reads digits badly (rushed or mis-timed numbers are among its most
+reported failures), and its duration estimate counts the characters of "1984" where speech needs
+"nineteen eighty-four". num2words (about fifty languages) writes the words; this module finds the
+numbers. The language is the model's (``F5_MODELS``' ``language``, English for the built-in
+models), except that text in Chinese, Japanese or Korean script is taken to be in that language. A
+language num2words lacks (Chinese among them) is left as written, and the result says so.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from num2words import CONVERTER_CLASSES, num2words
+
+# Words num2words does not give: the percent sign, and (English only) units and the months.
+PERCENT_WORDS = {"en": "percent", "de": "Prozent", "fr": "pour cent", "es": "por ciento", "it": "per cento",
+                 "pt": "por cento", "nl": "procent", "pl": "procent", "ru": "процентов", "sv": "procent"}
+MONTHS_EN = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+             "November", "December")
+UNITS_EN = {"km": "kilometre", "m": "metre", "cm": "centimetre", "mm": "millimetre", "kg": "kilogram",
+            "g": "gram", "mg": "milligram", "l": "litre", "ml": "millilitre", "km/h": "kilometres per hour",
+            "mph": "miles per hour", "°C": "degree Celsius", "°F": "degree Fahrenheit", "h": "hour",
+            "min": "minute", "s": "second", "GB": "gigabyte", "MB": "megabyte", "kB": "kilobyte"}
+CURRENCY_SIGNS = {"$": "USD", "€": "EUR", "£": "GBP", "¥": "JPY", "₹": "INR"}
+ORDINAL_SUFFIXES = {"en": "st|nd|rd|th", "fr": "er|re|e|ème", "es": "º|ª|o|a", "it": "º|ª|°", "pt": "º|ª"}
+POINT_DECIMALS = {"en", "ja", "ko", "th", "he", "zh"}  # languages writing 3.5, not 3,5
+SCRIPT_LANGUAGES = ((re.compile(r"[\u3040-\u30ff]"), "ja"), (re.compile(r"[\uac00-\ud7af]"), "ko"),
+                    (re.compile(r"[\u4e00-\u9fff]"), "zh"))
+
+
+@dataclass(frozen=True)
+class Normalized:
+    text: str
+    language: str
+    replaced: int  # numbers written as words
+    supported: bool  # False: a sentence with digits is in a language num2words lacks, left as written
+
+
+def language_of(text: str, model_language: str) -> str:
+    """The language a text is normalised in: its script's, for Chinese, Japanese and Korean."""
+    for pattern, language in SCRIPT_LANGUAGES:
+        if pattern.search(text):
+            return language
+    return model_language
+
+
+def supported(language: str) -> bool:
+    return language in CONVERTER_CLASSES
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")  # "2.0.1" is not two sentences
+
+
+def normalize(text: str, model_language: str) -> Normalized:
+    """``text`` with its numbers as words, sentence by sentence in each one's language
+    (``language_of``: a text may mix English and Chinese); ``language`` is the last sentence's."""
+    count, spoken, language, known = 0, [], model_language, True
+    pieces = SENTENCE_END.split(text)
+    separators = SENTENCE_END.findall(text)
+    for index, sentence in enumerate(pieces):
+        language = language_of(sentence, model_language)
+        if sentence and supported(language):
+            for rule in _rules(language):
+                sentence, n = rule(sentence)
+                count += n
+        elif sentence and any(c.isdigit() for c in sentence):
+            known = False
+        spoken.append(sentence + (separators[index] if index < len(separators) else ""))
+    return Normalized("".join(spoken), language, count, known)
+
+
+def normalize_texts(texts: list[str], model_language: str) -> tuple[list[str], dict]:
+    """Each text normalised, and the result's ``normalized`` field: the numbers written as words,
+    and the languages whose numbers were left as written (num2words lacks them)."""
+    done = [normalize(text, model_language) for text in texts]
+    lacking = sorted({language_of(sentence, model_language) for text in texts for sentence in SENTENCE_END.split(text)
+                      if any(c.isdigit() for c in sentence) and not supported(language_of(sentence, model_language))})
+    report = {"numbers": sum(n.replaced for n in done)}
+    if lacking:
+        report["left_as_written"] = (f"Numbers in {', '.join(lacking)} are left as written: num2words, which "
+                                     "writes them as words, does not have that language.")
+    return [n.text for n in done], report
+
+
+def _number(raw: str, language: str) -> float | int:
+    """A written number as a value: thousands separators dropped, the decimal mark the language's."""
+    if language in POINT_DECIMALS:
+        raw = raw.replace(",", "")
+    else:
+        raw = raw.replace(".", "").replace("\u202f", "").replace(" ", "").replace(",", ".")
+    return float(raw) if "." in raw else int(raw)
+
+
+def _words(value, language: str, **kw) -> str:
+    return num2words(value, lang=language, **kw)
+
+
+def _sub(pattern: str, spoken: Callable[[re.Match], str]) -> Callable[[str], tuple[str, int]]:
+    """A rule: each match of ``pattern`` spoken; one num2words cannot say is left as written."""
+    compiled = re.compile(pattern)
+
+    def apply(text: str) -> tuple[str, int]:
+        replaced = 0
+
+        def one(match: re.Match) -> str:
+            nonlocal replaced
+            try:
+                words = spoken(match)
+            except (ArithmeticError, ValueError, NotImplementedError, KeyError, IndexError):
+                return match[0]  # too large, or a form this language's converter lacks
+            replaced += 1
+            return words
+
+        return compiled.sub(one, text), replaced
+
+    return apply
+
+
+def _rules(language: str) -> list[Callable[[str], tuple[str, int]]]:
+    """The rules in order, most specific first (a currency before its bare number)."""
+    number = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?" if language in POINT_DECIMALS else \
+        r"\d{1,3}(?:[.\u202f ]\d{3})+(?:,\d+)?|\d+(?:,\d+)?"
+    value = lambda raw: _number(raw, language)  # noqa: E731 - one line, used below
+    rules = [
+        _sub(rf"([$€£¥₹])\s?({number})", lambda m: _currency(value(m[2]), CURRENCY_SIGNS[m[1]], language)),
+        _sub(rf"({number})\s?(USD|EUR|GBP|JPY|INR)\b", lambda m: _currency(value(m[1]), m[2], language)),
+        _sub(rf"({number})\s?%", lambda m: f"{_words(value(m[1]), language)} {PERCENT_WORDS.get(language, '%')}"),
+        _sub(r"\b([01]?\d|2[0-3]):([0-5]\d)\b", lambda m: _time(int(m[1]), int(m[2]), language)),
+    ]
+    if language == "en":
+        rules += [
+            _sub(r"\b(\d{4})-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])\b",
+                 lambda m: f"{MONTHS_EN[int(m[2]) - 1]} {_words(int(m[3]), 'en', to='ordinal')}, "
+                           f"{_words(int(m[1]), 'en', to='year')}"),
+            _sub(r"\b((?i:in|since|by|from|until|of|year))\s+(1[1-9]\d\d|20\d\d)\b",
+                 lambda m: f"{m[1]} {_words(int(m[2]), 'en', to='year')}"),
+            _sub(rf"({number})\s?({'|'.join(re.escape(u) for u in sorted(UNITS_EN, key=len, reverse=True))})(?![\w/])",
+                 lambda m: _unit_en(value(m[1]), m[2])),
+        ]
+    if language in ORDINAL_SUFFIXES:
+        rules.append(_sub(rf"\b(\d+)(?:{ORDINAL_SUFFIXES[language]})\b",
+                          lambda m: _words(int(m[1]), language, to="ordinal")))
+    # Not part of a word, a version or an address ("x2", "2.0.1", "10.0.0.1"): those stay as written.
+    rules.append(_sub(rf"(?<![\w.,])(?:{number})(?!\w|[.,]\d)", lambda m: _words(value(m[0]), language)))
+    return rules
+
+
+def _currency(amount, code: str, language: str) -> str:
+    try:
+        return _words(amount, language, to="currency", currency=code)
+    except (NotImplementedError, KeyError):  # a currency this language's converter does not name
+        return f"{_words(amount, language)} {code}"
+
+
+def _time(hours: int, minutes: int, language: str) -> str:
+    if language != "en":
+        return f"{_words(hours, language)} {_words(minutes, language)}" if minutes else _words(hours, language)
+    if minutes == 0:
+        return f"{_words(hours, 'en')} o'clock"
+    return f"{_words(hours, 'en')} {'oh ' if minutes < 10 else ''}{_words(minutes, 'en')}"
+
+
+def _unit_en(amount, unit: str) -> str:
+    name = UNITS_EN[unit]
+    if amount != 1 and " per " not in name:
+        name = name.replace("degree ", "degrees ") if name.startswith("degree ") else name + "s"
+    return f"{_words(amount, 'en')} {name}"

@@ -1,0 +1,84 @@
+"""Numbers as words (``"normalize": true``): each kind of number in the languages num2words has, the
+ones left alone, a language it lacks said so, and a job whose segments say what was spoken.
+
+The expected words are num2words' own (called here for each value), so a test fails when this
+module finds, splits or reads a number wrongly, not when num2words words one differently.
+"""
+from __future__ import annotations
+
+import pytest
+from num2words import num2words
+
+from f5worker.jobs.inputs import parse_job_input
+from f5worker.jobs.normalize import language_of, normalize, normalize_texts
+from tests.fixtures_worker import worker_ctx
+
+EN_CASES = [
+    ("I have 3 cats.", f"I have {num2words(3)} cats."),
+    ("It costs $12.50 today.", f"It costs {num2words(12.5, to='currency', currency='USD')} today."),
+    ("It costs 12.50 EUR.", f"It costs {num2words(12.5, to='currency', currency='EUR')}."),
+    ("A 15% rise.", f"A {num2words(15)} percent rise."),
+    ("Meet at 9:05 or 10:30 or 7:00.", "Meet at nine oh five or ten thirty or seven o'clock."),
+    ("Born on 2024-05-03.", f"Born on May {num2words(3, to='ordinal')}, {num2words(2024, to='year')}."),
+    ("In 1984 they met.", f"In {num2words(1984, to='year')} they met."),
+    ("The 2nd and the 21st.", f"The {num2words(2, to='ordinal')} and the {num2words(21, to='ordinal')}."),
+    ("It is 1,234,567 km away.", f"It is {num2words(1234567)} kilometres away."),
+    ("Drive 1 km at 50 km/h in 10 °C.", f"Drive one kilometre at {num2words(50)} kilometres per hour in "
+                                        f"{num2words(10)} degrees Celsius."),
+    ("Pi is 3.14.", f"Pi is {num2words(3.14)}."),
+]
+
+
+@pytest.mark.parametrize("text, spoken", EN_CASES)
+def test_english_numbers_as_words(text, spoken):
+    done = normalize(text, "en")
+    assert done.text == spoken and done.supported and done.replaced >= 1
+
+
+@pytest.mark.parametrize("text", ["Version 2.0.1 is out.", "Call x2 now.", "Host 10.0.0.1 answers.", "No digits."])
+def test_what_is_not_a_number_stays_as_written(text):
+    done = normalize(text, "en")
+    assert done.text == text and done.replaced == 0
+
+
+def test_other_languages_use_their_words_and_decimal_mark():
+    assert normalize("Es kostet 12,50 EUR für 3 Personen.", "de").text == (
+        f"Es kostet {num2words(12.5, lang='de', to='currency', currency='EUR')} für {num2words(3, lang='de')} Personen.")
+    assert normalize("Il y a 1.000 personnes, 15 %.", "fr").text == (
+        f"Il y a {num2words(1000, lang='fr')} personnes, {num2words(15, lang='fr')} pour cent.")
+
+
+def test_a_language_num2words_lacks_is_left_as_written_and_said():
+    assert language_of("我有3个苹果。", "en") == "zh"
+    texts, report = normalize_texts(["I had 3 cats. 我有3个苹果。Then 2 more!"], "en")
+    assert texts == [f"I had {num2words(3)} cats. 我有3个苹果。Then {num2words(2)} more!"]
+    assert report["numbers"] == 2
+    assert report["left_as_written"] == ("Numbers in zh are left as written: num2words, which writes them as words, "
+                                         "does not have that language.")
+    assert normalize_texts(["No numbers here."], "en")[1] == {"numbers": 0}
+
+
+def test_a_number_too_large_for_num2words_stays(monkeypatch):
+    huge = "9" * 400
+    assert normalize(f"It is {huge}.", "en").text == f"It is {huge}."
+
+
+def test_normalize_is_a_strict_boolean():
+    job = {"text": "Hi 3.", "local_voice": "basic_ref_en.wav"}
+    assert parse_job_input({**job, "normalize": True}).normalize is True
+    assert parse_job_input(job).normalize is False
+    with pytest.raises(Exception, match="normalize"):
+        parse_job_input({**job, "normalize": "yes"})
+
+
+def test_a_job_speaks_its_numbers_and_says_so(tiny_models, tiny_whisper, tmp_path):
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path) as ctx:
+        job = {"text": "We sold 3 books for $20. 我有3个苹果。", "local_voice": "basic_ref_en.wav", "nfe_step": 2,
+               "seed": 4, "return_base64": False}
+        _, plain = ctx.run(job)
+        _, spoken = ctx.run({**job, "normalize": True})
+    assert "normalized" not in plain and "3 books" in " ".join(s["text"] for s in plain["segments"])
+    said = " ".join(s["text"] for s in spoken["segments"])
+    assert f"{num2words(3)} books for {num2words(20, to='currency', currency='USD')}" in said and "3个" in said
+    assert spoken["normalized"]["numbers"] == 2 and "zh" in spoken["normalized"]["left_as_written"]
+    assert spoken["duration"] > plain["duration"]  # the words take longer to say than the digits
