@@ -31,6 +31,7 @@ import soundfile as sf
 
 from f5worker.jobs.audio import _chunk_dbfs
 from f5worker.jobs.encoding import OutputFormat, pcm16
+from f5worker.jobs.options import VERIFY_MAX_RETRIES
 from f5worker.jobs.resampling import OutputStream
 from f5worker.model.constants import SAMPLE_RATE
 
@@ -40,6 +41,7 @@ MIN_SILENCE_STEPS = 100
 SILENCE_THRESHOLD_DB = -50.0
 KEEP_SAMPLES = SAMPLE_RATE // 2
 WIDEST_SECONDS = 999999.999  # longer than any job may plan (jobs.plan's bounds)
+WIDEST_REASON = "x" * 120  # longer than any of jobs.verify's reasons for a retry
 
 
 class CrossFadeJoin:
@@ -250,8 +252,13 @@ class AudioAssembly:
                 for text, start, end in zip(texts, times, times[1:])]
 
 
-def planned_segments_bytes(texts: list[str]) -> int:
+def planned_segments_bytes(texts: list[str], *, verified: bool = False) -> int:
     """The most bytes a result's ``segments`` for chunks of these texts takes (serialised as the
-    runpod SDK does), known before any model call."""
-    widest = [{"text": text, "start": WIDEST_SECONDS, "end": WIDEST_SECONDS} for text in texts]
-    return len(json.dumps({"segments": widest}, ensure_ascii=False).encode("utf-8"))
+    runpod SDK does), known before any model call; ``verified``: with each chunk's report and the
+    job's (``jobs.verify``) at their widest."""
+    report = {"error": 1.0, "tries": 9, "kept_try": 9, "retried_because": [WIDEST_REASON] * VERIFY_MAX_RETRIES}
+    widest = [{"text": text, "start": WIDEST_SECONDS, "end": WIDEST_SECONDS, **({"verify": report} if verified else {})}
+              for text in texts]
+    summary = {"verify": {"worst_chunk": len(texts), "worst_error": 1.0, "retried_chunks": len(texts),
+                          "failed_chunks": len(texts)}} if verified else {}
+    return len(json.dumps({"segments": widest, **summary}, ensure_ascii=False).encode("utf-8"))

@@ -20,6 +20,7 @@ from f5worker.jobs.encoding import DEFAULT_FORMAT, EXTENSIONS, FORMATS, SAMPLE_R
 from f5worker.errors import InputError
 from f5worker.inference.items import MAX_NFE_STEP
 from f5worker.jobs.options import OPTION_DEFAULTS as DEFAULT
+from f5worker.jobs.options import VERIFY_MAX_RETRIES
 from f5worker.model.constants import SAMPLE_RATE
 
 MAX_TEXT_CHARS = 100_000  # a chapter: about 100 minutes of speech, assembled on disk (jobs.assembly)
@@ -105,6 +106,9 @@ class TTSInput(_Input):
     voices: dict[str, str] | None = None  # alias -> voice name; [alias] tags in the text switch voices
     model: str | None = Field(default=None, min_length=1, max_length=MAX_MODEL_NAME_CHARS)  # registered name
     normalize: bool = False  # numbers, dates, times, currencies and units spoken as words (jobs.normalize)
+    verify: bool = False  # each chunk transcribed and judged, sampled again if it fails (jobs.verify)
+    verify_max_error: float | None = Field(default=None, gt=0.0, le=1.0)  # None: VERIFY_DEFAULT_MAX_ERROR
+    verify_retries: int | None = Field(default=None, ge=0, le=VERIFY_MAX_RETRIES)  # None: VERIFY_DEFAULT_RETRIES
 
     _voice = field_validator("local_voice")(classmethod(lambda cls, v: check_voice_name(v)))
     _output_key = field_validator("output_key")(classmethod(lambda cls, v: check_output_key(v)))
@@ -141,6 +145,14 @@ class TTSInput(_Input):
             except ValueError as err:
                 raise ValueError(f"maps '{alias}' to a voice name that {err}") from None
         return voices
+
+    @model_validator(mode="after")
+    def _verified(self):
+        for knob in ("verify_max_error", "verify_retries"):
+            if getattr(self, knob) is not None and not self.verify:
+                raise PydanticCustomError("sentence", f"'{knob}' only applies with 'verify': true; set that too, "
+                                                      "or leave it out.")
+        return self
 
     @model_validator(mode="after")
     def _streamable(self):

@@ -16,3 +16,10 @@ OPTION_DEFAULTS = {
     "cross_fade_duration": 0.15,
     "remove_silence": False,
 }
+
+# The guard ("verify": true, f5worker.jobs.verify): a chunk whose transcript differs from its text
+# by more than this is sampled again, at most this many times (a third of the words wrong is far
+# past Whisper's own errors on clean speech; not tuned on F5-TTS's real output).
+VERIFY_DEFAULT_MAX_ERROR = 0.3
+VERIFY_DEFAULT_RETRIES = 2
+VERIFY_MAX_RETRIES = 5

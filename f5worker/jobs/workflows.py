@@ -42,6 +42,8 @@ from f5worker.model.constants import TARGET_RMS
 from f5worker.jobs.guard import COMMITTING
 from f5worker.jobs.memory import HeapTrimmer
 from f5worker.jobs.normalize import normalize_texts
+from f5worker.jobs.options import VERIFY_DEFAULT_MAX_ERROR, VERIFY_DEFAULT_RETRIES
+from f5worker.jobs.verify import ChunkReport, GuardedSampling, GuardOptions, job_summary
 from f5worker.jobs.models import JobModels
 from f5worker.model.store import ModelFiles
 from f5worker.jobs.resampling import least_output_length
@@ -108,6 +110,7 @@ class Delivery:
     fmt: encoding.OutputFormat
     output_key: str
     stream: streaming.LiveAudio | None
+    extras: dict  # the result's fields of what was asked besides the audio (normalized, verify)
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ def synthesis_requests(job: TTSInput, segments: list[tuple[str, str]], voices: d
 
 def tts_result(job: TTSInput, voices: dict[str, JobVoice], plan: JobPlan, fmt: encoding.OutputFormat, *,
                url: str | None, output_key: str | None, seed: int, assembled: Assembled, size: int,
-               stream: streaming.LiveAudio | None) -> dict:
+               stream: streaming.LiveAudio | None, extras: dict) -> dict:
     """A TTS job's result before its timings and inline audio."""
     result = {"audio_url": url, "duration": round(assembled.duration, 3),
               "sample_rate": job.sample_rate, "output_key": output_key, "voice": job.local_voice, "seed": seed,
@@ -165,7 +168,7 @@ def tts_result(job: TTSInput, voices: dict[str, JobVoice], plan: JobPlan, fmt: e
     if isinstance(stream, streaming.AudioStream):
         result["stream_chunks"] = stream.pieces
     result["segments"] = assembled.segments
-    return result
+    return {**result, **extras}
 
 
 def engine_like(pool: ModelPool, settings: Settings, files: ModelFiles) -> TTSEngine:
@@ -257,14 +260,16 @@ class Worker:
                                                                               streamed=live, model=model))
                 self._refuse_early(plan, fmt, job, stream if live else None)
                 assembly = await self._assembly(job, fmt, paths["output.wav"] if store else None, stream, live=live)
-            assembled = await self._synthesize(plan, job, assembly, stream, on_audio, on_progress, clock, live=live)
-            delivery = Delivery(job_id, job, fmt, output_key_for(job_id, job.output_key, fmt), stream)
+            assembled, reports = await self._synthesize(plan, job, assembly, stream, on_audio, on_progress, clock,
+                                                        live=live)
+            verified = _verification(assembled, reports)
+            extras = {**({"normalized": normalized} if normalized is not None else {}),
+                      **({"verify": verified} if verified is not None else {})}
+            delivery = Delivery(job_id, job, fmt, output_key_for(job_id, job.output_key, fmt), stream, extras)
             if store:
                 result = await self._store(delivery, assembled, voices, plan, seed, paths["output.wav"], clock)
             else:
                 result = self._unstored_result(delivery, voices, plan, seed, assembled)
-        if normalized is not None:
-            result["normalized"] = normalized
         clock.timings["total_s"] = clock.since_start()
         result["timings"] = _rounded(clock.timings)
         duration = result["duration"]
@@ -305,7 +310,7 @@ class Worker:
         with clock.step("upload_s"):
             url = await self._off_loop(self.storage.result_url, delivery.output_key)
             result = tts_result(job, voices, plan, fmt, url=url, output_key=delivery.output_key, seed=seed,
-                                assembled=assembled, size=size, stream=delivery.stream)
+                                assembled=assembled, size=size, stream=delivery.stream, extras=delivery.extras)
             # Whether the audio fits inline is settled before the upload: a job never fails after it.
             inline = self._inline_decision(job, result, size, delivery.stream)
             if inline.too_large and job.return_base64:
@@ -322,7 +327,7 @@ class Worker:
         no key; its size is the stream's."""
         job, stream = delivery.job, delivery.stream
         return tts_result(job, voices, plan, delivery.fmt, url=None, output_key=None, seed=seed,
-                          assembled=assembled, size=stream.bytes_sent, stream=stream)
+                          assembled=assembled, size=stream.bytes_sent, stream=stream, extras=delivery.extras)
 
     async def _job_voices(self, job: TTSInput, segments: list[tuple[str, str]], staging: Path,
                           timings: dict[str, float]) -> dict[str, JobVoice]:
@@ -336,10 +341,12 @@ class Worker:
 
     async def _synthesize(self, plan: JobPlan, job: TTSInput, assembly: AudioAssembly,
                           stream: streaming.LiveAudio | None, on_audio: Callable[[object], None] | None,
-                          on_progress: Callable[[dict], None] | None, clock: JobClock, *, live: bool) -> Assembled:
-        """The plan's chunks sampled through the batcher and assembled (``jobs.assembly``: written as
-        they come, none kept), streamed (``live``) and reported as each is done; a stream that is
-        not live gets the assembled audio as its one chunk."""
+                          on_progress: Callable[[dict], None] | None, clock: JobClock, *,
+                          live: bool) -> tuple[Assembled, list[ChunkReport] | None]:
+        """The plan's chunks sampled through the batcher (judged and sampled again where they fail,
+        with ``verify``: the reports) and assembled (``jobs.assembly``: written as they come, none
+        kept), streamed (``live``) and reported as each is done; a stream that is not live gets the
+        assembled audio as its one chunk."""
         lengths: list[int] = []
 
         def send(pieces: list) -> None:
@@ -358,8 +365,12 @@ class Worker:
                              "audio_seconds": round(seconds / SAMPLE_RATE, 3)})
 
         try:
+            reports = None
             with clock.step("synthesis_s"):
-                await self._sample(plan.items, chunk_done, first_alone=live)
+                if job.verify:
+                    reports = await self._guard(job, plan, clock).run(plan.items, plan.texts, chunk_done)
+                else:
+                    await self._sample(plan.items, chunk_done, first_alone=live)
             with clock.step("encoding_s"):  # what is left once the last chunk is in
                 assembled = await self._staging(assembly.close, plan.texts)
                 if live:
@@ -370,7 +381,25 @@ class Worker:
         except BaseException:
             assembly.abandon()  # no thread uses it now (_off_loop waits for its thread)
             raise
-        return assembled
+        return assembled, reports
+
+    def _guard(self, job: TTSInput, plan: JobPlan, clock: JobClock) -> GuardedSampling:
+        """The job's guarded sampling (``jobs.verify``): its chunks in windows of a model call's
+        items, each transcribed by the worker's Whisper on the model thread (``verify_s``)."""
+        if self.transcriber is None:
+            raise InputError("'verify' needs the worker's transcription model, and this worker has none.")
+
+        async def transcribe(wave: np.ndarray) -> str:
+            with clock.step("verify_s"):
+                await self._off_loop(self.transcriber.load)
+                return await self._on_gpu_thread(self.transcriber.transcribe, wave, SAMPLE_RATE)
+
+        options = GuardOptions(
+            max_error=job.verify_max_error if job.verify_max_error is not None else VERIFY_DEFAULT_MAX_ERROR,
+            retries=job.verify_retries if job.verify_retries is not None else VERIFY_DEFAULT_RETRIES,
+            language=self.models.registry[plan.items[0].model].language)
+        return GuardedSampling(self.batcher, transcribe, options=options, window=self.batcher.max_items,
+                               max_seed=MAX_SEED)
 
     def _inline_decision(self, job: TTSInput, result: dict, size: int,
                          stream: streaming.LiveAudio | None) -> InlineAudio:
@@ -428,7 +457,7 @@ class Worker:
         limit = self.settings.max_result_bytes
         if stream is not None:  # the pieces and the result's segments, which a result always has
             pieces = stream.planned_result_bytes(planned_samples(plan), len(plan.items)) + planned_segments_bytes(
-                plan.texts)
+                plan.texts, verified=job.verify)
             if pieces > limit - encoding.RESULT_ALLOWANCE_BYTES:
                 raise InputError(streaming.too_long_sentence(pieces, limit))
             limit -= pieces
@@ -608,6 +637,15 @@ class Worker:
         # Local storage keeps outputs and records only as long as F5_LOCAL_RETENTION_HOURS says
         # (rate-limited inside; S3 buckets use lifecycle rules instead).
         await self._off_loop(self.storage.sweep_expired)
+
+
+def _verification(assembled: Assembled, reports: list[ChunkReport] | None) -> dict | None:
+    """A verified job's reports in its segments (each chunk's), and the result's ``verify``."""
+    if reports is None:
+        return None
+    for segment, report in zip(assembled.segments, reports):
+        segment["verify"] = report.as_result()
+    return job_summary(reports)
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:

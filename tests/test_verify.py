@@ -1,0 +1,189 @@
+"""The guard (``"verify": true``): each chunk judged, the rejected ones sampled again with their next
+seed, sharing model calls, the best try kept, and the result saying per chunk why.
+
+A tiny random model says nothing a transcriber could hear, so the job tests put a stand-in in the
+worker's Whisper's place (``ScriptedTranscriber``): it "hears" each chunk's text, except for the
+tries a test scripts otherwise, telling chunks apart by their length. Everything else is the
+worker's: the batcher, the engine, the judging, the assembly on disk. The audio-side checks and
+the error measure run on their own first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from f5worker.errors import InputError
+from f5worker.jobs.encoding import pcm16
+from f5worker.jobs.inputs import MAX_SEED, parse_job_input
+from f5worker.jobs.plan import SynthesisRequest, plan
+from f5worker.jobs.verify import (GuardOptions, Try, audio_fault, judge, retry_seed, transcript_error)
+from f5worker.model.constants import SAMPLE_RATE
+from tests.fixtures_worker import worker_ctx
+from tests.helpers import CPU_REL_L2, rel_l2
+
+SR = SAMPLE_RATE
+FADE = int(0.15 * SR)  # the default cross-fade, in samples
+
+
+def speechlike(seconds: float, level: float = 0.1) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return (level * rng.standard_normal(int(seconds * SR))).astype(np.float32)
+
+
+# --- the checks on their own -----------------------------------------------------------------------
+def test_audio_faults():
+    wave = speechlike(2.0)
+    assert audio_fault(wave, len(wave)) is None
+    bad = wave.copy()
+    bad[100] = np.nan
+    assert audio_fault(bad, len(wave)) == "its audio has samples that are not finite numbers"
+    assert audio_fault(np.zeros_like(wave), len(wave)) == "it is silent"
+    assert audio_fault(np.clip(wave * 30, -1, 1), len(wave)).endswith("of its samples are clipped")
+    rushed = np.concatenate([wave[: SR // 2], np.zeros(3 * SR // 2, dtype=np.float32)])
+    assert audio_fault(rushed, len(rushed)) == "its speech fills only 25% of its time (rushed)"
+
+
+def test_transcript_error_reads_numbers_and_punctuation_as_the_text_does():
+    assert transcript_error("I have 3 cats, Tom!", "i have three cats tom", "en") == (0.0, True)
+    error, ending = transcript_error("The quick brown fox jumps.", "the quick brown", "en")
+    assert error == pytest.approx(2 / 5) and not ending
+    error, ending = transcript_error("今天天气很好。", "今天天很好", "en")  # Chinese: characters
+    assert error == pytest.approx(1 / 6) and ending
+    assert transcript_error("Hello there.", "", "en") == (1.0, False)
+
+
+def test_judge_says_why():
+    wave, options = speechlike(2.0), GuardOptions(max_error=0.3)
+    assert judge(wave, "one two three four", "one two three four", seed=1, planned_samples=len(wave),
+                 options=options) == Try(1, 0.0, None)
+    wrong = judge(wave, "one two three four", "one six seven four", seed=1, planned_samples=len(wave), options=options)
+    assert wrong.reason == "its transcript differs from its text by 50% (more than 30%)"
+    cut = judge(wave, "one two three four five six", "one two three four five", seed=1,
+                planned_samples=len(wave), options=options)
+    assert cut.reason == "its last words were not heard" and cut.error == pytest.approx(1 / 6)
+    silent = judge(np.zeros_like(wave), "one", None, seed=1, planned_samples=len(wave), options=options)
+    assert silent == Try(1, None, "it is silent")
+    # Accepted first, then a judged transcript, then the lower error; a failed audio last.
+    assert sorted([silent, wrong, cut, Try(1, 0.1, None)], key=lambda t: t.rank) == [Try(1, 0.1, None), cut, wrong,
+                                                                                      silent]
+
+
+def test_retry_seeds_are_no_chunks_own():
+    seeds = {retry_seed(7, attempt, MAX_SEED) for attempt in range(1, 6)}
+    assert len(seeds) == 5 and all(0 <= s <= MAX_SEED for s in seeds) and not seeds & set(range(7, 7 + 10000))
+    assert retry_seed(MAX_SEED, 1, MAX_SEED) < MAX_SEED
+
+
+def test_verify_inputs():
+    job = {"text": "Hi.", "local_voice": "basic_ref_en.wav"}
+    assert parse_job_input({**job, "verify": True, "verify_retries": 0}).verify_retries == 0
+    for bad, sentence in [({"verify_retries": 2}, "'verify_retries' only applies with 'verify': true"),
+                          ({"verify": True, "verify_retries": 6}, "verify_retries"),
+                          ({"verify": True, "verify_max_error": 0}, "verify_max_error")]:
+        with pytest.raises(InputError, match=sentence):
+            parse_job_input({**job, **bad})
+
+
+# --- jobs ------------------------------------------------------------------------------------------
+TEXT = " ".join(f"Sentence number {i} has {'a few ' * (i % 5 + 1)}words in it, said slowly." for i in range(14))
+JOB = {"text": TEXT, "local_voice": "basic_ref_en.wav", "nfe_step": 2, "seed": 21, "return_base64": False}
+
+
+class ScriptedTranscriber:
+    """Stands in for Whisper (a tiny model's noise has nothing to hear): chunk k's n-th try is
+    heard as ``script[(k, n)]`` if given, else as chunk k's text. A try is told by its audio: the
+    nearest of ``candidates`` (each chunk sampled alone with its seed and retry seeds)."""
+
+    def __init__(self, texts: list[str], candidates: dict[tuple[int, int], np.ndarray],
+                 script: dict[tuple[int, int], str]):
+        self.texts, self.candidates, self.script = texts, candidates, script
+        self.heard: list[tuple[int, int]] = []
+
+    def load(self):
+        return self
+
+    def transcribe(self, samples, sr) -> str:
+        k, n = min((key for key, wave in self.candidates.items() if len(wave) == len(samples)),
+                   key=lambda key: rel_l2(samples, self.candidates[key]))
+        assert rel_l2(samples, self.candidates[(k, n)]) < CPU_REL_L2
+        self.heard.append((k, n))
+        return self.script.get((k, n), self.texts[k])
+
+
+def candidates(ctx, items, tries: int) -> dict[tuple[int, int], np.ndarray]:
+    """Each chunk's n-th try (1: its own seed, then its retry seeds), sampled alone."""
+    out = {}
+    for n in range(1, tries + 1):
+        again = [dataclasses.replace(item, seed=item.seed if n == 1 else retry_seed(item.seed, n - 1, MAX_SEED))
+                 for item in items]
+        out.update({(k, n): wave for k, wave in enumerate(ctx.worker.engine.run_items(again))})
+    return out
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_models, tiny_whisper, tmp_path_factory):
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path_factory.mktemp("verify")) as built:
+        yield built
+
+
+def job_plan(ctx, tmp_path):
+    voice = ctx.worker.voices.fetch(JOB["local_voice"], tmp_path / "voice.wav")
+    ref_text, _ = ctx.worker.voices.known_ref_text(voice, None)
+    return plan(SynthesisRequest(ref_audio=voice.used, ref_sr=voice.sr, ref_text=ref_text, gen_text=TEXT,
+                                 seed=JOB["seed"], nfe_step=JOB["nfe_step"], prepared_ref=voice.reference))
+
+
+def test_the_guard_retries_exactly_the_rejected_chunks_and_keeps_the_best(ctx, tmp_path, monkeypatch):
+    job_plan_ = job_plan(ctx, tmp_path)
+    tries = candidates(ctx, job_plan_.items, 3)
+    texts, n = job_plan_.texts, len(job_plan_.items)
+    last = n - 1
+    assert n >= 4, n
+    script = {(1, 1): "zzz", (1, 2): " ".join(texts[1].split()[:-1]),  # then heard right
+              (last, 1): "wrong words entirely here", (last, 2): " ".join(texts[last].split()[:len(texts[last].split()) // 2]),
+              (last, 3): "no"}  # never right: the second try, the closest, is kept
+    stand_in = ScriptedTranscriber(texts, tries, script)
+    monkeypatch.setattr(ctx.worker, "transcriber", stand_in)
+    calls_before = len(ctx.worker.batcher.calls)
+    _, result = ctx.run({**JOB, "verify": True})
+    assert "error" not in result, result
+    # Every first try heard, then exactly the rejected chunks' retries, each with its next seed.
+    assert stand_in.heard == [(k, 1) for k in range(n)] + [(1, 2), (last, 2), (1, 3), (last, 3)]
+    reports = [s["verify"] for s in result["segments"]]
+    assert [r["tries"] for r in reports] == [3 if k in (1, last) else 1 for k in range(n)]
+    assert reports[1]["kept_try"] == 3 and reports[1]["error"] == 0.0
+    assert reports[1]["retried_because"] == ["its transcript differs from its text by 100% (more than 30%)",
+                                             "its last words were not heard"]
+    assert reports[last]["kept_try"] == 2 and reports[last]["error"] > 0.3
+    assert result["verify"] == {"worst_chunk": last, "worst_error": reports[last]["error"], "retried_chunks": 2,
+                                "failed_chunks": 1}
+    assert "verify_s" in result["timings"]
+    # One call for the first tries, then the two chunks' retries together, twice.
+    assert ctx.worker.batcher.calls[calls_before:] == [n, 2, 2]
+    # The file holds each chunk's kept try: chunk 1's third, the last chunk's second.
+    stored, _ = sf.read(io.BytesIO(ctx.get_bytes(result["output_key"])), dtype="int16")
+    for k, kept in ((0, 1), (1, 3), (last, 2)):
+        wave = tries[(k, kept)]
+        start = sum(len(tries[(j, 1)]) - FADE for j in range(k))  # where the chunk's wave begins in the join
+        inner = slice(start + SR // 5, start + len(wave) - SR // 5)  # clear of the fades
+        piece = stored[inner].astype(np.float64)
+        assert rel_l2(piece, pcm16(wave[inner.start - start:inner.stop - start]).astype(np.float64)) < CPU_REL_L2, k
+
+
+def test_a_job_whose_chunks_are_heard_right_samples_each_once(ctx, tmp_path, monkeypatch):
+    job_plan_ = job_plan(ctx, tmp_path)
+    monkeypatch.setattr(ctx.worker, "transcriber",
+                        ScriptedTranscriber(job_plan_.texts, candidates(ctx, job_plan_.items, 1), {}))
+    _, verified = ctx.run({**JOB, "verify": True})
+    _, plain = ctx.run(JOB)
+    assert all(s["verify"] == {"error": 0.0, "tries": 1, "kept_try": 1, "retried_because": []}
+               for s in verified["segments"])
+    assert verified["verify"]["retried_chunks"] == 0 and "verify" not in plain
+    # The same audio, within the CPU's batching tolerance (a verified job's chunks share other calls).
+    heard, plain_audio = (sf.read(io.BytesIO(ctx.get_bytes(r["output_key"])), dtype="int16")[0].astype(np.float64)
+                          for r in (verified, plain))
+    assert rel_l2(heard, plain_audio) < CPU_REL_L2
