@@ -1,6 +1,6 @@
 """Jobs through the whole worker while its fast path switches: every one must succeed.
 
-    python bench/worker_jobs.py --models DIR --out OUT.json [--jobs 8] [--tiny]
+    python bench/worker_jobs.py --models DIR --out OUT.json [--jobs 8] [--chapter CHARS] [--tiny]
 
 Why this module exists: the fast path changes under live traffic (graphs captured while idle,
 variable-length attention and the fused kernels switched on by background tasks, graphs dropped
@@ -8,7 +8,9 @@ and re-captured), and the GPU review found a switch that would have failed every
 builds the worker as ``serve`` does (``service.build_worker``: random full-size F5TTS_v1_Base
 weights, local storage), sends ``--jobs`` concurrent TTS jobs through the real handler right at
 ready (while the background tasks run), waits for the tasks, sends as many again, and records each
-result, the runner's level and what was switched. Exit status 1 if any job failed.
+result, the runner's level and what was switched. With ``--chapter`` one job of that many
+characters follows (a chapter-length job: its seconds, and from them how many characters fit the
+default 600 s job timeout at this speed). Exit status 1 if any job failed.
 """
 from __future__ import annotations
 
@@ -50,13 +52,35 @@ async def round_of_jobs(handler, name: str, count: int) -> list[dict]:
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
+def chapter_text(chars: int) -> str:
+    """Prose of at most ``chars`` characters, ending at a sentence."""
+    sentences, size = [], 0
+    while True:
+        sentence = f"{TEXTS[len(sentences) % len(TEXTS)]} That was line {len(sentences)} of the chapter."
+        if size + len(sentence) + 1 > chars:
+            return " ".join(sentences)
+        sentences.append(sentence)
+        size += len(sentence) + 1
+
+
+async def chapter_job(handler, chars: int) -> dict:
+    text = chapter_text(chars)
+    started = time.perf_counter()
+    result = await handler({"id": "chapter", "input": {"text": text, "local_voice": "basic_ref_en.wav", "seed": 1,
+                                                       "return_base64": False}})
+    seconds = time.perf_counter() - started
+    return {"job": "chapter", "ok": "error" not in result, "error": result.get("error"), "characters": len(text),
+            "seconds": round(seconds, 3), "duration": result.get("duration"), "chunks": result.get("chunks"),
+            "characters_in_600_s": int(len(text) / seconds * 600)}  # derived: this job's speed held for 600 s
+
+
 def runner_state(worker) -> dict:
     runner = worker.engine.step_runner
     return {"level": getattr(runner, "level", "stock eager"), "fused": getattr(runner, "fused", None),
             "varlen": getattr(runner, "varlen", None), "graphs": len(getattr(runner, "graphs", {}))}
 
 
-async def run(worker, jobs: int) -> dict:
+async def run(worker, jobs: int, chapter: int = 0) -> dict:
     from f5worker.service import make_handler
 
     handler = make_handler(worker)
@@ -69,6 +93,8 @@ async def run(worker, jobs: int) -> dict:
     report["background_seconds_after_first_round"] = round(time.perf_counter() - waited, 2)
     report["after_background"] = runner_state(worker)
     report["jobs_after_background"] = await round_of_jobs(handler, "after", jobs)
+    if chapter:
+        report["chapter"] = await chapter_job(handler, chapter)
     report["end"] = runner_state(worker)
     return report
 
@@ -78,6 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", required=True, help="folder for the random model files (written if missing)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--jobs", type=int, default=8)
+    ap.add_argument("--chapter", type=int, default=0, help="then one job of this many characters")
     ap.add_argument("--tiny", action="store_true", help="shrunken model: a CPU smoke test")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -101,14 +128,14 @@ def main(argv=None) -> int:
     phases: dict = {}
     try:
         worker = build_worker(settings, phases)
-        report = {"phases": phases, **asyncio.run(run(worker, args.jobs))}
+        report = {"phases": phases, **asyncio.run(run(worker, args.jobs, args.chapter))}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    jobs = report["jobs_at_ready"] + report["jobs_after_background"]
+    jobs = report["jobs_at_ready"] + report["jobs_after_background"] + ([report["chapter"]] if args.chapter else [])
     report["failed"] = [j for j in jobs if not j["ok"]]
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps({"jobs": len(jobs), "failed": len(report["failed"]), "at_ready": report["at_ready"],
-                      "end": report["end"]}))
+                      "end": report["end"], "chapter": report.get("chapter")}))
     return 1 if report["failed"] else 0
 
 

@@ -131,3 +131,28 @@ def test_a_failed_or_cancelled_job_withdraws_its_other_items():
 
     assert int(asyncio.run(main())[0][0]) == 9
     assert 2 not in ran and 3 not in ran and 8 not in ran
+
+
+def test_jobs_take_turns_so_new_ones_never_starve_a_long_one():
+    """A long job's items, and a new one-item job arriving before every call, each with settings of
+    its own (so nothing shares a call): the long job still gets its turns (round robin), where a
+    rule of "the never-served job first" would serve only the newcomers."""
+    from f5worker.inference.batcher import JobTurn
+
+    async def main():
+        batcher = Batcher(echo_durations, max_items=1)
+        batcher.enqueue([item(100, steps=8) for _ in range(4)], JobTurn())
+        served = []
+        for call in range(12):
+            batcher.enqueue([item(100, steps=16 + call)])
+            batch = batcher.next_batch()
+            batcher.calls.append(len(batch))
+            served.append(batch[0].item.steps)
+        return served
+
+    served = asyncio.run(main())
+    long_turns = [call for call, steps in enumerate(served) if steps == 8]
+    # More jobs arrive than calls serve, so each waits a turn of every other job waiting: the long
+    # job's turns come further apart as the queue grows, but they come.
+    assert len(long_turns) >= 3 and long_turns[0] == 0, served
+    assert all(b - a <= 5 for a, b in zip(long_turns, long_turns[1:])), served

@@ -57,14 +57,17 @@ def test_worker_jobs_smoke(tmp_path):
     from tests.processes import REPO
 
     out = tmp_path / "jobs.json"
-    done = subprocess.run([sys.executable, "bench/worker_jobs.py", "--tiny", "--jobs", "2", "--models",
-                           str(tmp_path / "models"), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "bench/worker_jobs.py", "--tiny", "--jobs", "2", "--chapter", "800",
+                           "--models", str(tmp_path / "models"), "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     jobs = report["jobs_at_ready"] + report["jobs_after_background"]
     assert len(jobs) == 4 and all(job["ok"] and job["duration"] > 0 for job in jobs) and report["failed"] == []
     assert report["end"]["level"] in ("fused", "graphed", "eager")
+    chapter = report["chapter"]
+    assert chapter["ok"] and 700 < chapter["characters"] <= 800 and chapter["chunks"] >= 2
+    assert chapter["characters_in_600_s"] == int(chapter["characters"] / chapter["seconds"] * 600)
 
 
 def test_http_latency_smoke(tmp_path):

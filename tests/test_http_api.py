@@ -239,7 +239,7 @@ def test_sse_events_carry_the_same_audio(client, served):
     assert audio == plain
 
 
-def test_removed_silences_are_sent_whole(client, served):
+def test_removed_silences_are_sent_as_made_final(client, served):
     ctx, _, _, _ = served
     data, job_id = speak(client, LONG_TEXT, response_format="wav", extra_body={"remove_silence": True, "seed": 2})
     assert abs(decoded_seconds(data, "wav") - record(ctx, job_id)["audio_seconds"]) < 0.001

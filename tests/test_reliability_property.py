@@ -48,7 +48,7 @@ pytestmark = pytest.mark.usefixtures("loopback_only")
 EXAMPLES = 1000
 COMMAND = "pytest tests/test_reliability_property.py"
 TTS_OUTPUT = {"audio_url", "duration", "sample_rate", "output_key", "voice", "seed", "chunks", "model", "ref_text_source",
-              "format", "content_type", "bytes", "timings", "rtf"}
+              "format", "content_type", "bytes", "timings", "rtf", "segments"}
 # Local storage returns the audio inline by default, or says why it could not.
 TTS_INLINE = ("audio_base64", "audio_base64_omitted")
 UPLOAD_OUTPUT = {"voice_name", "voice_key", "duration", "source_duration", "sample_rate", "ref_text"}

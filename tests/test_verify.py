@@ -138,35 +138,39 @@ def job_plan(ctx, tmp_path):
 
 
 def test_the_guard_retries_exactly_the_rejected_chunks_and_keeps_the_best(ctx, tmp_path, monkeypatch):
+    """Chunks 0 and 1 (one window of the batcher's job window, 2) fail their first tries: both are
+    sampled again in one model call, twice; chunk 0 is heard right at its third try, chunk 1 never,
+    and its closest try, the second, is kept."""
     job_plan_ = job_plan(ctx, tmp_path)
+    assert ctx.worker.batcher.job_window == 2
     tries = candidates(ctx, job_plan_.items, 3)
     texts, n = job_plan_.texts, len(job_plan_.items)
-    last = n - 1
     assert n >= 4, n
-    script = {(1, 1): "zzz", (1, 2): " ".join(texts[1].split()[:-1]),  # then heard right
-              (last, 1): "wrong words entirely here", (last, 2): " ".join(texts[last].split()[:len(texts[last].split()) // 2]),
-              (last, 3): "no"}  # never right: the second try, the closest, is kept
+    script = {(0, 1): "zzz", (0, 2): " ".join(texts[0].split()[:-1]),  # then heard right
+              (1, 1): "wrong words entirely here", (1, 2): " ".join(texts[1].split()[:len(texts[1].split()) // 2]),
+              (1, 3): "no"}
     stand_in = ScriptedTranscriber(texts, tries, script)
     monkeypatch.setattr(ctx.worker, "transcriber", stand_in)
     calls_before = len(ctx.worker.batcher.calls)
     _, result = ctx.run({**JOB, "verify": True})
     assert "error" not in result, result
-    # Every first try heard, then exactly the rejected chunks' retries, each with its next seed.
-    assert stand_in.heard == [(k, 1) for k in range(n)] + [(1, 2), (last, 2), (1, 3), (last, 3)]
+    # The first window's first tries, exactly its rejected chunks' retries, then the other windows.
+    assert stand_in.heard == [(0, 1), (1, 1), (0, 2), (1, 2), (0, 3), (1, 3)] + [(k, 1) for k in range(2, n)]
     reports = [s["verify"] for s in result["segments"]]
-    assert [r["tries"] for r in reports] == [3 if k in (1, last) else 1 for k in range(n)]
-    assert reports[1]["kept_try"] == 3 and reports[1]["error"] == 0.0
-    assert reports[1]["retried_because"] == ["its transcript differs from its text by 100% (more than 30%)",
+    assert [r["tries"] for r in reports] == [3, 3] + [1] * (n - 2)
+    assert reports[0]["kept_try"] == 3 and reports[0]["error"] == 0.0
+    assert reports[0]["retried_because"] == ["its transcript differs from its text by 100% (more than 30%)",
                                              "its last words were not heard"]
-    assert reports[last]["kept_try"] == 2 and reports[last]["error"] > 0.3
-    assert result["verify"] == {"worst_chunk": last, "worst_error": reports[last]["error"], "retried_chunks": 2,
+    assert reports[1]["kept_try"] == 2 and reports[1]["error"] > 0.3 and len(reports[1]["retried_because"]) == 3
+    assert result["verify"] == {"worst_chunk": 1, "worst_error": reports[1]["error"], "retried_chunks": 2,
                                 "failed_chunks": 1}
     assert "verify_s" in result["timings"]
-    # One call for the first tries, then the two chunks' retries together, twice.
-    assert ctx.worker.batcher.calls[calls_before:] == [n, 2, 2]
-    # The file holds each chunk's kept try: chunk 1's third, the last chunk's second.
+    # Each window's first tries in one call, the two retries together in one call each time.
+    windows = [min(2, n - start) for start in range(0, n, 2)]
+    assert ctx.worker.batcher.calls[calls_before:] == [windows[0], 2, 2, *windows[1:]]
+    # The file holds each chunk's kept try: chunk 0's third, chunk 1's second, chunk 2's first.
     stored, _ = sf.read(io.BytesIO(ctx.get_bytes(result["output_key"])), dtype="int16")
-    for k, kept in ((0, 1), (1, 3), (last, 2)):
+    for k, kept in ((0, 3), (1, 2), (2, 1)):
         wave = tries[(k, kept)]
         start = sum(len(tries[(j, 1)]) - FADE for j in range(k))  # where the chunk's wave begins in the join
         inner = slice(start + SR // 5, start + len(wave) - SR // 5)  # clear of the fades

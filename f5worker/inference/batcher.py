@@ -56,8 +56,12 @@ class OffModelThread:
 @dataclass(eq=False)  # compared by identity
 class JobTurn:
     """One job's place in the rotation of who leads a call: the number of the call that last
-    served it (-1: none yet). A job queueing its items in several goes passes the same one."""
-    last_call: int = -1
+    served it. A job first queued counts as served just before the latest call: ahead of the job
+    that call served, behind any job that has waited longer, so that however many jobs arrive, each
+    waits for at most one call of every other (round robin). A job queueing its items in several
+    goes passes the same one."""
+    last_call: float = -1.0
+    queued: bool = False
 
 
 @dataclass(eq=False)  # compared by identity: the generated __eq__ would compare tensors
@@ -108,6 +112,8 @@ class Batcher:
         self._ensure_loop()
         loop = asyncio.get_running_loop()
         turn = turn if turn is not None else JobTurn()
+        if not turn.queued:
+            turn.last_call, turn.queued = len(self.calls) - 1.5, True
         futures = [loop.create_future() for _ in items]
         entries = [_Pending(item, future, futures, turn) for item, future in zip(items, futures)]
         self._pending.extend(entries)

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+from f5worker.model.constants import HOP_LENGTH
+
 # The most ODE steps a job may ask for; the fast path's on-device time grid holds MAX_NFE_STEP + 1.
 MAX_NFE_STEP = 64
 
@@ -42,3 +44,9 @@ def item_frames(item: ChunkItem) -> int:
     """The frames the sampler will integrate for ``item``: its duration, raised (as CFM.sample
     does) to cover every text token and the reference."""
     return max(item.duration, len(item.text) + 1, item.ref_frames + 2)
+
+
+def item_output_samples(item: ChunkItem) -> int:
+    """The samples of 24 kHz audio ``item`` comes out as: Vocos turns n frames into (n - 1) hops,
+    and the reference's frames are cut off."""
+    return max(0, item_frames(item) - item.ref_frames - 1) * HOP_LENGTH

@@ -29,19 +29,20 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from f5worker.jobs.audio import _chunk_dbfs
+from f5worker.jobs.audio import SILENCE_CUT_DB, SILENCE_CUT_MS, SILENCE_KEEP_MS, chunk_dbfs
 from f5worker.jobs.encoding import OutputFormat, pcm16
 from f5worker.jobs.options import VERIFY_MAX_RETRIES
 from f5worker.jobs.resampling import OutputStream
 from f5worker.model.constants import SAMPLE_RATE
 
-# audio.remove_silences's parameters: pauses of at least 1 s below -50 dBFS keep 0.5 s at each side.
+# audio.remove_silences's rule in samples: pauses of at least 1 s below -50 dBFS keep 0.5 s at each side.
 SILENCE_STEP = SAMPLE_RATE // 100  # 10 ms
-MIN_SILENCE_STEPS = 100
-SILENCE_THRESHOLD_DB = -50.0
-KEEP_SAMPLES = SAMPLE_RATE // 2
+MIN_SILENCE_STEPS = SILENCE_CUT_MS // 10
+SILENCE_THRESHOLD_DB = SILENCE_CUT_DB
+KEEP_SAMPLES = SAMPLE_RATE * SILENCE_KEEP_MS // 1000
 WIDEST_SECONDS = 999999.999  # longer than any job may plan (jobs.plan's bounds)
 WIDEST_REASON = "x" * 120  # longer than any of jobs.verify's reasons for a retry
+WIDEST_ERROR = 999.999  # an error rate counts insertions too, so it may pass 1; rounded to 3 places
 
 
 class CrossFadeJoin:
@@ -105,7 +106,7 @@ class SilenceCutter:
         if not whole:
             return data[:0]
         steps = data[:whole]
-        quiet = _chunk_dbfs(steps, SAMPLE_RATE) < SILENCE_THRESHOLD_DB
+        quiet = chunk_dbfs(steps, SAMPLE_RATE) < SILENCE_THRESHOLD_DB
         out: list[np.ndarray] = []
         # Runs of equal quietness, each handled at once.
         edges = np.flatnonzero(np.diff(quiet.astype(np.int8))) + 1
@@ -199,8 +200,8 @@ class Assembled:
 
 class AudioAssembly:
     """One job's chunk waveforms (24 kHz, in order) in; the output file (``writer``, if any)
-    written as they are known. With ``keep`` the final audio at 24 kHz is also kept, in ``kept``
-    (for a stream that gets it whole at the end, having its silences removed)."""
+    written as they are known. With ``keep`` the final audio at 24 kHz is also kept in ``kept``
+    until taken (``take_kept``: for a stream of a job whose silences are removed)."""
 
     def __init__(self, *, sample_rate: int, cross_fade_seconds: float, remove_silence: bool,
                  writer: AudioWriter | None = None, keep: bool = False):
@@ -222,6 +223,11 @@ class AudioAssembly:
         if self.writer is not None:
             self.writer.close()
         return Assembled(self.model_samples, self.samples, self.sample_rate, self._segments(texts))
+
+    def take_kept(self) -> np.ndarray:
+        """The final audio (24 kHz) kept since the last call."""
+        kept, self.kept = self.kept, []
+        return np.concatenate(kept) if kept else np.zeros(0, dtype=np.float32)
 
     def abandon(self) -> None:
         """The file closed after a failure (the job's temp files are removed after)."""
@@ -256,9 +262,10 @@ def planned_segments_bytes(texts: list[str], *, verified: bool = False) -> int:
     """The most bytes a result's ``segments`` for chunks of these texts takes (serialised as the
     runpod SDK does), known before any model call; ``verified``: with each chunk's report and the
     job's (``jobs.verify``) at their widest."""
-    report = {"error": 1.0, "tries": 9, "kept_try": 9, "retried_because": [WIDEST_REASON] * VERIFY_MAX_RETRIES}
+    tries = VERIFY_MAX_RETRIES + 1  # every try's reason is listed, the kept one's too
+    report = {"error": WIDEST_ERROR, "tries": tries, "kept_try": tries, "retried_because": [WIDEST_REASON] * tries}
     widest = [{"text": text, "start": WIDEST_SECONDS, "end": WIDEST_SECONDS, **({"verify": report} if verified else {})}
               for text in texts]
-    summary = {"verify": {"worst_chunk": len(texts), "worst_error": 1.0, "retried_chunks": len(texts),
+    summary = {"verify": {"worst_chunk": len(texts), "worst_error": WIDEST_ERROR, "retried_chunks": len(texts),
                           "failed_chunks": len(texts)}} if verified else {}
     return len(json.dumps({"segments": widest, **summary}, ensure_ascii=False).encode("utf-8"))

@@ -28,6 +28,11 @@ VOICE_MAX_SECONDS = 60.0  # an upload longer than this is refused
 INT16_FULL_SCALE = 32768.0
 REFERENCE_PAD_SECONDS = 0.05  # silence f5-tts appends to a prepared reference
 PEAK_LIMIT = 10 ** (-1 / 20)  # -1 dBFS: loudness normalisation never raises a sample past this
+# remove_silences (f5-tts's remove_silence_for_generated_wav): pauses of at least SILENCE_CUT_MS
+# below SILENCE_CUT_DB keep SILENCE_KEEP_MS at each side (jobs.assembly does the same in pieces).
+SILENCE_CUT_MS = 1000
+SILENCE_CUT_DB = -50.0
+SILENCE_KEEP_MS = 500
 
 
 def decode(path_or_bytes: Path | bytes, max_seconds: float = VOICE_MAX_SECONDS) -> tuple[np.ndarray, int]:
@@ -61,7 +66,7 @@ def duration_seconds(samples: np.ndarray, sr: int) -> float:
     return float(len(samples)) / float(sr)
 
 
-def _chunk_dbfs(samples: np.ndarray, sr: int, chunk_ms: int = 10) -> np.ndarray:
+def chunk_dbfs(samples: np.ndarray, sr: int, chunk_ms: int = 10) -> np.ndarray:
     """pydub's dBFS per chunk: RMS of int16 samples against full scale."""
     n = max(1, int(sr * chunk_ms / 1000))
     count = len(samples) // n
@@ -75,13 +80,13 @@ def _chunk_dbfs(samples: np.ndarray, sr: int, chunk_ms: int = 10) -> np.ndarray:
 
 def trim_silence_edges(samples: np.ndarray, sr: int, threshold_db: float = -42.0) -> np.ndarray:
     """pydub's detect_leading_silence applied at both ends (10 ms steps)."""
-    db = _chunk_dbfs(samples, sr)
+    db = chunk_dbfs(samples, sr)
     step = max(1, int(sr * 0.01))
     loud = np.nonzero(db >= threshold_db)[0]
     if loud.size == 0:
         return samples[:0]
     start = int(loud[0]) * step
-    rev_db = _chunk_dbfs(samples[::-1], sr)
+    rev_db = chunk_dbfs(samples[::-1], sr)
     rev_loud = np.nonzero(rev_db >= threshold_db)[0]
     end = len(samples) - int(rev_loud[0]) * step
     return samples[start:end]
@@ -90,7 +95,7 @@ def trim_silence_edges(samples: np.ndarray, sr: int, threshold_db: float = -42.0
 def _silent_runs(samples: np.ndarray, sr: int, min_silence_ms: int, threshold_db: float) -> list[tuple[int, int]]:
     """Sample ranges of silence at least ``min_silence_ms`` long (1 ms resolution, like pydub's seek)."""
     step = max(1, sr // 100)  # 10 ms chunks, like seek_step=10 in f5-tts's calls
-    db = _chunk_dbfs(samples, sr)
+    db = chunk_dbfs(samples, sr)
     quiet = db < threshold_db
     runs, start = [], None
     for i, q in enumerate(list(quiet) + [False]):
@@ -188,7 +193,8 @@ def normalise_loudness(clip: np.ndarray, sr: int, target_rms: float) -> tuple[np
 
 def remove_silences(samples: np.ndarray, sr: int) -> np.ndarray:
     """Shorten pauses over 1 s, as f5-tts's remove_silence_for_generated_wav does."""
-    pieces = split_on_silence(samples, sr, min_silence_ms=1000, threshold_db=-50.0, keep_ms=500)
+    pieces = split_on_silence(samples, sr, min_silence_ms=SILENCE_CUT_MS, threshold_db=SILENCE_CUT_DB,
+                              keep_ms=SILENCE_KEEP_MS)
     return np.concatenate(pieces).astype(np.float32) if pieces else samples
 
 

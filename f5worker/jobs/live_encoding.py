@@ -186,6 +186,9 @@ class EncodedStream:
     def add(self, wave: np.ndarray) -> list[bytes]:
         return self._out(self.encoder.add(self._counted(self.audio.add(wave))))
 
+    def add_joined(self, samples: np.ndarray) -> list[bytes]:
+        return self._out(self.encoder.add(self._counted(self.audio.add_joined(samples))))
+
     def close(self) -> list[bytes]:
         """The rest of the file, always as one item (maybe empty): whoever receives it knows from
         ``closed`` that the audio is complete."""

@@ -25,9 +25,17 @@ UNITS_EN = {"km": "kilometre", "m": "metre", "cm": "centimetre", "mm": "millimet
             "g": "gram", "mg": "milligram", "l": "litre", "ml": "millilitre", "km/h": "kilometres per hour",
             "mph": "miles per hour", "°C": "degree Celsius", "°F": "degree Fahrenheit", "h": "hour",
             "min": "minute", "s": "second", "GB": "gigabyte", "MB": "megabyte", "kB": "kilobyte"}
+UNITS_EN_LONG = "|".join(re.escape(u) for u in sorted(UNITS_EN, key=len, reverse=True) if len(u) > 1)
+UNITS_EN_SHORT = "|".join(u for u in UNITS_EN if len(u) == 1)
 CURRENCY_SIGNS = {"$": "USD", "€": "EUR", "£": "GBP", "¥": "JPY", "₹": "INR"}
-ORDINAL_SUFFIXES = {"en": "st|nd|rd|th", "fr": "er|re|e|ème", "es": "º|ª|o|a", "it": "º|ª|°", "pt": "º|ª"}
+ORDINAL_SUFFIXES = {"en": "st|nd|rd|th", "fr": "er|re|e|ème", "es": "º|ª|o|a", "it": "º|ª", "pt": "º|ª"}
 POINT_DECIMALS = {"en", "ja", "ko", "th", "he", "zh"}  # languages writing 3.5, not 3,5
+MAX_DIGITS = 15  # up to the trillions; a longer run of digits (an ID, a serial) stays as written
+# A number is not part of a word of an alphabet, nor of another number ("x2", "2.0.1"); beside Chinese,
+# Japanese or Korean characters it is ("3時", "사과 3개"). Anchoring the start also keeps every rule linear.
+LETTERS = r"A-Za-z\u00C0-\u024F\u0370-\u03FF\u0400-\u04FF"
+START = rf"(?<![\d.,{LETTERS}])"
+END = rf"(?![\d{LETTERS}]|[.,]\d)"
 SCRIPT_LANGUAGES = ((re.compile(r"[\u3040-\u30ff]"), "ja"), (re.compile(r"[\uac00-\ud7af]"), "ko"),
                     (re.compile(r"[\u4e00-\u9fff]"), "zh"))
 
@@ -87,11 +95,14 @@ def normalize_texts(texts: list[str], model_language: str) -> tuple[list[str], d
 
 
 def _number(raw: str, language: str) -> float | int:
-    """A written number as a value: thousands separators dropped, the decimal mark the language's."""
+    """A written number as a value: thousands separators dropped, the decimal mark the language's.
+    ValueError past ``MAX_DIGITS`` (left as written: num2words takes seconds on a long one)."""
+    if sum(c.isdigit() for c in raw) > MAX_DIGITS:
+        raise ValueError("too many digits to say as one number")
     if language in POINT_DECIMALS:
         raw = raw.replace(",", "")
     else:
-        raw = raw.replace(".", "").replace("\u202f", "").replace(" ", "").replace(",", ".")
+        raw = raw.replace(".", "").replace("\u202f", "").replace("\u2009", "").replace(",", ".")
     return float(raw) if "." in raw else int(raw)
 
 
@@ -110,8 +121,8 @@ def _sub(pattern: str, spoken: Callable[[re.Match], str]) -> Callable[[str], tup
             nonlocal replaced
             try:
                 words = spoken(match)
-            except (ArithmeticError, ValueError, NotImplementedError, KeyError, IndexError):
-                return match[0]  # too large, or a form this language's converter lacks
+            except Exception:  # noqa: BLE001 - too large, a form this converter lacks, or its own bug
+                return match[0]
             replaced += 1
             return words
 
@@ -123,12 +134,12 @@ def _sub(pattern: str, spoken: Callable[[re.Match], str]) -> Callable[[str], tup
 def _rules(language: str) -> list[Callable[[str], tuple[str, int]]]:
     """The rules in order, most specific first (a currency before its bare number)."""
     number = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?" if language in POINT_DECIMALS else \
-        r"\d{1,3}(?:[.\u202f ]\d{3})+(?:,\d+)?|\d+(?:,\d+)?"
+        r"\d{1,3}(?:[.\u202f\u2009]\d{3})+(?:,\d+)?|\d+(?:,\d+)?"  # a plain space separates numbers
     value = lambda raw: _number(raw, language)  # noqa: E731 - one line, used below
     rules = [
-        _sub(rf"([$€£¥₹])\s?({number})", lambda m: _currency(value(m[2]), CURRENCY_SIGNS[m[1]], language)),
-        _sub(rf"({number})\s?(USD|EUR|GBP|JPY|INR)\b", lambda m: _currency(value(m[1]), m[2], language)),
-        _sub(rf"({number})\s?%", lambda m: f"{_words(value(m[1]), language)} {PERCENT_WORDS.get(language, '%')}"),
+        _sub(rf"([$€£¥₹])\s?({number}){END}(?!\s?(?:million|billion|trillion|thousand|bn|m|k)\b)", lambda m: _currency(value(m[2]), CURRENCY_SIGNS[m[1]], language)),
+        _sub(rf"{START}({number})\s?(USD|EUR|GBP|JPY|INR)\b", lambda m: _currency(value(m[1]), m[2], language)),
+        _sub(rf"{START}({number})\s?%", lambda m: f"{_words(value(m[1]), language)} {PERCENT_WORDS.get(language, '%')}"),
         _sub(r"\b([01]?\d|2[0-3]):([0-5]\d)\b", lambda m: _time(int(m[1]), int(m[2]), language)),
     ]
     if language == "en":
@@ -138,21 +149,28 @@ def _rules(language: str) -> list[Callable[[str], tuple[str, int]]]:
                            f"{_words(int(m[1]), 'en', to='year')}"),
             _sub(r"\b((?i:in|since|by|from|until|of|year))\s+(1[1-9]\d\d|20\d\d)\b",
                  lambda m: f"{m[1]} {_words(int(m[2]), 'en', to='year')}"),
-            _sub(rf"({number})\s?({'|'.join(re.escape(u) for u in sorted(UNITS_EN, key=len, reverse=True))})(?![\w/])",
-                 lambda m: _unit_en(value(m[1]), m[2])),
+            # A one-letter unit only after a space: "the 1990s" and "1.5m people" are no seconds or metres.
+            _sub(rf"{START}({number})(\s?(?:{UNITS_EN_LONG})|\s(?:{UNITS_EN_SHORT}))(?![\w/])",
+                 lambda m: _unit_en(value(m[1]), m[2].strip())),
         ]
     if language in ORDINAL_SUFFIXES:
-        rules.append(_sub(rf"\b(\d+)(?:{ORDINAL_SUFFIXES[language]})\b",
-                          lambda m: _words(int(m[1]), language, to="ordinal")))
+        rules.append(_sub(rf"{START}(\d+)(?:{ORDINAL_SUFFIXES[language]})(?!\w)",
+                          lambda m: _words(value(m[1]), language, to="ordinal")))
     # Not part of a word, a version or an address ("x2", "2.0.1", "10.0.0.1"): those stay as written.
-    rules.append(_sub(rf"(?<![\w.,])(?:{number})(?!\w|[.,]\d)", lambda m: _words(value(m[0]), language)))
+    rules.append(_sub(rf"{START}(?:{number}){END}", lambda m: _words(value(m[0]), language)))
     return rules
 
 
 def _currency(amount, code: str, language: str) -> str:
+    """An amount of ``code`` in words. num2words reads a whole number given as currency as cents,
+    so whole amounts are the number and the currency's name ("five dollars")."""
+    converter = CONVERTER_CLASSES[language]
+    forms = getattr(converter, "CURRENCY_FORMS", {}).get(code)
     try:
-        return _words(amount, language, to="currency", currency=code)
-    except (NotImplementedError, KeyError):  # a currency this language's converter does not name
+        if isinstance(amount, int) and forms:
+            return f"{_words(amount, language)} {converter.pluralize(amount, forms[0])}"
+        return _words(float(amount), language, to="currency", currency=code)
+    except Exception:  # a converter without this currency, or with a bug of its own in it
         return f"{_words(amount, language)} {code}"
 
 

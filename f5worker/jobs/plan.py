@@ -27,7 +27,7 @@ from f5worker.errors import InputError
 from f5worker.jobs.options import OPTION_DEFAULTS
 from f5worker.jobs.resampling import to_model_rate
 from f5worker.model.text_tokens import text_to_symbols
-from f5worker.inference.items import ChunkItem, item_frames
+from f5worker.inference.items import ChunkItem, item_frames, item_output_samples
 from f5worker.model.constants import HOP_LENGTH, SAMPLE_RATE, TARGET_RMS
 
 # f5-tts sizes chunks so that reference plus chunk last about 22 s. Nothing longer than this ever
@@ -107,7 +107,7 @@ def planned_samples(plan: JobPlan) -> int:
     """The samples ``finish`` returns for ``plan`` when silence is not removed (removing it only
     shortens), known before any model call: Vocos turns n frames into (n - 1) hops of audio, and
     chunks are joined with cross-fades."""
-    lengths = [max(0, item_frames(item) - item.ref_frames - 1) * HOP_LENGTH for item in plan.items]
+    lengths = [item_output_samples(item) for item in plan.items]
     return joined_length(lengths, SAMPLE_RATE, plan.request.cross_fade_duration)
 
 

@@ -97,6 +97,10 @@ class LiveAudio(Protocol):
 
     def add(self, wave: np.ndarray) -> list: ...
 
+    def add_joined(self, samples: np.ndarray) -> list:
+        """The next samples of audio already joined (24 kHz): a job whose silences are removed
+        sends its audio so, as the removal makes it final, instead of its chunks."""
+
     def close(self) -> list: ...
 
     def planned_result_bytes(self, samples: int, chunks: int) -> int: ...
@@ -113,6 +117,10 @@ class JoinedAudio:
     def add(self, wave: np.ndarray) -> np.ndarray:
         """The samples that ``wave`` (the next chunk) makes final."""
         return self._out(self.join.add(wave), last=False)
+
+    def add_joined(self, samples: np.ndarray) -> np.ndarray:
+        """Samples of audio already joined (``LiveAudio.add_joined``), resampled as the rest."""
+        return self._out(samples, last=False)
 
     def close(self) -> np.ndarray:
         """What was held back: the end of the audio."""
@@ -135,6 +143,9 @@ class AudioStream:
     def add(self, wave: np.ndarray) -> list[dict]:
         """The pieces that ``wave`` (the next chunk) completes."""
         return self._pieces(self.audio.add(wave))
+
+    def add_joined(self, samples: np.ndarray) -> list[dict]:
+        return self._pieces(self.audio.add_joined(samples))
 
     def close(self) -> list[dict]:
         """The pieces of what was held back: the end of the audio."""

@@ -26,11 +26,11 @@ import jiwer
 import numpy as np
 
 from f5worker.inference.batcher import JobTurn
-from f5worker.inference.items import ChunkItem, item_frames
-from f5worker.jobs.audio import _chunk_dbfs
+from f5worker.inference.items import ChunkItem, item_output_samples
+from f5worker.jobs.audio import chunk_dbfs
 from f5worker.jobs.normalize import language_of, normalize
 from f5worker.jobs.options import VERIFY_DEFAULT_MAX_ERROR, VERIFY_DEFAULT_RETRIES
-from f5worker.model.constants import HOP_LENGTH, SAMPLE_RATE
+from f5worker.model.constants import SAMPLE_RATE
 
 RETRY_SEED_STRIDE = 1_000_003  # a prime past any job's chunk count: a retry's noise is no chunk's own
 SILENT_DB = -45.0  # the whole chunk's level below this: nothing was said (outputs sit near -20 dBFS)
@@ -92,7 +92,7 @@ def audio_fault(wave: np.ndarray, planned_samples: int) -> str | None:
     clipped = float(np.mean(np.abs(wave) >= CLIP_LEVEL))
     if clipped > MAX_CLIPPED_SHARE:
         return f"{clipped:.1%} of its samples are clipped"
-    voiced = float(np.sum(_chunk_dbfs(wave, SAMPLE_RATE) > VOICED_DB)) * SAMPLE_RATE // 100
+    voiced = float(np.sum(chunk_dbfs(wave, SAMPLE_RATE) > VOICED_DB)) * SAMPLE_RATE // 100
     if planned_samples > 0 and voiced / planned_samples < MIN_VOICED_SHARE:
         return f"its speech fills only {voiced / planned_samples:.0%} of its time (rushed)"
     return None
@@ -202,6 +202,6 @@ class GuardedSampling:
             self.sampler.withdraw(futures)  # a failed or cancelled job leaves the queue
 
     async def _judged(self, item: ChunkItem, text: str, wave: np.ndarray) -> Try:
-        planned = max(0, item_frames(item) - item.ref_frames - 1) * HOP_LENGTH  # as jobs.plan.planned_samples
+        planned = item_output_samples(item)
         heard = None if audio_fault(wave, planned) else await self.transcribe(wave)
         return judge(wave, text, heard, seed=item.seed, planned_samples=planned, options=self.options)

@@ -42,7 +42,6 @@ from f5worker.model.constants import TARGET_RMS
 from f5worker.jobs.guard import COMMITTING
 from f5worker.jobs.memory import HeapTrimmer
 from f5worker.jobs.normalize import normalize_texts
-from f5worker.jobs.options import VERIFY_DEFAULT_MAX_ERROR, VERIFY_DEFAULT_RETRIES
 from f5worker.jobs.verify import ChunkReport, GuardedSampling, GuardOptions, job_summary
 from f5worker.jobs.models import JobModels
 from f5worker.model.store import ModelFiles
@@ -345,8 +344,8 @@ class Worker:
                           live: bool) -> tuple[Assembled, list[ChunkReport] | None]:
         """The plan's chunks sampled through the batcher (judged and sampled again where they fail,
         with ``verify``: the reports) and assembled (``jobs.assembly``: written as they come, none
-        kept), streamed (``live``) and reported as each is done; a stream that is not live gets the
-        assembled audio as its one chunk."""
+        kept), streamed (``live``: each chunk; with silences removed, the audio as the removal makes
+        it final) and reported as each is done."""
         lengths: list[int] = []
 
         def send(pieces: list) -> None:
@@ -359,6 +358,8 @@ class Worker:
             if live:
                 send(await self._off_loop(stream.add, wave))
             await self._staging(assembly.add, wave)  # while the model samples the next chunks
+            if stream is not None and not live:  # silences removed: the audio as it is final
+                send(await self._off_loop(stream.add_joined, assembly.take_kept()))
             if on_progress is not None and len(plan.items) > 1:
                 seconds = audio.joined_length(lengths, SAMPLE_RATE, job.cross_fade_duration)
                 on_progress({"chunks_done": len(lengths), "chunks_total": len(plan.items),
@@ -375,8 +376,8 @@ class Worker:
                 assembled = await self._staging(assembly.close, plan.texts)
                 if live:
                     send(await self._off_loop(stream.close))
-                elif stream is not None:  # silences removed from the whole: one chunk, no fades
-                    send(await self._off_loop(stream.add, np.concatenate(assembly.kept)))
+                elif stream is not None:
+                    send(await self._off_loop(stream.add_joined, assembly.take_kept()))
                     send(await self._off_loop(stream.close))
         except BaseException:
             assembly.abandon()  # no thread uses it now (_off_loop waits for its thread)
@@ -384,8 +385,8 @@ class Worker:
         return assembled, reports
 
     def _guard(self, job: TTSInput, plan: JobPlan, clock: JobClock) -> GuardedSampling:
-        """The job's guarded sampling (``jobs.verify``): its chunks in windows of a model call's
-        items, each transcribed by the worker's Whisper on the model thread (``verify_s``)."""
+        """The job's guarded sampling (``jobs.verify``): its chunks in windows of the batcher's job
+        window, each transcribed by the worker's Whisper on the model thread (``verify_s``)."""
         if self.transcriber is None:
             raise InputError("'verify' needs the worker's transcription model, and this worker has none.")
 
@@ -394,11 +395,10 @@ class Worker:
                 await self._off_loop(self.transcriber.load)
                 return await self._on_gpu_thread(self.transcriber.transcribe, wave, SAMPLE_RATE)
 
-        options = GuardOptions(
-            max_error=job.verify_max_error if job.verify_max_error is not None else VERIFY_DEFAULT_MAX_ERROR,
-            retries=job.verify_retries if job.verify_retries is not None else VERIFY_DEFAULT_RETRIES,
-            language=self.models.registry[plan.items[0].model].language)
-        return GuardedSampling(self.batcher, transcribe, options=options, window=self.batcher.max_items,
+        asked = {"max_error": job.verify_max_error, "retries": job.verify_retries}
+        options = GuardOptions(language=self.models.registry[plan.items[0].model].language,
+                               **{knob: value for knob, value in asked.items() if value is not None})
+        return GuardedSampling(self.batcher, transcribe, options=options, window=self.batcher.job_window,
                                max_seed=MAX_SEED)
 
     def _inline_decision(self, job: TTSInput, result: dict, size: int,
@@ -454,12 +454,13 @@ class Worker:
         the audio shorter than planned)."""
         if job.remove_silence:
             return
-        limit = self.settings.max_result_bytes
-        if stream is not None:  # the pieces and the result's segments, which a result always has
-            pieces = stream.planned_result_bytes(planned_samples(plan), len(plan.items)) + planned_segments_bytes(
-                plan.texts, verified=job.verify)
+        # Every result holds its segments (and each chunk's verdict with verify): known from the plan.
+        limit = self.settings.max_result_bytes - planned_segments_bytes(plan.texts, verified=job.verify)
+        if stream is not None:
+            pieces = stream.planned_result_bytes(planned_samples(plan), len(plan.items))
             if pieces > limit - encoding.RESULT_ALLOWANCE_BYTES:
-                raise InputError(streaming.too_long_sentence(pieces, limit))
+                raise InputError(streaming.too_long_sentence(self.settings.max_result_bytes - limit + pieces,
+                                                             self.settings.max_result_bytes))
             limit -= pieces
         if not job.return_base64:
             return
