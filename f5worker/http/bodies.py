@@ -23,7 +23,7 @@ from f5worker.settings import Settings
 
 # The job contract's F5-TTS knobs, accepted beside OpenAI's fields (the SDK's ``extra_body``).
 KNOBS = ("ref_text", "nfe_step", "seed", "cfg_strength", "sway_sampling_coef", "cross_fade_duration",
-         "remove_silence", "sample_rate", "normalize")
+         "remove_silence", "sample_rate", "normalize", "verify", "verify_max_error", "verify_retries")
 # A speech body's fields as the job's input names them, for its sentences.
 RENAMED = {"text": "input", "local_voice": "voice", "output_format": "response_format"}
 
