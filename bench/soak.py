@@ -48,6 +48,7 @@ import soundfile as sf  # noqa: E402
 from tests.random_models import write_model_set  # noqa: E402
 from f5worker.settings import (ENV_ALLOW_PRIVATE_URLS, ENV_ASR_MODEL, ENV_BAKED_MODEL_DIR,  # noqa: E402
                                ENV_LOCAL_STORAGE_DIR, ENV_TMP_DIR, ENV_VOLUME_PATH)
+from f5worker.jobs.inputs import MAX_TEXT_CHARS  # noqa: E402
 from tests.fixtures_models import speechlike  # noqa: E402
 from tests.fixtures_whisper import write_tiny_whisper  # noqa: E402
 from tests.processes import clean_env, local_session, start_api_server, stop, wait_api_ready  # noqa: E402
@@ -66,7 +67,7 @@ INVALID = [
     ({"text": "Wrong type.", "local_voice": "basic_ref_en.wav", "seed": "7"}, "'seed' must be an integer."),
     ({"text": "Bad voice.", "local_voice": "../etc/passwd.wav"}, "'local_voice' must be a file name"),
     ({"text": "Nobody.", "local_voice": "nobody-here.wav"}, "Voice 'nobody-here.wav' was not found"),
-    ({"text": "a" * 2001, "local_voice": "basic_ref_en.wav"}, "'text' is too long"),
+    ({"text": "a" * (MAX_TEXT_CHARS + 1), "local_voice": "basic_ref_en.wav"}, "'text' is too long"),
     ({"text": "   ", "local_voice": "basic_ref_en.wav"}, "'text' must not be empty."),
     ({"endpoint": "delete", "voice_name": "x.wav"}, "Unknown endpoint"),
     ({"endpoint": "upload", "voice_file_url": "ftp://127.0.0.1/x.wav", "voice_name": "x.wav"},
