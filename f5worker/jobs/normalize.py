@@ -10,6 +10,7 @@ language num2words lacks (Chinese among them) is left as written, and the result
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -43,9 +44,12 @@ SCRIPT_LANGUAGES = ((re.compile(r"[\u3040-\u30ff]"), "ja"), (re.compile(r"[\uac0
 @dataclass(frozen=True)
 class Normalized:
     text: str
-    language: str
     replaced: int  # numbers written as words
-    supported: bool  # False: a sentence with digits is in a language num2words lacks, left as written
+    lacking: frozenset[str] = frozenset()  # languages num2words lacks whose sentences' digits stay as written
+
+    @property
+    def supported(self) -> bool:
+        return not self.lacking
 
 
 def language_of(text: str, model_language: str) -> str:
@@ -65,28 +69,26 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")  # "2.0.1" is no
 
 def normalize(text: str, model_language: str) -> Normalized:
     """``text`` with its numbers as words, sentence by sentence in each one's language
-    (``language_of``: a text may mix English and Chinese); ``language`` is the last sentence's."""
-    count, spoken, language, known = 0, [], model_language, True
-    pieces = SENTENCE_END.split(text)
+    (``language_of``: a text may mix English and Chinese)."""
+    count, spoken, lacking = 0, [], set()
     separators = SENTENCE_END.findall(text)
-    for index, sentence in enumerate(pieces):
+    for index, sentence in enumerate(SENTENCE_END.split(text)):
         language = language_of(sentence, model_language)
         if sentence and supported(language):
             for rule in _rules(language):
                 sentence, n = rule(sentence)
                 count += n
-        elif sentence and any(c.isdigit() for c in sentence):
-            known = False
+        elif any(c.isdigit() for c in sentence):
+            lacking.add(language)
         spoken.append(sentence + (separators[index] if index < len(separators) else ""))
-    return Normalized("".join(spoken), language, count, known)
+    return Normalized("".join(spoken), count, frozenset(lacking))
 
 
 def normalize_texts(texts: list[str], model_language: str) -> tuple[list[str], dict]:
     """Each text normalised, and the result's ``normalized`` field: the numbers written as words,
     and the languages whose numbers were left as written (num2words lacks them)."""
     done = [normalize(text, model_language) for text in texts]
-    lacking = sorted({language_of(sentence, model_language) for text in texts for sentence in SENTENCE_END.split(text)
-                      if any(c.isdigit() for c in sentence) and not supported(language_of(sentence, model_language))})
+    lacking = sorted(set().union(*(n.lacking for n in done)))
     report = {"numbers": sum(n.replaced for n in done)}
     if lacking:
         report["left_as_written"] = (f"Numbers in {', '.join(lacking)} are left as written: num2words, which "
@@ -131,7 +133,8 @@ def _sub(pattern: str, spoken: Callable[[re.Match], str]) -> Callable[[str], tup
     return apply
 
 
-def _rules(language: str) -> list[Callable[[str], tuple[str, int]]]:
+@functools.lru_cache(maxsize=None)  # one list per language: a chapter has thousands of sentences
+def _rules(language: str) -> tuple[Callable[[str], tuple[str, int]], ...]:
     """The rules in order, most specific first (a currency before its bare number)."""
     number = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?" if language in POINT_DECIMALS else \
         r"\d{1,3}(?:[.\u202f\u2009]\d{3})+(?:,\d+)?|\d+(?:,\d+)?"  # a plain space separates numbers
@@ -158,7 +161,7 @@ def _rules(language: str) -> list[Callable[[str], tuple[str, int]]]:
                           lambda m: _words(value(m[1]), language, to="ordinal")))
     # Not part of a word, a version or an address ("x2", "2.0.1", "10.0.0.1"): those stay as written.
     rules.append(_sub(rf"{START}(?:{number}){END}", lambda m: _words(value(m[0]), language)))
-    return rules
+    return tuple(rules)
 
 
 def _currency(amount, code: str, language: str) -> str:
