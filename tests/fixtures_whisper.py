@@ -13,6 +13,23 @@ from pathlib import Path
 import pytest
 
 MAX_NEW_TOKENS = 8
+BUILT_POSITIONS = 64  # the weights are drawn for this many decoder positions, then the table is resized
+
+
+def _with_positions(model, positions: int, seed: int):
+    """``model`` with a decoder position table of ``positions`` rows: its own first rows, the rest
+    drawn apart, so that every other weight (and so every transcript) is the same at any size."""
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    state = model.state_dict()
+    table = state["model.decoder.embed_positions.weight"]
+    extra = torch.randn(max(0, positions - len(table)), table.shape[1], generator=torch.Generator().manual_seed(seed))
+    state["model.decoder.embed_positions.weight"] = torch.cat([table, 0.02 * extra])[:positions]
+    model.config.max_target_positions = positions
+    resized = WhisperForConditionalGeneration(model.config)
+    resized.load_state_dict(state)
+    return resized.eval()
 
 
 def _byte_alphabet() -> list[str]:
@@ -28,7 +45,9 @@ def _byte_alphabet() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def write_tiny_whisper(folder: Path, seed: int = 0) -> Path:
+def write_tiny_whisper(folder: Path, seed: int = 0, max_target_positions: int = 448) -> Path:
+    """``max_target_positions``: the decoder's positions (448, as every OpenAI checkpoint), which
+    bound how many tokens one alignment pass reads."""
     import torch
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
                               WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer)
@@ -51,11 +70,11 @@ def write_tiny_whisper(folder: Path, seed: int = 0) -> Path:
         vocab_size=len(vocab), num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=1,
         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
         max_source_positions=1500,  # 30 s of 10 ms frames, halved by the conv stem: what the feature extractor pads to
-        max_target_positions=64, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,
+        max_target_positions=BUILT_POSITIONS, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,
         decoder_start_token_id=sot,
     )
     torch.manual_seed(seed)
-    model = WhisperForConditionalGeneration(config).eval()
+    model = _with_positions(WhisperForConditionalGeneration(config), max_target_positions, seed)
     model.generation_config = GenerationConfig(
         decoder_start_token_id=sot, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
         is_multilingual=True, lang_to_id={f"<|{code}|>": ids[f"<|{code}|>"] for code in LANGUAGES},

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from f5worker.inference.alignment import align_words, token_room, word_token_ids
 from f5worker.inference.device import pick_device, pick_dtype
 from f5worker.errors import StorageError
 from f5worker.model.store import resolve_asr_model
@@ -76,11 +77,7 @@ class Transcriber:
 
     def transcribe(self, samples: np.ndarray, sr: int) -> str:
         """Mono float samples at any rate -> the stripped transcript."""
-        audio = np.asarray(samples, dtype=np.float32)
-        if sr != WHISPER_SAMPLE_RATE:
-            import torchaudio.functional as AF
-
-            audio = AF.resample(torch.from_numpy(audio), sr, WHISPER_SAMPLE_RATE).numpy()
+        audio = at_whisper_rate(samples, sr)
         with self._lock:
             pipe = self._load_locked()
             with torch.inference_mode(), self._own_stream():
@@ -88,3 +85,28 @@ class Transcriber:
                               batch_size=16, generate_kwargs={"task": "transcribe"}, return_timestamps=False,
                               ignore_warning=True)
         return result["text"].strip()
+
+    def align(self, samples: np.ndarray, sr: int, words: list[str], language: str) -> list[tuple[float, float]]:
+        """Each word's (start, end) in seconds in ``samples`` (at most 30 s at any rate), by forced
+        alignment (``inference.alignment``); ``words`` as ``jobs.words.Word.as_said`` gives them."""
+        audio = at_whisper_rate(samples, sr)
+        with self._lock:
+            pipe = self._load_locked()
+            with self._own_stream():
+                return align_words(pipe.model, pipe.tokenizer, pipe.feature_extractor, audio, words, language)
+
+    def alignment_tokens(self, words: list[str], language: str) -> tuple[int, int]:
+        """How many tokens ``words`` take, and how many one alignment pass reads (``token_room``)."""
+        with self._lock:
+            pipe = self._load_locked()
+            used = sum(map(len, word_token_ids(pipe.tokenizer, words)))
+            return used, token_room(pipe.model, pipe.tokenizer, language)
+
+
+def at_whisper_rate(samples: np.ndarray, sr: int) -> np.ndarray:
+    audio = np.asarray(samples, dtype=np.float32)
+    if sr != WHISPER_SAMPLE_RATE:
+        import torchaudio.functional as AF
+
+        audio = AF.resample(torch.from_numpy(audio), sr, WHISPER_SAMPLE_RATE).numpy()
+    return audio

@@ -33,6 +33,8 @@ from f5worker.jobs.audio import SILENCE_CUT_DB, SILENCE_CUT_MS, SILENCE_KEEP_MS,
 from f5worker.jobs.encoding import OutputFormat, pcm16
 from f5worker.jobs.options import VERIFY_MAX_RETRIES
 from f5worker.jobs.resampling import OutputStream
+from f5worker.jobs.subtitles import TimedWord
+from f5worker.jobs.words import Word, split_words
 from f5worker.model.constants import SAMPLE_RATE
 
 # audio.remove_silences's rule in samples: pauses of at least 1 s below -50 dBFS keep 0.5 s at each side.
@@ -192,6 +194,7 @@ class Assembled:
     samples: int
     sample_rate: int
     segments: list[dict]
+    words: list[list[TimedWord]]  # each chunk's, where they were aligned (jobs.words; else empty)
 
     @property
     def duration(self) -> float:
@@ -213,16 +216,26 @@ class AudioAssembly:
         self.kept: list[np.ndarray] | None = [] if keep else None
         self.model_samples = 0
         self.samples = 0
+        self.aligned: dict[int, list[tuple[Word, int, int]]] = {}  # chunk -> its words' join positions
 
     def add(self, wave: np.ndarray) -> None:
         self._out(self.join.add(wave), last=False)
+
+    def add_words(self, index: int, words: list[Word], spans: list[tuple[float, float]]) -> None:
+        """Chunk ``index``'s words and their (start, end) in seconds of its own audio, added."""
+        begin = self.join.starts[index]
+        self.aligned[index] = [(word, begin + round(a * SAMPLE_RATE), begin + round(b * SAMPLE_RATE))
+                               for word, (a, b) in zip(words, spans)]
 
     def close(self, texts: list[str]) -> Assembled:
         """The end of the audio written and the file closed; ``texts``: each chunk's text."""
         self._out(self.join.close(), last=True)
         if self.writer is not None:
             self.writer.close()
-        return Assembled(self.model_samples, self.samples, self.sample_rate, self._segments(texts))
+        cuts = self.cutter.cuts if self.cutter is not None else []
+        bounds = self.join.boundaries()
+        return Assembled(self.model_samples, self.samples, self.sample_rate, self._segments(texts, bounds, cuts),
+                         self._words(len(texts), bounds, cuts))
 
     def take_kept(self) -> np.ndarray:
         """The final audio (24 kHz) kept since the last call."""
@@ -249,23 +262,42 @@ class AudioAssembly:
         if self.writer is not None:
             self.writer.write(out)
 
-    def _segments(self, texts: list[str]) -> list[dict]:
-        cuts = self.cutter.cuts if self.cutter is not None else []
+    def _seconds(self, position: int, cuts: list[tuple[int, int]]) -> float:
+        """Where a position of the join lies in the output, in seconds (3 places)."""
+        if not self.model_samples:
+            return 0.0
         # position * samples / model_samples first: the last boundary comes out as the duration exactly
-        times = [round(after_cuts(b, cuts) * self.samples / self.model_samples / self.sample_rate, 3)
-                 if self.model_samples else 0.0 for b in self.join.boundaries()]
+        return round(after_cuts(position, cuts) * self.samples / self.model_samples / self.sample_rate, 3)
+
+    def _segments(self, texts: list[str], bounds: list[int], cuts: list[tuple[int, int]]) -> list[dict]:
+        times = [self._seconds(b, cuts) for b in bounds]
         return [{"text": text, "start": start, "end": end}
                 for text, start, end in zip(texts, times, times[1:])]
 
+    def _words(self, chunks: int, bounds: list[int], cuts: list[tuple[int, int]]) -> list[list[TimedWord]]:
+        """Each chunk's aligned words in output seconds, kept inside their segment (a word said in
+        the cross-fade before a chunk's hand-over belongs to that chunk's span)."""
+        def inside(position: int, i: int) -> float:
+            return self._seconds(min(max(position, bounds[i]), bounds[i + 1]), cuts)
 
-def planned_segments_bytes(texts: list[str], *, verified: bool = False) -> int:
+        return [[TimedWord(word, inside(a, i), inside(b, i)) for word, a, b in self.aligned.get(i, [])]
+                for i in range(chunks)]
+
+
+def planned_segments_bytes(texts: list[str], *, verified: bool = False, words: bool = False) -> int:
     """The most bytes a result's ``segments`` for chunks of these texts takes (serialised as the
     runpod SDK does), known before any model call; ``verified``: with each chunk's report and the
-    job's (``jobs.verify``) at their widest."""
+    job's (``jobs.verify``) at their widest; ``words``: with each word's times (``jobs.word_times``)."""
     tries = VERIFY_MAX_RETRIES + 1  # every try's reason is listed, the kept one's too
     report = {"error": WIDEST_ERROR, "tries": tries, "kept_try": tries, "retried_because": [WIDEST_REASON] * tries}
-    widest = [{"text": text, "start": WIDEST_SECONDS, "end": WIDEST_SECONDS, **({"verify": report} if verified else {})}
-              for text in texts]
+
+    def widest_words(text: str) -> dict:
+        if not words:
+            return {}
+        return {"words": [{"word": w.text, "start": WIDEST_SECONDS, "end": WIDEST_SECONDS} for w in split_words(text)]}
+
+    widest = [{"text": text, "start": WIDEST_SECONDS, "end": WIDEST_SECONDS, **widest_words(text),
+               **({"verify": report} if verified else {})} for text in texts]
     summary = {"verify": {"worst_chunk": len(texts), "worst_error": WIDEST_ERROR, "retried_chunks": len(texts),
                           "failed_chunks": len(texts)}} if verified else {}
     return len(json.dumps({"segments": widest, **summary}, ensure_ascii=False).encode("utf-8"))

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from f5worker.jobs.encoding import DEFAULT_FORMAT, EXTENSIONS, FORMATS, SAMPLE_RATES, one_of
+from f5worker.jobs.subtitles import SUBTITLE_EXTENSIONS, SUBTITLE_FORMATS
 from f5worker.errors import InputError
 from f5worker.inference.items import MAX_NFE_STEP
 from f5worker.jobs.options import OPTION_DEFAULTS as DEFAULT
@@ -40,6 +41,9 @@ OUTPUT_KEY_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_-])?")
 MAX_SCRIPT_VOICES = 8
 VOICE_ALIAS_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 VOICE_TAG_RE = re.compile(r"\[([A-Za-z0-9_-]{1,32})\]")
+TIMESTAMPS = ("word",)
+# Every stored output's ending: the audio's, and its subtitle file's beside it (same key).
+STORED_EXTENSIONS = EXTENSIONS + SUBTITLE_EXTENSIONS
 
 
 def check_voice_name(name: str) -> str:
@@ -79,7 +83,7 @@ def check_output_key(key: str) -> str:
 
 def output_extension(name: str) -> str | None:
     """The output extension ``name`` ends in (any format's, any case), or None."""
-    return next((ext for ext in EXTENSIONS if name.lower().endswith(ext)), None)
+    return next((ext for ext in STORED_EXTENSIONS if name.lower().endswith(ext)), None)
 
 
 class _Input(BaseModel):
@@ -109,6 +113,8 @@ class TTSInput(_Input):
     verify: bool = False  # each chunk transcribed and judged, sampled again if it fails (jobs.verify)
     verify_max_error: float | None = Field(default=None, gt=0.0, le=1.0)  # None: VERIFY_DEFAULT_MAX_ERROR
     verify_retries: int | None = Field(default=None, ge=0, le=VERIFY_MAX_RETRIES)  # None: VERIFY_DEFAULT_RETRIES
+    timestamps: str | None = None  # "word": each segment's words with their times (inference.alignment)
+    subtitles: str | None = None  # "srt" or "vtt": a subtitle file stored beside the audio (jobs.subtitles)
 
     _voice = field_validator("local_voice")(classmethod(lambda cls, v: check_voice_name(v)))
     _output_key = field_validator("output_key")(classmethod(lambda cls, v: check_output_key(v)))
@@ -119,6 +125,25 @@ class TTSInput(_Input):
         if name not in FORMATS:
             raise ValueError(f"must be {one_of(FORMATS)}")
         return name
+
+    @field_validator("timestamps")
+    @classmethod
+    def _known_timestamps(cls, value: str | None) -> str | None:
+        if value is not None and value not in TIMESTAMPS:
+            raise ValueError(f"must be {one_of(repr(t) for t in TIMESTAMPS)} (or left out)")
+        return value
+
+    @field_validator("subtitles")
+    @classmethod
+    def _known_subtitles(cls, value: str | None) -> str | None:
+        if value is not None and value not in SUBTITLE_FORMATS:
+            raise ValueError(f"must be {one_of(repr(f) for f in SUBTITLE_FORMATS)} (or left out)")
+        return value
+
+    @property
+    def aligned(self) -> bool:
+        """Whether the job's words are aligned: for their times, or for its subtitles."""
+        return self.timestamps is not None or self.subtitles is not None
 
     @field_validator("sample_rate")
     @classmethod

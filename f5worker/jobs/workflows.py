@@ -43,6 +43,8 @@ from f5worker.jobs.guard import COMMITTING
 from f5worker.jobs.memory import HeapTrimmer
 from f5worker.jobs.normalize import normalize_texts
 from f5worker.jobs.verify import ChunkReport, GuardedSampling, GuardOptions, job_summary
+from f5worker.jobs.subtitles import SUBTITLE_FORMATS
+from f5worker.jobs.word_times import ChunkWords, add_word_times, subtitle_text
 from f5worker.jobs.models import JobModels
 from f5worker.model.store import ModelFiles
 from f5worker.jobs.resampling import least_output_length
@@ -53,6 +55,11 @@ from s3_utils import KeyNotFound, ObjectTooLarge, Storage
 from f5worker.model.constants import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
+
+def subtitles_key_for(output_key: str, fmt: encoding.OutputFormat, subtitles: str) -> str:
+    """The subtitle file's key: the audio's, with the subtitle format's extension for its own."""
+    return f"{output_key.removesuffix('.' + fmt.extension)}.{subtitles}"
+
 
 def output_key_for(job_id: str, requested: str | None, fmt: encoding.OutputFormat) -> str:
     """Where a TTS job's audio is stored: ``output/<job_id>.<ext>``, or the caller's ``output_key``
@@ -83,7 +90,7 @@ def job_files(tmp_dir: Path, job_id: str) -> Iterator[dict[str, Path]]:
     removed however the job ends."""
     if not tmp_dir.is_dir():
         raise staging_error(tmp_dir, FileNotFoundError())
-    paths = {name: tmp_dir / f"{job_id}_{name}" for name in ("voice.wav", "output.wav", "download")}
+    paths = {name: tmp_dir / f"{job_id}_{name}" for name in ("voice.wav", "output.wav", "download", "subtitles")}
     try:
         yield paths
     finally:
@@ -258,15 +265,20 @@ class Worker:
                 plan = await self._off_loop(plan_segments, synthesis_requests(job, segments, voices, seed,
                                                                               streamed=live, model=model))
                 self._refuse_early(plan, fmt, job, stream if live else None)
+                words = self._chunk_words(job, plan)
+                if words is not None:
+                    await words.check()
                 assembly = await self._assembly(job, fmt, paths["output.wav"] if store else None, stream, live=live)
             assembled, reports = await self._synthesize(plan, job, assembly, stream, on_audio, on_progress, clock,
-                                                        live=live)
+                                                        live=live, words=words)
             verified = _verification(assembled, reports)
+            if job.timestamps is not None:
+                add_word_times(assembled)
             extras = {**({"normalized": normalized} if normalized is not None else {}),
                       **({"verify": verified} if verified is not None else {})}
             delivery = Delivery(job_id, job, fmt, output_key_for(job_id, job.output_key, fmt), stream, extras)
             if store:
-                result = await self._store(delivery, assembled, voices, plan, seed, paths["output.wav"], clock)
+                result = await self._store(delivery, assembled, voices, plan, seed, paths, clock)
             else:
                 result = self._unstored_result(delivery, voices, plan, seed, assembled)
         clock.timings["total_s"] = clock.since_start()
@@ -302,14 +314,17 @@ class Worker:
         return [(name, text) for (name, _), text in zip(segments, texts)], normalized
 
     async def _store(self, delivery: "Delivery", assembled: Assembled, voices: dict[str, JobVoice],
-                     plan: JobPlan, seed: int, staging: Path, clock: JobClock) -> dict:
-        """The job's audio file (written as it was sampled) stored, and inline if asked; its result."""
-        job, fmt = delivery.job, delivery.fmt
+                     plan: JobPlan, seed: int, paths: dict[str, Path], clock: JobClock) -> dict:
+        """The job's audio file (written as it was sampled) stored, and inline if asked; its result.
+        A subtitle file goes up first: the audio's upload is the job's last step that may fail."""
+        job, fmt, staging = delivery.job, delivery.fmt, paths["output.wav"]
         size = (await self._staging(staging.stat)).st_size
         with clock.step("upload_s"):
             url = await self._off_loop(self.storage.result_url, delivery.output_key)
             result = tts_result(job, voices, plan, fmt, url=url, output_key=delivery.output_key, seed=seed,
                                 assembled=assembled, size=size, stream=delivery.stream, extras=delivery.extras)
+            if job.subtitles is not None:
+                result.update(await self._store_subtitles(delivery, assembled, paths["subtitles"]))
             # Whether the audio fits inline is settled before the upload: a job never fails after it.
             inline = self._inline_decision(job, result, size, delivery.stream)
             if inline.too_large and job.return_base64:
@@ -318,6 +333,15 @@ class Worker:
         with clock.step("encoding_s"):
             await self._attach_inline(delivery.job_id, result, inline, staging, size)
         return result
+
+    async def _store_subtitles(self, delivery: "Delivery", assembled: Assembled, staging: Path) -> dict:
+        """The job's subtitle file, stored beside its audio (same key, its own extension)."""
+        fmt = delivery.job.subtitles
+        key = subtitles_key_for(delivery.output_key, delivery.fmt, fmt)
+        text = await self._off_loop(subtitle_text, assembled, fmt)
+        await self._staging(staging.write_text, text, "utf-8")
+        await self._off_loop(self.storage.upload_file, key, staging, SUBTITLE_FORMATS[fmt])
+        return {"subtitles_url": await self._off_loop(self.storage.result_url, key), "subtitles_key": key}
 
     @staticmethod
     def _unstored_result(delivery: "Delivery", voices: dict[str, JobVoice], plan: JobPlan, seed: int,
@@ -341,11 +365,11 @@ class Worker:
     async def _synthesize(self, plan: JobPlan, job: TTSInput, assembly: AudioAssembly,
                           stream: streaming.LiveAudio | None, on_audio: Callable[[object], None] | None,
                           on_progress: Callable[[dict], None] | None, clock: JobClock, *,
-                          live: bool) -> tuple[Assembled, list[ChunkReport] | None]:
+                          live: bool, words: ChunkWords | None) -> tuple[Assembled, list[ChunkReport] | None]:
         """The plan's chunks sampled through the batcher (judged and sampled again where they fail,
         with ``verify``: the reports) and assembled (``jobs.assembly``: written as they come, none
         kept), streamed (``live``: each chunk; with silences removed, the audio as the removal makes
-        it final) and reported as each is done."""
+        it final), its words aligned (``words``) and reported as each is done."""
         lengths: list[int] = []
 
         def send(pieces: list) -> None:
@@ -358,6 +382,9 @@ class Worker:
             if live:
                 send(await self._off_loop(stream.add, wave))
             await self._staging(assembly.add, wave)  # while the model samples the next chunks
+            if words is not None:
+                with clock.step("alignment_s"):
+                    assembly.add_words(len(lengths) - 1, *await words.align(len(lengths) - 1, wave))
             if stream is not None and not live:  # silences removed: the audio as it is final
                 send(await self._off_loop(stream.add_joined, assembly.take_kept()))
             if on_progress is not None and len(plan.items) > 1:
@@ -400,6 +427,13 @@ class Worker:
                                **{knob: value for knob, value in asked.items() if value is not None})
         return GuardedSampling(self.batcher, transcribe, options=options, window=self.batcher.job_window,
                                max_seed=MAX_SEED)
+
+    def _chunk_words(self, job: TTSInput, plan: JobPlan) -> ChunkWords | None:
+        """The job's word alignment, when its word times or subtitles are asked for."""
+        if not job.aligned:
+            return None
+        return ChunkWords(self.transcriber, plan.texts, self.models.registry[plan.items[0].model].language,
+                          on_model_thread=self._on_gpu_thread, off_loop=self._off_loop)
 
     def _inline_decision(self, job: TTSInput, result: dict, size: int,
                          stream: streaming.LiveAudio | None) -> InlineAudio:
@@ -452,10 +486,16 @@ class Worker:
         them. The length is known from the plan, and so are the pieces' size and a WAV's
         (compressed sizes are known only once encoded, and removed silences, never streamed, make
         the audio shorter than planned)."""
+        # Every result holds its segments (each chunk's verdict with verify, its words with
+        # timestamps): known from the plan.
+        segments = planned_segments_bytes(plan.texts, verified=job.verify, words=job.timestamps is not None)
+        limit = self.settings.max_result_bytes - segments
+        if limit < encoding.RESULT_ALLOWANCE_BYTES:
+            raise InputError(f"The result's segments for this text could take {segments} bytes, more than a "
+                             f"job's result may hold ({self.settings.max_result_bytes}); split the text, or ask for "
+                             "'subtitles' instead of 'timestamps'.")
         if job.remove_silence:
             return
-        # Every result holds its segments (and each chunk's verdict with verify): known from the plan.
-        limit = self.settings.max_result_bytes - planned_segments_bytes(plan.texts, verified=job.verify)
         if stream is not None:
             pieces = stream.planned_result_bytes(planned_samples(plan), len(plan.items))
             if pieces > limit - encoding.RESULT_ALLOWANCE_BYTES:

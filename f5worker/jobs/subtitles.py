@@ -1,0 +1,160 @@
+"""A job's subtitle file (``"subtitles": "srt"`` or ``"vtt"``), made from its words' times.
+
+Why this module exists: a subtitle file is more than words and times; cues follow broadcast
+practice (the BBC's and Netflix's guidelines agree on these), which is what video editors and
+players expect:
+
+* at most two lines of at most 42 characters (a wide CJK character counts as two);
+* a cue ends at a sentence end once it has been up for ``MIN_CUE_SECONDS``, and when the next
+  word would not fit (in two lines, or in ``MAX_CUE_SECONDS``) it ends at its latest clause end
+  (, ; : and their CJK forms) that keeps at least half its text, else before that word;
+* lines break at a clause end where one fits, else where the two lines are most even;
+* no cue is up for less than about a second: a short cue is merged into the next where the two
+  fit, else held until the next begins (and the next pushed back where it must).
+
+Files are written with the ``srt`` and ``webvtt-py`` libraries, and read back by them in the tests.
+"""
+from __future__ import annotations
+
+import datetime
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import srt
+import webvtt
+
+from f5worker.jobs.words import Word
+
+SUBTITLE_FORMATS = {"srt": "application/x-subrip", "vtt": "text/vtt"}  # format (and extension) -> content type
+SUBTITLE_EXTENSIONS = tuple(f".{name}" for name in SUBTITLE_FORMATS)
+LINE_CELLS = 42
+MAX_LINES = 2
+MIN_CUE_SECONDS = 1.0
+MAX_CUE_SECONDS = 7.0
+CLOSERS = "'\"’”)）」』»"
+SENTENCE_END = re.compile(rf"[.!?。！？…][{CLOSERS}]*$")
+CLAUSE_END = re.compile(rf"[,;:，；：、—–][{CLOSERS}]*$")
+
+
+@dataclass(frozen=True)
+class TimedWord:
+    word: Word
+    start: float  # seconds in the output
+    end: float
+
+
+@dataclass
+class Cue:
+    words: list[TimedWord]
+    start: float
+    end: float
+
+    @property
+    def lines(self) -> list[str]:
+        return cue_lines([w.word for w in self.words])
+
+
+def cells(text: str) -> int:
+    """Display width: East Asian wide and full-width characters take two cells."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def joined(words: list[Word]) -> str:
+    return "".join((" " if w.space_before and i else "") + w.text for i, w in enumerate(words))
+
+
+def cue_lines(words: list[Word]) -> list[str]:
+    """The cue's text in one line, or two broken at the best place (a lone word wider than a
+    line keeps its line)."""
+    text = joined(words)
+    if cells(text) <= LINE_CELLS or len(words) == 1:
+        return [text]
+    splits = [(joined(words[:k]), joined(words[k:]), words[k - 1]) for k in range(1, len(words))]
+    fitting = [s for s in splits if max(cells(s[0]), cells(s[1])) <= LINE_CELLS] or splits
+    best = min(fitting, key=lambda s: (not CLAUSE_END.search(s[2].text) and not SENTENCE_END.search(s[2].text),
+                                       abs(cells(s[0]) - cells(s[1]))))
+    return [best[0], best[1]]
+
+
+def fits(words: list[Word]) -> bool:
+    lines = cue_lines(words)
+    return len(lines) <= MAX_LINES and all(cells(line) <= LINE_CELLS for line in lines)
+
+
+def _must_close(current: list[TimedWord], word: TimedWord) -> bool:
+    return (not fits([w.word for w in current] + [word.word])
+            or word.end - current[0].start > MAX_CUE_SECONDS)
+
+
+def _cut(current: list[TimedWord]) -> int:
+    """Where a cue that cannot take the next word ends: after its latest clause end that keeps at
+    least half its text, else after all of it."""
+    total = cells(joined([w.word for w in current]))
+    for k in range(len(current) - 1, 0, -1):
+        if CLAUSE_END.search(current[k - 1].word.text) and 2 * cells(joined([w.word for w in current[:k]])) >= total:
+            return k
+    return len(current)
+
+
+def group_words(words: list[TimedWord]) -> list[list[TimedWord]]:
+    """The words in cues, by the rules above (times not yet held)."""
+    groups: list[list[TimedWord]] = []
+    current: list[TimedWord] = []
+    for word in words:
+        while current and _must_close(current, word):
+            k = _cut(current)
+            groups.append(current[:k])
+            current = current[k:]
+        current.append(word)
+        if SENTENCE_END.search(word.word.text) and word.end - current[0].start >= MIN_CUE_SECONDS:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
+
+
+def build_cues(words: list[TimedWord], duration: float) -> list[Cue]:
+    """The subtitle cues of ``words`` (in order, times monotonic) in audio of ``duration`` seconds."""
+    merged: list[list[TimedWord]] = []
+    for group in group_words(words):
+        last = merged[-1] if merged else None
+        if (last is not None and last[-1].end - last[0].start < MIN_CUE_SECONDS
+                and fits([w.word for w in last + group]) and group[-1].end - last[0].start <= MAX_CUE_SECONDS):
+            last.extend(group)
+        else:
+            merged.append(list(group))
+    cues = [Cue(group, group[0].start, group[-1].end) for group in merged]
+    return _held(cues, duration)
+
+
+def _held(cues: list[Cue], duration: float) -> list[Cue]:
+    """Each cue up for at least MIN_CUE_SECONDS where the audio allows: held into the gap before
+    the next, and the next pushed back if the gap is too short."""
+    for cue, after in zip(cues, [*cues[1:], None]):
+        cue.end = min(max(cue.end, cue.start + MIN_CUE_SECONDS), duration)
+        if after is not None:
+            if after.start < cue.end:
+                after.start = cue.end
+            after.end = max(after.end, after.start)
+        cue.start = min(cue.start, cue.end)
+    return cues
+
+
+def render(cues: list[Cue], fmt: str) -> str:
+    """The file's text in ``fmt`` (srt or vtt)."""
+    if fmt == "srt":
+        return srt.compose([srt.Subtitle(index=n, start=_delta(cue.start), end=_delta(cue.end),
+                                         content="\n".join(cue.lines)) for n, cue in enumerate(cues, 1)])
+    return webvtt.WebVTT(captions=[webvtt.Caption(start=_vtt_time(cue.start), end=_vtt_time(cue.end),
+                                                  text="\n".join(cue.lines)) for cue in cues]).content
+
+
+def _delta(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(milliseconds=round(seconds * 1000))
+
+
+def _vtt_time(seconds: float) -> str:
+    ms = round(seconds * 1000)
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"

@@ -1,0 +1,311 @@
+"""Word times (``"timestamps": "word"``) and subtitle files (``"subtitles": "srt"|"vtt"``).
+
+The alignment's parts are checked against references (openai-whisper's cell-by-cell DTW, a
+numpy median), then run through the worker's real Whisper path on the tiny random Whisper: its
+attention is noise, so the times it gives are arbitrary, but the path is monotonic by construction
+and the tests assert what must hold whatever the model heard: one time per word of the text,
+monotonic, inside its segment, inside the audio. The cue rules are checked on word times of
+real speech's pace (three words a second) and on the job's own, in files read back by the ``srt``
+and ``webvtt-py`` libraries.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+import srt
+import torch
+import webvtt
+
+from f5worker.errors import InputError
+from f5worker.inference.alignment import (align_words, alignment_heads, dtw_path, median_filter, prompt_ids,
+                                          token_room, word_times)
+from f5worker.inference.transcriber import Transcriber
+from f5worker.jobs.inputs import parse_job_input
+from f5worker.jobs.subtitles import (CLAUSE_END, LINE_CELLS, MAX_CUE_SECONDS, MIN_CUE_SECONDS, SENTENCE_END,
+                                     TimedWord, build_cues, cells, fits, render)
+from f5worker.jobs.words import split_words
+from f5worker.settings import Settings
+from tests.fixtures_whisper import write_tiny_whisper
+from tests.fixtures_worker import worker_ctx
+
+
+# --- the alignment's parts -------------------------------------------------------------------------
+def dtw_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """openai-whisper's ``dtw_cpu`` and ``backtrace`` (whisper/timing.py), cell by cell."""
+    n, m = x.shape
+    cost = np.full((n + 1, m + 1), np.inf)
+    trace = -np.ones((n + 1, m + 1))
+    cost[0, 0] = 0
+    for j in range(1, m + 1):
+        for i in range(1, n + 1):
+            c0, c1, c2 = cost[i - 1, j - 1], cost[i - 1, j], cost[i, j - 1]
+            if c0 < c1 and c0 < c2:
+                c, t = c0, 0
+            elif c1 < c0 and c1 < c2:
+                c, t = c1, 1
+            else:
+                c, t = c2, 2
+            cost[i, j], trace[i, j] = x[i - 1, j - 1] + c, t
+    trace[0, :], trace[:, 0] = 2, 1
+    i, j, path = n, m, []
+    while i > 0 or j > 0:
+        path.append((i - 1, j - 1))
+        i, j = (i - 1, j - 1) if trace[i, j] == 0 else (i - 1, j) if trace[i, j] == 1 else (i, j - 1)
+    cells_ = np.array(path[::-1])
+    return cells_[:, 0], cells_[:, 1]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 6), (6, 1), (3, 9), (20, 60), (60, 20), (8, 8)])
+def test_dtw_equals_openai_whispers(shape):
+    rng = np.random.default_rng(sum(shape))
+    for x in (rng.normal(size=shape), rng.integers(0, 2, size=shape).astype(float)):  # the second: ties
+        ours, theirs = dtw_path(x), dtw_reference(x)
+        assert np.array_equal(ours[0], theirs[0]) and np.array_equal(ours[1], theirs[1])
+
+
+def test_word_times_follow_the_attention():
+    """Token r looks at frames 10r..10r+9 (and away from the rest): each word starts where its
+    first token's frames do."""
+    tokens, frames = 5, 60
+    matrix = -np.ones((tokens + 1, frames))
+    for r in range(tokens + 1):
+        matrix[r, 10 * r:10 * r + 10] = 1.0
+    times = word_times(matrix, [2, 1, 2])  # words of 2, 1 and 2 tokens
+    assert times == [(0.0, 0.4), (0.4, 0.6), (0.6, 1.0)]
+
+
+def test_median_filter_equals_numpys():
+    x = torch.randn(2, 3, 40)
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (3, 3)), mode="reflect")
+    expected = np.median(np.lib.stride_tricks.sliding_window_view(padded, 7, axis=-1), axis=-1)
+    assert np.allclose(median_filter(x, 7).numpy(), expected)
+    assert torch.equal(median_filter(x[..., :3], 7), x[..., :3])  # too short to filter
+
+
+def test_words_are_the_texts_own():
+    words = split_words("Hello, world! 你好，世界。 It's 3.5 m.")
+    assert [w.text for w in words] == ["Hello,", "world!", "你", "好，", "世", "界。", "It's", "3.5", "m."]
+    assert [w.as_said for w in words][:3] == [" Hello,", " world!", "你"]
+
+
+@pytest.fixture(scope="module")
+def whisper_folder(tmp_path_factory):
+    return write_tiny_whisper(tmp_path_factory.mktemp("aligning-whisper"))
+
+
+@pytest.fixture(scope="module")
+def transcriber(whisper_folder):
+    return Transcriber(Settings.from_env({"ASR_MODEL": str(whisper_folder)}), device="cpu")
+
+
+def test_alignment_through_the_worker_whisper(transcriber):
+    words = [w.as_said for w in split_words("Hello there, world. This is a test of the aligner.")]
+    audio = (0.1 * np.random.default_rng(0).standard_normal(24000 * 4)).astype(np.float32)
+    spans = transcriber.align(audio, 24000, words, "en")
+    assert len(spans) == len(words)
+    flat = [t for span in spans for t in span]
+    assert flat == sorted(flat) and 0.0 <= flat[0] and flat[-1] <= 4.0
+    model = transcriber.load().model
+    assert model.config._attn_implementation == "sdpa"  # back to what it was after the eager pass
+    # The tiny model lists no alignment heads: every head of the decoder's second half.
+    assert alignment_heads(model) == [(0, 0), (0, 1)]
+    assert transcriber.alignment_tokens(words, "en") == (sum(len(w.encode()) for w in words), 448 - 5)
+    assert transcriber.align(audio, 24000, [], "en") == []
+
+
+def test_the_checkpoints_own_heads_and_language_are_used(transcriber):
+    pipe = transcriber.load()
+    pipe.model.generation_config.alignment_heads = [[0, 1]]
+    try:
+        assert alignment_heads(pipe.model) == [(0, 1)]
+    finally:
+        del pipe.model.generation_config.alignment_heads
+    tok = pipe.tokenizer
+    assert prompt_ids(tok, "zh")[1] == tok.convert_tokens_to_ids("<|zh|>")
+    assert len(prompt_ids(tok, "not-a-language")) == 3  # a language the model lacks: left out
+    assert token_room(pipe.model, tok, "en") == 448 - 5
+    audio = np.zeros(16000, dtype=np.float32)
+    spans = align_words(pipe.model, tok, pipe.feature_extractor, audio, ["你", "好"], "zh")
+    assert len(spans) == 2 and spans[0][0] <= spans[1][0] <= spans[1][1] <= 1.0
+
+
+# --- the cue rules ---------------------------------------------------------------------------------
+SPEECH = ("Chapter one. It was a bright cold day in April, and the clocks were striking thirteen. "
+          "Winston Smith, his chin nuzzled into his breast in an effort to escape the vile wind, slipped "
+          "quickly through the glass doors of Victory Mansions, though not quickly enough to prevent a swirl "
+          "of gritty dust from entering along with him. Yes. No. The hallway smelt of boiled cabbage and old "
+          "rag mats; at one end of it a coloured poster, too large for indoor display, had been tacked to the "
+          "wall. Averylongwordthatdoesnotfitinanylineofasubtitleatallbecauseitgoeson and then it ends.")
+
+
+def paced(text: str, words_per_second: float = 3.0) -> list[TimedWord]:
+    step = 1 / words_per_second
+    return [TimedWord(w, round(k * step, 3), round((k + 1) * step, 3)) for k, w in enumerate(split_words(text))]
+
+
+def cue_word_counts(parsed, words: list[TimedWord]) -> list[int]:
+    """How many of ``words`` each cue holds, read off its text (spaces aside): every word once, in order."""
+    counts, position = [], 0
+    for _, _, lines in parsed:
+        text, count = "".join(lines).replace(" ", ""), 0
+        while text:
+            assert text.startswith(words[position + count].word.text), (text, words[position + count])
+            text = text[len(words[position + count].word.text):]
+            count += 1
+        counts.append(count)
+        position += count
+    assert position == len(words)
+    return counts
+
+
+def assert_cue_rules(parsed: list[tuple[float, float, list[str]]], words: list[TimedWord], duration: float):
+    """Cues in order, apart, inside the audio; two lines of 42 cells at most (a lone over-wide
+    word excepted); up for at least a second (the last may end with the audio); breaks at sentence
+    ends, clause ends, or where the next word does not fit; every word once."""
+    counts = cue_word_counts(parsed, words)
+    for start, end, lines in parsed:
+        assert 0 <= start < end <= duration + 1e-9
+        assert len(lines) <= 2 and all(cells(line) <= LINE_CELLS or " " not in line for line in lines), lines
+        assert end - start >= MIN_CUE_SECONDS - 1e-3 or end == pytest.approx(duration), (start, end, lines)
+    for (_, end, _), (start, _, _) in zip(parsed, parsed[1:]):
+        assert end <= start + 1e-9
+    position = 0
+    for k, count in enumerate(counts[:-1]):
+        last, after = words[position + count - 1], words[position + count]
+        cue_words = [w.word for w in words[position:position + count]]
+        closes = (SENTENCE_END.search(last.word.text) or CLAUSE_END.search(last.word.text)
+                  or not fits(cue_words + [after.word]) or after.end - words[position].start > MAX_CUE_SECONDS)
+        assert closes, (k, parsed[k])
+        position += count
+
+
+@pytest.mark.parametrize("fmt", ["srt", "vtt"])
+def test_cues_follow_broadcast_practice(fmt):
+    words = paced(SPEECH)
+    duration = words[-1].end + 0.5
+    text = render(build_cues(words, duration), fmt)
+    parsed = parse(text, fmt)
+    assert len(parsed) > 8
+    assert_cue_rules(parsed, words, duration)
+    # "Chapter one." is said in 0.67 s, too short a cue: it shares one, its own line the first
+    # (lines break at a sentence end where both fit); the next cue ends at its sentence's end,
+    # the one after at a clause end.
+    assert parsed[0][2] == ["Chapter one.", "It was a bright cold day in April,"]
+    assert parsed[1][2] == ["and the clocks were striking thirteen."]
+    assert parsed[3][2][-1].endswith("Mansions,")
+    assert any(len(lines) == 2 for _, _, lines in parsed)
+
+
+def test_cues_of_unspaced_text_count_wide_characters_twice():
+    words = paced("今天天气很好，我们去公园散步吧。然后我们一起吃午饭，再回家休息一下，晚上看一部电影。", 5)
+    parsed = parse(render(build_cues(words, words[-1].end), "srt"), "srt")
+    assert all(cells(line) <= LINE_CELLS for _, _, lines in parsed for line in lines)
+    assert_cue_rules(parsed, words, words[-1].end)
+
+
+def test_a_burst_of_short_cues_is_held_a_second_each():
+    """Sentences said in 0.2 s each (as a random model's times may be): merged where they fit,
+    held and pushed back so that none is up for less than a second while the audio lasts."""
+    words = paced(" ".join(f"Word{k}." for k in range(40)), 20)
+    parsed = parse(render(build_cues(words, 30.0), "vtt"), "vtt")
+    assert_cue_rules(parsed, words, 30.0)
+
+
+def parse(text: str, fmt: str) -> list[tuple[float, float, list[str]]]:
+    if fmt == "srt":
+        return [(s.start.total_seconds(), s.end.total_seconds(), s.content.split("\n")) for s in srt.parse(text)]
+    return [(c.start_in_seconds + int(c.start.split(".")[1]) / 1000, c.end_in_seconds + int(c.end.split(".")[1]) / 1000,
+             c.lines) for c in webvtt.from_string(text).captions]
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+def test_inputs():
+    job = {"text": "Hi.", "local_voice": "basic_ref_en.wav"}
+    parsed = parse_job_input({**job, "timestamps": "word", "subtitles": "vtt"})
+    assert parsed.timestamps == "word" and parsed.subtitles == "vtt" and parsed.aligned
+    assert not parse_job_input(job).aligned
+    for bad, sentence in [({"timestamps": "char"}, "'timestamps' must be 'word'"),
+                          ({"subtitles": "ass"}, "'subtitles' must be 'srt' or 'vtt'"),
+                          ({"subtitles": True}, "'subtitles' must be a string"),
+                          ({"output_key": "line.srt"}, "leave '.srt' off"),
+                          ({"output_key": "film.vtt/line"}, "ends in '.vtt'")]:
+        with pytest.raises(InputError, match=sentence):
+            parse_job_input({**job, **bad})
+
+
+# --- jobs ------------------------------------------------------------------------------------------
+TEXT = ("The first sentence is here, and it goes on for a while. A second one follows it! "
+        "Then a third sentence, with a clause; and another clause. 然后是中文。 " * 3 + "The end.")
+JOB = {"text": TEXT, "local_voice": "basic_ref_en.wav", "nfe_step": 2, "seed": 5, "return_base64": False}
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_models, tiny_whisper, s3_server, tmp_path_factory):
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path_factory.mktemp("word-times"), s3_server) as built:
+        yield built
+
+
+def assert_words_in_segments(result: dict):
+    times = []
+    for segment in result["segments"]:
+        assert [w["word"] for w in segment["words"]] == [w.text for w in split_words(segment["text"])]
+        for word in segment["words"]:
+            assert segment["start"] <= word["start"] <= word["end"] <= segment["end"]
+            times += [word["start"], word["end"]]
+    assert times == sorted(times) and times[-1] <= result["duration"]
+
+
+@pytest.mark.parametrize("options", [{"subtitles": "srt"},
+                                     {"subtitles": "vtt", "remove_silence": True, "sample_rate": 16000,
+                                      "output_format": "flac", "output_key": "film/scene-1"},
+                                     {"speed": 0.6, "cross_fade_duration": 0.0}])
+def test_a_job_with_word_times_and_subtitles(ctx, options):
+    _, result = ctx.run({**JOB, "timestamps": "word", **options})
+    assert "error" not in result, result
+    assert len(result["segments"]) >= 2
+    assert_words_in_segments(result)
+    assert "alignment_s" in result["timings"]
+    fmt = options.get("subtitles")
+    if fmt is None:
+        assert "subtitles_url" not in result
+        return
+    key = result["output_key"].rsplit(".", 1)[0] + "." + fmt
+    assert result["subtitles_key"] == key
+    text = ctx.fetch_url(result["subtitles_url"]).decode("utf-8")
+    assert ctx.get_bytes(key).decode("utf-8") == text
+    words = [TimedWord(w, x["start"], x["end"]) for s in result["segments"]
+             for w, x in zip(split_words(s["text"]), s["words"])]
+    parsed = parse(text, fmt)
+    assert parsed and parsed[0][0] == pytest.approx(words[0].start, abs=1e-3)
+    audio, rate = sf.read(io.BytesIO(ctx.get_bytes(result["output_key"])))
+    assert rate == result["sample_rate"] and len(audio) / rate == pytest.approx(result["duration"], abs=1e-3)
+    assert_cue_rules(parsed, words, result["duration"])
+
+
+def test_subtitles_alone_give_no_word_times_in_the_result(ctx):
+    _, result = ctx.run({**JOB, "subtitles": "srt", "output_key": "alone"})
+    assert "error" not in result, result
+    assert all("words" not in s for s in result["segments"])
+    assert result["subtitles_key"] == "output/alone.srt" and ctx.get_bytes("output/alone.srt")
+
+
+def test_refused_before_any_model_call(ctx, whisper_folder, tmp_path, monkeypatch, limit):
+    calls = len(ctx.worker.batcher.calls)
+    monkeypatch.setattr(ctx.worker, "transcriber", None)
+    _, result = ctx.run({**JOB, "timestamps": "word"})
+    assert result["error"] == ("'timestamps' and 'subtitles' need the worker's transcription model, "
+                               "and this worker has none.")
+    short = write_tiny_whisper(tmp_path / "short-whisper", max_target_positions=16)
+    monkeypatch.setattr(ctx.worker, "transcriber", Transcriber(Settings.from_env({"ASR_MODEL": str(short)}), "cpu"))
+    _, result = ctx.run({**JOB, "subtitles": "vtt"})
+    assert result["error"].startswith("Chunk 1 of the text takes ") and "more than the 11 one alignment" in \
+        result["error"]
+    monkeypatch.undo()
+    limit(3000)
+    _, result = ctx.run({**JOB, "timestamps": "word"})
+    assert result["error"].startswith("The result's segments for this text could take ")
+    assert len(ctx.worker.batcher.calls) == calls
+    assert not ctx.tmp_files()
