@@ -19,9 +19,11 @@
 #   3. jobs through the whole worker at ready and after its fast path switched, then one job of
 #      10,000 characters (bench/worker_jobs.py: every job must succeed; the chapter's seconds say
 #      how long a text fits the default 600 s job timeout), 210 s at most;
-#   4. time to first and last byte over HTTP beside the queue face's first audio
+#   4. what word alignment costs per minute of audio (bench/alignment.py: Whisper-turbo-sized random
+#      weights), 40 s at most;
+#   5. time to first and last byte over HTTP beside the queue face's first audio
 #      (bench/http_latency.py, full size), 75 s at most;
-#   5. the bench figures (stock f5-tts side by side), with what time is left.
+#   6. the bench figures (stock f5-tts side by side), with what time is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -55,6 +57,8 @@ timeout -k 10 210 "$PY" bench/worker_jobs.py --models /tmp/bench-models --out "$
   --chapter 10000 > "$OUT/worker_jobs.log" 2>&1
 echo "worker jobs (exit $?; 1: a job failed): $(tail -1 "$OUT/worker_jobs.log")"
 
+timeout -k 10 40 "$PY" bench/alignment.py --out "$OUT/alignment.json" > "$OUT/alignment.log" 2>&1
+echo "word alignment (exit $?): $(tail -1 "$OUT/alignment.log")"
 timeout -k 10 75 "$PY" bench/http_latency.py --full --runs 3 --models /tmp/bench-models/http \
   --out "$OUT/http_latency.json" > "$OUT/http_latency.log" 2>&1
 echo "HTTP latency (exit $?): $(tail -1 "$OUT/http_latency.log")"

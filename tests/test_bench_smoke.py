@@ -3,6 +3,8 @@ runs report (their values on the CPU are not GPU figures: bench/RESULTS.md has t
 worker's output, unfused and after the switch to the fused step, agrees with stock's."""
 import json
 
+import pytest
+
 from bench.bench import main
 from f5worker.settings import CACHE_ENV_SUBDIRS
 
@@ -82,3 +84,14 @@ def test_http_latency_smoke(tmp_path):
         run = res[f"{fmt}_runs"][0]
         assert 0 < run["first_call_end_s"] < run["ttfb_s"] <= run["ttlb_s"] and run["bytes"] > 0
         assert run["overhead_ms"] == (run["ttfb_s"] - run["first_call_end_s"]) * 1000
+
+
+def test_alignment_bench_smoke(tmp_path):
+    """bench/alignment.py times the worker's own align_words (a shrunken model here)."""
+    from bench.alignment import main as alignment_main
+
+    out = tmp_path / "alignment.json"
+    assert alignment_main(["--out", str(out), "--tiny", "--chunks", "2", "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())
+    assert res["model"] == "tiny" and res["text_tokens"] == 100 and len(res["chunk_s"]) == 2
+    assert res["seconds_per_audio_minute"] == pytest.approx(res["median_chunk_s"] * 60 / res["chunk_audio_s"], abs=1e-3)
