@@ -30,6 +30,7 @@ from f5worker.jobs.words import split_words
 from f5worker.settings import Settings
 from tests.fixtures_whisper import write_tiny_whisper
 from tests.fixtures_worker import worker_ctx
+from tests.helpers import Recorder, pcm_of
 
 
 # --- the alignment's parts -------------------------------------------------------------------------
@@ -309,3 +310,17 @@ def test_refused_before_any_model_call(ctx, whisper_folder, tmp_path, monkeypatc
     assert result["error"].startswith("The result's segments for this text could take ")
     assert len(ctx.worker.batcher.calls) == calls
     assert not ctx.tmp_files()
+
+
+def test_a_streamed_job_with_word_times_and_subtitles(ctx):
+    """Each chunk is aligned once its audio is out: the stream is the stored audio, the words
+    are in their segments, the subtitle file is stored."""
+    *pieces, result = Recorder(ctx.worker).run({**JOB, "stream": True, "timestamps": "word", "subtitles": "vtt",
+                                                "output_key": "streamed"})
+    assert "error" not in result, result
+    assert pieces and result["stream_chunks"] == len(pieces)
+    stored, _ = sf.read(io.BytesIO(ctx.get_bytes(result["output_key"])), dtype="int16")
+    np.testing.assert_array_equal(pcm_of(pieces), stored)
+    assert_words_in_segments(result)
+    assert result["subtitles_key"] == "output/streamed.vtt"
+    assert webvtt.from_string(ctx.get_bytes("output/streamed.vtt").decode()).captions
