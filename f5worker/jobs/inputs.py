@@ -126,18 +126,12 @@ class TTSInput(_Input):
             raise ValueError(f"must be {one_of(FORMATS)}")
         return name
 
-    @field_validator("timestamps")
+    @field_validator("timestamps", "subtitles")
     @classmethod
-    def _known_timestamps(cls, value: str | None) -> str | None:
-        if value is not None and value not in TIMESTAMPS:
-            raise ValueError(f"must be {one_of(repr(t) for t in TIMESTAMPS)} (or left out)")
-        return value
-
-    @field_validator("subtitles")
-    @classmethod
-    def _known_subtitles(cls, value: str | None) -> str | None:
-        if value is not None and value not in SUBTITLE_FORMATS:
-            raise ValueError(f"must be {one_of(repr(f) for f in SUBTITLE_FORMATS)} (or left out)")
+    def _known_choice(cls, value: str | None, info: ValidationInfo) -> str | None:
+        choices = {"timestamps": TIMESTAMPS, "subtitles": SUBTITLE_FORMATS}[info.field_name]
+        if value is not None and value not in choices:
+            raise ValueError(f"must be {one_of(repr(c) for c in choices)} (or left out)")
         return value
 
     @property
