@@ -225,8 +225,11 @@ def run_soak(jobs: int, folder: Path, worker_env: dict[str, str], concurrency: i
         done, baseline = 0, 0
         soak_started = time.monotonic()
         with ThreadPoolExecutor(concurrency) as pool:
-            # the warm-up jobs first, all finished before the baseline is read
-            for batch in (mix[:warm_up], mix[warm_up:]):
+            # the pooled voices' uploads first (a TTS job sent beside them could ask for a voice not
+            # stored yet: a race of the soak, not a failure of the worker), then the rest of the
+            # warm-up, all finished before the baseline is read
+            pooled = len(VOICE_POOL)
+            for index, batch in enumerate((mix[:pooled], mix[pooled:warm_up], mix[warm_up:])):
                 futures = {pool.submit(send, job): (kind, expected) for kind, job, expected in batch}
                 for future in as_completed(futures):
                     kind, expected = futures[future]
@@ -240,7 +243,8 @@ def run_soak(jobs: int, folder: Path, worker_env: dict[str, str], concurrency: i
                     done += 1
                     if done % 10 == 0:
                         samples.append((done, rss_kib(server.proc.pid)))
-                baseline = baseline or rss_kib(server.proc.pid)
+                if index == 1:  # the warm-up done
+                    baseline = rss_kib(server.proc.pid)
         soak_s = time.monotonic() - soak_started
         final = rss_kib(server.proc.pid)
         samples.append((done, final))

@@ -90,6 +90,10 @@ def test_words_are_the_texts_own():
     words = split_words("Hello, world! 你好，世界。 It's 3.5 m.")
     assert [w.text for w in words] == ["Hello,", "world!", "你", "好，", "世", "界。", "It's", "3.5", "m."]
     assert [w.as_said for w in words][:3] == [" Hello,", " world!", "你"]
+    # Opening brackets go with the word after them; Thai is split into graphemes, marks kept.
+    assert [w.text for w in split_words("「你好」。(yes)")] == ["「你", "好」。", "(yes)"]
+    assert [w.text for w in split_words("สวัสดี ครับ")] == ["ส", "วั", "ส", "ดี", "ค", "รั", "บ"]
+    assert cells("สวัสดี") == 4 and cells("你好") == 4 and cells("café") == 4
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +117,8 @@ def test_alignment_through_the_worker_whisper(transcriber):
     assert model.config._attn_implementation == "sdpa"  # back to what it was after the eager pass
     # The tiny model lists no alignment heads: every head of the decoder's second half.
     assert alignment_heads(model) == [(0, 0), (0, 1)]
-    assert transcriber.alignment_tokens(words, "en") == (sum(len(w.encode()) for w in words), 448 - 5)
+    assert transcriber.alignment_tokens([words, words[:2]], ["en", "zh"]) == [
+        (sum(len(w.encode()) for w in words), 448 - 5), (sum(len(w.encode()) for w in words[:2]), 448 - 5)]
     assert transcriber.align(audio, 24000, [], "en") == []
 
 
@@ -213,6 +218,23 @@ def test_a_burst_of_short_cues_is_held_a_second_each():
     words = paced(" ".join(f"Word{k}." for k in range(40)), 20)
     parsed = parse(render(build_cues(words, 30.0), "vtt"), "vtt")
     assert_cue_rules(parsed, words, 30.0)
+
+
+@pytest.mark.parametrize("fmt", ["srt", "vtt"])
+def test_words_piled_at_the_end_keep_their_cues(fmt):
+    """An aligner may put the last words on the audio's last frame: their cues start earlier
+    rather than vanish (SRT's writer drops a cue that has no time)."""
+    words = paced(SPEECH[:200]) + [TimedWord(w, 20.0, 20.0) for w in split_words(SPEECH[200:420])]
+    cues = build_cues(words, 20.0)
+    parsed = parse(render(cues, fmt), fmt)
+    assert len(parsed) == len(cues) >= 4
+    assert_cue_rules(parsed, words, 20.0)
+    # Far more cues than the audio has seconds: they share it evenly, every word still in a cue.
+    crowded = [TimedWord(w, 0.5, 0.5) for w in split_words(SPEECH)]
+    parsed = parse(render(build_cues(crowded, 1.0), fmt), fmt)
+    cue_word_counts(parsed, crowded)
+    assert all(start < end for start, end, _ in parsed) and parsed[-1][1] == 1.0
+    assert build_cues(crowded, 0.0) == []  # no audio: nothing to show
 
 
 def parse(text: str, fmt: str) -> list[tuple[float, float, list[str]]]:
@@ -324,3 +346,13 @@ def test_a_streamed_job_with_word_times_and_subtitles(ctx):
     assert_words_in_segments(result)
     assert result["subtitles_key"] == "output/streamed.vtt"
     assert webvtt.from_string(ctx.get_bytes("output/streamed.vtt").decode()).captions
+
+
+def test_a_job_refused_at_its_end_stores_no_subtitles(ctx, limit):
+    """A compressed file's size is known only once encoded: a job whose file is then too large to
+    return inline is refused, and neither its audio nor its subtitle file is stored."""
+    limit(60_000)
+    _, result = ctx.run({**JOB, "subtitles": "srt", "output_format": "flac", "return_base64": True,
+                         "output_key": "too-large"})
+    assert result["error"].startswith("The flac audio is ") and "fit inline" in result["error"], result
+    assert ctx.get_bytes("output/too-large.srt") is None and ctx.get_bytes("output/too-large.flac") is None

@@ -31,7 +31,7 @@ def dtw_path(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     (steps: both, a row, a frame), as (row, frame) index arrays along it. openai-whisper's
     ``dtw_cpu`` with its ties, computed one anti-diagonal at a time (every cell of one depends
     only on the two before it), so a 100-token chunk takes milliseconds in numpy, not a Python loop
-    per cell. ``tests/test_alignment.py`` holds the cell-by-cell reference it must equal."""
+    per cell. ``tests/test_word_times.py`` holds the cell-by-cell reference it must equal."""
     rows, frames = cost.shape
     acc = np.full((rows + 1, frames + 1), np.inf)
     acc[0, 0] = 0.0
@@ -140,7 +140,10 @@ def align_words(model, tokenizer, feature_extractor, audio: np.ndarray, words: l
                     output_attentions=True)
     # [heads, rows, frames]: the selected heads' attention, over the audio's own frames
     weights = torch.stack([out.cross_attentions[layer][0, head] for layer, head in alignment_heads(model)])
+    # openai-whisper takes the softmax over the audio's own frames; transformers' weights are a
+    # softmax over all 1500 (the padding too): cropped and renormalised they are exactly that.
     weights = weights[:, :, :frames].float()
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
     std, mean = torch.std_mean(weights, dim=-2, keepdim=True, unbiased=False)
     weights = median_filter((weights - mean) / std.clamp_min(1e-6), MEDIAN_FILTER_WIDTH)
     # Row p's attention predicts token p + 1: from the prompt's last row, each text token's, then the end's.

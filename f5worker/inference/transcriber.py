@@ -95,13 +95,13 @@ class Transcriber:
             with self._own_stream():
                 return align_words(pipe.model, pipe.tokenizer, pipe.feature_extractor, audio, words, language)
 
-    def alignment_tokens(self, words: list[str], language: str) -> tuple[int, int]:
-        """How many tokens ``words`` take, and how many one alignment pass reads (``token_room``)."""
+    def alignment_tokens(self, chunks: list[list[str]], languages: list[str]) -> list[tuple[int, int]]:
+        """For each chunk's words (in its language), how many tokens they take and how many one
+        alignment pass reads (``token_room``); under the lock once for all chunks."""
         with self._lock:
             pipe = self._load_locked()
-            used = sum(map(len, word_token_ids(pipe.tokenizer, words)))
-            return used, token_room(pipe.model, pipe.tokenizer, language)
-
+            return [(sum(map(len, word_token_ids(pipe.tokenizer, words))), token_room(pipe.model, pipe.tokenizer, language))
+                    for words, language in zip(chunks, languages)]
 
 def at_whisper_rate(samples: np.ndarray, sr: int) -> np.ndarray:
     audio = np.asarray(samples, dtype=np.float32)

@@ -32,6 +32,8 @@ LINE_CELLS = 42
 MAX_LINES = 2
 MIN_CUE_SECONDS = 1.0
 MAX_CUE_SECONDS = 7.0
+# A shorter cue could round to no time in a file of milliseconds (and SRT's writer drops such a cue).
+MIN_VISIBLE_SECONDS = 0.002
 CLOSERS = "'\"’”)）」』»"
 SENTENCE_END = re.compile(rf"[.!?。！？…][{CLOSERS}]*$")
 CLAUSE_END = re.compile(rf"[,;:，；：、—–][{CLOSERS}]*$")
@@ -56,8 +58,10 @@ class Cue:
 
 
 def cells(text: str) -> int:
-    """Display width: East Asian wide and full-width characters take two cells."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    """Display width: East Asian wide and full-width characters take two cells; combining marks
+    (Thai vowels and tones, Devanagari's vowel signs) and format characters none."""
+    return sum(0 if unicodedata.category(c) in ("Mn", "Me", "Cf") else 2 if unicodedata.east_asian_width(c) in "WF"
+               else 1 for c in text)
 
 
 def joined(words: list[Word]) -> str:
@@ -130,15 +134,38 @@ def build_cues(words: list[TimedWord], duration: float) -> list[Cue]:
 
 
 def _held(cues: list[Cue], duration: float) -> list[Cue]:
-    """Each cue up for at least MIN_CUE_SECONDS where the audio allows: held into the gap before
-    the next, and the next pushed back if the gap is too short."""
-    for cue, after in zip(cues, [*cues[1:], None]):
-        cue.end = min(max(cue.end, cue.start + MIN_CUE_SECONDS), duration)
-        if after is not None:
-            if after.start < cue.end:
-                after.start = cue.end
-            after.end = max(after.end, after.start)
-        cue.start = min(cue.start, cue.end)
+    """Each cue up for at least MIN_CUE_SECONDS where the audio allows. Forward, a short cue is
+    held and the next pushed back as far as needed; backward, nothing passes the audio's end, and
+    a cue squeezed there starts earlier (before its first word) rather than vanish. Where a cue is
+    left with no time at all, the cues share the audio evenly (``_spread``)."""
+    for cue, after in zip(cues, cues[1:]):
+        cue.end = max(cue.end, cue.start + MIN_CUE_SECONDS)
+        after.start = max(after.start, cue.end)
+        after.end = max(after.end, after.start)
+    limit = duration
+    for cue in reversed(cues):
+        cue.end = min(max(cue.end, cue.start + MIN_CUE_SECONDS), limit)
+        cue.start = max(0.0, min(cue.start, cue.end - MIN_CUE_SECONDS))
+        limit = cue.start
+    if any(cue.end - cue.start < MIN_VISIBLE_SECONDS for cue in cues):
+        cues = _spread(cues, duration)
+    for cue in cues:  # the file's milliseconds (rounding keeps the order, so cues stay apart)
+        cue.start, cue.end = round(cue.start, 3), round(cue.end, 3)
+    return cues
+
+
+def _spread(cues: list[Cue], duration: float) -> list[Cue]:
+    """More cues than the audio has time for (words said faster than anyone speaks): the cues
+    share the audio evenly, in order; none at all when the audio is too short to show one."""
+    if duration < MIN_VISIBLE_SECONDS:
+        return []
+    count = min(len(cues), int(duration / MIN_VISIBLE_SECONDS))
+    if count < len(cues):  # not even a share each: the last ones join the one before them
+        cues[count - 1].words.extend(w for cue in cues[count:] for w in cue.words)
+        cues = cues[:count]
+    share = duration / len(cues)
+    for k, cue in enumerate(cues):
+        cue.start, cue.end = k * share, (k + 1) * share
     return cues
 
 

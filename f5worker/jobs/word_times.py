@@ -27,7 +27,7 @@ class Aligner(Protocol):
 
     def align(self, samples: np.ndarray, sr: int, words: list[str], language: str) -> list[tuple[float, float]]: ...
 
-    def alignment_tokens(self, words: list[str], language: str) -> tuple[int, int]: ...
+    def alignment_tokens(self, chunks: list[list[str]], languages: list[str]) -> list[tuple[int, int]]: ...
 
 
 class ChunkWords:
@@ -51,8 +51,9 @@ class ChunkWords:
             raise InputError("'timestamps' and 'subtitles' need the worker's transcription model, "
                              "and this worker has none.")
         await self.off_loop(self.aligner.load)
-        for n, (words, language) in enumerate(zip(self.words, self.languages), 1):
-            used, room = await self.off_loop(self.aligner.alignment_tokens, [w.as_said for w in words], language)
+        counts = await self.off_loop(self.aligner.alignment_tokens, [[w.as_said for w in words] for words in self.words],
+                                     self.languages)
+        for n, (used, room) in enumerate(counts, 1):
             if used > room:
                 raise InputError(f"Chunk {n} of the text takes {used} tokens, more than the {room} one alignment "
                                  "pass reads; split its sentences, or leave out 'timestamps' and 'subtitles'.")

@@ -2,16 +2,23 @@
 
 Why this module exists: the aligner, the result's ``words`` and the subtitle cues must agree on
 what a word is. A word is what the text writes between spaces, its punctuation attached
-("world," stays one word); in scripts written without spaces (Chinese, Japanese kana) each
-character is a word, its punctuation attached ("好，").
+("world," stays one word). Scripts written without spaces (Chinese, Japanese kana, Thai, Lao,
+Khmer, Burmese) have no such boundary, and splitting them into dictionary words needs a
+dictionary per language: there each character is a word (a grapheme: a Thai consonant with its
+vowel and tone marks), with its punctuation attached, opening brackets and quotes to the one
+after them ("「你", "好」。").
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and CJK ideographs
-WORD_RE = re.compile(rf"(\s*)([{UNSPACED}][^\s\w]*|[^\s{UNSPACED}]+)")
+import regex
+
+UNSPACED = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"
+OPENING = r"\p{Ps}\p{Pi}"  # ( [ 「 『 “ ‘ and their kin
+WORD_RE = regex.compile(rf"(\s*)([{OPENING}]*(?=[{UNSPACED}])\X(?:(?![{UNSPACED}{OPENING}])[^\s\w])*"
+                        rf"|[^\s{UNSPACED}]+)")
+UNSPACED_RE = regex.compile(rf"[{OPENING}]*[{UNSPACED}]")
 
 
 @dataclass(frozen=True)
@@ -21,7 +28,7 @@ class Word:
 
     @property
     def unspaced(self) -> bool:
-        return bool(re.match(f"[{UNSPACED}]", self.text))
+        return bool(UNSPACED_RE.match(self.text))
 
     @property
     def as_said(self) -> str:

@@ -120,6 +120,16 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class SubtitlesFile:
+    """A job's subtitle file, written in its temp folder, not stored yet."""
+
+    key: str
+    url: str
+    path: Path
+    content_type: str
+
+
+@dataclass(frozen=True)
 class InlineAudio:
     """Whether a job's audio goes back inline (base64) and, if it does not fit, the room there was."""
 
@@ -316,32 +326,38 @@ class Worker:
     async def _store(self, delivery: "Delivery", assembled: Assembled, voices: dict[str, JobVoice],
                      plan: JobPlan, seed: int, paths: dict[str, Path], clock: JobClock) -> dict:
         """The job's audio file (written as it was sampled) stored, and inline if asked; its result.
-        A subtitle file goes up first: the audio's upload is the job's last step that may fail."""
+        A subtitle file goes up once the job can no longer be refused, just before the audio (whose
+        upload is the job's last step that may fail)."""
         job, fmt, staging = delivery.job, delivery.fmt, paths["output.wav"]
         size = (await self._staging(staging.stat)).st_size
         with clock.step("upload_s"):
             url = await self._off_loop(self.storage.result_url, delivery.output_key)
             result = tts_result(job, voices, plan, fmt, url=url, output_key=delivery.output_key, seed=seed,
                                 assembled=assembled, size=size, stream=delivery.stream, extras=delivery.extras)
+            subtitles = None
             if job.subtitles is not None:
-                result.update(await self._store_subtitles(delivery, assembled, paths["subtitles"]))
-            # Whether the audio fits inline is settled before the upload: a job never fails after it.
+                subtitles = await self._subtitles_file(delivery, assembled, paths["subtitles"])
+                result.update(subtitles_url=subtitles.url, subtitles_key=subtitles.key)
+            # Whether the audio fits inline is settled before any upload: a job never fails after them.
             inline = self._inline_decision(job, result, size, delivery.stream)
             if inline.too_large and job.return_base64:
                 raise InputError(encoding.too_large_sentence(fmt, size, inline.room))
+            if subtitles is not None:
+                await self._off_loop(self.storage.upload_file, subtitles.key, subtitles.path, subtitles.content_type)
             await self._commit(self.storage.upload_file, delivery.output_key, staging, fmt.content_type)
         with clock.step("encoding_s"):
             await self._attach_inline(delivery.job_id, result, inline, staging, size)
         return result
 
-    async def _store_subtitles(self, delivery: "Delivery", assembled: Assembled, staging: Path) -> dict:
-        """The job's subtitle file, stored beside its audio (same key, its own extension)."""
+    async def _subtitles_file(self, delivery: "Delivery", assembled: Assembled, staging: Path) -> "SubtitlesFile":
+        """The job's subtitle file, written to ``staging``, and where it will be stored: beside its
+        audio (the same key, its own extension)."""
         fmt = delivery.job.subtitles
         key = subtitles_key_for(delivery.output_key, delivery.fmt, fmt)
         text = await self._off_loop(subtitle_text, assembled, fmt)
         await self._staging(staging.write_text, text, "utf-8")
-        await self._off_loop(self.storage.upload_file, key, staging, SUBTITLE_FORMATS[fmt])
-        return {"subtitles_url": await self._off_loop(self.storage.result_url, key), "subtitles_key": key}
+        url = await self._off_loop(self.storage.result_url, key)
+        return SubtitlesFile(key=key, url=url, path=staging, content_type=SUBTITLE_FORMATS[fmt])
 
     @staticmethod
     def _unstored_result(delivery: "Delivery", voices: dict[str, JobVoice], plan: JobPlan, seed: int,
@@ -491,9 +507,9 @@ class Worker:
         segments = planned_segments_bytes(plan.texts, verified=job.verify, words=job.timestamps is not None)
         limit = self.settings.max_result_bytes - segments
         if limit < encoding.RESULT_ALLOWANCE_BYTES:
+            instead = ", or ask for 'subtitles' instead of 'timestamps'" if job.timestamps is not None else ""
             raise InputError(f"The result's segments for this text could take {segments} bytes, more than a "
-                             f"job's result may hold ({self.settings.max_result_bytes}); split the text, or ask for "
-                             "'subtitles' instead of 'timestamps'.")
+                             f"job's result may hold ({self.settings.max_result_bytes}); split the text{instead}.")
         if job.remove_silence:
             return
         if stream is not None:
