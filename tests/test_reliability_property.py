@@ -51,6 +51,7 @@ TTS_OUTPUT = {"audio_url", "duration", "sample_rate", "output_key", "voice", "se
               "format", "content_type", "bytes", "timings", "rtf", "segments"}
 # Local storage returns the audio inline by default, or says why it could not.
 TTS_INLINE = ("audio_base64", "audio_base64_omitted")
+SUBTITLES_OUTPUT = {"subtitles_url", "subtitles_key"}  # jobs that ask for "subtitles"
 UPLOAD_OUTPUT = {"voice_name", "voice_key", "duration", "source_duration", "sample_rate", "ref_text"}
 BUILTINS = ("basic_ref_en.wav", "basic_ref_zh.wav")
 SEEDED_VOICE = "prop-a.wav"  # uploaded before the examples run: always there
@@ -164,6 +165,9 @@ TTS_FIELDS = {  # name: (valid, out of range / bad value, wrong type)
     "seed": (st.one_of(st.none(), st.integers(0, MAX_SEED)), st.sampled_from([-1, MAX_SEED + 1, 2**64]), NOT_AN_INT
              .filter(lambda v: v is not None)),
     "remove_silence": (st.booleans(), st.nothing(), NOT_A_BOOL),
+    "timestamps": (st.one_of(st.none(), st.just("word")), st.sampled_from(["char", "Word", "", "words"]), NOT_A_STR),
+    "subtitles": (st.one_of(st.none(), st.sampled_from(["srt", "vtt"])), st.sampled_from(["ass", "SRT", "", ".vtt"]),
+                  NOT_A_STR),
     "ref_text": (st.one_of(st.none(), valid_text(MAX_REF_TEXT_CHARS, short=True)),
                  st.text(min_size=1, max_size=3).map(lambda u: (u * 600)[:MAX_REF_TEXT_CHARS + 1 + len(u)])
                  .filter(lambda s: len(s.strip()) > MAX_REF_TEXT_CHARS), NOT_A_STR),
@@ -414,19 +418,34 @@ def check(ctx, tally: Tally, case: Case, secrets_: set[str]) -> None:  # noqa: C
     if case.expect == "refused":
         tally.violate("bad input accepted", case, result)
     if "audio_url" in result:  # a TTS result: its WAV must be there and as long as it says
-        if not any(set(result) == TTS_OUTPUT | {inline} for inline in TTS_INLINE):
+        asked = case.job if isinstance(case.job, dict) else {}
+        subtitled = asked.get("subtitles") is not None
+        expected = TTS_OUTPUT | (SUBTITLES_OUTPUT if subtitled else set())
+        if not any(set(result) == expected | {inline} for inline in TTS_INLINE):
             tally.violate("TTS result fields differ from the README", case, sorted(result))
+        if asked.get("timestamps") is not None and not words_inside_segments(result):
+            tally.violate("word times out of order or outside their segment", case, result.get("segments"))
         key = result.get("output_key", "")
         seconds = wav_seconds(local_path(result.get("audio_url", ""))) if key in after else None
         if seconds is None or abs(seconds - result.get("duration", -1)) > 1 / 24000 + 0.0005:
             tally.violate("false success: output missing or not as reported", case, result)
-        if after - before != {key}:
+        if after - before != {key} | ({result.get("subtitles_key")} if subtitled else set()):
             tally.violate("TTS changed more than its output", case, sorted(after ^ before))
     else:
         if set(result) != UPLOAD_OUTPUT:
             tally.violate("upload result fields differ from the README", case, sorted(result))
         if result.get("voice_key") not in after or not 1 <= result.get("duration", 0) <= 60:
             tally.violate("false success: voice missing or not as reported", case, result)
+
+
+def words_inside_segments(result: dict) -> bool:
+    times = []
+    for segment in result.get("segments", []):
+        for word in segment.get("words", [None]):
+            if word is None or not segment["start"] <= word["start"] <= word["end"] <= segment["end"]:
+                return False
+            times += [word["start"], word["end"]]
+    return times == sorted(times)
 
 
 # --- the test ---------------------------------------------------------------------------------------
