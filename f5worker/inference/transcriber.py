@@ -103,7 +103,9 @@ class Transcriber:
             return [(sum(map(len, word_token_ids(pipe.tokenizer, words))), token_room(pipe.model, pipe.tokenizer, language))
                     for words, language in zip(chunks, languages)]
 
+
 def at_whisper_rate(samples: np.ndarray, sr: int) -> np.ndarray:
+    """Mono float32 at Whisper's 16 kHz."""
     audio = np.asarray(samples, dtype=np.float32)
     if sr != WHISPER_SAMPLE_RATE:
         import torchaudio.functional as AF

@@ -69,19 +69,28 @@ def joined(words: list[Word]) -> str:
 
 
 def cue_lines(words: list[Word]) -> list[str]:
-    """The cue's text in one line, or two broken at the best place (a lone word wider than a
-    line keeps its line)."""
+    """The cue's text in one line, or two broken at the best place: where both fit (if any
+    split does), after a sentence or clause end, then where the two are most even (a lone word
+    wider than a line keeps its line)."""
     text = joined(words)
-    if cells(text) <= LINE_CELLS or len(words) == 1:
+    if len(words) == 1 or cells(text) <= LINE_CELLS:
         return [text]
-    splits = [(joined(words[:k]), joined(words[k:]), words[k - 1]) for k in range(1, len(words))]
-    fitting = [s for s in splits if max(cells(s[0]), cells(s[1])) <= LINE_CELLS] or splits
-    best = min(fitting, key=lambda s: (not CLAUSE_END.search(s[2].text) and not SENTENCE_END.search(s[2].text),
-                                       abs(cells(s[0]) - cells(s[1]))))
-    return [best[0], best[1]]
+    widths = [cells(w.text) for w in words]
+    spaces = [1 if w.space_before and i else 0 for i, w in enumerate(words)]
+    total, left, ranked = sum(widths) + sum(spaces), 0, []
+    for k in range(1, len(words)):  # the split before word k
+        left += widths[k - 1] + spaces[k - 1]
+        right = total - left - spaces[k]
+        ends_clause = CLAUSE_END.search(words[k - 1].text) or SENTENCE_END.search(words[k - 1].text)
+        ranked.append(((max(left, right) > LINE_CELLS, not ends_clause, abs(left - right)), k))
+    k = min(ranked)[1]
+    return [joined(words[:k]), joined(words[k:])]
 
 
 def fits(words: list[Word]) -> bool:
+    width = cells(joined(words))
+    if width <= LINE_CELLS or width > MAX_LINES * LINE_CELLS + 1:  # one line, or more than two could hold
+        return width <= LINE_CELLS
     lines = cue_lines(words)
     return len(lines) <= MAX_LINES and all(cells(line) <= LINE_CELLS for line in lines)
 

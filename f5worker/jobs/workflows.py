@@ -56,6 +56,7 @@ from f5worker.model.constants import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
+
 def subtitles_key_for(output_key: str, fmt: encoding.OutputFormat, subtitles: str) -> str:
     """The subtitle file's key: the audio's, with the subtitle format's extension for its own."""
     return f"{output_key.removesuffix('.' + fmt.extension)}.{subtitles}"
@@ -342,8 +343,8 @@ class Worker:
             inline = self._inline_decision(job, result, size, delivery.stream)
             if inline.too_large and job.return_base64:
                 raise InputError(encoding.too_large_sentence(fmt, size, inline.room))
-            if subtitles is not None:
-                await self._off_loop(self.storage.upload_file, subtitles.key, subtitles.path, subtitles.content_type)
+            if subtitles is not None:  # a write the caller sees: from here the job is seen through
+                await self._commit(self.storage.upload_file, subtitles.key, subtitles.path, subtitles.content_type)
             await self._commit(self.storage.upload_file, delivery.output_key, staging, fmt.content_type)
         with clock.step("encoding_s"):
             await self._attach_inline(delivery.job_id, result, inline, staging, size)
