@@ -59,6 +59,22 @@ def test_batched_items_equal_items_alone(engine, ref_wav):
         assert rel_l2(wave, alone) < CPU_REL_L2
 
 
+def test_a_call_set_aside_between_steps_gives_its_result_alone(engine, ref_wav):
+    """A call stopped after a step while another runs (the batcher's preemption) and taken up again:
+    the same waves as run whole. One call is a padded batch and one is not, so the DiT's cache and
+    attention mask are switched between them."""
+    alone_items = job_plan.plan(request(ref_wav, GEN_TEXT, 1, nfe_step=6)).items[:1]
+    batch_items = [job_plan.plan(request(ref_wav, text, seed, nfe_step=6)).items[0]
+                   for text, seed in (("Short one.", 2), (GEN_TEXT[:60], 3))]
+    expected = engine.run_items(alone_items) + engine.run_items(batch_items)
+    alone, batch = engine.start_call(alone_items), engine.start_call(batch_items)
+    assert alone.advance(lambda: True) is None and batch.advance(lambda: True) is None
+    assert alone.advance(lambda: True) is None and (alone.steps_left, batch.steps_left) == (4, 5)
+    got = batch.advance(lambda: False)
+    got = alone.advance(lambda: False) + got
+    assert len(got) == 3 and all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
 @pytest.mark.parametrize("text,max_chars", [
     ("Hello world.", 135),
     ("One. Two, three; four: five! Six? " * 12, 60),

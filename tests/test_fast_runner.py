@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import types
 
 import pytest
 import torch
@@ -191,3 +192,73 @@ def test_graph_buffers_stay_under_the_budget_least_recently_used_first():
     runner.graphs["big"] = _Buffers(1000)  # alone over the budget: kept, everything else goes
     runner._evict(keep="big")
     assert list(runner.graphs) == ["big"]
+
+
+# --- integrations set aside between steps, on one shared graph ---------------------------------
+class _ReplayedGraph(fast._Graph):
+    """Stands in for a captured graph (the CPU cannot capture): each ``replay()`` runs the body a
+    capture records, on the same static buffers, so what one integration leaves in them for
+    another is what it leaves on a GPU."""
+
+    def _record(self, pool, stream, warm_steps):
+        return types.SimpleNamespace(replay=self._body)
+
+
+def graphed_runner(monkeypatch, model):
+    monkeypatch.setattr(fast, "_PoolKeeper", _NoKeeper)
+    monkeypatch.setattr(fast, "_Graph", _ReplayedGraph)
+    runner = fast.BucketedStepRunner(model, use_graphs=False, varlen=False)
+    runner.use_graphs = True  # as on a GPU
+    return runner
+
+
+def four_steps(lengths, seed):
+    y, step_cond, text, mask, _ = sample(lengths, frames=12, seed=seed)
+    return y, step_cond, text, mask, torch.linspace(0, 1, 5) ** 2
+
+
+def interleaved(runner, cases, order):
+    """Each case's integration, its steps taken in ``order`` (indices into ``cases``)."""
+    runs = [runner.start(*case, 4, 2.0) for case in cases]
+    for i in order:
+        runs[i].step()
+    assert all(run.steps_left == 0 for run in runs)
+    return [run.result() for run in runs]
+
+
+def test_integrations_set_aside_on_one_graph_give_their_results_alone(monkeypatch):
+    model = tiny_dit()
+    cases = [four_steps([12, 9, 4], seed=1), four_steps([11, 12, 6], seed=2)]
+    runner = graphed_runner(monkeypatch, model)
+    with torch.inference_mode():
+        alone = [runner.integrate(*case, 4, 2.0) for case in cases]
+        together = interleaved(runner, cases, [0, 1, 1, 0, 1, 0, 0, 1])
+        eager = fast.BucketedStepRunner(model, use_graphs=False, varlen=False).integrate(*cases[0], 4, 2.0)
+    assert len(runner.graphs) == 1  # both took turns on the one graph of their bucket
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    assert rel_l2(alone[0], eager) < 1e-6 and rel_l2(alone[0], alone[1]) > 1e-2
+
+
+def test_a_fault_mid_way_starts_every_integration_again_one_level_down(monkeypatch):
+    model = tiny_dit()
+    cases = [four_steps([12, 9, 4], seed=1), four_steps([11, 12, 6], seed=2)]
+    with torch.inference_mode():
+        eager = [fast.BucketedStepRunner(model, use_graphs=False, varlen=False).integrate(*case, 4, 2.0)
+                 for case in cases]
+        runner = graphed_runner(monkeypatch, model)
+        runs = [runner.start(*case, 4, 2.0) for case in cases]
+        for i in (0, 1, 0):
+            runs[i].step()
+
+        def replay_fails():  # injected: what a replay raises when a captured kernel's launch is refused
+            raise RuntimeError("Triton Error [CUDA]: too many resources requested for launch")
+
+        runs[1].graph.graph.replay = replay_fails
+        runs[1].step()
+        assert runner.level == "eager" and runner.demotions == 1 and runs[1].steps_left == 4
+        while runs[0].steps_left or runs[1].steps_left:
+            for run in runs:
+                if run.steps_left:
+                    run.step()
+        got = [run.result() for run in runs]
+    assert all(torch.equal(a, b) for a, b in zip(got, eager))

@@ -21,15 +21,17 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from f5worker.errors import check_abandoned
 from f5worker.inference.device import pick_device, pick_dtype
 from f5worker.inference.fast import BucketedStepRunner
 from f5worker.inference.items import ChunkItem
 from f5worker.inference.kernel_switch import switch_tasks
-from f5worker.inference.sampler import EagerStepRunner, StepRunner, sample_mels
+from f5worker.inference.sampler import EagerStepRunner, MelSampling, StepRunner
 from f5worker.model.constants import TARGET_RMS
 from f5worker.model.loader import F5Model, load_model, load_vocoder
 from f5worker.model.store import ModelFiles
@@ -74,11 +76,18 @@ class TTSEngine:
         return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
 
     # --- items -> waveforms (any jobs, one model call) ------------------------------------------
-    @torch.inference_mode()
+    def start_call(self, items: list[ChunkItem], abandoned: Callable[[], bool] | None = None) -> EngineCall:
+        """A model call for the items, to run a step at a time on the model thread (``EngineCall``)."""
+        return EngineCall(self, items, abandoned)
+
     def run_items(self, items: list[ChunkItem], abandoned=None) -> list[np.ndarray]:
         """The items' waveforms; ``abandoned`` (a callable) is asked before each ODE step whether
         anyone still wants them (f5worker.errors.CallAbandoned when not)."""
-        mels = sample_mels(self.model, items, self.step_runner, abandoned=abandoned)
+        return self.start_call(items, abandoned).advance(lambda: False)
+
+    def decode(self, items: list[ChunkItem], mels: list[torch.Tensor]) -> list[np.ndarray]:
+        """Each item's waveform from its full mel: the vocoder on the generated frames, at the
+        reference's loudness when it was quieter than the model's."""
         waves = []
         for item, mel in zip(items, mels):
             gen = mel[item.ref_frames:].to(torch.float32).T.unsqueeze(0)  # [1, mel, frames]
@@ -105,3 +114,43 @@ class TTSEngine:
             return captures
         switches = switch_tasks(self.step_runner, self.dtype, self.device, kernel_cache, fused=fused_kernels)
         return [*captures, *switches, *captures]
+
+
+class EngineCall:
+    """One model call of an engine (``inference.batcher.ModelCall``), on the model thread: set up at
+    its first ``advance``, integrated a step at a time, decoded after its last step. Between two
+    ``advance`` calls other calls may run; its result is the same as if none had."""
+
+    def __init__(self, engine: TTSEngine, items: list[ChunkItem], abandoned: Callable[[], bool] | None):
+        self.engine, self.items, self.abandoned = engine, items, abandoned
+        self.sampling: MelSampling | None = None
+        self.steps = items[0].steps
+
+    @property
+    def steps_left(self) -> int:
+        return self.steps if self.sampling is None else self.sampling.integration.steps_left
+
+    @torch.inference_mode()
+    def advance(self, set_aside: Callable[[], bool]) -> list[np.ndarray] | None:
+        """Steps until the last, then the items' waveforms; or None after a step at which
+        ``set_aside()`` says another call should run first. ``abandoned`` is asked before each
+        step (f5worker.errors.CallAbandoned)."""
+        try:
+            if self.sampling is None:
+                self.sampling = MelSampling(self.engine.model, self.items, self.engine.step_runner)
+            integration = self.sampling.integration
+            while integration.steps_left:
+                check_abandoned(self.abandoned)
+                integration.step()
+                if integration.steps_left and set_aside():
+                    return None
+            mels = self.sampling.mels(integration.result())
+        except BaseException:
+            self.close()
+            raise
+        self.close()
+        return self.engine.decode(self.items, mels)
+
+    def close(self) -> None:
+        if self.sampling is not None:
+            self.sampling.integration.close()

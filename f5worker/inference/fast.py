@@ -7,7 +7,9 @@ what it computes:
 
 - ``BucketedStepRunner`` captures a whole ODE step (DiT with classifier-free guidance and the Euler
   update, step index advanced on the device) into a CUDA graph per (batch, frames) bucket, then
-  replays it ``nfe_step`` times. Buckets are captured on first use (one step, on the runner's own
+  replays it ``nfe_step`` times, one replay per ``step()`` of an integration, so that the batcher
+  may set a call aside between two steps; integrations of one bucket share its graph, each saving
+  its ``y`` out of the static buffers when another takes them (``_Graph.take``). Buckets are captured on first use (one step, on the runner's own
   capture stream, without a device-wide sync) and share one memory pool, held alive by a keeper
   graph so graphs can be dropped (a switch, the ``graph_memory_bytes`` budget, least recently used
   first) and captured again; batch sizes are bucketed finely (at most 15 % padding rows);
@@ -49,6 +51,7 @@ from f5worker.inference.attention import (AttentionPlan, FusedAttnProcessor, att
 from f5worker.errors import CallAbandoned, check_abandoned
 from f5worker.inference.gpu_faults import fast_path_fault
 from f5worker.inference.items import MAX_NFE_STEP
+from f5worker.inference.sampler import run_to_end
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +278,7 @@ class _Graph:
         self.cfg = torch.zeros((), device=device, dtype=dtype)
         self.guided, self.attention, self.fused, self.use_triton = guided, attention, fused, use_triton
         self.state = None
-        self.graph = torch.cuda.CUDAGraph()
+        self.holder: _BucketedIntegration | None = None  # the integration whose state the buffers hold
         self._capture(pool, stream, warm_steps)
 
     @property
@@ -303,6 +306,10 @@ class _Graph:
     def _capture(self, pool, stream, warm_steps: int):
         self.t_grid.copy_(torch.linspace(0, 1, MAX_NFE_STEP + 1, device=self.t_grid.device, dtype=self.t_grid.dtype))
         self.state = self._sample_state()
+        self.graph = self._record(pool, stream, warm_steps)
+
+    def _record(self, pool, stream, warm_steps: int) -> torch.cuda.CUDAGraph:
+        """``_body`` captured on ``stream`` into ``pool``: each ``replay()`` is one step on the buffers."""
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             # lazy initialisation (cuBLAS handles and workspaces, kernel choice, Triton compiles) off
@@ -310,7 +317,9 @@ class _Graph:
             for _ in range(warm_steps):
                 self.index.zero_()
                 self._body()
-        _capture_into(self.graph, self._body, pool=pool, stream=stream)
+        graph = torch.cuda.CUDAGraph()
+        _capture_into(graph, self._body, pool=pool, stream=stream)
+        return graph
 
     def load(self, y, step_cond, text, mask, t, cfg_strength):
         """Copy one batch's inputs into the static buffers (rows past the batch repeat row 0)."""
@@ -327,6 +336,15 @@ class _Graph:
         self.t_grid[: t.shape[0]].copy_(t)
         self.index.zero_()
         self.cfg.fill_(cfg_strength)
+
+    def take(self, holder: _BucketedIntegration) -> None:
+        """Load ``holder``'s state (its y so far, its step) into the buffers, once the integration
+        that held them, set aside between two of its steps, has saved its y out of them."""
+        if self.holder is not None and self.holder is not holder:
+            self.holder.set_aside_from(self)
+        self.load(holder.y, holder.step_cond, holder.text, holder.mask, holder.t, holder.cfg_strength)
+        self.index.fill_(holder.done)
+        self.holder = holder
 
 
 @dataclass
@@ -377,6 +395,7 @@ class BucketedStepRunner:
         self._switch_lock = threading.Lock()
         self._wanted = (fused, varlen)
         self._floor = 0  # index into LEVELS of the fastest level still allowed
+        self.demotions = 0  # an integration set up before a demotion starts again, one level down
 
     # --- levels and switches ------------------------------------------------------------------
     @property
@@ -428,6 +447,7 @@ class BucketedStepRunner:
             return False
         with self._switch_lock:
             self._floor = max(self._floor, current + 1)
+            self.demotions += 1
             self._wanted = (False, False)
             self.fused, self.varlen = False, False
             for key in [key for key in self.graphs if key[-1] or key[3] == "varlen"]:
@@ -499,33 +519,99 @@ class BucketedStepRunner:
             log.info("evicted the DiT step graph for batch %d x %d frames (graph memory budget)", *key[:2])
 
     # --- integration --------------------------------------------------------------------------
+    def start(self, y, step_cond, text, mask, t, steps, cfg_strength) -> _BucketedIntegration:
+        """``steps`` Euler steps from ``y``, padded to its bucket, to run a step at a time."""
+        return _BucketedIntegration(self, y, step_cond, text, mask, t, steps, cfg_strength)
+
     def integrate(self, y, step_cond, text, mask, t, steps, cfg_strength, *, abandoned=None):
         """All ``steps`` Euler steps; returns the final y for the real rows and frames. ``abandoned``
         is checked before each step (f5worker.errors.check_abandoned)."""
-        return self._demoting(lambda: self._integrate(y, step_cond, text, mask, t, steps, cfg_strength, abandoned))
+        return run_to_end(self.start(y, step_cond, text, mask, t, steps, cfg_strength), abandoned)
 
-    def _integrate(self, y, step_cond, text, mask, t, steps, cfg_strength, abandoned):
-        fused = self._take_switch()  # once per integration: a switch never lands mid-way
-        b, n, _ = y.shape
-        guided = cfg_strength >= 1e-5
-        pad = bucket_frames(n, b) - n
-        real_row_frames = b * n if mask is None else int(mask.sum())  # the one host sync here
-        padded = pad > 0 or real_row_frames < b * n
-        attention = attention_kind(padded, y.device, y.dtype, self.varlen)
+
+class _BucketedIntegration:
+    """One integration on the bucketed runner, a step at a time (``inference.sampler.Integration``).
+
+    Between two of its steps other integrations may run, on this very bucket's graph: whichever
+    takes the graph first has this one save its y out of the static buffers (``_Graph.take``), and
+    this one loads its own state back before its next step. A fast-path fault, its own or (since
+    it was set up) another integration's, starts it again from its first step one level down."""
+
+    def __init__(self, runner: BucketedStepRunner, y, step_cond, text, mask, t, steps: int, cfg_strength):
+        self.runner, self.inputs, self.steps = runner, (y, step_cond, text, mask), steps
+        self.t, self.cfg_strength, self.text = t, cfg_strength, text
+        self.graph: _Graph | None = None
+        runner._demoting(self._set_up)
+
+    @property
+    def steps_left(self) -> int:
+        return self.steps - self.done
+
+    def _set_up(self) -> None:
+        runner = self.runner
+        self.demotions = runner.demotions
+        self.fused = runner._take_switch()  # once per integration: a switch never lands mid-way
+        y, step_cond, text, mask = self.inputs
+        self.b, self.n, _ = y.shape
+        pad = bucket_frames(self.n, self.b) - self.n
+        self.real_row_frames = self.b * self.n if mask is None else int(mask.sum())  # the one host sync here
+        self.padded = pad > 0 or self.real_row_frames < self.b * self.n
+        self.attention = attention_kind(self.padded, y.device, y.dtype, runner.varlen)
         if mask is None:
-            mask = torch.ones(b, n, device=y.device, dtype=torch.bool)
-        y, step_cond, mask = F.pad(y, (0, 0, 0, pad)), F.pad(step_cond, (0, 0, 0, pad)), F.pad(mask, (0, pad))
-        rows = bucket_batch(b) if self.use_graphs else b
-        if self.use_graphs:
-            graph = self.graph_for(rows, n + pad, guided, attention, fused, y.dtype, y.device)
-            graph.load(y, step_cond, text, mask, t, cfg_strength)
-            for _ in range(steps):
-                check_abandoned(abandoned)
-                graph.graph.replay()
-            out = graph.x[:b, :n].clone()
+            mask = torch.ones(self.b, self.n, device=y.device, dtype=torch.bool)
+        self.y, self.step_cond, self.mask = F.pad(y, (0, 0, 0, pad)), F.pad(step_cond, (0, 0, 0, pad)), F.pad(mask, (0, pad))
+        self.rows = bucket_batch(self.b) if runner.use_graphs else self.b
+        self.done = 0
+        self.close()
+        if runner.use_graphs:
+            self.graph = runner.graph_for(self.rows, self.n + pad, self.cfg_strength >= 1e-5, self.attention,
+                                          self.fused, y.dtype, y.device)
         else:
-            out = euler_integrate(self.tr, y, step_cond, text, mask if padded else None, t, steps=steps,
-                                  cfg_strength=cfg_strength, attention=attention, fused=fused,
-                                  use_triton=self.use_triton, abandoned=abandoned)[:, :n]
-        self.tally.add(rows=rows, frames=n + pad, real_rows=b, real_row_frames=real_row_frames)
+            self.state = _SampleState(runner.tr, self.step_cond, text, self.mask if self.padded else None,
+                                      self.cfg_strength >= 1e-5, self.attention)
+
+    def step(self) -> None:
+        try:
+            if self.demotions != self.runner.demotions:  # another integration's fault, since set-up
+                self.runner._demoting(self._set_up)
+            self._step()
+        except CallAbandoned:
+            raise
+        except Exception as err:
+            if not self.runner._demote(err):
+                raise
+            self.runner._demoting(self._set_up)  # from the first step again, one level down
+
+    def _step(self) -> None:
+        if self.graph is not None:
+            if self.graph.holder is not self:
+                self.graph.take(self)
+            self.graph.graph.replay()
+        else:
+            i, t = self.done, self.t
+            self.y = euler_step(self.runner.tr, self.y, self.step_cond, self.mask if self.padded else None, t[i],
+                                t[i + 1] - t[i], self.state, cfg_strength=self.cfg_strength, fused=self.fused,
+                                use_triton=self.runner.use_triton)
+        self.done += 1
+
+    def set_aside_from(self, graph: _Graph) -> None:
+        """Another integration takes ``graph``: keep this one's y so far."""
+        self.y = graph.x[: self.b].clone()
+        graph.holder = None
+
+    def result(self) -> torch.Tensor:
+        if self.graph is not None:
+            if self.graph.holder is not self:
+                self.graph.take(self)
+            out = self.graph.x[: self.b, : self.n].clone()
+        else:
+            out = self.y[:, : self.n]
+        self.runner.tally.add(rows=self.rows, frames=self.y.shape[1], real_rows=self.b,
+                              real_row_frames=self.real_row_frames)
         return out
+
+    def close(self) -> None:
+        """Let go of the graph (the runner may drop it and reuse its memory)."""
+        if self.graph is not None and self.graph.holder is self:
+            self.graph.holder = None
+        self.graph = None

@@ -19,14 +19,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from f5worker.inference.engine import TTSEngine
+from f5worker.inference.engine import EngineCall, TTSEngine
 from f5worker.inference.items import ChunkItem
 
 log = logging.getLogger(__name__)
 
 
 class ModelPool:
-    """Loaded engines by model name, least recently used first. ``run_items`` is the batcher's
+    """Loaded engines by model name, least recently used first. ``start_call`` is the batcher's
     model call: every item of a call is of one model (``ChunkItem.batch_key`` holds the name)."""
 
     def __init__(self, default: str, engine: TTSEngine, *, budget_bytes: int):
@@ -101,10 +101,15 @@ class ModelPool:
             self._engines[name] = engine
             self._engines.move_to_end(name)
 
-    def run_items(self, items: list[ChunkItem], abandoned: Callable[[], bool] | None = None) -> list[np.ndarray]:
-        """One model call (on the model thread): the items' model samples them."""
+    def start_call(self, items: list[ChunkItem], abandoned: Callable[[], bool] | None = None) -> EngineCall:
+        """One model call (the batcher's ``ModelCall``, run on the model thread): the items' model
+        samples them."""
         name = items[0].model or self.default
         engine = self.get(name)
         if engine is None:  # the job layer loads a model before queueing its items, and holds it
             raise RuntimeError(f"model {name!r} is not loaded")
-        return engine.run_items(items, abandoned)
+        return engine.start_call(items, abandoned)
+
+    def run_items(self, items: list[ChunkItem], abandoned: Callable[[], bool] | None = None) -> list[np.ndarray]:
+        """``start_call`` run to its end at once."""
+        return self.start_call(items, abandoned).advance(lambda: False)

@@ -4,7 +4,8 @@ Why this module exists: f5-tts's ``CFM.sample`` draws all noise from the global 
 attention unmasked, so a job's output depends on what else is in its batch. This does the same
 arithmetic (same time grid, same ``y + dt * f(t, y)`` steps as torchdiffeq's Euler solver, same
 classifier-free guidance) with per-item noise and padding masks, and leaves the DiT call itself to a
-step runner, so the eager and the CUDA-graphed paths share everything else.
+step runner, so the eager and the CUDA-graphed paths share everything else. An integration runs a
+step at a time (``Integration``), so the batcher can run another call between two of its steps.
 """
 from __future__ import annotations
 
@@ -46,14 +47,46 @@ def lens_to_mask(lengths: torch.Tensor, length: int | None = None) -> torch.Tens
     return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
 
 
+class Integration(Protocol):
+    """One batch's ODE integration, a step at a time, so that the model thread can set it aside
+    between two steps (another call runs meanwhile: ``inference.batcher``) and take it up again
+    with the same result as if nothing had run between."""
+
+    steps_left: int
+
+    def step(self) -> None:
+        """One Euler step: ``y <- y + dt * f(t, y)``."""
+
+    def result(self) -> torch.Tensor:
+        """``y`` after the last step ([batch, frames, mel])."""
+
+    def close(self) -> None:
+        """Let go of what it holds on the runner (also when it stops before its end)."""
+
+
+def run_to_end(integration: Integration, abandoned: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Every step at once; ``abandoned`` is checked before each (f5worker.errors.check_abandoned)."""
+    try:
+        while integration.steps_left:
+            check_abandoned(abandoned)
+            integration.step()
+        return integration.result()
+    finally:
+        integration.close()
+
+
 class StepRunner(Protocol):
     """How the ODE is integrated: this module's eager runner, or the fast path's bucketed CUDA
     graphs (``inference.fast.BucketedStepRunner``). The engine and the sampler use only this."""
 
+    def start(self, y: torch.Tensor, step_cond: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None,
+              t: torch.Tensor, steps: int, cfg_strength: float) -> Integration:
+        """``steps`` Euler steps on the grid ``t`` from ``y`` ([batch, frames, mel]), to be run."""
+
     def integrate(self, y: torch.Tensor, step_cond: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None,
                   t: torch.Tensor, steps: int, cfg_strength: float, *,
                   abandoned: Callable[[], bool] | None = None) -> torch.Tensor:
-        """``y`` after ``steps`` Euler steps on the grid ``t`` (``y`` is [batch, frames, mel])."""
+        """``start(...)`` run to its end at once (``run_to_end``)."""
 
     def single_job_buckets(self) -> list[int]:
         """The frame lengths worth preparing ahead for one job; empty when nothing is prepared."""
@@ -67,6 +100,7 @@ class EagerStepRunner:
 
     def __init__(self, transformer):
         self.transformer = transformer
+        self.current: _EagerIntegration | None = None  # whose text embeddings the DiT's cache holds
 
     def __call__(self, x, step_cond, text, t, mask, cfg_strength):
         tr = self.transformer
@@ -77,14 +111,19 @@ class EagerStepRunner:
         pred, null_pred = torch.chunk(pred_cfg, 2, dim=0)
         return pred + (pred - null_pred) * cfg_strength
 
-    def begin(self, batch: int, frames: int, masked: bool) -> None:
+    def begin(self, integration: _EagerIntegration) -> None:
+        """Make the shared DiT ready for ``integration``'s next step: its cache (text embeddings,
+        computed again on that step) and its attention mask switch."""
         self.transformer.clear_cache()
         for block in self.transformer.transformer_blocks:
             # f5-tts's v1 config leaves attention unmasked; a padded item needs it masked.
-            block.attn.processor.attn_mask_enabled = masked
+            block.attn.processor.attn_mask_enabled = integration.mask is not None
+        self.current = integration
 
-    def end(self) -> None:
-        self.transformer.clear_cache()
+    def end(self, integration: _EagerIntegration) -> None:
+        if self.current is integration:
+            self.transformer.clear_cache()
+            self.current = None
 
     def single_job_buckets(self) -> list[int]:
         return []  # eager: nothing to prepare
@@ -92,47 +131,76 @@ class EagerStepRunner:
     def prepare(self, batch: int, frames: int, dtype: torch.dtype, device: str) -> None:
         return None
 
+    def start(self, y, step_cond, text, mask, t, steps, cfg_strength) -> _EagerIntegration:
+        return _EagerIntegration(self, y, step_cond, text, mask, t, steps, cfg_strength)
+
     def integrate(self, y, step_cond, text, mask, t, steps, cfg_strength, *, abandoned=None):
-        """torchdiffeq's Euler solver on f5-tts's grid: y <- y + dt * f(t, y). ``abandoned``: checked
-        before each step (f5worker.errors.check_abandoned)."""
-        self.begin(y.shape[0], y.shape[1], masked=mask is not None)
-        try:
-            for i in range(steps):
-                check_abandoned(abandoned)
-                y = y + (t[i + 1] - t[i]) * self(y, step_cond, text, t[i], mask, cfg_strength)
-        finally:
-            self.end()
-        return y
+        return run_to_end(self.start(y, step_cond, text, mask, t, steps, cfg_strength), abandoned)
 
 
-def sample_mels(model, items: list[ChunkItem], runner: StepRunner, *, abandoned=None) -> list[torch.Tensor]:
-    """Each item's full mel ([frames, n_mel], reference part included), in one batched integration."""
-    _, steps, cfg_strength, sway = items[0].batch_key
-    if any(item.batch_key != items[0].batch_key for item in items):
-        raise ValueError("items with different sampling settings cannot share a batch")
-    weight = next(model.transformer.parameters())
-    dtype, device = weight.dtype, weight.device
-    conds = [model.mel_spec(item.cond_wave.to(device)).permute(0, 2, 1)[0].to(dtype) for item in items]
-    lens = torch.tensor([c.shape[0] for c in conds], device=device, dtype=torch.long)
-    text = symbols_to_ids([item.text for item in items], model.vocab_char_map).to(device)
-    duration = torch.tensor([item.duration for item in items], device=device, dtype=torch.long)
-    duration = torch.maximum(torch.maximum((text != -1).sum(dim=-1), lens) + 1, duration).clamp(max=MAX_FRAMES)
-    frames = int(duration.amax())
-    batch = len(items)
+class _EagerIntegration:
+    """torchdiffeq's Euler solver on f5-tts's grid, a step at a time (an ``Integration``). The DiT's
+    cache belongs to one integration at a time: a step after another integration's steps makes
+    the DiT ready again (``EagerStepRunner.begin``)."""
 
-    cond = torch.stack([F.pad(c, (0, 0, 0, frames - c.shape[0])) for c in conds])
-    cond_mask = F.pad(lens_to_mask(lens), (0, frames - int(lens.amax())), value=False).unsqueeze(-1)
-    step_cond = torch.where(cond_mask, cond, torch.zeros_like(cond))
-    mask = lens_to_mask(duration) if batch > 1 else None
+    def __init__(self, runner: EagerStepRunner, y, step_cond, text, mask, t, steps: int, cfg_strength: float):
+        self.runner, self.y, self.step_cond, self.text, self.mask, self.t = runner, y, step_cond, text, mask, t
+        self.steps, self.cfg_strength, self.done = steps, cfg_strength, 0
 
-    noise = []
-    for item, dur in zip(items, duration.tolist()):
-        generator = torch.Generator(device=device).manual_seed(item.seed)
-        noise.append(F.pad(torch.randn(dur, model.num_channels, generator=generator, device=device, dtype=dtype),
-                           (0, 0, 0, frames - dur)))
-    y = torch.stack(noise)
+    @property
+    def steps_left(self) -> int:
+        return self.steps - self.done
 
-    t = timesteps(steps, sway, device, dtype)
-    y = runner.integrate(y, step_cond, text, mask, t, steps, cfg_strength, abandoned=abandoned)
-    out = torch.where(cond_mask, cond, y)
-    return [out[i, :d] for i, d in enumerate(duration.tolist())]
+    def step(self) -> None:
+        if self.runner.current is not self:
+            self.runner.begin(self)
+        i, t = self.done, self.t
+        self.y = self.y + (t[i + 1] - t[i]) * self.runner(self.y, self.step_cond, self.text, t[i], self.mask,
+                                                          self.cfg_strength)
+        self.done += 1
+
+    def result(self) -> torch.Tensor:
+        return self.y
+
+    def close(self) -> None:
+        self.runner.end(self)
+
+
+class MelSampling:
+    """Each item's full mel ([frames, n_mel], reference part included), from one batched
+    integration: the set-up here, the steps in ``integration`` (run them, then ``mels()``)."""
+
+    def __init__(self, model, items: list[ChunkItem], runner: StepRunner):
+        _, steps, cfg_strength, sway = items[0].batch_key
+        if any(item.batch_key != items[0].batch_key for item in items):
+            raise ValueError("items with different sampling settings cannot share a batch")
+        weight = next(model.transformer.parameters())
+        dtype, device = weight.dtype, weight.device
+        conds = [model.mel_spec(item.cond_wave.to(device)).permute(0, 2, 1)[0].to(dtype) for item in items]
+        lens = torch.tensor([c.shape[0] for c in conds], device=device, dtype=torch.long)
+        text = symbols_to_ids([item.text for item in items], model.vocab_char_map).to(device)
+        duration = torch.tensor([item.duration for item in items], device=device, dtype=torch.long)
+        duration = torch.maximum(torch.maximum((text != -1).sum(dim=-1), lens) + 1, duration).clamp(max=MAX_FRAMES)
+        frames = int(duration.amax())
+        batch = len(items)
+
+        self.cond = torch.stack([F.pad(c, (0, 0, 0, frames - c.shape[0])) for c in conds])
+        self.cond_mask = F.pad(lens_to_mask(lens), (0, frames - int(lens.amax())), value=False).unsqueeze(-1)
+        step_cond = torch.where(self.cond_mask, self.cond, torch.zeros_like(self.cond))
+        mask = lens_to_mask(duration) if batch > 1 else None
+        self.durations = duration.tolist()
+
+        noise = []
+        for item, dur in zip(items, self.durations):
+            generator = torch.Generator(device=device).manual_seed(item.seed)
+            noise.append(F.pad(torch.randn(dur, model.num_channels, generator=generator, device=device, dtype=dtype),
+                               (0, 0, 0, frames - dur)))
+        y = torch.stack(noise)
+
+        t = timesteps(steps, sway, device, dtype)
+        self.integration = runner.start(y, step_cond, text, mask, t, steps, cfg_strength)
+
+    def mels(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """The items' mels from the integrated ``y``: the reference frames are the reference's own."""
+        out = torch.where(self.cond_mask, self.cond, y)
+        return [out[i, :d] for i, d in enumerate(self.durations)]
