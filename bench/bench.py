@@ -446,7 +446,7 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
         engine = TTSEngine.load(files, device=device, fast=False)
     res["params"] = sum(p.numel() for p in engine.model.transformer.parameters())
     res["dtype"] = str(engine.dtype).removeprefix("torch.")
-    batcher = Batcher(engine.run_items)
+    batcher = Batcher(engine.start_call)
     limit = AGREEMENT_LIMIT.get(res["dtype"], 3e-2)
     res["agreement_limit"] = limit
 

@@ -50,9 +50,11 @@ class CallClock:
     """The batcher's model function, unchanged, noting when each call ends."""
 
     def __init__(self, batcher):
-        self.real = batcher._run_items
+        from f5worker.inference.batcher import run_whole, whole_calls
+
+        self.real = run_whole(batcher._start_call)
         self.ends: list[float] = []
-        batcher._run_items = self
+        batcher._start_call = whole_calls(self)
 
     def __call__(self, items, abandoned):
         waves = self.real(items, abandoned)

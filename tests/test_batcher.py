@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
+import weakref
 
 import numpy as np
 import pytest
 import torch
 
-from f5worker.inference.batcher import Batcher
+from f5worker.errors import check_abandoned
+from f5worker.inference.batcher import Batcher, JobTurn, whole_calls
 from f5worker.inference.items import ChunkItem
 
 
@@ -22,7 +26,7 @@ def echo_durations(items, abandoned=None):
 
 
 def test_concurrent_jobs_share_calls_and_keep_order():
-    batcher = Batcher(echo_durations, max_wait_s=0.01)
+    batcher = Batcher(whole_calls(echo_durations), max_wait_s=0.01)
 
     async def main():
         return await asyncio.gather(*(batcher.submit([item(d), item(d + 1)]) for d in (10, 20, 30)))
@@ -34,7 +38,7 @@ def test_concurrent_jobs_share_calls_and_keep_order():
 
 def test_different_ode_settings_never_share_a_call():
     seen = []
-    batcher = Batcher(lambda items, abandoned=None: seen.append({it.steps for it in items}) or echo_durations(items))
+    batcher = Batcher(whole_calls(lambda items, abandoned=None: seen.append({it.steps for it in items}) or echo_durations(items)))
 
     async def main():
         await asyncio.gather(batcher.submit([item(5, steps=32)]), batcher.submit([item(6, steps=16)]))
@@ -44,7 +48,7 @@ def test_different_ode_settings_never_share_a_call():
 
 
 def test_frame_budget_splits_batches():
-    batcher = Batcher(echo_durations, max_frames=100, max_wait_s=0.01)
+    batcher = Batcher(whole_calls(echo_durations), max_frames=100, max_wait_s=0.01)
 
     async def main():
         await asyncio.gather(*(batcher.submit([item(40)]) for _ in range(5)))
@@ -62,7 +66,7 @@ def test_a_failed_call_fails_its_jobs_and_the_loop_goes_on():
             raise RuntimeError("out of memory")
         return echo_durations(items)
 
-    batcher = Batcher(flaky)
+    batcher = Batcher(whole_calls(flaky))
 
     async def main():
         with pytest.raises(RuntimeError):
@@ -76,7 +80,7 @@ def test_oldest_item_is_never_starved():
     """A job with rare settings, pending first, goes next even though a larger group waits."""
     from f5worker.inference.batcher import _Pending
 
-    batcher = Batcher(echo_durations, max_items=2)
+    batcher = Batcher(whole_calls(echo_durations), max_items=2)
     loop = asyncio.new_event_loop()
     try:
         rare = _Pending(item(50, steps=8), loop.create_future())
@@ -95,7 +99,7 @@ def test_a_failing_item_fails_only_its_own_job():
             raise RuntimeError("position limit exceeded")
         return echo_durations(items)
 
-    batcher = Batcher(poisoned, max_wait_s=0.02)
+    batcher = Batcher(whole_calls(poisoned), max_wait_s=0.02)
 
     async def main():
         return await asyncio.gather(*(batcher.submit([item(d)]) for d in (10, 13, 20, 30, 40)),
@@ -117,7 +121,7 @@ def test_a_failed_or_cancelled_job_withdraws_its_other_items():
             raise RuntimeError("bad chunk")
         return echo_durations(items)
 
-    batcher = Batcher(record, max_items=1, max_wait_s=0)
+    batcher = Batcher(whole_calls(record), max_items=1, max_wait_s=0)
 
     async def main():
         with pytest.raises(RuntimeError):
@@ -137,10 +141,9 @@ def test_jobs_take_turns_so_new_ones_never_starve_a_long_one():
     """A long job's items, and a new one-item job arriving before every call, each with settings of
     its own (so nothing shares a call): the long job still gets its turns (round robin), where a
     rule of "the never-served job first" would serve only the newcomers."""
-    from f5worker.inference.batcher import JobTurn
 
     async def main():
-        batcher = Batcher(echo_durations, max_items=1)
+        batcher = Batcher(whole_calls(echo_durations), max_items=1)
         batcher.enqueue([item(100, steps=8) for _ in range(4)], JobTurn())
         served = []
         for call in range(12):
@@ -156,3 +159,177 @@ def test_jobs_take_turns_so_new_ones_never_starve_a_long_one():
     # job's turns come further apart as the queue grows, but they come.
     assert len(long_turns) >= 3 and long_turns[0] == 0, served
     assert all(b - a <= 5 for a, b in zip(long_turns, long_turns[1:])), served
+
+
+# --- calls run a step at a time, and a short job's call runs between two steps of a long one -----
+class SteppedCalls:
+    """The batcher's ``start_call``: each call records its steps (named by its first item's
+    duration) and closes, and each step takes ``step_s``. It stands in for ``EngineCall`` so that
+    the order of steps is visible; that a call set aside gives the model's same result is tested
+    in test_engine.py with the real model."""
+
+    def __init__(self, step_s: float = 0.002):
+        self.step_s, self.steps, self.closed = step_s, [], []
+
+    def __call__(self, items, abandoned):
+        return SteppedCall(self, items, abandoned)
+
+
+class SteppedCall:
+    def __init__(self, calls: SteppedCalls, items, abandoned):
+        self.calls, self.items, self.abandoned = calls, items, abandoned
+        self.name, self.steps_left = items[0].duration, items[0].steps
+
+    def advance(self, set_aside):
+        while self.steps_left:
+            check_abandoned(self.abandoned)
+            time.sleep(self.calls.step_s)
+            self.calls.steps.append(self.name)
+            self.steps_left -= 1
+            if self.steps_left and set_aside():
+                return None
+        return echo_durations(self.items)
+
+    def close(self):
+        self.calls.closed.append(self.name)
+
+
+async def until(condition, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.0005)
+
+
+def test_a_short_job_runs_between_two_steps_of_a_long_call():
+    calls = SteppedCalls()
+    batcher = Batcher(calls, max_wait_s=0)
+
+    async def main():
+        long = asyncio.ensure_future(batcher.submit([item(1000)]))
+        await until(lambda: len(calls.steps) >= 2)
+        short = await batcher.submit([item(10)])
+        return await long, short
+
+    long, short = asyncio.run(main())
+    assert int(long[0][0]) == 1000 and int(short[0][0]) == 10
+    first = calls.steps.index(10)
+    assert 2 <= first < 32 and calls.steps[first:first + 32] == [10] * 32  # the short call ran whole
+    assert calls.steps.count(1000) == 32 and calls.steps[-1] == 1000  # then the long one went on
+    assert batcher.set_aside == 1 and batcher.calls == [1, 1] and sorted(calls.closed) == [10, 1000]
+
+
+def test_a_newcomer_with_more_work_than_is_left_waits_for_the_running_call():
+    calls = SteppedCalls()
+    batcher = Batcher(calls, max_wait_s=0)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit([item(1000)]))
+        await until(lambda: len(calls.steps) >= 2)
+        await batcher.submit([item(999)])  # 32 x 999 frames of work, against at most 30 x 1000 left
+        await first
+
+    asyncio.run(main())
+    assert batcher.set_aside == 0 and calls.steps == [1000] * 32 + [999] * 32
+
+
+def test_a_long_jobs_next_call_never_sets_a_short_jobs_call_aside():
+    """A long job's next item is a call of little work (2 steps), less than what is left of a short
+    job's call (32 steps), but the long job has more work still to come: whole jobs are compared."""
+    calls = SteppedCalls()
+    batcher = Batcher(calls, max_wait_s=0)
+
+    async def main():
+        short = asyncio.ensure_future(batcher.submit([item(100)]))
+        await until(lambda: calls.steps)
+        turn = JobTurn(work_after=1000 * 32 * 50)  # fifty more chunks of 1000 frames to come
+        await asyncio.gather(short, asyncio.gather(*batcher.enqueue([item(200, steps=2)], turn)))
+
+    asyncio.run(main())
+    assert batcher.set_aside == 0 and calls.steps == [100] * 32 + [200] * 2
+
+
+def test_a_jobs_own_later_items_never_set_its_call_aside():
+    calls = SteppedCalls()
+    batcher = Batcher(calls, max_wait_s=0)
+    waves = asyncio.run(batcher.submit([item(1000), item(10)]))  # too far apart in length to share a call
+    assert [int(w[0]) for w in waves] == [1000, 10]
+    assert batcher.set_aside == 0 and calls.steps == [1000] * 32 + [10] * 32
+
+
+def test_a_stream_of_short_jobs_leaves_a_third_of_the_model_to_a_long_one():
+    """A new short job as soon as the last one ends: each sets the long call aside, but the long
+    call, taken up again, runs for half as long as the short one did before it gives way again."""
+    calls = SteppedCalls()
+    batcher = Batcher(calls, max_wait_s=0)
+
+    async def main():
+        long = asyncio.ensure_future(batcher.submit([item(1000, steps=64)]))
+        await until(lambda: calls.steps)
+        while not long.done():
+            await batcher.submit([item(10, steps=8)])
+        await long
+
+    asyncio.run(main())
+    last_long = len(calls.steps) - calls.steps[::-1].index(1000)
+    while_long_ran = calls.steps[:last_long]
+    assert while_long_ran.count(1000) == 64 and batcher.set_aside >= 3
+    assert 0.25 <= while_long_ran.count(1000) / len(while_long_ran) <= 0.45, calls.steps  # about a third
+
+
+def test_no_more_than_max_calls_are_in_progress():
+    """With room for two calls, a third job waits for the second to end: it does not set it aside."""
+    calls = SteppedCalls()
+    batcher = Batcher(calls, max_wait_s=0, max_calls=2)
+
+    async def main():
+        long = asyncio.ensure_future(batcher.submit([item(1000)]))
+        await until(lambda: calls.steps)
+        middle = asyncio.ensure_future(batcher.submit([item(100)]))
+        await until(lambda: 100 in calls.steps)
+        await batcher.submit([item(10)])
+        await asyncio.gather(long, middle)
+
+    asyncio.run(main())
+    last_middle = len(calls.steps) - calls.steps[::-1].index(100)
+    assert calls.steps[:last_middle].count(100) == 32 and 10 not in calls.steps[:last_middle]
+    assert calls.steps.count(1000) == 32 and calls.steps.count(10) == 32
+
+
+def test_a_set_aside_call_whose_job_has_gone_takes_no_further_step():
+    calls = SteppedCalls()
+    batcher = Batcher(calls, max_wait_s=0)
+
+    async def main():
+        long = asyncio.ensure_future(batcher.submit([item(1000)]))
+        await until(lambda: calls.steps)
+        short = asyncio.ensure_future(batcher.submit([item(10)]))
+        await until(lambda: 10 in calls.steps)
+        long.cancel()  # its deadline, say, while it is set aside
+        await short
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    first = calls.steps.index(10)
+    assert calls.steps[first:] == [10] * 32 and sorted(calls.closed) == [10, 1000]
+
+
+def test_a_finished_call_is_freed_at_once_not_by_the_cyclic_collector():
+    """A call refers back to its batch (``abandoned``); left in a cycle, a long job's calls kept
+    their tensors and waveforms until the cyclic collector ran (resident memory grew with the text)."""
+    calls, made = SteppedCalls(step_s=0), []
+
+    def start_call(items, abandoned):
+        made.append(SteppedCall(calls, items, abandoned))
+        return made[-1]
+
+    gc.disable()
+    try:
+        batcher = Batcher(start_call, max_wait_s=0)
+        asyncio.run(batcher.submit([item(10)]))
+        finished = weakref.ref(made.pop())
+        assert finished() is None
+    finally:
+        gc.enable()

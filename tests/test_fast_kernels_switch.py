@@ -146,9 +146,9 @@ def compile_kernels():  # on the model thread, as the fused switch task runs
     note("compile-end")
 
 lock = CompileLock(folder / "triton", wait_s=60)
-from f5worker.inference.batcher import OffModelThread
+from f5worker.inference.batcher import OffModelThread, whole_calls
 model_thread = ThreadPoolExecutor(max_workers=1)
-batcher = Batcher(lambda items, abandoned=None: [], executor=model_thread)
+batcher = Batcher(whole_calls(lambda items, abandoned=None: []), executor=model_thread)
 note("ready")
 prepare = batcher.prepare_in_background([OffModelThread(lock.acquire), compile_kernels, OffModelThread(lock.release)])
 time.sleep(0.3)

@@ -161,7 +161,7 @@ def test_a_mixed_queue_is_grouped_by_length_so_little_padding_is_computed(tiny_m
     short, long = 250, 1000  # just under 256 and 1024: frame buckets add little
     durations = [long] + [short, long] * 15 + [short]
     items = [chunk_item(d, i) for i, d in enumerate(durations)]
-    batcher = Batcher(engine.run_items)
+    batcher = Batcher(engine.start_call)
 
     async def main():
         return await asyncio.gather(*(batcher.submit([item]) for item in items))

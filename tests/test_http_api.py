@@ -25,6 +25,7 @@ import uvicorn
 
 from f5worker.http.app import ServerState, make_app
 from f5worker.http.gate import JSON_BODY_BYTES
+from f5worker.inference.batcher import run_whole, whole_calls
 from f5worker.jobs.inputs import MAX_TEXT_CHARS
 from f5worker.jobs.voices import BUILTIN_VOICES
 from f5worker.settings import ENV_API_KEY
@@ -47,14 +48,14 @@ class ModelProbe:
 
     def __init__(self, batcher):
         self.batcher = batcher
-        self.real = batcher._run_items
+        self.real = run_whole(batcher._start_call)
         self.items_sampled = 0
         self.calls = 0
         self.gate = threading.Event()
         self.gate.set()
         self.hold_after: int | None = None
         self.abandoned_when_released: list[bool] = []
-        batcher._run_items = self
+        batcher._start_call = whole_calls(self)  # calls run whole: the probe counts and holds them
 
     def __call__(self, items, abandoned):
         self.calls += 1

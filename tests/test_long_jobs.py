@@ -186,17 +186,17 @@ def test_a_failed_part_aborts_the_upload(long_runs, tmp_path):
 
 
 # --- a short job while a long one runs -------------------------------------------------------------
-SHORT = {"text": "A short line, said at once.", "local_voice": VOICE, "nfe_step": 2, "seed": 1,
-         "return_base64": False}
+SHORT = {"text": "A short line, said at once.", "local_voice": VOICE, "seed": 1, "return_base64": False}
 
 
 def test_a_short_job_is_not_held_up_by_a_long_one(tiny_models, tiny_whisper, tmp_path):
-    """Latency of a one-line job, idle and while a 20,000-character job (its own chunks sharing
-    model calls) runs on the same worker. A model call cannot be interrupted, so the short job
-    waits for the long job's call in progress, and for the next if that started while the short
-    job was being planned: on this CPU a long job's call (0.4 s) takes twice the short job's whole
-    idle latency, so the bound is its idle latency plus three such calls (it was the whole long
-    job, tens of seconds, before jobs took turns)."""
+    """Latency of a one-line job (32 steps), idle and while a 20,000-character job (its own chunks
+    sharing model calls) runs on the same worker: within 2x (the issue's bound). The long job's
+    call in progress is set aside after its current step for the short job's, which has less work
+    left; the long job's next calls (2 steps each, so each alone is less work than the short job)
+    never set the short job's call aside, since its whole job has more work left. Before calls
+    were run a step at a time, the short job waited for the long job's call in progress (0.87 s
+    beside 0.16 s idle at 2 steps); before jobs took turns, for the whole long job."""
     with worker_ctx(tiny_models, tiny_whisper, tmp_path) as ctx:
         async def short_job() -> float:
             started = time.perf_counter()
@@ -224,6 +224,7 @@ def test_a_short_job_is_not_held_up_by_a_long_one(tiny_models, tiny_whisper, tmp
         idle, busy, long_calls, call_seconds = asyncio.run(main())
     print(f"\nshort job idle {statistics.median(idle):.3f} s, beside a long one {statistics.median(busy):.3f} s "
           f"(medians of 5); the long one's calls: {long_calls}, {statistics.median(call_seconds):.3f} s each "
-          f"(median)")
+          f"(median); set aside {ctx.worker.batcher.set_aside} times")
     assert max(long_calls) > 1  # the long job's chunks shared calls
-    assert statistics.median(busy) < statistics.median(idle) + 3 * statistics.median(call_seconds)
+    assert ctx.worker.batcher.set_aside > 0  # the short jobs did run between two steps of the long one
+    assert statistics.median(busy) <= 2 * statistics.median(idle)

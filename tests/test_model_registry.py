@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from f5worker.errors import StorageError
+from f5worker.inference.batcher import run_whole, whole_calls
 from f5worker.inference.engine import TTSEngine
 from f5worker.jobs.plan import finish, plan
 from f5worker.model.loader import weight_bytes
@@ -88,12 +89,12 @@ class CallLog:
 
     def __init__(self, batcher, monkeypatch):
         self.calls: list[list[str]] = []
-        real = batcher._run_items
+        real = run_whole(batcher._start_call)
 
         def logged(items, abandoned=None):
             self.calls.append([item.model for item in items])
             return real(items, abandoned)
-        monkeypatch.setattr(batcher, "_run_items", logged)
+        monkeypatch.setattr(batcher, "_start_call", whole_calls(logged))
 
 
 def test_registry_has_the_built_ins_the_variable_and_the_default_first(ctx):

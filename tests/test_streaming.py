@@ -20,6 +20,7 @@ import pytest
 import soundfile as sf
 
 from examples import client
+from f5worker.inference.batcher import run_whole, whole_calls
 from f5worker.jobs import resampling
 from f5worker.jobs.assembly import planned_segments_bytes
 from f5worker.jobs.audio import cross_fade_join
@@ -210,7 +211,7 @@ def test_refused_streamed_job_is_one_error_item(ctx):
 
 def test_gpu_fault_while_streaming_asks_for_a_new_worker(ctx, monkeypatch):
     recorder = Recorder(ctx.worker)
-    real = ctx.worker.batcher._run_items
+    real = run_whole(ctx.worker.batcher._start_call)
     calls = []
 
     def fail_after_the_first_call(items, abandoned=None):
@@ -219,7 +220,7 @@ def test_gpu_fault_while_streaming_asks_for_a_new_worker(ctx, monkeypatch):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(items, abandoned)
 
-    monkeypatch.setattr(ctx.worker.batcher, "_run_items", fail_after_the_first_call)
+    monkeypatch.setattr(ctx.worker.batcher, "_start_call", whole_calls(fail_after_the_first_call))
     *pieces, last = recorder.run(tts_input(stream=True))
     assert pieces and all(p["format"] == PCM_FORMAT for p in pieces)  # the first chunk went out
     assert last == {"error": "The GPU failed (RuntimeError) during this job; this worker will be replaced.",

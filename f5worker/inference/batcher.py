@@ -1,21 +1,34 @@
-"""Groups chunk items from concurrent jobs into shared model calls on one GPU thread.
+"""Groups chunk items from concurrent jobs into shared model calls on one GPU thread, and runs a
+short job's call between two steps of a long one.
 
 Why this module exists: a serverless worker is billed by the GPU-second, and a DiT step on 2 items
 costs little more than on 1. Jobs that arrive together (runpod's ``concurrency_modifier`` lets
 several run on one worker) submit their chunk items here; a single loop takes whatever is pending,
-waits at most ``max_wait_s`` for company, and runs one job's oldest waiting item together with
-others that share its ODE settings, nearest its length first, within an item and a frame budget
-and at most ``MAX_LENGTH_RATIO`` apart in length. The model is only ever driven from one thread.
+waits at most ``max_wait_s`` for company, and starts a call of one job's oldest waiting item
+together with others that share its ODE settings, nearest its length first, within an item and a
+frame budget and at most ``MAX_LENGTH_RATIO`` apart in length. The model is only ever driven from
+one thread.
 
 Fairness: jobs take turns leading a call (the one served longest ago leads; a new job has never
 been served), and a job queues only ``job_window`` items at a time (``jobs.workflows`` keeps the
-rest), so a short job that arrives while a chapter-length one runs waits for one model call of it,
-not for its whole text.
+rest). A call runs a step at a time (``ModelCall.advance``), so it need not run to its end before
+another starts: when a job with no call in progress has less work left (steps x frames of its
+items, queued or still to come: ``JobTurn.work_after``) than the running call's jobs (steps left x
+rows x frames, and what they still have to come), the running call is set aside after its current
+step and the newcomer's runs first (shortest remaining work first; a chapter's next chunk thus never
+sets a short job's call aside);
+the set-aside call then resumes where it stopped, with the same result. A short job that arrives
+while a chapter runs thus waits for one ODE step of it, not for its call. A call taken up again
+runs for ``OWED_SHARE`` of the time others ran while it waited before it can be set aside again,
+so a stream of short jobs takes at most about two thirds of the model's time from a long one; at
+most ``max_calls`` calls are in progress at once (each holds its tensors on the device).
 
-``run_items(items, abandoned)`` samples a call's items; ``abandoned()`` is true once every job of
-the call has gone (failed, or stopped at its deadline), and a ``run_items`` that asks it between
-ODE steps stops there (``f5worker.errors.CallAbandoned``), so a stopped job's running call does
-not hold up the jobs queued behind it for more than one step.
+``start_call(items, abandoned)`` makes a call of the items (``inference.engine.EngineCall``; the
+model thread calls it); ``abandoned()`` is true once every job of the call has gone (failed, or
+stopped at its deadline), and a call that asks it between ODE steps stops there
+(``f5worker.errors.CallAbandoned``), so a stopped job's call does not hold up the jobs queued
+behind it for more than one step. ``whole_calls(run_items)`` makes calls of a plain function that
+samples items at once and is never set aside.
 """
 from __future__ import annotations
 
@@ -25,12 +38,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
 from f5worker.errors import CallAbandoned
-from f5worker.inference.items import ChunkItem
+from f5worker.inference.items import ChunkItem, item_frames, item_work
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +57,55 @@ MAX_LENGTH_RATIO = 2.0
 # Items a job keeps queued at once: its next call's share and one more, so a long job's own chunks
 # still share calls while another job's items can lead the very next one.
 DEFAULT_JOB_WINDOW = 2
+# Calls in progress at once: the running one and those set aside for it (each holds its batch's
+# tensors on the device until it ends).
+DEFAULT_MAX_CALLS = 3
+# A call set aside is owed this share of the model time others had meanwhile, and runs it back
+# before it gives way again: under a stream of shorter jobs a long one keeps a third of the model
+# (never starved), while a short job that arrives just after another waits at most half that one's
+# time, not all of it (the short job's latency beside a long one stays within 2x its idle latency).
+OWED_SHARE = 0.5
+
+
+class ModelCall(Protocol):
+    """One model call of a batch of items, run on the model thread in slices."""
+
+    steps_left: int  # ODE steps still to run
+
+    def advance(self, set_aside: Callable[[], bool]) -> list[np.ndarray] | None:
+        """Steps until the last, then each item's waveform; or None after a step at which
+        ``set_aside()`` is true (the call resumes at its next ``advance``)."""
+
+    def close(self) -> None:
+        """Let go of what it holds (a call that is never advanced again)."""
+
+
+StartCall = Callable[[list[ChunkItem], Callable[[], bool]], ModelCall]
+RunItems = Callable[[list[ChunkItem], Callable[[], bool]], list[np.ndarray]]
+
+
+class WholeCall:
+    """A ``ModelCall`` of a plain ``run_items(items, abandoned)`` function: run at once, never set aside."""
+
+    def __init__(self, run_items: RunItems, items: list[ChunkItem], abandoned: Callable[[], bool]):
+        self.run_items, self.items, self.abandoned = run_items, items, abandoned
+        self.steps_left = items[0].steps
+
+    def advance(self, set_aside: Callable[[], bool]) -> list[np.ndarray]:
+        return self.run_items(self.items, self.abandoned)
+
+    def close(self) -> None:
+        return None
+
+
+def whole_calls(run_items: RunItems) -> StartCall:
+    """The ``start_call`` of a plain ``run_items`` function (tests, benches, faults injected per call)."""
+    return lambda items, abandoned: WholeCall(run_items, items, abandoned)
+
+
+def run_whole(start_call: StartCall) -> RunItems:
+    """The plain ``run_items`` of a ``start_call``: each call run to its end at once."""
+    return lambda items, abandoned=None: start_call(items, abandoned).advance(lambda: False)
 
 
 @dataclass(frozen=True)
@@ -62,6 +124,9 @@ class JobTurn:
     goes passes the same one."""
     last_call: float = -1.0
     queued: bool = False
+    # The work (``items.item_work``) of the job's items not queued yet: the job layer keeps it up
+    # to date, so that the shortest-work-first rule compares whole jobs, not one call of each.
+    work_after: int = 0
 
 
 @dataclass(eq=False)  # compared by identity: the generated __eq__ would compare tensors
@@ -75,22 +140,49 @@ class _Pending:
     turn: JobTurn = field(default_factory=JobTurn)
 
 
+@dataclass(eq=False)
+class _Running:
+    """A call in progress: running, or set aside between two of its steps."""
+    batch: list[_Pending]
+    call: ModelCall | None = None  # made on the model thread, at its first slice
+    run_s: float = 0.0  # the model time it has had
+    owed_s: float = 0.0  # its share of the model time others had while it was set aside, not yet run back
+
+    def abandoned(self) -> bool:
+        return all(e.future.done() for e in self.batch)
+
+    def work_left(self) -> int:
+        """Steps left x rows x frames, and the least work still to come of a job it serves: what
+        the shortest-work-first rule compares."""
+        steps = self.batch[0].item.steps if self.call is None else self.call.steps_left
+        to_come = min(e.turn.work_after for e in self.batch)
+        return steps * len(self.batch) * max(item_frames(e.item) for e in self.batch) + to_come
+
+
 class Batcher:
-    def __init__(self, run_items: Callable[[list[ChunkItem], Callable[[], bool]], list[np.ndarray]], *,
-                 max_wait_s: float = DEFAULT_MAX_WAIT_S, max_items: int = DEFAULT_MAX_ITEMS,
-                 max_frames: int = DEFAULT_MAX_FRAMES, job_window: int = DEFAULT_JOB_WINDOW,
+    def __init__(self, start_call: StartCall, *, max_wait_s: float = DEFAULT_MAX_WAIT_S,
+                 max_items: int = DEFAULT_MAX_ITEMS, max_frames: int = DEFAULT_MAX_FRAMES,
+                 job_window: int = DEFAULT_JOB_WINDOW, max_calls: int = DEFAULT_MAX_CALLS,
                  executor: ThreadPoolExecutor | None = None):
-        self._run_items = run_items
+        self._start_call = start_call
         self.job_window = job_window
         self.max_wait_s = max_wait_s
         self.max_items = max_items
         self.max_frames = max_frames
+        self.max_calls = max_calls
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self._pending: list[_Pending] = []
+        self._running: list[_Running] = []  # calls in progress; the one running is last
+        # The work left of each job with no call in progress, by ``id`` of its turn, and the least
+        # of them (None: there are none); the model thread reads it between steps to decide
+        # whether to set the running call aside.
+        self._newcomer_works: dict[int, int] = {}
+        self._newcomer_work: int | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.calls: list[int] = []  # batch size of each model call, for logs and tests
-        self.call_seconds: list[float] = []  # wall time of each model call, for the bench
+        self.call_seconds: list[float] = []  # model time of each finished call (set-aside time not counted)
+        self.set_aside: int = 0  # times a running call was set aside for a newcomer's, for logs and tests
         self.preparing: threading.Thread | None = None
 
 
@@ -117,6 +209,7 @@ class Batcher:
         futures = [loop.create_future() for _ in items]
         entries = [_Pending(item, future, futures, turn) for item, future in zip(items, futures)]
         self._pending.extend(entries)
+        self._refresh_newcomer()
         self._wakeup.set()
         return futures
 
@@ -140,6 +233,7 @@ class Batcher:
                 self._pending.remove(entry)
             if not entry.future.done():
                 entry.future.cancel()
+        self._refresh_newcomer()
 
     def prepare_in_background(self, tasks: list[Callable[[], object] | OffModelThread]) -> threading.Thread:
         """Run preparation tasks in order: each callable on the model thread, alone, so a job that
@@ -163,20 +257,26 @@ class Batcher:
     def _ensure_loop(self) -> None:
         # The loop belongs to the event loop that first submits (runpod runs one per worker).
         if self._task is None or self._task.done():
+            for run in self._running:  # calls of an event loop that has gone (its futures with it)
+                if run.call is not None:
+                    run.call.close()
+            self._running.clear()
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    def next_batch(self) -> list[_Pending]:
+    def next_batch(self, busy: set[int] = frozenset()) -> list[_Pending]:
         """The lead item and others sharing its ODE settings, within the budgets: all of them when
         they fit, else those nearest the lead in length (every row of a call is padded to its
         longest item, so a call of like lengths wastes little). The lead is the oldest item of the
         job served longest ago, and it always goes: no job waits behind a stream of more common
-        ones, or behind another job's turns."""
+        ones, or behind another job's turns. ``busy``: the ``id`` of each job turn with a call in
+        progress, whose items wait for it to end."""
         self._pending = [e for e in self._pending if not e.future.done()]
-        if not self._pending:
+        waiting = [e for e in self._pending if id(e.turn) not in busy]
+        if not waiting:
             return []
-        lead = min(self._pending, key=lambda e: e.turn.last_call)  # min() keeps the first of equals
-        others = [e for e in self._pending if e is not lead and e.item.batch_key == lead.item.batch_key
+        lead = min(waiting, key=lambda e: e.turn.last_call)  # min() keeps the first of equals
+        others = [e for e in waiting if e is not lead and e.item.batch_key == lead.item.batch_key
                   and _within_ratio(e.item.duration, lead.item.duration)]
         # nearest length first; among equals, the oldest first (sorted() keeps queue order)
         others.sort(key=lambda e: abs(e.item.duration - lead.item.duration))
@@ -194,52 +294,125 @@ class Batcher:
             entry.turn.last_call = len(self.calls)
         return batch
 
+    # --- the loop: calls started, run in slices, set aside, finished ---------------------------
+    def _busy_turns(self) -> set[int]:
+        return {id(e.turn) for run in self._running for e in run.batch}
+
+    def _refresh_newcomer(self) -> None:
+        busy = self._busy_turns()
+        works: dict[int, int] = {}  # by job turn: its queued items' work and what is still to come
+        for e in self._pending:
+            if id(e.turn) not in busy and not e.future.done():
+                works[id(e.turn)] = works.get(id(e.turn), e.turn.work_after) + item_work(e.item)
+        self._newcomer_works, self._newcomer_work = works, min(works.values()) if works else None
+
+    def _should_set_aside(self, run: _Running, ran_s: float) -> bool:
+        """Whether ``run``, which has run ``ran_s`` since it was last taken up, gives way to a
+        newcomer's call now (read on the model thread between steps, and on the loop's)."""
+        work = self._newcomer_work
+        return (work is not None and len(self._running) < self.max_calls and ran_s >= run.owed_s
+                and work < run.work_left())
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            if not self._pending:
+            if not self._running and not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                if len(self._pending) < self.max_items:
+                    await asyncio.sleep(self.max_wait_s)  # a lone job waits this long for company
+            try:
+                self._start_waiting()
+            except Exception as exc:  # batching itself failed: fail what waits, never hang
+                log.exception("batching failed")
+                for entry in list(self._pending):
+                    self._settle(entry, error=exc)
+                self._pending.clear()
+                self._refresh_newcomer()
                 continue
-            if len(self._pending) < self.max_items:
-                await asyncio.sleep(self.max_wait_s)  # a lone job waits this long for company
-            while self._pending:
-                try:
-                    batch = self.next_batch()
-                except Exception as exc:  # batching itself failed: fail what waits, never hang
-                    log.exception("batching failed")
-                    for entry in list(self._pending):
-                        self._settle(entry, error=exc)
-                    self._pending.clear()
-                    continue
-                if batch:
-                    await self._run(loop, batch)
+            if self._running:
+                await self._advance(loop, self._running[-1])
 
-    async def _run(self, loop, batch: list[_Pending]) -> None:
-        """One model call; if it fails with several items in it, each item is retried alone, so a
-        failing item fails only its own job and never the jobs it happened to share a call with."""
+    def _start_waiting(self) -> None:
+        """A call for waiting items, when none is in progress, or when the running one gives way."""
+        busy = self._busy_turns()
+        if self._running:
+            running = self._running[-1]
+            if not self._should_set_aside(running, 0.0):
+                return
+            # only a job with less work left than the running call's may lead the call that sets it aside
+            left = running.work_left()
+            busy |= {turn for turn, work in self._newcomer_works.items() if work >= left}
+        batch = self.next_batch(busy)
+        if batch:
+            if self._running:
+                self.set_aside += 1
+            self._running.append(_Running(batch))
+            self.calls.append(len(batch))
+        self._refresh_newcomer()
+
+    def _slice(self, run: _Running) -> list[np.ndarray] | None:
+        """On the model thread: ``run`` until its end, or until it gives way to a newcomer."""
         started = time.perf_counter()
-        self.calls.append(len(batch))
+        if run.call is None:
+            run.call = self._start_call([e.item for e in run.batch], run.abandoned)
+        return run.call.advance(lambda: self._should_set_aside(run, time.perf_counter() - started))
+
+    async def _advance(self, loop, run: _Running) -> None:
+        """One slice of the running call. If the call fails with several items in it, each item
+        is tried again alone, so a failing item fails only its own job and never the jobs it
+        happened to share a call with."""
+        if run.abandoned():  # every job it served is gone: not worth another step
+            self._finish(run)
+            return
+        started = time.perf_counter()
         try:
-            waves = await loop.run_in_executor(self.executor, self._run_items, [e.item for e in batch],
-                                               lambda: all(e.future.done() for e in batch))
-        except CallAbandoned:  # every job it served is gone (its deadline, a failure): nothing to settle
-            log.info("model call of %d item(s) stopped between steps: no job still waits for it", len(batch))
+            waves = await loop.run_in_executor(self.executor, self._slice, run)
+        except CallAbandoned:
+            log.info("model call of %d item(s) stopped between steps: no job still waits for it", len(run.batch))
+            self._finish(run)
             return
         except Exception as exc:
-            if len(batch) == 1:
-                log.warning("model call of 1 item failed: %s", type(exc).__name__, exc_info=True)
-                self._settle(batch[0], error=exc)
-                return
-            log.warning("model call of %d items failed (%s); retrying each alone", len(batch),
-                        type(exc).__name__)
-            for entry in batch:
-                if not entry.future.done():
-                    await self._run(loop, [entry])
+            self._finish(run)
+            self._failed(run, exc)
             return
-        self.call_seconds.append(time.perf_counter() - started)
-        for entry, wave in zip(batch, waves):
+        finally:
+            self._account(run, time.perf_counter() - started)
+        if waves is None:
+            return  # set aside: the newcomer's call starts next
+        self._finish(run)
+        self.call_seconds.append(run.run_s)
+        for entry, wave in zip(run.batch, waves):
             self._settle(entry, result=wave)
+
+    def _account(self, run: _Running, seconds: float) -> None:
+        run.run_s += seconds
+        run.owed_s = max(0.0, run.owed_s - seconds)
+        for other in self._running:
+            if other is not run:
+                other.owed_s += OWED_SHARE * seconds
+
+    def _finish(self, run: _Running) -> None:
+        if run in self._running:
+            self._running.remove(run)
+        if run.call is not None:
+            run.call.close()
+            # The call refers back to the run (its ``abandoned``): a reference cycle, freed only by
+            # the cyclic collector, would keep the call's tensors and its jobs' waveforms alive.
+            run.call = None
+        self._refresh_newcomer()
+
+    def _failed(self, run: _Running, exc: Exception) -> None:
+        if len(run.batch) == 1:
+            log.warning("model call of 1 item failed: %s", type(exc).__name__, exc_info=True)
+            self._settle(run.batch[0], error=exc)
+            return
+        log.warning("model call of %d items failed (%s); retrying each alone", len(run.batch), type(exc).__name__)
+        for entry in reversed(run.batch):  # the first item runs first
+            if not entry.future.done():
+                self._running.append(_Running([entry]))
+                self.calls.append(1)
+        self._refresh_newcomer()
 
     def _settle(self, entry: _Pending, result=None, error: BaseException | None = None) -> None:
         if entry.future.done():  # its job already gave up (failed elsewhere, or its deadline)

@@ -46,6 +46,11 @@ def item_frames(item: ChunkItem) -> int:
     return max(item.duration, len(item.text) + 1, item.ref_frames + 2)
 
 
+def item_work(item: ChunkItem) -> int:
+    """Steps x frames: what sampling ``item`` costs, as the batcher's shortest-work-first rule counts it."""
+    return item.steps * item_frames(item)
+
+
 def item_output_samples(item: ChunkItem) -> int:
     """The samples of 24 kHz audio ``item`` comes out as: Vocos turns n frames into (n - 1) hops,
     and the reference's frames are cut off."""

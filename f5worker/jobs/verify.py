@@ -26,7 +26,7 @@ import jiwer
 import numpy as np
 
 from f5worker.inference.batcher import JobTurn
-from f5worker.inference.items import ChunkItem, item_output_samples
+from f5worker.inference.items import ChunkItem, item_output_samples, item_work
 from f5worker.jobs.audio import chunk_dbfs
 from f5worker.jobs.normalize import language_of, normalize
 from f5worker.jobs.options import VERIFY_DEFAULT_MAX_ERROR, VERIFY_DEFAULT_RETRIES
@@ -176,6 +176,7 @@ class GuardedSampling:
         reports: list[ChunkReport] = []
         for start in range(0, len(items), self.window):
             part, said = items[start:start + self.window], texts[start:start + self.window]
+            self.turn.work_after = sum(map(item_work, items[start + self.window:]))
             best = await self._together(part)
             part_reports = [ChunkReport([await self._judged(item, text, wave)])
                             for item, text, wave in zip(part, said, best)]

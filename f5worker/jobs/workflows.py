@@ -31,6 +31,7 @@ from f5worker.jobs.assembly import Assembled, AudioAssembly, AudioWriter, planne
 from f5worker.jobs import encoding
 from f5worker.jobs import streaming
 from f5worker.inference.batcher import Batcher, JobTurn
+from f5worker.inference.items import item_work
 from f5worker.jobs.download import download_to_file
 from f5worker.inference.engine import TTSEngine
 from f5worker.inference.models import ModelPool
@@ -217,7 +218,7 @@ class Worker:
         self.settings = settings
         self.storage = storage
         pool = ModelPool(settings.default_model, engine, budget_bytes=settings.model_memory_mb * 2**20)
-        self.batcher = Batcher(pool.run_items)
+        self.batcher = Batcher(pool.start_call)
         self.models = JobModels(settings, pool, load_engine=functools.partial(engine_like, pool, settings),
                                 on_model_thread=self._on_gpu_thread, off_loop=self._off_loop,
                                 on_loaded=self._prepare_in_background)
@@ -488,8 +489,9 @@ class Worker:
                 if all(future.done() for future in queued):
                     window = 1 if first_alone and done == 0 else self.batcher.job_window
                     more = items[queued_up_to:queued_up_to + window]
-                    queued.extend(self.batcher.enqueue(more, turn))
                     queued_up_to += len(more)
+                    turn.work_after = sum(map(item_work, items[queued_up_to:]))
+                    queued.extend(self.batcher.enqueue(more, turn))
                 wave = await self.batcher.sampled(queued[0])
                 queued.popleft()
                 await chunk_done(wave)
