@@ -47,18 +47,35 @@ VOICE = "basic_ref_en.wav"
 
 
 class CallClock:
-    """The batcher's model function, unchanged, noting when each call ends."""
+    """The batcher's ``start_call``, unchanged, noting when each model call ends (its last step:
+    the ``advance`` that returns the waveforms; a call set aside between steps ends later)."""
 
     def __init__(self, batcher):
-        from f5worker.inference.batcher import run_whole, whole_calls
-
-        self.real = run_whole(batcher._start_call)
+        self.real = batcher._start_call
         self.ends: list[float] = []
-        batcher._start_call = whole_calls(self)
+        batcher._start_call = self
 
     def __call__(self, items, abandoned):
-        waves = self.real(items, abandoned)
-        self.ends.append(time.perf_counter())
+        return _TimedCall(self.real(items, abandoned), self.ends)
+
+
+class _TimedCall:
+    """A ``ModelCall`` passed through: the batcher's preemption still sees its steps left."""
+
+    def __init__(self, call, ends: list[float]):
+        self.call, self.ends = call, ends
+
+    @property
+    def steps_left(self) -> int:
+        return self.call.steps_left
+
+    def close(self) -> None:
+        self.call.close()
+
+    def advance(self, set_aside):
+        waves = self.call.advance(set_aside)
+        if waves is not None:
+            self.ends.append(time.perf_counter())
         return waves
 
 
