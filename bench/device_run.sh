@@ -16,14 +16,16 @@
 #      the summary says when this is not the pinned stack);
 #   2. the GPU tests (tests/test_gpu.py: full-width capture-switch-recapture, the demotion tests, the
 #      graphed path against stock, varlen and fused kernels), 150 s at most;
-#   3. jobs through the whole worker at ready and after its fast path switched, then one job of
+#   3. what setting a call aside between two steps costs on one bucket's graph (bench/set_aside.py,
+#      full size), 45 s at most;
+#   4. jobs through the whole worker at ready and after its fast path switched, then one job of
 #      10,000 characters (bench/worker_jobs.py: every job must succeed; the chapter's seconds say
 #      how long a text fits the default 600 s job timeout), 210 s at most;
-#   4. what word alignment costs per minute of audio (bench/alignment.py: Whisper-turbo-sized random
+#   5. what word alignment costs per minute of audio (bench/alignment.py: Whisper-turbo-sized random
 #      weights), 40 s at most;
-#   5. time to first and last byte over HTTP beside the queue face's first audio
+#   6. time to first and last byte over HTTP beside the queue face's first audio
 #      (bench/http_latency.py, full size), 75 s at most;
-#   6. the bench figures (stock f5-tts side by side), with what time is left.
+#   7. the bench figures (stock f5-tts side by side), with what time is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -52,6 +54,9 @@ echo "stack: $stack_note" | tee -a "$OUT/gpu.txt"
 
 timeout -k 10 150 "$PY" -m pytest -q -p no:cacheprovider -rA tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
 echo "GPU tests (exit $?): $(tail -1 "$OUT/gpu_tests.txt")"
+
+timeout -k 10 45 "$PY" bench/set_aside.py --out "$OUT/set_aside.json" > "$OUT/set_aside.log" 2>&1
+echo "set aside (exit $?): $(tail -1 "$OUT/set_aside.log")"
 
 timeout -k 10 210 "$PY" bench/worker_jobs.py --models /tmp/bench-models --out "$OUT/worker_jobs.json" --jobs 8 \
   --chapter 10000 > "$OUT/worker_jobs.log" 2>&1

@@ -231,6 +231,29 @@ def test_capture_switch_evict_and_recapture_on_fresh_threads_at_full_width(full_
         assert torch.equal(c, b)  # a re-captured graph computes what the first one did
 
 
+def test_integrations_set_aside_on_one_real_graph_give_their_results_alone(full_dit):
+    """Step-at-a-time calls (the batcher's preemption) on a real CUDA graph: two integrations of
+    one bucket take turns on its graph, each saving its y out of the static buffers and loading it
+    back, and each ends bit-equal to the same integration run whole on that graph."""
+    runner = BucketedStepRunner(full_dit, varlen=False)
+    cases = [full_cases(full_dit, seed=seed)[1] for seed in (3, 4)]  # one row each, one bucket
+
+    def alone_then_interleaved():
+        alone = [runner.integrate(*case) for case in cases]
+        runs = [runner.start(*case) for case in cases]
+        for i in (0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 0):  # 8 steps each
+            runs[i].step()
+        together = [run.result() for run in runs]
+        for run in runs:
+            run.close()
+        return alone, together
+
+    alone, together = on_fresh_thread(alone_then_interleaved)
+    assert len(runner.graphs) == 1 and runner.level == "graphed"  # both took turns on the one graph
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    assert rel_l2_tensors(alone[0], alone[1]) > 0.1
+
+
 def test_a_real_capture_fault_demotes_to_eager_and_the_items_still_succeed(full_dit, monkeypatch):
     """A host sync inside a capture is refused by CUDA (the capture is invalidated, the context is
     not): a real capture fault. The runner must step down and give the eager step's answer."""
