@@ -11,7 +11,8 @@
 #   PYTHON=... picks another interpreter.
 #
 # Order, by value, each section writing its results before the next starts (a run cut short keeps
-# what it measured), within RUN_BUDGET_S of wall time (default 470 s, under 8 minutes):
+# what it measured), within RUN_BUDGET_S of wall time (default 470 s, under 8 minutes; each section stops at its own
+# limit or at what is left of the budget, whichever comes first):
 #   1. the stack: python, torch, CUDA, Triton against the image's pins (bench/stack.py -> stack.json;
 #      the summary says when this is not the pinned stack);
 #   2. the GPU tests (tests/test_gpu.py: full-width capture-switch-recapture, the demotion tests, the
@@ -45,6 +46,9 @@ else
 fi
 export HF_HUB_OFFLINE=1
 left() { echo $(( RUN_BUDGET_S - ($(date +%s) - started) )); }
+# A section's time limit: its own cap, or what is left of the run's budget (10 s at least, so a
+# section cut short still says why), so the sections together stay inside RUN_BUDGET_S.
+cap() { local l; l=$(( $(left) - 15 )); [ "$l" -lt 10 ] && l=10; echo $(( $1 < l ? $1 : l )); }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   git rev-parse --short HEAD 2>/dev/null || true; } 2>&1 | tee "$OUT/gpu.txt"
@@ -52,23 +56,23 @@ left() { echo $(( RUN_BUDGET_S - ($(date +%s) - started) )); }
 stack_note=$("$PY" -c "import json; print(json.load(open('$OUT/stack.json'))['note'])" 2>/dev/null || echo "stack unknown")
 echo "stack: $stack_note" | tee -a "$OUT/gpu.txt"
 
-timeout -k 10 150 "$PY" -m pytest -q -p no:cacheprovider -rA tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
+timeout -k 10 "$(cap 150)" "$PY" -m pytest -q -p no:cacheprovider -rA tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
 echo "GPU tests (exit $?): $(tail -1 "$OUT/gpu_tests.txt")"
 
-timeout -k 10 45 "$PY" bench/set_aside.py --out "$OUT/set_aside.json" > "$OUT/set_aside.log" 2>&1
+timeout -k 10 "$(cap 45)" "$PY" bench/set_aside.py --out "$OUT/set_aside.json" > "$OUT/set_aside.log" 2>&1
 echo "set aside (exit $?): $(tail -1 "$OUT/set_aside.log")"
 
-timeout -k 10 210 "$PY" bench/worker_jobs.py --models /tmp/bench-models --out "$OUT/worker_jobs.json" --jobs 8 \
+timeout -k 10 "$(cap 210)" "$PY" bench/worker_jobs.py --models /tmp/bench-models --out "$OUT/worker_jobs.json" --jobs 8 \
   --chapter 10000 > "$OUT/worker_jobs.log" 2>&1
 echo "worker jobs (exit $?; 1: a job failed): $(tail -1 "$OUT/worker_jobs.log")"
 
-timeout -k 10 40 "$PY" bench/alignment.py --out "$OUT/alignment.json" > "$OUT/alignment.log" 2>&1
+timeout -k 10 "$(cap 40)" "$PY" bench/alignment.py --out "$OUT/alignment.json" > "$OUT/alignment.log" 2>&1
 echo "word alignment (exit $?): $(tail -1 "$OUT/alignment.log")"
-timeout -k 10 75 "$PY" bench/http_latency.py --full --runs 3 --models /tmp/bench-models/http \
+timeout -k 10 "$(cap 75)" "$PY" bench/http_latency.py --full --runs 3 --models /tmp/bench-models/http \
   --out "$OUT/http_latency.json" > "$OUT/http_latency.log" 2>&1
 echo "HTTP latency (exit $?): $(tail -1 "$OUT/http_latency.log")"
 
-budget=$(( $(left) - 15 )); [ "$budget" -lt 60 ] && budget=60
+budget=$(( $(left) - 15 )); [ "$budget" -lt 30 ] && budget=30
 echo "bench: ${budget} s left"
 timeout -k 10 "$budget" "$PY" bench/bench.py --out "$OUT/bench" --models /tmp/bench-models/bench --runs 3 \
   > "$OUT/bench.log" 2>&1

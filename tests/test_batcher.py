@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 import weakref
 
@@ -169,7 +170,7 @@ class SteppedCalls:
     in test_engine.py with the real model."""
 
     def __init__(self, step_s: float = 0.002):
-        self.step_s, self.steps, self.closed = step_s, [], []
+        self.step_s, self.steps, self.closed, self.closed_on = step_s, [], [], []
 
     def __call__(self, items, abandoned):
         return SteppedCall(self, items, abandoned)
@@ -192,6 +193,7 @@ class SteppedCall:
 
     def close(self):
         self.calls.closed.append(self.name)
+        self.calls.closed_on.append(threading.current_thread().name)
 
 
 async def until(condition, timeout_s: float = 10.0):
@@ -314,6 +316,32 @@ def test_a_set_aside_call_whose_job_has_gone_takes_no_further_step():
     asyncio.run(main())
     first = calls.steps.index(10)
     assert calls.steps[first:] == [10] * 32 and sorted(calls.closed) == [10, 1000]
+
+
+def test_a_set_aside_call_whose_job_has_gone_is_freed_at_once_and_leaves_its_place():
+    """Three calls, each setting the one before aside; the first one's job goes while the third
+    runs. It is closed before the second resumes (not when its turn comes back), on the model
+    thread, and no longer counts among ``max_calls``: a fourth, shorter job still sets the third aside."""
+    calls = SteppedCalls()
+    batcher = Batcher(calls, max_wait_s=0, max_calls=3)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit([item(1000)]))
+        await until(lambda: calls.steps)
+        second = asyncio.ensure_future(batcher.submit([item(100)]))
+        await until(lambda: 100 in calls.steps)
+        third = asyncio.ensure_future(batcher.submit([item(10)]))
+        await until(lambda: 10 in calls.steps)
+        first.cancel()  # its deadline, say, while it is set aside under two others
+        await asyncio.gather(third, second, batcher.submit([item(1)]))
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+    asyncio.run(main())
+    assert batcher.set_aside == 3 and calls.closed == [1000, 1, 10, 100]
+    first_of_fourth, last_of_third = calls.steps.index(1), len(calls.steps) - calls.steps[::-1].index(10)
+    assert first_of_fourth < last_of_third  # the fourth ran between two steps of the third
+    assert all(name.startswith("gpu") for name in calls.closed_on)
 
 
 def test_a_finished_call_is_freed_at_once_not_by_the_cyclic_collector():

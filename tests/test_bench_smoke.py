@@ -96,3 +96,17 @@ def test_alignment_bench_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert res["model"] == "tiny" and res["text_tokens"] == 100 and len(res["chunk_s"]) == 2
     assert res["seconds_per_audio_minute"] == pytest.approx(res["median_chunk_s"] * 60 / res["chunk_audio_s"], abs=1e-3)
+
+
+def test_set_aside_bench_smoke(tmp_path):
+    """bench/set_aside.py times two integrations alternating against each run whole (a shrunken
+    model, eager steps on the CPU: the figures are the GPU run's to give)."""
+    from bench.set_aside import STEPS, main as set_aside_main
+
+    out = tmp_path / "set_aside.json"
+    assert set_aside_main(["--out", str(out), "--tiny", "--frames", "32", "--repeats", "1", "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())
+    assert res["model"] == "tiny" and res["hand_overs"] == 2 * STEPS - 1 and res["alternating_s"] > 0
+    assert res["step_ms"] == pytest.approx(res["whole_s"] / (2 * STEPS) * 1000, abs=1e-2)
+    assert res["set_aside_ms"] == pytest.approx((res["alternating_s"] - res["whole_s"]) / res["hand_overs"] * 1000,
+                                                abs=1e-2)

@@ -21,7 +21,9 @@ the set-aside call then resumes where it stopped, with the same result. A short 
 while a chapter runs thus waits for one ODE step of it, not for its call. A call taken up again
 runs for ``OWED_SHARE`` of the time others ran while it waited before it can be set aside again,
 so a stream of short jobs takes at most about two thirds of the model's time from a long one; at
-most ``max_calls`` calls are in progress at once (each holds its tensors on the device).
+most ``max_calls`` calls are in progress at once (each holds its tensors on the device). A call
+whose jobs have all gone is freed before the next slice, set aside or not, and counts no more
+among them; calls are closed on the model thread, as they run.
 
 ``start_call(items, abandoned)`` makes a call of the items (``inference.engine.EngineCall``; the
 model thread calls it); ``abandoned()`` is true once every job of the call has gone (failed, or
@@ -258,8 +260,9 @@ class Batcher:
         # The loop belongs to the event loop that first submits (runpod runs one per worker).
         if self._task is None or self._task.done():
             for run in self._running:  # calls of an event loop that has gone (its futures with it)
-                if run.call is not None:
-                    run.call.close()
+                call, run.call = run.call, None
+                if call is not None:
+                    self.executor.submit(call.close)  # on the model thread, as every close
             self._running.clear()
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -310,7 +313,8 @@ class Batcher:
         """Whether ``run``, which has run ``ran_s`` since it was last taken up, gives way to a
         newcomer's call now (read on the model thread between steps, and on the loop's)."""
         work = self._newcomer_work
-        return (work is not None and len(self._running) < self.max_calls and ran_s >= run.owed_s
+        in_progress = sum(1 for other in self._running if not other.abandoned())  # a gone one is about to be freed
+        return (work is not None and in_progress < self.max_calls and ran_s >= run.owed_s
                 and work < run.work_left())
 
     async def _loop(self) -> None:
@@ -321,6 +325,7 @@ class Batcher:
                 await self._wakeup.wait()
                 if len(self._pending) < self.max_items:
                     await asyncio.sleep(self.max_wait_s)  # a lone job waits this long for company
+            await self._finish_abandoned(loop)
             try:
                 self._start_waiting()
             except Exception as exc:  # batching itself failed: fail what waits, never hang
@@ -362,25 +367,22 @@ class Batcher:
         """One slice of the running call. If the call fails with several items in it, each item
         is tried again alone, so a failing item fails only its own job and never the jobs it
         happened to share a call with."""
-        if run.abandoned():  # every job it served is gone: not worth another step
-            self._finish(run)
-            return
         started = time.perf_counter()
         try:
             waves = await loop.run_in_executor(self.executor, self._slice, run)
         except CallAbandoned:
             log.info("model call of %d item(s) stopped between steps: no job still waits for it", len(run.batch))
-            self._finish(run)
+            await self._finish(loop, run)
             return
         except Exception as exc:
-            self._finish(run)
+            await self._finish(loop, run)
             self._failed(run, exc)
             return
         finally:
             self._account(run, time.perf_counter() - started)
         if waves is None:
             return  # set aside: the newcomer's call starts next
-        self._finish(run)
+        await self._finish(loop, run)
         self.call_seconds.append(run.run_s)
         for entry, wave in zip(run.batch, waves):
             self._settle(entry, result=wave)
@@ -392,15 +394,31 @@ class Batcher:
             if other is not run:
                 other.owed_s += OWED_SHARE * seconds
 
-    def _finish(self, run: _Running) -> None:
+    async def _finish_abandoned(self, loop) -> None:
+        """Free every call in progress whose jobs have all gone (failed, or their deadline), set
+        aside or not: a set-aside one would otherwise hold its tensors, and a place among
+        ``max_calls``, until the calls above it had ended."""
+        while (gone := next((run for run in self._running if run.abandoned()), None)) is not None:
+            log.info("model call of %d item(s) dropped: no job still waits for it", len(gone.batch))
+            await self._finish(loop, gone)
+
+    async def _finish(self, loop, run: _Running) -> None:
+        """Take ``run`` out of the calls in progress and close its call on the model thread (the
+        eager DiT's step cache is that thread's own)."""
         if run in self._running:
             self._running.remove(run)
-        if run.call is not None:
-            run.call.close()
-            # The call refers back to the run (its ``abandoned``): a reference cycle, freed only by
-            # the cyclic collector, would keep the call's tensors and its jobs' waveforms alive.
-            run.call = None
+        # The call refers back to the run (its ``abandoned``): a reference cycle, freed only by the
+        # cyclic collector, would keep the call's tensors and its jobs' waveforms alive.
+        closing = [run.call] if run.call is not None else []
+        run.call = None
         self._refresh_newcomer()
+        if closing:
+            try:
+                # popped on the model thread, so nothing (not the executor's work item, which
+                # outlives the await for a moment) still holds the call once it is closed
+                await loop.run_in_executor(self.executor, lambda: closing.pop().close())
+            except Exception:  # closing frees memory; a failure there must not stop the loop
+                log.warning("closing a model call failed", exc_info=True)
 
     def _failed(self, run: _Running, exc: Exception) -> None:
         if len(run.batch) == 1:
