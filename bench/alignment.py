@@ -15,7 +15,6 @@ real model's). Reproduce on any machine: ``scripts/setup.sh --dev && .venv/bin/p
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -86,19 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a shrunken model, for a smoke run")
     args = parser.parse_args(argv)
 
-    import torch
 
     from f5worker.inference.device import pick_device
-    from bench.stack import stack
+    from bench.stack import write_report
 
     device = pick_device(args.device)
     model, tokenizer, features = build(TINY if args.tiny else TURBO, device)
-    result = {"model": "tiny" if args.tiny else "whisper-large-v3-turbo architecture, random weights",
-              "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-              "dtype": str(model.dtype), "chunk_audio_s": CHUNK_SECONDS, "text_tokens": 2 * WORDS_PER_CHUNK,
-              "stack": stack()["note"], **measure(model, tokenizer, features, args.chunks, device)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    result = write_report(args.out, {
+        "model": "tiny" if args.tiny else "whisper-large-v3-turbo architecture, random weights",
+        "dtype": str(model.dtype), "chunk_audio_s": CHUNK_SECONDS, "text_tokens": 2 * WORDS_PER_CHUNK,
+        **measure(model, tokenizer, features, args.chunks, device)}, device=device)
     print(f"alignment: {result['median_chunk_s']} s per {CHUNK_SECONDS} s chunk, "
           f"{result['seconds_per_audio_minute']} s per minute of audio on {result['device']} ({result['dtype']})")
     return 0

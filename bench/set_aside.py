@@ -15,7 +15,6 @@ Reproduce on any machine: ``scripts/setup.sh --dev && .venv/bin/python bench/set
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench.stack import stack
+    from bench.stack import write_report
     from f5worker.inference.device import pick_device, pick_dtype
     from f5worker.inference.fast import BucketedStepRunner
     from tests.helpers import TINY_ARCH, tiny_dit
@@ -112,16 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     dtype = pick_dtype(device)
     model = tiny_dit(arch=TINY_ARCH if args.tiny else full_arch()).to(device, dtype)
-    runner = BucketedStepRunner(model, use_graphs=device.startswith("cuda"))
+    runner = BucketedStepRunner(model, use_graphs=device.startswith("cuda"), varlen=False)  # unfused graphs
     cases = [inputs(batch=args.batch, frames=args.frames, device=device, dtype=dtype, seed=seed) for seed in (1, 2)]
     with torch.inference_mode():
         figures = measure(runner, cases, device, args.repeats)
-    result = {"model": "tiny" if args.tiny else "F5TTS_v1_Base architecture, random weights",
-              "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-              "dtype": str(dtype), "level": runner.level, "batch": args.batch, "frames": args.frames,
-              "stack": stack()["note"], **figures}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    result = write_report(args.out, {"model": "tiny" if args.tiny else "F5TTS_v1_Base architecture, random weights",
+                                     "dtype": str(dtype), "level": runner.level, "batch": args.batch,
+                                     "frames": args.frames, **figures}, device=device)
     print(f"set aside: {result['set_aside_ms']} ms per hand-over against {result['step_ms']} ms per step "
           f"({result['level']}, batch {args.batch} x {args.frames} frames on {result['device']})")
     return 0

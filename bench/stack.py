@@ -41,6 +41,18 @@ def stack() -> dict:
                                                               for n in differs) + ")")}
 
 
+def write_report(out: Path, result: dict, *, device: str) -> dict:
+    """``result`` with the device's name and the stack's note added, written to ``out`` as JSON:
+    what every single-figure bench records beside its figures."""
+    import torch
+
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    report = {**result, "device": name, "stack": stack()["note"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
 def main(argv: list[str]) -> int:
     result = stack()
     text = json.dumps(result, indent=1)
