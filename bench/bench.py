@@ -46,6 +46,7 @@ import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -367,7 +368,63 @@ def main(argv=None) -> int:
         shutil.rmtree(model_root, ignore_errors=True)
 
 
-def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:  # noqa: C901 - the bench's phases in order, each a few lines
+@dataclasses.dataclass
+class Bench:
+    """One run's context, shared by its phases: the options, the figures so far (``res``) and what
+    the phases build for the later ones (the model files, both paths, the stock waveforms)."""
+    args: argparse.Namespace
+    out: Path
+    runs: int
+    runs_inflight: int
+    inflight: int
+    nfes: list[int]
+    nfe: int
+    model_root: Path
+    settings_env: dict
+    device: str
+    res: dict
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    env: dict | None = None
+    ref_path: Path | None = None
+    stock: Stock | None = None
+    settings: Any = None
+    engine: Any = None
+    batcher: Any = None
+    limit: float = 3e-2
+    stock_waves: dict | None = None
+
+    def save(self, section: str | None = None) -> None:
+        """Rewrites bench.json, so that a run stopped by a time limit keeps what it measured."""
+        if section:  # seconds since the run started, when each section ended (for time budgets)
+            self.res.setdefault("section_end_s", {})[section] = round(time.perf_counter() - self.started, 1)
+        (self.out / "bench.json").write_text(json.dumps(self.res, indent=1))
+
+
+def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
+    """The bench's phases in order; each saves bench.json when it ends."""
+    bench = start_run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root)
+    write_inputs(bench)
+    if not args.skip_cold:
+        measure_cold_starts(bench)
+    load_both_paths(bench)
+    measure_agreement_and_stock_rtf(bench)
+    measure_worker(bench, "worker_unfused")
+    switch_to_fused(bench)
+    measure_stock_in_flight(bench)
+    measure_time_to_first_audio(bench)
+    return verdict(bench)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def start_run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> Bench:
+    """The environment the worker reads, set before torch is imported, and the run's header figures."""
     from f5worker.settings import ENV_LOCAL_STORAGE_DIR, ENV_MODEL_ROOT, Settings, apply_cache_env
 
     # the worker's storage (unused by the bench) goes to the temp root too, not into the repository
@@ -375,66 +432,64 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
     apply_cache_env(Settings.from_env({**os.environ, **settings_env}))  # before torch: Triton's cache
     stubbed = stub_training_imports()
 
-    import soundfile as sf
     import torch
-
-    from tests.random_models import write_model_set
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                  "tiny": args.tiny, "stubbed_for_stock": stubbed, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                  "runs": runs, "runs_inflight": runs_inflight, "inflight_jobs": inflight, "targets": TARGETS}
-    try:
-        res["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip() or None
-    except OSError:
-        res["commit"] = None
+    res["commit"] = git_commit()
+    return Bench(args=args, out=out, runs=runs, runs_inflight=runs_inflight, inflight=inflight, nfes=nfes, nfe=nfe,
+                 model_root=model_root, settings_env=settings_env, device=device, res=res)
 
-    started = time.perf_counter()
 
-    def save(section: str | None = None):
-        if section:  # seconds since the run started, when each section ended (for time budgets)
-            res.setdefault("section_end_s", {})[section] = round(time.perf_counter() - started, 1)
-        (out / "bench.json").write_text(json.dumps(res, indent=1))
+def write_inputs(bench: Bench) -> None:
+    """The random model files and the reference clip, which both paths read."""
+    import soundfile as sf
 
+    from tests.random_models import write_model_set
+
+    args, res = bench.args, bench.res
     t = time.perf_counter()
-    env = write_model_set(Path(args.models) if args.models else out / "models", full_size=not args.tiny)
+    bench.env = write_model_set(Path(args.models) if args.models else bench.out / "models", full_size=not args.tiny)
     res["make_files_s"] = time.perf_counter() - t
-    ref = reference_clip()
-    ref_path = ref_path_for(out)
-    sf.write(str(ref_path), ref, SR, subtype="PCM_16")
-    res["mixed_texts_bytes"] = [len(text.encode()) for text in mixed_texts(inflight)]
+    bench.ref_path = ref_path_for(bench.out)
+    sf.write(str(bench.ref_path), reference_clip(), SR, subtype="PCM_16")
+    res["mixed_texts_bytes"] = [len(text.encode()) for text in mixed_texts(bench.inflight)]
 
-    # --- cold starts, fresh processes: empty kernel cache, the same cache again, stock ----------------
-    if not args.skip_cold:
-        cold = {}
-        worker_env = {**env, **settings_env}
-        for name, path, child_env in (("worker_empty_cache", "worker", worker_env),
-                                      ("worker_warm_cache", "worker", worker_env), ("stock", "stock", env)):
-            cold[name] = cold_start(child_env, path, out, inflight, nfe)
-            cold[name]["inflight_jobs"] = inflight
-            res["cold_start"] = cold
-            save(f"cold_{name}")
-        res["kernel_cache_files"] = sum(1 for p in (model_root / "triton").rglob("*") if p.is_file()) \
-            if (model_root / "triton").is_dir() else 0
-        if not args.tiny:  # where the start's import time goes (the worker's own modules only, now)
-            cold["worker_importtime"] = cold_start(worker_env, "worker", out, inflight, nfe, stop_at_ready=True,
-                                                   importtime=True)
-        res["memory"] = memory_figures(cold)
-        save("cold_starts")
 
-    # --- both paths in this process, same files -------------------------------------------------------
+def measure_cold_starts(bench: Bench) -> None:
+    """Fresh processes: the worker with an empty kernel cache, the same cache again, then stock."""
+    res, inflight, nfe = bench.res, bench.inflight, bench.nfe
+    cold = {}
+    worker_env = {**bench.env, **bench.settings_env}
+    for name, path, child_env in (("worker_empty_cache", "worker", worker_env),
+                                  ("worker_warm_cache", "worker", worker_env), ("stock", "stock", bench.env)):
+        cold[name] = cold_start(child_env, path, bench.out, inflight, nfe)
+        cold[name]["inflight_jobs"] = inflight
+        res["cold_start"] = cold
+        bench.save(f"cold_{name}")
+    triton = bench.model_root / "triton"
+    res["kernel_cache_files"] = sum(1 for p in triton.rglob("*") if p.is_file()) if triton.is_dir() else 0
+    if not bench.args.tiny:  # where the start's import time goes (the worker's own modules only, now)
+        cold["worker_importtime"] = cold_start(worker_env, "worker", bench.out, inflight, nfe, stop_at_ready=True,
+                                               importtime=True)
+    res["memory"] = memory_figures(cold)
+    bench.save("cold_starts")
+
+
+def load_both_paths(bench: Bench) -> None:
+    """Stock and the worker in this process, from the same files."""
     from f5worker.inference.batcher import Batcher
-    from f5worker.jobs import plan as job_plan
     from f5worker.inference.engine import TTSEngine
-    from f5worker.inference.fast import BucketedStepRunner
-    from f5worker.inference.batcher import OffModelThread
-    from f5worker.inference.kernel_switch import switch_tasks
+    from f5worker.jobs import plan as job_plan
     from f5worker.model.store import resolve_tts_files
+    from f5worker.settings import Settings
 
-    stock = Stock(env, device)
-    settings = Settings.from_env({**env, **settings_env})
-    files = resolve_tts_files(settings)
+    res, device = bench.res, bench.device
+    bench.stock = Stock(bench.env, device)
+    bench.settings = Settings.from_env({**bench.env, **bench.settings_env})
+    files = resolve_tts_files(bench.settings)
     try:
         engine = TTSEngine.load(files, device=device, fast=True)
         job_plan.warm_up(engine)
@@ -446,98 +501,134 @@ def run(args, out, runs, runs_inflight, inflight, nfes, nfe, model_root) -> int:
         engine = TTSEngine.load(files, device=device, fast=False)
     res["params"] = sum(p.numel() for p in engine.model.transformer.parameters())
     res["dtype"] = str(engine.dtype).removeprefix("torch.")
-    batcher = Batcher(engine.start_call)
-    limit = AGREEMENT_LIMIT.get(res["dtype"], 3e-2)
-    res["agreement_limit"] = limit
+    bench.engine, bench.batcher = engine, Batcher(engine.start_call)
+    bench.limit = AGREEMENT_LIMIT.get(res["dtype"], 3e-2)
+    res["agreement_limit"] = bench.limit
 
-    def synth(text, n, seed):
-        return job_plan.synthesize(engine, worker_request(text, n, seed))
 
-    def agreement(stock_waves) -> dict:
-        figures = {f"nfe{n}_wave_rel_l2": rel_l2(synth(GEN_TEXT, n, 1234), stock_waves[n]) for n in nfes}
-        texts = [GEN_TEXT, GEN_TEXT[:80], GEN_TEXT + " And then some more words.", GEN_TEXT[:40]]
-        items = [it for i, text in enumerate(texts) for it in job_plan.plan(worker_request(text, nfe, i)).items]
-        together = engine.run_items(items)
-        figures["batched_vs_alone_max_rel_l2"] = max(rel_l2(w, engine.run_items([it])[0])
-                                                     for it, w in zip(items, together))
-        return figures
+def synth(bench: Bench, text: str, nfe: int, seed: int):
+    from f5worker.jobs import plan as job_plan
 
-    def worker_figures(label):
-        for n in nfes:
-            res["rtf"][label][f"nfe{n}"] = median_run(lambda n=n: [synth(GEN_TEXT, n, 0)], runs)
-            save()
-        for kind, texts in (("equal", equal_texts(inflight)), ("mixed", mixed_texts(inflight))):
-            calls = len(batcher.calls)
-            figure = median_run(lambda texts=texts: asyncio.run(run_worker_jobs(engine, batcher, texts, nfe)),
-                                runs_inflight)
-            figure["model_calls"] = batcher.calls[calls:]
-            res["throughput"][kind][label] = figure
-            save(f"{label}_{kind}")
+    return job_plan.synthesize(bench.engine, worker_request(text, nfe, seed))
 
-    stock_waves = {n: stock.job(ref_path, GEN_TEXT, n, 1234) for n in nfes}
+
+def agreement(bench: Bench) -> dict:
+    """The worker's waveforms against stock's (same seed), and jobs batched together against each alone."""
+    from f5worker.jobs import plan as job_plan
+
+    engine = bench.engine
+    figures = {f"nfe{n}_wave_rel_l2": rel_l2(synth(bench, GEN_TEXT, n, 1234), bench.stock_waves[n])
+               for n in bench.nfes}
+    texts = [GEN_TEXT, GEN_TEXT[:80], GEN_TEXT + " And then some more words.", GEN_TEXT[:40]]
+    items = [it for i, text in enumerate(texts) for it in job_plan.plan(worker_request(text, bench.nfe, i)).items]
+    together = engine.run_items(items)
+    figures["batched_vs_alone_max_rel_l2"] = max(rel_l2(w, engine.run_items([it])[0])
+                                                 for it, w in zip(items, together))
+    return figures
+
+
+def measure_agreement_and_stock_rtf(bench: Bench) -> None:
+    """Stock against itself and the unfused worker against stock, then stock's batch-1 RTF."""
+    stock, ref_path, nfes, res, inflight = bench.stock, bench.ref_path, bench.nfes, bench.res, bench.inflight
+    bench.stock_waves = {n: stock.job(ref_path, GEN_TEXT, n, 1234) for n in nfes}
     res["agreement"] = {"stock_rerun": {f"nfe{n}_wave_rel_l2": rel_l2(stock.job(ref_path, GEN_TEXT, n, 1234),
-                                                                      stock_waves[n]) for n in nfes},
-                        "unfused": agreement(stock_waves)}
+                                                                      bench.stock_waves[n]) for n in nfes},
+                        "unfused": agreement(bench)}
     res["rtf"] = {"stock": {}, "worker_unfused": {}}
     res["throughput"] = {"equal": {"how_stock": f"one model.sample batch of {inflight} and one vocoder call"},
                          "mixed": {"how_stock": f"{inflight} concurrent infer_process calls on threads (batch 1 "
                                                 "each), as infer_batch_process runs a text's chunks"}}
     for n in nfes:
-        res["rtf"]["stock"][f"nfe{n}"] = median_run(lambda n=n: [stock.job(ref_path, GEN_TEXT, n, 0)], runs)
-    save("load_agreement_stock_rtf")
-    worker_figures("worker_unfused")
+        res["rtf"]["stock"][f"nfe{n}"] = median_run(lambda n=n: [stock.job(ref_path, GEN_TEXT, n, 0)], bench.runs)
+    bench.save("load_agreement_stock_rtf")
 
-    # --- the switch to the fused kernels, as the worker's background task makes it --------------------
-    runner = engine.step_runner
+
+def measure_worker(bench: Bench, label: str) -> None:
+    """The worker's batch-1 RTF, then N jobs in flight of equal and of mixed lengths, under ``label``."""
+    res, engine, batcher = bench.res, bench.engine, bench.batcher
+    for n in bench.nfes:
+        res["rtf"][label][f"nfe{n}"] = median_run(lambda n=n: [synth(bench, GEN_TEXT, n, 0)], bench.runs)
+        bench.save()
+    for kind, texts in (("equal", equal_texts(bench.inflight)), ("mixed", mixed_texts(bench.inflight))):
+        calls = len(batcher.calls)
+        figure = median_run(lambda texts=texts: asyncio.run(run_worker_jobs(engine, batcher, texts, bench.nfe)),
+                            bench.runs_inflight)
+        figure["model_calls"] = batcher.calls[calls:]
+        res["throughput"][kind][label] = figure
+        bench.save(f"{label}_{kind}")
+
+
+def switch_to_fused(bench: Bench) -> None:
+    """The switch to the fused kernels, as the worker's background task makes it; the worker's
+    agreement and figures again once it has switched."""
+    from f5worker.inference.batcher import OffModelThread
+    from f5worker.inference.fast import BucketedStepRunner
+    from f5worker.inference.kernel_switch import switch_tasks
+
+    res, engine, runner = bench.res, bench.engine, bench.engine.step_runner
     if isinstance(runner, BucketedStepRunner):
         def switch() -> list:  # the worker's background tasks, in order, on this thread
             return [task.run() if isinstance(task, OffModelThread) else task()
-                    for task in switch_tasks(runner, engine.dtype, engine.device, settings.kernel_cache)]
+                    for task in switch_tasks(runner, engine.dtype, engine.device, bench.settings.kernel_cache)]
 
         seconds, results = timed(switch)
         switched = bool(results[2]) if len(results) > 2 else False  # varlen, lock, fused, unlock
         res["switch_in_bench"] = {"switched": switched, "varlen": bool(results[0]), "seconds": seconds,
-                                  "kernel_cache": "warm" if not args.skip_cold else "empty"}
+                                  "kernel_cache": "warm" if not bench.args.skip_cold else "empty"}
         if switched:
-            res["agreement"]["fused"] = agreement(stock_waves)
+            res["agreement"]["fused"] = agreement(bench)
             res["rtf"]["worker_fused"] = {}
-            worker_figures("worker_fused")
+            measure_worker(bench, "worker_fused")
             res["switch_in_bench"]["runner_fused"] = runner.fused
         res["switch_in_bench"]["level"] = runner.level  # "fused" unless a fault demoted it
-    save("switch_and_fused")
+    bench.save("switch_and_fused")
 
-    # --- stock with N jobs in flight --------------------------------------------------------------------
-    res["throughput"]["equal"]["stock"] = median_run(lambda: stock.batch_equal(ref_path, GEN_TEXT, inflight, nfe),
-                                                     runs_inflight)
-    save("stock_equal")
-    res["throughput"]["mixed"]["stock"] = median_run(lambda: stock.concurrent(ref_path, mixed_texts(inflight), nfe),
-                                                     runs_inflight, warm=False)
-    save("stock_mixed")
 
-    # --- time to first audio ------------------------------------------------------------------------------
-    # Stock's streaming path, and the worker's ("worker_s"): seconds from submitting the job to its
-    # first audio, the short first chunk alone.
-    def worker_stream() -> tuple[float, float]:
-        request = dataclasses.replace(worker_request(TTFA_TEXT, nfe, 0), short_first_chunk=True)
-        sync()
-        start = time.perf_counter()
-        plan = job_plan.plan(request)
-        engine.run_items(plan.items[:1])
-        sync()
-        first = time.perf_counter() - start
-        if plan.items[1:]:
-            engine.run_items(plan.items[1:])
-        sync()
-        return first, time.perf_counter() - start
+def measure_stock_in_flight(bench: Bench) -> None:
+    """Stock with N jobs in flight: one batch of equal lengths, concurrent calls of mixed ones."""
+    stock, ref_path, inflight, nfe = bench.stock, bench.ref_path, bench.inflight, bench.nfe
+    throughput = bench.res["throughput"]
+    throughput["equal"]["stock"] = median_run(lambda: stock.batch_equal(ref_path, GEN_TEXT, inflight, nfe),
+                                              bench.runs_inflight)
+    bench.save("stock_equal")
+    throughput["mixed"]["stock"] = median_run(lambda: stock.concurrent(ref_path, mixed_texts(inflight), nfe),
+                                              bench.runs_inflight, warm=False)
+    bench.save("stock_mixed")
 
-    worker_stream()  # the buckets these lengths use, captured before the timed run
-    first, whole = worker_stream()
-    res["time_to_first_audio"] = {"stock_s": stock.first_audio_s(ref_path, TTFA_TEXT, nfe), "worker_s": first,
-                                  "worker_whole_s": whole, "note": TTFA_NOTE}
-    save("time_to_first_audio")
 
+def worker_stream(bench: Bench) -> tuple[float, float]:
+    """Seconds from submitting a streamed job to its first audio (the short first chunk alone), and
+    to the whole file."""
+    from f5worker.jobs import plan as job_plan
+
+    engine = bench.engine
+    request = dataclasses.replace(worker_request(TTFA_TEXT, bench.nfe, 0), short_first_chunk=True)
+    sync()
+    start = time.perf_counter()
+    plan = job_plan.plan(request)
+    engine.run_items(plan.items[:1])
+    sync()
+    first = time.perf_counter() - start
+    if plan.items[1:]:
+        engine.run_items(plan.items[1:])
+    sync()
+    return first, time.perf_counter() - start
+
+
+def measure_time_to_first_audio(bench: Bench) -> None:
+    """Stock's streaming path, and the worker's ("worker_s")."""
+    worker_stream(bench)  # the buckets these lengths use, captured before the timed run
+    first, whole = worker_stream(bench)
+    bench.res["time_to_first_audio"] = {"stock_s": bench.stock.first_audio_s(bench.ref_path, TTFA_TEXT, bench.nfe),
+                                        "worker_s": first, "worker_whole_s": whole, "note": TTFA_NOTE}
+    bench.save("time_to_first_audio")
+
+
+def verdict(bench: Bench) -> int:
+    """The summary table, printed and written; exit status 1 if the worker disagrees with stock."""
+    res, limit = bench.res, bench.limit
     summary = table(res)
-    (out / "summary.md").write_text(summary + "\n")
+    (bench.out / "summary.md").write_text(summary + "\n")
     print(summary)
     disagree = {f"{path}.{k}": v for path in ("unfused", "fused") for k, v in res["agreement"].get(path, {}).items()
                 if not v < limit}
@@ -553,64 +644,92 @@ def _f(value, fmt="{:.3f}") -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def table(res: dict) -> str:
     """The Markdown summary of a run's figures (of those measured, for a run cut short)."""
-    nfes = [int(k.removeprefix("nfe")) for k in res.get("rtf", {}).get("stock", {})]
     lines = [f"device: {res['device']}, torch {res['torch']}, {res.get('params', 0):,} parameters, "
              f"{res.get('dtype')}, commit {res.get('commit')}", "",
              "| figure | stock f5-tts | worker | target |", "| --- | --- | --- | --- |"]
-    row = lambda *cells: lines.append("| " + " | ".join(cells) + " |")  # noqa: E731
+    for rows in (_cold_rows, _rtf_rows, _throughput_rows, _memory_rows, _agreement_rows, _ttfa_rows):
+        lines += rows(res)
+    return "\n".join(lines)
+
+
+def _cold_rows(res: dict) -> list[str]:
     cold = res.get("cold_start", {})
+    if not cold:
+        return []
     stock_cold, empty, warm = cold.get("stock", {}), cold.get("worker_empty_cache", {}), cold.get("worker_warm_cache", {})
-    if cold:
-        torch_cuda = [c.get("import_torch", 0) + c.get("cuda_init", 0) for c in (empty, warm)]
-        row("cold start to ready, s (import torch + CUDA init)",
-            f"{_f(stock_cold.get('to_ready'))} ({_f(stock_cold.get('import_torch', 0) + stock_cold.get('cuda_init', 0), '{:.2f}')})",
-            f"empty cache {_f(empty.get('to_ready'))} ({torch_cuda[0]:.2f}), warm {_f(warm.get('to_ready'))} "
-            f"({torch_cuda[1]:.2f})", f"≤ {TARGETS['cold_start_s']:g} and ≤ torch + CUDA + 2")
-        row("worker start phases (warm cache), s", "", json.dumps(warm.get("worker_phases")), "")
-        row("fused kernels switched, s after ready", "",
-            f"empty cache {_f(empty.get('fused_switch_after_ready'), '{:.1f}')} (switched: {empty.get('fused_switched')}), "
-            f"warm {_f(warm.get('fused_switch_after_ready'), '{:.1f}')} (switched: {warm.get('fused_switched')})", "")
-        row("first job at ready / after preparation, s (ratio)",
-            f"{_f(stock_cold.get('first_job'))} / {_f(stock_cold.get('job_after_preparation'))} "
-            f"({_f(stock_cold.get('first_job_ratio'), '{:.2f}')})",
-            f"empty {_f(empty.get('first_job'))} / {_f(empty.get('job_after_preparation'))} "
-            f"({_f(empty.get('first_job_ratio'), '{:.2f}')}), warm {_f(warm.get('first_job'))} / "
-            f"{_f(warm.get('job_after_preparation'))} ({_f(warm.get('first_job_ratio'), '{:.2f}')})",
-            f"≤ {TARGETS['first_job_ratio']:g}×")
+    torch_cuda = [c.get("import_torch", 0) + c.get("cuda_init", 0) for c in (empty, warm)]
+    return [
+        _row("cold start to ready, s (import torch + CUDA init)",
+             f"{_f(stock_cold.get('to_ready'))} ({_f(stock_cold.get('import_torch', 0) + stock_cold.get('cuda_init', 0), '{:.2f}')})",
+             f"empty cache {_f(empty.get('to_ready'))} ({torch_cuda[0]:.2f}), warm {_f(warm.get('to_ready'))} "
+             f"({torch_cuda[1]:.2f})", f"≤ {TARGETS['cold_start_s']:g} and ≤ torch + CUDA + 2"),
+        _row("worker start phases (warm cache), s", "", json.dumps(warm.get("worker_phases")), ""),
+        _row("fused kernels switched, s after ready", "",
+             f"empty cache {_f(empty.get('fused_switch_after_ready'), '{:.1f}')} (switched: {empty.get('fused_switched')}), "
+             f"warm {_f(warm.get('fused_switch_after_ready'), '{:.1f}')} (switched: {warm.get('fused_switched')})", ""),
+        _row("first job at ready / after preparation, s (ratio)",
+             f"{_f(stock_cold.get('first_job'))} / {_f(stock_cold.get('job_after_preparation'))} "
+             f"({_f(stock_cold.get('first_job_ratio'), '{:.2f}')})",
+             f"empty {_f(empty.get('first_job'))} / {_f(empty.get('job_after_preparation'))} "
+             f"({_f(empty.get('first_job_ratio'), '{:.2f}')}), warm {_f(warm.get('first_job'))} / "
+             f"{_f(warm.get('job_after_preparation'))} ({_f(warm.get('first_job_ratio'), '{:.2f}')})",
+             f"≤ {TARGETS['first_job_ratio']:g}×"),
         # a job arriving while the background task compiles the kernels waits for it
-        row("second job, straight after the first, s", _f(stock_cold.get("second_job")),
-            f"empty {_f(empty.get('second_job'))}, warm {_f(warm.get('second_job'))}", "")
+        _row("second job, straight after the first, s", _f(stock_cold.get("second_job")),
+             f"empty {_f(empty.get('second_job'))}, warm {_f(warm.get('second_job'))}", ""),
+    ]
+
+
+def _rtf_rows(res: dict) -> list[str]:
     rtf = res.get("rtf", {})
-    for n in nfes:
+    rows = []
+    for n in [int(k.removeprefix("nfe")) for k in rtf.get("stock", {})]:
         s = rtf.get("stock", {}).get(f"nfe{n}", {})
         u, f = rtf.get("worker_unfused", {}).get(f"nfe{n}", {}), rtf.get("worker_fused", {}).get(f"nfe{n}", {})
-        row(f"RTF batch 1, {n} NFE, text to waveform", _f(s.get("rtf"), "{:.4f}"),
-            f"unfused {_f(u.get('rtf'), '{:.4f}')}, fused {_f(f.get('rtf'), '{:.4f}')}",
-            f"{TARGETS['rtf_nfe32']}" if n == 32 else "")
-    for kind, tp in res.get("throughput", {}).items():
-        row(f"audio-s per GPU-s, {res['inflight_jobs']} in flight, {kind} lengths",
-            f"{_f(tp.get('stock', {}).get('audio_s_per_gpu_s'), '{:.1f}')} ({tp['how_stock']})",
-            f"unfused {_f(tp.get('worker_unfused', {}).get('audio_s_per_gpu_s'), '{:.1f}')}, fused "
-            f"{_f(tp.get('worker_fused', {}).get('audio_s_per_gpu_s'), '{:.1f}')}",
-            f"≥ {TARGETS['audio_s_per_gpu_s']:g}")
+        rows.append(_row(f"RTF batch 1, {n} NFE, text to waveform", _f(s.get("rtf"), "{:.4f}"),
+                         f"unfused {_f(u.get('rtf'), '{:.4f}')}, fused {_f(f.get('rtf'), '{:.4f}')}",
+                         f"{TARGETS['rtf_nfe32']}" if n == 32 else ""))
+    return rows
+
+
+def _throughput_rows(res: dict) -> list[str]:
+    return [_row(f"audio-s per GPU-s, {res['inflight_jobs']} in flight, {kind} lengths",
+                 f"{_f(tp.get('stock', {}).get('audio_s_per_gpu_s'), '{:.1f}')} ({tp['how_stock']})",
+                 f"unfused {_f(tp.get('worker_unfused', {}).get('audio_s_per_gpu_s'), '{:.1f}')}, fused "
+                 f"{_f(tp.get('worker_fused', {}).get('audio_s_per_gpu_s'), '{:.1f}')}",
+                 f"≥ {TARGETS['audio_s_per_gpu_s']:g}")
+            for kind, tp in res.get("throughput", {}).items()]
+
+
+def _memory_rows(res: dict) -> list[str]:
     mem = res.get("memory", {})
-    for key, label in (("one_job", "1 job"), ("inflight_equal", "N in flight, equal"),
-                       ("inflight_mixed", "N in flight, mixed"), ("per_job_in_flight_mib", "per job in flight")):
-        row(f"peak reserved GPU MiB from process start, {label}", _f(mem.get("stock", {}).get(key), "{:.0f}"),
-            f"empty cache {_f(mem.get('worker_empty_cache', {}).get(key), '{:.0f}')}, "
-            f"warm {_f(mem.get('worker_warm_cache', {}).get(key), '{:.0f}')}",
-            f"≤ {TARGETS['memory_vs_stock']:g}× stock")
-    for path in ("unfused", "fused"):
-        if path in res.get("agreement", {}):
-            a = res["agreement"][path]
-            row(f"agreement, waveform rel. L2 vs stock, {path}", "",
-                ", ".join(f"{k.removesuffix('_rel_l2')} {v:.1e}" for k, v in a.items()), f"< {res['agreement_limit']}")
+    return [_row(f"peak reserved GPU MiB from process start, {label}", _f(mem.get("stock", {}).get(key), "{:.0f}"),
+                 f"empty cache {_f(mem.get('worker_empty_cache', {}).get(key), '{:.0f}')}, "
+                 f"warm {_f(mem.get('worker_warm_cache', {}).get(key), '{:.0f}')}",
+                 f"≤ {TARGETS['memory_vs_stock']:g}× stock")
+            for key, label in (("one_job", "1 job"), ("inflight_equal", "N in flight, equal"),
+                               ("inflight_mixed", "N in flight, mixed"), ("per_job_in_flight_mib", "per job in flight"))]
+
+
+def _agreement_rows(res: dict) -> list[str]:
+    agreement = res.get("agreement", {})
+    return [_row(f"agreement, waveform rel. L2 vs stock, {path}", "",
+                 ", ".join(f"{k.removesuffix('_rel_l2')} {v:.1e}" for k, v in agreement[path].items()),
+                 f"< {res['agreement_limit']}")
+            for path in ("unfused", "fused") if path in agreement]
+
+
+def _ttfa_rows(res: dict) -> list[str]:
     ttfa = res.get("time_to_first_audio", {})
-    row("20 s text: time to first audio, s", _f(ttfa.get("stock_s")), _f(ttfa.get("worker_s")), "≤ 0.1 on an H100")
-    row("20 s text: time to the whole file, streamed, s", "", _f(ttfa.get("worker_whole_s")), "")
-    return "\n".join(lines)
+    return [_row("20 s text: time to first audio, s", _f(ttfa.get("stock_s")), _f(ttfa.get("worker_s")),
+                 "≤ 0.1 on an H100"),
+            _row("20 s text: time to the whole file, streamed, s", "", _f(ttfa.get("worker_whole_s")), "")]
 
 
 if __name__ == "__main__":

@@ -77,6 +77,18 @@ def to_ready(names) -> float:
 
 
 def run_worker(args) -> None:
+    torch, worker, timeline, ready = start_worker_timed()
+    if args.stop_at_ready:
+        return
+    time_worker_jobs(torch, worker, args.nfe, ready)
+    read_background_log(timeline, worker.engine, ready)
+    stamps["peak_reserved_mib"]["one_job"] = peak_reserved_mib(torch)
+    time_worker_inflight(torch, worker, args)
+
+
+def start_worker_timed():
+    """The worker's start to ready, by phase, as ``serve`` starts it; returns torch, the worker,
+    the log timeline and the time it was ready."""
     from f5worker.settings import Settings, apply_cache_env
 
     settings = Settings.from_env()
@@ -105,9 +117,12 @@ def run_worker(args) -> None:
     stamps["start_worker_other"] = round(stamps["start_worker"] - sum(phases.values()), 3)
     stamps["to_ready"] = to_ready(("interpreter", "settings", "import_torch", "cuda_init", "start_worker"))
     stamps["peak_reserved_mib"] = {"ready": peak_reserved_mib(torch)}
-    if args.stop_at_ready:
-        return
-    from bench.bench import equal_texts, mixed_texts, run_worker_jobs, worker_request
+    return torch, worker, timeline, ready
+
+
+def time_worker_jobs(torch, worker, nfe: int, ready: float) -> None:
+    """A job at ready, one straight after, and one once the background preparation has finished."""
+    from bench.bench import equal_texts, worker_request
     from f5worker.jobs.plan import synthesize
 
     engine, batcher = worker.engine, worker.batcher
@@ -118,7 +133,7 @@ def run_worker(args) -> None:
         watcher.start()
 
     def job(seed):  # through the model thread, as the batcher runs jobs
-        return batcher.executor.submit(synthesize, engine, worker_request(equal_texts(1)[0], args.nfe, seed)).result()
+        return batcher.executor.submit(synthesize, engine, worker_request(equal_texts(1)[0], nfe, seed)).result()
 
     stamps["first_job"] = timed_s(torch, lambda: job(0))
     stamps["second_job"] = timed_s(torch, lambda: job(1))
@@ -129,6 +144,10 @@ def run_worker(args) -> None:
     stamps["job_after_preparation"] = timed_s(torch, lambda: job(2))
     stamps["first_job_ratio"] = round(stamps["first_job"] / stamps["job_after_preparation"], 2)
     stamps["preparation_done_after_ready"] = round(preparation_done[0] - ready, 3) if preparation_done else None
+
+
+def read_background_log(timeline: Timeline, engine, ready: float) -> None:
+    """When the background steps finished, from the worker's log records, and whether it switched."""
     stamps["fused_switched"] = bool(getattr(engine.step_runner, "fused", False))
     compiled = timeline.first("fused kernels compiled and checked")
     warmed = timeline.first("fused DiT kernels ready")
@@ -139,7 +158,13 @@ def run_worker(args) -> None:
     stamps["fused_refused_because"] = refused.getMessage()[:300] if refused else None
     stamps["background_log"] = [[round(r.created - ready, 3), r.getMessage()[:160]] for r in timeline.records
                                 if r.created >= ready][:40]
-    stamps["peak_reserved_mib"]["one_job"] = peak_reserved_mib(torch)
+
+
+def time_worker_inflight(torch, worker, args) -> None:
+    """N jobs in flight of equal, then of mixed lengths, and peak reserved memory after each."""
+    from bench.bench import equal_texts, mixed_texts, run_worker_jobs
+
+    engine, batcher = worker.engine, worker.batcher
 
     def inflight(texts):
         return lambda: asyncio.run(run_worker_jobs(engine, batcher, texts, args.nfe))

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import unquote, urlsplit
@@ -198,6 +198,60 @@ def judge(answer: dict, kind: str, expected: str, server: Server) -> str | None:
     return None
 
 
+@dataclass
+class Tally:
+    """What the soak has seen so far: jobs by kind, why each bad one went wrong, resident memory."""
+    server: Server
+    failures: list[str] = field(default_factory=list)
+    kinds: dict[str, int] = field(default_factory=dict)
+    samples: list[tuple[int, int]] = field(default_factory=list)  # (jobs done, RSS KiB)
+    done: int = 0
+
+    def record(self, future, kind: str, expected: str) -> None:
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        try:
+            why = judge(future.result(), kind, expected, self.server)
+        except Exception as exc:  # a dropped connection, a timeout: the job was lost
+            why = f"{kind}: {type(exc).__name__}"
+        if why:
+            self.failures.append(why)
+        self.done += 1
+        if self.done % 10 == 0:
+            self.samples.append((self.done, rss_kib(self.server.proc.pid)))
+
+
+def send(session, base_url: str, job: dict) -> dict:
+    response = session.post(f"{base_url}/runsync", json={"input": job}, timeout=JOB_TIMEOUT_S)
+    if response.status_code != 200:
+        return {"status": f"HTTP {response.status_code}"}
+    return response.json()
+
+
+def send_all(mix: list[tuple[str, dict, str]], warm_up: int, concurrency: int, tally: Tally, session) -> int:
+    """Sends every job, ``concurrency`` at a time, judging each; returns the resident memory (KiB)
+    once the warm-up jobs have all finished."""
+    server, baseline = tally.server, 0
+    with ThreadPoolExecutor(concurrency) as pool:
+        # the pooled voices' uploads first (a TTS job sent beside them could ask for a voice not
+        # stored yet: a race of the soak, not a failure of the worker), then the rest of the
+        # warm-up, all finished before the baseline is read
+        pooled = len(VOICE_POOL)
+        for index, batch in enumerate((mix[:pooled], mix[pooled:warm_up], mix[warm_up:])):
+            futures = {pool.submit(send, session, server.base_url, job): (kind, expected)
+                       for kind, job, expected in batch}
+            for future in as_completed(futures):
+                tally.record(future, *futures[future])
+            if index == 1:  # the warm-up done
+                baseline = rss_kib(server.proc.pid)
+    return baseline
+
+
+def files_left(server: Server) -> list[str]:
+    """Anything in the worker's temp folder, and half-written (dot) files in storage."""
+    left = sorted(p.name for p in server.tmp_dir.iterdir())
+    return left + sorted(str(p.relative_to(server.storage_dir)) for p in server.storage_dir.rglob(".*") if p.is_file())
+
+
 def run_soak(jobs: int, folder: Path, worker_env: dict[str, str], concurrency: int = 4, seed: int = 0) -> dict:
     """Run the soak; returns its figures (see the module docstring)."""
     # Warm-up: the first half of the jobs. Every kind of job, and enough text lengths that
@@ -211,56 +265,31 @@ def run_soak(jobs: int, folder: Path, worker_env: dict[str, str], concurrency: i
     with clip_server(folder / "clips") as clips_url, api_server(folder / "server", worker_env) as server:
         ready_s = time.monotonic() - started
         mix = job_mix(jobs, clips_url, seed)
-        failures: list[str] = []
-        kinds: dict[str, int] = {}
-        samples: list[tuple[int, int]] = []  # (jobs done, RSS KiB)
-        session = local_session()
-
-        def send(job: dict) -> dict:
-            response = session.post(f"{server.base_url}/runsync", json={"input": job}, timeout=JOB_TIMEOUT_S)
-            if response.status_code != 200:
-                return {"status": f"HTTP {response.status_code}"}
-            return response.json()
-
-        done, baseline = 0, 0
+        tally, session = Tally(server), local_session()
         soak_started = time.monotonic()
-        with ThreadPoolExecutor(concurrency) as pool:
-            # the pooled voices' uploads first (a TTS job sent beside them could ask for a voice not
-            # stored yet: a race of the soak, not a failure of the worker), then the rest of the
-            # warm-up, all finished before the baseline is read
-            pooled = len(VOICE_POOL)
-            for index, batch in enumerate((mix[:pooled], mix[pooled:warm_up], mix[warm_up:])):
-                futures = {pool.submit(send, job): (kind, expected) for kind, job, expected in batch}
-                for future in as_completed(futures):
-                    kind, expected = futures[future]
-                    kinds[kind] = kinds.get(kind, 0) + 1
-                    try:
-                        why = judge(future.result(), kind, expected, server)
-                    except Exception as exc:  # a dropped connection, a timeout: the job was lost
-                        why = f"{kind}: {type(exc).__name__}"
-                    if why:
-                        failures.append(why)
-                    done += 1
-                    if done % 10 == 0:
-                        samples.append((done, rss_kib(server.proc.pid)))
-                if index == 1:  # the warm-up done
-                    baseline = rss_kib(server.proc.pid)
+        baseline = send_all(mix, warm_up, concurrency, tally, session)
         soak_s = time.monotonic() - soak_started
         final = rss_kib(server.proc.pid)
-        samples.append((done, final))
-        left = sorted(p.name for p in server.tmp_dir.iterdir())
-        left += sorted(str(p.relative_to(server.storage_dir)) for p in server.storage_dir.rglob(".*") if p.is_file())
+        tally.samples.append((tally.done, final))
+        left = files_left(server)
         alive = server.proc.poll() is None
     return {
-        "jobs": jobs, "concurrency": concurrency, "seed": seed, "kinds": kinds, "warm_up_jobs": warm_up,
-        "unintended_failures": len(failures), "failure_examples": sorted(set(failures))[:10],
-        "files_left": len(left), "files_left_examples": left[:10],
-        "rss_after_warm_up_mib": round(baseline / 1024, 1), "rss_final_mib": round(final / 1024, 1),
-        "rss_peak_mib": round(max(rss for _, rss in samples) / 1024, 1),
-        "rss_growth_percent": round((final - baseline) / baseline * 100, 2) if baseline else None,
-        "rss_mib_every_10_jobs": [round(rss / 1024, 1) for _, rss in samples],
+        "jobs": jobs, "concurrency": concurrency, "seed": seed, "kinds": tally.kinds, "warm_up_jobs": warm_up,
+        **memory_and_problems(tally, left, baseline, final),
         "server_alive_at_end": alive, "ready_s": round(ready_s, 1), "soak_s": round(soak_s, 1),
         "jobs_per_s": round(jobs / soak_s, 2) if soak_s else None,
+    }
+
+
+def memory_and_problems(tally: Tally, left: list[str], baseline: int, final: int) -> dict:
+    """The failures, the files left and resident memory, in the figures' order."""
+    return {
+        "unintended_failures": len(tally.failures), "failure_examples": sorted(set(tally.failures))[:10],
+        "files_left": len(left), "files_left_examples": left[:10],
+        "rss_after_warm_up_mib": round(baseline / 1024, 1), "rss_final_mib": round(final / 1024, 1),
+        "rss_peak_mib": round(max(rss for _, rss in tally.samples) / 1024, 1),
+        "rss_growth_percent": round((final - baseline) / baseline * 100, 2) if baseline else None,
+        "rss_mib_every_10_jobs": [round(rss / 1024, 1) for _, rss in tally.samples],
     }
 
 
