@@ -1,14 +1,17 @@
 """The transcriber loads a Whisper folder once, offline, and reports missing or broken models as StorageError."""
 from __future__ import annotations
 
+import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from f5worker.errors import StorageError
 from f5worker.model.store import resolve_asr_model
-from f5worker.inference.transcriber import Transcriber
+from f5worker.inference.transcriber import PIPELINE_GENERATION_DEFAULTS, WHISPER_SAMPLE_RATE, Transcriber
 from tests.helpers import whisper_settings
 
 
@@ -68,3 +71,71 @@ def test_the_transcriber_does_not_import_the_tts_engine():
     code = "import sys, f5worker.inference.transcriber; print('f5worker.inference.engine' in sys.modules, 'f5_tts' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+# --- one window, one encoder pass ------------------------------------------------------------------
+
+def _counting_encoder(transcriber) -> list[int]:
+    calls: list[int] = []
+    transcriber.load().model.get_encoder().register_forward_hook(lambda module, args, out: calls.append(1))
+    return calls
+
+
+def _pipeline_text(transcriber, audio: np.ndarray) -> str:
+    return Transcriber._long_form(transcriber.load(), audio)
+
+
+def _without_generation_lengths(folder: Path, tmp_path: Path) -> Path:
+    """The tiny Whisper with no max_length and no beams of its own, as the real checkpoints set no
+    beams: the pipeline's defaults then apply."""
+    copy = tmp_path / "whisper-defaults"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    config.pop("max_length"), config.pop("num_beams")
+    (copy / "generation_config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize("own_lengths", [True, False])
+def test_one_window_is_heard_as_the_pipeline_hears_it_with_one_encoder_pass(tiny_whisper, tmp_path, own_lengths):
+    folder = tiny_whisper if own_lengths else _without_generation_lengths(tiny_whisper, tmp_path)
+    transcriber = Transcriber(whisper_settings(tmp_path, str(folder)), device="cpu")
+    calls = _counting_encoder(transcriber)
+    rng = np.random.default_rng(1)
+    for seconds in (0.5, 7.0, 29.99):
+        audio = (0.1 * rng.standard_normal(int(seconds * WHISPER_SAMPLE_RATE))).astype(np.float32)
+        before = len(calls)
+        expected = _pipeline_text(transcriber, audio)
+        assert len(calls) - before == 2  # the pipeline: once to detect the language, once to generate
+        before = len(calls)
+        heard = transcriber.hear(audio, WHISPER_SAMPLE_RATE)
+        assert len(calls) - before == 1 and heard.encoded is None
+        assert heard.text == expected and expected, seconds
+
+
+def test_the_defaults_added_are_the_pipelines_own():
+    from transformers.pipelines.automatic_speech_recognition import AutomaticSpeechRecognitionPipeline
+
+    defaults = AutomaticSpeechRecognitionPipeline._default_generation_config.to_diff_dict()
+    defaults.pop("transformers_version", None)
+    assert defaults == PIPELINE_GENERATION_DEFAULTS
+
+
+def test_audio_past_one_window_goes_through_the_pipelines_chunking(tiny_whisper, tmp_path):
+    transcriber = Transcriber(whisper_settings(tmp_path, str(tiny_whisper)), device="cpu")
+    audio = (0.1 * np.random.default_rng(2).standard_normal(45 * WHISPER_SAMPLE_RATE)).astype(np.float32)
+    heard = transcriber.hear(audio, WHISPER_SAMPLE_RATE, keep=True)
+    assert heard.encoded is None and heard.text == _pipeline_text(transcriber, audio)
+
+
+def test_aligning_what_was_heard_reuses_its_encoder_pass(tiny_whisper, tmp_path):
+    transcriber = Transcriber(whisper_settings(tmp_path, str(tiny_whisper)), device="cpu")
+    calls = _counting_encoder(transcriber)
+    wave = _tone(4.0)
+    words = [" a", " tone", " for", " four", " seconds"]
+    fresh = transcriber.align(wave, 24000, words, "en")
+    assert len(calls) == 1
+    heard = transcriber.hear(wave, 24000, keep=True)
+    assert heard.text == transcriber.transcribe(wave, 24000) and len(calls) == 3
+    assert transcriber.align(wave, 24000, words, "en", encoded=heard.encoded) == fresh
+    assert len(calls) == 3  # no pass of its own

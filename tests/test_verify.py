@@ -20,6 +20,7 @@ from f5worker.errors import InputError
 from f5worker.jobs.encoding import pcm16
 from f5worker.jobs.inputs import MAX_SEED, parse_job_input
 from f5worker.jobs.plan import SynthesisRequest, plan
+from f5worker.inference.transcriber import Heard
 from f5worker.jobs.verify import (GuardOptions, Try, audio_fault, judge, retry_seed, transcript_error)
 from f5worker.model.constants import SAMPLE_RATE
 from tests.fixtures_worker import worker_ctx
@@ -112,6 +113,9 @@ class ScriptedTranscriber:
         assert rel_l2(samples, self.candidates[(k, n)]) < CPU_REL_L2
         self.heard.append((k, n))
         return self.script.get((k, n), self.texts[k])
+
+    def hear(self, samples, sr, *, keep: bool = False) -> Heard:
+        return Heard(self.transcribe(samples, sr))
 
 
 def candidates(ctx, items, tries: int) -> dict[tuple[int, int], np.ndarray]:

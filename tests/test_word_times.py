@@ -356,3 +356,27 @@ def test_a_job_refused_at_its_end_stores_no_subtitles(ctx, limit):
                          "output_key": "too-large"})
     assert result["error"].startswith("The flac audio is ") and "fit inline" in result["error"], result
     assert ctx.get_bytes("output/too-large.srt") is None and ctx.get_bytes("output/too-large.flac") is None
+
+
+def test_a_verified_word_timed_job_aligns_on_its_transcripts_encoder_pass(ctx, monkeypatch):
+    """With verify, each kept try was transcribed already: its alignment reads the encoder output
+    the transcription kept, so the encoder runs once per transcribed try and never for alignment."""
+    transcriber = ctx.worker.transcriber
+    encoder_calls, heard, aligned_fresh = [], [], []
+    hook = transcriber.load().model.get_encoder().register_forward_hook(lambda *_: encoder_calls.append(1))
+    real_hear, real_align = transcriber.hear, transcriber.align
+    monkeypatch.setattr(transcriber, "hear", lambda *a, **k: heard.append(k.get("keep")) or real_hear(*a, **k))
+    monkeypatch.setattr(transcriber, "align", lambda *a, encoded=None, **k: aligned_fresh.append(encoded is None)
+                        or real_align(*a, encoded=encoded, **k))
+    try:
+        _, result = ctx.run({**JOB, "timestamps": "word", "verify": True, "verify_retries": 1,
+                             "output_key": "verified"})
+    finally:
+        hook.remove()
+    assert "error" not in result, result
+    assert_words_in_segments(result)
+    assert heard and set(heard) == {True}  # the job is word-timed: each transcription keeps its pass
+    assert len(aligned_fresh) == len(result["segments"])
+    # A kept try that failed its audio checks was never transcribed: only it is encoded for alignment.
+    assert len(encoder_calls) == len(heard) + sum(aligned_fresh)
+    assert sum(aligned_fresh) == sum(s["verify"]["error"] is None for s in result["segments"])

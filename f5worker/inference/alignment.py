@@ -8,10 +8,11 @@ token-to-time path by dynamic time warping. This is openai-whisper's own word-ti
 (``whisper/timing.py``: attention normalised per frame, median-filtered over 7 frames, DTW over the
 encoder's 20 ms frames), applied to a known text as stable-ts's ``align`` does. It reads every
 language Whisper reads, needs no second model (the usual CTC aligner, MMS, is CC-BY-NC: not for a
-commercial product) and costs one encoder and one decoder pass per chunk.
+commercial product) and costs one encoder and one decoder pass per chunk (the encoder's shared
+with the chunk's transcript when the job is verified too).
 
-Bottom up: the path (``dtw_path``), the word times it gives (``word_times``), then one chunk
-through the model (``align_words``).
+Bottom up: the path (``dtw_path``), the word times it gives (``word_times``), then the encoder
+pass (``encode``) and one chunk through the model (``align_words``).
 """
 from __future__ import annotations
 
@@ -122,19 +123,29 @@ def eager_attention(model) -> Iterator[None]:
 
 
 @torch.inference_mode()
+def encode(model, feature_extractor, audio: np.ndarray):
+    """The encoder's output for ``audio`` (mono float32 at the feature extractor's rate, at most one
+    30 s window, padded to it as Whisper reads it): the costly pass, in SDPA. Transcribing and
+    aligning the same audio share it (``inference.transcriber.Heard``)."""
+    features = feature_extractor(audio, sampling_rate=feature_extractor.sampling_rate, return_tensors="pt")
+    return model.get_encoder()(features.input_features.to(model.device, model.dtype))
+
+
+@torch.inference_mode()
 def align_words(model, tokenizer, feature_extractor, audio: np.ndarray, words: list[str],
-                language: str) -> list[tuple[float, float]]:
+                language: str, *, encoded=None) -> list[tuple[float, float]]:
     """Each word's (start, end) in seconds in ``audio`` (mono float32 at the feature extractor's
-    rate, at most 30 s), ``words`` as ``word_token_ids`` takes them."""
+    rate, at most 30 s), ``words`` as ``word_token_ids`` takes them; ``encoded``: ``encode``'s
+    output for this same audio where the caller has it (else the encoder runs here)."""
     if not words:
         return []
-    device, dtype = model.device, model.dtype
+    device = model.device
     counts_ids = word_token_ids(tokenizer, words)
     prompt = prompt_ids(tokenizer, language)
     tokens = [*prompt, *(i for ids in counts_ids for i in ids), tokenizer.eos_token_id]
-    features = feature_extractor(audio, sampling_rate=feature_extractor.sampling_rate, return_tensors="pt")
     frames = max(1, min(len(audio) // feature_extractor.hop_length, feature_extractor.nb_max_frames) // 2)
-    encoded = model.get_encoder()(features.input_features.to(device, dtype))  # SDPA: the costly pass
+    if encoded is None:
+        encoded = encode(model, feature_extractor, audio)
     with eager_attention(model):
         out = model(encoder_outputs=encoded, decoder_input_ids=torch.tensor([tokens], device=device),
                     output_attentions=True)

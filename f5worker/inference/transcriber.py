@@ -5,6 +5,12 @@ from the hub by repo id and is not safe to call from several threads. ``Transcri
 work (transformers' ASR pipeline, 30 s chunks, task "transcribe", fp16 on CUDA) on the folder that
 ``model.store.resolve_asr_model`` found, loads it once under a lock, and reports a model that cannot
 be loaded as a ``StorageError``.
+
+Audio of one 30 s window (every chunk a job samples, most reference clips) is transcribed with the
+encoder run once, by hand: the pipeline would run it twice (once to detect the language, once to
+generate), and a verified, word-timed job would run it a third time to align the chunk. ``hear``
+returns that encoder output with the text (``Heard``) for ``align`` to reuse. Longer audio goes
+through the pipeline's own 30 s chunking, as before.
 """
 from __future__ import annotations
 
@@ -12,11 +18,12 @@ import contextlib
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from f5worker.inference.alignment import align_words, token_room, word_token_ids
+from f5worker.inference.alignment import align_words, encode, token_room, word_token_ids
 from f5worker.inference.device import pick_device, pick_dtype
 from f5worker.errors import StorageError
 from f5worker.model.store import resolve_asr_model
@@ -26,6 +33,20 @@ log = logging.getLogger(__name__)
 
 WHISPER_SAMPLE_RATE = 16000
 CHUNK_SECONDS = 30
+# What transformers' ASR pipeline adds to a checkpoint's generation config where the checkpoint does
+# not set it (openai-whisper's beam of 5; the real checkpoints set max_length, so only the beams
+# apply): one window transcribed by hand decodes as the pipeline would
+# (tests/test_transcriber.py holds the two to the same text and these to the pipeline's own).
+PIPELINE_GENERATION_DEFAULTS = {"max_new_tokens": 256, "num_beams": 5}
+
+
+@dataclass(frozen=True)
+class Heard:
+    """A transcript, and the encoder output it was read from, for ``Transcriber.align`` of the same
+    audio to reuse (None when not asked to keep it, or past one window)."""
+
+    text: str
+    encoded: object | None = None
 
 
 class Transcriber:
@@ -77,23 +98,48 @@ class Transcriber:
 
     def transcribe(self, samples: np.ndarray, sr: int) -> str:
         """Mono float samples at any rate -> the stripped transcript."""
+        return self.hear(samples, sr).text
+
+    def hear(self, samples: np.ndarray, sr: int, *, keep: bool = False) -> Heard:
+        """``transcribe``, and with ``keep`` the encoder output it read, for ``align`` of the same
+        samples (it holds a window's encoder states on the model's device until dropped)."""
         audio = at_whisper_rate(samples, sr)
         with self._lock:
             pipe = self._load_locked()
             with torch.inference_mode(), self._own_stream():
-                result = pipe({"raw": audio, "sampling_rate": WHISPER_SAMPLE_RATE}, chunk_length_s=CHUNK_SECONDS,
-                              batch_size=16, generate_kwargs={"task": "transcribe"}, return_timestamps=False,
-                              ignore_warning=True)
+                if len(audio) > pipe.feature_extractor.n_samples:
+                    return Heard(self._long_form(pipe, audio))
+                encoded = encode(pipe.model, pipe.feature_extractor, audio)
+                return Heard(self._generate(pipe, encoded), encoded if keep else None)
+
+    @staticmethod
+    def _generate(pipe, encoded) -> str:
+        """One window's transcript from its encoder output (the language detected from it too)."""
+        model = pipe.model
+        given = model.generation_config.to_diff_dict()
+        added = {key: value for key, value in PIPELINE_GENERATION_DEFAULTS.items()
+                 if key not in given and not (key == "max_new_tokens" and "max_length" in given)}
+        ids = model.generate(encoder_outputs=encoded, task="transcribe", **added)
+        return pipe.tokenizer.decode(ids[0], skip_special_tokens=True).strip()
+
+    @staticmethod
+    def _long_form(pipe, audio: np.ndarray) -> str:
+        result = pipe({"raw": audio, "sampling_rate": WHISPER_SAMPLE_RATE}, chunk_length_s=CHUNK_SECONDS,
+                      batch_size=16, generate_kwargs={"task": "transcribe"}, return_timestamps=False,
+                      ignore_warning=True)
         return result["text"].strip()
 
-    def align(self, samples: np.ndarray, sr: int, words: list[str], language: str) -> list[tuple[float, float]]:
+    def align(self, samples: np.ndarray, sr: int, words: list[str], language: str, *,
+              encoded: object | None = None) -> list[tuple[float, float]]:
         """Each word's (start, end) in seconds in ``samples`` (at most 30 s at any rate), by forced
-        alignment (``inference.alignment``); ``words`` as ``jobs.words.Word.as_said`` gives them."""
+        alignment (``inference.alignment``); ``words`` as ``jobs.words.Word.as_said`` gives them;
+        ``encoded``: ``hear(samples, sr, keep=True).encoded`` of these same samples, if at hand."""
         audio = at_whisper_rate(samples, sr)
         with self._lock:
             pipe = self._load_locked()
             with self._own_stream():
-                return align_words(pipe.model, pipe.tokenizer, pipe.feature_extractor, audio, words, language)
+                return align_words(pipe.model, pipe.tokenizer, pipe.feature_extractor, audio, words, language,
+                                   encoded=encoded)
 
     def alignment_tokens(self, chunks: list[list[str]], languages: list[str]) -> list[tuple[int, int]]:
         """For each chunk's words (in its language), how many tokens they take and how many one

@@ -27,6 +27,7 @@ import numpy as np
 
 from f5worker.inference.batcher import JobTurn
 from f5worker.inference.items import ChunkItem, item_output_samples, item_work
+from f5worker.inference.transcriber import Heard
 from f5worker.jobs.audio import chunk_dbfs
 from f5worker.jobs.normalize import language_of, normalize
 from f5worker.jobs.options import VERIFY_DEFAULT_MAX_ERROR, VERIFY_DEFAULT_RETRIES
@@ -163,23 +164,25 @@ class GuardedSampling:
     """A job's chunks sampled in windows of ``window``, each chunk judged (``judge``) as its window
     comes back; the rejected ones of a window sampled again together (one model call), each with
     its next ``retry_seed``, until accepted or out of retries; then the window's best tries handed
-    on in order. ``transcribe(wave)`` runs the worker's Whisper on a chunk (on the model thread)."""
+    on in order, each with what its transcription kept (``Heard.encoded``: the alignment reuses
+    it). ``transcribe(wave)`` runs the worker's Whisper on a chunk (on the model thread)."""
 
-    def __init__(self, sampler: Sampler, transcribe: Callable[[np.ndarray], Awaitable[str]], *,
+    def __init__(self, sampler: Sampler, transcribe: Callable[[np.ndarray], Awaitable[Heard]], *,
                  options: GuardOptions, window: int, max_seed: int):
         self.sampler, self.transcribe = sampler, transcribe
         self.options, self.window, self.max_seed = options, window, max_seed
         self.turn = JobTurn()
 
     async def run(self, items: list[ChunkItem], texts: list[str],
-                  chunk_done: Callable[[np.ndarray], Awaitable[None]]) -> list[ChunkReport]:
+                  chunk_done: Callable[[np.ndarray, object | None], Awaitable[None]]) -> list[ChunkReport]:
         reports: list[ChunkReport] = []
         for start in range(0, len(items), self.window):
             part, said = items[start:start + self.window], texts[start:start + self.window]
             self.turn.work_after = sum(map(item_work, items[start + self.window:]))
             best = await self._together(part)
-            part_reports = [ChunkReport([await self._judged(item, text, wave)])
-                            for item, text, wave in zip(part, said, best)]
+            judged = [await self._judged(item, text, wave) for item, text, wave in zip(part, said, best)]
+            part_reports = [ChunkReport([tried]) for tried, _ in judged]
+            kept = [encoded for _, encoded in judged]
             for attempt in range(1, self.options.retries + 1):
                 rejected = [k for k, report in enumerate(part_reports) if report.best.reason is not None]
                 if not rejected:
@@ -187,11 +190,12 @@ class GuardedSampling:
                 again = [replace(part[k], seed=retry_seed(part[k].seed, attempt, self.max_seed)) for k in rejected]
                 for k, item, wave in zip(rejected, again, await self._together(again)):
                     report = part_reports[k]
-                    report.tries.append(await self._judged(item, said[k], wave))
-                    if report.tries[-1].rank < report.best.rank:
-                        report.kept, best[k] = len(report.tries) - 1, wave
-            for wave in best:
-                await chunk_done(wave)
+                    tried, encoded = await self._judged(item, said[k], wave)
+                    report.tries.append(tried)
+                    if tried.rank < report.best.rank:
+                        report.kept, best[k], kept[k] = len(report.tries) - 1, wave, encoded
+            for wave, encoded in zip(best, kept):
+                await chunk_done(wave, encoded)
             reports += part_reports
         return reports
 
@@ -202,7 +206,10 @@ class GuardedSampling:
         finally:
             self.sampler.withdraw(futures)  # a failed or cancelled job leaves the queue
 
-    async def _judged(self, item: ChunkItem, text: str, wave: np.ndarray) -> Try:
+    async def _judged(self, item: ChunkItem, text: str, wave: np.ndarray) -> tuple[Try, object | None]:
+        """The try judged, and what its transcription kept for the alignment."""
         planned = item_output_samples(item)
         heard = None if audio_fault(wave, planned) else await self.transcribe(wave)
-        return judge(wave, text, heard, seed=item.seed, planned_samples=planned, options=self.options)
+        verdict = judge(wave, text, None if heard is None else heard.text, seed=item.seed, planned_samples=planned,
+                        options=self.options)
+        return verdict, None if heard is None else heard.encoded

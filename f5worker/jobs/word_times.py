@@ -10,6 +10,7 @@ Whisper), and the result's ``words`` and subtitle text from the assembled times
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Awaitable, Callable, Protocol
 
 import numpy as np
@@ -25,7 +26,8 @@ from f5worker.model.constants import SAMPLE_RATE
 class Aligner(Protocol):
     def load(self): ...
 
-    def align(self, samples: np.ndarray, sr: int, words: list[str], language: str) -> list[tuple[float, float]]: ...
+    def align(self, samples: np.ndarray, sr: int, words: list[str], language: str, *,
+              encoded: object | None = None) -> list[tuple[float, float]]: ...
 
     def alignment_tokens(self, chunks: list[list[str]], languages: list[str]) -> list[tuple[int, int]]: ...
 
@@ -58,11 +60,13 @@ class ChunkWords:
                 raise InputError(f"Chunk {n} of the text takes {used} tokens, more than the {room} one alignment "
                                  "pass reads; split its sentences, or leave out 'timestamps' and 'subtitles'.")
 
-    async def align(self, index: int, wave: np.ndarray) -> tuple[list[Word], list[tuple[float, float]]]:
-        """Chunk ``index``'s words and their (start, end) in seconds of ``wave`` (24 kHz)."""
+    async def align(self, index: int, wave: np.ndarray,
+                    encoded: object | None = None) -> tuple[list[Word], list[tuple[float, float]]]:
+        """Chunk ``index``'s words and their (start, end) in seconds of ``wave`` (24 kHz);
+        ``encoded``: what the chunk's transcription kept of ``wave``, when it was verified."""
         words = self.words[index]
-        spans = await self.on_model_thread(self.aligner.align, wave, SAMPLE_RATE, [w.as_said for w in words],
-                                           self.languages[index])
+        spans = await self.on_model_thread(functools.partial(self.aligner.align, encoded=encoded), wave, SAMPLE_RATE,
+                                           [w.as_said for w in words], self.languages[index])
         return words, spans
 
 

@@ -35,6 +35,7 @@ from f5worker.inference.items import item_work
 from f5worker.jobs.download import download_to_file
 from f5worker.inference.engine import TTSEngine
 from f5worker.inference.models import ModelPool
+from f5worker.inference.transcriber import Heard
 from f5worker.errors import InputError, StorageError, WorkerError
 from f5worker.jobs.inputs import (MAX_SEED, DeleteVoiceInput, ListModelsInput, ListVoicesInput, TTSInput,
                                   UploadInput, VoiceInfoInput)
@@ -395,14 +396,14 @@ class Worker:
                 clock.timings.setdefault("first_audio_s", clock.since_start())
                 on_audio(piece)
 
-        async def chunk_done(wave: np.ndarray) -> None:
+        async def chunk_done(wave: np.ndarray, encoded: object | None = None) -> None:
             lengths.append(len(wave))
             if live:
                 send(await self._off_loop(stream.add, wave))
             await self._staging(assembly.add, wave)  # while the model samples the next chunks
             if words is not None:
                 with clock.step("alignment_s"):
-                    assembly.add_words(len(lengths) - 1, *await words.align(len(lengths) - 1, wave))
+                    assembly.add_words(len(lengths) - 1, *await words.align(len(lengths) - 1, wave, encoded))
             if stream is not None and not live:  # silences removed: the audio as it is final
                 send(await self._off_loop(stream.add_joined, assembly.take_kept()))
             if on_progress is not None and len(plan.items) > 1:
@@ -435,10 +436,11 @@ class Worker:
         if self.transcriber is None:
             raise InputError("'verify' needs the worker's transcription model, and this worker has none.")
 
-        async def transcribe(wave: np.ndarray) -> str:
+        async def transcribe(wave: np.ndarray) -> Heard:  # word-timed too: the encoder's output is kept to align
             with clock.step("verify_s"):
                 await self._off_loop(self.transcriber.load)
-                return await self._on_gpu_thread(self.transcriber.transcribe, wave, SAMPLE_RATE)
+                return await self._on_gpu_thread(functools.partial(self.transcriber.hear, keep=job.aligned),
+                                                 wave, SAMPLE_RATE)
 
         asked = {"max_error": job.verify_max_error, "retries": job.verify_retries}
         options = GuardOptions(language=self.models.registry[plan.items[0].model].language,
