@@ -10,6 +10,7 @@ and ``webvtt-py`` libraries.
 """
 from __future__ import annotations
 
+import html
 import io
 
 import numpy as np
@@ -25,7 +26,7 @@ from f5worker.inference.alignment import (align_words, alignment_heads, dtw_path
 from f5worker.inference.transcriber import Transcriber
 from f5worker.jobs.inputs import parse_job_input
 from f5worker.jobs.subtitles import (CLAUSE_END, LINE_CELLS, MAX_CUE_SECONDS, MIN_CUE_SECONDS, SENTENCE_END,
-                                     TimedWord, build_cues, cells, fits, render)
+                                     TimedWord, build_cues, cells, fits, line_wide, render)
 from f5worker.jobs.words import split_words
 from f5worker.settings import Settings
 from tests.fixtures_whisper import write_tiny_whisper
@@ -168,13 +169,14 @@ def cue_word_counts(parsed, words: list[TimedWord]) -> list[int]:
 
 
 def assert_cue_rules(parsed: list[tuple[float, float, list[str]]], words: list[TimedWord], duration: float):
-    """Cues in order, apart, inside the audio; two lines of 42 cells at most (a lone over-wide
-    word excepted); up for at least a second (the last may end with the audio); breaks at sentence
-    ends, clause ends, or where the next word does not fit; every word once."""
+    """Cues in order, apart, inside the audio; two lines of 42 cells at most; up for at least a
+    second (the last may end with the audio); breaks at sentence ends, clause ends, or where the
+    next word does not fit; every word once (a word wider than a line as its line-wide pieces)."""
+    words = [piece for word in words for piece in line_wide(word)]
     counts = cue_word_counts(parsed, words)
     for start, end, lines in parsed:
         assert 0 <= start < end <= duration + 1e-9
-        assert len(lines) <= 2 and all(cells(line) <= LINE_CELLS or " " not in line for line in lines), lines
+        assert len(lines) <= 2 and all(cells(line) <= LINE_CELLS for line in lines), lines
         assert end - start >= MIN_CUE_SECONDS - 1e-3 or end == pytest.approx(duration), (start, end, lines)
     for (_, end, _), (start, _, _) in zip(parsed, parsed[1:]):
         assert end <= start + 1e-9
@@ -220,6 +222,33 @@ def test_a_burst_of_short_cues_is_held_a_second_each():
     assert_cue_rules(parsed, words, 30.0)
 
 
+def test_vtt_cue_text_is_written_as_text_not_markup():
+    """WebVTT reads cue text as markup: what the job's text says shows as written, and "-->" in it
+    cannot end the cue (webvtt-py refused to write it, after the whole job had been sampled)."""
+    words = paced("If a<b and c&d then go. <b>Bold</b> words here. Press the code --> now, then wait.")
+    cues = build_cues(words, words[-1].end)
+    text = render(cues, "vtt")
+    captions = webvtt.from_string(text).captions
+    assert [html.unescape(line) for c in captions for line in c.lines] == [line for c in cues for line in c.lines]
+    assert not any(mark in c.text for c in captions for mark in ("<", ">", "-->"))
+    assert "&lt;b&gt;Bold&lt;/b&gt;" in text and "c&amp;d" in text
+
+
+@pytest.mark.parametrize("fmt", ["srt", "vtt"])
+def test_a_word_wider_than_a_line_is_broken_across_lines_and_cues(fmt):
+    long_word = "supercalifragilistic" * 15 + "."  # 301 letters, said over 16.6 s
+    words = paced("It begins here.")
+    words.append(TimedWord(split_words(long_word)[0], words[-1].end, words[-1].end + 16.6))
+    words += [TimedWord(w.word, w.start + words[-1].end, w.end + words[-1].end) for w in paced("And it ends.")]
+    duration = words[-1].end
+    pieces = [piece for word in words for piece in line_wide(word)]
+    assert len(pieces) == len(words) - 1 + 8 and "".join(p.word.text for p in pieces[3:11]) == long_word
+    parsed = parse(render(build_cues(words, duration), fmt), fmt)
+    assert all(cells(line) <= LINE_CELLS for _, _, lines in parsed for line in lines)
+    assert all(end - start <= MAX_CUE_SECONDS for start, end, _ in parsed)
+    assert_cue_rules(parsed, words, duration)
+
+
 @pytest.mark.parametrize("fmt", ["srt", "vtt"])
 def test_words_piled_at_the_end_keep_their_cues(fmt):
     """An aligner may put the last words on the audio's last frame: their cues start earlier
@@ -232,7 +261,7 @@ def test_words_piled_at_the_end_keep_their_cues(fmt):
     # Far more cues than the audio has seconds: they share it evenly, every word still in a cue.
     crowded = [TimedWord(w, 0.5, 0.5) for w in split_words(SPEECH)]
     parsed = parse(render(build_cues(crowded, 1.0), fmt), fmt)
-    cue_word_counts(parsed, crowded)
+    cue_word_counts(parsed, [piece for word in crowded for piece in line_wide(word)])
     assert all(start < end for start, end, _ in parsed) and parsed[-1][1] == 1.0
     assert build_cues(crowded, 0.0) == []  # no audio: nothing to show
 

@@ -10,17 +10,24 @@ players expect:
   (, ; : and their CJK forms) that keeps at least half its text, else before that word;
 * lines break at a clause end where one fits, else where the two lines are most even;
 * no cue is up for less than about a second: a short cue is merged into the next where the two
-  fit, else held until the next begins (and the next pushed back where it must).
+  fit, else held until the next begins (and the next pushed back where it must);
+* a word wider than a line (a URL, a long compound) is broken into line-wide pieces, at
+  grapheme boundaries, its time shared among them by width.
+
+WebVTT reads cue text as markup: ``&``, ``<`` and ``>`` are written as character references, so
+"a<b" shows as written and "-->" cannot end a cue's text.
 
 Files are written with the ``srt`` and ``webvtt-py`` libraries, and read back by them in the tests.
 """
 from __future__ import annotations
 
 import datetime
+import html
 import re
 import unicodedata
 from dataclasses import dataclass
 
+import regex
 import srt
 import webvtt
 
@@ -128,10 +135,30 @@ def group_words(words: list[TimedWord]) -> list[list[TimedWord]]:
     return groups
 
 
+def line_wide(word: TimedWord) -> list[TimedWord]:
+    """``word``, or where it is wider than a line its line-wide pieces (whole graphemes), each
+    given a share of its time by width; the pieces after the first join it without a space."""
+    if cells(word.word.text) <= LINE_CELLS:
+        return [word]
+    pieces, piece = [], ""
+    for grapheme in regex.findall(r"\X", word.word.text):
+        if piece and cells(piece + grapheme) > LINE_CELLS:
+            pieces.append(piece)
+            piece = ""
+        piece += grapheme
+    pieces.append(piece)
+    total, start, out = cells(word.word.text), word.start, []
+    for k, text in enumerate(pieces):
+        end = word.end if k == len(pieces) - 1 else start + (word.end - word.start) * cells(text) / total
+        out.append(TimedWord(Word(text, word.word.space_before if k == 0 else False), start, end))
+        start = end
+    return out
+
+
 def build_cues(words: list[TimedWord], duration: float) -> list[Cue]:
     """The subtitle cues of ``words`` (in order, times monotonic) in audio of ``duration`` seconds."""
     merged: list[list[TimedWord]] = []
-    for group in group_words(words):
+    for group in group_words([piece for word in words for piece in line_wide(word)]):
         last = merged[-1] if merged else None
         if (last is not None and last[-1].end - last[0].start < MIN_CUE_SECONDS
                 and fits([w.word for w in last + group]) and group[-1].end - last[0].start <= MAX_CUE_SECONDS):
@@ -184,7 +211,8 @@ def render(cues: list[Cue], fmt: str) -> str:
         return srt.compose([srt.Subtitle(index=n, start=_delta(cue.start), end=_delta(cue.end),
                                          content="\n".join(cue.lines)) for n, cue in enumerate(cues, 1)])
     return webvtt.WebVTT(captions=[webvtt.Caption(start=_vtt_time(cue.start), end=_vtt_time(cue.end),
-                                                  text="\n".join(cue.lines)) for cue in cues]).content
+                                                  text="\n".join(html.escape(line, quote=False) for line in cue.lines))
+                                   for cue in cues]).content
 
 
 def _delta(seconds: float) -> datetime.timedelta:
