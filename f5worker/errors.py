@@ -5,6 +5,7 @@ something that does not exist, which the HTTP face answers with 404).
 ``StorageError``: a model, voice or output could not be read or written.
 Each carries one clear sentence meant for the caller; never credentials, URLs with signatures or job text.
 """
+import traceback
 
 
 class WorkerError(Exception):
@@ -36,3 +37,18 @@ def check_abandoned(abandoned) -> None:
     """Between two steps: raise CallAbandoned when ``abandoned`` (None, or a callable) says so."""
     if abandoned is not None and abandoned():
         raise CallAbandoned()
+
+
+def traceback_without_messages(err: BaseException) -> str:
+    """Where ``err`` and the faults behind it were raised, and their types, without their messages:
+    an unexpected fault's message may quote what it was handed (a library echoing the job's text),
+    and no log holds job text. Logged in place of ``exc_info`` for faults that are not the worker's
+    own (``WorkerError``'s sentences are written for the caller and are safe to log)."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        frames = "".join(traceback.format_list(traceback.extract_tb(err.__traceback__)))
+        chain.append(f"Traceback (most recent call last):\n{frames}{type(err).__module__}.{type(err).__qualname__}"
+                     " (message withheld: it may quote job text)")
+        err = err.__cause__ if err.__cause__ is not None else (None if err.__suppress_context__ else err.__context__)
+    return "\n\nwhich led to:\n\n".join(reversed(chain))

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from f5worker.errors import InputError, StorageError, WorkerError
+from f5worker.errors import InputError, StorageError, WorkerError, traceback_without_messages
 from f5worker.inference.gpu_faults import gpu_fault
 from f5worker.jobs.guard import COMMITTING, JobGuard, JobStopped, safe_job_id
 from f5worker.jobs.inputs import parse_job_input
@@ -251,7 +251,7 @@ def failure(err: Exception, job_id: str, endpoint: str) -> tuple[dict, str]:
         log.info("job %s (%s) refused or failed: %s", job_id, endpoint, message)
         return {"error": message}, message
     # a bug or an unexpected fault: say so without leaking internals
-    log.error("job %s (%s) failed unexpectedly", job_id, endpoint, exc_info=err)
+    log.error("job %s (%s) failed unexpectedly:\n%s", job_id, endpoint, traceback_without_messages(err))
     return ({"error": f"Internal error ({type(err).__name__}); the worker log has details for job {job_id}."},
             type(err).__name__)
 

@@ -10,6 +10,7 @@ batcher, handler and runpod's result shaping around it are real.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 import pytest
@@ -159,6 +160,21 @@ def test_other_failures_do_not_replace_the_worker(ctx, monkeypatch):
         "error": "'nfe_step' must be an integer."}
     result = asyncio.run(ctx.handler({"id": job_id, "input": tts(seed=2)}))
     assert "error" not in result and "refresh_worker" not in result, result
+
+
+def test_an_unexpected_faults_message_stays_out_of_the_log(ctx, monkeypatch, caplog):
+    """A library's message may quote what it was handed (webvtt-py quoted a job's text): the log
+    says where the fault was raised and its type, never its message."""
+    secret = "Meet me at the old pier at nine"
+    monkeypatch.setattr(ctx.worker.engine.vocoder, "decode", _fault(ValueError(f"cannot read {secret!r}")))
+    job_id = f"quoting-{uuid.uuid4().hex[:8]}"
+    with caplog.at_level(logging.DEBUG):
+        result = asyncio.run(ctx.handler({"id": job_id, "input": tts(text=secret + ".")}))
+    assert result == {"error": f"Internal error (ValueError); the worker log has details for job {job_id}."}
+    logged = "\n".join(record.getMessage() + (record.exc_text or "") for record in caplog.records)
+    assert f"job {job_id} (tts) failed unexpectedly" in logged and "builtins.ValueError (message withheld" in logged
+    assert 'in decode' in logged  # where it was raised
+    assert secret not in logged and not any(record.exc_info for record in caplog.records)
 
 
 def test_a_bucket_that_does_not_exist_is_a_start_error_and_is_never_created(tiny_models, s3_env, tmp_path):

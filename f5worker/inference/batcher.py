@@ -44,7 +44,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from f5worker.errors import CallAbandoned
+from f5worker.errors import CallAbandoned, traceback_without_messages
 from f5worker.inference.items import ChunkItem, item_frames, item_work
 
 log = logging.getLogger(__name__)
@@ -329,7 +329,7 @@ class Batcher:
             try:
                 self._start_waiting()
             except Exception as exc:  # batching itself failed: fail what waits, never hang
-                log.exception("batching failed")
+                log.error("batching failed:\n%s", traceback_without_messages(exc))
                 for entry in list(self._pending):
                     self._settle(entry, error=exc)
                 self._pending.clear()
@@ -422,7 +422,7 @@ class Batcher:
 
     def _failed(self, run: _Running, exc: Exception) -> None:
         if len(run.batch) == 1:
-            log.warning("model call of 1 item failed: %s", type(exc).__name__, exc_info=True)
+            log.warning("model call of 1 item failed:\n%s", traceback_without_messages(exc))
             self._settle(run.batch[0], error=exc)
             return
         log.warning("model call of %d items failed (%s); retrying each alone", len(run.batch), type(exc).__name__)
