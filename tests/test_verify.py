@@ -55,6 +55,11 @@ def test_transcript_error_reads_numbers_and_punctuation_as_the_text_does():
     error, ending = transcript_error("今天天气很好。", "今天天很好", "en")  # Chinese: characters
     assert error == pytest.approx(1 / 6) and ending
     assert transcript_error("Hello there.", "", "en") == (1.0, False)
+    # What is written but never said: an emoji's joiners and selector, soft hyphens, a zero-width space.
+    for said, heard in [("Hello 👨\u200d👩\u200d👧 family.", "Hello family."), ("I love it ❤\ufe0f so much.", "I love it so much."),
+                        ("An inter\u00adnational co\u00adoperation deal.", "An international cooperation deal."),
+                        ("Word\u200bjoiner here now.", "Wordjoiner here now.")]:
+        assert transcript_error(said, heard, "en") == (0.0, True), said
 
 
 def test_judge_says_why():
@@ -195,3 +200,49 @@ def test_a_job_whose_chunks_are_heard_right_samples_each_once(ctx, tmp_path, mon
     heard, plain_audio = (sf.read(io.BytesIO(ctx.get_bytes(r["output_key"])), dtype="int16")[0].astype(np.float64)
                           for r in (verified, plain))
     assert rel_l2(heard, plain_audio) < CPU_REL_L2
+
+
+def test_a_quiet_voice_is_judged_at_the_models_level_not_retried_for_its_loudness(ctx, tmp_path):
+    """A voice stored by hand (uploads normalise loudness; a person's file in voices/ is as it was
+    recorded) quieter than -28 dBFS has its output lowered to its own level: the audio checks read
+    the level the model made, so the quiet copy is judged as the loud one (the text is only
+    punctuation, so only the audio checks can reject a try)."""
+    from f5_tts.api import files
+
+    audio, sr = sf.read(str(files("f5_tts").joinpath("infer/examples/basic/basic_ref_en.wav")), dtype="float32")
+    rms = float(np.sqrt(np.mean(np.square(audio))))
+    verdicts = {}
+    for name, level in (("ordinary", 0.1), ("quiet", 0.004)):  # -20 and -48 dBFS
+        clip = tmp_path / f"{name}.wav"
+        sf.write(str(clip), audio * (level / rms), sr, subtype="FLOAT")
+        ctx.worker.storage.upload_file(f"voices/{name}.wav", clip, "audio/wav")
+        transcript = tmp_path / f"{name}.txt"
+        transcript.write_text("Some call me nature, others call me mother nature.")
+        ctx.worker.storage.upload_file(f"voices/{name}.wav.txt", transcript, "text/plain")
+        _, result = ctx.run({"text": "... !!!", "local_voice": f"{name}.wav", "nfe_step": 2, "seed": 5,
+                             "verify": True, "return_base64": False})
+        assert "error" not in result, result
+        verdicts[name] = [segment["verify"] for segment in result["segments"]]
+    assert verdicts["quiet"] == verdicts["ordinary"] == [{"error": 0.0, "tries": 1, "kept_try": 1,
+                                                          "retried_because": []}]
+
+
+def test_a_whisper_that_cannot_load_refuses_the_job_before_any_model_call(ctx, tmp_path, monkeypatch):
+    from f5worker.inference.transcriber import Transcriber
+    from f5worker.settings import Settings
+
+    broken = tmp_path / "broken-whisper"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    monkeypatch.setattr(ctx.worker, "transcriber", Transcriber(Settings.from_env({"ASR_MODEL": str(broken)}), "cpu"))
+    calls = len(ctx.worker.batcher.calls)
+    _, result = ctx.run({**JOB, "verify": True})
+    assert result["error"].startswith(f"The transcription model in {broken} could not be loaded (")
+    assert result["error"].endswith("). Leave out 'verify', or set ASR_MODEL to a Whisper model this worker can load.")
+    _, result = ctx.run({**JOB, "verify": True, "subtitles": "srt"})
+    assert result["error"].endswith(" Leave out 'timestamps' and 'subtitles' and 'verify', or set ASR_MODEL to a "
+                                    "Whisper model this worker can load.")
+    assert len(ctx.worker.batcher.calls) == calls
+    monkeypatch.setattr(ctx.worker, "transcriber", None)
+    _, result = ctx.run({**JOB, "verify": True})
+    assert result["error"] == "'verify' needs the worker's transcription model, and this worker has none."

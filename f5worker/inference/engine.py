@@ -29,10 +29,9 @@ import torch
 from f5worker.errors import check_abandoned
 from f5worker.inference.device import pick_device, pick_dtype
 from f5worker.inference.fast import BucketedStepRunner
-from f5worker.inference.items import ChunkItem
+from f5worker.inference.items import ChunkItem, at_output_level
 from f5worker.inference.kernel_switch import switch_tasks
 from f5worker.inference.sampler import EagerStepRunner, MelSampling, StepRunner
-from f5worker.model.constants import TARGET_RMS
 from f5worker.model.loader import F5Model, load_model, load_vocoder
 from f5worker.model.store import ModelFiles
 
@@ -92,9 +91,7 @@ class TTSEngine:
         for item, mel in zip(items, mels):
             gen = mel[item.ref_frames:].to(torch.float32).T.unsqueeze(0)  # [1, mel, frames]
             wave = self.vocoder.decode(gen)
-            if item.ref_rms < TARGET_RMS:
-                wave = wave * item.ref_rms / TARGET_RMS
-            waves.append(wave.squeeze().cpu().numpy())
+            waves.append(at_output_level(item, wave).squeeze().cpu().numpy())
         return waves
 
     def precapture_tasks(self) -> list:

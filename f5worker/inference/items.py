@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-from f5worker.model.constants import HOP_LENGTH
+from f5worker.model.constants import HOP_LENGTH, TARGET_RMS
 
 # The most ODE steps a job may ask for; the fast path's on-device time grid holds MAX_NFE_STEP + 1.
 MAX_NFE_STEP = 64
@@ -55,3 +55,17 @@ def item_output_samples(item: ChunkItem) -> int:
     """The samples of 24 kHz audio ``item`` comes out as: Vocos turns n frames into (n - 1) hops,
     and the reference's frames are cut off."""
     return max(0, item_frames(item) - item.ref_frames - 1) * HOP_LENGTH
+
+
+
+def at_output_level(item: ChunkItem, wave):
+    """The model's output ``wave`` (tensor or array) as the job gets it: a reference quieter than
+    ``TARGET_RMS`` was raised to it for the model, and its output is lowered by as much (f5-tts's
+    rule, in its order of operations), so that it sounds like its voice."""
+    return wave * item.ref_rms / TARGET_RMS if item.ref_rms < TARGET_RMS else wave
+
+
+def at_model_level(item: ChunkItem, wave):
+    """``at_output_level`` undone: the output at the level the model made it (a silent reference's
+    output stays as it is, silent)."""
+    return wave * TARGET_RMS / item.ref_rms if 0 < item.ref_rms < TARGET_RMS else wave

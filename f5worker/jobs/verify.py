@@ -26,7 +26,7 @@ import jiwer
 import numpy as np
 
 from f5worker.inference.batcher import JobTurn
-from f5worker.inference.items import ChunkItem, item_output_samples, item_work
+from f5worker.inference.items import ChunkItem, at_model_level, item_output_samples, item_work
 from f5worker.inference.transcriber import Heard
 from f5worker.jobs.audio import chunk_dbfs
 from f5worker.jobs.normalize import language_of, normalize
@@ -40,6 +40,7 @@ MAX_CLIPPED_SHARE = 0.01
 VOICED_DB = -40.0  # a 10 ms step louder than this is speech
 MIN_VOICED_SHARE = 0.35  # speech in less of the planned time than this: the text was rushed
 ENDING_WINDOW_WORDS = 3  # the text's last word must be among the transcript's last few
+VARIATION_SELECTORS = re.compile(r"[\ufe00-\ufe0f\U000e0100-\U000e01ef]")
 NO_SPACE_SCRIPTS = re.compile(r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
 
 
@@ -106,9 +107,12 @@ def _level_db(wave: np.ndarray) -> float:
 
 def comparable(text: str, language: str) -> str:
     """``text`` as the two sides are compared: numbers as words, compatibility forms folded,
-    lower case, punctuation and symbols gone, one space between words."""
+    lower case, punctuation and symbols gone, one space between words; what is never said
+    (soft hyphens, zero-width joiners and spaces, emoji variation selectors) gone without a trace,
+    so it neither splits a word nor stands as one."""
     text = unicodedata.normalize("NFKC", normalize(text, language).text).lower()
-    text = "".join(" " if unicodedata.category(c)[0] in "PSZ" or c.isspace() else c for c in text)
+    text = "".join("" if unicodedata.category(c) == "Cf" or VARIATION_SELECTORS.match(c)
+                   else " " if unicodedata.category(c)[0] in "PSZ" or c.isspace() else c for c in text)
     return " ".join(text.split())
 
 
@@ -207,9 +211,11 @@ class GuardedSampling:
             self.sampler.withdraw(futures)  # a failed or cancelled job leaves the queue
 
     async def _judged(self, item: ChunkItem, text: str, wave: np.ndarray) -> tuple[Try, object | None]:
-        """The try judged, and what its transcription kept for the alignment."""
-        planned = item_output_samples(item)
-        heard = None if audio_fault(wave, planned) else await self.transcribe(wave)
-        verdict = judge(wave, text, None if heard is None else heard.text, seed=item.seed, planned_samples=planned,
+        """The try judged, and what its transcription kept for the alignment. The audio checks read
+        the model's own level: a quiet voice's output is lowered to its reference's loudness,
+        which no other seed changes, and is no fault."""
+        planned, made = item_output_samples(item), at_model_level(item, wave)
+        heard = None if audio_fault(made, planned) else await self.transcribe(wave)
+        verdict = judge(made, text, None if heard is None else heard.text, seed=item.seed, planned_samples=planned,
                         options=self.options)
         return verdict, None if heard is None else heard.encoded
