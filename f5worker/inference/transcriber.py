@@ -4,7 +4,7 @@ Why this module exists: f5-tts's own ``transcribe`` keeps its pipeline in a modu
 from the hub by repo id and is not safe to call from several threads. ``Transcriber`` does the same
 work (transformers' ASR pipeline, 30 s chunks, task "transcribe", fp16 on CUDA) on the folder that
 ``model.store.resolve_asr_model`` found, loads it once under a lock, and reports a model that cannot
-be loaded as a ``StorageError``.
+be loaded as a ``StorageError`` (the job that needed it adds what it can do instead).
 
 Audio of one 30 s window (every chunk a job samples, most reference clips) is transcribed with the
 encoder run once, by hand: the pipeline would run it twice (once to detect the language, once to
@@ -84,8 +84,7 @@ class Transcriber:
                                       device=self.device)
         except Exception as exc:
             raise StorageError(
-                f"The transcription model in {folder} could not be loaded ({type(exc).__name__}); "
-                "pass ref_text or store a transcript beside the voice."
+                f"The transcription model in {folder} could not be loaded ({type(exc).__name__})."
             ) from exc
         log.info("transcriber loaded from %s on %s (%s) in %.2f s", folder, self.device, dtype,
                  time.perf_counter() - started)

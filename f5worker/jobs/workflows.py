@@ -50,7 +50,7 @@ from f5worker.jobs.word_times import ChunkWords, add_word_times, subtitle_text
 from f5worker.jobs.models import JobModels
 from f5worker.model.store import ModelFiles
 from f5worker.jobs.resampling import least_output_length
-from f5worker.settings import ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
+from f5worker.settings import ENV_ASR_MODEL, ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
 from f5worker.jobs.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
                              prepare_upload)
 from s3_utils import KeyNotFound, ObjectTooLarge, Storage
@@ -278,6 +278,7 @@ class Worker:
                 plan = await self._off_loop(plan_segments, synthesis_requests(job, segments, voices, seed,
                                                                               streamed=live, model=model))
                 self._refuse_early(plan, fmt, job, stream if live else None)
+                await self._whisper_for_options(job)
                 words = self._chunk_words(job, plan)
                 if words is not None:
                     await words.check()
@@ -430,15 +431,25 @@ class Worker:
             raise
         return assembled, reports
 
+    async def _whisper_for_options(self, job: TTSInput) -> None:
+        """``verify``, ``timestamps`` and ``subtitles`` need the worker's Whisper: a job asking for
+        them is refused before any model call when the worker has none or cannot load it."""
+        options = [(name, verb) for name, verb, asked in (("'timestamps' and 'subtitles'", "need", job.aligned),
+                                                          ("'verify'", "needs", job.verify)) if asked]
+        if not options:
+            return
+        if self.transcriber is None:
+            name, verb = options[0]
+            raise InputError(f"{name} {verb} the worker's transcription model, and this worker has none.")
+        await self._whisper_for(f"Leave out {' and '.join(name for name, _ in options)}, or set {ENV_ASR_MODEL} "
+                                "to a Whisper model this worker can load.")
+
     def _guard(self, job: TTSInput, plan: JobPlan, clock: JobClock) -> GuardedSampling:
         """The job's guarded sampling (``jobs.verify``): its chunks in windows of the batcher's job
-        window, each transcribed by the worker's Whisper on the model thread (``verify_s``)."""
-        if self.transcriber is None:
-            raise InputError("'verify' needs the worker's transcription model, and this worker has none.")
-
+        window, each transcribed by the worker's Whisper on the model thread (``verify_s``; the
+        model is loaded by then, ``_whisper_for_options``)."""
         async def transcribe(wave: np.ndarray) -> Heard:  # word-timed too: the encoder's output is kept to align
             with clock.step("verify_s"):
-                await self._off_loop(self.transcriber.load)
                 return await self._on_gpu_thread(functools.partial(self.transcriber.hear, keep=job.aligned),
                                                  wave, SAMPLE_RATE)
 
@@ -565,9 +576,18 @@ class Worker:
         """Whisper is resolved, downloaded if need be and loaded off the model thread; only the
         transcription itself runs there, between model calls."""
         if self.transcriber is not None:
-            await self._off_loop(self.transcriber.load)
+            await self._whisper_for("Pass ref_text or store a transcript beside the voice.")
         self.transcriptions += 1
         return await self._on_gpu_thread(self.voices.transcribe, samples, sr)
+
+    async def _whisper_for(self, instead: str) -> None:
+        """The worker's Whisper resolved and loaded (off the model thread), before any model call
+        of the job that needs it; one that cannot be loaded is refused with what the job can do
+        ``instead``."""
+        try:
+            await self._off_loop(self.transcriber.load)
+        except StorageError as err:
+            raise StorageError(f"{err} {instead}") from err
 
     async def _off_loop(self, fn, *args):
         """``fn(*args)`` on the I/O threads. A thread cannot be stopped: if the job is cancelled (its

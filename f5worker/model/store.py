@@ -279,5 +279,5 @@ def resolve_asr_model(settings: Settings, *, allow_download: bool = True) -> Pat
     except Exception as exc:
         raise StorageError(
             f"The transcription model {settings.asr_model} is not cached and could not be downloaded "
-            f"({type(exc).__name__}); pass ref_text or store a transcript beside the voice."
+            f"({type(exc).__name__})."
         ) from exc
