@@ -29,6 +29,12 @@ EN_CASES = [
     # num2words reads a whole number given as currency as cents: whole amounts are said as such
     ("$5, $100 and 10 USD.", "five dollars, one hundred dollars and ten dollars."),
     ("The 1990s and 1.5m people in 5 s.", f"The 1990s and 1.5m people in {num2words(5)} seconds."),
+    # A sign before a number is said; a hyphen between two is not a sign.
+    ("It is -5 °C, a -$5 loss.", f"It is {num2words(-5)} degrees Celsius, a minus five dollars loss."),
+    ("Dates like 2024-05-03 and ranges like 5-10.", f"Dates like May {num2words(3, to='ordinal')}, "
+                                                     f"{num2words(2024, to='year')} and ranges like five-ten."),
+    ("At 10:30:45, 10:00:01 and 24:00.", "At ten thirty and forty-five seconds, ten o'clock and one second and "
+                                         "twenty-four o'clock."),
 ]
 
 
@@ -60,6 +66,8 @@ def test_other_languages_use_their_words_and_decimal_mark():
         f"Es kostet {num2words(12.5, lang='de', to='currency', currency='EUR')} für {num2words(3, lang='de')} Personen.")
     assert normalize("Kapitel 3 100 Seiten.", "de").text == (  # a plain space separates two numbers
         f"Kapitel {num2words(3, lang='de')} {num2words(100, lang='de')} Seiten.")
+    assert normalize("Es kostet 12,50 € bei -3 Grad.", "de").text == (  # the sign after the amount, as written there
+        f"Es kostet {num2words(12.5, lang='de', to='currency', currency='EUR')} bei {num2words(-3, lang='de')} Grad.")
     assert normalize("Il y a 1.000 personnes, 15 %.", "fr").text == (
         f"Il y a {num2words(1000, lang='fr')} personnes, {num2words(15, lang='fr')} pour cent.")
 

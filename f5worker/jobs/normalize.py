@@ -140,10 +140,16 @@ def _rules(language: str) -> tuple[Callable[[str], tuple[str, int]], ...]:
         r"\d{1,3}(?:[.\u202f\u2009]\d{3})+(?:,\d+)?|\d+(?:,\d+)?"  # a plain space separates numbers
     value = lambda raw: _number(raw, language)  # noqa: E731 - one line, used below
     rules = [
+        # A sign before a number (not a hyphen between two: "555-1234", "2024-05-03") is said, in
+        # the language's word for it, before the number's own rule says the number.
+        _sub(r"(?<![\w.,:\-−])[-−](?=[$€£¥₹]?\d)", lambda m: _minus(language)),
         _sub(rf"([$€£¥₹])\s?({number}){END}(?!\s?(?:million|billion|trillion|thousand|bn|m|k)\b)", lambda m: _currency(value(m[2]), CURRENCY_SIGNS[m[1]], language)),
+        _sub(rf"{START}({number})\s?([$€£¥₹])", lambda m: _currency(value(m[1]), CURRENCY_SIGNS[m[2]], language)),
         _sub(rf"{START}({number})\s?(USD|EUR|GBP|JPY|INR)\b", lambda m: _currency(value(m[1]), m[2], language)),
         _sub(rf"{START}({number})\s?%", lambda m: f"{_words(value(m[1]), language)} {PERCENT_WORDS.get(language, '%')}"),
-        _sub(r"\b([01]?\d|2[0-3]):([0-5]\d)\b", lambda m: _time(int(m[1]), int(m[2]), language)),
+        _sub(r"(?<![\w:])([01]?\d|2[0-4]):([0-5]\d):([0-5]\d)(?![\w:])",
+             lambda m: _time(int(m[1]), int(m[2]), language, seconds=int(m[3]))),
+        _sub(r"(?<![\w:])([01]?\d|2[0-4]):([0-5]\d)(?![\w:])", lambda m: _time(int(m[1]), int(m[2]), language)),
     ]
     if language == "en":
         rules += [
@@ -177,12 +183,20 @@ def _currency(amount, code: str, language: str) -> str:
         return f"{_words(amount, language)} {code}"
 
 
-def _time(hours: int, minutes: int, language: str) -> str:
+def _minus(language: str) -> str:
+    """The language's word for a negative sign, as num2words says -1 ("minus ", "moins ")."""
+    negative, positive = _words(-1, language), _words(1, language)
+    if not negative.endswith(positive) or negative == positive:
+        raise ValueError("this converter has no sign")  # left as written
+    return negative[:-len(positive)]
+
+
+def _time(hours: int, minutes: int, language: str, seconds: int | None = None) -> str:
     if language != "en":
-        return f"{_words(hours, language)} {_words(minutes, language)}" if minutes else _words(hours, language)
-    if minutes == 0:
-        return f"{_words(hours, 'en')} o'clock"
-    return f"{_words(hours, 'en')} {'oh ' if minutes < 10 else ''}{_words(minutes, 'en')}"
+        said = [_words(hours, language)] + [_words(n, language) for n in (minutes, seconds) if n]
+        return " ".join(said)
+    said = f"{_words(hours, 'en')} " + ("o'clock" if minutes == 0 else f"{'oh ' if minutes < 10 else ''}{_words(minutes, 'en')}")
+    return said + (f" and {_words(seconds, 'en')} second{'s' if seconds != 1 else ''}" if seconds else "")
 
 
 def _unit_en(amount, unit: str) -> str:
