@@ -42,6 +42,9 @@ def test_cuts_at_the_coarsest_boundary():
     assert split_to_fit("alpha beta gamma delta", 11) == ["alpha beta ", "gamma delta"]
     assert split_to_fit("abcdef", 4) == ["abcd", "ef"]
     assert split_to_fit("汉字汉字，汉字", 15) == ["汉字汉字，", "汉字"]
+    # punctuation inside a token (a decimal, a time, a thousands mark, a domain) is not a clause end
+    assert split_to_fit("pay 3.05 at 10:30 for 1,000 at example.com now", 20) == [
+        "pay 3.05 at 10:30 ", "for 1,000 at ", "example.com now"]
 
 
 def test_graphemes_are_never_cut():

@@ -25,7 +25,7 @@ from f5worker.jobs import resampling
 from f5worker.jobs.assembly import planned_segments_bytes
 from f5worker.jobs.audio import cross_fade_join
 from f5worker.model.constants import SAMPLE_RATE
-from f5worker.jobs.chunking import chunk_for_model, utf8_len
+from f5worker.jobs.chunking import chunk_for_model, offset_after, utf8_len
 from f5worker.errors import InputError
 from f5worker.jobs.inputs import parse_job_input
 from f5worker.jobs.plan import FIRST_CHUNK_SHARE, chunks_with_short_first
@@ -94,6 +94,23 @@ def test_short_first_chunk_keeps_the_text():
     assert chunks_with_short_first("Short.", budget) == chunk_for_model("Short.", budget)
     chinese = "今天天气很好，我们去公园散步。然后去吃饭，再去看电影。" * 6
     assert "".join(chunks_with_short_first(chinese, 90)) == chinese
+
+
+@pytest.mark.parametrize("text", [
+    "Visit https://example.com/a/very/long/path/to/the/resource/index.html today and see.",
+    "Pneumonoultramicroscopicsilicovolcanoconiosis is a word. And more text follows here.",
+    "The price rose to 1.234.567,89 euros in the year 2023, then fell again a lot.",
+    " ".join(f"In {1990 + i} it sold 12,{i:03d} units at 3.{i % 10}5 dollars, reported at 10:{i:02d} "
+             f"on its website." for i in range(40))])
+def test_short_first_chunk_never_cuts_where_the_text_has_no_space(text):
+    # The review's cases: the rest was rebuilt from the short pass's pieces with a space after
+    # each, so 3.05 was spoken as "3. 05", 10:01 as "10: 01", and long words were split.
+    for budget in (100, 200):
+        chunks = chunks_with_short_first(text, budget)
+        assert " ".join(chunks).split() == text.split()
+        if chunks != chunk_for_model(text, budget):
+            assert utf8_len(chunks[0]) <= budget * FIRST_CHUNK_SHARE
+            assert chunks[1:] == chunk_for_model(text[offset_after(text, chunks[0]):], budget)
 
 
 # --- jobs through the streaming handler ------------------------------------------------------------

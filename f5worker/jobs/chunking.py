@@ -17,7 +17,12 @@ import unicodedata
 # Clause and sentence punctuation of the scripts F5-TTS users write in: Latin, CJK (including the
 # enumeration comma), Arabic, Devanagari, Armenian, Ethiopic, Myanmar, Khmer, dashes and ellipses.
 CLAUSE_PUNCTUATION = ",;:.!?、，；：。！？…‥—–،؛؟।॥։።፣၊။។៕"
-_CLAUSE_END = re.compile(f"[{re.escape(CLAUSE_PUNCTUATION)}]+\\s*")
+# The marks that also sit inside a token of a spaced script (3.05, 10:30, 1,000, example.com,
+# 1990–2000) end a clause only before a space or the end; the others end one wherever they are.
+_INSIDE_TOKENS = ",;:.!?–"
+_ALWAYS_ENDS = "".join(c for c in CLAUSE_PUNCTUATION if c not in _INSIDE_TOKENS)
+_CLAUSE_END = re.compile(f"[{re.escape(CLAUSE_PUNCTUATION)}]*"
+                         f"(?:[{re.escape(_ALWAYS_ENDS)}]\\s*|[{re.escape(_INSIDE_TOKENS)}](?:\\s+|$))")
 _SPACES = re.compile(r"\s+")
 _JOINERS = {"\u200d", "\u034f"}  # zero-width joiner, combining grapheme joiner
 
@@ -107,3 +112,14 @@ def chunk_for_model(text: str, max_bytes: int) -> list[str]:
             if piece:
                 chunks.append(piece)
     return chunks
+
+
+def offset_after(text: str, chunk: str) -> int:
+    """Where ``chunk`` (a leading chunk of ``text``) ends in ``text``. The chunker only drops and
+    adds whitespace, so the chunk ends after as many non-space characters of ``text`` as it has."""
+    remaining = sum(not c.isspace() for c in chunk)
+    for index, char in enumerate(text):
+        if remaining == 0:
+            return index
+        remaining -= not char.isspace()
+    return len(text)

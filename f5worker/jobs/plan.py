@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from f5worker.jobs.audio import cross_fade_join, joined_length, prepare_reference, remove_silences
-from f5worker.jobs.chunking import chunk_for_model, utf8_len
+from f5worker.jobs.chunking import CLAUSE_PUNCTUATION, chunk_for_model, offset_after, utf8_len
 from f5worker.errors import InputError
 from f5worker.jobs.options import OPTION_DEFAULTS
 from f5worker.jobs.resampling import to_model_rate
@@ -157,15 +157,17 @@ def plan_segments(requests: list[SynthesisRequest]) -> JobPlan:
 
 def chunks_with_short_first(text: str, max_chars: int) -> list[str]:
     """``chunk_for_model``'s chunks, except that the first is at most ``FIRST_CHUNK_SHARE`` of
-    ``max_chars`` bytes; the rest of the text is chunked as usual."""
-    small = chunk_for_model(text, max(1, int(max_chars * FIRST_CHUNK_SHARE)))
-    if len(small) <= 1:
-        return small
-    # The pieces joined back as chunk_text joins sentences: a space after a one-byte character.
-    rest = ""
-    for piece in small[1:]:
-        rest += piece + (" " if utf8_len(piece[-1]) == 1 else "")
-    return [small[0], *chunk_for_model(rest, max_chars)]
+    ``max_chars`` bytes; the rest of the text, from where that chunk ends in ``text`` itself, is
+    chunked as usual. A short first chunk that would end inside a word (one longer than the short
+    budget) is not taken: the job is chunked as if not streamed, since text is never cut where the
+    unstreamed job keeps it whole."""
+    first = chunk_for_model(text, max(1, int(max_chars * FIRST_CHUNK_SHARE)))[:1]
+    if not first:
+        return []
+    end = offset_after(text, first[0])
+    if end < len(text) and not (text[end].isspace() or first[0][-1] in CLAUSE_PUNCTUATION):
+        return chunk_for_model(text, max_chars)
+    return first + chunk_for_model(text[end:], max_chars)
 
 
 def items_for(audio: torch.Tensor, rms: float, ref_text: str, chunks: list[str],
