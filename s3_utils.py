@@ -54,7 +54,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedErr
                                  ResponseStreamingError, SSLError)
 from botocore.handlers import VALID_BUCKET, VALID_S3_ARN
 
-from f5worker.errors import StorageError
+from f5worker.errors import StorageError, WriteStopped
 from f5worker.settings import (ENV_AWS_CA_BUNDLE, ENV_AWS_ENDPOINT_URL, ENV_LOCAL_STORAGE_DIR, ENV_S3_BUCKET,
                                LOGS_PREFIX, OUTPUT_PREFIX, Settings)
 
@@ -77,6 +77,7 @@ _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 _NOT_MODIFIED_CODES = {"304", "NotModified"}  # a conditional GET whose object has not changed
 _EMPTY_RANGE_CODES = {"416", "InvalidRange"}  # a range past the end (or any range of an empty object)
 _FORBIDDEN_CODES = {"403", "AccessDenied"}
+_NO_UPLOAD_CODES = {"NoSuchUpload"}  # an upload id already aborted or completed
 _HTTP_CODE_NAMES = {"400": "HTTP 400 Bad Request", "403": "HTTP 403 Forbidden"}  # HEAD: no body
 # What a failed local write means, where the system's words would mislead: ENOENT from mkdir is a
 # folder that cannot be made (no file is missing), EEXIST and ENOTDIR a file where a folder must go.
@@ -225,8 +226,16 @@ class Storage:
     # file:// path on the worker); where not, a TTS job returns its audio inline by default.
     result_urls_reach_callers = True
 
-    def upload_file(self, key: str, path: str | os.PathLike, content_type: str) -> None:
+    def upload_file(self, key: str, path: str | os.PathLike, content_type: str, *,
+                    stop: threading.Event | None = None) -> None:
+        """Store the file at ``path`` as ``key``. A write of several calls (a multipart upload)
+        checks ``stop`` before each and, once it is set, aborts what it sent and raises
+        ``WriteStopped``; a write of one call is bounded by the storage timeouts and finishes."""
         raise NotImplementedError
+
+    def abort_uploads(self) -> None:
+        """The process is about to end: abort every multipart upload still open, and refuse
+        further parts, so no part sent is left stored (and billed). One call per open upload."""
 
     def download_file(self, key: str, dest_path: str | os.PathLike, max_bytes: int | None = None) -> None:
         """Copy ``key`` to ``dest_path``; ``KeyNotFound`` if it does not exist, ``ObjectTooLarge``
@@ -336,6 +345,9 @@ class S3Storage(Storage):
         self.client = client if client is not None else make_s3_client(settings)
         self.part_bytes = MULTIPART_PART_BYTES
         self._bucket_seen = False  # set by check_exists; every write checks it first
+        self._uploads_lock = threading.Lock()
+        self._open_uploads: dict[str, str] = {}  # multipart upload id -> key, while it runs
+        self._closing = threading.Event()  # set by abort_uploads: no further part is sent
 
     def _error(self, err: BaseException, action: str, key: str, waited: float) -> StorageError | None:  # noqa: C901 - one storage error per botocore error kind
         """The StorageError for a botocore failure (None: not one of theirs). Each message is one
@@ -391,30 +403,35 @@ class S3Storage(Storage):
                 raise
             raise mapped from err
 
-    def upload_file(self, key, path, content_type):
+    def upload_file(self, key, path, content_type, *, stop=None):
         # Up to one part's size, one PutObject, bounded like any other call (botocore rewinds the
         # file for a retry); a larger file (a chapter-length job's) as a multipart upload.
         key = check_key(key)  # before any request
         self._before_write(key)
         if os.path.getsize(path) > self.part_bytes:
-            self._upload_parts(key, path, content_type)
+            self._upload_parts(key, path, content_type, stop or threading.Event())
             return
         with self._errors("put", key):
             with open(path, "rb") as body:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
 
-    def _upload_parts(self, key: str, path, content_type: str) -> None:
+    def _upload_parts(self, key: str, path, content_type: str, stop: threading.Event) -> None:
         """A multipart upload of parts of ``part_bytes`` read one at a time, each part one call
-        with the storage timeouts and tries, so no call grows with the file. On any failure the
-        upload is aborted, so no uploaded part is left stored (and billed); the object appears
-        only once every part is in, or not at all."""
+        with the storage timeouts and tries, so no call grows with the file. On any failure, or
+        once ``stop`` (or ``abort_uploads``) asks before a part, the upload is aborted, so no part
+        is left stored (and billed); the object appears only once every part is in, or not at all."""
         with self._errors("put", key):
             upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key,
                                                             ContentType=content_type)["UploadId"]
+        with self._uploads_lock:
+            self._open_uploads[upload_id] = key
         try:
             parts = []
             with open(path, "rb") as body:
                 while data := body.read(self.part_bytes):
+                    if stop.is_set() or self._closing.is_set():
+                        raise WriteStopped(f"the upload was stopped after {len(parts)} part(s) and "
+                                           f"aborted, so nothing was stored (put {key})")
                     number = len(parts) + 1
                     with self._errors("put", key):
                         answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
@@ -424,15 +441,33 @@ class S3Storage(Storage):
                 self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                       MultipartUpload={"Parts": parts})
         except BaseException:
+            # after abort_uploads too: a part in flight when it aborted may have been stored since
             self._abort_upload(key, upload_id)
             raise
+        finally:
+            with self._uploads_lock:
+                self._open_uploads.pop(upload_id, None)
+
+    def abort_uploads(self):
+        self._closing.set()
+        with self._uploads_lock:
+            open_uploads = list(self._open_uploads.items())
+        for upload_id, key in open_uploads:
+            self._abort_upload(key, upload_id)
 
     def _abort_upload(self, key: str, upload_id: str) -> None:
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-        except Exception as err:  # the bucket's lifecycle rule for incomplete uploads is the backstop
-            mapped = self._error(err, "abort upload", key, 0.0)
-            log.warning("could not abort the multipart upload of %s: %s", key, mapped or type(err).__name__)
+        except ClientError as err:
+            if _error_code(err) not in _NO_UPLOAD_CODES:  # already aborted (abort_uploads) or completed
+                self._abort_failed(key, err)
+        except Exception as err:
+            self._abort_failed(key, err)
+
+    def _abort_failed(self, key: str, err: Exception) -> None:
+        # the bucket's lifecycle rule for incomplete uploads is the backstop
+        mapped = self._error(err, "abort upload", key, 0.0)
+        log.warning("could not abort the multipart upload of %s: %s", key, mapped or type(err).__name__)
 
     def download_file(self, key, dest_path, max_bytes=None):
         # One GetObject streamed to the file (botocore checks the length at the end); the body is
@@ -633,7 +668,8 @@ class LocalStorage(Storage):
                 raise KeyNotFound(key) from err
             raise StorageError(f"local storage failed: {reason} ({action} {key})") from err
 
-    def upload_file(self, key, path, content_type):
+    def upload_file(self, key, path, content_type, *, stop=None):
+        # one local write: ``stop`` has no call to stop between
         dest = self.path_for(key)
         try:  # the worker's own staged file, not storage: said apart from a failure to write
             src = open(path, "rb")

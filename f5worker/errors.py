@@ -28,6 +28,11 @@ class StorageError(WorkerError):
     pass
 
 
+class WriteStopped(StorageError):
+    """A write of several calls (a multipart upload) stopped between two of them, as its caller
+    asked (the job's deadline, a shutdown), and was undone: nothing was stored."""
+
+
 class CallAbandoned(Exception):
     """Not a job's failure: a model call stopped between two ODE steps because every job it was
     sampling for had gone (failed, or stopped at its deadline), so its GPU time went to no one."""

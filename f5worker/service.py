@@ -34,7 +34,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from f5worker.errors import InputError, StorageError, WorkerError, traceback_without_messages
 from f5worker.inference.gpu_faults import gpu_fault
@@ -43,6 +43,9 @@ from f5worker.jobs.inputs import parse_job_input
 from f5worker.local_job import local_test_job, run_local_job
 from f5worker.jobs.progress import OrderedProgress
 from f5worker.settings import ENV_STREAMING, Settings
+
+if TYPE_CHECKING:  # boto3 is imported with the worker, timed apart (start_worker)
+    from s3_utils import Storage
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +186,11 @@ class JobRunner:
         return Outcome(result, err)
 
 
-def job_guard(settings: Settings) -> JobGuard:
-    """The guard of a worker's jobs: its deadline, and a job whose final write has begun is waited for."""
-    return JobGuard(settings.job_timeout_s, settings.tmp_dir, committing=lambda task: task in COMMITTING)
+def job_guard(settings: Settings, storage: Storage) -> JobGuard:
+    """The guard of a worker's jobs: its deadline, a job whose final write has begun is waited for
+    (its multipart upload stopped before the next part), and a shutdown aborts the open uploads."""
+    return JobGuard(settings.job_timeout_s, settings.tmp_dir, committing=COMMITTING.get,
+                    on_stop=storage.abort_uploads)
 
 
 async def stream_job(runner: JobRunner, job: dict, replace_worker: Callable[[], None] | None):
@@ -221,7 +226,7 @@ def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard
     runpod's ``progress_update(job, report)``; ``replace_worker`` asks runpod to replace the worker
     after a streamed job."""
     if guard is None and worker is not None:
-        guard = job_guard(worker.settings)
+        guard = job_guard(worker.settings, worker.storage)
     runner = JobRunner(worker, start_error, guard, progress)
 
     async def handler(job: dict) -> dict:

@@ -144,16 +144,18 @@ def test_a_job_whose_deadline_passes_while_writing_its_output_reports_what_happe
     """Once the output write has begun the job is seen through: the caller never gets an error for
     a job whose output was stored. (The slow write is a stand-in: wall-clock slowness on demand.)"""
     real_upload = ctx.worker.storage.upload_file
+    asked_to_stop = []
 
-    def slow_upload(key, path, content_type):
-        if key.startswith("output/"):
-            time.sleep(DEADLINE_S + 0.5)
-        return real_upload(key, path, content_type)
+    def slow_upload(key, path, content_type, *, stop):
+        if key.startswith("output/"):  # the guard asks the write to stop at the deadline
+            asked_to_stop.append(stop.wait(DEADLINE_S + 2))
+        return real_upload(key, path, content_type, stop=stop)  # one local write: it finishes
 
     monkeypatch.setattr(ctx.worker.storage, "upload_file", slow_upload)
     _, result, job_id = timed(ctx.handler, {"text": "Late but stored.", "local_voice": "basic_ref_en.wav",
                                             "nfe_step": 2, "seed": 1})
     assert "error" not in result, result
+    assert asked_to_stop == [True]
     assert result["output_key"] == f"output/{job_id}.wav" and result["output_key"] in ctx.keys()
     assert ctx.tmp_files() == []
 

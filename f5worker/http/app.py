@@ -49,7 +49,7 @@ class ServerState:
         task.add_done_callback(self.jobs.discard)
 
     def ready(self, worker) -> None:
-        self.runner = JobRunner(worker, None, job_guard(self.settings))
+        self.runner = JobRunner(worker, None, job_guard(self.settings, worker.storage))
 
     def failed(self, sentence: str) -> None:
         """The worker cannot serve (start-up failed, or a GPU fault): /ping says so, and RunPod's

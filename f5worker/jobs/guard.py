@@ -10,12 +10,15 @@ runs every workflow through ``JobGuard.run``:
   caller is answered at once, the call ends on its own timeouts (storage and download timeouts
   bound every such call) and the job's files are removed after it. A job whose final write (its
   output, or the uploaded voice) has begun is waited for instead, so a caller never gets an error
-  for a change that was made.
+  for a change that was made; a multipart upload (a long job's output) is asked to stop before
+  its next part and is aborted, so that wait is one storage call, not one per part.
 * Shutdown. On SIGTERM runpod stops taking jobs and waits for the ones in flight, and Python then
   joins every thread, so one storage call that hangs held the exit for minutes. Here jobs in flight
   get ``SHUTDOWN_GRACE_S`` to finish, then are answered with a sentence; if the process is still
   alive ``EXIT_AFTER_S`` later (a thread stuck in I/O, or one of runpod's long polls), the temp
-  files of those jobs are removed again, runpod's heartbeat child is stopped and the process ends
+  files of those jobs are removed again, the multipart uploads still open are aborted (as they
+  were when the jobs were answered: no part is left stored), runpod's heartbeat child is stopped
+  and the process ends
   with ``os._exit`` (the one way past a thread blocked in a system call). runpod
   (``JobScaler``) and uvicorn (``--rp_serve_api``) install their own SIGTERM handlers once they
   start, after ``serve`` has run, so ours is put in front of theirs from the handler (which runs on
@@ -36,18 +39,22 @@ import time
 import uuid
 import weakref
 from pathlib import Path
+from typing import Callable
 
-from f5worker.errors import WorkerError
+from f5worker.errors import WorkerError, WriteStopped
 
 log = logging.getLogger(__name__)
 
 SAFE_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-# Jobs whose final write has begun (``jobs.workflows.Worker._commit``); a job's task leaves with the task.
-COMMITTING: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()
+# Jobs whose final write has begun (``jobs.workflows.Worker._commit``), each with the event that
+# asks a write of several calls (a multipart upload) to stop before its next and undo what it sent;
+# a job's entry leaves with its task.
+COMMITTING: weakref.WeakKeyDictionary[asyncio.Task, threading.Event] = weakref.WeakKeyDictionary()
 
 SHUTDOWN_GRACE_S = 3.0  # after SIGTERM, jobs in flight get this long to finish
 EXIT_AFTER_S = 5.0  # then answers go out; a process still alive this much later ends itself
 CANCEL_SETTLE_S = 0.25  # a stopped job not blocked in a thread unwinds within this
+ON_STOP_WAIT_S = 2.0  # how long the exit waits for ``on_stop`` (its calls are storage calls)
 
 
 class JobStopped(WorkerError):
@@ -74,6 +81,20 @@ def stuck_at(task: asyncio.Task) -> str:
     return where
 
 
+def run_bounded(fn: Callable[[], None], seconds: float) -> None:
+    """``fn()`` in a thread of its own, waited for at most ``seconds``: a shutdown step that must
+    not hold up the exit when the endpoint it calls hangs. Its faults are logged, not raised."""
+    def guarded():
+        try:
+            fn()
+        except Exception as err:
+            log.warning("shutdown: %s failed: %s", _callable_name(fn), type(err).__name__)
+
+    thread = threading.Thread(target=guarded, name="shutdown-step", daemon=True)
+    thread.start()
+    thread.join(seconds)
+
+
 def safe_job_id(job_id: object) -> str:
     """Job ids name temp files and storage keys; anything unusual is replaced by a fresh id."""
     return job_id if isinstance(job_id, str) and SAFE_JOB_ID.fullmatch(job_id) else uuid.uuid4().hex
@@ -83,11 +104,18 @@ class JobGuard:
     """The deadline of each job, and what SIGTERM does to the jobs in flight (module docstring)."""
 
     def __init__(self, timeout_s: float, tmp_dir: Path, grace_s: float = SHUTDOWN_GRACE_S,
-                 exit_after_s: float = EXIT_AFTER_S, committing=lambda task: False):
+                 exit_after_s: float = EXIT_AFTER_S,
+                 committing: Callable[[asyncio.Task], threading.Event | None] = lambda task: None,
+                 on_stop: Callable[[], None] = lambda: None):
         self.timeout_s = timeout_s
-        # Whether a job's final write has begun: such a job is waited for past its deadline, so it
-        # never answers an error over a change it made (storage timeouts bound the wait).
+        # The stop event of a job whose final write has begun (None: it has not). Such a job is
+        # waited for past its deadline, so it never answers an error over a change it made: a
+        # write of one call finishes within the storage timeouts, and one of several (a multipart
+        # upload) is asked to stop before its next call and undo itself, so the wait is one call.
         self.committing = committing
+        # Called as the worker stops taking work (at the end of the grace, and again just before
+        # the process ends): the storage's abort of the multipart uploads still open.
+        self.on_stop = on_stop
         self.tmp_dir = tmp_dir
         self.grace_s = grace_s
         self.exit_after_s = exit_after_s
@@ -106,10 +134,16 @@ class JobGuard:
             self._in_flight[job_id] = (loop, stop)
         try:
             await asyncio.wait({work, stop}, timeout=self.timeout_s or None, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done() and not stop.done() and self.committing(work):
-                log.warning("job %s passed its deadline while writing its result; waiting for the write", job_id)
+            if not work.done() and not stop.done() and (write_stop := self.committing(work)) is not None:
+                log.warning("job %s passed its deadline while writing its result; waiting for the write "
+                            "(a multipart upload stops before its next part and is aborted)", job_id)
+                write_stop.set()
                 await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
             if work.done():
+                if not work.cancelled() and isinstance(work.exception(), WriteStopped):
+                    raise JobStopped(f"The job did not finish within {self.timeout_s:g} s: its output was "
+                                     "still being uploaded, and the upload was aborted, so nothing was "
+                                     "stored.") from work.exception()
                 return work.result()
             where = stuck_at(work)
             self._stopped.add(job_id)
@@ -157,11 +191,14 @@ class JobGuard:
                 loop.call_soon_threadsafe(lambda f=stop: f.done() or f.set_result(None))
             except RuntimeError:  # its loop has closed: the job is over
                 pass
+        # The jobs are answered "send it again": their uploads stop before their next part, aborted.
+        run_bounded(self.on_stop, ON_STOP_WAIT_S)
         time.sleep(self.exit_after_s)
         busy = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive())
         log.warning("shutdown: still running after %g s (threads: %s); exiting now",
                     self.grace_s + self.exit_after_s, ", ".join(busy))
         self.sweep(set(self._stopped) | set(self._in_flight))
+        run_bounded(self.on_stop, ON_STOP_WAIT_S)  # an upload whose part was in flight at the first
         for child in multiprocessing.active_children():  # runpod's heartbeat process
             child.terminate()
         for handler in logging.getLogger().handlers:

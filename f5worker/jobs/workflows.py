@@ -16,6 +16,7 @@ import functools
 import logging
 import random
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -347,8 +348,8 @@ class Worker:
             if inline.too_large and job.return_base64:
                 raise InputError(encoding.too_large_sentence(fmt, size, inline.room))
             if subtitles is not None:  # a write the caller sees: from here the job is seen through
-                await self._commit(self.storage.upload_file, subtitles.key, subtitles.path, subtitles.content_type)
-            await self._commit(self.storage.upload_file, delivery.output_key, staging, fmt.content_type)
+                await self._commit_upload(subtitles.key, subtitles.path, subtitles.content_type)
+            await self._commit_upload(delivery.output_key, staging, fmt.content_type)
         with clock.step("encoding_s"):
             await self._attach_inline(delivery.job_id, result, inline, staging, size)
         return result
@@ -608,10 +609,16 @@ class Worker:
         """The job's one write that changes what a caller sees (the output, or the voice). Once it
         has begun the job is seen through to its real end: the deadline no longer turns it into an
         error over a change that was made (``jobs.guard.JobGuard`` waits for a committing job)."""
-        COMMITTING.add(asyncio.current_task())
+        COMMITTING.setdefault(asyncio.current_task(), threading.Event())
         if asyncio.iscoroutinefunction(fn):
             return await fn(*args)
         return await self._off_loop(fn, *args)
+
+    async def _commit_upload(self, key: str, path: Path, content_type: str) -> None:
+        """``_commit`` of a staged file: a multipart upload stops before its next part, and is
+        aborted, once the guard sets the job's stop event (its deadline passed, or a shutdown)."""
+        stop = COMMITTING.setdefault(asyncio.current_task(), threading.Event())
+        await self._commit(functools.partial(self.storage.upload_file, key, path, content_type, stop=stop))
 
     async def _staging(self, fn, *args):
         """``fn`` run off the event loop, with a failure of the temp folder said as such (libsndfile

@@ -1,0 +1,198 @@
+"""A multipart upload (a long job's output) stops between parts when asked, and leaves no part.
+
+On the real S3 server (SeaweedFS over HTTPS on loopback), three ways an upload is asked to stop:
+its caller's stop event (what the guard sets at a job's deadline), the job's deadline through
+``JobGuard`` itself, and SIGTERM to a process whose upload is under way (``os._exit`` ends it, so
+the abort has to happen before). The server on loopback answers a part in milliseconds, so a
+slow link is stood in for by a hook that sleeps before each part's request (the one thing here
+that is not the real part: the server cannot be made slow).
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from f5worker.errors import WriteStopped
+from f5worker.jobs.guard import COMMITTING, JobGuard, JobStopped
+from s3_utils import KeyNotFound, S3Storage
+from tests.processes import REPO, clean_env
+
+PART_BYTES = 5 * 2**20  # S3's smallest part
+PARTS = 6
+PART_DELAY_S = 0.6
+
+
+@pytest.fixture
+def big_file(tmp_path):
+    path = tmp_path / "chapter.wav"
+    path.write_bytes(np.random.default_rng(1).bytes(PARTS * PART_BYTES - 1000))
+    return path
+
+
+def slow_parts(storage: S3Storage, sent: list[int], delay_s: float = PART_DELAY_S) -> None:
+    """Each part's request waits ``delay_s`` first (a slow link's stand-in); ``sent`` records them."""
+    def before_part(params, **_):
+        sent.append(params["PartNumber"])
+        time.sleep(delay_s)
+
+    storage.client.meta.events.register("before-parameter-build.s3.UploadPart", before_part)
+
+
+def assert_nothing_left(s3_env, key: str) -> None:
+    client = s3_env.server.client()
+    assert not client.list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads")
+    with pytest.raises(KeyNotFound):
+        S3Storage(s3_env.settings).head(key)
+
+
+def storage_for(s3_env) -> S3Storage:
+    storage = S3Storage(s3_env.settings)
+    storage.part_bytes = PART_BYTES
+    storage.check_exists()
+    return storage
+
+
+def test_a_stop_event_aborts_the_upload_before_its_next_part(s3_env, big_file):
+    storage, sent, stop = storage_for(s3_env), [], threading.Event()
+
+    def stop_after_two(params, **_):
+        if params["PartNumber"] == 2:
+            stop.set()  # asked while part 2 is on its way: part 2 is sent, part 3 is not
+
+    storage.client.meta.events.register("before-parameter-build.s3.UploadPart", stop_after_two)
+    slow_parts(storage, sent, 0.0)
+    with pytest.raises(WriteStopped, match=r"^the upload was stopped after 2 part\(s\) and aborted, so nothing "
+                                           r"was stored \(put output/stopped\.wav\)$"):
+        storage.upload_file("output/stopped.wav", big_file, "audio/wav", stop=stop)
+    assert sent == [1, 2]
+    assert_nothing_left(s3_env, "output/stopped.wav")
+
+
+def test_a_deadline_during_a_multipart_upload_is_answered_after_one_part(s3_env, big_file, tmp_path):
+    """The guard waits for a committing job (never an error over a change made), but a multipart
+    upload makes no change until it completes, so at the deadline it is stopped before its next
+    part and aborted: the wait is one part, not all of them (it was parts x the call bound)."""
+    storage, sent = storage_for(s3_env), []
+    slow_parts(storage, sent)
+    guard = JobGuard(1.0, tmp_path, committing=COMMITTING.get, on_stop=storage.abort_uploads)
+
+    async def committing_job():  # as Worker._commit_upload commits a job's output
+        stop = COMMITTING.setdefault(asyncio.current_task(), threading.Event())
+        await asyncio.to_thread(storage.upload_file, "output/late.wav", big_file, "audio/wav", stop=stop)
+        return {"ok": True}
+
+    async def run():
+        started = time.monotonic()
+        with pytest.raises(JobStopped, match=r"^The job did not finish within 1 s: its output was still being "
+                                             r"uploaded, and the upload was aborted, so nothing was stored\.$"):
+            await guard.run("late", committing_job())
+        return time.monotonic() - started
+
+    waited = asyncio.run(run())
+    assert len(sent) <= 3 and waited < 1.0 + 2 * PART_DELAY_S + 1.0, (sent, waited)
+    assert_nothing_left(s3_env, "output/late.wav")
+
+
+def test_a_stop_asked_during_the_last_part_lets_the_upload_complete(s3_env, big_file):
+    """Stopped only before a part: an upload whose last part is on its way when the deadline
+    passes completes (one call more, and the job's output is stored rather than thrown away)."""
+    storage, sent, stop = storage_for(s3_env), [], threading.Event()
+
+    def stop_at_the_last_part(params, **_):
+        if params["PartNumber"] == PARTS:
+            stop.set()
+
+    storage.client.meta.events.register("before-parameter-build.s3.UploadPart", stop_at_the_last_part)
+    slow_parts(storage, sent, 0.0)
+    storage.upload_file("output/done.wav", big_file, "audio/wav", stop=stop)
+    assert sent == list(range(1, PARTS + 1))
+    assert S3Storage(s3_env.settings).head("output/done.wav").size == big_file.stat().st_size
+
+
+CHILD = textwrap.dedent("""
+    import asyncio, logging, signal, sys, threading, time
+    from pathlib import Path
+    from f5worker.jobs.guard import COMMITTING, JobGuard
+    from f5worker.settings import Settings
+    from s3_utils import S3Storage
+    from tests.test_upload_stops import PART_BYTES, slow_parts
+
+    logging.basicConfig(level=logging.INFO)
+    storage = S3Storage(Settings.from_env(__import__("os").environ))
+    storage.part_bytes = PART_BYTES
+    storage.check_exists()
+    sent = []
+    slow_parts(storage, sent)
+    guard = JobGuard(0, Path(sys.argv[2]), grace_s=0.5, exit_after_s=1.0, committing=COMMITTING.get,
+                     on_stop=storage.abort_uploads)
+
+    async def job():
+        stop = COMMITTING.setdefault(asyncio.current_task(), threading.Event())
+        await asyncio.to_thread(storage.upload_file, "output/sigterm.wav", sys.argv[1], "audio/wav", stop=stop)
+
+    async def main():
+        signal.signal(signal.SIGTERM, lambda *a: None)  # stands in for runpod's handler
+        guard.watch_sigterm()
+        task = asyncio.ensure_future(guard.run("j", job()))
+        while len(sent) < 2:
+            await asyncio.sleep(0.05)
+        print("uploading", flush=True)
+        try:
+            await task
+        except Exception as err:
+            print("answered:", err, flush=True)
+        await asyncio.sleep(30)  # the guard's os._exit ends the process first
+
+    asyncio.run(main())
+""")
+
+
+def test_sigterm_during_a_multipart_upload_aborts_it(s3_env, big_file, tmp_path):
+    """The guard ends the process with os._exit, past any thread; the upload's parts used to stay
+    stored (and billed) since its abort never ran. Now the open uploads are aborted first."""
+    env = clean_env({**s3_env, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(big_file), str(tmp_path)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "uploading", proc.stdout.read()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "answered: The worker shut down before the job finished" in output, output
+    assert_nothing_left(s3_env, "output/sigterm.wav")
+    assert "could not abort" not in output, output
+
+
+def test_abort_uploads_aborts_an_upload_blocked_in_a_part(s3_env, big_file):
+    """The exit's own abort: an upload whose thread is inside a part call (the stop cannot reach
+    it there) is aborted from outside, and its thread, when the call returns, stops."""
+    storage, sent = storage_for(s3_env), []
+    slow_parts(storage, sent, 1.0)
+    failure: list[BaseException] = []
+
+    def upload():
+        try:
+            storage.upload_file("output/blocked.wav", big_file, "audio/wav")
+        except BaseException as err:  # noqa: BLE001 - recorded for the assertion
+            failure.append(err)
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    while not sent:
+        time.sleep(0.02)
+    storage.abort_uploads()
+    assert not s3_env.server.client().list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads")
+    thread.join(10)
+    assert not thread.is_alive() and failure and len(sent) == 1, (sent, failure)
+    assert_nothing_left(s3_env, "output/blocked.wav")
+
