@@ -10,6 +10,7 @@ and ``webvtt-py`` libraries.
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import io
 
@@ -385,6 +386,51 @@ def test_a_job_refused_at_its_end_stores_no_subtitles(ctx, limit):
                          "output_key": "too-large"})
     assert result["error"].startswith("The flac audio is ") and "fit inline" in result["error"], result
     assert ctx.get_bytes("output/too-large.srt") is None and ctx.get_bytes("output/too-large.flac") is None
+
+
+@contextlib.contextmanager
+def put_fails(storage, suffix: str):
+    """PutObject of a key ending in ``suffix`` fails before its request is built (a fault injected:
+    the real server cannot be made to refuse one object), as a broken connection would."""
+    def fail(params, **_):
+        if params["Key"].endswith(suffix):
+            raise ConnectionResetError(f"injected: the connection broke during the put of *{suffix}")
+
+    storage.client.meta.events.register("before-parameter-build.s3.PutObject", fail)
+    try:
+        yield
+    finally:
+        storage.client.meta.events.unregister("before-parameter-build.s3.PutObject", fail)
+
+
+def test_a_failed_audio_upload_leaves_the_older_pair_untouched(ctx):
+    """The audio goes up first: its failure changes nothing (the subtitles used to go up first, so
+    a failed audio upload left new subtitles beside the older audio)."""
+    storage = ctx.worker.storage
+    storage.put_text("output/pair.wav", "older audio")
+    storage.put_text("output/pair.srt", "older subtitles")
+    with put_fails(storage, ".wav"):
+        _, result = ctx.run({**JOB, "subtitles": "srt", "output_key": "pair"})
+    assert result["error"].endswith("(put output/pair.wav)."), result
+    assert ctx.get_bytes("output/pair.wav") == b"older audio"
+    assert ctx.get_bytes("output/pair.srt") == b"older subtitles"
+
+
+def test_a_failed_subtitle_upload_still_answers_with_the_stored_audio(ctx):
+    """The audio is stored (a change made: the answer is not an error); the result says why there
+    is no subtitle file, and the older one of that key is gone, so none stands beside new audio."""
+    storage = ctx.worker.storage
+    storage.put_text("output/half.srt", "older subtitles")
+    with put_fails(storage, ".srt"):
+        _, result = ctx.run({**JOB, "subtitles": "srt", "output_key": "half"})
+    assert "error" not in result, result
+    assert "subtitles_url" not in result and "subtitles_key" not in result
+    assert result["subtitles_error"].startswith("The audio was stored, but its subtitle file could not be (")
+    assert result["subtitles_error"].endswith("(put output/half.srt)); no subtitle file is left at "
+                                              "output/half.srt. Send the job again for both.")
+    audio, rate = sf.read(io.BytesIO(ctx.get_bytes("output/half.wav")))
+    assert len(audio) / rate == pytest.approx(result["duration"], abs=1e-3)
+    assert ctx.get_bytes("output/half.srt") is None
 
 
 def test_a_verified_word_timed_job_aligns_on_its_transcripts_encoder_pass(ctx, monkeypatch):

@@ -331,8 +331,9 @@ class Worker:
     async def _store(self, delivery: "Delivery", assembled: Assembled, voices: dict[str, JobVoice],
                      plan: JobPlan, seed: int, paths: dict[str, Path], clock: JobClock) -> dict:
         """The job's audio file (written as it was sampled) stored, and inline if asked; its result.
-        A subtitle file goes up once the job can no longer be refused, just before the audio (whose
-        upload is the job's last step that may fail)."""
+        A subtitle file goes up just after the audio: a failed audio upload changes nothing (the
+        older pair of that key stands), and a failed subtitle upload (``_store_subtitles``) still
+        answers with the stored audio."""
         job, fmt, staging = delivery.job, delivery.fmt, paths["output.wav"]
         size = (await self._staging(staging.stat)).st_size
         with clock.step("upload_s"):
@@ -347,9 +348,10 @@ class Worker:
             inline = self._inline_decision(job, result, size, delivery.stream)
             if inline.too_large and job.return_base64:
                 raise InputError(encoding.too_large_sentence(fmt, size, inline.room))
-            if subtitles is not None:  # a write the caller sees: from here the job is seen through
-                await self._commit_upload(subtitles.key, subtitles.path, subtitles.content_type)
+            # a write the caller sees: from here the job is seen through
             await self._commit_upload(delivery.output_key, staging, fmt.content_type)
+            if subtitles is not None:
+                await self._store_subtitles(subtitles, result)
         with clock.step("encoding_s"):
             await self._attach_inline(delivery.job_id, result, inline, staging, size)
         return result
@@ -363,6 +365,26 @@ class Worker:
         await self._staging(staging.write_text, text, "utf-8")
         url = await self._off_loop(self.storage.result_url, key)
         return SubtitlesFile(key=key, url=url, path=staging, content_type=SUBTITLE_FORMATS[fmt])
+
+    async def _store_subtitles(self, subtitles: "SubtitlesFile", result: dict) -> None:
+        """The subtitle file stored after its audio. If it cannot be, the job has still stored its
+        audio (a change the caller must hear of, not an error): the result says why in
+        ``subtitles_error``, and the older subtitle file of that key is removed where it can be,
+        so no subtitle file stands beside audio it was not made for."""
+        try:
+            await self._commit_upload(subtitles.key, subtitles.path, subtitles.content_type)
+            return
+        except StorageError as err:
+            failed = str(err).rstrip(".")
+        del result["subtitles_url"], result["subtitles_key"]
+        try:
+            await self._off_loop(self.storage.delete, subtitles.key)
+            older = f"no subtitle file is left at {subtitles.key}"
+        except StorageError:
+            older = f"an older subtitle file at {subtitles.key} may still stand beside it"
+        log.warning("the audio was stored but its subtitle file was not: %s", failed)
+        result["subtitles_error"] = (f"The audio was stored, but its subtitle file could not be ({failed}); "
+                                     f"{older}. Send the job again for both.")
 
     @staticmethod
     def _unstored_result(delivery: "Delivery", voices: dict[str, JobVoice], plan: JobPlan, seed: int,
