@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from f5worker.jobs import encoding, resampling
-from f5worker.jobs.assembly import (KEEP_SAMPLES, AudioAssembly, AudioWriter, CrossFadeJoin, SilenceCutter,
+from f5worker.jobs.assembly import (KEEP_SAMPLES, LEAD_HELD_SAMPLES, AudioAssembly, AudioWriter, CrossFadeJoin, SilenceCutter,
                                     after_cuts)
 from f5worker.jobs.audio import cross_fade_join, remove_silences
 from f5worker.model.constants import SAMPLE_RATE
@@ -57,7 +57,7 @@ LAYOUTS = {
 def test_silence_cutter_is_remove_silences_fed_in_pieces(name, piece):
     samples = with_pauses(np.random.default_rng(7), LAYOUTS[name]).astype(np.float64)
     cutter = SilenceCutter()
-    out = [cutter.add(samples[i:i + piece]) for i in range(0, len(samples), piece)] + [cutter.close()]
+    out = [cutter.add(samples[i:i + piece]) for i in range(0, len(samples), piece)] + [*cutter.close()]
     expected = remove_silences(samples, SR)
     np.testing.assert_array_equal(np.concatenate(out).astype(np.float32), expected)
     # The cuts are exactly what was removed.
@@ -74,6 +74,41 @@ def test_a_long_pause_is_not_held_in_memory():
     for _ in range(200):  # 100 s of silence, a second at a time
         assert len(cutter.add(hush(SR))) == 0
         assert sum(map(len, cutter.run)) <= 4 * KEEP_SAMPLES + SR
+
+
+@pytest.mark.parametrize("layout", [[("q", 40 * SR)], [("q", 40 * SR + 50)], [("q", 40 * SR), ("s", 30000)],
+                                    [("q", 75 * SR), ("s", 30000), ("q", 3 * SR)]])
+def test_a_long_silent_start_is_held_on_disk_not_in_memory(layout, tmp_path):
+    """Quiet from the first sample may be the whole output (kept whole, as remove_silences keeps
+    it), so it was held in memory until sound came: 12 minutes of a near-silent voice held 131 MiB
+    as float64. Past 30 s it now waits in an anonymous temp file: the output is the same."""
+    samples = with_pauses(np.random.default_rng(5), layout).astype(np.float64)
+    cutter = SilenceCutter(tmp_path)
+    out = []
+    for i in range(0, len(samples), SR):
+        out.append(cutter.add(samples[i:i + SR]))
+        assert sum(map(len, cutter.run)) <= LEAD_HELD_SAMPLES + SR
+    assert list(tmp_path.iterdir()) == []  # the file has no name: nothing to leave behind
+    out += cutter.close()
+    assert cutter.lead is None
+    np.testing.assert_array_equal(np.concatenate(out).astype(np.float32), remove_silences(samples, SR))
+
+
+@pytest.mark.parametrize("sample_rate", [24000, 44100])
+def test_a_silent_output_read_back_from_disk_is_the_whole_job_resampled(tmp_path, sample_rate):
+    waves = [hush(15 * SR) + np.float32(1e-5) for _ in range(3)]  # 45 s, all below -50 dBFS
+    whole = cross_fade_join(waves, SR, 0.15)
+    expected = resampling.from_model_rate(remove_silences(whole, SR).astype(np.float32), sample_rate)
+    path = tmp_path / "out.wav"
+    assembly = AudioAssembly(sample_rate=sample_rate, cross_fade_seconds=0.15, remove_silence=True,
+                             writer=AudioWriter(path, encoding.FORMATS["wav"], sample_rate), spill_dir=tmp_path)
+    for wave in waves:
+        assembly.add(wave)
+    done = assembly.close(["one", "two", "three"])
+    assert done.samples == len(expected) and done.model_samples == len(whole)
+    written, _ = sf.read(str(path), dtype="float32")
+    want, _ = sf.read(io.BytesIO(encoding.encode(expected, sample_rate, encoding.FORMATS["wav"])), dtype="float32")
+    np.testing.assert_array_equal(written, want)
 
 
 @pytest.mark.parametrize("lengths, fade", [([12000, 30000, 500, 24000], 0.15), ([100, 50, 20000], 0.15),

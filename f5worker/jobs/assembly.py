@@ -12,7 +12,8 @@ does not grow with its text. Every step gives the samples ``jobs.plan.finish`` a
 * ``SilenceCutter``: ``audio.remove_silences`` (f5-tts's rule: pauses over 1 s shortened to 0.5 s
   on each side, judged in 10 ms steps from the first sample) fed in pieces, holding back only the
   pause it is in (and, until the first sound, what came before it: an all-silent output is kept
-  whole, as f5-tts keeps it).
+  whole, as f5-tts keeps it, so past ``LEAD_HELD_SAMPLES`` that leading quiet is held in an
+  anonymous temp file, read back only if no sound ever comes).
 * resampling with soxr's streaming resampler (``resampling.OutputStream``), then the file written
   by libsndfile as it goes (16-bit formats from ``encoding.pcm16``'s integers, as ``encode``).
 
@@ -23,9 +24,13 @@ and the output sample rate, so the segments tile the audio exactly from 0 to its
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
+
 import numpy as np
 import soundfile as sf
 
@@ -42,6 +47,9 @@ SILENCE_STEP = SAMPLE_RATE // 100  # 10 ms
 MIN_SILENCE_STEPS = SILENCE_CUT_MS // 10
 SILENCE_THRESHOLD_DB = SILENCE_CUT_DB
 KEEP_SAMPLES = SAMPLE_RATE * SILENCE_KEEP_MS // 1000
+# Quiet from the first sample is held in memory up to this (30 s); beyond it, on disk.
+LEAD_HELD_SAMPLES = 30 * SAMPLE_RATE
+LEAD_READ_SAMPLES = 2**20  # read back in pieces of this many (4 MiB)
 WIDEST_SECONDS = 999999.999  # longer than any job may plan (jobs.plan's bounds)
 WIDEST_REASON = "x" * 120  # longer than any of jobs.verify's reasons for a retry
 WIDEST_ERROR = 999.999  # an error rate counts insertions too, so it may pass 1; rounded to 3 places
@@ -91,8 +99,10 @@ class CrossFadeJoin:
 
 @dataclass
 class SilenceCutter:
-    """``audio.remove_silences`` fed in pieces; ``cuts`` are the input ranges it removed."""
+    """``audio.remove_silences`` fed in pieces; ``cuts`` are the input ranges it removed.
+    ``spill_dir``: where a long leading quiet goes (an anonymous file; None: the system's temp)."""
 
+    spill_dir: Path | None = None
     taken: int = 0  # input samples judged so far (whole 10 ms steps)
     pending: np.ndarray = field(default_factory=lambda: np.zeros(0))  # input not yet a whole step
     run: list[np.ndarray] = field(default_factory=list)  # the quiet run in progress (its kept part)
@@ -100,6 +110,7 @@ class SilenceCutter:
     run_steps: int = 0
     sounded: bool = False  # a loud step was seen: what came before is settled
     cuts: list[tuple[int, int]] = field(default_factory=list)
+    lead: BinaryIO | None = None  # the start of a leading quiet run, float32 (the output's type)
 
     def add(self, samples: np.ndarray) -> np.ndarray:
         data = np.concatenate([self.pending, samples]) if len(self.pending) else samples
@@ -123,24 +134,46 @@ class SilenceCutter:
             self.taken += len(piece)
         return np.concatenate(out) if out else data[:0]
 
-    def close(self) -> np.ndarray:
-        """The rest: a partial last step counts as sound (as in ``audio._silent_runs``)."""
+    def close(self) -> Iterator[np.ndarray]:
+        """The rest, in pieces: a partial last step counts as sound (as in ``audio._silent_runs``)."""
         rest, self.pending = self.pending, np.zeros(0)
-        out = self._end_run(long_run_to_end=not len(rest)) + [rest]
-        return np.concatenate(out)
+        yield from self._end_run(long_run_to_end=not len(rest))
+        yield rest
+
+    def discard(self) -> None:
+        """Nothing more is wanted (the job failed): the held leading quiet is let go."""
+        if self.lead is not None:
+            self.lead.close()
+            self.lead = None
 
     def _quiet(self, piece: np.ndarray) -> None:
         if self.run_start is None:
             self.run_start, self.run_steps, self.run = self.taken, 0, []
         self.run_steps += len(piece) // SILENCE_STEP
         self.run.append(piece)
+        held = sum(map(len, self.run))
         # A long pause after sound keeps only its first and last KEEP_SAMPLES; before any sound
-        # everything is held (the output may be silence throughout, which is kept whole).
-        if self.sounded and sum(map(len, self.run)) > 4 * KEEP_SAMPLES:
+        # everything is kept (the output may be silence throughout, which is kept whole): all but
+        # its last KEEP_SAMPLES, which sound would keep, goes to disk once it is long.
+        if self.sounded and held > 4 * KEEP_SAMPLES:
             run = np.concatenate(self.run)
             self.run = [run[:KEEP_SAMPLES], run[-KEEP_SAMPLES:]]
+        elif not self.sounded and held > LEAD_HELD_SAMPLES:
+            run = np.concatenate(self.run)
+            if self.lead is None:
+                self.lead = tempfile.TemporaryFile(dir=self.spill_dir)
+            self.lead.write(run[:-KEEP_SAMPLES].astype(np.float32).tobytes())
+            self.run = [run[-KEEP_SAMPLES:]]
 
-    def _end_run(self, *, long_run_to_end: bool) -> list[np.ndarray]:
+    def _read_lead(self) -> Iterator[np.ndarray]:
+        if self.lead is None:
+            return
+        self.lead.seek(0)
+        while data := self.lead.read(LEAD_READ_SAMPLES * 4):
+            yield np.frombuffer(data, dtype=np.float32)
+        self.discard()
+
+    def _end_run(self, *, long_run_to_end: bool) -> Iterable[np.ndarray]:
         """What is kept of the quiet run in progress, now that it ends (at sound, or at the end)."""
         if self.run_start is None:
             return []
@@ -150,7 +183,8 @@ class SilenceCutter:
         held = np.concatenate(run)
         if not self.sounded:  # a run from the first sample keeps only its last part
             if long_run_to_end:  # silence throughout: remove_silences keeps it all
-                return [held]
+                return itertools.chain(self._read_lead(), [held])
+            self.discard()
             self.cuts.append((0, end - KEEP_SAMPLES))
             return [held[-KEEP_SAMPLES:]]
         if long_run_to_end:  # a run to the very end keeps only its first part
@@ -207,10 +241,10 @@ class AudioAssembly:
     until taken (``take_kept``: for a stream of a job whose silences are removed)."""
 
     def __init__(self, *, sample_rate: int, cross_fade_seconds: float, remove_silence: bool,
-                 writer: AudioWriter | None = None, keep: bool = False):
+                 writer: AudioWriter | None = None, keep: bool = False, spill_dir: Path | None = None):
         self.sample_rate = sample_rate
         self.join = CrossFadeJoin(cross_fade_seconds)
-        self.cutter = SilenceCutter() if remove_silence else None
+        self.cutter = SilenceCutter(spill_dir) if remove_silence else None
         self.resampler = OutputStream(sample_rate)
         self.writer = writer
         self.kept: list[np.ndarray] | None = [] if keep else None
@@ -244,15 +278,23 @@ class AudioAssembly:
 
     def abandon(self) -> None:
         """The file closed after a failure (the job's temp files are removed after)."""
+        if self.cutter is not None:
+            self.cutter.discard()
         if self.writer is not None:
             with contextlib.suppress(Exception):  # a full disk fails the flush too; the job says why
                 self.writer.close()
 
     def _out(self, joined: np.ndarray, *, last: bool) -> None:
-        if self.cutter is not None:
-            joined = self.cutter.add(joined)
-            if last:
-                joined = np.concatenate([joined, self.cutter.close()])
+        if self.cutter is None:
+            self._final(joined, last=last)
+            return
+        self._final(self.cutter.add(joined), last=False)
+        if last:  # the cutter's rest comes in pieces (a silent output read back from disk)
+            for piece in self.cutter.close():
+                self._final(piece, last=False)
+            self._final(np.zeros(0, dtype=np.float32), last=True)
+
+    def _final(self, joined: np.ndarray, *, last: bool) -> None:
         final = joined.astype(np.float32)  # plan.finish's type
         self.model_samples += len(final)
         if self.kept is not None:

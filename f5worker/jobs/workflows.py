@@ -316,7 +316,8 @@ class Worker:
         if staging is not None:
             writer = await self._staging(AudioWriter, staging, fmt, job.sample_rate)
         return AudioAssembly(sample_rate=job.sample_rate, cross_fade_seconds=job.cross_fade_duration,
-                             remove_silence=job.remove_silence, writer=writer, keep=stream is not None and not live)
+                             remove_silence=job.remove_silence, writer=writer, keep=stream is not None and not live,
+                             spill_dir=self.settings.tmp_dir)
 
     async def _spoken_segments(self, job: TTSInput, model: str) -> tuple[list[tuple[str, str]], dict | None]:
         """The job's text as (voice name, text) parts (one unless the job gives ``voices``), with
