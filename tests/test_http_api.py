@@ -21,11 +21,13 @@ import av
 import openai
 import pytest
 import requests
+import soundfile as sf
 import uvicorn
 
 from f5worker.http.app import ServerState, make_app
 from f5worker.http.gate import JSON_BODY_BYTES
 from f5worker.inference.batcher import run_whole, whole_calls
+from f5worker.jobs import live_encoding
 from f5worker.jobs.inputs import MAX_TEXT_CHARS
 from f5worker.jobs.voices import BUILTIN_VOICES
 from f5worker.settings import ENV_API_KEY
@@ -177,6 +179,21 @@ def test_every_response_format_decodes_to_the_reported_duration(client, served, 
     assert seconds > 0.5
     # the record rounds to the millisecond
     assert seconds - 0.0005 <= decoded_seconds(data, fmt) <= seconds + 0.0005 + LOSSY_SLACK_S.get(fmt, 0)
+
+
+def test_flac_is_read_back_from_disk_in_pieces_and_is_the_wav_s_audio(client, served, monkeypatch):
+    """A FLAC is sent once complete: it was held in memory (then copied whole), so a chapter's
+    FLAC cost hundreds of MB; it is now written to an anonymous file and sent in pieces (4 KiB
+    here, so a short job's file takes several) that make exactly the file of the stored audio."""
+    ctx, _, _, _ = served
+    monkeypatch.setattr(live_encoding, "REST_PIECE_BYTES", 4096)
+    flac, job_id = speak(client, response_format="flac", extra_body={"seed": 7})
+    wav, _ = speak(client, response_format="wav", extra_body={"seed": 7})
+    assert len(flac) > 3 * 4096
+    decoded, rate = sf.read(io.BytesIO(flac), dtype="int16")
+    assert rate == 24000
+    assert decoded.tobytes() == wav[44:]
+    assert record(ctx, job_id)["output_bytes"] == len(flac)
 
 
 def test_pcm_is_the_wav_without_its_header_and_16_bit_24_khz(client):

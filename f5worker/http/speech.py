@@ -16,7 +16,7 @@ import asyncio
 import base64
 import json
 import logging
-from typing import Callable
+from typing import Callable, Iterator
 
 import anyio
 from starlette.responses import Response
@@ -38,8 +38,10 @@ class SpeechJob:
     def __init__(self, runner: JobRunner, job_id: str, request: SpeechRequest, *, store: bool,
                  on_failure: Callable[[ApiError], None]):
         self.job_id = job_id
-        self.stream = EncodedStream(request.fmt, request.job.sample_rate, request.job.cross_fade_duration)
+        self.stream = EncodedStream(request.fmt, request.job.sample_rate, request.job.cross_fade_duration,
+                                    spill_dir=runner.worker.settings.tmp_dir)
         self.items: asyncio.Queue = asyncio.Queue()
+        self.rest: Iterator[bytes] | None = None  # once the audio is closed: a file sent when complete
         self.complete = False  # every byte of the audio was handed out
         self.on_failure = on_failure
         worker = runner.worker
@@ -56,10 +58,16 @@ class SpeechJob:
 
     async def next(self) -> bytes | None:
         """The next bytes, None once the audio is complete, or the job's ApiError."""
-        item = await self.items.get()
-        if item is AUDIO_DONE:
+        if self.rest is not None:  # read from disk as it is sent, so the file is never in memory
+            data = await asyncio.to_thread(next, self.rest, None)
+            if data is not None:
+                return data
             self.complete = True
             return None
+        item = await self.items.get()
+        if item is AUDIO_DONE:
+            self.rest = self.stream.rest()
+            return await self.next()
         if item is JOB_DONE:
             outcome = self.task.result()
             if outcome.error is None:  # a job that ended without audio (it cannot, but says so)
@@ -74,7 +82,7 @@ class SpeechJob:
         """The answer ended: a job whose audio is complete finishes on its own (its record, a
         stored copy); any other is cancelled."""
         if not self.complete:
-            self.task.cancel()
+            self.task.cancel()  # a file being read back closes with its reader, once unreferenced
 
 
 class SpeechResponse(Response):

@@ -16,7 +16,9 @@ file) and gives out the file's bytes as they are known. What each format is, sai
   back more than that of audio.
 * ``flac`` is sent when complete: its header (STREAMINFO) holds the length and an MD5 of the audio,
   written at the end, and a FLAC without them is refused by libsndfile (soundfile), which Python
-  clients read audio with. Choose another format for audio that starts at once.
+  clients read audio with. Choose another format for audio that starts at once. Until then it is
+  written to an anonymous temp file (a chapter's FLAC is hundreds of MB) and read back in pieces
+  of ``REST_PIECE_BYTES`` as it is sent (``EncodedStream.rest``).
 
 The lossy codecs add their encoder delay (LAME about 50 ms, AAC about 40 ms of priming) as every
 encoder does. Only Opus says how much (its pre-skip, which decoders drop); a streamed mp3 has no
@@ -25,10 +27,11 @@ decoders keep the priming.
 """
 from __future__ import annotations
 
-import io
 import struct
+import tempfile
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Iterator, Protocol
 
 import av
 import numpy as np
@@ -38,6 +41,7 @@ from f5worker.jobs.streaming import JoinedAudio
 
 OGG_PAGE_US = 100_000  # an Ogg page every 100 ms of audio at most
 STREAM_SIZE = 0xFFFFFFFF  # a WAV size field's "unknown, to the end"
+REST_PIECE_BYTES = 1 << 20  # a file sent once complete goes out in pieces of this many bytes
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,13 @@ class Encoder(Protocol):
         """The bytes ``samples`` (mono float32, the next ones) complete."""
 
     def close(self) -> bytes:
-        """The rest of the file."""
+        """The rest of the file (or none of it, for a file sent once complete: ``rest``)."""
+
+    def size(self) -> int:
+        """After ``close``: the bytes ``rest`` will give."""
+
+    def rest(self) -> Iterator[bytes]:
+        """After ``close``: a file sent once complete, read in pieces; nothing for the others."""
 
 
 class PcmEncoder:
@@ -79,6 +89,12 @@ class PcmEncoder:
 
     def close(self) -> bytes:
         return b""
+
+    def size(self) -> int:
+        return 0
+
+    def rest(self) -> Iterator[bytes]:
+        return iter(())
 
 
 class WavEncoder(PcmEncoder):
@@ -120,9 +136,10 @@ class _Sink:
 class AvEncoder:
     """mp3, opus, aac and flac through PyAV (FFmpeg)."""
 
-    def __init__(self, fmt: LiveFormat, sample_rate: int):
+    def __init__(self, fmt: LiveFormat, sample_rate: int, spill_dir: Path | None = None):
         self.fmt = fmt
-        self.sink = _Sink() if fmt.live else io.BytesIO()
+        # a file written at once (flac) seeks back to its header: an anonymous file, not memory
+        self.sink = _Sink() if fmt.live else tempfile.TemporaryFile(dir=spill_dir)
         options = {"page_duration": str(OGG_PAGE_US)} if fmt.container == "ogg" else {}
         self.container = av.open(self.sink, mode="w", format=fmt.container, options=options)
         self.stream = self.container.add_stream(fmt.codec, rate=sample_rate, layout="mono")
@@ -138,9 +155,18 @@ class AvEncoder:
     def close(self) -> bytes:
         self._mux(self.stream.encode(None))
         self.container.close()
-        if isinstance(self.sink, io.BytesIO):
-            return self.sink.getvalue()
         return self._taken()
+
+    def size(self) -> int:
+        return 0 if isinstance(self.sink, _Sink) else self.sink.seek(0, 2)
+
+    def rest(self) -> Iterator[bytes]:
+        if isinstance(self.sink, _Sink):
+            return
+        with self.sink:
+            self.sink.seek(0)
+            while data := self.sink.read(REST_PIECE_BYTES):
+                yield data
 
     def _frame(self, samples: np.ndarray) -> av.AudioFrame:
         if self.fmt.sample_format == "s16":
@@ -161,12 +187,12 @@ class AvEncoder:
         return self.sink.take() if isinstance(self.sink, _Sink) else b""
 
 
-def make_encoder(fmt: LiveFormat, sample_rate: int) -> Encoder:
+def make_encoder(fmt: LiveFormat, sample_rate: int, spill_dir: Path | None = None) -> Encoder:
     if fmt.name == "wav":
         return WavEncoder(sample_rate)
     if fmt.name == "pcm":
         return PcmEncoder(sample_rate)
-    return AvEncoder(fmt, sample_rate)
+    return AvEncoder(fmt, sample_rate, spill_dir)
 
 
 class EncodedStream:
@@ -175,10 +201,11 @@ class EncodedStream:
 
     result_bytes = 0
 
-    def __init__(self, fmt: LiveFormat, sample_rate: int, cross_fade_seconds: float):
+    def __init__(self, fmt: LiveFormat, sample_rate: int, cross_fade_seconds: float,
+                 spill_dir: Path | None = None):
         self.fmt = fmt
         self.audio = JoinedAudio(sample_rate, cross_fade_seconds)
-        self.encoder = make_encoder(fmt, sample_rate)
+        self.encoder = make_encoder(fmt, sample_rate, spill_dir)
         self.bytes_sent = 0
         self.samples_sent = 0
         self.closed = False
@@ -190,12 +217,16 @@ class EncodedStream:
         return self._out(self.encoder.add(self._counted(self.audio.add_joined(samples))))
 
     def close(self) -> list[bytes]:
-        """The rest of the file, always as one item (maybe empty): whoever receives it knows from
-        ``closed`` that the audio is complete."""
+        """The rest of a live file, always as one item (maybe empty): whoever receives it knows
+        from ``closed`` that the audio is complete, and then sends ``rest``."""
         data = self.encoder.add(self._counted(self.audio.close())) + self.encoder.close()
         self.closed = True
-        self.bytes_sent += len(data)
+        self.bytes_sent += len(data) + self.encoder.size()
         return [data]
+
+    def rest(self) -> Iterator[bytes]:
+        """After ``close``: the file that is sent once complete (flac), in pieces read from disk."""
+        return self.encoder.rest()
 
     def planned_result_bytes(self, samples: int, chunks: int) -> int:
         return 0
