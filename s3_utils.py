@@ -78,6 +78,9 @@ _NOT_MODIFIED_CODES = {"304", "NotModified"}  # a conditional GET whose object h
 _EMPTY_RANGE_CODES = {"416", "InvalidRange"}  # a range past the end (or any range of an empty object)
 _FORBIDDEN_CODES = {"403", "AccessDenied"}
 _NO_UPLOAD_CODES = {"NoSuchUpload"}  # an upload id already aborted or completed
+# Object metadata naming the multipart upload that wrote it: a completion whose answer was lost
+# is recognised by it (its retry meets NoSuchUpload, the upload being already complete).
+UPLOAD_TOKEN_META = "f5-upload"
 _HTTP_CODE_NAMES = {"400": "HTTP 400 Bad Request", "403": "HTTP 403 Forbidden"}  # HEAD: no body
 # What a failed local write means, where the system's words would mislead: ENOENT from mkdir is a
 # folder that cannot be made (no file is missing), EEXIST and ENOTDIR a file where a folder must go.
@@ -420,15 +423,18 @@ class S3Storage(Storage):
         with the storage timeouts and tries, so no call grows with the file. On any failure, or
         once ``stop`` (or ``abort_uploads``) asks before a part, the upload is aborted, so no part
         is left stored (and billed); the object appears only once every part is in, or not at all."""
+        token = uuid.uuid4().hex
         with self._errors("put", key):
-            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key,
-                                                            ContentType=content_type)["UploadId"]
+            upload_id = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, ContentType=content_type,
+                Metadata={UPLOAD_TOKEN_META: token})["UploadId"]
         with self._uploads_lock:
             self._open_uploads[upload_id] = key
         try:
-            parts = []
+            parts, size = [], 0
             with open(path, "rb") as body:
                 while data := body.read(self.part_bytes):
+                    size += len(data)
                     if stop.is_set() or self._closing.is_set():
                         raise WriteStopped(f"the upload was stopped after {len(parts)} part(s) and "
                                            f"aborted, so nothing was stored (put {key})")
@@ -437,9 +443,7 @@ class S3Storage(Storage):
                         answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                          PartNumber=number, Body=data)
                     parts.append({"ETag": answer["ETag"], "PartNumber": number})
-            with self._errors("put", key):
-                self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                      MultipartUpload={"Parts": parts})
+            self._complete(key, upload_id, parts, token, size)
         except BaseException:
             # after abort_uploads too: a part in flight when it aborted may have been stored since
             self._abort_upload(key, upload_id)
@@ -447,6 +451,26 @@ class S3Storage(Storage):
         finally:
             with self._uploads_lock:
                 self._open_uploads.pop(upload_id, None)
+
+    def _complete(self, key: str, upload_id: str, parts: list[dict], token: str, size: int) -> None:
+        """CompleteMultipartUpload; a NoSuchUpload answer to it is a success when the object is
+        this upload's (its token and size): a try that completed it lost its answer, and
+        botocore's retry found the upload already complete."""
+        with self._errors("put", key):
+            try:
+                self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                      MultipartUpload={"Parts": parts})
+            except ClientError as err:
+                if _error_code(err) not in _NO_UPLOAD_CODES or not self._written_by(key, token, size):
+                    raise
+                log.info("the multipart upload of %s was completed by a try whose answer was lost", key)
+
+    def _written_by(self, key: str, token: str, size: int) -> bool:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError):
+            return False
+        return head.get("Metadata", {}).get(UPLOAD_TOKEN_META) == token and head.get("ContentLength") == size
 
     def abort_uploads(self):
         self._closing.set()

@@ -20,7 +20,9 @@ import time
 import numpy as np
 import pytest
 
-from f5worker.errors import WriteStopped
+from botocore.awsrequest import AWSResponse
+
+from f5worker.errors import StorageError, WriteStopped
 from f5worker.jobs.guard import COMMITTING, JobGuard, JobStopped
 from s3_utils import KeyNotFound, S3Storage
 from tests.processes import REPO, clean_env
@@ -196,3 +198,66 @@ def test_abort_uploads_aborts_an_upload_blocked_in_a_part(s3_env, big_file):
     assert not thread.is_alive() and failure and len(sent) == 1, (sent, failure)
     assert_nothing_left(s3_env, "output/blocked.wav")
 
+
+
+class _Body:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def stream(self, **_):
+        yield self.data
+
+
+NO_SUCH_UPLOAD = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchUpload</Code><Message>The '
+                  b'specified upload does not exist.</Message></Error>')
+
+
+def lost_first_answer(storage: S3Storage, answers: list) -> None:
+    """CompleteMultipartUpload's first answer is treated as lost (botocore retries at once, as
+    after a read timeout) and the retry is answered NoSuchUpload, as AWS S3 answers a repeated
+    completion. Both are injected: a lost answer cannot be caused on loopback, and SeaweedFS
+    answers a repeated completion with success."""
+    def needs_retry(response, attempts, **_):
+        answers.append(response[1]["ResponseMetadata"]["HTTPStatusCode"] if response else None)
+        return 0 if attempts == 1 else None
+
+    def retry_meets_no_upload(request, **_):
+        if answers:  # the retry: the server's "already complete" answer
+            return AWSResponse(request.url, 404, {"Content-Type": "application/xml"}, _Body(NO_SUCH_UPLOAD))
+        return None
+
+    storage.client.meta.events.register("needs-retry.s3.CompleteMultipartUpload", needs_retry)
+    storage.client.meta.events.register("before-send.s3.CompleteMultipartUpload", retry_meets_no_upload)
+
+
+def test_a_completed_upload_whose_answer_was_lost_is_not_a_failure(s3_env, big_file):
+    """The object is there, written by this upload (its token in the metadata, its size): the job
+    used to fail with a storage error although its output had been stored."""
+    storage, answers = storage_for(s3_env), []
+    lost_first_answer(storage, answers)
+    storage.upload_file("output/lost.wav", big_file, "audio/wav")
+    assert answers[0] == 200 and len(answers) == 2
+    client = s3_env.server.client()
+    assert client.get_object(Bucket=s3_env.bucket, Key="output/lost.wav")["Body"].read() == big_file.read_bytes()
+    assert not client.list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads")
+
+
+def test_no_such_upload_over_another_object_is_still_a_failure(s3_env, big_file, tmp_path):
+    """NoSuchUpload where the object is not this upload's (an older one of that key; the upload
+    was aborted by a lifecycle rule meanwhile) is not taken for success."""
+    storage, answers = storage_for(s3_env), []
+    storage.upload_file("output/other.wav", big_file, "audio/wav")  # the older object, multipart too
+    lost_first_answer(storage, answers)
+
+    def first_try_is_not_sent(request, **_):  # nothing completes: the upload is gone
+        if not answers:
+            return AWSResponse(request.url, 404, {"Content-Type": "application/xml"}, _Body(NO_SUCH_UPLOAD))
+        return None
+
+    storage.client.meta.events.register_first("before-send.s3.CompleteMultipartUpload", first_try_is_not_sent)
+    newer = tmp_path / "newer.wav"
+    newer.write_bytes(big_file.read_bytes()[::-1])
+    with pytest.raises(StorageError, match=r"^S3 request failed: .*\(put output/other\.wav\)$"):
+        storage.upload_file("output/other.wav", newer, "audio/wav")
+    client = s3_env.server.client()
+    assert client.get_object(Bucket=s3_env.bucket, Key="output/other.wav")["Body"].read() == big_file.read_bytes()
