@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 from urllib.parse import urlsplit
 
 import boto3
@@ -220,6 +220,17 @@ def atomic_write(dest: Path, write: Callable[[Any], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def staged_file(key: str) -> Iterator[None]:
+    """A failure to open or read the worker's own staged file (the one being stored as ``key``),
+    said apart from a failure of the storage."""
+    try:
+        yield
+    except OSError as err:
+        raise StorageError(f"the file to store as {key} could not be read from the worker's temp folder "
+                           f"({err.strerror or type(err).__name__})") from err
 
 
 class Storage:
@@ -411,14 +422,16 @@ class S3Storage(Storage):
         # file for a retry); a larger file (a chapter-length job's) as a multipart upload.
         key = check_key(key)  # before any request
         self._before_write(key)
-        if os.path.getsize(path) > self.part_bytes:
-            self._upload_parts(key, path, content_type, stop or threading.Event())
-            return
-        with self._errors("put", key):
-            with open(path, "rb") as body:
+        with staged_file(key):
+            body = open(path, "rb")
+        with body:
+            if os.fstat(body.fileno()).st_size > self.part_bytes:
+                self._upload_parts(key, body, content_type, stop or threading.Event())
+                return
+            with self._errors("put", key):
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
 
-    def _upload_parts(self, key: str, path, content_type: str, stop: threading.Event) -> None:
+    def _upload_parts(self, key: str, body: BinaryIO, content_type: str, stop: threading.Event) -> None:
         """A multipart upload of parts of ``part_bytes`` read one at a time, each part one call
         with the storage timeouts and tries, so no call grows with the file. On any failure, or
         once ``stop`` (or ``abort_uploads``) asks before a part, the upload is aborted, so no part
@@ -432,17 +445,16 @@ class S3Storage(Storage):
             self._open_uploads[upload_id] = key
         try:
             parts, size = [], 0
-            with open(path, "rb") as body:
-                while data := body.read(self.part_bytes):
-                    size += len(data)
-                    if stop.is_set() or self._closing.is_set():
-                        raise WriteStopped(f"the upload was stopped after {len(parts)} part(s) and "
-                                           f"aborted, so nothing was stored (put {key})")
-                    number = len(parts) + 1
-                    with self._errors("put", key):
-                        answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                         PartNumber=number, Body=data)
-                    parts.append({"ETag": answer["ETag"], "PartNumber": number})
+            while data := self._read_part(body, key):
+                size += len(data)
+                if stop.is_set() or self._closing.is_set():
+                    raise WriteStopped(f"the upload was stopped after {len(parts)} part(s) and "
+                                       f"aborted, so nothing was stored (put {key})")
+                number = len(parts) + 1
+                with self._errors("put", key):
+                    answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                     PartNumber=number, Body=data)
+                parts.append({"ETag": answer["ETag"], "PartNumber": number})
             self._complete(key, upload_id, parts, token, size)
         except BaseException:
             # after abort_uploads too: a part in flight when it aborted may have been stored since
@@ -451,6 +463,10 @@ class S3Storage(Storage):
         finally:
             with self._uploads_lock:
                 self._open_uploads.pop(upload_id, None)
+
+    def _read_part(self, body: BinaryIO, key: str) -> bytes:
+        with staged_file(key):
+            return body.read(self.part_bytes)
 
     def _complete(self, key: str, upload_id: str, parts: list[dict], token: str, size: int) -> None:
         """CompleteMultipartUpload; a NoSuchUpload answer to it is a success when the object is
@@ -695,11 +711,8 @@ class LocalStorage(Storage):
     def upload_file(self, key, path, content_type, *, stop=None):
         # one local write: ``stop`` has no call to stop between
         dest = self.path_for(key)
-        try:  # the worker's own staged file, not storage: said apart from a failure to write
+        with staged_file(key):  # the worker's own staged file, not storage: said apart
             src = open(path, "rb")
-        except OSError as err:
-            raise StorageError(f"local storage failed: the file to store could not be read "
-                               f"({err.strerror or type(err).__name__}) (put {key})") from err
         with src, self._errors("put", key):
             atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
 

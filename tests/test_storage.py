@@ -463,8 +463,23 @@ def test_local_missing_upload_source_is_not_a_missing_key(tmp_path):
     with pytest.raises(StorageError) as info:
         storage.upload_file(f"{OUTPUT_PREFIX}a.wav", tmp_path / "nope.wav", "audio/wav")
     assert not isinstance(info.value, KeyNotFound)
-    assert str(info.value) == ("local storage failed: the file to store could not be read (No such file or "
-                               f"directory) (put {OUTPUT_PREFIX}a.wav)")
+    assert str(info.value) == (f"the file to store as {OUTPUT_PREFIX}a.wav could not be read from the worker's "
+                               "temp folder (No such file or directory)")
+
+
+@pytest.mark.parametrize("source", ["nope.wav", "."])
+def test_s3_unreadable_upload_source_is_said_as_such(s3_env, tmp_path, source):
+    """The staged file missing (or a folder): one sentence naming the temp folder, not "Internal
+    error (FileNotFoundError)" from the size check before the upload (and no request is sent)."""
+    storage = S3Storage(s3_env.settings)
+    storage.check_exists()
+    sent = []
+    storage.client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request.method))
+    with pytest.raises(StorageError) as info:
+        storage.upload_file(f"{OUTPUT_PREFIX}a.wav", tmp_path / source, "audio/wav")
+    assert str(info.value).startswith(f"the file to store as {OUTPUT_PREFIX}a.wav could not be read from the "
+                                      "worker's temp folder (")
+    assert sent == []
 
 
 @pytest.mark.parametrize("root, cause", [
