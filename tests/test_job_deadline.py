@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from f5worker.jobs.guard import JobGuard, stuck_at
+from f5worker.jobs.tempfiles import job_paths
 from f5worker.service import SETTLE_S
 from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_ENDPOINT_URL, ENV_AWS_REGION,
                                ENV_AWS_SECRET_ACCESS_KEY, ENV_JOB_TIMEOUT, ENV_S3_BUCKET, ENV_S3_CONNECT_TIMEOUT,
@@ -196,3 +197,16 @@ def test_a_stopped_jobs_running_model_call_stops_between_steps_and_the_next_job_
     assert sentence("Batcher.sampled").fullmatch(long["error"]), long
     assert "error" not in short, short
     assert "stopped between steps" in caplog.text
+
+
+def test_sweep_removes_the_jobs_own_files_only(tmp_path):
+    """A job's leftovers are its named files and their hidden partials; a job whose id starts with
+    this one's and an underscore keeps its files (``a_*`` took ``a_b``'s while that job ran)."""
+    own, other = job_paths(tmp_path, "a"), job_paths(tmp_path, "a_b")
+    for path in [*own.values(), *other.values()]:
+        path.write_bytes(b"x")
+    partial = tmp_path / f".{own['voice.wav'].name}.k2j4.tmp"
+    partial.write_bytes(b"x")
+    (tmp_path / "unrelated.wav").write_bytes(b"x")
+    JobGuard(0, tmp_path).sweep(["a"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in other.values()), "unrelated.wav"])

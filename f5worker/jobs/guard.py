@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable
 
 from f5worker.errors import WorkerError, WriteStopped
+from f5worker.jobs.tempfiles import job_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +209,11 @@ class JobGuard:
         os._exit(0)
 
     def sweep(self, job_ids) -> None:
-        """Remove the jobs' temp files, ``<tmp>/<job_id>_*`` and the hidden partial files beside
+        """Remove the jobs' temp files (``jobs.tempfiles``) and the hidden partial files beside
         them, which an abandoned thread may still hold open (its final rename then fails)."""
         for job_id in job_ids:
-            for pattern in (f"{job_id}_*", f".{job_id}_*"):
-                for path in self.tmp_dir.glob(pattern):
-                    try:
-                        path.unlink(missing_ok=True)
-                    except OSError:
-                        log.warning("could not remove %s", path)
+            for path in list(job_leftovers(self.tmp_dir, job_id)):
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    log.warning("could not remove %s", path)

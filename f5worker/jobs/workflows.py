@@ -43,6 +43,7 @@ from f5worker.jobs.inputs import (MAX_SEED, DeleteVoiceInput, ListModelsInput, L
 from f5worker.jobs.plan import JobPlan, SynthesisRequest, plan_segments, planned_samples
 from f5worker.model.constants import TARGET_RMS
 from f5worker.jobs.guard import COMMITTING
+from f5worker.jobs.tempfiles import job_paths
 from f5worker.jobs.memory import HeapTrimmer
 from f5worker.jobs.normalize import normalize_texts
 from f5worker.jobs.verify import ChunkReport, GuardedSampling, GuardOptions, job_summary
@@ -94,7 +95,7 @@ def job_files(tmp_dir: Path, job_id: str) -> Iterator[dict[str, Path]]:
     removed however the job ends."""
     if not tmp_dir.is_dir():
         raise staging_error(tmp_dir, FileNotFoundError())
-    paths = {name: tmp_dir / f"{job_id}_{name}" for name in ("voice.wav", "output.wav", "download", "subtitles")}
+    paths = job_paths(tmp_dir, job_id)
     try:
         yield paths
     finally:
