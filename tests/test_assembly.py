@@ -15,8 +15,8 @@ import pytest
 import soundfile as sf
 
 from f5worker.jobs import encoding, resampling
-from f5worker.jobs.assembly import (KEEP_SAMPLES, LEAD_HELD_SAMPLES, AudioAssembly, AudioWriter, CrossFadeJoin, SilenceCutter,
-                                    after_cuts)
+from f5worker.jobs.assembly import (KEEP_SAMPLES, LEAD_HELD_SAMPLES, LEAD_READ_SAMPLES, AudioAssembly, AudioWriter,
+                                    CrossFadeJoin, SilenceCutter, after_cuts)
 from f5worker.jobs.audio import cross_fade_join, remove_silences
 from f5worker.model.constants import SAMPLE_RATE
 
@@ -109,6 +109,30 @@ def test_a_silent_output_read_back_from_disk_is_the_whole_job_resampled(tmp_path
     written, _ = sf.read(str(path), dtype="float32")
     want, _ = sf.read(io.BytesIO(encoding.encode(expected, sample_rate, encoding.FORMATS["wav"])), dtype="float32")
     np.testing.assert_array_equal(written, want)
+
+
+def test_a_kept_silent_output_is_taken_a_piece_at_a_time_as_it_is_read_back(tmp_path):
+    """A stream of a job whose silences are removed takes the kept audio after each piece of
+    ``finish``: a silent output read back from disk was gathered whole in ``kept`` (100 minutes
+    at 24 kHz: 576 MB) before any of it was sent. No piece passes what the cutter holds in memory
+    (30 s) or reads back at once."""
+    waves = [hush(30 * SR) + np.float32(1e-5) for _ in range(4)]  # 2 minutes, all below -50 dBFS
+    assembly = AudioAssembly(sample_rate=SR, cross_fade_seconds=0.15, remove_silence=True, keep=True,
+                             spill_dir=tmp_path)
+    taken = []
+    for wave in waves:
+        assembly.add(wave)
+        taken.append(assembly.take_kept())
+    assert sum(map(len, taken)) == 0  # quiet from the start: nothing is final until the end
+    pieces = []
+    for _ in assembly.finish():
+        pieces.append(assembly.take_kept())
+    assert len(pieces) > 2 and max(map(len, pieces)) <= max(LEAD_HELD_SAMPLES, LEAD_READ_SAMPLES)
+    done = assembly.close(["one", "two", "three", "four"])
+    pieces.append(assembly.take_kept())
+    expected = remove_silences(cross_fade_join(waves, SR, 0.15), SR).astype(np.float32)
+    np.testing.assert_array_equal(np.concatenate(pieces), expected)
+    assert done.model_samples == len(expected)
 
 
 @pytest.mark.parametrize("lengths, fade", [([12000, 30000, 500, 24000], 0.15), ([100, 50, 20000], 0.15),

@@ -238,7 +238,8 @@ class Assembled:
 class AudioAssembly:
     """One job's chunk waveforms (24 kHz, in order) in; the output file (``writer``, if any)
     written as they are known. With ``keep`` the final audio at 24 kHz is also kept in ``kept``
-    until taken (``take_kept``: for a stream of a job whose silences are removed)."""
+    until taken (``take_kept``: for a stream of a job whose silences are removed, taken after
+    each chunk and after each piece of ``finish``)."""
 
     def __init__(self, *, sample_rate: int, cross_fade_seconds: float, remove_silence: bool,
                  writer: AudioWriter | None = None, keep: bool = False, spill_dir: Path | None = None):
@@ -250,10 +251,11 @@ class AudioAssembly:
         self.kept: list[np.ndarray] | None = [] if keep else None
         self.model_samples = 0
         self.samples = 0
+        self.finished = False  # the end made final (finish)
         self.aligned: dict[int, list[tuple[Word, int, int]]] = {}  # chunk -> its words' join positions
 
     def add(self, wave: np.ndarray) -> None:
-        self._out(self.join.add(wave), last=False)
+        self._out(self.join.add(wave))
 
     def add_words(self, index: int, words: list[Word], spans: list[tuple[float, float]]) -> None:
         """Chunk ``index``'s words and their (start, end) in seconds of its own audio, added."""
@@ -261,9 +263,27 @@ class AudioAssembly:
         self.aligned[index] = [(word, begin + round(a * SAMPLE_RATE), begin + round(b * SAMPLE_RATE))
                                for word, (a, b) in zip(words, spans)]
 
+    def finish(self) -> Iterator[bool]:
+        """The end of the audio made final a piece at a time, yielding after each (a kept job's
+        ``take_kept`` between: a silent output read back from disk is never gathered whole)."""
+        if self.finished:
+            return
+        self.finished = True
+        joined = self.join.close()
+        if self.cutter is None:
+            self._final(joined, last=True)
+            return
+        self._final(self.cutter.add(joined), last=False)
+        for piece in self.cutter.close():
+            self._final(piece, last=False)
+            yield True
+        self._final(np.zeros(0, dtype=np.float32), last=True)
+
     def close(self, texts: list[str]) -> Assembled:
-        """The end of the audio written and the file closed; ``texts``: each chunk's text."""
-        self._out(self.join.close(), last=True)
+        """The end of the audio written (``finish``, if not run already) and the file closed;
+        ``texts``: each chunk's text."""
+        for _ in self.finish():
+            pass
         if self.writer is not None:
             self.writer.close()
         cuts = self.cutter.cuts if self.cutter is not None else []
@@ -284,15 +304,8 @@ class AudioAssembly:
             with contextlib.suppress(Exception):  # a full disk fails the flush too; the job says why
                 self.writer.close()
 
-    def _out(self, joined: np.ndarray, *, last: bool) -> None:
-        if self.cutter is None:
-            self._final(joined, last=last)
-            return
-        self._final(self.cutter.add(joined), last=False)
-        if last:  # the cutter's rest comes in pieces (a silent output read back from disk)
-            for piece in self.cutter.close():
-                self._final(piece, last=False)
-            self._final(np.zeros(0, dtype=np.float32), last=True)
+    def _out(self, joined: np.ndarray) -> None:
+        self._final(self.cutter.add(joined) if self.cutter is not None else joined, last=False)
 
     def _final(self, joined: np.ndarray, *, last: bool) -> None:
         final = joined.astype(np.float32)  # plan.finish's type

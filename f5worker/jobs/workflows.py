@@ -445,16 +445,26 @@ class Worker:
                 else:
                     await self._sample(plan.items, chunk_done, first_alone=live)
             with clock.step("encoding_s"):  # what is left once the last chunk is in
-                assembled = await self._staging(assembly.close, plan.texts)
-                if live:
-                    send(await self._off_loop(stream.close))
-                elif stream is not None:
-                    send(await self._off_loop(stream.add_joined, assembly.take_kept()))
-                    send(await self._off_loop(stream.close))
+                assembled = await self._end_audio(assembly, plan.texts, stream, send, live=live)
         except BaseException:
             assembly.abandon()  # no thread uses it now (_off_loop waits for its thread)
             raise
         return assembled, reports
+
+    async def _end_audio(self, assembly: AudioAssembly, texts: list[str], stream: streaming.LiveAudio | None,
+                         send: Callable[[list], None], *, live: bool) -> Assembled:
+        """The audio's end written and streamed: a stream of a job whose silences are removed gets
+        it a piece at a time (a silent output is read back from disk, never gathered whole)."""
+        if stream is not None and not live:
+            ending = assembly.finish()
+            while await self._staging(next, ending, False):
+                send(await self._off_loop(stream.add_joined, assembly.take_kept()))
+        assembled = await self._staging(assembly.close, texts)
+        if stream is not None:
+            if not live:
+                send(await self._off_loop(stream.add_joined, assembly.take_kept()))
+            send(await self._off_loop(stream.close))
+        return assembled
 
     async def _whisper_for_options(self, job: TTSInput) -> None:
         """``verify``, ``timestamps`` and ``subtitles`` need the worker's Whisper: a job asking for
