@@ -35,6 +35,17 @@ EN_CASES = [
                                                      f"{num2words(2024, to='year')} and ranges like five-ten."),
     ("At 10:30:45, 10:00:01 and 24:00.", "At ten thirty and forty-five seconds, ten o'clock and one second and "
                                          "twenty-four o'clock."),
+    # A hyphen after a symbol or after a number and a space joins, it is no sign.
+    ("Growth was 5%-10% last year.", "Growth was five percent-ten percent last year."),
+    ("Call 555 -1234.", f"Call {num2words(555)} -{num2words(1234)}."),
+    ("(-5) or \"-3\".", "(minus five) or \"minus three\"."),
+    # Each currency sign belongs to its own amount, written before or after it.
+    ("Prices 10$ 20$ each.", "Prices ten dollars twenty dollars each."),
+    ("Prices $10 $20 each.", "Prices ten dollars twenty dollars each."),
+    ("I have 3 $5 bills.", "I have three five dollars bills."),
+    ("A $5 million deal.", "A five million dollars deal."),
+    # Fractions of a second are not part of a time's seconds.
+    ("A lap of 1:23:45.6 today.", f"A lap of {num2words(1)}:{num2words(23)}:{num2words(45.6)} today."),
 ]
 
 
@@ -70,6 +81,28 @@ def test_other_languages_use_their_words_and_decimal_mark():
         f"Es kostet {num2words(12.5, lang='de', to='currency', currency='EUR')} bei {num2words(-3, lang='de')} Grad.")
     assert normalize("Il y a 1.000 personnes, 15 %.", "fr").text == (
         f"Il y a {num2words(1000, lang='fr')} personnes, {num2words(15, lang='fr')} pour cent.")
+
+
+@pytest.mark.parametrize("language", ["de", "ru", "es", "fr"])
+def test_a_time_says_its_zero_minutes_when_seconds_follow(language):
+    """10:00:45 is not 10:45: the minutes are left out only where nothing follows them."""
+    say = lambda n: num2words(n, lang=language)  # noqa: E731
+    assert normalize("10:00:45", language).text == f"{say(10)} {say(0)} {say(45)}"
+    assert normalize("10:30:00", language).text == f"{say(10)} {say(30)}"
+    assert normalize("10:00", language).text == say(10)
+
+
+def test_a_sign_is_a_word_of_its_own_or_left_as_written():
+    """num2words writes Turkish's sign without a space (-5 is 'eksibeş'): the sign became 'eksi'
+    before '5', which as a digit after a letter was left as written ('eksi5'). A converter whose sign is a
+    mark, not a word (Kannada's '(-)'), leaves the sign as written."""
+    assert normalize("Hava -5 derece.", "tr").text == f"Hava eksi {num2words(5, lang='tr')} derece."
+    assert normalize("-5", "kn").text == f"-{num2words(5, lang='kn')}"
+
+
+def test_the_fr_and_de_currency_after_each_amount():
+    assert normalize("10 € 20 € 30 €.", "fr").text == " ".join(
+        f"{num2words(n, lang='fr')} euros" for n in (10, 20, 30)) + "."
 
 
 def test_a_language_num2words_lacks_is_left_as_written_and_said():

@@ -37,6 +37,7 @@ MAX_DIGITS = 15  # up to the trillions; a longer run of digits (an ID, a serial)
 LETTERS = r"A-Za-z\u00C0-\u024F\u0370-\u03FF\u0400-\u04FF"
 START = rf"(?<![\d.,{LETTERS}])"
 END = rf"(?![\d{LETTERS}]|[.,]\d)"
+OPENING = "\\[{\"'“‘«„¿¡"  # what may stand right before a sign (after a space, or at the start)
 SCRIPT_LANGUAGES = ((re.compile(r"[\u3040-\u30ff]"), "ja"), (re.compile(r"[\uac00-\ud7af]"), "ko"),
                     (re.compile(r"[\u4e00-\u9fff]"), "zh"))
 
@@ -140,16 +141,25 @@ def _rules(language: str) -> tuple[Callable[[str], tuple[str, int]], ...]:
         r"\d{1,3}(?:[.\u202f\u2009]\d{3})+(?:,\d+)?|\d+(?:,\d+)?"  # a plain space separates numbers
     value = lambda raw: _number(raw, language)  # noqa: E731 - one line, used below
     rules = [
-        # A sign before a number (not a hyphen between two: "555-1234", "2024-05-03") is said, in
-        # the language's word for it, before the number's own rule says the number.
-        _sub(r"(?<![\w.,:\-−])[-−](?=[$€£¥₹]?\d)", lambda m: _minus(language)),
-        _sub(rf"([$€£¥₹])\s?({number}){END}(?!\s?(?:million|billion|trillion|thousand|bn|m|k)\b)", lambda m: _currency(value(m[2]), CURRENCY_SIGNS[m[1]], language)),
-        _sub(rf"{START}({number})\s?([$€£¥₹])", lambda m: _currency(value(m[1]), CURRENCY_SIGNS[m[2]], language)),
+        # A sign before a number is said, in the language's word for it, before the number's own
+        # rule says the number: at the start, after a space or an opening bracket or quote. A hyphen
+        # joining two ("555-1234", "2024-05-03", "5%-10%") or after a number and a space
+        # ("555 -1234") is not a sign.
+        _sub(rf"(?:^|(?<=[\s({OPENING}]))(?<!\d\s)[-−](?=[$€£¥₹]?\d)", lambda m: _minus(language)),
+        # A currency sign before its amount or after it ("$5", "10 €"), whichever the text reaches
+        # first: "10$ 20$" and "$10 $20" are each two amounts. A sign right before another amount
+        # ("3 $5 bills") is that amount's.
+        _sub(rf"([$€£¥₹])\s?({number})\s(million|billion|trillion|thousand)\b",  # "$5 million": of dollars
+             lambda m: f"{_words(value(m[2]), language)} {m[3]} {_currency_plural(CURRENCY_SIGNS[m[1]], language)}"),
+        _sub(rf"([$€£¥₹])\s?({number}){END}(?!\s?(?:million|billion|trillion|thousand|bn|m|k)\b)"
+             rf"|{START}({number})\s?([$€£¥₹])(?!\d)", lambda m: _signed_currency(m, value, language)),
         _sub(rf"{START}({number})\s?(USD|EUR|GBP|JPY|INR)\b", lambda m: _currency(value(m[1]), m[2], language)),
         _sub(rf"{START}({number})\s?%", lambda m: f"{_words(value(m[1]), language)} {PERCENT_WORDS.get(language, '%')}"),
-        _sub(r"(?<![\w:])([01]?\d|2[0-4]):([0-5]\d):([0-5]\d)(?![\w:])",
+        # A time with fractions of a second ("1:23:45.6") is left to the numbers' rule.
+        _sub(r"(?<![\w:])([01]?\d|2[0-4]):([0-5]\d):([0-5]\d)(?![\w:]|[.,]\d)",
              lambda m: _time(int(m[1]), int(m[2]), language, seconds=int(m[3]))),
-        _sub(r"(?<![\w:])([01]?\d|2[0-4]):([0-5]\d)(?![\w:])", lambda m: _time(int(m[1]), int(m[2]), language)),
+        _sub(r"(?<![\w:])([01]?\d|2[0-4]):([0-5]\d)(?![\w:]|[.,]\d)",
+             lambda m: _time(int(m[1]), int(m[2]), language)),
     ]
     if language == "en":
         rules += [
@@ -183,18 +193,32 @@ def _currency(amount, code: str, language: str) -> str:
         return f"{_words(amount, language)} {code}"
 
 
+def _signed_currency(match: re.Match, value: Callable[[str], float | int], language: str) -> str:
+    """An amount with its currency sign before it (groups 1, 2) or after it (groups 3, 4)."""
+    sign, amount = (match[1], match[2]) if match[1] else (match[4], match[3])
+    return _currency(value(amount), CURRENCY_SIGNS[sign], language)
+
+
+def _currency_plural(code: str, language: str) -> str:
+    """The name of many of ``code`` ("dollars"), or the code where the converter has none."""
+    forms = getattr(CONVERTER_CLASSES[language], "CURRENCY_FORMS", {}).get(code)
+    return CONVERTER_CLASSES[language].pluralize(2, forms[0]) if forms else code
+
+
 def _minus(language: str) -> str:
-    """The language's word for a negative sign, as num2words says -1 ("minus ", "moins ")."""
+    """The language's word for a negative sign, as num2words says -1 ("minus ", "moins "), with
+    a space after it (Turkish's "eksi" has none, and a digit after a letter is left as written)."""
     negative, positive = _words(-1, language), _words(1, language)
-    if not negative.endswith(positive) or negative == positive:
-        raise ValueError("this converter has no sign")  # left as written
-    return negative[:-len(positive)]
+    word = negative[:-len(positive)].strip() if negative.endswith(positive) else ""
+    if not any(c.isalpha() for c in word):  # none, or a mark ("(-)"): left as written
+        raise ValueError("this converter has no word for the sign")
+    return word + " "
 
 
 def _time(hours: int, minutes: int, language: str, seconds: int | None = None) -> str:
-    if language != "en":
-        said = [_words(hours, language)] + [_words(n, language) for n in (minutes, seconds) if n]
-        return " ".join(said)
+    if language != "en":  # the hour, its minutes unless none, and its seconds unless none
+        said = [hours, *([minutes] if minutes or seconds else []), *([seconds] if seconds else [])]
+        return " ".join(_words(n, language) for n in said)
     said = f"{_words(hours, 'en')} " + ("o'clock" if minutes == 0 else f"{'oh ' if minutes < 10 else ''}{_words(minutes, 'en')}")
     return said + (f" and {_words(seconds, 'en')} second{'s' if seconds != 1 else ''}" if seconds else "")
 
