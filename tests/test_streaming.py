@@ -101,11 +101,14 @@ def test_short_first_chunk_keeps_the_text():
     "Pneumonoultramicroscopicsilicovolcanoconiosis is a word. And more text follows here.",
     "The price rose to 1.234.567,89 euros in the year 2023, then fell again a lot.",
     " ".join(f"In {1990 + i} it sold 12,{i:03d} units at 3.{i % 10}5 dollars, reported at 10:{i:02d} "
-             f"on its website." for i in range(40))])
+             f"on its website." for i in range(40)),
+    # A long token whose short cut lands after a '.' or ',' inside it (the cut was taken so).
+    "https://downloads.example.org/releases/v2/installer.x86_64.linux.tar.gz is where you download it.",
+    ",".join(str(n) for n in range(1, 120, 7)) + " people came, and many more stayed home that day."])
 def test_short_first_chunk_never_cuts_where_the_text_has_no_space(text):
     # The review's cases: the rest was rebuilt from the short pass's pieces with a space after
     # each, so 3.05 was spoken as "3. 05", 10:01 as "10: 01", and long words were split.
-    for budget in (100, 200):
+    for budget in (72, 100, 200):
         chunks = chunks_with_short_first(text, budget)
         assert " ".join(chunks).split() == text.split()
         if chunks != chunk_for_model(text, budget):

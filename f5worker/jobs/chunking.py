@@ -114,6 +114,12 @@ def chunk_for_model(text: str, max_bytes: int) -> list[str]:
     return chunks
 
 
+def cuts_between_words(text: str, end: int) -> bool:
+    """Whether cutting ``text`` at ``end`` keeps every word whole: at either end, before a space,
+    or after a mark that ends a clause wherever it is (``。``, not the ``.`` of ``3.05``)."""
+    return end <= 0 or end >= len(text) or text[end].isspace() or text[end - 1] in _ALWAYS_ENDS
+
+
 def offset_after(text: str, chunk: str) -> int:
     """Where ``chunk`` (a leading chunk of ``text``) ends in ``text``. The chunker only drops and
     adds whitespace, so the chunk ends after as many non-space characters of ``text`` as it has."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from f5worker.jobs.audio import cross_fade_join, joined_length, prepare_reference, remove_silences
-from f5worker.jobs.chunking import CLAUSE_PUNCTUATION, chunk_for_model, offset_after, utf8_len
+from f5worker.jobs.chunking import chunk_for_model, cuts_between_words, offset_after, utf8_len
 from f5worker.errors import InputError
 from f5worker.jobs.options import OPTION_DEFAULTS
 from f5worker.jobs.resampling import to_model_rate
@@ -165,7 +165,7 @@ def chunks_with_short_first(text: str, max_chars: int) -> list[str]:
     if not first:
         return []
     end = offset_after(text, first[0])
-    if end < len(text) and not (text[end].isspace() or first[0][-1] in CLAUSE_PUNCTUATION):
+    if not cuts_between_words(text, end):  # "https://downloads." of a long address is no clause
         return chunk_for_model(text, max_chars)
     return first + chunk_for_model(text[end:], max_chars)
 
