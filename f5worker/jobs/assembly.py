@@ -12,7 +12,7 @@ does not grow with its text. Every step gives the samples ``jobs.plan.finish`` a
 * ``SilenceCutter``: ``audio.remove_silences`` (f5-tts's rule: pauses over 1 s shortened to 0.5 s
   on each side, judged in 10 ms steps from the first sample) fed in pieces, holding back only the
   pause it is in (and, until the first sound, what came before it: an all-silent output is kept
-  whole, as f5-tts keeps it, so past ``LEAD_HELD_SAMPLES`` that leading quiet is held in an
+  whole, as ``remove_silences`` keeps it, so past ``LEAD_HELD_SAMPLES`` that leading quiet is held in an
   anonymous temp file, read back only if no sound ever comes).
 * resampling with soxr's streaming resampler (``resampling.OutputStream``), then the file written
   by libsndfile as it goes (16-bit formats from ``encoding.pcm16``'s integers, as ``encode``).

@@ -192,7 +192,10 @@ def normalise_loudness(clip: np.ndarray, sr: int, target_rms: float) -> tuple[np
 
 
 def remove_silences(samples: np.ndarray, sr: int) -> np.ndarray:
-    """Shorten pauses over 1 s, as f5-tts's remove_silence_for_generated_wav does."""
+    """Shorten pauses over 1 s, as f5-tts's remove_silence_for_generated_wav does, with two
+    differences: a pause is quiet in every 10 ms step (pydub averages a sliding 1 s window, so a
+    click inside a pause splits it here), and audio silent throughout is kept as it is (pydub
+    finds nothing to keep, and f5-tts writes an empty file: a job whose output is lost)."""
     pieces = split_on_silence(samples, sr, min_silence_ms=SILENCE_CUT_MS, threshold_db=SILENCE_CUT_DB,
                               keep_ms=SILENCE_KEEP_MS)
     return np.concatenate(pieces).astype(np.float32) if pieces else samples
