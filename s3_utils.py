@@ -448,14 +448,15 @@ class S3Storage(Storage):
             while data := self._read_part(body, key):
                 size += len(data)
                 if stop.is_set() or self._closing.is_set():
-                    raise WriteStopped(f"the upload was stopped after {len(parts)} part(s) and "
-                                       f"aborted, so nothing was stored (put {key})")
+                    raise self._stopped(key, upload_id, len(parts))
                 number = len(parts) + 1
                 with self._errors("put", key):
                     answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                      PartNumber=number, Body=data)
                 parts.append({"ETag": answer["ETag"], "PartNumber": number})
             self._complete(key, upload_id, parts, token, size)
+        except WriteStopped:
+            raise  # aborted between parts (_stopped)
         except BaseException:
             # after abort_uploads too: a part in flight when it aborted may have been stored since
             self._abort_upload(key, upload_id)
@@ -463,6 +464,15 @@ class S3Storage(Storage):
         finally:
             with self._uploads_lock:
                 self._open_uploads.pop(upload_id, None)
+
+    def _stopped(self, key: str, upload_id: str, parts: int) -> WriteStopped:
+        """The upload aborted between two parts, as asked; what became of its parts, said."""
+        if self._abort_upload(key, upload_id):
+            return WriteStopped(f"the upload was stopped after {parts} part(s) and aborted, so nothing was "
+                                f"stored (put {key})", undone=True)
+        return WriteStopped(f"the upload was stopped after {parts} part(s), but its abort failed, so its parts "
+                            "stay stored until the bucket's rule for incomplete multipart uploads removes "
+                            f"them (put {key})", undone=False)
 
     def _read_part(self, body: BinaryIO, key: str) -> bytes:
         with staged_file(key):
@@ -495,14 +505,19 @@ class S3Storage(Storage):
         for upload_id, key in open_uploads:
             self._abort_upload(key, upload_id)
 
-    def _abort_upload(self, key: str, upload_id: str) -> None:
+    def _abort_upload(self, key: str, upload_id: str) -> bool:
+        """Whether the upload is gone: aborted now, or already (abort_uploads) or completed."""
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except ClientError as err:
-            if _error_code(err) not in _NO_UPLOAD_CODES:  # already aborted (abort_uploads) or completed
-                self._abort_failed(key, err)
+            if _error_code(err) in _NO_UPLOAD_CODES:
+                return True
+            self._abort_failed(key, err)
+            return False
         except Exception as err:
             self._abort_failed(key, err)
+            return False
+        return True
 
     def _abort_failed(self, key: str, err: Exception) -> None:
         # the bucket's lifecycle rule for incomplete uploads is the backstop

@@ -30,7 +30,12 @@ class StorageError(WorkerError):
 
 class WriteStopped(StorageError):
     """A write of several calls (a multipart upload) stopped between two of them, as its caller
-    asked (the job's deadline, a shutdown), and was undone: nothing was stored."""
+    asked (the job's deadline, a shutdown). ``undone``: it was undone, so nothing was stored;
+    else its parts stay until the bucket's rule for incomplete uploads removes them."""
+
+    def __init__(self, message: str, *, undone: bool):
+        super().__init__(message)
+        self.undone = undone
 
 
 class CallAbandoned(Exception):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from botocore.awsrequest import AWSResponse
+from botocore.exceptions import EndpointConnectionError
 
 from f5worker.errors import StorageError, WriteStopped
 from f5worker.jobs.guard import COMMITTING, JobGuard, JobStopped
@@ -101,6 +102,44 @@ def test_a_deadline_during_a_multipart_upload_is_answered_after_one_part(s3_env,
     waited = asyncio.run(run())
     assert len(sent) <= 3 and waited < 1.0 + 2 * PART_DELAY_S + 1.0, (sent, waited)
     assert_nothing_left(s3_env, "output/late.wav")
+
+
+def refuse_aborts(storage: S3Storage) -> None:
+    """Each AbortMultipartUpload fails before it is sent (the stand-in for an endpoint that fails
+    the abort too: the real server cannot be made to refuse one)."""
+    def refuse(**_):
+        raise EndpointConnectionError(endpoint_url="https://127.0.0.1")
+
+    storage.client.meta.events.register("before-parameter-build.s3.AbortMultipartUpload", refuse)
+
+
+def open_uploads(s3_env) -> list[dict]:
+    return s3_env.server.client().list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads", [])
+
+
+def test_a_stopped_upload_whose_abort_fails_says_its_parts_stay(s3_env, big_file, tmp_path):
+    """The stop said 'aborted, so nothing was stored' before the abort ran, and a failed abort
+    was only logged: the caller was told nothing stayed while two parts stayed billed."""
+    storage, sent = storage_for(s3_env), []
+    slow_parts(storage, sent)
+    refuse_aborts(storage)
+    guard = JobGuard(1.0, tmp_path, committing=COMMITTING.get, on_stop=storage.abort_uploads)
+
+    async def committing_job():
+        stop = COMMITTING.setdefault(asyncio.current_task(), threading.Event())
+        await asyncio.to_thread(storage.upload_file, "output/kept.wav", big_file, "audio/wav", stop=stop)
+
+    with pytest.raises(JobStopped, match=r"^The job did not finish within 1 s: its output was still being "
+                                         r"uploaded, and the upload was stopped, but aborting it failed, so its "
+                                         r"parts stay stored until the bucket's rule for incomplete multipart "
+                                         r"uploads removes them\.$") as stopped:
+        asyncio.run(guard.run("kept", committing_job()))
+    assert isinstance(stopped.value.__cause__, WriteStopped) and not stopped.value.__cause__.undone
+    assert "but its abort failed" in str(stopped.value.__cause__)
+    left = open_uploads(s3_env)
+    assert [u["Key"] for u in left] == ["output/kept.wav"]
+    s3_env.server.client().abort_multipart_upload(Bucket=s3_env.bucket, Key="output/kept.wav",
+                                                  UploadId=left[0]["UploadId"])
 
 
 def test_a_stop_asked_during_the_last_part_lets_the_upload_complete(s3_env, big_file):

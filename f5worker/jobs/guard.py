@@ -141,10 +141,12 @@ class JobGuard:
                 write_stop.set()
                 await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
             if work.done():
-                if not work.cancelled() and isinstance(work.exception(), WriteStopped):
+                if not work.cancelled() and isinstance(stopped := work.exception(), WriteStopped):
+                    undone = ("the upload was aborted, so nothing was stored" if stopped.undone else
+                              "the upload was stopped, but aborting it failed, so its parts stay stored until "
+                              "the bucket's rule for incomplete multipart uploads removes them")
                     raise JobStopped(f"The job did not finish within {self.timeout_s:g} s: its output was "
-                                     "still being uploaded, and the upload was aborted, so nothing was "
-                                     "stored.") from work.exception()
+                                     f"still being uploaded, and {undone}.") from stopped
                 return work.result()
             where = stuck_at(work)
             self._stopped.add(job_id)
