@@ -496,7 +496,9 @@ class S3Storage(Storage):
             head = self.client.head_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError):
             return False
-        return head.get("Metadata", {}).get(UPLOAD_TOKEN_META) == token and head.get("ContentLength") == size
+        # botocore keeps a metadata name as the server cases it (MinIO answers X-Amz-Meta-F5-Upload)
+        metadata = {name.lower(): value for name, value in head.get("Metadata", {}).items()}
+        return metadata.get(UPLOAD_TOKEN_META) == token and head.get("ContentLength") == size
 
     def abort_uploads(self):
         self._closing.set()

@@ -281,6 +281,27 @@ def test_a_completed_upload_whose_answer_was_lost_is_not_a_failure(s3_env, big_f
     assert not client.list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads")
 
 
+def test_the_token_is_read_whatever_case_the_server_gives_metadata_names(s3_env, big_file):
+    """MinIO answers user metadata in Go's header case (X-Amz-Meta-F5-Upload), which botocore
+    keeps: the token was looked up as 'f5-upload' only, and the stored output failed its job.
+    The HeadObject headers are re-cased before botocore parses them (SeaweedFS sends lower case)."""
+    storage, answers = storage_for(s3_env), []
+    lost_first_answer(storage, answers)
+
+    def go_case(response_dict, **_):
+        response_dict["headers"] = {(name.title() if name.lower().startswith("x-amz-meta-") else name): value
+                                    for name, value in response_dict["headers"].items()}
+
+    names = []
+    storage.client.meta.events.register("before-parse.s3.HeadObject", go_case)
+    storage.client.meta.events.register("after-call.s3.HeadObject",
+                                        lambda parsed, **_: names.extend(parsed.get("Metadata", {})))
+    storage.upload_file("output/recased.wav", big_file, "audio/wav")
+    assert len(answers) == 2 and names == ["F5-Upload"]  # the check was asked, and read Go's case
+    assert s3_env.server.client().head_object(Bucket=s3_env.bucket, Key="output/recased.wav")["ContentLength"] == \
+        big_file.stat().st_size
+
+
 def test_no_such_upload_over_another_object_is_still_a_failure(s3_env, big_file, tmp_path):
     """NoSuchUpload where the object is not this upload's (an older one of that key; the upload
     was aborted by a lifecycle rule meanwhile) is not taken for success."""
