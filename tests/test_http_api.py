@@ -9,6 +9,8 @@ happens between two model calls, to hold a call until the test lets it go.
 from __future__ import annotations
 
 import base64
+import errno
+import gc
 import io
 import json
 import threading
@@ -283,6 +285,101 @@ def test_a_client_that_goes_away_frees_the_batcher(client, served):
     # the call that held the rest (if it had begun) found no job left to sample for
     assert all(probe.abandoned_when_released[released_before:])
     assert speak(client)[0]  # and the worker serves the next request
+
+
+# --- flac's temp file -----------------------------------------------------------------------------
+def open_files_under(folder: Path) -> list[str]:
+    """What this process holds open in ``folder`` (an anonymous file still names its folder)."""
+    held = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = fd.readlink()
+        except OSError:
+            continue
+        if str(target).startswith(str(folder)):
+            held.append(str(target))
+    return held
+
+
+def post_speech(base_url: str, fmt: str, text: str = SHORT_TEXT, timeout: float = 60) -> requests.Response:
+    return requests.post(f"{base_url}/v1/audio/speech", headers={"Authorization": f"Bearer {KEY}"},
+                         json={"model": "tts-1", "input": text, "voice": BUILTIN, "response_format": fmt,
+                               "nfe_step": NFE}, timeout=timeout)
+
+
+def test_a_flac_whose_client_left_closes_its_temp_file_at_once(served):
+    """The flac is written to an anonymous temp file until complete. The job's coroutine and its
+    SpeechJob hold each other, so a job stopped by its client kept the file open until the cycle
+    collector ran (a chapter's hundreds of MB on the temp disk); the collector is off here."""
+    ctx, base_url, probe, state = served
+    probe.hold(after=1)
+    gc.collect()
+    gc.disable()
+    try:
+        leaving = ThreadPoolExecutor(1).submit(post_speech, base_url, "flac", LONG_TEXT, 4)
+        deadline = time.monotonic() + 10
+        while not open_files_under(ctx.tmp_dir):  # the first chunk is in: the file is open
+            assert time.monotonic() < deadline and not leaving.done(), "the flac's temp file never opened"
+            time.sleep(0.02)
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            leaving.result()
+        deadline = time.monotonic() + 10
+        while state.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert state.in_flight == 0
+        assert open_files_under(ctx.tmp_dir) == []
+    finally:
+        gc.enable()
+        probe.release()
+
+
+def test_a_flac_without_a_temp_folder_is_answered_as_a_wav_is(served):
+    """The flac's temp file was made with the request, before the job: a missing temp folder
+    answered a bare '500 Internal Server Error' with no job record, where wav said why."""
+    ctx, base_url, _, _ = served
+    moved = ctx.tmp_dir.with_name(ctx.tmp_dir.name + "-moved")
+    ctx.tmp_dir.rename(moved)
+    try:
+        answers = {fmt: post_speech(base_url, fmt) for fmt in ("wav", "flac")}
+    finally:
+        moved.rename(ctx.tmp_dir)
+    for answer in answers.values():
+        message = answer.json()["error"]["message"]
+        assert answer.status_code == answers["wav"].status_code >= 500
+        assert message.startswith(f"The worker's temp folder {ctx.tmp_dir} does not exist"), message
+
+
+class FullTempFile:
+    """An anonymous temp file on a disk that fills after ``room`` bytes: a stand-in for a full
+    temp folder, which the tests cannot make (that needs a small filesystem mounted)."""
+
+    def __init__(self, real, room: int = 4096):
+        self.file, self.room = real, room
+
+    def write(self, data) -> int:
+        if self.file.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.file.close()
+
+
+def test_a_flac_on_a_full_temp_folder_says_so(served, monkeypatch):
+    """The stream's steps ran outside the temp folder's error mapping: 'Internal error (OSError)'."""
+    ctx, base_url, _, _ = served
+    real = live_encoding.tempfile.TemporaryFile
+    monkeypatch.setattr(live_encoding.tempfile, "TemporaryFile", lambda **kw: FullTempFile(real(**kw)))
+    answer = post_speech(base_url, "flac", LONG_TEXT)
+    message = answer.json()["error"]["message"]
+    assert answer.status_code >= 500 and message.startswith(f"The worker's temp folder {ctx.tmp_dir} is full"), \
+        message
 
 
 # --- load -----------------------------------------------------------------------------------------

@@ -80,9 +80,12 @@ class SpeechJob:
 
     def stop(self) -> None:
         """The answer ended: a job whose audio is complete finishes on its own (its record, a
-        stored copy); any other is cancelled."""
+        stored copy); any other is cancelled. Once the job has ended too, the stream's temp file
+        (flac's) is closed: the job's coroutine and this object hold each other, so it was held
+        until the cycle collector ran, hundreds of MB of a cancelled chapter on the temp disk."""
         if not self.complete:
-            self.task.cancel()  # a file being read back closes with its reader, once unreferenced
+            self.task.cancel()
+        self.task.add_done_callback(lambda _: self.stream.discard())
 
 
 class SpeechResponse(Response):

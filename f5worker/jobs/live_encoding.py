@@ -31,7 +31,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import BinaryIO, Iterator, Protocol
 
 import av
 import numpy as np
@@ -79,6 +79,9 @@ class Encoder(Protocol):
     def rest(self) -> Iterator[bytes]:
         """After ``close``: a file sent once complete, read in pieces; nothing for the others."""
 
+    def discard(self) -> None:
+        """What it holds let go (a file sent once complete), whether or not all was sent."""
+
 
 class PcmEncoder:
     def __init__(self, sample_rate: int):
@@ -95,6 +98,9 @@ class PcmEncoder:
 
     def rest(self) -> Iterator[bytes]:
         return iter(())
+
+    def discard(self) -> None:
+        pass
 
 
 class WavEncoder(PcmEncoder):
@@ -138,35 +144,51 @@ class AvEncoder:
 
     def __init__(self, fmt: LiveFormat, sample_rate: int, spill_dir: Path | None = None):
         self.fmt = fmt
-        # a file written at once (flac) seeks back to its header: an anonymous file, not memory
-        self.sink = _Sink() if fmt.live else tempfile.TemporaryFile(dir=spill_dir)
-        options = {"page_duration": str(OGG_PAGE_US)} if fmt.container == "ogg" else {}
-        self.container = av.open(self.sink, mode="w", format=fmt.container, options=options)
-        self.stream = self.container.add_stream(fmt.codec, rate=sample_rate, layout="mono")
-        self.stream.codec_context.format = fmt.sample_format
         self.sample_rate = sample_rate
+        self.spill_dir = spill_dir
+        self.sink: _Sink | BinaryIO | None = None  # opened with the first samples, inside the job
+        self.container = self.stream = None
         self.pts = 0
 
     def add(self, samples: np.ndarray) -> bytes:
         if len(samples):
-            self._mux(self.stream.encode(self._frame(samples)))
+            self._mux(self._opened().encode(self._frame(samples)))
         return self._taken()
 
     def close(self) -> bytes:
-        self._mux(self.stream.encode(None))
+        self._mux(self._opened().encode(None))
         self.container.close()
         return self._taken()
 
     def size(self) -> int:
-        return 0 if isinstance(self.sink, _Sink) else self.sink.seek(0, 2)
+        return self.sink.seek(0, 2) if self._spilled() else 0
 
     def rest(self) -> Iterator[bytes]:
-        if isinstance(self.sink, _Sink):
+        if not self._spilled():
             return
         with self.sink:
             self.sink.seek(0)
             while data := self.sink.read(REST_PIECE_BYTES):
                 yield data
+
+    def discard(self) -> None:
+        if self._spilled():
+            self.sink.close()  # an open container then skips its trailer (PyAV's close_output)
+
+    def _opened(self):
+        """The codec's stream; the muxer and its sink made on first use. A file written at once
+        (flac) seeks back to its header: an anonymous file, not memory, made in the job, where a
+        temp folder that is full or gone is said as such."""
+        if self.stream is None:
+            self.sink = _Sink() if self.fmt.live else tempfile.TemporaryFile(dir=self.spill_dir)
+            options = {"page_duration": str(OGG_PAGE_US)} if self.fmt.container == "ogg" else {}
+            self.container = av.open(self.sink, mode="w", format=self.fmt.container, options=options)
+            self.stream = self.container.add_stream(self.fmt.codec, rate=self.sample_rate, layout="mono")
+            self.stream.codec_context.format = self.fmt.sample_format
+        return self.stream
+
+    def _spilled(self) -> bool:
+        return self.sink is not None and not isinstance(self.sink, _Sink)
 
     def _frame(self, samples: np.ndarray) -> av.AudioFrame:
         if self.fmt.sample_format == "s16":
@@ -227,6 +249,11 @@ class EncodedStream:
     def rest(self) -> Iterator[bytes]:
         """After ``close``: the file that is sent once complete (flac), in pieces read from disk."""
         return self.encoder.rest()
+
+    def discard(self) -> None:
+        """The answer and its job have ended: the file sent once complete is let go, even if it
+        was never sent (a failed job, a client gone)."""
+        self.encoder.discard()
 
     def planned_result_bytes(self, samples: int, chunks: int) -> int:
         return 0

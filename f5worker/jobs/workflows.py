@@ -414,7 +414,8 @@ class Worker:
         """The plan's chunks sampled through the batcher (judged and sampled again where they fail,
         with ``verify``: the reports) and assembled (``jobs.assembly``: written as they come, none
         kept), streamed (``live``: each chunk; with silences removed, the audio as the removal makes
-        it final), its words aligned (``words``) and reported as each is done."""
+        it final), its words aligned (``words``) and reported as each is done. The stream's steps
+        are staging too: an HTTP flac is written to a temp file until it is complete."""
         lengths: list[int] = []
 
         def send(pieces: list) -> None:
@@ -425,13 +426,13 @@ class Worker:
         async def chunk_done(wave: np.ndarray, encoded: object | None = None) -> None:
             lengths.append(len(wave))
             if live:
-                send(await self._off_loop(stream.add, wave))
+                send(await self._staging(stream.add, wave))
             await self._staging(assembly.add, wave)  # while the model samples the next chunks
             if words is not None:
                 with clock.step("alignment_s"):
                     assembly.add_words(len(lengths) - 1, *await words.align(len(lengths) - 1, wave, encoded))
             if stream is not None and not live:  # silences removed: the audio as it is final
-                send(await self._off_loop(stream.add_joined, assembly.take_kept()))
+                send(await self._staging(stream.add_joined, assembly.take_kept()))
             if on_progress is not None and len(plan.items) > 1:
                 seconds = audio.joined_length(lengths, SAMPLE_RATE, job.cross_fade_duration)
                 on_progress({"chunks_done": len(lengths), "chunks_total": len(plan.items),
@@ -458,12 +459,12 @@ class Worker:
         if stream is not None and not live:
             ending = assembly.finish()
             while await self._staging(next, ending, False):
-                send(await self._off_loop(stream.add_joined, assembly.take_kept()))
+                send(await self._staging(stream.add_joined, assembly.take_kept()))
         assembled = await self._staging(assembly.close, texts)
         if stream is not None:
             if not live:
-                send(await self._off_loop(stream.add_joined, assembly.take_kept()))
-            send(await self._off_loop(stream.close))
+                send(await self._staging(stream.add_joined, assembly.take_kept()))
+            send(await self._staging(stream.close))
         return assembled
 
     async def _whisper_for_options(self, job: TTSInput) -> None:
