@@ -71,6 +71,7 @@ COPY_CHUNK_BYTES = 1024 * 1024
 # to 5 GiB (the last may be smaller) and at most 10,000 of them, so up to 160 GiB here; a part is
 # one call, sent well within the storage timeouts on any link that carries audio at all.
 MULTIPART_PART_BYTES = 16 * 1024 * 1024
+COPY_PIECE_BYTES = 1024 * 1024  # local storage copies a staged file in pieces of this many bytes
 SWEEP_INTERVAL_S = 600.0  # a local retention sweep runs at most once per 10 minutes
 SWEPT_PREFIXES = (OUTPUT_PREFIX, LOGS_PREFIX)  # never voices/
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
@@ -428,8 +429,9 @@ class S3Storage(Storage):
             if os.fstat(body.fileno()).st_size > self.part_bytes:
                 self._upload_parts(key, body, content_type, stop or threading.Event())
                 return
+            data = self._read_part(body, key)  # read here, so a failing temp disk is said as such
             with self._errors("put", key):
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
 
     def _upload_parts(self, key: str, body: BinaryIO, content_type: str, stop: threading.Event) -> None:
         """A multipart upload of parts of ``part_bytes`` read one at a time, each part one call
@@ -730,8 +732,17 @@ class LocalStorage(Storage):
         dest = self.path_for(key)
         with staged_file(key):  # the worker's own staged file, not storage: said apart
             src = open(path, "rb")
+
+        def copy(out: BinaryIO) -> None:
+            while True:
+                with staged_file(key):
+                    data = src.read(COPY_PIECE_BYTES)
+                if not data:
+                    return
+                out.write(data)
+
         with src, self._errors("put", key):
-            atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
+            atomic_write(dest, copy)
 
     def download_file(self, key, dest_path, max_bytes=None):
         src_path = self.path_for(key)

@@ -482,6 +482,23 @@ def test_s3_unreadable_upload_source_is_said_as_such(s3_env, tmp_path, source):
     assert sent == []
 
 
+UNREADABLE = Path("/proc/self/mem")  # opens, and every read from its start fails (EIO): a failing temp disk
+
+
+@pytest.mark.skipif(not UNREADABLE.exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_staged_file_that_opens_but_cannot_be_read_is_said_as_such(s3_env, tmp_path, backend):
+    """The read happened inside PutObject (S3: 'S3 transfer failed locally') or inside the local
+    write's mapping (which blamed F5_LOCAL_STORAGE_DIR): the worker's temp file is named instead."""
+    storage = LocalStorage(tmp_path / "root") if backend == "local" else S3Storage(s3_env.settings)
+    with pytest.raises(StorageError) as info:
+        storage.upload_file(f"{OUTPUT_PREFIX}a.wav", UNREADABLE, "audio/wav")
+    assert str(info.value) == (f"the file to store as {OUTPUT_PREFIX}a.wav could not be read from the worker's "
+                               "temp folder (Input/output error)")
+    with pytest.raises(KeyNotFound):
+        storage.head(f"{OUTPUT_PREFIX}a.wav")
+
+
 @pytest.mark.parametrize("root, cause", [
     # mkdir answers ENOENT inside /proc, whoever runs it: a folder that cannot be made, no file missing
     ("/proc/f5-worker-storage", "a folder on the way cannot be created there"),
