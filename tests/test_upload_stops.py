@@ -87,7 +87,7 @@ def test_a_deadline_during_a_multipart_upload_is_answered_after_one_part(s3_env,
     slow_parts(storage, sent)
     guard = JobGuard(1.0, tmp_path, committing=COMMITTING.get, on_stop=storage.abort_uploads)
 
-    async def committing_job():  # as Worker._commit_upload commits a job's output
+    async def committing_job():  # as Worker._store commits a job's output
         stop = COMMITTING.setdefault(asyncio.current_task(), threading.Event())
         await asyncio.to_thread(storage.upload_file, "output/late.wav", big_file, "audio/wav", stop=stop)
         return {"ok": True}

@@ -10,9 +10,11 @@ and ``webvtt-py`` libraries.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import html
 import io
+import time
 
 import numpy as np
 import pytest
@@ -431,6 +433,35 @@ def test_a_failed_subtitle_upload_still_answers_with_the_stored_audio(ctx):
     audio, rate = sf.read(io.BytesIO(ctx.get_bytes("output/half.wav")))
     assert len(audio) / rate == pytest.approx(result["duration"], abs=1e-3)
     assert ctx.get_bytes("output/half.srt") is None
+
+
+def test_a_job_stopped_between_its_audio_and_its_subtitles_stores_both(ctx, monkeypatch):
+    """A shutdown cancels a job (jobs.guard): cancelled once its audio was stored, it never
+    stored its subtitle file, and the new audio stood beside the older subtitle file of that key.
+    Both now go up in one thread, which a cancelled job waits for."""
+    storage = ctx.worker.storage
+    storage.put_text("output/stopped.srt", "older subtitles")
+    real_upload = storage.upload_file
+
+    async def run():
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def upload_then_shut_down(key, path, content_type, *, stop=None):
+            real_upload(key, path, content_type, stop=stop)
+            if key.endswith(".wav"):  # the audio is stored: the shutdown cancels the job now
+                loop.call_soon_threadsafe(task.cancel)
+                time.sleep(0.3)  # the cancellation reaches the job before this thread returns
+
+        monkeypatch.setattr(storage, "upload_file", upload_then_shut_down)
+        job = parse_job_input({**JOB, "subtitles": "srt", "output_key": "stopped"})
+        await ctx.worker.tts("stopped-job", job)
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(run())
+    cues = list(srt.parse(ctx.get_bytes("output/stopped.srt").decode("utf-8")))
+    assert cues and " ".join(c.content.replace("\n", " ") for c in cues).split() == TEXT.split()
+    assert ctx.get_bytes("output/stopped.wav") is not None
 
 
 def test_a_verified_word_timed_job_aligns_on_its_transcripts_encoder_pass(ctx, monkeypatch):

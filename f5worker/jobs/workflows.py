@@ -334,7 +334,7 @@ class Worker:
                      plan: JobPlan, seed: int, paths: dict[str, Path], clock: JobClock) -> dict:
         """The job's audio file (written as it was sampled) stored, and inline if asked; its result.
         A subtitle file goes up just after the audio: a failed audio upload changes nothing (the
-        older pair of that key stands), and a failed subtitle upload (``_store_subtitles``) still
+        older pair of that key stands), and a failed subtitle upload (``_subtitles_not_stored``) still
         answers with the stored audio."""
         job, fmt, staging = delivery.job, delivery.fmt, paths["output.wav"]
         size = (await self._staging(staging.stat)).st_size
@@ -350,10 +350,13 @@ class Worker:
             inline = self._inline_decision(job, result, size, delivery.stream)
             if inline.too_large and job.return_base64:
                 raise InputError(encoding.too_large_sentence(fmt, size, inline.room))
-            # a write the caller sees: from here the job is seen through
-            await self._commit_upload(delivery.output_key, staging, fmt.content_type)
-            if subtitles is not None:
-                await self._store_subtitles(subtitles, result)
+            # a write the caller sees: from here the job is seen through. A multipart upload stops
+            # before its next part, and is aborted, once the guard sets ``stop`` (deadline, shutdown).
+            stop = COMMITTING.setdefault(asyncio.current_task(), threading.Event())
+            failed = await self._commit(self._upload_outputs, delivery.output_key, staging, fmt.content_type,
+                                        subtitles, stop)
+            if failed is not None:
+                await self._subtitles_not_stored(subtitles, result, failed)
         with clock.step("encoding_s"):
             await self._attach_inline(delivery.job_id, result, inline, staging, size)
         return result
@@ -368,16 +371,25 @@ class Worker:
         url = await self._off_loop(self.storage.result_url, key)
         return SubtitlesFile(key=key, url=url, path=staging, content_type=SUBTITLE_FORMATS[fmt])
 
-    async def _store_subtitles(self, subtitles: "SubtitlesFile", result: dict) -> None:
-        """The subtitle file stored after its audio. If it cannot be, the job has still stored its
-        audio (a change the caller must hear of, not an error): the result says why in
-        ``subtitles_error``, and the older subtitle file of that key is removed where it can be,
-        so no subtitle file stands beside audio it was not made for."""
+    def _upload_outputs(self, key: str, staging: Path, content_type: str, subtitles: "SubtitlesFile | None",
+                        stop: threading.Event) -> str | None:
+        """The audio stored, then its subtitle file (if any), in one thread: a job stopped between
+        the two (a shutdown) still waits for both (``_off_loop``), so new audio never stands
+        beside an older subtitle file. Why the subtitle file could not be stored, if it could not."""
+        self.storage.upload_file(key, staging, content_type, stop=stop)
+        if subtitles is None:
+            return None
         try:
-            await self._commit_upload(subtitles.key, subtitles.path, subtitles.content_type)
-            return
+            self.storage.upload_file(subtitles.key, subtitles.path, subtitles.content_type, stop=stop)
         except StorageError as err:
-            failed = str(err).rstrip(".")
+            return str(err).rstrip(".")
+        return None
+
+    async def _subtitles_not_stored(self, subtitles: "SubtitlesFile", result: dict, failed: str) -> None:
+        """The audio is stored but its subtitle file could not be (a change the caller must hear
+        of, not an error): the result says why in ``subtitles_error``, and the older subtitle
+        file of that key is removed where it can be, so no subtitle file stands beside audio it
+        was not made for."""
         del result["subtitles_url"], result["subtitles_key"]
         try:
             await self._off_loop(self.storage.delete, subtitles.key)
@@ -648,12 +660,6 @@ class Worker:
         if asyncio.iscoroutinefunction(fn):
             return await fn(*args)
         return await self._off_loop(fn, *args)
-
-    async def _commit_upload(self, key: str, path: Path, content_type: str) -> None:
-        """``_commit`` of a staged file: a multipart upload stops before its next part, and is
-        aborted, once the guard sets the job's stop event (its deadline passed, or a shutdown)."""
-        stop = COMMITTING.setdefault(asyncio.current_task(), threading.Event())
-        await self._commit(functools.partial(self.storage.upload_file, key, path, content_type, stop=stop))
 
     async def _staging(self, fn, *args):
         """``fn`` run off the event loop, with a failure of the temp folder said as such (libsndfile
