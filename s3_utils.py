@@ -71,7 +71,6 @@ COPY_CHUNK_BYTES = 1024 * 1024
 # to 5 GiB (the last may be smaller) and at most 10,000 of them, so up to 160 GiB here; a part is
 # one call, sent well within the storage timeouts on any link that carries audio at all.
 MULTIPART_PART_BYTES = 16 * 1024 * 1024
-COPY_PIECE_BYTES = 1024 * 1024  # local storage copies a staged file in pieces of this many bytes
 SWEEP_INTERVAL_S = 600.0  # a local retention sweep runs at most once per 10 minutes
 SWEPT_PREFIXES = (OUTPUT_PREFIX, LOGS_PREFIX)  # never voices/
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
@@ -736,7 +735,7 @@ class LocalStorage(Storage):
         def copy(out: BinaryIO) -> None:
             while True:
                 with staged_file(key):
-                    data = src.read(COPY_PIECE_BYTES)
+                    data = src.read(COPY_CHUNK_BYTES)
                 if not data:
                     return
                 out.write(data)

@@ -100,7 +100,7 @@ def test_a_sign_is_a_word_of_its_own_or_left_as_written():
     assert normalize("-5", "kn").text == f"-{num2words(5, lang='kn')}"
 
 
-def test_the_fr_and_de_currency_after_each_amount():
+def test_a_currency_sign_after_each_amount_is_that_amounts():
     assert normalize("10 € 20 € 30 €.", "fr").text == " ".join(
         f"{num2words(n, lang='fr')} euros" for n in (10, 20, 30)) + "."
 

@@ -29,6 +29,7 @@ UNITS_EN = {"km": "kilometre", "m": "metre", "cm": "centimetre", "mm": "millimet
 UNITS_EN_LONG = "|".join(re.escape(u) for u in sorted(UNITS_EN, key=len, reverse=True) if len(u) > 1)
 UNITS_EN_SHORT = "|".join(u for u in UNITS_EN if len(u) == 1)
 CURRENCY_SIGNS = {"$": "USD", "€": "EUR", "£": "GBP", "¥": "JPY", "₹": "INR"}
+SIGN = f"[{''.join(CURRENCY_SIGNS)}]"  # any of them, in a pattern
 ORDINAL_SUFFIXES = {"en": "st|nd|rd|th", "fr": "er|re|e|ème", "es": "º|ª|o|a", "it": "º|ª", "pt": "º|ª"}
 POINT_DECIMALS = {"en", "ja", "ko", "th", "he", "zh"}  # languages writing 3.5, not 3,5
 MAX_DIGITS = 15  # up to the trillions; a longer run of digits (an ID, a serial) stays as written
@@ -145,14 +146,14 @@ def _rules(language: str) -> tuple[Callable[[str], tuple[str, int]], ...]:
         # rule says the number: at the start, after a space or an opening bracket or quote. A hyphen
         # joining two ("555-1234", "2024-05-03", "5%-10%") or after a number and a space
         # ("555 -1234") is not a sign.
-        _sub(rf"(?:^|(?<=[\s({OPENING}]))(?<!\d\s)[-−](?=[$€£¥₹]?\d)", lambda m: _minus(language)),
+        _sub(rf"(?:^|(?<=[\s({OPENING}]))(?<!\d\s)[-−](?={SIGN}?\d)", lambda m: _minus(language)),
         # A currency sign before its amount or after it ("$5", "10 €"), whichever the text reaches
         # first: "10$ 20$" and "$10 $20" are each two amounts. A sign right before another amount
         # ("3 $5 bills") is that amount's.
-        _sub(rf"([$€£¥₹])\s?({number})\s(million|billion|trillion|thousand)\b",  # "$5 million": of dollars
+        _sub(rf"({SIGN})\s?({number})\s(million|billion|trillion|thousand)\b",  # "$5 million": of dollars
              lambda m: f"{_words(value(m[2]), language)} {m[3]} {_currency_plural(CURRENCY_SIGNS[m[1]], language)}"),
-        _sub(rf"([$€£¥₹])\s?({number}){END}(?!\s?(?:million|billion|trillion|thousand|bn|m|k)\b)"
-             rf"|{START}({number})\s?([$€£¥₹])(?!\d)", lambda m: _signed_currency(m, value, language)),
+        _sub(rf"({SIGN})\s?({number}){END}(?!\s?(?:million|billion|trillion|thousand|bn|m|k)\b)"
+             rf"|{START}({number})\s?({SIGN})(?!\d)", lambda m: _signed_currency(m, value, language)),
         _sub(rf"{START}({number})\s?(USD|EUR|GBP|JPY|INR)\b", lambda m: _currency(value(m[1]), m[2], language)),
         _sub(rf"{START}({number})\s?%", lambda m: f"{_words(value(m[1]), language)} {PERCENT_WORDS.get(language, '%')}"),
         # A time with fractions of a second ("1:23:45.6") is left to the numbers' rule.
@@ -184,7 +185,7 @@ def _currency(amount, code: str, language: str) -> str:
     """An amount of ``code`` in words. num2words reads a whole number given as currency as cents,
     so whole amounts are the number and the currency's name ("five dollars")."""
     converter = CONVERTER_CLASSES[language]
-    forms = getattr(converter, "CURRENCY_FORMS", {}).get(code)
+    forms = _currency_forms(code, language)
     try:
         if isinstance(amount, int) and forms:
             return f"{_words(amount, language)} {converter.pluralize(amount, forms[0])}"
@@ -199,9 +200,14 @@ def _signed_currency(match: re.Match, value: Callable[[str], float | int], langu
     return _currency(value(amount), CURRENCY_SIGNS[sign], language)
 
 
+def _currency_forms(code: str, language: str):
+    """num2words' names of ``code`` in ``language`` (its major unit's first), or None."""
+    return getattr(CONVERTER_CLASSES[language], "CURRENCY_FORMS", {}).get(code)
+
+
 def _currency_plural(code: str, language: str) -> str:
     """The name of many of ``code`` ("dollars"), or the code where the converter has none."""
-    forms = getattr(CONVERTER_CLASSES[language], "CURRENCY_FORMS", {}).get(code)
+    forms = _currency_forms(code, language)
     return CONVERTER_CLASSES[language].pluralize(2, forms[0]) if forms else code
 
 
