@@ -28,6 +28,11 @@ class StorageError(WorkerError):
     pass
 
 
+class ModelUnavailable(StorageError):
+    """A model the job needs (the worker's Whisper) could not be found or loaded: a setting or a
+    volume to fix, not a fault that passes in a second, so the HTTP face sends no Retry-After."""
+
+
 class WriteStopped(StorageError):
     """A write of several calls (a multipart upload) stopped between two of them, as its caller
     asked (the job's deadline, a shutdown). ``undone``: it was undone, so nothing was stored;

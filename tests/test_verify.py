@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import time
 
 import numpy as np
 import pytest
@@ -71,6 +73,14 @@ def test_judge_says_why():
     cut = judge(wave, "one two three four five six", "one two three four five", seed=1,
                 planned_samples=len(wave), options=options)
     assert cut.reason == "its last words were not heard" and cut.error == pytest.approx(1 / 6)
+    nothing = judge(wave, "one two three four", " . ", seed=1, planned_samples=len(wave),
+                    options=GuardOptions(max_error=1.0))  # 1.0 is not above the bound: said as what it is
+    assert nothing == Try(1, 1.0, "nothing was heard in it")
+    # 10 of 33 words is 30.3 %, above 30 %: the sentence shows the decimal that tells them apart.
+    said = " ".join(f"word{i}" for i in range(33))
+    heard = " ".join("wrong" if i < 10 else f"word{i}" for i in range(33))
+    close = judge(wave, said, heard, seed=1, planned_samples=len(wave), options=options)
+    assert close.reason == "its transcript differs from its text by 30.3% (more than 30.0%)"
     silent = judge(np.zeros_like(wave), "one", None, seed=1, planned_samples=len(wave), options=options)
     assert silent == Try(1, None, "it is silent")
     # Accepted first, then a judged transcript, then the lower error; a failed audio last.
@@ -246,3 +256,78 @@ def test_a_whisper_that_cannot_load_refuses_the_job_before_any_model_call(ctx, t
     monkeypatch.setattr(ctx.worker, "transcriber", None)
     _, result = ctx.run({**JOB, "verify": True})
     assert result["error"] == "'verify' needs the worker's transcription model, and this worker has none."
+
+
+class SlowLoadingEcho:
+    """Hears each chunk as its text is written (what the job is judged against does not matter
+    here); its first ``load`` takes ``load_s``, as a real Whisper's does (seconds for 1.6 GB)."""
+
+    def __init__(self, heard: str | None = None, load_s: float = 0.0):
+        self.heard, self.load_s, self.loaded = heard, load_s, False
+
+    def load(self):
+        if not self.loaded:
+            time.sleep(self.load_s)
+            self.loaded = True
+        return self
+
+    def hear(self, samples, sr, *, keep: bool = False) -> Heard:
+        return Heard(self.heard if self.heard is not None else ONE_CHUNK["text"])
+
+
+ONE_CHUNK = {**JOB, "text": "Hello there, this is a short test.", "verify": True}
+
+
+def test_loading_whisper_is_its_own_timing_not_synthesis(ctx, monkeypatch):
+    """The first verify job after a start loads Whisper: that wait is ``whisper_load_s``, and
+    ``synthesis_s`` and ``rtf`` stay the model's, as ``model_load_s`` keeps the TTS model's load out."""
+    monkeypatch.setattr(ctx.worker, "transcriber", SlowLoadingEcho(load_s=3.0))
+    _, first = ctx.run(ONE_CHUNK)
+    _, second = ctx.run(ONE_CHUNK)
+    assert first["timings"]["whisper_load_s"] >= 3.0 > second["timings"]["whisper_load_s"]
+    assert first["timings"]["synthesis_s"] < second["timings"]["synthesis_s"] + 2.0, (first["timings"],
+                                                                                      second["timings"])
+    _, plain = ctx.run({**ONE_CHUNK, "verify": False})
+    assert "whisper_load_s" not in plain["timings"] and "verify_s" not in plain["timings"]
+
+
+def test_a_verify_job_whose_tries_all_fail_their_audio_checks_still_says_verify_s(ctx, monkeypatch):
+    import f5worker.jobs.verify as verify
+
+    monkeypatch.setattr(ctx.worker, "transcriber", SlowLoadingEcho())
+    monkeypatch.setattr(verify, "audio_fault", lambda wave, planned: "it is silent")  # a voice that makes silence
+    _, result = ctx.run({**ONE_CHUNK, "verify_retries": 0})
+    assert result["segments"][0]["verify"]["retried_because"] == ["it is silent"]
+    assert result["timings"]["verify_s"] == 0.0
+
+
+def test_a_verify_jobs_record_says_what_the_guard_found(ctx, monkeypatch):
+    """The HTTP face answers with the audio alone and names its record (``X-Job-Id``): the record
+    is where a client learns that a chunk still failed after its retries (no text in it)."""
+    monkeypatch.setattr(ctx.worker, "transcriber", SlowLoadingEcho("something else entirely"))
+    job_id, result = ctx.run({**ONE_CHUNK, "verify_retries": 0})
+    record = json.loads(ctx.get_text(f"logs/{job_id}.json"))
+    assert record["verify"] == result["verify"] and record["verify"]["failed_chunks"] == 1
+
+
+def test_over_http_a_whisper_that_cannot_load_is_not_answered_retry_in_a_second(ctx, tmp_path, monkeypatch):
+    """Its sentence says to leave out 'verify' or fix ASR_MODEL, which no retry heals: a 503 without
+    Retry-After (a storage fault's 503 carries one, and OpenAI's SDK and others honour it)."""
+    import asyncio
+
+    from f5worker.http.errors import api_error
+    from f5worker.inference.transcriber import Transcriber
+    from f5worker.service import JobRunner, job_guard
+    from f5worker.settings import Settings
+
+    broken = tmp_path / "broken-whisper"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    monkeypatch.setattr(ctx.worker, "transcriber", Transcriber(Settings.from_env({"ASR_MODEL": str(broken)}), "cpu"))
+    runner = JobRunner(ctx.worker, None, job_guard(ctx.worker.settings, ctx.worker.storage))
+    job = parse_job_input(ONE_CHUNK)
+    outcome = asyncio.run(runner.outcome("broken-whisper-http", "tts",
+                                         lambda: ctx.worker.tts("broken-whisper-http", job)))
+    error = api_error(outcome)
+    assert "Leave out 'verify'" in error.message
+    assert (error.status, error.code, error.retry_after) == (503, "model_unavailable", None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from f5worker.errors import InputError, NotFound, WorkerError
+from f5worker.errors import InputError, ModelUnavailable, NotFound, WorkerError
 from f5worker.jobs.guard import JobStopped
 from f5worker.service import Outcome
 
@@ -53,6 +53,8 @@ def api_error(outcome: Outcome) -> ApiError:
         return ApiError(503, message, code="worker_unhealthy")
     if isinstance(err, JobStopped):
         return ApiError(503, message, code="job_stopped", retry_after=RETRY_AFTER_S)
+    if isinstance(err, ModelUnavailable):  # a setting or volume to fix: retrying in a second will not help
+        return ApiError(503, message, code="model_unavailable")
     if isinstance(err, WorkerError):  # storage that failed or could not be reached
         return ApiError(503, message, code="storage_error", retry_after=RETRY_AFTER_S)
     return ApiError(500, message, code="internal_error")

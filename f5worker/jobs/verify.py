@@ -131,16 +131,29 @@ def transcript_error(said: str, heard: str, language: str) -> tuple[float, bool]
     return float(error), said.split()[-1] in heard.split()[-ENDING_WINDOW_WORDS:]
 
 
+def percents(value: float, limit: float) -> tuple[str, str]:
+    """``value`` and ``limit`` as percentages with the fewest decimals that tell them apart, so a
+    rejection never reads "by 30% (more than 30%)"."""
+    for places in range(4):
+        shown, bound = f"{value:.{places}%}", f"{limit:.{places}%}"
+        if shown != bound:
+            break
+    return shown, bound
+
+
 def judge(wave: np.ndarray, text: str, heard: str | None, *, seed: int, planned_samples: int,
           options: GuardOptions) -> Try:
     """One try of a chunk judged; ``heard`` is None when the audio already failed (``audio_fault``)."""
     fault = audio_fault(wave, planned_samples)
     if fault is not None or heard is None:
         return Try(seed, None, fault or "it was not transcribed")
-    error, ending = transcript_error(text, heard, language_of(text, options.language))
+    language = language_of(text, options.language)
+    error, ending = transcript_error(text, heard, language)
+    if not comparable(heard, language) and comparable(text, language):
+        return Try(seed, error, "nothing was heard in it")
     if error > options.max_error:
-        return Try(seed, error, f"its transcript differs from its text by {error:.0%} (more than "
-                                f"{options.max_error:.0%})")
+        shown, limit = percents(error, options.max_error)
+        return Try(seed, error, f"its transcript differs from its text by {shown} (more than {limit})")
     if not ending:
         return Try(seed, error, "its last words were not heard")
     return Try(seed, error, None)

@@ -37,7 +37,7 @@ from f5worker.jobs.download import download_to_file
 from f5worker.inference.engine import TTSEngine
 from f5worker.inference.models import ModelPool
 from f5worker.inference.transcriber import Heard
-from f5worker.errors import InputError, StorageError, WorkerError
+from f5worker.errors import InputError, ModelUnavailable, StorageError, WorkerError
 from f5worker.jobs.inputs import (MAX_SEED, DeleteVoiceInput, ListModelsInput, ListVoicesInput, TTSInput,
                                   UploadInput, VoiceInfoInput)
 from f5worker.jobs.plan import JobPlan, SynthesisRequest, plan_segments, planned_samples
@@ -280,7 +280,8 @@ class Worker:
                 plan = await self._off_loop(plan_segments, synthesis_requests(job, segments, voices, seed,
                                                                               streamed=live, model=model))
                 self._refuse_early(plan, fmt, job, stream if live else None)
-                await self._whisper_for_options(job)
+            await self._whisper_for_options(job, clock)
+            with clock.step("synthesis_s"):
                 words = self._chunk_words(job, plan)
                 if words is not None:
                     await words.check()
@@ -306,7 +307,7 @@ class Worker:
                           audio_seconds=result["duration"], output_bytes=result["bytes"],
                           output_key=result["output_key"], format=result["format"], sample_rate=job.sample_rate,
                           inline="audio_base64" in result, ref_text_source=result["ref_text_source"],
-                          voices_used=list(voices), timings=result["timings"])
+                          voices_used=list(voices), timings=result["timings"], verify=result.get("verify"))
         return result
 
     async def _assembly(self, job: TTSInput, fmt: encoding.OutputFormat, staging: Path | None,
@@ -479,9 +480,10 @@ class Worker:
             send(await self._staging(stream.close))
         return assembled
 
-    async def _whisper_for_options(self, job: TTSInput) -> None:
+    async def _whisper_for_options(self, job: TTSInput, clock: JobClock) -> None:
         """``verify``, ``timestamps`` and ``subtitles`` need the worker's Whisper: a job asking for
-        them is refused before any model call when the worker has none or cannot load it."""
+        them is refused before any model call when the worker has none or cannot load it. The wait
+        is ``whisper_load_s``, not synthesis: the first such job after a start loads the model."""
         options = [(name, verb) for name, verb, asked in (("'timestamps' and 'subtitles'", "need", job.aligned),
                                                           ("'verify'", "needs", job.verify)) if asked]
         if not options:
@@ -489,8 +491,9 @@ class Worker:
         if self.transcriber is None:
             name, verb = options[0]
             raise InputError(f"{name} {verb} the worker's transcription model, and this worker has none.")
-        await self._whisper_for(f"Leave out {' and '.join(name for name, _ in options)}, or set {ENV_ASR_MODEL} "
-                                "to a Whisper model this worker can load.")
+        with clock.step("whisper_load_s"):
+            await self._whisper_for(f"Leave out {' and '.join(name for name, _ in options)}, or set "
+                                    f"{ENV_ASR_MODEL} to a Whisper model this worker can load.")
 
     def _guard(self, job: TTSInput, plan: JobPlan, clock: JobClock) -> GuardedSampling:
         """The job's guarded sampling (``jobs.verify``): its chunks in windows of the batcher's job
@@ -501,6 +504,7 @@ class Worker:
                 return await self._on_gpu_thread(functools.partial(self.transcriber.hear, keep=job.aligned),
                                                  wave, SAMPLE_RATE)
 
+        clock.timings.setdefault("verify_s", 0.0)  # also when no try got as far as its transcription
         asked = {"max_error": job.verify_max_error, "retries": job.verify_retries}
         options = GuardOptions(language=self.models.registry[plan.items[0].model].language,
                                **{knob: value for knob, value in asked.items() if value is not None})
@@ -635,7 +639,7 @@ class Worker:
         try:
             await self._off_loop(self.transcriber.load)
         except StorageError as err:
-            raise StorageError(f"{err} {instead}") from err
+            raise ModelUnavailable(f"{err} {instead}") from err
 
     async def _off_loop(self, fn, *args):
         """``fn(*args)`` on the I/O threads. A thread cannot be stopped: if the job is cancelled (its
