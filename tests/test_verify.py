@@ -182,7 +182,7 @@ def test_the_guard_retries_exactly_the_rejected_chunks_and_keeps_the_best(ctx, t
                                              "its last words were not heard"]
     assert reports[1]["kept_try"] == 2 and reports[1]["error"] > 0.3 and len(reports[1]["retried_because"]) == 3
     assert result["verify"] == {"worst_chunk": 1, "worst_error": reports[1]["error"], "retried_chunks": 2,
-                                "failed_chunks": 1}
+                                "failed_chunks": 1, "out_of_time_chunks": 0}
     assert "verify_s" in result["timings"]
     # Each window's first tries in one call, the two retries together in one call each time.
     windows = [min(2, n - start) for start in range(0, n, 2)]
@@ -331,3 +331,35 @@ def test_over_http_a_whisper_that_cannot_load_is_not_answered_retry_in_a_second(
     error = api_error(outcome)
     assert "Leave out 'verify'" in error.message
     assert (error.status, error.code, error.retry_after) == (503, "model_unavailable", None)
+
+
+class SlowWrongEar(SlowLoadingEcho):
+    """Hears every try as something else, taking ``hear_s`` for each (a long chunk on a busy GPU)."""
+
+    def __init__(self, hear_s: float):
+        super().__init__("something else entirely")
+        self.hear_s, self.calls = hear_s, 0
+
+    def hear(self, samples, sr, *, keep: bool = False) -> Heard:
+        self.calls += 1
+        time.sleep(self.hear_s)
+        return super().hear(samples, sr, keep=keep)
+
+
+def test_retries_stop_while_the_job_can_still_finish_before_its_deadline(ctx, monkeypatch):
+    """Six tries of about 1.2 s each do not fit a 5 s deadline: the guard stops retrying while
+    the job still has its reserve, keeps its best try and says so, where it used to retry on and
+    be stopped at the deadline with nothing."""
+    ear = SlowWrongEar(hear_s=1.0)
+    monkeypatch.setattr(ctx.worker, "transcriber", ear)
+    monkeypatch.setattr(ctx.worker, "settings", dataclasses.replace(ctx.worker.settings, job_timeout_s=5.0))
+    _, result = ctx.run({**ONE_CHUNK, "verify_retries": 5})
+    report = result["segments"][0]["verify"]
+    assert 1 < report["tries"] < 6 and report["tries"] == ear.calls, report
+    assert report["out_of_time"] is True and result["verify"]["out_of_time_chunks"] == 1
+    assert result["timings"]["total_s"] < 5.0, result["timings"]
+    monkeypatch.setattr(ctx.worker, "settings", dataclasses.replace(ctx.worker.settings, job_timeout_s=0.0))
+    ear.calls = 0
+    _, unbounded = ctx.run({**ONE_CHUNK, "verify_retries": 2})  # no deadline: every retry is made
+    assert unbounded["segments"][0]["verify"]["tries"] == 3 == ear.calls
+    assert "out_of_time" not in unbounded["segments"][0]["verify"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import unicodedata
 from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable, Protocol
@@ -39,6 +40,7 @@ CLIP_LEVEL = 0.999
 MAX_CLIPPED_SHARE = 0.01
 VOICED_DB = -40.0  # a 10 ms step louder than this is speech
 MIN_VOICED_SHARE = 0.35  # speech in less of the planned time than this: the text was rushed
+DEADLINE_RESERVE = 0.1  # of the time left as sampling begins: kept for the file's end and its upload
 ENDING_WINDOW_WORDS = 3  # the text's last word must be among the transcript's last few
 VARIATION_SELECTORS = re.compile(r"[\ufe00-\ufe0f\U000e0100-\U000e01ef]")
 NO_SPACE_SCRIPTS = re.compile(r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
@@ -70,6 +72,7 @@ class Try:
 class ChunkReport:
     tries: list[Try] = field(default_factory=list)
     kept: int = 0  # index into tries
+    out_of_time: bool = False  # retries it had left were not made: the job's deadline was near
 
     @property
     def best(self) -> Try:
@@ -78,7 +81,8 @@ class ChunkReport:
     def as_result(self) -> dict:
         best = self.best
         return {"error": None if best.error is None else round(best.error, 3), "tries": len(self.tries),
-                "kept_try": self.kept + 1, "retried_because": [t.reason for t in self.tries if t.reason]}
+                "kept_try": self.kept + 1, "retried_because": [t.reason for t in self.tries if t.reason],
+                **({"out_of_time": True} if self.out_of_time else {})}
 
 
 def retry_seed(seed: int, attempt: int, max_seed: int) -> int:
@@ -164,7 +168,8 @@ def job_summary(reports: list[ChunkReport]) -> dict:
     worst = max(range(len(reports)), key=lambda i: reports[i].best.rank)
     return {"worst_chunk": worst, "worst_error": reports[worst].as_result()["error"],
             "retried_chunks": sum(len(r.tries) > 1 for r in reports),
-            "failed_chunks": sum(r.best.reason is not None for r in reports)}
+            "failed_chunks": sum(r.best.reason is not None for r in reports),
+            "out_of_time_chunks": sum(r.out_of_time for r in reports)}
 
 
 class Sampler(Protocol):
@@ -182,39 +187,63 @@ class GuardedSampling:
     comes back; the rejected ones of a window sampled again together (one model call), each with
     its next ``retry_seed``, until accepted or out of retries; then the window's best tries handed
     on in order, each with what its transcription kept (``Heard.encoded``: the alignment reuses
-    it). ``transcribe(wave)`` runs the worker's Whisper on a chunk (on the model thread)."""
+    it). ``transcribe(wave)`` runs the worker's Whisper on a chunk (on the model thread).
+
+    ``time_left()``: seconds to the job's deadline (None: no deadline). A retry round is begun
+    only if, at the pace of the window's first round, it and the first rounds of the windows after
+    it still end ``DEADLINE_RESERVE`` of the time then left before the deadline: retries spend spare
+    time, and never turn a job that would have finished into one stopped with nothing."""
 
     def __init__(self, sampler: Sampler, transcribe: Callable[[np.ndarray], Awaitable[Heard]], *,
-                 options: GuardOptions, window: int, max_seed: int):
+                 options: GuardOptions, window: int, max_seed: int,
+                 time_left: Callable[[], float] | None = None):
         self.sampler, self.transcribe = sampler, transcribe
         self.options, self.window, self.max_seed = options, window, max_seed
+        self.time_left = time_left
         self.turn = JobTurn()
 
     async def run(self, items: list[ChunkItem], texts: list[str],
                   chunk_done: Callable[[np.ndarray, object | None], Awaitable[None]]) -> list[ChunkReport]:
         reports: list[ChunkReport] = []
+        reserve = None if self.time_left is None else DEADLINE_RESERVE * self.time_left()
         for start in range(0, len(items), self.window):
             part, said = items[start:start + self.window], texts[start:start + self.window]
             self.turn.work_after = sum(map(item_work, items[start + self.window:]))
+            began = time.perf_counter()
             best = await self._together(part)
             judged = [await self._judged(item, text, wave) for item, text, wave in zip(part, said, best)]
             part_reports = [ChunkReport([tried]) for tried, _ in judged]
             kept = [encoded for _, encoded in judged]
-            for attempt in range(1, self.options.retries + 1):
-                rejected = [k for k, report in enumerate(part_reports) if report.best.reason is not None]
-                if not rejected:
-                    break
-                again = [replace(part[k], seed=retry_seed(part[k].seed, attempt, self.max_seed)) for k in rejected]
-                for k, item, wave in zip(rejected, again, await self._together(again)):
-                    report = part_reports[k]
-                    tried, encoded = await self._judged(item, said[k], wave)
-                    report.tries.append(tried)
-                    if tried.rank < report.best.rank:
-                        report.kept, best[k], kept[k] = len(report.tries) - 1, wave, encoded
+            windows_after = -(-(len(items) - start - len(part)) // self.window)
+            # a retry round, then the first round of each window after it, at this window's pace
+            needed_s = (time.perf_counter() - began) * (1 + windows_after)
+            await self._retried(part, said, part_reports, best, kept, needed_s=needed_s, reserve=reserve)
             for wave, encoded in zip(best, kept):
                 await chunk_done(wave, encoded)
             reports += part_reports
         return reports
+
+    async def _retried(self, part: list[ChunkItem], said: list[str], reports: list[ChunkReport],
+                       best: list[np.ndarray], kept: list[object | None], *, needed_s: float,
+                       reserve: float | None) -> None:
+        """A window's rejected chunks sampled again, round by round, while retries last and
+        ``needed_s`` still leaves ``reserve`` before the deadline; each one's best try put in
+        ``best`` and ``kept`` (what its transcription kept)."""
+        for attempt in range(1, self.options.retries + 1):
+            rejected = [k for k, report in enumerate(reports) if report.best.reason is not None]
+            if not rejected:
+                return
+            if reserve is not None and self.time_left() - needed_s < reserve:
+                for k in rejected:
+                    reports[k].out_of_time = True
+                return
+            again = [replace(part[k], seed=retry_seed(part[k].seed, attempt, self.max_seed)) for k in rejected]
+            for k, item, wave in zip(rejected, again, await self._together(again)):
+                report = reports[k]
+                tried, encoded = await self._judged(item, said[k], wave)
+                report.tries.append(tried)
+                if tried.rank < report.best.rank:
+                    report.kept, best[k], kept[k] = len(report.tries) - 1, wave, encoded
 
     async def _together(self, items: list[ChunkItem]) -> list[np.ndarray]:
         futures = self.sampler.enqueue(items, self.turn)

@@ -508,8 +508,9 @@ class Worker:
         asked = {"max_error": job.verify_max_error, "retries": job.verify_retries}
         options = GuardOptions(language=self.models.registry[plan.items[0].model].language,
                                **{knob: value for knob, value in asked.items() if value is not None})
+        timeout = self.settings.job_timeout_s
         return GuardedSampling(self.batcher, transcribe, options=options, window=self.batcher.job_window,
-                               max_seed=MAX_SEED)
+                               max_seed=MAX_SEED, time_left=(lambda: timeout - clock.since_start()) if timeout else None)
 
     def _chunk_words(self, job: TTSInput, plan: JobPlan) -> ChunkWords | None:
         """The job's word alignment, when its word times or subtitles are asked for."""
