@@ -104,6 +104,37 @@ def test_a_deadline_during_a_multipart_upload_is_answered_after_one_part(s3_env,
     assert_nothing_left(s3_env, "output/late.wav")
 
 
+def test_a_job_cancelled_during_its_multipart_upload_stores_nothing(s3_env, big_file, tmp_path):
+    """runpod's cancel (``JobScaler.stop_job``, also RunPod's execution timeout) and an HTTP client
+    gone cancel the guard's task: the upload in its thread used to go on part after part and store
+    the output of a job its caller had cancelled. It now stops before its next part, aborted."""
+    storage, sent = storage_for(s3_env), []
+    slow_parts(storage, sent)
+    guard = JobGuard(600.0, tmp_path, committing=COMMITTING.get, on_stop=storage.abort_uploads)
+    uploaded = threading.Event()
+
+    async def committing_job():
+        stop = COMMITTING.setdefault(asyncio.current_task(), threading.Event())
+        try:
+            await asyncio.to_thread(storage.upload_file, "output/cancelled.wav", big_file, "audio/wav", stop=stop)
+        finally:
+            uploaded.set()
+        return {"ok": True}
+
+    async def run():
+        task = asyncio.ensure_future(guard.run("cancelled", committing_job()))
+        while not sent:
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.to_thread(uploaded.wait, 2 * PART_DELAY_S + 5)
+
+    asyncio.run(run())
+    assert uploaded.is_set() and len(sent) <= 2, sent
+    assert_nothing_left(s3_env, "output/cancelled.wav")
+
+
 def refuse_aborts(storage: S3Storage) -> None:
     """Each AbortMultipartUpload fails before it is sent (the stand-in for an endpoint that fails
     the abort too: the real server cannot be made to refuse one)."""

@@ -160,7 +160,11 @@ class JobGuard:
             if not work.done():
                 # A job blocked in a thread unwinds (and removes its temp files) only once that
                 # thread ends (jobs.Worker._off_loop); the caller is answered now, and whatever the
-                # thread has written so far is swept here.
+                # thread has written so far is swept here. A job cancelled (runpod's cancel or
+                # execution timeout, an HTTP client gone) or stopped while writing its output has
+                # its multipart upload stop before the next part and aborted, as at the deadline.
+                if (write_stop := self.committing(work)) is not None:
+                    write_stop.set()
                 work.cancel()
                 await asyncio.wait({work}, timeout=CANCEL_SETTLE_S)
                 self.sweep([job_id])
