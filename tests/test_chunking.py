@@ -1,9 +1,11 @@
 """Text chunking for any script: f5-tts's chunks where they fit, bounded pieces everywhere."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from f5worker.jobs.chunking import chunk_for_model, chunk_text, graphemes, split_to_fit, utf8_len
+from f5worker.jobs.chunking import chunk_for_model, chunk_text, graphemes, spaced_starts, split_to_fit, utf8_len
 
 TEXTS = [
     "Hello world. This is fine, really; it is: short! Or? " * 10,
@@ -54,3 +56,25 @@ def test_graphemes_are_never_cut():
     assert graphemes("กั") == ["กั"]  # Thai vowel sign stays on its consonant
     for piece in split_to_fit("e\u0301" * 10, 3):
         assert not piece.startswith("\u0301")
+
+
+@pytest.mark.parametrize("text", TEXTS + ["Yes, I agree. 你好，我的朋友。 " * 20, "  lead and trail  "])
+@pytest.mark.parametrize("max_bytes", [7, 40])
+def test_spaced_starts_say_where_the_text_had_whitespace_between_chunks(text, max_bytes):
+    chunks = chunk_for_model(text, max_bytes)
+    spaced = spaced_starts(text, chunks)
+    assert len(spaced) == len(chunks) and spaced[0] == text[0].isspace()
+    rebuilt = "".join((" " if space and i else "") + chunk for i, (chunk, space) in enumerate(zip(chunks, spaced)))
+    assert rebuilt == text.strip()
+
+
+def test_a_run_of_punctuation_is_cut_in_linear_time():
+    """A search from every mark of a run had scanned the rest of the run: '.' * 99,999 + 'x' (a
+    valid text) took about four minutes inside one regex search, holding the GIL, so the event
+    loop, the model thread and every other job stopped. Linear, it takes well under a second; the
+    bound is the complexity's, far from any machine's speed."""
+    text = "." * 99_999 + "x"
+    started = time.perf_counter()
+    chunks = chunk_for_model(text, 200)
+    assert time.perf_counter() - started < 10.0
+    assert "".join(chunks) == text and all(utf8_len(c) <= 200 for c in chunks)

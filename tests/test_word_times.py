@@ -30,6 +30,9 @@ from f5worker.inference.transcriber import Transcriber
 from f5worker.jobs.inputs import parse_job_input
 from f5worker.jobs.subtitles import (CLAUSE_END, LINE_CELLS, MAX_CUE_SECONDS, MIN_CUE_SECONDS, SENTENCE_END,
                                      TimedWord, build_cues, cells, fits, line_wide, render)
+from f5worker.jobs.chunking import chunk_for_model, spaced_starts
+from f5worker.jobs.plan import chunks_with_short_first
+from f5worker.jobs.word_times import ChunkWords
 from f5worker.jobs.words import split_words
 from f5worker.settings import Settings
 from tests.fixtures_whisper import write_tiny_whisper
@@ -215,6 +218,45 @@ def test_cues_of_unspaced_text_count_wide_characters_twice():
     parsed = parse(render(build_cues(words, words[-1].end), "srt"), "srt")
     assert all(cells(line) <= LINE_CELLS for _, _, lines in parsed for line in lines)
     assert_cue_rules(parsed, words, words[-1].end)
+
+
+@pytest.mark.parametrize("text, first_cue_ends_with", [
+    ("यह पहला वाक्य है। यहाँ दूसरा वाक्य है, जो थोड़ी देर और चलता है। और फिर तीसरा वाक्य आता है।", "है।"),  # the danda
+    ("هذه هي الجملة الأولى؟ وهنا الجملة الثانية، التي تستمر لفترة أطول قليلا. ثم تأتي جملة ثالثة هنا.", "الأولى؟"),
+])
+def test_a_cue_ends_at_a_sentence_end_in_every_script_the_chunker_knows(text, first_cue_ends_with):
+    """The first sentence lasts 1.33 s (four words at three a second), as "This is the first
+    sentence." does, whose cue ends there; in Hindi and Arabic the cue had run on (their full stops
+    were not the subtitles' own, only the chunker's)."""
+    assert build_cues(paced("This is the first sentence. Here is the second one."), 4.0)[0].words[-1].word.text \
+        == "sentence."
+    words = paced(text)
+    assert [w.word.text for w in words].index(first_cue_ends_with) == 3
+    assert len(build_cues(words, words[-1].end)[0].words) == 4
+
+
+def test_lines_break_at_a_clause_end_in_arabic_as_in_english():
+    assert build_cues(paced("Here is the second one, which goes on for a while longer."), 4.0)[0].lines[0] \
+        .endswith("one,")
+    words = paced("وهنا الجملة الثانية، التي تستمر لفترة أطول قليلا وبعد ذلك.")
+    cues = build_cues(words, words[-1].end)
+    assert len(cues) == 1 and cues[0].lines[0].endswith("الثانية،"), cues[0].lines
+
+
+@pytest.mark.parametrize("text, chunker, first", [
+    ("はい。10時に駅の前で会いましょう。", lambda t: chunks_with_short_first(t, 100), "はい。"),  # no space in the text
+    ("Yes, I agree. 你好，我的朋友。", lambda t: chunk_for_model(t, 20), "Yes, I agree."),  # a space in the text
+])
+def test_a_cue_across_a_chunk_boundary_reads_as_the_text(text, chunker, first):
+    """The space between two chunks' words is the text's (``JobPlan.spaced``), not guessed from
+    their script ("はい。 10時" and "Yes, I agree.你好" were what the cue showed)."""
+    chunks = chunker(text)
+    assert chunks[0] == first and len(chunks) >= 2, chunks
+    spaced = [None] + spaced_starts(text, chunks)[1:]  # as plan() gives it
+    words = ChunkWords(None, chunks, "ja", spaced=spaced, on_model_thread=None, off_loop=None).words
+    timed = [TimedWord(w, k * 0.1, (k + 1) * 0.1) for k, w in enumerate(w for chunk in words for w in chunk)]
+    cues = build_cues(timed, timed[-1].end)
+    assert "".join(line for cue in cues for line in cue.lines) == text, [c.lines for c in cues]
 
 
 def test_a_burst_of_short_cues_is_held_a_second_each():

@@ -14,14 +14,19 @@ from __future__ import annotations
 import re
 import unicodedata
 
-# Clause and sentence punctuation of the scripts F5-TTS users write in: Latin, CJK (including the
+# Sentence and clause punctuation of the scripts F5-TTS users write in: Latin, CJK (including the
 # enumeration comma), Arabic, Devanagari, Armenian, Ethiopic, Myanmar, Khmer, dashes and ellipses.
-CLAUSE_PUNCTUATION = ",;:.!?、，；：。！？…‥—–،؛؟।॥։።፣၊။។៕"
+# Chunks are cut at both; subtitle cues (jobs.subtitles) end at the first and break lines at either.
+SENTENCE_MARKS = ".!?。！？…‥؟।॥։።။។៕"
+CLAUSE_MARKS = ",;:、，；：—–،؛፣၊"
+CLAUSE_PUNCTUATION = CLAUSE_MARKS + SENTENCE_MARKS
 # The marks that also sit inside a token of a spaced script (3.05, 10:30, 1,000, example.com,
 # 1990–2000) end a clause only before a space or the end; the others end one wherever they are.
 _INSIDE_TOKENS = ",;:.!?–"
 _ALWAYS_ENDS = "".join(c for c in CLAUSE_PUNCTUATION if c not in _INSIDE_TOKENS)
-_CLAUSE_END = re.compile(f"[{re.escape(CLAUSE_PUNCTUATION)}]*"
+# Matched from the start of a run of marks only (the lookbehind): a search from every mark of a run
+# would scan the rest of it each time, quadratic in a text of 100,000 full stops, under the GIL.
+_CLAUSE_END = re.compile(f"(?<![{re.escape(CLAUSE_PUNCTUATION)}])[{re.escape(CLAUSE_PUNCTUATION)}]*"
                          f"(?:[{re.escape(_ALWAYS_ENDS)}]\\s*|[{re.escape(_INSIDE_TOKENS)}](?:\\s+|$))")
 _SPACES = re.compile(r"\s+")
 _JOINERS = {"\u200d", "\u034f"}  # zero-width joiner, combining grapheme joiner
@@ -118,6 +123,23 @@ def cuts_between_words(text: str, end: int) -> bool:
     """Whether cutting ``text`` at ``end`` keeps every word whole: at either end, before a space,
     or after a mark that ends a clause wherever it is (``。``, not the ``.`` of ``3.05``)."""
     return end <= 0 or end >= len(text) or text[end].isspace() or text[end - 1] in _ALWAYS_ENDS
+
+
+def spaced_starts(text: str, chunks: list[str]) -> list[bool]:
+    """For each chunk of ``text`` (in order, as the chunker cut it), whether whitespace came
+    before it in ``text`` (the first: whether the text begins with some). The chunker only drops
+    and adds whitespace, so each chunk spans as many non-space characters of ``text`` as it has."""
+    spaced, at = [], 0
+    for chunk in chunks:
+        start = at
+        while at < len(text) and text[at].isspace():
+            at += 1
+        spaced.append(at > start)
+        remaining = sum(not c.isspace() for c in chunk)
+        while at < len(text) and remaining:
+            remaining -= not text[at].isspace()
+            at += 1
+    return spaced
 
 
 def offset_after(text: str, chunk: str) -> int:

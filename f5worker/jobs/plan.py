@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from f5worker.jobs.audio import cross_fade_join, joined_length, prepare_reference, remove_silences
-from f5worker.jobs.chunking import chunk_for_model, cuts_between_words, offset_after, utf8_len
+from f5worker.jobs.chunking import chunk_for_model, cuts_between_words, offset_after, spaced_starts, utf8_len
 from f5worker.errors import InputError
 from f5worker.jobs.options import OPTION_DEFAULTS
 from f5worker.jobs.resampling import to_model_rate
@@ -77,6 +77,9 @@ class JobPlan:
     request: SynthesisRequest
     timings: dict[str, float] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)  # each item's own text, as the job's segments say it
+    # For each item, whether whitespace came before its text in its segment's text; None for a
+    # segment's first (a new voice's turn): a subtitle cue joining two chunks reads as the text.
+    spaced: list[bool | None] = field(default_factory=list)
 
 
 def check_item_fits(item: ChunkItem) -> None:
@@ -134,7 +137,8 @@ def plan(req: SynthesisRequest) -> JobPlan:
     # stays on the CPU: plan() runs off the model thread, and a device allocation there could
     # land in the middle of a CUDA graph capture; the sampler moves it on the model thread
     audio = torch.from_numpy(to_model_rate(audio[0].numpy(), req.ref_sr)).unsqueeze(0)
-    job = JobPlan(items=items_for(audio, rms, ref_text, chunks, req), request=req, texts=chunks)
+    job = JobPlan(items=items_for(audio, rms, ref_text, chunks, req), request=req, texts=chunks,
+                  spaced=[None] + spaced_starts(req.gen_text, chunks)[1:])
     check_plan_bounds(job, req.gen_text)
     return job
 
@@ -148,11 +152,13 @@ def plan_segments(requests: list[SynthesisRequest]) -> JobPlan:
     job's own, the same in every request)."""
     items: list[ChunkItem] = []
     texts: list[str] = []
+    spaced: list[bool | None] = []
     for req in requests:
         part = plan(replace(req, seed=req.seed + len(items)))
         items += part.items
         texts += part.texts
-    return JobPlan(items=items, request=requests[0], texts=texts)
+        spaced += part.spaced
+    return JobPlan(items=items, request=requests[0], texts=texts, spaced=spaced)
 
 
 def chunks_with_short_first(text: str, max_chars: int) -> list[str]:

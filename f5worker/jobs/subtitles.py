@@ -31,6 +31,7 @@ import regex
 import srt
 import webvtt
 
+from f5worker.jobs.chunking import CLAUSE_MARKS, SENTENCE_MARKS
 from f5worker.jobs.words import Word
 
 SUBTITLE_FORMATS = {"srt": "application/x-subrip", "vtt": "text/vtt"}  # format (and extension) -> content type
@@ -42,8 +43,8 @@ MAX_CUE_SECONDS = 7.0
 # A shorter cue could round to no time in a file of milliseconds (and SRT's writer drops such a cue).
 MIN_VISIBLE_SECONDS = 0.002
 CLOSERS = "'\"’”)）」』»"
-SENTENCE_END = re.compile(rf"[.!?。！？…][{CLOSERS}]*$")
-CLAUSE_END = re.compile(rf"[,;:，；：、—–][{CLOSERS}]*$")
+SENTENCE_END = re.compile(rf"[{re.escape(SENTENCE_MARKS)}][{CLOSERS}]*$")
+CLAUSE_END = re.compile(rf"[{re.escape(CLAUSE_MARKS)}][{CLOSERS}]*$")
 
 
 @dataclass(frozen=True)

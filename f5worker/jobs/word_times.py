@@ -36,12 +36,15 @@ class ChunkWords:
     """One job's chunks' words, aligned one chunk at a time."""
 
     def __init__(self, aligner: Aligner | None, texts: list[str], model_language: str, *,
-                 on_model_thread: Callable[..., Awaitable], off_loop: Callable[..., Awaitable]):
+                 spaced: list[bool | None], on_model_thread: Callable[..., Awaitable],
+                 off_loop: Callable[..., Awaitable]):
+        """``spaced``: ``JobPlan.spaced``, whether whitespace came before each chunk in the text
+        (None, a new voice's turn: a space unless it begins in a script written without them)."""
         self.aligner = aligner
         self.words = [split_words(text) for text in texts]
-        for words in self.words[1:]:  # chunks were cut at spaces: a cue joining two puts one back
-            if words and not words[0].unspaced:
-                words[0] = dataclasses.replace(words[0], space_before=True)
+        for words, space in zip(self.words[1:], spaced[1:]):  # a cue joining two chunks reads as the text
+            if words:
+                words[0] = dataclasses.replace(words[0], space_before=not words[0].unspaced if space is None else space)
         self.languages = [language_of(text, model_language) for text in texts]
         self.on_model_thread = on_model_thread
         self.off_loop = off_loop

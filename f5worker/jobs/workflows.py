@@ -517,7 +517,7 @@ class Worker:
         if not job.aligned:
             return None
         return ChunkWords(self.transcriber, plan.texts, self.models.registry[plan.items[0].model].language,
-                          on_model_thread=self._on_gpu_thread, off_loop=self._off_loop)
+                          spaced=plan.spaced, on_model_thread=self._on_gpu_thread, off_loop=self._off_loop)
 
     def _inline_decision(self, job: TTSInput, result: dict, size: int,
                          stream: streaming.LiveAudio | None) -> InlineAudio:
