@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from f5worker.jobs import assembly as assembly_module
 from f5worker.jobs import encoding, resampling
 from f5worker.jobs.assembly import (KEEP_SAMPLES, LEAD_HELD_SAMPLES, LEAD_READ_SAMPLES, AudioAssembly, AudioWriter,
                                     CrossFadeJoin, SilenceCutter, after_cuts)
@@ -198,3 +199,31 @@ def test_segments_in_seconds_at_every_rate():
         ends.append(assembly.close(["a", "b"]).segments[0]["end"])
     # The hand-over is in the middle of the 0.15 s fade after the first 2 s.
     assert all(abs(end - (2 - 0.075)) <= 0.001 for end in ends), ends
+
+
+def test_a_wav_planned_past_4_gib_is_written_as_rf64_and_reads_back_the_same(tmp_path):
+    """A RIFF WAV's 32-bit sizes overflow past 4 GiB, where libsndfile writes 0xFFFFFFFF and its
+    readers see 2**31 - 1 frames: a chapter planned that long (100,000 CJK characters at 48 kHz
+    and a slow speed, or numbers as words) is written as RF64. Writing 4 GiB here would take the
+    CI's disk; the choice is made from the plan, so a plan past the bound is what is tested."""
+    rng = np.random.default_rng(5)
+    wave = sound(rng, 48000)
+    wav = encoding.FORMATS["wav"]
+    past = (assembly_module.RIFF_MOST_DATA_BYTES - encoding.WAV_HEADER_BYTES) // 2 + 1
+    for most_samples, container in [(0, "WAV"), (past - 1, "WAV"), (past, "RF64")]:
+        path = tmp_path / f"{most_samples}.wav"
+        writer = AudioWriter(path, wav, SR, most_samples=most_samples)
+        writer.write(wave)
+        writer.close()
+        assert sf.info(str(path)).format == container
+        written, rate = sf.read(str(path), dtype="int16")
+        assert rate == SR and np.array_equal(written, encoding.pcm16(wave))
+    assert assembly_module.container_for(encoding.FORMATS["flac"], 10 * past) == "FLAC"  # 64-bit sizes already
+
+
+@pytest.mark.parametrize("sample_rate", [8000, 16000, 22050, 24000, 44100, 48000])
+def test_the_most_output_length_bounds_the_resampled_length(sample_rate):
+    rng = np.random.default_rng(sample_rate)
+    for n in [1, 2, 239, 24000, 24001, 99991]:
+        made = len(resampling.from_model_rate(sound(rng, n), sample_rate))
+        assert resampling.least_output_length(n, sample_rate) <= made <= resampling.most_output_length(n, sample_rate)

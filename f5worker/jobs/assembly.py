@@ -204,13 +204,27 @@ def after_cuts(position: int, cuts: list[tuple[int, int]]) -> int:
     return position - removed
 
 
-class AudioWriter:
-    """The output file, written as samples come (16-bit formats from ``pcm16``'s integers)."""
+# A RIFF WAV's sizes are 32-bit: past this, libsndfile writes 0xFFFFFFFF and readers see 2**31 - 1
+# frames (the rest of a chapter lost to them). Such a file is written as RF64 (EBU Tech 3306),
+# a WAV with 64-bit sizes that libsndfile, ffmpeg and sox read; 1 MiB short of 4 GiB, for headers.
+RIFF_MOST_DATA_BYTES = 2**32 - 2**20
 
-    def __init__(self, path: Path, fmt: OutputFormat, sample_rate: int):
+
+def container_for(fmt: OutputFormat, most_samples: int) -> str:
+    """libsndfile's container for ``fmt`` holding at most ``most_samples`` samples."""
+    if fmt.sf_format == "WAV" and fmt.least_bytes(most_samples) > RIFF_MOST_DATA_BYTES:
+        return "RF64"
+    return fmt.sf_format
+
+
+class AudioWriter:
+    """The output file, written as samples come (16-bit formats from ``pcm16``'s integers);
+    ``most_samples``: at most how many it will hold (a WAV past 4 GiB is RF64)."""
+
+    def __init__(self, path: Path, fmt: OutputFormat, sample_rate: int, *, most_samples: int = 0):
         self.pcm = fmt.sf_subtype == "PCM_16"
-        self.file = sf.SoundFile(str(path), "w", samplerate=sample_rate, channels=1, format=fmt.sf_format,
-                                 subtype=fmt.sf_subtype)
+        self.file = sf.SoundFile(str(path), "w", samplerate=sample_rate, channels=1,
+                                 format=container_for(fmt, most_samples), subtype=fmt.sf_subtype)
 
     def write(self, samples: np.ndarray) -> None:
         if len(samples):

@@ -42,6 +42,12 @@ def least_output_length(samples: int, sample_rate: int) -> int:
     return samples * sample_rate // SAMPLE_RATE
 
 
+def most_output_length(samples: int, sample_rate: int) -> int:
+    """At most as many samples as ``from_model_rate`` returns for ``samples`` samples (the upper
+    neighbour, and one more)."""
+    return -(-samples * sample_rate // SAMPLE_RATE) + 1
+
+
 class OutputStream:
     """``from_model_rate`` fed in pieces: soxr's streaming resampler gives the same samples."""
 

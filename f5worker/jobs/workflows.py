@@ -51,7 +51,7 @@ from f5worker.jobs.subtitles import SUBTITLE_FORMATS
 from f5worker.jobs.word_times import ChunkWords, add_word_times, subtitle_text
 from f5worker.jobs.models import JobModels
 from f5worker.model.store import ModelFiles
-from f5worker.jobs.resampling import least_output_length
+from f5worker.jobs.resampling import least_output_length, most_output_length
 from f5worker.settings import ENV_ASR_MODEL, ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
 from f5worker.jobs.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
                              prepare_upload)
@@ -285,7 +285,8 @@ class Worker:
                 words = self._chunk_words(job, plan)
                 if words is not None:
                     await words.check()
-                assembly = await self._assembly(job, fmt, paths["output.wav"] if store else None, stream, live=live)
+                assembly = await self._assembly(job, fmt, paths["output.wav"] if store else None, stream, live=live,
+                                                most_samples=most_output_length(planned_samples(plan), job.sample_rate))
             assembled, reports = await self._synthesize(plan, job, assembly, stream, on_audio, on_progress, clock,
                                                         live=live, words=words)
             verified = _verification(assembled, reports)
@@ -311,12 +312,13 @@ class Worker:
         return result
 
     async def _assembly(self, job: TTSInput, fmt: encoding.OutputFormat, staging: Path | None,
-                        stream: streaming.LiveAudio | None, *, live: bool) -> AudioAssembly:
+                        stream: streaming.LiveAudio | None, *, live: bool, most_samples: int) -> AudioAssembly:
         """Where the job's audio is put together as it is sampled: written to ``staging`` (when it
         is stored), and kept for a stream that gets it only at the end (silences removed)."""
         writer = None
         if staging is not None:
-            writer = await self._staging(AudioWriter, staging, fmt, job.sample_rate)
+            writer = await self._staging(functools.partial(AudioWriter, most_samples=most_samples), staging, fmt,
+                                         job.sample_rate)
         return AudioAssembly(sample_rate=job.sample_rate, cross_fade_seconds=job.cross_fade_duration,
                              remove_silence=job.remove_silence, writer=writer, keep=stream is not None and not live,
                              spill_dir=self.settings.tmp_dir)
