@@ -27,6 +27,20 @@ def test_a_transcript_far_shorter_than_its_voice_cannot_plan_hours():
         job_plan.plan(req)
 
 
+def test_a_script_of_many_short_parts_keeps_the_jobs_bounds(ref_wav):
+    """Each voice's part is planned as a text of its own, at least one piece and 30 s: a script
+    of one-letter parts ("[a]x " * 2000) planned 2,000 pieces where its text may take 500, and
+    with a short transcript hours of audio that the same text without tags is refused."""
+    parts = [request(ref_wav, "x", 0) for _ in range(2000)]
+    with pytest.raises(InputError, match=r"in 2000 pieces, more than a text of 3999 bytes may \(3999 s, 500 pieces\)"
+                                         r".*, or the text switches voices too often \(2000 parts, each at least one "
+                                         r"piece\)\.$"):
+        job_plan.plan_segments(parts)
+    few = job_plan.plan_segments([request(ref_wav, "A sentence said by one voice.", 0),
+                                  request(ref_wav, "And another said by the next.", 0)])
+    assert len(few.items) == 2  # an ordinary script is planned as before
+
+
 def test_ordinary_jobs_stay_far_inside_the_bounds(ref_wav):
     text = "The quick brown fox jumps over the lazy dog. " * 40  # 1800 bytes
     for speed in (0.3, 1.0, 3.0):

@@ -93,8 +93,9 @@ def check_item_fits(item: ChunkItem) -> None:
             "voice's transcript matches its audio).")
 
 
-def check_plan_bounds(plan: JobPlan, text: str) -> None:
-    """Refuse, before any model call, a plan longer than its text can take (the bounds above)."""
+def check_plan_bounds(plan: JobPlan, text: str, *, parts: int = 1) -> None:
+    """Refuse, before any model call, a plan longer than its text can take (the bounds above);
+    ``parts``: the voices' parts the text was in (each is planned as a text of its own)."""
     size = utf8_len(text)
     seconds = planned_samples(plan) / SAMPLE_RATE
     most_seconds = max(PLANNED_SECONDS_FLOOR, PLANNED_SECONDS_PER_BYTE * size)
@@ -103,7 +104,9 @@ def check_plan_bounds(plan: JobPlan, text: str) -> None:
         raise InputError(
             f"For this voice the text would take {seconds:.0f} s of audio in {len(plan.items)} pieces, more than a "
             f"text of {size} bytes may ({most_seconds:.0f} s, {most_chunks} pieces): the voice's transcript is far "
-            "shorter than its audio (check ref_text), or the speed is very low.")
+            "shorter than its audio (check ref_text), or the speed is very low"
+            + (f", or the text switches voices too often ({parts} parts, each at least one piece)." if parts > 1
+               else "."))
 
 
 def planned_samples(plan: JobPlan) -> int:
@@ -158,7 +161,10 @@ def plan_segments(requests: list[SynthesisRequest]) -> JobPlan:
         items += part.items
         texts += part.texts
         spaced += part.spaced
-    return JobPlan(items=items, request=requests[0], texts=texts, spaced=spaced)
+    job = JobPlan(items=items, request=requests[0], texts=texts, spaced=spaced)
+    if len(requests) > 1:  # each part met its own bounds, floors included; the job meets its text's
+        check_plan_bounds(job, " ".join(req.gen_text for req in requests), parts=len(requests))
+    return job
 
 
 def chunks_with_short_first(text: str, max_chars: int) -> list[str]:
