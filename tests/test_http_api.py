@@ -508,6 +508,16 @@ def test_bodies_that_are_not_json_or_too_large(served):
     assert_openai_error(api(base_url, "PUT", "/v1/audio/speech"), 405, "PUT is not allowed")
 
 
+def test_the_longest_text_a_job_takes_is_not_refused_for_its_json_escaping(served):
+    """100,000 characters outside the BMP (CJK Extension B, emoji) are 1.2 MB as json.dumps and
+    requests' ``json=`` write them (a surrogate pair each, 12 bytes): the body limit had been 1 MiB,
+    so the HTTP face answered 413 for a text the queue face takes. It gets the job's own answer."""
+    _, base_url, _, _ = served
+    body = {"model": "tts-1", "input": "\U00020000" * 100_000, "voice": "nobody-here", "ref_text": "\U0001F600" * 500}
+    assert len(json.dumps(body)) > 1 << 20
+    assert_openai_error(api(base_url, "POST", "/v1/audio/speech", json=body), 404, "")
+
+
 def test_bad_voice_uploads_are_refused_with_nothing_stored(served):
     ctx, base_url, _, _ = served
     keys = ctx.keys(("voices/",))

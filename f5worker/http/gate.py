@@ -11,12 +11,15 @@ import hmac
 import logging
 
 from f5worker.http.errors import ApiError
+from f5worker.jobs.inputs import MAX_REF_TEXT_CHARS, MAX_TEXT_CHARS
 
 log = logging.getLogger(__name__)
 
 VOICES_PATH = "/v1/audio/voices"  # the one route whose body is a file
 OPEN_PATHS = ("/ping",)  # the health check answers without a key: RunPod's load balancer sends none
-JSON_BODY_BYTES = 1 << 20  # a speech request of 100,000 characters is at most 600 KB, escaped as \uXXXX
+# The longest speech request the job takes, as JSON writes it: a character outside the BMP (CJK
+# Extension B, emoji) is escaped as a surrogate pair, 12 bytes; 64 KiB for the other fields.
+JSON_BODY_BYTES = 12 * (MAX_TEXT_CHARS + MAX_REF_TEXT_CHARS) + (1 << 16)
 FORM_OVERHEAD_BYTES = 1 << 20  # a voice form's fields and multipart boundaries beside the file
 
 
