@@ -71,6 +71,7 @@ COPY_CHUNK_BYTES = 1024 * 1024
 # to 5 GiB (the last may be smaller) and at most 10,000 of them, so up to 160 GiB here; a part is
 # one call, sent well within the storage timeouts on any link that carries audio at all.
 MULTIPART_PART_BYTES = 16 * 1024 * 1024
+MAX_UNABORTED = 16  # uploads whose abort failed, remembered to be tried again (one call each)
 SWEEP_INTERVAL_S = 600.0  # a local retention sweep runs at most once per 10 minutes
 SWEPT_PREFIXES = (OUTPUT_PREFIX, LOGS_PREFIX)  # never voices/
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
@@ -361,6 +362,9 @@ class S3Storage(Storage):
         self._bucket_seen = False  # set by check_exists; every write checks it first
         self._uploads_lock = threading.Lock()
         self._open_uploads: dict[str, str] = {}  # multipart upload id -> key, while it runs
+        # Uploads whose abort failed (the storage was unreachable): tried again before the next
+        # multipart upload and by abort_uploads, so their parts do not wait for a lifecycle rule.
+        self._unaborted: dict[str, str] = {}
         self._closing = threading.Event()  # set by abort_uploads: no further part is sent
 
     def _error(self, err: BaseException, action: str, key: str, waited: float) -> StorageError | None:  # noqa: C901 - one storage error per botocore error kind
@@ -438,6 +442,7 @@ class S3Storage(Storage):
         once ``stop`` (or ``abort_uploads``) asks before a part, the upload is aborted, so no part
         is left stored (and billed); the object appears only once every part is in, or not at all."""
         token = uuid.uuid4().hex
+        self._abort_unaborted()
         with self._errors("put", key):
             upload_id = self.client.create_multipart_upload(
                 Bucket=self.bucket, Key=key, ContentType=content_type,
@@ -458,8 +463,14 @@ class S3Storage(Storage):
             self._complete(key, upload_id, parts, token, size)
         except WriteStopped:
             raise  # aborted between parts (_stopped)
-        except BaseException:
+        except StorageError as err:
             # after abort_uploads too: a part in flight when it aborted may have been stored since
+            if self._abort_upload(key, upload_id):
+                raise
+            raise StorageError(f"{err}; its upload could not be aborted either, so the parts sent stay stored "
+                               "until a later upload of this worker or its exit aborts them, or the bucket's rule for "
+                               "incomplete multipart uploads removes them") from err
+        except BaseException:
             self._abort_upload(key, upload_id)
             raise
         finally:
@@ -507,25 +518,43 @@ class S3Storage(Storage):
             open_uploads = list(self._open_uploads.items())
         for upload_id, key in open_uploads:
             self._abort_upload(key, upload_id)
+        self._abort_unaborted()
+
+    def _abort_unaborted(self) -> None:
+        """Try again the aborts that failed, once each."""
+        with self._uploads_lock:
+            waiting = list(self._unaborted.items())
+        for upload_id, key in waiting:
+            self._abort_upload(key, upload_id)
 
     def _abort_upload(self, key: str, upload_id: str) -> bool:
-        """Whether the upload is gone: aborted now, or already (abort_uploads) or completed."""
+        """Whether the upload is gone: aborted now, or already (abort_uploads) or completed. One
+        that could not be aborted is remembered (``_unaborted``) and tried again later."""
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except ClientError as err:
-            if _error_code(err) in _NO_UPLOAD_CODES:
-                return True
-            self._abort_failed(key, err)
-            return False
-        except Exception as err:
-            self._abort_failed(key, err)
-            return False
+            if _error_code(err) not in _NO_UPLOAD_CODES:
+                # a refusal (AccessDenied) would be refused again: only a server's failure is retried
+                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                return self._abort_failed(key, upload_id, err, again=status >= 500)
+        except Exception as err:  # unreachable, timed out: tried again later
+            return self._abort_failed(key, upload_id, err, again=True)
+        with self._uploads_lock:
+            self._unaborted.pop(upload_id, None)
         return True
 
-    def _abort_failed(self, key: str, err: Exception) -> None:
-        # the bucket's lifecycle rule for incomplete uploads is the backstop
+    def _abort_failed(self, key: str, upload_id: str, err: Exception, *, again: bool) -> bool:
+        # ``again``: tried again later (_abort_unaborted); the bucket's lifecycle rule is the backstop
         mapped = self._error(err, "abort upload", key, 0.0)
         log.warning("could not abort the multipart upload of %s: %s", key, mapped or type(err).__name__)
+        with self._uploads_lock:
+            if again:
+                self._unaborted[upload_id] = key
+            else:
+                self._unaborted.pop(upload_id, None)
+            while len(self._unaborted) > MAX_UNABORTED:  # the oldest are left to the lifecycle rule
+                self._unaborted.pop(next(iter(self._unaborted)))
+        return False
 
     def download_file(self, key, dest_path, max_bytes=None):
         # One GetObject streamed to the file (botocore checks the length at the end); the body is

@@ -352,3 +352,41 @@ def test_no_such_upload_over_another_object_is_still_a_failure(s3_env, big_file,
         storage.upload_file("output/other.wav", newer, "audio/wav")
     client = s3_env.server.client()
     assert client.get_object(Bucket=s3_env.bucket, Key="output/other.wav")["Body"].read() == big_file.read_bytes()
+
+
+def test_an_upload_whose_storage_went_away_is_aborted_once_it_is_back(tmp_path, monkeypatch):
+    """S3 stops during a multipart upload (the real server, stopped): the part fails and so does
+    the abort. The sentence had said only 'Could not connect', and the upload was forgotten, its
+    parts stored until a lifecycle rule. Now it says the parts stay, and the worker's next
+    multipart upload (or its exit) aborts them once the storage is back."""
+    from tests.fixtures_faults import restartable_s3
+    from tests.fixtures_s3 import make_s3_env
+    from f5worker.settings import Settings
+
+    big = tmp_path / "chapter.wav"
+    big.write_bytes(np.random.default_rng(2).bytes(4 * PART_BYTES))
+    with restartable_s3(tmp_path / "weed") as s3:
+        env = make_s3_env(s3.server, monkeypatch, tmp_path, prefix="gone")
+        settings = Settings.from_env({**env, "S3_CONNECT_TIMEOUT_SECONDS": "1", "S3_READ_TIMEOUT_SECONDS": "2",
+                                      "S3_MAX_ATTEMPTS": "1"})
+        storage = S3Storage(settings)
+        storage.part_bytes = PART_BYTES
+        storage.check_exists()
+
+        def storage_goes_away(params, **_):
+            if params["PartNumber"] == 3:
+                s3.stop()
+
+        storage.client.meta.events.register("before-parameter-build.s3.UploadPart", storage_goes_away)
+        with pytest.raises(StorageError, match=r"\); its upload could not be aborted either, so the parts sent stay "
+                                               r"stored until a later upload of this worker or its exit aborts them"):
+            storage.upload_file("output/gone.wav", big, "audio/wav")
+        storage.client.meta.events.unregister("before-parameter-build.s3.UploadPart", storage_goes_away)
+        s3.start()
+        s3.wait_writable(env.bucket)
+        client = s3.server.client()
+        assert [u["Key"] for u in client.list_multipart_uploads(Bucket=env.bucket).get("Uploads", [])] == [
+            "output/gone.wav"]
+        storage.upload_file("output/next.wav", big, "audio/wav")  # the next job's output
+        assert client.list_multipart_uploads(Bucket=env.bucket).get("Uploads", []) == []
+        assert client.head_object(Bucket=env.bucket, Key="output/next.wav")["ContentLength"] == 4 * PART_BYTES
