@@ -542,3 +542,68 @@ def test_results_are_not_stored_by_default(client, served):
     _, job_id = speak(client, response_format="wav")
     assert record(ctx, job_id)["output_key"] is None
     assert ctx.keys(("output/",)) == before
+
+
+# --- a client that reads slowly ---------------------------------------------------------------------
+def test_the_unsent_bytes_keep_their_order_across_memory_and_disk(tmp_path):
+    from f5worker.http.spool import READ_BYTES, ByteSpool
+
+    spool = ByteSpool(tmp_path, memory_bytes=10)
+    sent, got = [], []
+    pieces = [b"abc", b"defgh", b"ij", b"klmnop", b"q" * (READ_BYTES + 5), b"rs"]
+    for k, piece in enumerate(pieces):  # taking one piece for every two put
+        spool.put(piece)
+        sent.append(piece)
+        if k % 2:
+            got.append(spool.take())
+    assert spool.in_memory <= 10 and spool.on_disk > 0
+    while spool:
+        got.append(spool.take())
+    assert b"".join(got) == b"".join(sent) and spool.take() == b""
+    spool.put(b"tu")  # drained: memory again, the file emptied
+    assert (spool.in_memory, spool.written) == (2, 0) and spool.take() == b"tu"
+    spool.close()
+
+
+def test_a_slow_reader_costs_the_worker_disk_not_memory(served, monkeypatch):
+    """A client that plays as it reads takes the audio far slower than a GPU samples it, and the
+    job does not wait for it: what the client had not read piled up in memory (a 48 kHz chapter's
+    PCM about 0.9 GB). Past the spool's memory bound (lowered here to 256 KiB) it waits in a temp
+    file, and the client still gets every byte, in order."""
+    import http.client
+    import socket
+
+    from f5worker.http import speech, spool
+
+    ctx, base_url, _, _ = served
+    monkeypatch.setattr(spool, "MEMORY_BYTES", 256 << 10)
+    jobs: list[speech.SpeechJob] = []
+    real_init = speech.SpeechJob.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        jobs.append(self)
+
+    monkeypatch.setattr(speech.SpeechJob, "__init__", recording_init)
+    body = json.dumps({"model": "tts-1", "input": " ".join(f"Sentence {i} goes on for a while and ends." for i in range(24)),
+                       "voice": BUILTIN, "response_format": "pcm", "sample_rate": 48000, "nfe_step": NFE}).encode()
+    port = int(base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 120
+        while not jobs or not jobs[0].stream.closed:  # the client reads nothing until the job has sampled it all
+            assert time.monotonic() < deadline, "the job did not finish sampling"
+            time.sleep(0.05)
+        job = jobs[0]
+        produced = job.stream.bytes_sent
+        # the sockets' kernel buffers take a few MB on loopback; the rest waits on disk, not in memory
+        assert job.unsent.in_memory <= 256 << 10 and job.unsent.on_disk > 1 << 20, (produced, job.unsent.in_memory,
+                                                                                     job.unsent.on_disk)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # the client reads at last, at speed
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        data = answer.read()
+    assert answer.status == 200 and len(data) == produced
+    assert record(ctx, answer.getheader("x-job-id"))["audio_seconds"] == pytest.approx(len(data) / 2 / 48000, abs=1e-3)

@@ -23,14 +23,11 @@ from starlette.responses import Response
 
 from f5worker.http.bodies import SpeechRequest
 from f5worker.http.errors import ApiError, api_error
+from f5worker.http.spool import ByteSpool
 from f5worker.jobs.live_encoding import EncodedStream
 from f5worker.service import JobRunner
 
 log = logging.getLogger(__name__)
-
-AUDIO_DONE = object()  # the stream's last bytes were handed out
-JOB_DONE = object()  # the job's workflow ended
-
 
 class SpeechJob:
     """One speech request's job, started at once; ``next`` hands out its bytes in order."""
@@ -40,43 +37,49 @@ class SpeechJob:
         self.job_id = job_id
         self.stream = EncodedStream(request.fmt, request.job.sample_rate, request.job.cross_fade_duration,
                                     spill_dir=runner.worker.settings.tmp_dir)
-        self.items: asyncio.Queue = asyncio.Queue()
+        # what the client has not read yet (a slow reader's backlog goes to disk, http.spool)
+        self.unsent = ByteSpool(runner.worker.settings.tmp_dir)
+        self.arrived = asyncio.Event()  # new bytes, the audio's end or the job's
+        self.audio_done = False  # the stream's last bytes are in ``unsent``
         self.rest: Iterator[bytes] | None = None  # once the audio is closed: a file sent when complete
         self.complete = False  # every byte of the audio was handed out
         self.on_failure = on_failure
         worker = runner.worker
         self.task = asyncio.ensure_future(runner.outcome(job_id, "tts", lambda: worker.tts(
             job_id, request.job, self._receive, stream=self.stream, store=store)))
-        self.task.add_done_callback(lambda _: self.items.put_nowait(JOB_DONE))
+        self.task.add_done_callback(lambda _: self.arrived.set())
 
     def _receive(self, data: bytes) -> None:
-        """The worker's ``on_audio``, on the event loop: the stream's close gives the last item."""
+        """The worker's ``on_audio``, on the event loop: the stream's close ends the audio."""
         if data:
-            self.items.put_nowait(data)
-        if self.stream.closed:
-            self.items.put_nowait(AUDIO_DONE)
+            self.unsent.put(data)
+        self.audio_done = self.stream.closed
+        self.arrived.set()
 
     async def next(self) -> bytes | None:
-        """The next bytes, None once the audio is complete, or the job's ApiError."""
+        """The next bytes, None once the audio is complete, or the job's ApiError. In order: the
+        bytes received, then the stream's end (a file sent when complete), then the job's end."""
         if self.rest is not None:  # read from disk as it is sent, so the file is never in memory
             data = await asyncio.to_thread(next, self.rest, None)
             if data is not None:
                 return data
             self.complete = True
             return None
-        item = await self.items.get()
-        if item is AUDIO_DONE:
+        while not (self.unsent or self.audio_done or self.task.done()):
+            self.arrived.clear()
+            await self.arrived.wait()
+        if self.unsent:
+            return self.unsent.take()
+        if self.audio_done:
             self.rest = self.stream.rest()
             return await self.next()
-        if item is JOB_DONE:
-            outcome = self.task.result()
-            if outcome.error is None:  # a job that ended without audio (it cannot, but says so)
-                self.complete = True
-                return None
-            error = api_error(outcome)
-            self.on_failure(error)
-            raise error
-        return item
+        outcome = self.task.result()  # the job ended before its audio did
+        if outcome.error is None:  # a job that ended without audio (it cannot, but says so)
+            self.complete = True
+            return None
+        error = api_error(outcome)
+        self.on_failure(error)
+        raise error
 
     def stop(self) -> None:
         """The answer ended: a job whose audio is complete finishes on its own (its record, a
@@ -85,7 +88,7 @@ class SpeechJob:
         until the cycle collector ran, hundreds of MB of a cancelled chapter on the temp disk."""
         if not self.complete:
             self.task.cancel()
-        self.task.add_done_callback(lambda _: self.stream.discard())
+        self.task.add_done_callback(lambda _: (self.stream.discard(), self.unsent.close()))
 
 
 class SpeechResponse(Response):
