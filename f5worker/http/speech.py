@@ -29,6 +29,7 @@ from f5worker.service import JobRunner
 
 log = logging.getLogger(__name__)
 
+
 class SpeechJob:
     """One speech request's job, started at once; ``next`` hands out its bytes in order."""
 

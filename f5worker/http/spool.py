@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-from f5worker.jobs.workflows import staging_error
+from f5worker.jobs.tempfiles import staging_error
 
 MEMORY_BYTES = 8 << 20  # unsent bytes kept in memory before the rest goes to disk
 READ_BYTES = 1 << 20  # a piece read back from disk

@@ -123,7 +123,11 @@ def comparable(text: str, language: str) -> str:
 def transcript_error(said: str, heard: str, language: str) -> tuple[float, bool]:
     """The error of ``heard`` against ``said`` (WER, or CER for scripts without spaces) and
     whether the text's ending was heard."""
-    said, heard = comparable(said, language), comparable(heard, language)
+    return comparable_error(comparable(said, language), comparable(heard, language))
+
+
+def comparable_error(said: str, heard: str) -> tuple[float, bool]:
+    """``transcript_error`` of two texts already ``comparable``."""
     if not said:
         return 0.0, True
     if NO_SPACE_SCRIPTS.search(said):
@@ -152,8 +156,9 @@ def judge(wave: np.ndarray, text: str, heard: str | None, *, seed: int, planned_
     if fault is not None or heard is None:
         return Try(seed, None, fault or "it was not transcribed")
     language = language_of(text, options.language)
-    error, ending = transcript_error(text, heard, language)
-    if not comparable(heard, language) and comparable(text, language):
+    said, heard = comparable(text, language), comparable(heard, language)
+    error, ending = comparable_error(said, heard)
+    if said and not heard:
         return Try(seed, error, "nothing was heard in it")
     if error > options.max_error:
         shown, limit = percents(error, options.max_error)

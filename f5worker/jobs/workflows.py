@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
 import functools
 import logging
 import random
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +41,7 @@ from f5worker.jobs.inputs import (MAX_SEED, DeleteVoiceInput, ListModelsInput, L
 from f5worker.jobs.plan import JobPlan, SynthesisRequest, plan_segments, planned_samples
 from f5worker.model.constants import TARGET_RMS
 from f5worker.jobs.guard import COMMITTING
-from f5worker.jobs.tempfiles import job_paths
+from f5worker.jobs.tempfiles import job_paths, staging_error
 from f5worker.jobs.memory import HeapTrimmer
 from f5worker.jobs.normalize import normalize_texts
 from f5worker.jobs.verify import ChunkReport, GuardedSampling, GuardOptions, job_summary
@@ -52,7 +50,7 @@ from f5worker.jobs.word_times import ChunkWords, add_word_times, subtitle_text
 from f5worker.jobs.models import JobModels
 from f5worker.model.store import ModelFiles
 from f5worker.jobs.resampling import least_output_length, most_output_length
-from f5worker.settings import ENV_ASR_MODEL, ENV_MAX_VOICE_BYTES, ENV_TMP_DIR, LOGS_PREFIX, OUTPUT_PREFIX, Settings
+from f5worker.settings import ENV_ASR_MODEL, ENV_MAX_VOICE_BYTES, LOGS_PREFIX, OUTPUT_PREFIX, Settings
 from f5worker.jobs.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
                              prepare_upload)
 from s3_utils import KeyNotFound, ObjectTooLarge, Storage
@@ -74,19 +72,6 @@ def output_key_for(job_id: str, requested: str | None, fmt: encoding.OutputForma
     if not name or name.endswith("/"):
         name += job_id
     return f"{OUTPUT_PREFIX}{name}.{fmt.extension}"
-
-
-def staging_error(tmp_dir: Path, err: BaseException) -> StorageError:
-    """One sentence for a failure of the worker's temp folder, naming the folder and the cause."""
-    if not tmp_dir.is_dir():
-        return StorageError(f"The worker's temp folder {tmp_dir} does not exist; create it or set "
-                            f"{ENV_TMP_DIR} to a writable folder")
-    errno_ = getattr(err, "errno", None)
-    if errno_ == errno.ENOSPC or "space" in str(err).lower() or shutil.disk_usage(tmp_dir).free < 1_000_000:
-        return StorageError(f"The worker's temp folder {tmp_dir} is full; free space there or set "
-                            f"{ENV_TMP_DIR} to a larger folder")
-    reason = getattr(err, "strerror", None) or type(err).__name__
-    return StorageError(f"The worker's temp folder {tmp_dir} could not be written ({reason})")
 
 
 @contextlib.contextmanager
