@@ -127,27 +127,23 @@ def cuts_between_words(text: str, end: int) -> bool:
 
 def spaced_starts(text: str, chunks: list[str]) -> list[bool]:
     """For each chunk of ``text`` (in order, as the chunker cut it), whether whitespace came
-    before it in ``text`` (the first: whether the text begins with some). The chunker only drops
-    and adds whitespace, so each chunk spans as many non-space characters of ``text`` as it has."""
+    before it in ``text`` (the first: whether the text begins with some)."""
     spaced, at = [], 0
     for chunk in chunks:
         start = at
         while at < len(text) and text[at].isspace():
             at += 1
         spaced.append(at > start)
-        remaining = sum(not c.isspace() for c in chunk)
-        while at < len(text) and remaining:
-            remaining -= not text[at].isspace()
-            at += 1
+        at = offset_after(text, chunk, at)
     return spaced
 
 
-def offset_after(text: str, chunk: str) -> int:
-    """Where ``chunk`` (a leading chunk of ``text``) ends in ``text``. The chunker only drops and
-    adds whitespace, so the chunk ends after as many non-space characters of ``text`` as it has."""
-    remaining = sum(not c.isspace() for c in chunk)
-    for index, char in enumerate(text):
-        if remaining == 0:
-            return index
-        remaining -= not char.isspace()
-    return len(text)
+def offset_after(text: str, chunk: str, start: int = 0) -> int:
+    """Where ``chunk`` (the piece of ``text`` from ``start`` on) ends in ``text``. The chunker only
+    drops and adds whitespace, so the chunk ends after as many non-space characters of ``text``
+    as it has."""
+    remaining, at = sum(not c.isspace() for c in chunk), start
+    while at < len(text) and remaining:
+        remaining -= not text[at].isspace()
+        at += 1
+    return at
