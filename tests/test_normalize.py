@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 from num2words import num2words
 
-from f5worker.jobs.inputs import parse_job_input
+from f5worker.jobs.inputs import MAX_TEXT_CHARS, parse_job_input
 from f5worker.jobs.normalize import language_of, normalize, normalize_texts
 from tests.fixtures_worker import worker_ctx
+from tests.helpers import assert_one_sentence
 
 EN_CASES = [
     ("I have 3 cats.", f"I have {num2words(3)} cats."),
@@ -142,3 +143,22 @@ def test_a_job_speaks_its_numbers_and_says_so(tiny_models, tiny_whisper, tmp_pat
     assert f"{num2words(3)} books for twenty dollars" in said and "3个" in said
     assert spoken["normalized"]["numbers"] == 2 and "zh" in spoken["normalized"]["left_as_written"]
     assert spoken["duration"] > plain["duration"]  # the words take longer to say than the digits
+
+
+def test_a_text_whose_numbers_say_too_much_is_refused_before_the_model(tiny_models, tiny_whisper, tmp_path):
+    """A run of digits is about ten times longer as words: a text the job takes can speak far more
+    than a job may. It is refused before any model call, and the same text without normalize runs."""
+    digits = "1234567 " * 2_000  # 16,000 characters; as words about 160,000
+    assert len(normalize(digits, "en").text) > MAX_TEXT_CHARS
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path) as ctx:
+        before = ctx.keys()
+        calls = len(ctx.worker.batcher.calls)
+        _, refused = ctx.run({"text": digits, "local_voice": "basic_ref_en.wav", "normalize": True,
+                              "return_base64": False})
+        message = assert_one_sentence(refused)
+        assert message.startswith("With its numbers written as words the text is ") and "100,000" in message
+        assert ctx.keys() == before and ctx.tmp_files() == []
+        assert len(ctx.worker.batcher.calls) == calls, "a refused job reached the model"
+        _, plain = ctx.run({"text": digits[:400], "local_voice": "basic_ref_en.wav", "nfe_step": 2,
+                            "return_base64": False})
+    assert "error" not in plain and len(ctx.worker.batcher.calls) > calls

@@ -46,6 +46,16 @@ TIMESTAMPS = ("word",)
 STORED_EXTENSIONS = EXTENSIONS + SUBTITLE_EXTENSIONS
 
 
+def check_spoken_length(texts: list[str]) -> None:
+    """Refuse a text that speaks more than a job may once its numbers are words (``normalize``
+    writes a run of digits as up to ten times its length): before any model call, not at the
+    deadline."""
+    chars = sum(map(len, texts))
+    if chars > MAX_TEXT_CHARS:
+        raise InputError(f"With its numbers written as words the text is {chars:,} characters, more than the "
+                         f"{MAX_TEXT_CHARS:,} a job speaks: send it in parts, or without normalize.")
+
+
 def check_voice_name(name: str) -> str:
     """A voice name is a file name, never a path: letters, digits, '.', '_', '-', ending in .wav."""
     if not VOICE_NAME_RE.match(name) or ".." in name:

@@ -37,7 +37,7 @@ from f5worker.inference.models import ModelPool
 from f5worker.inference.transcriber import Heard
 from f5worker.errors import InputError, ModelUnavailable, StorageError, WorkerError
 from f5worker.jobs.inputs import (MAX_SEED, DeleteVoiceInput, ListModelsInput, ListVoicesInput, TTSInput,
-                                  UploadInput, VoiceInfoInput)
+                                  UploadInput, VoiceInfoInput, check_spoken_length)
 from f5worker.jobs.plan import JobPlan, SynthesisRequest, plan_segments, planned_samples
 from f5worker.model.constants import TARGET_RMS
 from f5worker.jobs.guard import COMMITTING
@@ -316,6 +316,7 @@ class Worker:
             return segments, None
         texts, normalized = await self._off_loop(normalize_texts, [text for _, text in segments],
                                                  self.models.registry[model].language)
+        check_spoken_length(texts)
         return [(name, text) for (name, _), text in zip(segments, texts)], normalized
 
     async def _store(self, delivery: "Delivery", assembled: Assembled, voices: dict[str, JobVoice],
