@@ -82,7 +82,7 @@ def _counting_encoder(transcriber) -> list[int]:
 
 
 def _pipeline_text(transcriber, audio: np.ndarray) -> str:
-    return Transcriber._long_form(transcriber.load(), audio)
+    return Transcriber._long_form(transcriber.load(), audio, {})
 
 
 def _without_generation_lengths(folder: Path, tmp_path: Path) -> Path:
@@ -139,3 +139,32 @@ def test_aligning_what_was_heard_reuses_its_encoder_pass(tiny_whisper, tmp_path)
     assert heard.text == transcriber.transcribe(wave, 24000) and len(calls) == 3
     assert transcriber.align(wave, 24000, words, "en", encoded=heard.encoded) == fresh
     assert len(calls) == 3  # no pass of its own
+
+
+def test_a_chunk_is_heard_in_the_language_it_was_given(tiny_whisper, tmp_path):
+    """Told a language, one window is decoded in it with no detection pass (the decoder's first
+    input is the prompt, its language token second), as the pipeline told the same decodes; a
+    region ('pt_BR') is Whisper's language ('pt'), and a code the model lacks is detected as before.
+    (A tiny model's text is the same in any language: the decoder's inputs are what is compared.)"""
+    transcriber = Transcriber(whisper_settings(tmp_path, str(tiny_whisper)), device="cpu")
+    audio = (0.1 * np.random.default_rng(3).standard_normal(3 * WHISPER_SAMPLE_RATE)).astype(np.float32)
+    pipe, inputs = transcriber.load(), []
+    pipe.model.model.decoder.register_forward_pre_hook(lambda module, args, kw: inputs.append(kw["input_ids"][0].tolist()),
+                                                       with_kwargs=True)
+
+    def decoded(hear, *args, **kwargs) -> tuple[int, int]:
+        """(decoder passes before the prompt, the prompt's language token) of ``hear(*args, **kwargs)``."""
+        inputs.clear()
+        hear(*args, **kwargs)
+        first = next(k for k, ids in enumerate(inputs) if len(ids) > 1)
+        return first, inputs[first][1]
+
+    ids = pipe.model.generation_config.lang_to_id
+    passes, detected = decoded(transcriber.hear, audio, WHISPER_SAMPLE_RATE)
+    assert passes == 1  # told nothing, Whisper detects the language first
+    for code in ("fr", "ja", "pt", "pt_BR"):
+        token = ids[f"<|{code[:2]}|>"]
+        assert decoded(transcriber.hear, audio, WHISPER_SAMPLE_RATE, language=code) == (0, token), code
+        assert decoded(pipe, {"raw": audio, "sampling_rate": WHISPER_SAMPLE_RATE},
+                       generate_kwargs={"task": "transcribe", "language": code[:2]}) == (0, token)
+    assert decoded(transcriber.hear, audio, WHISPER_SAMPLE_RATE, language="xx") == (1, detected)

@@ -118,6 +118,7 @@ class ScriptedTranscriber:
                  script: dict[tuple[int, int], str]):
         self.texts, self.candidates, self.script = texts, candidates, script
         self.heard: list[tuple[int, int]] = []
+        self.languages: list[str | None] = []
 
     def load(self):
         return self
@@ -129,7 +130,8 @@ class ScriptedTranscriber:
         self.heard.append((k, n))
         return self.script.get((k, n), self.texts[k])
 
-    def hear(self, samples, sr, *, keep: bool = False) -> Heard:
+    def hear(self, samples, sr, *, keep: bool = False, language: str | None = None) -> Heard:
+        self.languages.append(language)
         return Heard(self.transcribe(samples, sr))
 
 
@@ -206,6 +208,7 @@ def test_a_job_whose_chunks_are_heard_right_samples_each_once(ctx, tmp_path, mon
     assert all(s["verify"] == {"error": 0.0, "tries": 1, "kept_try": 1, "retried_because": []}
                for s in verified["segments"])
     assert verified["verify"]["retried_chunks"] == 0 and "verify" not in plain
+    assert ctx.worker.transcriber.languages == ["en"] * len(job_plan_.items)  # the model's: none is detected
     # The same audio, within the CPU's batching tolerance (a verified job's chunks share other calls).
     heard, plain_audio = (sf.read(io.BytesIO(ctx.get_bytes(r["output_key"])), dtype="int16")[0].astype(np.float64)
                           for r in (verified, plain))
@@ -264,6 +267,7 @@ class SlowLoadingEcho:
 
     def __init__(self, heard: str | None = None, load_s: float = 0.0):
         self.heard, self.load_s, self.loaded = heard, load_s, False
+        self.languages: list[str | None] = []
 
     def load(self):
         if not self.loaded:
@@ -271,11 +275,23 @@ class SlowLoadingEcho:
             self.loaded = True
         return self
 
-    def hear(self, samples, sr, *, keep: bool = False) -> Heard:
+    def hear(self, samples, sr, *, keep: bool = False, language: str | None = None) -> Heard:
+        self.languages.append(language)
         return Heard(self.heard if self.heard is not None else ONE_CHUNK["text"])
 
 
 ONE_CHUNK = {**JOB, "text": "Hello there, this is a short test.", "verify": True}
+
+
+def test_each_chunk_is_heard_in_its_texts_language(ctx, monkeypatch):
+    """Whisper is told the chunk's language (the model's, or the script's for Chinese, Japanese or
+    Korean text), not left to guess it from a second or two of speech."""
+    ear = SlowLoadingEcho()
+    monkeypatch.setattr(ctx.worker, "transcriber", ear)
+    for text, language in (("Hello there.", "en"), ("我有三个苹果。", "zh"), ("こんにちは、元気です。", "ja")):
+        _, result = ctx.run({**ONE_CHUNK, "text": text, "verify_retries": 0})
+        assert "error" not in result, result
+        assert ear.languages[-1] == language, (text, ear.languages)
 
 
 def test_loading_whisper_is_its_own_timing_not_synthesis(ctx, monkeypatch):
@@ -340,10 +356,10 @@ class SlowWrongEar(SlowLoadingEcho):
         super().__init__("something else entirely")
         self.hear_s, self.calls = hear_s, 0
 
-    def hear(self, samples, sr, *, keep: bool = False) -> Heard:
+    def hear(self, samples, sr, *, keep: bool = False, language: str | None = None) -> Heard:
         self.calls += 1
         time.sleep(self.hear_s)
-        return super().hear(samples, sr, keep=keep)
+        return super().hear(samples, sr, keep=keep, language=language)
 
 
 def test_retries_stop_while_the_job_can_still_finish_before_its_deadline(ctx, monkeypatch):

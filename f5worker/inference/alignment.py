@@ -91,10 +91,15 @@ def alignment_heads(model) -> list[tuple[int, int]]:
     return [(layer, head) for layer in range(layers // 2, layers) for head in range(per_layer)]
 
 
+def language_token(language: str) -> str:
+    """Whisper's token for an ISO 639 code, region left out ('pt_BR' and 'pt-br' are '<|pt|>')."""
+    return f"<|{language.replace('-', '_').split('_')[0].lower()}|>"
+
+
 def prompt_ids(tokenizer, language: str) -> list[int]:
     """Start of transcript, the language (when the model knows it), transcribe, no timestamps."""
     ids = [tokenizer.convert_tokens_to_ids(t) for t in
-           ("<|startoftranscript|>", f"<|{language}|>", "<|transcribe|>", "<|notimestamps|>")]
+           ("<|startoftranscript|>", language_token(language), "<|transcribe|>", "<|notimestamps|>")]
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 

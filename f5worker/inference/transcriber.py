@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from f5worker.inference.alignment import align_words, encode, token_room, word_token_ids
+from f5worker.inference.alignment import align_words, encode, language_token, token_room, word_token_ids
 from f5worker.inference.device import pick_device, pick_dtype
 from f5worker.errors import StorageError
 from f5worker.model.store import resolve_asr_model
@@ -99,32 +99,36 @@ class Transcriber:
         """Mono float samples at any rate -> the stripped transcript."""
         return self.hear(samples, sr).text
 
-    def hear(self, samples: np.ndarray, sr: int, *, keep: bool = False) -> Heard:
+    def hear(self, samples: np.ndarray, sr: int, *, keep: bool = False, language: str | None = None) -> Heard:
         """``transcribe``, and with ``keep`` the encoder output it read, for ``align`` of the same
-        samples (it holds a window's encoder states on the model's device until dropped)."""
+        samples (it holds a window's encoder states on the model's device until dropped).
+        ``language``: the code of the language the audio is known to be in (a chunk's text's), where
+        the model has it; else Whisper detects it (unreliable on a second or two of speech)."""
         audio = at_whisper_rate(samples, sr)
         with self._lock:
             pipe = self._load_locked()
+            told = generation_language(pipe.model, language)
             with torch.inference_mode(), self._own_stream():
                 if len(audio) > pipe.feature_extractor.n_samples:
-                    return Heard(self._long_form(pipe, audio))
+                    return Heard(self._long_form(pipe, audio, told))
                 encoded = encode(pipe.model, pipe.feature_extractor, audio)
-                return Heard(self._generate(pipe, encoded), encoded if keep else None)
+                return Heard(self._generate(pipe, encoded, told), encoded if keep else None)
 
     @staticmethod
-    def _generate(pipe, encoded) -> str:
-        """One window's transcript from its encoder output (the language detected from it too)."""
+    def _generate(pipe, encoded, told: dict) -> str:
+        """One window's transcript from its encoder output (the language detected from it too,
+        unless ``told``: ``generation_language``'s)."""
         model = pipe.model
         given = model.generation_config.to_diff_dict()
         added = {key: value for key, value in PIPELINE_GENERATION_DEFAULTS.items()
                  if key not in given and not (key == "max_new_tokens" and "max_length" in given)}
-        ids = model.generate(encoder_outputs=encoded, task="transcribe", **added)
+        ids = model.generate(encoder_outputs=encoded, task="transcribe", **told, **added)
         return pipe.tokenizer.decode(ids[0], skip_special_tokens=True).strip()
 
     @staticmethod
-    def _long_form(pipe, audio: np.ndarray) -> str:
+    def _long_form(pipe, audio: np.ndarray, told: dict) -> str:
         result = pipe({"raw": audio, "sampling_rate": WHISPER_SAMPLE_RATE}, chunk_length_s=CHUNK_SECONDS,
-                      batch_size=16, generate_kwargs={"task": "transcribe"}, return_timestamps=False,
+                      batch_size=16, generate_kwargs={"task": "transcribe", **told}, return_timestamps=False,
                       ignore_warning=True)
         return result["text"].strip()
 
@@ -147,6 +151,15 @@ class Transcriber:
             pipe = self._load_locked()
             return [(sum(map(len, word_token_ids(pipe.tokenizer, words))), token_room(pipe.model, pipe.tokenizer, language))
                     for words, language in zip(chunks, languages)]
+
+
+def generation_language(model, language: str | None) -> dict:
+    """``generate``'s ``language`` for a language code the model has a token for, else nothing
+    (an English-only model, or a language Whisper lacks: it is detected, as before)."""
+    if not language:
+        return {}
+    token = language_token(language)
+    return {"language": token} if token in (getattr(model.generation_config, "lang_to_id", None) or {}) else {}
 
 
 def at_whisper_rate(samples: np.ndarray, sr: int) -> np.ndarray:

@@ -192,14 +192,15 @@ class GuardedSampling:
     comes back; the rejected ones of a window sampled again together (one model call), each with
     its next ``retry_seed``, until accepted or out of retries; then the window's best tries handed
     on in order, each with what its transcription kept (``Heard.encoded``: the alignment reuses
-    it). ``transcribe(wave)`` runs the worker's Whisper on a chunk (on the model thread).
+    it). ``transcribe(wave, language)`` runs the worker's Whisper on a chunk (on the model thread),
+    told the language of the chunk's text (``normalize.language_of``).
 
     ``time_left()``: seconds to the job's deadline (None: no deadline). A retry round is begun
     only if, at the pace of the window's first round, it and the first rounds of the windows after
     it still end ``DEADLINE_RESERVE`` of the time then left before the deadline: retries spend spare
     time, and never turn a job that would have finished into one stopped with nothing."""
 
-    def __init__(self, sampler: Sampler, transcribe: Callable[[np.ndarray], Awaitable[Heard]], *,
+    def __init__(self, sampler: Sampler, transcribe: Callable[[np.ndarray, str], Awaitable[Heard]], *,
                  options: GuardOptions, window: int, max_seed: int,
                  time_left: Callable[[], float] | None = None):
         self.sampler, self.transcribe = sampler, transcribe
@@ -262,7 +263,8 @@ class GuardedSampling:
         the model's own level: a quiet voice's output is lowered to its reference's loudness,
         which no other seed changes, and is no fault."""
         planned, made = item_output_samples(item), at_model_level(item, wave)
-        heard = None if audio_fault(made, planned) else await self.transcribe(wave)
+        language = language_of(text, self.options.language)
+        heard = None if audio_fault(made, planned) else await self.transcribe(wave, language)
         verdict = judge(made, text, None if heard is None else heard.text, seed=item.seed, planned_samples=planned,
                         options=self.options)
         return verdict, None if heard is None else heard.encoded

@@ -487,10 +487,10 @@ class Worker:
         """The job's guarded sampling (``jobs.verify``): its chunks in windows of the batcher's job
         window, each transcribed by the worker's Whisper on the model thread (``verify_s``; the
         model is loaded by then, ``_whisper_for_options``)."""
-        async def transcribe(wave: np.ndarray) -> Heard:  # word-timed too: the encoder's output is kept to align
+        async def transcribe(wave: np.ndarray, language: str) -> Heard:  # word-timed: the encoder's output is kept
             with clock.step("verify_s"):
-                return await self._on_gpu_thread(functools.partial(self.transcriber.hear, keep=job.aligned),
-                                                 wave, SAMPLE_RATE)
+                return await self._on_gpu_thread(functools.partial(self.transcriber.hear, keep=job.aligned,
+                                                                   language=language), wave, SAMPLE_RATE)
 
         clock.timings.setdefault("verify_s", 0.0)  # also when no try got as far as its transcription
         asked = {"max_error": job.verify_max_error, "retries": job.verify_retries}
