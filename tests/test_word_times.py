@@ -184,6 +184,7 @@ def assert_cue_rules(parsed: list[tuple[float, float, list[str]]], words: list[T
         assert 0 <= start < end <= duration + 1e-9
         assert len(lines) <= 2 and all(cells(line) <= LINE_CELLS for line in lines), lines
         assert end - start >= MIN_CUE_SECONDS - 1e-3 or end == pytest.approx(duration), (start, end, lines)
+        assert end - start <= MAX_CUE_SECONDS + 1e-3, (start, end, lines)
     for (_, end, _), (start, _, _) in zip(parsed, parsed[1:]):
         assert end <= start + 1e-9
     position = 0
@@ -291,6 +292,20 @@ def test_a_word_wider_than_a_line_is_broken_across_lines_and_cues(fmt):
     parsed = parse(render(build_cues(words, duration), fmt), fmt)
     assert all(cells(line) <= LINE_CELLS for _, _, lines in parsed for line in lines)
     assert all(end - start <= MAX_CUE_SECONDS for start, end, _ in parsed)
+    assert_cue_rules(parsed, words, duration)
+
+
+@pytest.mark.parametrize("fmt", ["srt", "vtt"])
+def test_a_cue_is_not_up_through_a_long_pause(fmt):
+    """An aligned word ends where the next begins: "Wait." before 12 s of silence is a 12 s word.
+    Its cue is taken down after 7 s, not left up through the silence."""
+    words = paced("It begins here. Wait.")
+    words[-1] = TimedWord(words[-1].word, words[-1].start, words[-1].start + 12.0)
+    words += [TimedWord(w.word, w.start + words[-1].end, w.end + words[-1].end) for w in paced("And it ends.")]
+    duration = words[-1].end
+    parsed = parse(render(build_cues(words, duration), fmt), fmt)
+    waiting = next((start, end) for start, end, lines in parsed if "Wait." in " ".join(lines))
+    assert waiting[1] - waiting[0] == pytest.approx(MAX_CUE_SECONDS, abs=1e-3), parsed
     assert_cue_rules(parsed, words, duration)
 
 

@@ -11,6 +11,8 @@ players expect:
 * lines break at a clause end where one fits, else where the two lines are most even;
 * no cue is up for less than about a second: a short cue is merged into the next where the two
   fit, else held until the next begins (and the next pushed back where it must);
+* no cue is up for more than ``MAX_CUE_SECONDS``: an aligned word ends where the next begins, so a
+  word before a long pause would otherwise keep its cue up through the silence;
 * a word wider than a line (a URL, a long compound) is broken into line-wide pieces, at
   grapheme boundaries, its time shared among them by width.
 
@@ -171,7 +173,8 @@ def build_cues(words: list[TimedWord], duration: float) -> list[Cue]:
 
 
 def _held(cues: list[Cue], duration: float) -> list[Cue]:
-    """Each cue up for at least MIN_CUE_SECONDS where the audio allows. Forward, a short cue is
+    """Each cue up for at least MIN_CUE_SECONDS where the audio allows, and at most MAX_CUE_SECONDS.
+    Forward, a short cue is
     held and the next pushed back as far as needed; backward, nothing passes the audio's end, and
     a cue squeezed there starts earlier (before its first word) rather than vanish. Where a cue is
     left with no time at all, the cues share the audio evenly (``_spread``)."""
@@ -180,8 +183,8 @@ def _held(cues: list[Cue], duration: float) -> list[Cue]:
         after.start = max(after.start, cue.end)
         after.end = max(after.end, after.start)
     limit = duration
-    for cue in reversed(cues):
-        cue.end = min(max(cue.end, cue.start + MIN_CUE_SECONDS), limit)
+    for cue in reversed(cues):  # at most MAX_CUE_SECONDS: a word's time runs on through the pause after it
+        cue.end = min(max(cue.end, cue.start + MIN_CUE_SECONDS), cue.start + MAX_CUE_SECONDS, limit)
         cue.start = max(0.0, min(cue.start, cue.end - MIN_CUE_SECONDS))
         limit = cue.start
     if any(cue.end - cue.start < MIN_VISIBLE_SECONDS for cue in cues):
