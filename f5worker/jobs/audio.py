@@ -222,10 +222,16 @@ def cross_fade_join(waves: list[np.ndarray], sr: int, cross_fade_seconds: float)
 
 def joined_length(lengths: list[int], sr: int, cross_fade_seconds: float) -> int:
     """The length ``cross_fade_join`` returns for waveforms of these lengths, without joining them."""
-    total = lengths[0] if lengths else 0
-    for length in lengths[1:]:
-        total += length - max(0, min(int(cross_fade_seconds * sr), total, length))
+    total = 0
+    for length in lengths:
+        total = joined_after(total, length, sr, cross_fade_seconds)
     return total
+
+
+def joined_after(total: int, length: int, sr: int, cross_fade_seconds: float) -> int:
+    """``joined_length`` once a waveform of ``length`` is joined to ``total`` samples already
+    joined: a running total (the first fades into nothing)."""
+    return total + length - max(0, min(int(cross_fade_seconds * sr), total, length))
 
 
 # A stored voice carries its transcript inside the WAV, in a RIFF chunk of its own that players and
