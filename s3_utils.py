@@ -138,6 +138,24 @@ class ObjectInfo:
     version: str  # changes whenever the object is replaced: S3's ETag; locally inode, mtime (ns), size
 
 
+@dataclass(frozen=True)
+class Listing:
+    """One listing's objects, whether more may follow, and where the next listing starts: after the
+    last key or folder this one passed (a folder counts towards S3's MaxKeys, so a listing may
+    pass folders and hold no key); None when it passed nothing."""
+
+    objects: list[ObjectInfo]
+    more: bool
+    resume_after: str | None = None
+
+
+def past_folder(prefix: str) -> str:
+    """The least key after every key under ``prefix`` (which ends in '/'): its '/' raised to '0',
+    in byte order above anything '/' begins. Only the key ``...0`` itself, never a voice or an
+    output (they end in an extension), is passed over with them."""
+    return prefix[:-1] + "0"
+
+
 def _error_code(err: ClientError) -> str:
     return str(err.response.get("Error", {}).get("Code") or "unknown")
 
@@ -267,11 +285,10 @@ class Storage:
         """``key`` described without reading it; ``KeyNotFound`` if it does not exist."""
         raise NotImplementedError
 
-    def list_objects(self, prefix: str, start_after: str | None = None,
-                     max_keys: int = 1000) -> tuple[list[ObjectInfo], bool]:
+    def list_objects(self, prefix: str, start_after: str | None = None, max_keys: int = 1000) -> Listing:
         """At most ``max_keys`` (1-1000) objects directly under ``prefix`` (which ends in '/'; keys
-        with a further '/' are not listed), in key order, after the key ``start_after``; and whether
-        more may follow. One request."""
+        with a further '/' are not listed), in key order, after the key ``start_after``; whether
+        more may follow, and where to go on from (``Listing.resume_after``). One request."""
         raise NotImplementedError
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
@@ -606,7 +623,9 @@ class S3Storage(Storage):
                 **({"StartAfter": start_after} if start_after else {}))
         found = [ObjectInfo(item["Key"], item["Size"], _utc(item["LastModified"]), item["ETag"])
                  for item in response.get("Contents", [])]
-        return found, bool(response.get("IsTruncated"))
+        passed = [info.key for info in found] + [past_folder(p["Prefix"]) for p in response.get("CommonPrefixes", [])]
+        return Listing(found, bool(response.get("IsTruncated")),
+                       max(passed, key=lambda key: key.encode("utf-8"), default=None))
 
     def get_range(self, key, start, length):
         if start < 0 or length < 1:
@@ -818,7 +837,7 @@ class LocalStorage(Storage):
             try:
                 entries = list(os.scandir(folder))
             except (FileNotFoundError, NotADirectoryError):
-                return [], False
+                return Listing([], False)
             # Key order as S3 gives it (UTF-8 bytes); names starting with '.' are writes in progress
             # (atomic_write's temp files), not objects.
             names = sorted((e.name for e in entries if not e.name.startswith(".")),
@@ -834,9 +853,9 @@ class LocalStorage(Storage):
                 if not stat.S_ISREG(st.st_mode):
                     continue
                 if len(found) == max_keys:
-                    return found, True
+                    return Listing(found, True, found[-1].key)
                 found.append(self._info(key, st))
-        return found, False
+        return Listing(found, False, found[-1].key if found else None)
 
     def get_range(self, key, start, length):
         if start < 0 or length < 1:

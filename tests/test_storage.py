@@ -20,8 +20,8 @@ from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_CA_BUNDLE, ENV_AWS
                                ENV_PRESIGN_EXPIRY, ENV_S3_BUCKET,
                                ENV_S3_CONNECT_TIMEOUT, ENV_S3_MAX_ATTEMPTS, ENV_S3_READ_TIMEOUT,
                                INCOMING_PREFIX, LOGS_PREFIX, OUTPUT_PREFIX, VOICES_PREFIX, Settings)
-from s3_utils import (SWEEP_INTERVAL_S, KeyNotFound, LocalStorage, ObjectTooLarge, S3Storage,
-                      atomic_write, call_bound_s, make_s3_client, make_storage)
+from s3_utils import (SWEEP_INTERVAL_S, KeyNotFound, Listing, LocalStorage, ObjectTooLarge, S3Storage,
+                      atomic_write, call_bound_s, make_s3_client, make_storage, past_folder)
 from tests.fixtures_worker import worker_ctx
 
 # Headers Backblaze B2 (and other S3-compatible services) reject: boto3 >= 1.36 sends them by
@@ -132,22 +132,43 @@ def test_list_objects_pages_in_key_order(storage, tmp_path):
     storage.put_text(f"{VOICES_PREFIX}nested/deep.wav", "not a direct child")
     storage.put_text(f"{OUTPUT_PREFIX}o.wav", "another prefix")
     expected = sorted(f"{VOICES_PREFIX}{n}" for n in names)  # ASCII: byte order is str order
-    everything, more = storage.list_objects(VOICES_PREFIX)
+    listing = storage.list_objects(VOICES_PREFIX)
+    everything, more = listing.objects, listing.more
     assert [o.key for o in everything] == expected and more is False
     assert {o.key: o.size for o in everything} == {f"{VOICES_PREFIX}{n}": i + 1 for i, n in enumerate(names)}
     assert all(o.version == storage.head(o.key).version for o in everything)
     seen, after = [], None
     while True:
-        page, more = storage.list_objects(VOICES_PREFIX, after, max_keys=4)
-        assert len(page) <= 4
-        seen += [o.key for o in page]
-        if not more:
+        listing = storage.list_objects(VOICES_PREFIX, after, max_keys=4)
+        assert len(listing.objects) <= 4
+        seen += [o.key for o in listing.objects]
+        if not listing.more:
             break
-        after = page[-1].key
+        after = listing.resume_after
     assert seen == expected
-    assert storage.list_objects(f"{LOGS_PREFIX}") == ([], False)  # nothing there (or no folder)
+    assert storage.list_objects(f"{LOGS_PREFIX}") == Listing([], False)  # nothing there (or no folder)
     with pytest.raises(StorageError, match="not allowed"):
         storage.list_objects(VOICES_PREFIX, max_keys=1001)
+
+def test_a_listing_of_folders_alone_still_moves_on(storage):
+    """S3 counts a folder towards MaxKeys: a listing may hold folders and no key, yet more follow.
+    Where it says to go on from is past them, so a paging caller reaches the keys after them
+    (it used to ask again from the same key, for ever)."""
+    for name in ("a.wav", "b-archive/x.wav", "b-archive/y.wav", "c-old/x.wav", "d.wav", "c-old0.wav"):
+        storage.put_text(f"{VOICES_PREFIX}{name}", "x")
+    seen, after, listings = [], None, 0
+    while True:
+        listing = storage.list_objects(VOICES_PREFIX, after, max_keys=1)
+        listings += 1
+        assert listings < 10, "the listing does not move on"
+        seen += [o.key for o in listing.objects]
+        if not listing.more:
+            break
+        assert listing.resume_after is not None and (after is None or listing.resume_after > after)
+        after = listing.resume_after
+    assert seen == [f"{VOICES_PREFIX}{n}" for n in ("a.wav", "c-old0.wav", "d.wav")]
+    assert past_folder(f"{VOICES_PREFIX}b-archive/") > f"{VOICES_PREFIX}b-archive/{chr(0x10FFFF)}"
+
 
 
 def test_get_range_reads_part_of_an_object(storage, tmp_path):

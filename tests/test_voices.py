@@ -136,11 +136,11 @@ def snapshot(ctx: Ctx) -> dict[str, str]:
     for prefix in ("voices/", "output/", "incoming/"):
         after = None
         while True:
-            objects, more = ctx.worker.storage.list_objects(prefix, after)
-            found.update((o.key, o.version) for o in objects)
-            if not more:
+            listing = ctx.worker.storage.list_objects(prefix, after)
+            found.update((o.key, o.version) for o in listing.objects)
+            if not listing.more:
                 break
-            after = objects[-1].key
+            after = listing.resume_after
     return found
 
 
@@ -369,6 +369,23 @@ def test_list_voices_pages_through_every_voice_with_its_details(ctx, tiny_models
         assert [v["voice_name"] for v in page["voices"]] == names and page["next_cursor"] is None
         assert set(page["voices"][0]) == {"voice_name", "size", "last_modified"}
         assert {call[0] for call in spy.calls} == {"list_objects"}
+
+
+def test_list_voices_passes_folders_in_the_voices_prefix(ctx, tiny_models, tiny_whisper, tmp_path):
+    """Folders under voices/ (an archive someone made) are no voices, and S3 counts each towards a
+    listing's keys: pages of folders alone used to repeat their cursor for ever, or end a first
+    page with no cursor, so voices after the folders were never shown."""
+    s3_server = ctx.s3.server if ctx.s3 is not None else None
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path, s3_server, prefix="folders") as lib:
+        voice = wav_bytes(speechlike(1.5, seed=40))
+        for key in ("archive/x.wav", "backup/y.wav", "zoe.wav"):
+            put_raw(lib, f"voices/{key}", voice)
+        assert [v["voice_name"] for v in _list_all(lib, limit=1, details=False)] == ["zoe.wav"]
+        for key in ("a.wav", "b-archive/x.wav", "c-old/x.wav", "c-old/z.wav", "d.wav"):
+            put_raw(lib, f"voices/{key}", voice)
+        expected = ["a.wav", "d.wav", "zoe.wav"]
+        assert [v["voice_name"] for v in _list_all(lib, limit=1, details=False)] == expected
+        assert [v["voice_name"] for v in _list_all(lib, limit=2)] == expected
 
 
 def test_list_voices_reads_a_few_kib_per_voice(ctx, tiny_models, tiny_whisper, tmp_path):

@@ -414,14 +414,17 @@ class VoiceLibrary:
         found: list[ObjectInfo] = []
         more = True
         for _ in range(LIST_CALLS_PER_PAGE):
-            objects, more = self.storage.list_objects(VOICES_PREFIX, after, min(1000, 2 * limit))
-            for obj in objects:
+            listing = self.storage.list_objects(VOICES_PREFIX, after, min(1000, 2 * limit))
+            more = listing.more
+            for obj in listing.objects:
                 after = obj.key
                 if _listed_voice_name(obj.key):
                     found.append(obj)
                     if len(found) == limit:
-                        more = more or obj is not objects[-1]
+                        more = more or obj is not listing.objects[-1]
                         break
+            else:  # all of it passed, folders too (a listing of folders alone holds no key)
+                after = listing.resume_after or after
             if len(found) == limit or not more:
                 break
         voices = self._details(found) if details else [self._entry(obj) for obj in found]
