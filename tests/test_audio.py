@@ -148,6 +148,28 @@ def test_wav_summary_reads_a_stored_voice_in_one_range():
     assert audio.wav_summary(lambda start, length: b"", 0) is None
 
 
+def _riff(*chunks: tuple[bytes, bytes]) -> bytes:
+    body = b"WAVE" + b"".join(cid + struct.pack("<I", len(p)) + p + b"\0" * (len(p) % 2) for cid, p in chunks)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def test_wav_summary_of_a_file_it_cannot_read_whole_is_none_not_a_crash():
+    """Files placed by hand: one cut off inside its format chunk, one whose format chunk lies past
+    the reads a summary may make (libsndfile reads it), one whose transcript chunk is JSON nested
+    past the parser's depth. Each used to raise (struct.error, RecursionError) and fail a whole
+    list_voices page; each is now described as far as its header says."""
+    fmt = struct.pack("<HHIIHH", 1, 1, SR, 2 * SR, 2, 16)
+    pcm = np.zeros(2 * SR, dtype="<i2").tobytes()
+    cut = _riff((b"fmt ", fmt), (b"data", pcm))[:30]
+    far = _riff((b"JUNK", bytes(5000)), (b"JUNK", bytes(5000)), (b"JUNK", bytes(4080)), (b"fmt ", fmt), (b"data", pcm))
+    assert sf.info(io.BytesIO(far)).duration == 2.0
+    deep = _riff((b"fmt ", fmt), (audio.TRANSCRIPT_CHUNK_ID, b"[" * 60_000), (b"data", pcm))
+    for data, expected in ((cut, None), (far, None), (deep, audio.WavSummary(SR, 1, 2.0, None))):
+        read_range, _ = _reads(data)
+        assert audio.wav_summary(read_range, len(data)) == expected
+    assert audio.embedded_transcript(deep) is None
+
+
 @pytest.mark.parametrize("scale", [0.1, 1.0, 3.5])
 def test_loudness_normalised_to_the_rms_synthesis_targets(scale):
     clip = np.clip(speechlike(3.0, seed=5) * scale, -1, 1).astype(np.float32)

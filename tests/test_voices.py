@@ -381,6 +381,9 @@ def test_list_voices_passes_folders_in_the_voices_prefix(ctx, tiny_models, tiny_
         for key in ("archive/x.wav", "backup/y.wav", "zoe.wav"):
             put_raw(lib, f"voices/{key}", voice)
         assert [v["voice_name"] for v in _list_all(lib, limit=1, details=False)] == ["zoe.wav"]
+        put_raw(lib, "voices/cut-short.wav", voice[:30])  # cut off in its header: listed, nothing known
+        assert {v["voice_name"]: v["duration"] for v in _list_all(lib)} == {"cut-short.wav": None, "zoe.wav": 1.5}
+        lib.worker.storage.delete("voices/cut-short.wav")
         for key in ("a.wav", "b-archive/x.wav", "c-old/x.wav", "c-old/z.wav", "d.wav"):
             put_raw(lib, f"voices/{key}", voice)
         expected = ["a.wav", "d.wav", "zoe.wav"]

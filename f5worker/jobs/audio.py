@@ -272,9 +272,11 @@ def _find_chunk(wav: bytes, chunk_id: bytes) -> int:
 
 
 def _transcript(payload: bytes) -> str | None:
+    """The transcript in a transcript chunk's payload, or None for anything else (a file placed by
+    hand may hold any bytes there: JSON nested past the parser's depth raises RecursionError)."""
     try:
         text = json.loads(payload.decode("utf-8")).get("ref_text")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return text.strip() or None if isinstance(text, str) else None
 
@@ -336,7 +338,8 @@ def wav_summary(read_range: Callable[[int, int], bytes], size: int) -> WavSummar
         chunk_id, chunk_size = header[:4], struct.unpack("<I", header[4:])[0]
         body_at = offset + 8
         if chunk_id == b"fmt " and chunk_size >= 16:
-            fmt = struct.unpack("<HHIxxxxH", reader.read(body_at, 14))
+            body = reader.read(body_at, 14)  # short: the file ends, or it lies past the reads allowed
+            fmt = struct.unpack("<HHIxxxxH", body) if len(body) == 14 else None
         elif chunk_id == TRANSCRIPT_CHUNK_ID and chunk_size <= MAX_TRANSCRIPT_CHUNK_BYTES:
             transcript = _transcript(reader.read(body_at, chunk_size))
         elif chunk_id == b"data":
