@@ -147,9 +147,9 @@ class NameMap:
 
 
 # A model's name in F5_MODELS, a job's "model" and OpenAI's model field: what a caller may type.
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 MODEL_FIELDS = ("ckpt", "vocab", "config", "language")  # ckpt required; the others default (model.registry)
-LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(?:_[A-Z]{2})?$")  # ISO 639 and a region: en, de, pt_BR
+LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(?:_[A-Z]{2})?\Z")  # ISO 639 and a region: en, de, pt_BR
 MODEL_MAP_EXAMPLE = ('{"de": {"ckpt": "hf://owner/repo/model.pt", "vocab": "hf://owner/repo/vocab.txt", '
                      '"config": "F5TTS_Base"}}')
 

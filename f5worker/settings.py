@@ -188,8 +188,8 @@ def _check_keys(values: Mapping[str, str | None]) -> None:
 
 # A region label as the S3 providers spell it in their hostnames: us-east-1, eu-central-003 (AWS,
 # Backblaze B2, Wasabi: s3.<region>.<domain>) and nyc3, ams3 (DigitalOcean: <region>.digitaloceanspaces.com).
-_S3_REGION_LABEL = re.compile(r"^[a-z]{2,}(?:-[a-z0-9]+)*-\d+$")
-_SPACES_REGION_LABEL = re.compile(r"^[a-z]+\d+$")
+_S3_REGION_LABEL = re.compile(r"^[a-z]{2,}(?:-[a-z0-9]+)*-\d+\Z")
+_SPACES_REGION_LABEL = re.compile(r"^[a-z]+\d+\Z")
 _SPACES_DOMAIN = ".digitaloceanspaces.com"
 
 

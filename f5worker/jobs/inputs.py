@@ -27,7 +27,7 @@ from f5worker.model.constants import SAMPLE_RATE
 MAX_TEXT_CHARS = 100_000  # a chapter: about 100 minutes of speech, assembled on disk (jobs.assembly)
 MAX_REF_TEXT_CHARS = 500
 MAX_SEED = 2**31 - 1
-VOICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}\.wav$")
+VOICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}\.wav\Z")
 VOICE_SOURCES = ("voice_file_url", "voice_base64", "voice_s3_key")
 MAX_S3_KEY_CHARS = 1100  # "s3://", a bucket name (at most 63) and a key (at most 1024 bytes)
 DEFAULT_LIST_LIMIT = 100
