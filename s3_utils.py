@@ -275,10 +275,11 @@ class Storage:
         (nothing written) if it is larger than ``max_bytes``."""
         raise NotImplementedError
 
-    def download_if_changed(self, key: str, dest_path: str | os.PathLike,
-                            version: str | None) -> ObjectInfo | None:
+    def download_if_changed(self, key: str, dest_path: str | os.PathLike, version: str | None, *,
+                            max_bytes: int | None = None) -> ObjectInfo | None:
         """Copy ``key`` to ``dest_path`` and describe what was copied, unless the object is still
-        ``version``: then None, and nothing is transferred or written. ``KeyNotFound`` if missing."""
+        ``version``: then None, and nothing is transferred or written. ``KeyNotFound`` if missing,
+        ``ObjectTooLarge`` (nothing written) if it is larger than ``max_bytes``."""
         raise NotImplementedError
 
     def head(self, key: str) -> ObjectInfo:
@@ -589,7 +590,7 @@ class S3Storage(Storage):
                 raise ObjectTooLarge(key, size, max_bytes)
             atomic_write(Path(dest_path), lambda f: shutil.copyfileobj(body, f, COPY_CHUNK_BYTES))
 
-    def download_if_changed(self, key, dest_path, version):
+    def download_if_changed(self, key, dest_path, version, *, max_bytes=None):
         # A conditional GET (If-None-Match): one request whether or not the object changed, and an
         # unchanged one answers 304 with no body.
         with self._errors("get", check_key(key)):
@@ -600,7 +601,7 @@ class S3Storage(Storage):
                 if version and _error_code(err) in _NOT_MODIFIED_CODES:
                     return None
                 raise
-            self._write_body(key, response, dest_path)
+            self._write_body(key, response, dest_path, max_bytes)
         return ObjectInfo(key, response["ContentLength"], _utc(response["LastModified"]), response["ETag"])
 
     def head(self, key):
@@ -807,7 +808,7 @@ class LocalStorage(Storage):
         return ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc),
                           f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}")
 
-    def download_if_changed(self, key, dest_path, version):
+    def download_if_changed(self, key, dest_path, version, *, max_bytes=None):
         src_path = self.path_for(key)
         with self._errors("get", key):
             with open(src_path, "rb") as src:
@@ -815,6 +816,8 @@ class LocalStorage(Storage):
                 info = self._info(key, os.fstat(src.fileno()))
                 if version is not None and info.version == version:
                     return None
+                if max_bytes is not None and info.size > max_bytes:
+                    raise ObjectTooLarge(key, info.size, max_bytes)
                 atomic_write(Path(dest_path), lambda f: shutil.copyfileobj(src, f))
         return info
 

@@ -214,6 +214,11 @@ def test_download_refuses_an_object_over_the_limit(storage, tmp_path):
     assert (info.value.size, info.value.limit) == (3_000, 2_999) and not dest.exists()
     storage.download_file(key, dest, max_bytes=3_000)
     assert dest.stat().st_size == 3_000
+    dest.unlink()
+    with pytest.raises(ObjectTooLarge) as info:
+        storage.download_if_changed(key, dest, None, max_bytes=2_999)
+    assert (info.value.size, info.value.limit) == (3_000, 2_999) and not dest.exists()
+    assert storage.download_if_changed(key, dest, None, max_bytes=3_000).size == 3_000
 
 
 def test_probe(storage):

@@ -513,6 +513,26 @@ def test_an_unreadable_sidecar_counts_as_no_transcript(ctx, caplog):
         assert info["transcript_source"] == "whisper" and info["transcript"], info
 
 
+def test_a_stored_voice_larger_than_a_voice_may_be_is_refused_before_it_is_read(ctx, monkeypatch):
+    """A WAV put in voices/ by hand is held to F5_MAX_VOICE_BYTES, as an upload's source is: it was
+    copied whole to the temp folder and read into memory by every job naming it (300 MiB for a
+    long recording) before the length check refused it."""
+    data = wav_bytes(speechlike(3.0, seed=41))
+    put_raw(ctx, "voices/too-big.wav", data)
+    monkeypatch.setattr(ctx.worker.voices, "max_voice_bytes", len(data) - 1)
+    reads = []
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda path: reads.append(path.name) or real_read(path))
+    expected = f"The stored voice 'too-big.wav' is {len(data)} bytes, more than the {len(data) - 1} a voice may be"
+    refused(ctx, {"endpoint": "voice_info", "voice_name": "too-big.wav"}, expected)
+    refused(ctx, {"text": "Hello there.", "local_voice": "too-big.wav", "nfe_step": 2}, expected)
+    assert "voice.wav" not in reads
+    monkeypatch.setattr(ctx.worker.voices, "max_voice_bytes", len(data))
+    _, info = ctx.run({"endpoint": "voice_info", "voice_name": "too-big.wav"})
+    assert info["duration"] == 3.0
+    ctx.worker.storage.delete("voices/too-big.wav")
+
+
 def test_voice_info_of_a_missing_voice(ctx):
     refused(ctx, {"endpoint": "voice_info", "voice_name": "nobody-at-all.wav"},
             "Voice 'nobody-at-all.wav' was not found; upload it first with the upload endpoint.")

@@ -51,7 +51,7 @@ from f5worker.errors import InputError, NotFound, StorageError
 from f5worker.jobs.inputs import check_voice_name
 from f5worker.settings import (ENV_MAX_VOICE_BYTES, INCOMING_PREFIX, TRANSCRIPT_SUFFIX,
                                VOICE_META_SUFFIX, VOICES_PREFIX)
-from s3_utils import KeyNotFound, NotText, ObjectInfo, Storage, check_key
+from s3_utils import KeyNotFound, NotText, ObjectInfo, ObjectTooLarge, Storage, check_key
 from f5worker.jobs.resampling import to_model_rate
 from f5worker.model.constants import SAMPLE_RATE
 
@@ -232,8 +232,11 @@ def _listed_voice_name(key: str) -> str | None:
 
 
 class VoiceLibrary:
-    def __init__(self, storage: Storage, transcribe=None, cache_size: int = 0):
+    def __init__(self, storage: Storage, transcribe=None, cache_size: int = 0, *, max_voice_bytes: int | None = None):
+        """``max_voice_bytes``: the most a stored voice may be (``F5_MAX_VOICE_BYTES``, as an upload's
+        source): a larger file put in storage by hand is refused before it is copied or read."""
         self.storage = storage
+        self.max_voice_bytes = max_voice_bytes
         self._transcribe = transcribe  # (samples, sr) -> str; loaded lazily by its owner
         self.cache = VoiceCache(cache_size)
         self._unreadable: set[str] = set()  # sidecar keys already logged as unreadable
@@ -247,7 +250,11 @@ class VoiceLibrary:
         cached = self.cache.get(name)
         current = cached.info.version if cached is not None and cached.info is not None else None
         try:
-            info = self.storage.download_if_changed(voice_key(name), staging_path, current)
+            info = self.storage.download_if_changed(voice_key(name), staging_path, current,
+                                                    max_bytes=self.max_voice_bytes)
+        except ObjectTooLarge as err:
+            raise InputError(f"The stored voice '{name}' is {err.size} bytes, more than the {err.limit} a voice may "
+                             f"be ({ENV_MAX_VOICE_BYTES}): store a shorter or smaller WAV under that name.") from None
         except KeyNotFound:
             if name not in BUILTIN_VOICES:
                 self.cache.drop(name)

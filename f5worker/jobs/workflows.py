@@ -212,7 +212,7 @@ class Worker:
                                 on_loaded=self._prepare_in_background)
         self.transcriber = transcriber
         self.voices = VoiceLibrary(storage, self._transcribe if transcriber is not None else None,
-                                   cache_size=settings.voice_cache_size)
+                                   cache_size=settings.voice_cache_size, max_voice_bytes=settings.max_voice_bytes)
         self._transcriptions: dict[tuple[str, str], asyncio.Future] = {}
         self.heap = HeapTrimmer()
         self.in_flight = 0  # workflows running, for the heap trimmer
