@@ -169,11 +169,21 @@ def check_endpoint_url(url: str) -> str:
     except ValueError:
         parts = parts._replace(netloc="")
     one_name = len([seg for seg in parts.path.split("/") if seg]) == 1  # https://host/<bucket>: the bucket
-    if parts.scheme not in ("http", "https") or not parts.hostname or one_name or parts.query or parts.fragment:
-        raise ValueError(f"{ENV_AWS_ENDPOINT_URL} must be the S3 endpoint alone, https://<host> or "
-                         "https://<host>:<port>, not followed by a bucket's name (it would put every object "
-                         f"under that name inside the bucket; the bucket goes in {ENV_S3_BUCKET})")
-    return url
+    if parts.scheme not in ("http", "https"):
+        wrong = "not another scheme than https or http"
+    elif not parts.hostname:
+        wrong = "with a host and, if any, a port that is a number"
+    elif parts.username is not None or parts.password is not None:
+        wrong = f"with no user name or password (the keys go in {ENV_AWS_ACCESS_KEY_ID} and {ENV_AWS_SECRET_ACCESS_KEY})"
+    elif parts.query or parts.fragment:
+        wrong = "with no query or fragment"
+    elif one_name:
+        wrong = ("not followed by a bucket's name (it would put every object under that name inside the "
+                 f"bucket; the bucket goes in {ENV_S3_BUCKET})")
+    else:
+        return url
+    raise ValueError(f"{ENV_AWS_ENDPOINT_URL} must be the S3 endpoint alone, https://<host> or "
+                     f"https://<host>:<port>, {wrong}")
 
 
 def _check_keys(values: Mapping[str, str | None]) -> None:
@@ -366,7 +376,9 @@ class Settings:
     allow_private_urls: bool = setting(ENV_ALLOW_PRIVATE_URLS, Flag(), False,
                                        "allow uploads from private addresses (runpod's SDK's switch)")
     max_voice_bytes: int = setting(ENV_MAX_VOICE_BYTES, Number(1, 2**30, whole=True), 50 * 1024 * 1024,
-                                   "upload size cap, for every source (URL, base64, key)")
+                                   "upload size cap, for every source (URL, base64, key); also the most a stored "
+                                   "voice may be, so a larger WAV put in `voices/` by hand is refused by the jobs "
+                                   "that name it before it is copied or read")
     max_concurrency: int = setting(ENV_MAX_CONCURRENCY, Number(1, 256, whole=True), 16,
                                    "jobs runpod may hand one worker at once (batched together)", offered=True)
     fast_path: bool = setting(ENV_FAST_PATH, Flag(), True,

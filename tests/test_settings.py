@@ -222,7 +222,8 @@ def test_numbers_are_bounded_above(name, at_limit, past_limit):
 
 
 @pytest.mark.parametrize("url", ["https://host/advb", "https://host/advb/", "https://host?x=1", "s3://host",
-                                 "https://:9000", "https://host:port", "https://user:hunter2@host/bkt"])
+                                 "https://:9000", "https://host:port", "https://user:hunter2@host",
+                                 "ftp://host"])
 def test_an_endpoint_followed_by_a_bucket_name_is_refused_without_repeating_it(url):
     """With the bucket's name as its path, botocore put every object under it inside the bucket
     (advb/voices/...)."""
@@ -230,6 +231,8 @@ def test_an_endpoint_followed_by_a_bucket_name_is_refused_without_repeating_it(u
         Settings.from_env({ENV_AWS_ENDPOINT_URL: url, ENV_S3_BUCKET: "voices", **KEYS})
     assert str(err.value).startswith(f"{ENV_AWS_ENDPOINT_URL} must be the S3 endpoint alone")
     assert "hunter2" not in str(err.value) and "advb" not in str(err.value)
+    says_bucket = "bucket's name" in str(err.value)
+    assert says_bucket == (url in ("https://host/advb", "https://host/advb/")), str(err.value)  # the reason given
 
 
 @pytest.mark.parametrize("url", ["https://s3.us-west-004.backblazeb2.com", "https://host:9000/", "http://127.0.0.1:9000",
