@@ -273,7 +273,7 @@ class Storage:
     def download_file(self, key: str, dest_path: str | os.PathLike, max_bytes: int | None = None) -> None:
         """Copy ``key`` to ``dest_path``; ``KeyNotFound`` if it does not exist, ``ObjectTooLarge``
         (nothing written) if it is larger than ``max_bytes``."""
-        raise NotImplementedError
+        self.download_if_changed(key, dest_path, None, max_bytes=max_bytes)
 
     def download_if_changed(self, key: str, dest_path: str | os.PathLike, version: str | None, *,
                             max_bytes: int | None = None) -> ObjectInfo | None:
@@ -574,13 +574,6 @@ class S3Storage(Storage):
                 self._unaborted.pop(next(iter(self._unaborted)))
         return False
 
-    def download_file(self, key, dest_path, max_bytes=None):
-        # One GetObject streamed to the file (botocore checks the length at the end); the body is
-        # read with the same read timeout and is not retried.
-        with self._errors("get", check_key(key)):
-            response = self.client.get_object(Bucket=self.bucket, Key=key)
-            self._write_body(key, response, dest_path, max_bytes)
-
     @staticmethod
     def _write_body(key: str, response: dict, dest_path, max_bytes: int | None = None) -> None:
         body = response["Body"]
@@ -592,7 +585,8 @@ class S3Storage(Storage):
 
     def download_if_changed(self, key, dest_path, version, *, max_bytes=None):
         # A conditional GET (If-None-Match): one request whether or not the object changed, and an
-        # unchanged one answers 304 with no body.
+        # unchanged one answers 304 with no body. The body is streamed to the file (botocore checks
+        # its length at the end), read with the same read timeout, and not retried.
         with self._errors("get", check_key(key)):
             try:
                 response = self.client.get_object(Bucket=self.bucket, Key=key,
@@ -791,15 +785,6 @@ class LocalStorage(Storage):
 
         with src, self._errors("put", key):
             atomic_write(dest, copy)
-
-    def download_file(self, key, dest_path, max_bytes=None):
-        src_path = self.path_for(key)
-        with self._errors("get", key):
-            with open(src_path, "rb") as src:
-                size = os.fstat(src.fileno()).st_size
-                if max_bytes is not None and size > max_bytes:
-                    raise ObjectTooLarge(key, size, max_bytes)
-                atomic_write(Path(dest_path), lambda f: shutil.copyfileobj(src, f))
 
     @staticmethod
     def _info(key: str, st: os.stat_result) -> ObjectInfo:

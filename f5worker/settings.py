@@ -170,7 +170,7 @@ def check_endpoint_url(url: str) -> str:
         parts = parts._replace(netloc="")
     one_name = len([seg for seg in parts.path.split("/") if seg]) == 1  # https://host/<bucket>: the bucket
     if parts.scheme not in ("http", "https"):
-        wrong = "not another scheme than https or http"
+        wrong = "its scheme https or http"
     elif not parts.hostname:
         wrong = "with a host and, if any, a port that is a number"
     elif parts.username is not None or parts.password is not None:
@@ -369,7 +369,7 @@ class Settings:
         ENV_AWS_ENDPOINT_URL, Text(), None,
         "the endpoint alone, `https://<host>[:<port>]`, not followed by a bucket's name (`https://<host>/<bucket>`: "
         "botocore would put every object under that name inside the bucket; a longer path, an endpoint's own such "
-        "as Supabase's `/storage/v1/s3`, is kept)", offered=True)
+        "as Supabase's `/storage/v1/s3`, is kept), with no user name, password or query in it", offered=True)
     presign_expiry: int = setting(
         ENV_PRESIGN_EXPIRY, Number(1, MAX_PRESIGN_EXPIRY, whole=True), 3600,
         "lifetime of `audio_url`, seconds (seven days is the most an S3 presigned URL may last)", offered=True)

@@ -174,10 +174,9 @@ def build_cues(words: list[TimedWord], duration: float) -> list[Cue]:
 
 def _held(cues: list[Cue], duration: float) -> list[Cue]:
     """Each cue up for at least MIN_CUE_SECONDS where the audio allows, and at most MAX_CUE_SECONDS.
-    Forward, a short cue is
-    held and the next pushed back as far as needed; backward, nothing passes the audio's end, and
-    a cue squeezed there starts earlier (before its first word) rather than vanish. Where a cue is
-    left with no time at all, the cues share the audio evenly (``_spread``)."""
+    Forward, a short cue is held and the next pushed back as far as needed; backward, nothing
+    passes the audio's end, and a cue squeezed there starts earlier (before its first word) rather
+    than vanish. Where a cue is left with no time at all, the cues share the audio evenly (``_spread``)."""
     for cue, after in zip(cues, cues[1:]):
         cue.end = max(cue.end, cue.start + MIN_CUE_SECONDS)
         after.start = max(after.start, cue.end)

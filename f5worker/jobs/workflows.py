@@ -417,7 +417,7 @@ class Worker:
         kept), streamed (``live``: each chunk; with silences removed, the audio as the removal makes
         it final), its words aligned (``words``) and reported as each is done. The stream's steps
         are staging too: an HTTP flac is written to a temp file until it is complete."""
-        done = {"chunks": 0, "samples": 0}  # chunks joined so far, and their joined length
+        chunks_done = joined_samples = 0  # chunks joined so far, and their joined length
 
         def send(pieces: list) -> None:
             for piece in pieces:
@@ -425,20 +425,20 @@ class Worker:
                 on_audio(piece)
 
         async def chunk_done(wave: np.ndarray, encoded: object | None = None) -> None:
-            done["samples"] = audio.joined_after(done["samples"], len(wave), SAMPLE_RATE, job.cross_fade_duration)
-            done["chunks"] += 1
+            nonlocal chunks_done, joined_samples
+            index, chunks_done = chunks_done, chunks_done + 1
+            joined_samples = audio.joined_after(joined_samples, len(wave), SAMPLE_RATE, job.cross_fade_duration)
             if live:
                 send(await self._staging(stream.add, wave))
             await self._staging(assembly.add, wave)  # while the model samples the next chunks
             if words is not None:
                 with clock.step("alignment_s"):
-                    index = done["chunks"] - 1
                     assembly.add_words(index, *await words.align(index, wave, encoded))
             if stream is not None and not live:  # silences removed: the audio as it is final
                 send(await self._staging(stream.add_joined, assembly.take_kept()))
             if on_progress is not None and len(plan.items) > 1:
-                on_progress({"chunks_done": done["chunks"], "chunks_total": len(plan.items),
-                             "audio_seconds": round(done["samples"] / SAMPLE_RATE, 3)})
+                on_progress({"chunks_done": chunks_done, "chunks_total": len(plan.items),
+                             "audio_seconds": round(joined_samples / SAMPLE_RATE, 3)})
 
         try:
             reports = None
