@@ -175,7 +175,8 @@ class JobRunner:
         self.guard.watch_sigterm()
         try:
             if self.guard.stopping:
-                raise JobStopped("The worker is shutting down and did not start the job; send it again.")
+                raise JobStopped("The worker is shutting down and did not start the job; send it again.",
+                                 shutdown=True)
             return Outcome(await self.guard.run(job_id, start()))
         except Exception as err:
             return await self.failed(err, job_id, endpoint)

@@ -480,6 +480,10 @@ HOSTILE = [
     ({"input": SHORT_TEXT}, 400, "Missing required input 'voice'.", "voice"),
     ({"input": SHORT_TEXT, "voice": "nobody-here"}, 404, "Voice 'nobody-here.wav' was not found", None),
     ([1, 2], 400, "The request body must be a JSON object.", None),
+    # the union's last branch had named the field: "'voice.constrained-str' must be a string."
+    ({"input": SHORT_TEXT, "voice": None}, 400, ''''voice' must be a voice's name or {"id": name}.''', "voice"),
+    ({"input": SHORT_TEXT, "voice": {"id": BUILTIN, "name": "x"}}, 400, "'voice' must be a voice's name", "voice"),
+    ({"input": SHORT_TEXT, "voice": BUILTIN, "\ud800": 1}, 400, "A field's name is not valid Unicode text", None),
 ]
 
 
@@ -505,6 +509,9 @@ def test_bodies_that_are_not_json_or_too_large(served):
             yield b" " * 65536
     assert_openai_error(api(base_url, "POST", "/v1/audio/speech", data=chunked()), 413, "The request body is larger")
     assert_openai_error(api(base_url, "GET", "/v1/nothing"), 404, "There is no route")
+    # no 307 to a URL built from the request's Host header: a trailing slash is a route that does not exist
+    slashed = api(base_url, "GET", "/v1/models/", headers={"Host": "elsewhere.example"}, allow_redirects=False)
+    assert_openai_error(slashed, 404, "There is no route '/v1/models/'")
     assert_openai_error(api(base_url, "PUT", "/v1/audio/speech"), 405, "PUT is not allowed")
 
 
@@ -607,3 +614,164 @@ def test_a_slow_reader_costs_the_worker_disk_not_memory(served, monkeypatch):
         data = answer.read()
     assert answer.status == 200 and len(data) == produced
     assert record(ctx, answer.getheader("x-job-id"))["audio_seconds"] == pytest.approx(len(data) / 2 / 48000, abs=1e-3)
+
+
+# --- clients that are slow, silent or gone -------------------------------------------------------
+def raw_request(base_url: str, head: str, body: bytes = b"", rcvbuf: int | None = None):
+    """A socket that has sent ``head`` (a request line and headers, with the key) and ``body``."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", int(base_url.rsplit(":", 1)[1])))
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.sendall(f"{head}\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode() + body)
+    return sock
+
+
+def wait_for(condition, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("path,content_type,first_byte", [("/v1/audio/speech", "application/json", b"{"),
+                                                          ("/v1/audio/voices", "multipart/form-data; boundary=b", b"-")])
+def test_a_body_that_never_arrives_is_refused_with_408_and_frees_its_place(served, monkeypatch, path, content_type,
+                                                                           first_byte):
+    """A client that sent its headers and one byte of its body, then nothing, held one of the
+    worker's F5_MAX_CONCURRENCY places for as long as it kept the connection open: sixteen such
+    connections and every other request got 429. The body now has a deadline (lowered here to 1 s)."""
+    import http.client
+
+    from f5worker.http import gate
+
+    _, base_url, _, state = served
+    monkeypatch.setattr(gate, "BODY_BASE_S", 1)
+    monkeypatch.setattr(gate, "SLOWEST_BODY_BYTES_PER_S", 1 << 40)
+    with raw_request(base_url, f"POST {path} HTTP/1.1\r\nContent-Type: {content_type}\r\nContent-Length: 100",
+                     first_byte) as sock:
+        wait_for(lambda: state.in_flight == 1, "the request took no place")
+        sock.settimeout(20)
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        body = json.loads(answer.read())
+    assert answer.status == 408 and body["error"]["code"] == "request_timeout", body
+    assert body["error"]["message"] == "The request body did not arrive within the 1 s this route allows for it."
+    wait_for(lambda: state.in_flight == 0, "the slot was kept")
+
+
+def test_a_client_gone_before_its_body_arrived_is_no_error_in_the_log(served, caplog):
+    """uvicorn logged 'Exception in ASGI application' and starlette's ClientDisconnect traceback."""
+    _, base_url, _, state = served
+    with caplog.at_level("INFO"):
+        with raw_request(base_url, "POST /v1/audio/speech HTTP/1.1\r\nContent-Length: 100", b'{"in'):
+            wait_for(lambda: state.in_flight == 1, "the request took no place")
+        wait_for(lambda: state.in_flight == 0, "the slot was kept")
+        wait_for(lambda: any("went away before its request's body arrived" in r.getMessage() for r in caplog.records),
+                 "the disconnect was not logged")
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+
+
+def test_a_client_that_reads_nothing_frees_its_place_when_its_job_ends_and_is_cut_after_the_stall(served,
+                                                                                                 monkeypatch):
+    """A client that never read its answer held its place after its job had ended, blocked in
+    uvicorn's send for as long as the socket stayed open: four such clients and a worker of
+    F5_MAX_CONCURRENCY=4 refused everyone. The place now goes with the job, and an answer its
+    client takes nothing of for SEND_STALL_S (lowered here to 2 s) is ended, cut short."""
+    import http.client
+
+    from f5worker.http import speech
+
+    _, base_url, _, state = served
+    monkeypatch.setattr(speech, "SEND_STALL_S", 2)
+    jobs: list[speech.SpeechJob] = []
+    real_init = speech.SpeechJob.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        jobs.append(self)
+
+    monkeypatch.setattr(speech.SpeechJob, "__init__", recording_init)
+    body = json.dumps({"model": "tts-1", "input": " ".join(f"Sentence {i} goes on for a while and ends." for i in range(24)),
+                       "voice": BUILTIN, "response_format": "pcm", "sample_rate": 48000, "nfe_step": NFE}).encode()
+    head = f"POST /v1/audio/speech HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    with raw_request(base_url, head, body, rcvbuf=4096) as sock:
+        wait_for(lambda: jobs and jobs[0].task.done(), "the job did not end", seconds=120)
+        wait_for(lambda: state.in_flight == 0, "a client that reads nothing kept its place after its job ended")
+        assert jobs[0].task.result().error is None
+        time.sleep(3)  # past the stall: the answer is ended without its last chunk
+        sock.settimeout(20)
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        assert answer.status == 200
+        with pytest.raises(http.client.IncompleteRead):
+            answer.read()
+
+
+def test_the_sdk_does_not_send_again_a_job_its_deadline_stopped(served, monkeypatch):
+    """A job stopped at its deadline was answered 503 with Retry-After, and OpenAI's client (two
+    retries by default) ran it three times: at the 600 s default, 30 minutes of GPU for one call.
+    ``x-should-retry: false`` tells it not to."""
+    from f5worker.http import speech
+
+    _, base_url, probe, state = served
+    monkeypatch.setattr(state.runner.guard, "timeout_s", 1)
+    started: list[str] = []
+    real_init = speech.SpeechJob.__init__
+
+    def recording_init(self, runner, job_id, *args, **kwargs):
+        started.append(job_id)
+        real_init(self, runner, job_id, *args, **kwargs)
+
+    monkeypatch.setattr(speech.SpeechJob, "__init__", recording_init)
+    http = openai.DefaultHttpx2Client(trust_env=False)
+    probe.hold()  # the model call waits, so the job passes its deadline
+    try:
+        with openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=2, http_client=http) as sdk:
+            with pytest.raises(openai.InternalServerError) as raised:
+                sdk.audio.speech.create(model="tts-1", input=SHORT_TEXT, voice=BUILTIN, extra_body={"nfe_step": NFE})
+    finally:
+        probe.release()
+    assert raised.value.status_code == 503 and raised.value.code == "job_stopped"
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert len(started) == 1, started
+
+
+def test_which_failures_the_sdk_may_send_again():
+    """A shutdown's job may run on another worker, and storage may be back in a second; a
+    deadline, a setting to fix or a bug would fail the same way again."""
+    from f5worker.errors import ModelUnavailable, WorkerError
+    from f5worker.http.errors import api_error
+    from f5worker.jobs.guard import JobStopped
+    from f5worker.service import Outcome
+
+    def headers(err: Exception) -> dict:
+        return dict(api_error(Outcome({"error": str(err)}, err)).response().headers)
+
+    assert headers(JobStopped("send it again", shutdown=True))["retry-after"] == "1"
+    assert "x-should-retry" not in headers(JobStopped("send it again", shutdown=True))
+    assert "x-should-retry" not in headers(WorkerError("storage"))
+    for final in (JobStopped("deadline"), ModelUnavailable("no checkpoint"), RuntimeError("bug")):
+        assert headers(final)["x-should-retry"] == "false" and "retry-after" not in headers(final), final
+
+
+def test_voice_names_keep_their_case_and_an_oversized_form_file_is_named_as_sent(served, monkeypatch):
+    """'Case.WAV' was uploaded as 'Case.WAV' (refused: a stored name ends in '.wav') but deleted as
+    'Case.WAV.wav'; both are now 'Case.WAV.wav'. An upload over F5_MAX_VOICE_BYTES named the queue
+    face's 'voice_base64' and counted its base64 copy."""
+    import dataclasses
+
+    ctx, base_url, _, state = served
+    clip = builtin_clip()
+    uploaded = api(base_url, "POST", "/v1/audio/voices", files={"file": ("me.wav", clip, "audio/wav")},
+                   data={"name": "Case.WAV"})
+    assert uploaded.status_code == 200, uploaded.text
+    assert (uploaded.json()["id"], uploaded.json()["voice_key"]) == ("Case.WAV", "voices/Case.WAV.wav")
+    deleted = api(base_url, "DELETE", "/v1/audio/voices/Case.WAV")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True, deleted.text
+    assert "voices/Case.WAV.wav" not in ctx.keys(("voices/",))
+    monkeypatch.setattr(state, "settings", dataclasses.replace(state.settings, max_voice_bytes=len(clip) - 1))
+    assert_openai_error(api(base_url, "POST", "/v1/audio/voices", files={"file": ("me.wav", clip, "audio/wav")},
+                            data={"name": "too-big"}), 400,
+                        f"'file' holds {len(clip)} bytes, more than the {len(clip) - 1} allowed", "file")

@@ -115,7 +115,7 @@ def test_an_unknown_field_name_is_shown_on_one_line(name):
         parse_job_input({"text": "Hi.", "local_voice": "basic_ref_en.wav", name: 1})
     message = str(caught.value)
     assert message.isprintable() and len(message) < 80 and message.endswith(".")
-    assert message.startswith(("Unknown input field '", "'input' must be valid Unicode text"))
+    assert message.startswith(("Unknown input field '", "A field's name is not valid Unicode text"))
 
 
 def test_text_with_an_unpaired_surrogate_is_refused_in_our_words():

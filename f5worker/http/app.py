@@ -19,13 +19,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from f5worker.errors import InputError
-from f5worker.http.bodies import json_body, model_names, parse_speech, parse_voice_list, voice_upload
+from f5worker.http.bodies import (json_body, model_names, parse_speech, parse_voice_list, stored_voice_name,
+                                  voice_upload)
 from f5worker.http.errors import RETRY_AFTER_S, ApiError, api_error
-from f5worker.http.gate import VOICES_PATH, BodyTooLarge, Gate, too_large
+from f5worker.http.gate import VOICES_PATH, BodyTooLarge, BodyTooSlow, Gate, body_refusal
 from f5worker.http.speech import SpeechJob, SpeechResponse
 from f5worker.jobs.inputs import DeleteVoiceInput, parse_model
+from f5worker.jobs.voices import check_voice_size
 from f5worker.service import JobRunner, Outcome, job_guard
 from f5worker.settings import ENV_MAX_CONCURRENCY, Settings
 
@@ -101,7 +104,15 @@ def ping(state: ServerState) -> Response:
 
 def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, lambda request, err: err.response())
-    app.add_exception_handler(BodyTooLarge, lambda request, err: too_large(err.limit).response())
+    for body_error in (BodyTooLarge, BodyTooSlow):
+        app.add_exception_handler(body_error, lambda request, err: body_refusal(err).response())
+
+    def client_gone(request, err: ClientDisconnect):  # while its body was read: nobody to answer
+        log.info("%s %s: the client went away before its request's body arrived", request.method,
+                 request.url.path[:100])
+        return Response(status_code=400)
+
+    app.add_exception_handler(ClientDisconnect, client_gone)
 
     def http_error(request, err: HTTPException):  # routes that do not exist, wrong methods, broken forms
         message = err.detail if isinstance(err.detail, str) else "The request was refused."
@@ -116,7 +127,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
 def make_ping_app(state: ServerState) -> FastAPI:
     """``/ping`` alone, for ``PORT_HEALTH`` when it is not ``PORT``."""
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.server = state
     app.add_api_route("/ping", ping_route, methods=["GET"])
     add_error_handlers(app)
@@ -204,6 +215,7 @@ async def upload_voice(request: Request) -> dict:
         if not isinstance(file, UploadFile):
             raise InputError("The form needs the voice's audio as a 'file' part.", param="file")
         data = await file.read()
+        check_voice_size(len(data), state.settings.max_voice_bytes, "file")  # named as sent, before base64
         return voice_upload(form.get("name"), form.get("ref_text"), base64.b64encode(data).decode("ascii"),
                             state.settings.voice_aliases)
     result = await run_job(state, "upload", read, lambda worker, job_id, job: worker.upload(job_id, job))
@@ -212,7 +224,7 @@ async def upload_voice(request: Request) -> dict:
 
 async def delete_voice(request: Request, name: str) -> dict:
     async def read():
-        raw = {"endpoint": "delete_voice", "voice_name": name if name.endswith(".wav") else f"{name}.wav"}
+        raw = {"endpoint": "delete_voice", "voice_name": stored_voice_name(name, None)}
         return parse_model(DeleteVoiceInput, raw, {"voice_name": "name"})
     result = await run_job(server(request), "delete_voice", read,
                            lambda worker, job_id, job: worker.delete_voice(job_id, job))
@@ -232,7 +244,9 @@ ROUTES = (
 
 def make_app(state: ServerState) -> Gate:
     """The API as an ASGI app, behind the gate (the API key, body limits)."""
-    app = FastAPI(title="F5-TTS worker", docs_url=None, redoc_url=None, openapi_url=None)
+    # redirect_slashes off: '/v1/models/' is a 404 in OpenAI's shape, not a 307 to a URL built from
+    # the request's own Host header
+    app = FastAPI(title="F5-TTS worker", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.server = state
     for path, route, method in ROUTES:
         app.add_api_route(path, route, methods=[method])

@@ -62,7 +62,7 @@ def model_names(settings: Settings) -> tuple[str, ...]:
 def stored_voice_name(name: str, aliases: dict[str, str] | None) -> str:
     """A client's voice as a stored voice's name: an alias's voice, and ``alice`` is ``alice.wav``."""
     name = (aliases or {}).get(name, name)
-    return name if name.lower().endswith(".wav") else f"{name}.wav"
+    return name if name.endswith(".wav") else f"{name}.wav"  # as voice names are matched: 'a.WAV' is 'a.WAV.wav'
 
 
 def json_body(data: bytes) -> dict:
@@ -75,11 +75,22 @@ def json_body(data: bytes) -> dict:
     return body
 
 
+def parse_speech_body(raw: dict) -> SpeechBody:
+    """OpenAI's fields; a ``voice`` that is neither a name nor ``{"id": name}`` is said so once,
+    not as the branch of the union pydantic tried last ('voice.constrained-str')."""
+    try:
+        return parse_model(SpeechBody, raw)
+    except InputError as err:
+        if err.param is not None and err.param.startswith("voice."):
+            raise InputError(''''voice' must be a voice's name or {"id": name}.''', param="voice") from None
+        raise
+
+
 def parse_speech(raw: dict, settings: Settings) -> SpeechRequest:
     """A speech request's body as the job it asks for, or an InputError (NotFound for a model that
     is not registered: ``model`` picks one of f5worker.model.registry's, OpenAI's names the default)."""
     knobs = {name: raw[name] for name in KNOBS if name in raw}
-    body = parse_model(SpeechBody, {k: v for k, v in raw.items() if k not in KNOBS})
+    body = parse_speech_body({k: v for k, v in raw.items() if k not in KNOBS})
     model = model_for_job(body.model, model_registry(settings), settings.default_model, default_aliases(settings))  # NotFound, as queue jobs get
     if body.response_format not in LIVE_FORMATS:
         raise InputError(f"'response_format' must be {one_of(LIVE_FORMATS)}.", param="response_format")

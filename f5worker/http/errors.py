@@ -19,13 +19,17 @@ class ApiError(Exception):
     """An answer other than 2xx: its status and OpenAI's error fields."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after: int | None = None):
+                 retry_after: int | None = None, final: bool = False):
+        """``final``: sending the same request again would fail the same way (a deadline, a setting,
+        a bug), so the answer says ``x-should-retry: false``; OpenAI's clients otherwise retry every
+        5xx twice, and a job stopped at its 600 s deadline cost 30 minutes of GPU time."""
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.retry_after = retry_after
+        self.final = final
 
     @property
     def type(self) -> str:
@@ -37,13 +41,18 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        if self.final:
+            headers["x-should-retry"] = "false"
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
 def api_error(outcome: Outcome) -> ApiError:
     """A failed job's answer: 404 for what does not exist, 400 for other refused input, 503 when
-    the worker could not do it now (storage, a deadline, a shutdown, a GPU fault), 500 for a bug."""
+    the worker could not do it now (storage, a deadline, a shutdown, a GPU fault), 500 for a bug.
+    ``worker_unhealthy`` may be retried: RunPod's load balancer sends the retry to a healthy worker."""
     err, message = outcome.error, outcome.result["error"]
     if isinstance(err, NotFound):
         return ApiError(404, message, param=err.param, code="not_found")
@@ -51,10 +60,11 @@ def api_error(outcome: Outcome) -> ApiError:
         return ApiError(400, message, param=err.param, code="invalid_value")
     if outcome.result.get("refresh_worker"):
         return ApiError(503, message, code="worker_unhealthy")
-    if isinstance(err, JobStopped):
-        return ApiError(503, message, code="job_stopped", retry_after=RETRY_AFTER_S)
+    if isinstance(err, JobStopped):  # a shutdown's job may run on another worker; a deadline would stop it again
+        return (ApiError(503, message, code="job_stopped", retry_after=RETRY_AFTER_S) if err.shutdown else
+                ApiError(503, message, code="job_stopped", final=True))
     if isinstance(err, ModelUnavailable):  # a setting or volume to fix: retrying in a second will not help
-        return ApiError(503, message, code="model_unavailable")
+        return ApiError(503, message, code="model_unavailable", final=True)
     if isinstance(err, WorkerError):  # storage that failed or could not be reached
         return ApiError(503, message, code="storage_error", retry_after=RETRY_AFTER_S)
-    return ApiError(500, message, code="internal_error")
+    return ApiError(500, message, code="internal_error", final=True)

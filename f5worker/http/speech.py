@@ -29,6 +29,11 @@ from f5worker.service import JobRunner
 
 log = logging.getLogger(__name__)
 
+# How long an answer waits for its client to take its next piece before it is ended as if the
+# client had gone: far past a player's pause to buffer or a network's stall, well short of the
+# quarter of an hour TCP takes to give up on a peer that vanished.
+SEND_STALL_S = 120
+
 
 class SpeechJob:
     """One speech request's job, started at once; ``next`` hands out its bytes in order."""
@@ -100,7 +105,10 @@ class SpeechResponse(Response):
         super().__init__(media_type="text/event-stream" if sse else job.stream.fmt.content_type)
         self.job = job
         self.sse = sse
-        self.on_end = on_end
+        # the slot is free once the job has ended, not the answer: a cancelled job's model call or
+        # encoding may still be running, and counts against F5_MAX_CONCURRENCY until it stops; a
+        # client that reads slowly, or not at all, no longer holds one once its audio is made
+        job.task.add_done_callback(lambda _: on_end())
         self.finished = False  # the whole answer was sent
 
     async def __call__(self, scope, receive, send) -> None:
@@ -118,9 +126,6 @@ class SpeechResponse(Response):
                 group.cancel_scope.cancel()
         finally:
             self.job.stop()
-            # the slot is free once the job has ended, not the answer: a cancelled job's model call
-            # or encoding may still be running, and counts against F5_MAX_CONCURRENCY until it stops
-            self.job.task.add_done_callback(lambda _: self.on_end())
 
     async def _answer(self, scope, receive, send) -> None:
         try:
@@ -131,21 +136,39 @@ class SpeechResponse(Response):
             return
         headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         headers.append((b"x-job-id", self.job.job_id.encode("ascii")))  # its record: logs/<job id>.json
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        try:
+            await self._send(send, {"type": "http.response.start", "status": 200, "headers": headers})
+            await self._stream(data, send)
+        except TimeoutError:  # a client that read nothing for SEND_STALL_S: ended as one that left
+            log.info("speech %s: the client read nothing for %d s; its answer is ended", self.job.job_id,
+                     SEND_STALL_S)
+
+    async def _stream(self, data: bytes | None, send) -> None:
         try:
             while data is not None:
-                await send({"type": "http.response.body", "body": self._event(data), "more_body": True})
+                await self._send(send, self._body(self._event(data)))
                 data = await self.job.next()
         except ApiError as err:
             log.warning("speech %s failed after its audio began: %s", self.job.job_id, err.message)
             if self.sse:  # an SSE client reads the error as an event; the end is not sent
-                await send({"type": "http.response.body", "more_body": True,
-                            "body": sse_event({"type": "error", **err.body()})})
+                await self._send(send, self._body(sse_event({"type": "error", **err.body()})))
             return  # without the body's end: the connection closes, and the client sees it cut short
         if self.sse:
-            await send({"type": "http.response.body", "body": sse_event(DONE_EVENT), "more_body": True})
+            await self._send(send, self._body(sse_event(DONE_EVENT)))
         self.finished = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _send(send, message: dict) -> None:
+        """A piece of the answer, given SEND_STALL_S to leave: uvicorn's ``send`` waits while the
+        client's socket is full, for ever if the client never reads; each stalled answer held its
+        unsent audio (up to http.spool's memory share, the rest on disk) and its connection."""
+        with anyio.fail_after(SEND_STALL_S):
+            await send(message)
+
+    @staticmethod
+    def _body(data: bytes) -> dict:
+        return {"type": "http.response.body", "body": data, "more_body": True}
 
     def _event(self, data: bytes) -> bytes:
         if not self.sse:

@@ -59,7 +59,12 @@ ON_STOP_WAIT_S = 2.0  # how long the exit waits for ``on_stop`` (its calls are s
 
 
 class JobStopped(WorkerError):
-    """The job ran past its deadline, or the worker is shutting down."""
+    """The job ran past its deadline, or the worker is shutting down (``shutdown``: sent again, it
+    may run on another worker; a deadline would stop it again)."""
+
+    def __init__(self, message: str, *, shutdown: bool = False):
+        super().__init__(message)
+        self.shutdown = shutdown
 
 
 def _callable_name(fn) -> str:
@@ -152,7 +157,7 @@ class JobGuard:
             self._stopped.add(job_id)
             if stop.done():
                 raise JobStopped(f"The worker shut down before the job finished (stuck at: {where}); "
-                                 "send it again.")
+                                 "send it again.", shutdown=True)
             raise JobStopped(f"The job did not finish within {self.timeout_s:g} s (stuck at: {where}).")
         finally:
             with self._lock:

@@ -304,6 +304,8 @@ def _sentence(err: dict) -> str:  # noqa: C901 - one sentence per pydantic error
     if kind == "string_type":
         return f"'{field}' must be a string."
     if kind == "string_unicode":
+        if not err["loc"]:  # a field's name, not its value
+            return "A field's name is not valid Unicode text (it holds an unpaired surrogate)."
         return f"'{field}' must be valid Unicode text (it holds an unpaired surrogate)."
     if kind == "int_type":
         return f"'{field}' must be an integer."

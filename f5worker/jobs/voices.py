@@ -150,16 +150,21 @@ class VoiceCache:
 
 
 # --- where an upload's audio comes from (besides a URL: f5worker.jobs.download) -------------------------
+def check_voice_size(size: int, max_bytes: int, field: str) -> None:
+    """An upload's audio is at most ``max_bytes`` (``F5_MAX_VOICE_BYTES``); ``field`` names it as
+    its caller sent it (the queue face's ``voice_base64``, the HTTP form's ``file``)."""
+    if size > max_bytes:
+        raise InputError(f"'{field}' holds {size} bytes, more than the {max_bytes} allowed "
+                         f"({ENV_MAX_VOICE_BYTES}).", param=field)
+
+
 def decode_base64_voice(text: str, max_bytes: int) -> bytes:
     """The bytes of ``voice_base64``: standard base64 (RFC 4648, with padding; line breaks and a
     ``data:...;base64,`` prefix are allowed), at most ``max_bytes`` once decoded."""
     if text.startswith("data:") and ";base64," in text[:200]:
         text = text.split(";base64,", 1)[1]
     compact = "".join(text.split())
-    decoded_size = len(compact) // 4 * 3 - compact[-2:].count("=")
-    if decoded_size > max_bytes:
-        raise InputError(f"'voice_base64' holds {decoded_size} bytes, more than the {max_bytes} allowed "
-                         f"({ENV_MAX_VOICE_BYTES}).")
+    check_voice_size(len(compact) // 4 * 3 - compact[-2:].count("="), max_bytes, "voice_base64")
     try:
         data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
