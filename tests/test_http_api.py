@@ -124,6 +124,22 @@ def _nothing_left(served):
     assert state.in_flight == 0, "a request kept its slot"
 
 
+@pytest.fixture
+def jobs(monkeypatch) -> list:
+    """Every ``SpeechJob`` the server starts during the test, in order."""
+    from f5worker.http import speech
+
+    started: list[speech.SpeechJob] = []
+    real_init = speech.SpeechJob.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(speech.SpeechJob, "__init__", recording_init)
+    return started
+
+
 # --- helpers --------------------------------------------------------------------------------------
 def speak(client: openai.OpenAI, text: str = SHORT_TEXT, **kw) -> tuple[bytes, str]:
     """The audio of one speech request, and its job id."""
@@ -572,7 +588,7 @@ def test_the_unsent_bytes_keep_their_order_across_memory_and_disk(tmp_path):
     spool.close()
 
 
-def test_a_slow_reader_costs_the_worker_disk_not_memory(served, monkeypatch):
+def test_a_slow_reader_costs_the_worker_disk_not_memory(served, monkeypatch, jobs):
     """A client that plays as it reads takes the audio far slower than a GPU samples it, and the
     job does not wait for it: what the client had not read piled up in memory (a 48 kHz chapter's
     PCM about 0.9 GB). Past the spool's memory bound (lowered here to 256 KiB) it waits in a temp
@@ -580,18 +596,10 @@ def test_a_slow_reader_costs_the_worker_disk_not_memory(served, monkeypatch):
     import http.client
     import socket
 
-    from f5worker.http import speech, spool
+    from f5worker.http import spool
 
     ctx, base_url, _, _ = served
     monkeypatch.setattr(spool, "MEMORY_BYTES", 256 << 10)
-    jobs: list[speech.SpeechJob] = []
-    real_init = speech.SpeechJob.__init__
-
-    def recording_init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        jobs.append(self)
-
-    monkeypatch.setattr(speech.SpeechJob, "__init__", recording_init)
     body = json.dumps({"model": "tts-1", "input": " ".join(f"Sentence {i} goes on for a while and ends." for i in range(24)),
                        "voice": BUILTIN, "response_format": "pcm", "sample_rate": 48000, "nfe_step": NFE}).encode()
     port = int(base_url.rsplit(":", 1)[1])
@@ -673,34 +681,38 @@ def test_a_client_gone_before_its_body_arrived_is_no_error_in_the_log(served, ca
     assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
 
 
-def test_a_client_that_reads_nothing_frees_its_place_when_its_job_ends_and_is_cut_after_the_stall(served,
-                                                                                                 monkeypatch):
+def unread_speech_request(base_url: str):
+    """A socket that asked for a long 48 kHz PCM answer and reads none of it (a 4 KiB buffer)."""
+    body = json.dumps({"model": "tts-1", "input": " ".join(f"Sentence {i} goes on for a while and ends." for i in range(24)),
+                       "voice": BUILTIN, "response_format": "pcm", "sample_rate": 48000, "nfe_step": NFE}).encode()
+    head = f"POST /v1/audio/speech HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    return raw_request(base_url, head, body, rcvbuf=4096)
+
+
+def test_a_client_that_reads_nothing_frees_its_place_when_its_job_ends(served, jobs):
     """A client that never read its answer held its place after its job had ended, blocked in
     uvicorn's send for as long as the socket stayed open: four such clients and a worker of
-    F5_MAX_CONCURRENCY=4 refused everyone. The place now goes with the job, and an answer its
-    client takes nothing of for SEND_STALL_S (lowered here to 2 s) is ended, cut short."""
+    F5_MAX_CONCURRENCY=4 refused everyone. The place now goes with the job."""
+    _, base_url, _, state = served
+    with unread_speech_request(base_url):
+        wait_for(lambda: jobs and jobs[0].task.done(), "the job did not end", seconds=110)  # within SEND_STALL_S
+        assert jobs[0].task.result().error is None  # it ended as a job, not cut by the stall
+        wait_for(lambda: state.in_flight == 0, "a client that reads nothing kept its place after its job ended")
+
+
+def test_an_answer_its_client_takes_nothing_of_is_ended_after_the_stall(served, monkeypatch, jobs):
+    """An answer its client takes nothing of for SEND_STALL_S (lowered here to 2 s) is ended, cut
+    short, as if the client had gone (its job, if still running, is stopped): before, it waited in
+    uvicorn's send for as long as the socket stayed open, holding its unsent audio."""
     import http.client
 
     from f5worker.http import speech
 
     _, base_url, _, state = served
     monkeypatch.setattr(speech, "SEND_STALL_S", 2)
-    jobs: list[speech.SpeechJob] = []
-    real_init = speech.SpeechJob.__init__
-
-    def recording_init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        jobs.append(self)
-
-    monkeypatch.setattr(speech.SpeechJob, "__init__", recording_init)
-    body = json.dumps({"model": "tts-1", "input": " ".join(f"Sentence {i} goes on for a while and ends." for i in range(24)),
-                       "voice": BUILTIN, "response_format": "pcm", "sample_rate": 48000, "nfe_step": NFE}).encode()
-    head = f"POST /v1/audio/speech HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
-    with raw_request(base_url, head, body, rcvbuf=4096) as sock:
-        wait_for(lambda: jobs and jobs[0].task.done(), "the job did not end", seconds=120)
-        wait_for(lambda: state.in_flight == 0, "a client that reads nothing kept its place after its job ended")
-        assert jobs[0].task.result().error is None
-        time.sleep(3)  # past the stall: the answer is ended without its last chunk
+    with unread_speech_request(base_url) as sock:
+        wait_for(lambda: jobs and jobs[0].task.done(), "the answer was not ended", seconds=120)
+        wait_for(lambda: state.in_flight == 0, "the slot was kept")
         sock.settimeout(20)
         answer = http.client.HTTPResponse(sock)
         answer.begin()
@@ -709,22 +721,13 @@ def test_a_client_that_reads_nothing_frees_its_place_when_its_job_ends_and_is_cu
             answer.read()
 
 
-def test_the_sdk_does_not_send_again_a_job_its_deadline_stopped(served, monkeypatch):
+def test_the_sdk_does_not_send_again_a_job_its_deadline_stopped(served, monkeypatch, jobs):
     """A job stopped at its deadline was answered 503 with Retry-After, and OpenAI's client (two
     retries by default) ran it three times: at the 600 s default, 30 minutes of GPU for one call.
     ``x-should-retry: false`` tells it not to."""
-    from f5worker.http import speech
 
     _, base_url, probe, state = served
     monkeypatch.setattr(state.runner.guard, "timeout_s", 1)
-    started: list[str] = []
-    real_init = speech.SpeechJob.__init__
-
-    def recording_init(self, runner, job_id, *args, **kwargs):
-        started.append(job_id)
-        real_init(self, runner, job_id, *args, **kwargs)
-
-    monkeypatch.setattr(speech.SpeechJob, "__init__", recording_init)
     http = openai.DefaultHttpx2Client(trust_env=False)
     probe.hold()  # the model call waits, so the job passes its deadline
     try:
@@ -735,7 +738,7 @@ def test_the_sdk_does_not_send_again_a_job_its_deadline_stopped(served, monkeypa
         probe.release()
     assert raised.value.status_code == 503 and raised.value.code == "job_stopped"
     assert raised.value.response.headers["x-should-retry"] == "false"
-    assert len(started) == 1, started
+    assert len(jobs) == 1, [job.job_id for job in jobs]
 
 
 def test_which_failures_the_sdk_may_send_again():
