@@ -131,33 +131,28 @@ class Client:
         """The job's id (``Endpoint.run``: POST {base}/{endpoint}/run)."""
         return self.endpoint.run({"input": job_input}).job_id
 
-    def state(self, job_id: str, timeout_s: float) -> dict:
-        path = f"{self.endpoint.endpoint_id}/status/{job_id}"
+    def answer(self, route: str, job_id: str, deadline: float) -> dict:
+        """One answer of RunPod's ``/{route}/<id>`` (``status`` or ``stream``)."""
+        path = f"{self.endpoint.endpoint_id}/{route}/{job_id}"
         if self.local:
-            # The development server answers status with POST only, and runs the job inside that
+            # The development server answers these with POST only, and runs the job inside that
             # request, so this call lasts as long as the job.
-            return self.endpoint.rp_client.post(path, None, timeout=max(1.0, timeout_s))
+            return self.endpoint.rp_client.post(path, None, timeout=max(1.0, deadline - time.monotonic()))
         return self.endpoint.rp_client.get(path, timeout=STATUS_TIMEOUT_S)
 
-    def stream(self, job_id: str, *, timeout_s: float, poll_s: float) -> Iterator[object]:
-        """Each item the job yields, in order, as RunPod's ``/stream/<id>`` hands them out, until the
-        job ends; ClientError with its sentence if it fails. (runpod's ``Job.stream()`` asks with
-        GET, which the development server does not answer, and fails on the development server's
-        answer once the job is gone; this is the same protocol with POST locally.)"""
-        path = f"{self.endpoint.endpoint_id}/stream/{job_id}"
+    def answers(self, route: str, job_id: str, *, timeout_s: float, poll_s: float) -> Iterator[dict]:
+        """Each answer of ``/{route}/<id>`` until the job ends, the last one COMPLETED's; ClientError
+        with its sentence if it fails; StillRunning after ``timeout_s`` (the job goes on;
+        ``download`` fetches it later)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                if self.local:  # the development server runs the whole job inside this request
-                    state = self.endpoint.rp_client.post(path, None, timeout=max(1.0, deadline - time.monotonic()))
-                else:
-                    state = self.endpoint.rp_client.get(path, timeout=STATUS_TIMEOUT_S)
-            except requests.Timeout as err:
+                state = self.answer(route, job_id, deadline)
+            except requests.Timeout as err:  # locally the job itself; remotely one slow answer
                 if self.local or time.monotonic() >= deadline:
                     raise StillRunning(job_id, timeout_s) from err
                 state = {"status": "UNKNOWN"}
-            for item in state.get("stream") or []:
-                yield item.get("output") if isinstance(item, dict) else item
+            yield state
             status = state.get("status", "UNKNOWN")
             if status == "COMPLETED":
                 return
@@ -168,27 +163,21 @@ class Client:
                 raise StillRunning(job_id, timeout_s, status)
             time.sleep(min(poll_s, remaining))
 
+    def stream(self, job_id: str, *, timeout_s: float, poll_s: float) -> Iterator[object]:
+        """Each item the job yields, in order, as RunPod's ``/stream/<id>`` hands them out, until the
+        job ends. (runpod's ``Job.stream()`` asks with GET, which the development server does not
+        answer, and fails on the development server's answer once the job is gone; this is the same
+        protocol with POST locally.)"""
+        for state in self.answers("stream", job_id, timeout_s=timeout_s, poll_s=poll_s):
+            for item in state.get("stream") or []:
+                yield item.get("output") if isinstance(item, dict) else item
+
     def wait(self, job_id: str, *, timeout_s: float, poll_s: float, progress: "Progress") -> dict:
-        """The job's output once it completes; ClientError with its sentence if it fails;
-        StillRunning after ``timeout_s`` (the job goes on; ``download`` fetches it later)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                state = self.state(job_id, deadline - time.monotonic())
-            except requests.Timeout as err:  # locally the job itself; remotely one slow status answer
-                if self.local or time.monotonic() >= deadline:
-                    raise StillRunning(job_id, timeout_s) from err
-                state = {"status": "UNKNOWN"}
+        """The job's output once it completes (the errors of ``answers``)."""
+        for state in self.answers("status", job_id, timeout_s=timeout_s, poll_s=poll_s):
             status = state.get("status", "UNKNOWN")
             progress.show(status, None if status in FINAL_STATES else state.get("output"))
-            if status == "COMPLETED":
-                return final_output(state.get("output"))
-            if status in FINAL_STATES:
-                raise ClientError(failure_sentence(state))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise StillRunning(job_id, timeout_s, status)
-            time.sleep(min(poll_s, remaining))
+        return final_output(state.get("output"))  # the last answer: COMPLETED's
 
 
 class Progress:
