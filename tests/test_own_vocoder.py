@@ -238,3 +238,65 @@ def test_decode_and_mel_equal_stock_on_cuda(full_vocos):
     torch.testing.assert_close(LogMelSpectrogram().cuda()(wave), mel, rtol=1e-5, atol=1e-5)
     ours, theirs = load_vocoder(full_vocos, "cuda").decode(mel), stock_vocos(full_vocos).cuda().decode(mel)
     assert theirs.std() > 0 and max_rel_diff(ours, theirs) < 1e-5
+
+
+# --- the vocos package's fallback, for layouts the own vocoder does not cover ---------------------
+
+def stock_layout(tiny_vocos: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the tiny vocoder with ``edit`` made to its config and weights vocos builds for it."""
+    from vocos import Vocos
+
+    folder = edit_config(tiny_vocos, tmp_path, edit)
+    torch.save(Vocos.from_hparams(str(folder / "config.yaml")).state_dict(), str(folder / "pytorch_model.bin"))
+    return folder
+
+
+def resnet_backbone(config: dict) -> None:
+    config["backbone"] = {"class_path": "vocos.models.VocosResNetBackbone",
+                          "init_args": {"input_channels": 100, "dim": TINY_VOCOS["dim"], "num_blocks": 1}}
+
+
+def test_a_layout_the_own_vocoder_lacks_runs_on_vocos_and_passes_the_gate(tiny_vocos, tmp_path):
+    from f5worker.model import loader
+
+    folder = stock_layout(tiny_vocos, tmp_path, resnet_backbone)
+    loader.check_vocoder_weights(folder)
+    model = loader.load_vocoder(folder, "cpu")
+    assert type(model.backbone).__name__ == "VocosResNetBackbone"
+    assert torch.isfinite(model.decode(stock_mel(voice_batch()))).all()
+
+
+def run_command(marker: Path):
+    return lambda c: c.update(feature_extractor={"class_path": "subprocess.getoutput",
+                                                 "init_args": {"cmd": f"touch {marker}"}})
+
+
+HOSTILE_VOCOS = {
+    # vocos imports and calls whatever class_path names: a config on a shared volume must not run code
+    "a command": (run_command, "'subprocess.getoutput' as its feature_extractor"),
+    "encodec features": (lambda _: lambda c: c["feature_extractor"].update(
+        class_path="vocos.feature_extractors.EncodecFeatures"), "EncodecFeatures"),
+    "an imdct head": (lambda _: lambda c: c["head"].update(class_path="vocos.heads.IMDCTCosHead"), "IMDCTCosHead"),
+    "adanorm": (lambda _: lambda c: (resnet_backbone(c), c["backbone"]["init_args"].update(adanorm_num_embeddings=4)),
+                "adanorm_num_embeddings"),
+    "another sample rate": (lambda _: lambda c: (resnet_backbone(c), c["feature_extractor"]["init_args"].update(
+        sample_rate=44100)), "another mel than F5-TTS makes (sample_rate)"),
+    "an argument vocos lacks": (lambda _: lambda c: (resnet_backbone(c), c["backbone"]["init_args"].update(colour=3)),
+                                "does not build vocos's model (TypeError)"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_VOCOS)
+def test_vocos_builds_only_its_own_classes_for_f5_ttss_mel(case, tiny_vocos, tmp_path):
+    from f5worker.model import loader
+
+    marker = tmp_path / "ran"
+    edit, named = HOSTILE_VOCOS[case]
+    folder = edit_config(tiny_vocos, tmp_path, edit(marker))
+    for load in (loader.check_vocoder_weights, lambda f: loader.load_vocoder(f, "cpu")):
+        with pytest.raises(StorageError) as err:
+            load(folder)
+        message = str(err.value)
+        assert message.startswith(f"The vocoder config {folder / 'config.yaml'} ") and named in message
+        assert message.endswith(".") and "\n" not in message
+    assert not marker.exists()

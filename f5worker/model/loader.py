@@ -130,12 +130,62 @@ def vocoder_unsupported_reason(vocoder_dir: Path) -> str | None:
     return vocoder.unsupported_reason(config)
 
 
+# The vocos classes its fallback may build, per part: vocos builds whatever a class_path names (it
+# imports the module and calls the name with init_args), so anything else, ``subprocess.getoutput``
+# say, is refused before vocos sees the file. Mel features only: every model decodes F5-TTS's mel,
+# and Encodec features would fetch a codec at build time (and need a bandwidth to decode, as does
+# AdaLayerNorm). The IMDCT heads are left out: they call scipy.signal.cosine, which the pinned scipy
+# no longer has.
+STOCK_VOCOS_CLASSES = {
+    "feature_extractor": ("vocos.feature_extractors.MelSpectrogramFeatures",),
+    "backbone": ("vocos.models.VocosBackbone", "vocos.models.VocosResNetBackbone"),
+    "head": ("vocos.heads.ISTFTHead",),
+}
+# The mel every F5-TTS model makes (vocos's defaults where the config leaves them out).
+STOCK_VOCOS_MEL = {"sample_rate": SAMPLE_RATE, "n_mels": N_MELS, "hop_length": HOP_LENGTH}
+
+
+def stock_vocos_refusal(config) -> str | None:
+    """Why vocos must not build a parsed config.yaml (a phrase after "The vocoder config ..."), or
+    None when it may: only its own classes, decoding F5-TTS's mel."""
+    if not isinstance(config, Mapping):
+        return "is not a mapping of feature_extractor, backbone and head"
+    for part, allowed in STOCK_VOCOS_CLASSES.items():
+        section = config.get(part)
+        if not isinstance(section, Mapping) or not isinstance(section.get("init_args") or {}, Mapping):
+            return f"has no {part} section with a class_path and init_args"
+        if section.get("class_path") not in allowed:
+            return (f"names {str(section.get('class_path'))[:100]!r} as its {part}, which is not one of "
+                    f"{', '.join(allowed)}")
+    if (config["backbone"].get("init_args") or {}).get("adanorm_num_embeddings") is not None:
+        return "sets backbone adanorm_num_embeddings, which needs a bandwidth to decode"
+    features = {**STOCK_VOCOS_MEL, **(config["feature_extractor"].get("init_args") or {})}
+    differing = sorted(k for k, v in STOCK_VOCOS_MEL.items() if features[k] != v)
+    if differing:
+        return f"decodes another mel than F5-TTS makes ({', '.join(differing)})"
+    return None
+
+
 def build_stock_vocos(vocoder_dir: Path):
-    """Vocos as its config.yaml describes it (f5-tts's load_vocoder with is_local=True), on the CPU."""
+    """Vocos as its config.yaml describes it (f5-tts's load_vocoder with is_local=True), on the CPU,
+    for a config of vocos's own classes (``stock_vocos_refusal``); StorageError otherwise."""
+    config_path = Path(vocoder_dir) / VOCODER_CONFIG
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise StorageError(f"The vocoder config {config_path} could not be read ({type(err).__name__}).") from err
+    if reason := stock_vocos_refusal(config):
+        raise StorageError(f"The vocoder config {config_path} {reason}.")
     # The vocos package (encodec, scipy) only for a vocoder layout the own one does not cover.
     from vocos import Vocos
+    from vocos.pretrained import instantiate_class
 
-    return Vocos.from_hparams(str(Path(vocoder_dir) / VOCODER_CONFIG))
+    try:  # the config's own dict, checked above, not a second reading of the file
+        parts = {part: instantiate_class(args=(), init=config[part]) for part in STOCK_VOCOS_CLASSES}
+    except (TypeError, ValueError) as err:  # init_args vocos's class does not take
+        raise StorageError(f"The vocoder config {config_path} does not build vocos's model "
+                           f"({type(err).__name__}).") from err
+    return Vocos(**parts)
 
 
 # --- the worker's loaders ------------------------------------------------------------------------
@@ -175,9 +225,9 @@ def load_vocoder(vocoder_dir: Path, device: str):
     the config, stock Vocos otherwise; weights that do not fit or are not finite are refused."""
     if (reason := vocoder_unsupported_reason(vocoder_dir)) is None:
         return vocoder.load_vocoder(Path(vocoder_dir), device)
+    model = build_stock_vocos(vocoder_dir)
     log.warning("vocoder %s: the worker's own Vocos does not cover it (it %s); running the vocos package's",
                 vocoder_dir, reason)
-    model = build_stock_vocos(vocoder_dir)
     state = torch.load(str(Path(vocoder_dir) / VOCODER_WEIGHTS), map_location="cpu", weights_only=True)
     what = vocos_subject(vocoder_dir)
     require_fit(what, VOCOS_ARCHITECTURE, shapes(model.state_dict()), shapes(state))
