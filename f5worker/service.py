@@ -42,7 +42,7 @@ from f5worker.jobs.guard import COMMITTING, JobGuard, JobStopped, safe_job_id
 from f5worker.jobs.inputs import parse_job_input
 from f5worker.local_job import local_test_job, run_local_job
 from f5worker.jobs.progress import OrderedProgress
-from f5worker.settings import ENV_STREAMING, Settings
+from f5worker.settings import ENV_MODEL_MEMORY_MB, ENV_PRELOAD_MODELS, ENV_STREAMING, Settings
 
 if TYPE_CHECKING:  # boto3 is imported with the worker, timed apart (start_worker)
     from s3_utils import Storage
@@ -89,6 +89,10 @@ def build_worker(settings: Settings, phases: dict[str, float] | None = None):
     worker = Worker(settings, engine, storage, Transcriber(settings, device=device))
     for name in settings.preload_models:  # F5_PRELOAD_MODELS: loaded now, not by their first job
         worker.models.load_now(name)
+    if worker.models.pool.unloaded:  # the budget holds fewer than the operator asked to load
+        log.warning("%s: %s unloaded again at start to keep TTS weights under %s (%d MiB); each loads again on "
+                    "its next job", ENV_PRELOAD_MODELS, ", ".join(worker.models.pool.unloaded), ENV_MODEL_MEMORY_MB,
+                    settings.model_memory_mb)
     lap("preload_models")
     # Graphs for the common single-job lengths are captured while the worker waits for work, then
     # (on a GPU) the fused kernels are compiled, checked and switched to (f5worker.inference.kernel_switch).

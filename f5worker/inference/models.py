@@ -88,12 +88,15 @@ class ModelPool:
                     continue
                 held -= self._engines.pop(name).weight_bytes
                 gone.append(name)
+            busy = [name for name in self._engines if self._in_use.get(name)]
         self.unloaded.extend(gone)
         if gone:
             log.info("unloaded model(s) %s to keep TTS weights under %.0f MiB", ", ".join(gone), self.budget_bytes / 2**20)
         if held + needed_bytes > self.budget_bytes:
-            log.warning("TTS weights will be %.0f MiB, over the %.0f MiB budget: every other model has work in "
-                        "flight", (held + needed_bytes) / 2**20, self.budget_bytes / 2**20)
+            why = f"{', '.join(busy)} still ha{'s' if len(busy) == 1 else 've'} work in flight" if busy else \
+                "the model loading is larger than the budget by itself"
+            log.warning("TTS weights will be %.0f MiB, over the %.0f MiB budget: %s", (held + needed_bytes) / 2**20,
+                        self.budget_bytes / 2**20, why)
         return gone
 
     def add(self, name: str, engine: TTSEngine) -> None:

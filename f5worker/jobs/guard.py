@@ -81,8 +81,8 @@ def stuck_at(task: asyncio.Task) -> str:
         frame = coro.cr_frame
         where = frame.f_code.co_qualname
         handed = frame.f_locals.get("func") or frame.f_locals.get("fn")
-        if callable(handed):
-            where = _callable_name(handed)
+        if callable(handed):  # what the thread runs; the frames below only await it (jobs.threads)
+            return _callable_name(handed)
         coro = coro.cr_await
     return where
 

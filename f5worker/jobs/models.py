@@ -21,7 +21,8 @@ from f5worker.errors import StorageError
 from f5worker.inference.engine import TTSEngine
 from f5worker.inference.models import ModelPool
 from f5worker.model.checkpoint import model_name, read_model_config
-from f5worker.model.loader import weight_bytes
+from f5worker.jobs.threads import outlast
+from f5worker.model.loader import require_checkpoint_fits, weight_bytes
 from f5worker.model.registry import ModelSpec, default_aliases, model_for_job, model_registry
 from f5worker.model.store import ModelFiles, resolve_model_files, resolve_tts_files
 from f5worker.model.text_tokens import load_vocab
@@ -70,9 +71,9 @@ class JobModels:
     async def _load(self, name: str) -> None:
         files = await self._off_loop(functools.partial(resolve_tts_files, self.settings, model=name))
         await self._off_loop(self._make_room, files)
-        # loaded and added on the model thread: a job cancelled meanwhile (its deadline) does not
-        # throw away a load that goes on there anyway
-        await self._on_model_thread(lambda: self._added(name, self._load_engine(files)))
+        # loaded and added on the model thread, and awaited to its end even by a job cancelled
+        # meanwhile: the load goes on there anyway, and the one-load lock is held until it ends
+        await outlast(asyncio.ensure_future(self._on_model_thread(lambda: self._added(name, self._load_engine(files)))))
 
     def load_now(self, name: str) -> None:
         """Load ``name`` in this thread, before the worker serves (F5_PRELOAD_MODELS)."""
@@ -82,6 +83,9 @@ class JobModels:
             self._added(name, self._load_engine(files))
 
     def _make_room(self, files: ModelFiles) -> None:
+        # shapes first (milliseconds, no weights read): a checkpoint that cannot load into its
+        # config, or a config that overstates its model, must not cost the loaded models their places
+        require_checkpoint_fits(files.ckpt, files.model_config, files.vocab)
         needed = weight_bytes(files.model_config, files.vocab, self.pool.dtype)
         self.pool.make_room(needed, keep=files.model)
 

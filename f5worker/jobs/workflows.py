@@ -48,6 +48,7 @@ from f5worker.jobs.verify import ChunkReport, GuardedSampling, GuardOptions, job
 from f5worker.jobs.subtitles import SUBTITLE_FORMATS
 from f5worker.jobs.word_times import ChunkWords, add_word_times, subtitle_text
 from f5worker.jobs.models import JobModels
+from f5worker.jobs.threads import outlast
 from f5worker.model.store import ModelFiles
 from f5worker.jobs.resampling import least_output_length, most_output_length
 from f5worker.settings import ENV_ASR_MODEL, ENV_MAX_VOICE_BYTES, LOGS_PREFIX, OUTPUT_PREFIX, Settings
@@ -635,16 +636,7 @@ class Worker:
         """``fn(*args)`` on the I/O threads. A thread cannot be stopped: if the job is cancelled (its
         deadline, a shutdown) meanwhile, the job still waits for the thread before it unwinds, so its
         temp files are removed after the thread's last write, never before."""
-        future = asyncio.get_running_loop().run_in_executor(self.io_threads, functools.partial(fn, *args))
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            while not future.done():
-                try:
-                    await asyncio.wait({future})
-                except asyncio.CancelledError:
-                    continue
-            raise
+        return await outlast(asyncio.get_running_loop().run_in_executor(self.io_threads, functools.partial(fn, *args)))
 
     async def _commit(self, fn, *args):
         """The job's one write that changes what a caller sees (the output, or the voice). Once it

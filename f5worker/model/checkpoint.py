@@ -14,14 +14,15 @@ so its peak memory is one tensor; the worker checks the state it loaded anyway, 
 """
 from __future__ import annotations
 
+import pickle
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from f5worker.errors import StorageError
 from f5worker.settings import VOCODER_FILES
@@ -166,6 +167,29 @@ def require_finite(what: str, tensors: Iterable[tuple[str, torch.Tensor]], dtype
 
 # --- for the pre-deploy checks: read from disk one tensor at a time, nothing on a GPU ------------
 
+# What safetensors and torch.load raise for a file that is cut short, damaged or of another format.
+UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
+              SafetensorError)
+
+
+@contextmanager
+def readable(what: str) -> Iterator[None]:
+    """Reading a weights file: what it raises for a damaged file becomes one StorageError sentence
+    that names the file (``what``), not an internal error that names nothing."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except UNREADABLE as err:
+        raise StorageError(f"{what} could not be read ({type(err).__name__}).") from err
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether a checkpoint is read as safetensors (any case: ``model.SAFETENSORS`` too, as the
+    gate's header check reads it; anything else is a torch file)."""
+    return Path(path).suffix.lower() == ".safetensors"
+
+
 def load_pt(path: Path) -> Mapping:
     # The zip format is memory-mapped (nothing read until a tensor is used); the legacy one cannot be.
     return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -174,11 +198,14 @@ def load_pt(path: Path) -> Mapping:
 @contextmanager
 def open_ema(ckpt: Path) -> Iterator[tuple[dict[str, torch.Size], Callable[[str], torch.Tensor]]]:
     """(model name -> shape, read one tensor by model name) for a checkpoint's EMA weights."""
-    if ckpt.suffix == ".safetensors":
-        with safe_open(str(ckpt), framework="pt", device="cpu") as f:
-            keys = {name: key for key in f.keys() if (name := model_key(key))}
-            yield ({name: torch.Size(f.get_slice(key).get_shape()) for name, key in keys.items()},
-                   lambda name: f.get_tensor(keys[name]))
-    else:
-        state = ema_weights(ema_entries(load_pt(ckpt), ckpt))
+    if not is_safetensors(ckpt):
+        with readable(cfm_subject(ckpt)):
+            state = ema_weights(ema_entries(load_pt(ckpt), ckpt))
         yield {name: t.shape for name, t in state.items()}, state.__getitem__
+        return
+    with ExitStack() as opened:
+        with readable(cfm_subject(ckpt)):  # safe_open checks the data its header describes is all there
+            f = opened.enter_context(safe_open(str(ckpt), framework="pt", device="cpu"))
+            keys = {name: key for key in f.keys() if (name := model_key(key))}
+            found = {name: torch.Size(f.get_slice(key).get_shape()) for name, key in keys.items()}
+        yield found, lambda name: f.get_tensor(keys[name])

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from f5worker.model import dit
 from f5worker.model import stock
@@ -29,12 +28,11 @@ from f5worker.model.checkpoint import (
     VOCODER_WEIGHTS,
     VOCOS_ARCHITECTURE,
     cfm_subject,
-    ema_entries,
-    ema_weights,
     load_pt,
     model_name,
     open_ema,
     read_model_config,
+    readable,
     require_finite,
     require_fit,
     require_vocab_fits,
@@ -82,11 +80,21 @@ class F5Model:
 
 def model_unsupported_reason(model_cfg: dict) -> str | None:
     """Why the own model cannot run a config's architecture, or None when it can."""
+    return dit.unsupported_reason(model_cfg["arch"])
+
+
+def read_servable_config(path: Path) -> dict:
+    """A config's ``model`` section (``read_model_config``), refused with a StorageError when its
+    model makes another mel than the one Vocos every model shares decodes: stock f5-tts would build
+    it (a BigVGAN mel, say) and every job would come out as noise."""
+    model_cfg = read_model_config(Path(path))
     mel = model_cfg.get("mel_spec") or {}
     differing = sorted(k for k, v in MEL_SPEC_KWARGS.items() if k in mel and mel[k] != v)
     if differing:
-        return f"its mel settings differ from F5TTS_v1's ({', '.join(differing)})"
-    return dit.unsupported_reason(model_cfg["arch"])
+        raise StorageError(f"The model config {path} makes another mel than the worker's Vocos decodes "
+                           f"({', '.join(f'{k}: {mel[k]!r}' for k in differing)[:200]}); only "
+                           f"{MEL_SPEC_KWARGS['mel_spec_type']} mels of 24 kHz, 100 bands and hop 256 are served.")
+    return model_cfg
 
 
 def build_model(model_cfg: dict, vocab: Path):
@@ -108,11 +116,11 @@ def build_stock_cfm(model_cfg: dict, vocab: Path):
     # that the usual start path does without.
     from f5_tts.model.backbones.dit import DiT
     from f5_tts.model.cfm import CFM
-    from f5_tts.model.utils import get_tokenizer
 
-    vocab_char_map, vocab_size = get_tokenizer(str(vocab), "custom")
+    vocab_char_map = load_vocab(vocab)  # get_tokenizer's, with no id past the embedding
     model = CFM(
-        transformer=DiT(**model_cfg["arch"], text_num_embeds=vocab_size, mel_dim=MEL_SPEC_KWARGS["n_mel_channels"]),
+        transformer=DiT(**model_cfg["arch"], text_num_embeds=len(vocab_char_map),
+                        mel_dim=MEL_SPEC_KWARGS["n_mel_channels"]),
         mel_spec_kwargs=MEL_SPEC_KWARGS,
         odeint_kwargs=dict(method="euler"),
         vocab_char_map=vocab_char_map,
@@ -191,20 +199,24 @@ def build_stock_vocos(vocoder_dir: Path):
 # --- the worker's loaders ------------------------------------------------------------------------
 
 def read_state_dict(ckpt: Path, device: str = "cpu") -> dict:
-    """The weights (EMA where the file has them) with f5-tts's key fix-ups (load_checkpoint with use_ema=True)."""
-    if ckpt.suffix == ".safetensors":
-        return ema_weights(load_file(str(ckpt), device=device))
-    return ema_weights(ema_entries(torch.load(str(ckpt), map_location=device, weights_only=True), ckpt))
+    """The weights (EMA where the file has them) with f5-tts's key fix-ups (load_checkpoint with
+    use_ema=True), on ``device``: read a tensor at a time (a .pt memory-mapped), so only the weights
+    kept reach the device (a training checkpoint's optimizer state and trained weights, three times
+    the EMA weights, were read onto the GPU whole) and a damaged file is a StorageError naming it."""
+    with open_ema(Path(ckpt)) as (found, read):
+        return {name: read(name).to(device) for name in found}
 
 
 def load_model(model_config: Path, ckpt: Path, vocab: Path, device: str, dtype: torch.dtype):
     """Build and load the TTS model from resolved files, as f5-tts's load_model does.
 
     Built directly on the target device (random init of 337 M parameters on a CPU costs seconds,
-    on a GPU milliseconds) and loaded from a checkpoint read straight to that device. Weights that
-    do not fit the config, or are not finite once in ``dtype``, are refused with a StorageError
-    (checked on the loaded tensors: the file is read once)."""
-    model_cfg = read_model_config(Path(model_config))
+    on a GPU milliseconds) and loaded from a checkpoint read a tensor at a time to that device.
+    Weights that do not fit the config, or are not finite once in ``dtype``, are refused with a
+    StorageError. (A model loaded after start is first checked on the meta device, before room is
+    made for it: ``require_checkpoint_fits``. Not here: init on meta imports torch._dynamo, seconds
+    of a cold start.)"""
+    model_cfg = read_servable_config(Path(model_config))
     if reason := model_unsupported_reason(model_cfg):
         log.warning("model %s: the worker's own model does not cover it (%s); running stock f5-tts's, "
                     "on the slower eager path", model_name(model_cfg, model_config), reason)
@@ -228,8 +240,9 @@ def load_vocoder(vocoder_dir: Path, device: str):
     model = build_stock_vocos(vocoder_dir)
     log.warning("vocoder %s: the worker's own Vocos does not cover it (it %s); running the vocos package's",
                 vocoder_dir, reason)
-    state = torch.load(str(Path(vocoder_dir) / VOCODER_WEIGHTS), map_location="cpu", weights_only=True)
     what = vocos_subject(vocoder_dir)
+    with readable(what):
+        state = load_pt(Path(vocoder_dir) / VOCODER_WEIGHTS)
     require_fit(what, VOCOS_ARCHITECTURE, shapes(model.state_dict()), shapes(state))
     model.load_state_dict(state)
     model = model.eval().to(device)
@@ -241,23 +254,30 @@ def weight_bytes(model_config: Path, vocab: Path, dtype: torch.dtype) -> int:
     """What a config's model weighs on its device in ``dtype`` (built on the meta device: no memory),
     for the model memory budget before a model is loaded."""
     with torch.device("meta"):
-        model = build_model(read_model_config(Path(model_config)), Path(vocab))
+        model = build_model(read_servable_config(Path(model_config)), Path(vocab))
     return sum(t.numel() for t in model.state_dict().values()) * torch.empty((), dtype=dtype).element_size()
 
 
-# --- the pre-deploy gate's checks: the same models, shapes only ---------------------------------
+# --- shapes only: the worker's check before it makes room or allocates, and the pre-deploy gate's --
 
-def check_model_checkpoint(ckpt: Path, model_config: Path, vocab: Path) -> None:
-    """Raises StorageError unless the checkpoint's EMA weights load into the config's model and are
-    all finite. The model is built on the meta device: shapes only, no memory."""
-    model_cfg = read_model_config(model_config)
+def require_checkpoint_fits(ckpt: Path, model_config: Path, vocab: Path, *, finite: bool = False) -> None:
+    """Raises StorageError unless the checkpoint's EMA weights load into the config's model (and,
+    with ``finite``, are all finite). The model is built on the meta device and the file read a
+    header (or a memory map) at a time: shapes only, no memory, milliseconds without ``finite``."""
+    model_cfg = read_servable_config(model_config)
     with torch.device("meta"):
         model = build_model(model_cfg, vocab)
     what = cfm_subject(ckpt)
     with open_ema(Path(ckpt)) as (found, read):
         require_vocab_fits(Path(ckpt), Path(vocab), len(load_vocab(vocab)), found)
         require_fit(what, model_name(model_cfg, model_config), shapes(model.state_dict()), found)
-        require_finite(what, ((name, read(name)) for name in found))
+        if finite:
+            require_finite(what, ((name, read(name)) for name in found))
+
+
+def check_model_checkpoint(ckpt: Path, model_config: Path, vocab: Path) -> None:
+    """The pre-deploy gate's check: ``require_checkpoint_fits``, every value read and found finite."""
+    require_checkpoint_fits(ckpt, model_config, vocab, finite=True)
 
 
 def check_vocoder_weights(vocoder_dir: Path) -> None:
@@ -269,7 +289,8 @@ def check_vocoder_weights(vocoder_dir: Path) -> None:
             model = vocoder.Vocoder(vocoder.read_vocoder_config(Path(vocoder_dir) / VOCODER_CONFIG))
     else:
         model = build_stock_vocos(vocoder_dir)  # its filterbank cannot be built on meta
-    state = load_pt(Path(vocoder_dir) / VOCODER_WEIGHTS)
+    with readable(what):
+        state = load_pt(Path(vocoder_dir) / VOCODER_WEIGHTS)
     if not isinstance(state, Mapping):
         raise StorageError(f"{what} does not hold a state dict.")
     require_fit(what, VOCOS_ARCHITECTURE, shapes(model.state_dict()), shapes(state))

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from f5worker.errors import NotFound, StorageError
 from f5worker.settings import (
     ENV_CKPT_FILE,
@@ -69,13 +71,32 @@ BUILTIN_MODELS = {
 
 
 def split_hf(address: str) -> tuple[str, str] | None:
-    """``hf://owner/repo/path/in/repo`` as (``owner/repo``, ``path/in/repo``); None for a local path."""
+    """``hf://owner/repo/path/in/repo`` as (``owner/repo``, ``path/in/repo``); None for a local path.
+    StorageError for an address huggingface_hub would refuse (``owner/repo@main``, a space) or
+    whose path leaves the repo (``..``)."""
     if not address.startswith(HF_SCHEME):
         return None
     parts = address[len(HF_SCHEME):].split("/", 2)
-    if len(parts) < 3 or not all(parts):
-        raise StorageError(f"{address} is not an hf://owner/repo/path address.")
+    try:
+        if len(parts) < 3 or not all(parts) or {".", ".."} & set(parts[2].split("/")):
+            raise HFValidationError("no owner/repo/path")
+        validate_repo_id(f"{parts[0]}/{parts[1]}")
+    except HFValidationError as err:
+        raise StorageError(f"{address[:200]!r} is not an hf://owner/repo/path address (a repo's name is letters, "
+                           "digits, '-', '_' and '.'; no revision, no '..').") from err
     return f"{parts[0]}/{parts[1]}", parts[2]
+
+
+def _check_addresses(spec: ModelSpec) -> None:
+    """Every hf:// address of a model checked as the registry is built, so a malformed one is a
+    start error naming the setting, not a failure of every listing and job that reaches it."""
+    for part in ("ckpt", "vocab", "config"):
+        address = getattr(spec, part)
+        try:
+            if address:
+                split_hf(address)
+        except StorageError as err:
+            raise StorageError(f"{spec.label(part)}: {err}") from err
 
 
 def _from_models_variable(name: str, files: dict[str, str]) -> ModelSpec:
@@ -117,6 +138,8 @@ def model_registry(settings: Settings) -> dict[str, ModelSpec]:
             raise StorageError(f"{ENV_PRELOAD_MODELS} names {name!r}, which is not a registered model; the "
                                f"registered ones are {', '.join(specs)}.")
     specs[default] = _with_single_model_variables(specs[default], settings)
+    for spec in specs.values():
+        _check_addresses(spec)
     return {default: specs[default], **{n: s for n, s in specs.items() if n != default}}
 
 

@@ -59,7 +59,7 @@ class HubFile:
     size_hint: int  # bytes, for the free-space check before a download
 
 
-VOCAB_DOWNLOAD_BYTES = 20_000
+TEXT_FILE_DOWNLOAD_BYTES = 20_000  # a vocab.txt or a config YAML
 VOCODER_HUB_FILES = tuple(HubFile(VOCODER_REPO, name, VOCODER_DOWNLOAD_BYTES // 2) for name in VOCODER_FILES)
 
 
@@ -126,8 +126,12 @@ def _cached_set(hub_files: tuple[HubFile, ...], cache_dir: Path) -> dict[HubFile
 
 
 def ensure_free_space(directory: Path, needed: int) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(directory).free
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(directory).free
+    except OSError as err:  # a file in its place, a read-only volume
+        raise StorageError(f"The model cache at {directory} cannot be used "
+                           f"({err.strerror or type(err).__name__}), so no model can be downloaded into it.") from err
     if free < needed + DOWNLOAD_HEADROOM_BYTES:
         raise StorageError(
             f"The model cache at {directory} has {free / 1e9:.2f} GB free but downloading the missing "
@@ -187,9 +191,9 @@ def model_config_path(spec: ModelSpec) -> Path:
 
 def hub_parts(spec: ModelSpec) -> dict[str, HubFile]:
     """The model's files addressed as hf://owner/repo/path, as the hub files to find."""
-    hints = {"ckpt": F5_DOWNLOAD_BYTES, "vocab": VOCAB_DOWNLOAD_BYTES}
+    hints = {"ckpt": F5_DOWNLOAD_BYTES, "vocab": TEXT_FILE_DOWNLOAD_BYTES, "config": TEXT_FILE_DOWNLOAD_BYTES}
     parts = {}
-    for part, address in (("ckpt", spec.ckpt), ("vocab", spec.vocab)):
+    for part, address in (("ckpt", spec.ckpt), ("vocab", spec.vocab), ("config", spec.config)):
         where = split_hf(address) if address else None
         if where is not None:
             parts[part] = HubFile(where[0], where[1], hints[part])
@@ -216,7 +220,8 @@ def resolve_model_files(spec: ModelSpec, settings: Settings, *, allow_download: 
             paths[part] = _explicit(address, spec.label(part))
             sources.append("local files")
     vocab = paths.get("vocab") or packaged_vocab()
-    return paths["ckpt"], vocab, model_config_path(spec), "; ".join(dict.fromkeys(sources))
+    config = paths.get("config") or model_config_path(spec)
+    return paths["ckpt"], vocab, config, "; ".join(dict.fromkeys(sources))
 
 
 def resolve_f5_files(settings: Settings, *, allow_download: bool = True, model: str | None = None

@@ -56,12 +56,19 @@ _chinese_tools: tuple[Callable[[str], list[str]], Callable[[str], list[str]]] | 
 
 
 def load_vocab(path) -> dict[str, int]:
-    """f5-tts's ``get_tokenizer(path, "custom")[0]``: line i (its last character dropped) -> i.
+    """f5-tts's ``get_tokenizer(path, "custom")[0]``: line i (its last character dropped) -> i,
+    except for the symbols of a vocabulary with repeated lines that f5-tts would send past its text
+    embedding.
 
-    The vocabulary size f5-tts uses is ``len()`` of this map (a repeated line keeps its last index).
+    The vocabulary size f5-tts builds the embedding for is ``len()`` of this map, but a repeated line
+    keeps its last index, so the ids of the last lines run past that size: a job's text with one of
+    those symbols failed its model call (on a GPU, a device-side assert that takes the worker down).
+    Those symbols are unknown (0) here, which is all f5-tts's own training could have made of them.
     """
     with open(path, "r", encoding="utf-8") as f:
-        return {line[:-1]: index for index, line in enumerate(f)}
+        vocab = {line[:-1]: index for index, line in enumerate(f)}
+    size = len(vocab)
+    return {symbol: index if index < size else 0 for symbol, index in vocab.items()}
 
 
 def needs_segmenter(text: str) -> bool:

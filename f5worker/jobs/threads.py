@@ -1,0 +1,25 @@
+"""Awaiting work that runs on a thread, which a cancellation cannot stop.
+
+Why this module exists: when a job is cancelled (its deadline, a shutdown, an HTTP client gone)
+while it awaits a thread, asyncio ends the await at once but the thread runs on. A job that then
+unwinds removes temp files the thread still writes, or releases a lock (one model load at a time)
+while its load goes on, so a second load of the same model starts beside it. ``outlast`` waits for
+the thread's end either way and only then lets the cancellation through.
+"""
+from __future__ import annotations
+
+import asyncio
+
+
+async def outlast(future: asyncio.Future):
+    """``future``'s result; if the caller is cancelled meanwhile, the cancellation is raised only
+    once ``future`` is done (however often it is cancelled while it waits)."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            try:
+                await asyncio.wait({future})
+            except asyncio.CancelledError:
+                continue
+        raise
