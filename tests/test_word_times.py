@@ -280,6 +280,29 @@ def test_vtt_cue_text_is_written_as_text_not_markup():
     assert "&lt;b&gt;Bold&lt;/b&gt;" in text and "c&amp;d" in text
 
 
+def test_srt_cue_text_cannot_add_a_cue_or_markup(tmp_path):
+    """SRT has no escaping: a timing line in the job's text became a cue of its own in ffmpeg's
+    reader (shown from 0 s for ten hours), and <font> and {\\an8} were rendered. Read back here by
+    ffmpeg itself (PyAV), as players and burn-in tools read it."""
+    import av
+
+    words = paced("Hello there, this is fine. 00:00:00,000 --> 09:59:59,000 <font color=red>VISIT "
+                  "EVIL DOT EXAMPLE</font> {\\an8}NOW. And that was all, folks.")
+    cues = build_cues(words, words[-1].end + 0.5)
+    text = render(cues, "srt")
+    path = tmp_path / "cues.srt"
+    path.write_text(text, encoding="utf-8")
+    with av.open(str(path)) as container:
+        stream = container.streams.subtitles[0]
+        events = [(round(float(p.pts * stream.time_base), 3), bytes(p).decode("utf-8"))
+                  for p in container.demux(stream) if p.pts is not None]
+    assert [start for start, _ in events] == [cue.start for cue in cues]  # no cue the text made
+    shown = [line.replace("\u2060", "") for _, event in events for line in event.splitlines()]
+    assert shown == [line for cue in cues for line in cue.lines]  # the text as written, to the letter
+    assert not any(mark in event for _, event in events for mark in ("-->", "<font", "{\\"))
+    assert [line.replace("\u2060", "") for c in srt.parse(text) for line in c.content.splitlines()] == shown
+
+
 @pytest.mark.parametrize("fmt", ["srt", "vtt"])
 def test_a_word_wider_than_a_line_is_broken_across_lines_and_cues(fmt):
     long_word = "supercalifragilistic" * 15 + "."  # 301 letters, said over 16.6 s

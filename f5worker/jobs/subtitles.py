@@ -208,11 +208,23 @@ def _spread(cues: list[Cue], duration: float) -> list[Cue]:
     return cues
 
 
+# SRT has no escaping, and its readers (ffmpeg's, which players and burn-in tools use) start a cue at
+# any line that looks like a timing line and render <font>/<b> tags and {\an8}-style overrides. A
+# word joiner (U+2060, invisible) after each such mark keeps the job's text shown as written
+# without letting it add a cue of its own, move one or colour it.
+_SRT_MARKUP = str.maketrans({"<": "<\u2060", "{": "{\u2060", ">": "\u2060>"})
+
+
+def _srt_text(line: str) -> str:
+    return line.translate(_SRT_MARKUP)
+
+
 def render(cues: list[Cue], fmt: str) -> str:
-    """The file's text in ``fmt`` (srt or vtt)."""
+    """The file's text in ``fmt`` (srt or vtt): the job's text as text, never as markup or timing."""
     if fmt == "srt":
         return srt.compose([srt.Subtitle(index=n, start=_delta(cue.start), end=_delta(cue.end),
-                                         content="\n".join(cue.lines)) for n, cue in enumerate(cues, 1)])
+                                         content="\n".join(map(_srt_text, cue.lines)))
+                            for n, cue in enumerate(cues, 1)])
     return webvtt.WebVTT(captions=[webvtt.Caption(start=_vtt_time(cue.start), end=_vtt_time(cue.end),
                                                   text="\n".join(html.escape(line, quote=False) for line in cue.lines))
                                    for cue in cues]).content
