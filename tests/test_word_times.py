@@ -478,11 +478,8 @@ def put_fails(storage, suffix: str):
         if params["Key"].endswith(suffix):
             raise ConnectionResetError(f"injected: the connection broke during the put of *{suffix}")
 
-    storage.client.meta.events.register("before-parameter-build.s3.PutObject", fail)
-    try:
+    with events_hook(storage, "before-parameter-build.s3.PutObject", fail):
         yield
-    finally:
-        storage.client.meta.events.unregister("before-parameter-build.s3.PutObject", fail)
 
 
 def test_a_failed_audio_upload_leaves_the_older_pair_untouched(ctx):
@@ -513,6 +510,46 @@ def test_a_failed_subtitle_upload_still_answers_with_the_stored_audio(ctx):
     audio, rate = sf.read(io.BytesIO(ctx.get_bytes("output/half.wav")))
     assert len(audio) / rate == pytest.approx(result["duration"], abs=1e-3)
     assert ctx.get_bytes("output/half.srt") is None
+
+
+@pytest.mark.parametrize("subtitles", [None, "vtt"])
+def test_a_new_take_of_a_key_leaves_no_older_subtitle_file_beside_it(ctx, subtitles):
+    """A take with an SRT file, then one of the same key without subtitles or with WebVTT: the
+    older .srt stood beside audio it was not made for."""
+    storage = ctx.worker.storage
+    storage.put_text("output/take.srt", "older subtitles")
+    _, result = ctx.run({**JOB, "output_key": "take", **({"subtitles": subtitles} if subtitles else {})})
+    assert "error" not in result and "subtitles_error" not in result, result
+    assert ctx.get_bytes("output/take.srt") is None
+    assert (ctx.get_bytes("output/take.vtt") is not None) == (subtitles == "vtt")
+
+
+def delete_fails(storage, suffix: str):
+    """DeleteObject of a key ending in ``suffix`` fails (injected, as ``put_fails``)."""
+    def fail(params, **_):
+        if params["Key"].endswith(suffix):
+            raise ConnectionResetError(f"injected: the connection broke during the delete of *{suffix}")
+    return events_hook(storage, "before-parameter-build.s3.DeleteObject", fail)
+
+
+@contextlib.contextmanager
+def events_hook(storage, event: str, hook):
+    storage.client.meta.events.register(event, hook)
+    try:
+        yield
+    finally:
+        storage.client.meta.events.unregister(event, hook)
+
+
+def test_an_older_subtitle_file_that_cannot_be_removed_is_said(ctx):
+    storage = ctx.worker.storage
+    storage.put_text("output/kept.vtt", "older subtitles")
+    with delete_fails(storage, ".vtt"):
+        _, result = ctx.run({**JOB, "output_key": "kept"})
+    assert "error" not in result, result
+    assert result["subtitles_error"].startswith("The audio was stored, but an older subtitle file at output/kept.vtt "
+                                                "could not be removed (")
+    assert result["subtitles_error"].endswith("); it was not made for this audio.")
 
 
 def test_a_job_stopped_between_its_audio_and_its_subtitles_stores_both(ctx, monkeypatch):
