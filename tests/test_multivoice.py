@@ -102,6 +102,15 @@ def test_unknown_alias_is_refused_and_writes_nothing(ctx):
     assert log_record(ctx, job_id)["error"] == result["error"]
 
 
+def test_a_dialogue_of_short_lines_is_spoken(ctx):
+    """Every part is at least one piece, and the job's bound of 1 + bytes/8 pieces was reckoned from
+    the spoken text alone: four short lines (22 bytes without their tags, so 3 pieces) were refused.
+    The tags count now, since the caller sent them."""
+    _, result = ctx.run(script_job("[en] Hi! [zh] Hello. [en] Ready? [zh] Yes."))
+    assert "error" not in result, result
+    assert [segment["text"] for segment in result["segments"]] == ["Hi!", "Hello.", "Ready?", "Yes."]
+
+
 def test_a_tag_without_voices_is_text(ctx):
     calls = len(ctx.worker.batcher.calls)
     _, result = ctx.run({"text": "He said [zh] twice.", "local_voice": EN, "nfe_step": NFE, "seed": 3,

@@ -36,6 +36,9 @@ def test_a_script_of_many_short_parts_keeps_the_jobs_bounds(ref_wav):
                                          r".*, or the text switches voices too often \(2000 parts, each at least one "
                                          r"piece\)\.$"):
         job_plan.plan_segments(parts)
+    tagged = "".join("[a]x " for _ in parts)  # its tags counted, as the worker counts them, it is still refused
+    with pytest.raises(InputError, match=r"in 2000 pieces, more than a text of 10000 bytes may \(\d+ s, 1251 pieces\)"):
+        job_plan.plan_segments(parts, written_bytes=len(tagged))
     few = job_plan.plan_segments([request(ref_wav, "A sentence said by one voice.", 0),
                                   request(ref_wav, "And another said by the next.", 0)])
     assert len(few.items) == 2  # an ordinary script is planned as before

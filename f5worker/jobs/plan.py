@@ -93,10 +93,11 @@ def check_item_fits(item: ChunkItem) -> None:
             "voice's transcript matches its audio).")
 
 
-def check_plan_bounds(plan: JobPlan, text: str, *, parts: int = 1) -> None:
+def check_plan_bounds(plan: JobPlan, text: str, *, parts: int = 1, size: int | None = None) -> None:
     """Refuse, before any model call, a plan longer than its text can take (the bounds above);
-    ``parts``: the voices' parts the text was in (each is planned as a text of its own)."""
-    size = utf8_len(text)
+    ``parts``: the voices' parts the text was in (each is planned as a text of its own); ``size``:
+    the bytes the bounds are reckoned from, when not ``text``'s own."""
+    size = utf8_len(text) if size is None else size
     seconds = planned_samples(plan) / SAMPLE_RATE
     most_seconds = max(PLANNED_SECONDS_FLOOR, PLANNED_SECONDS_PER_BYTE * size)
     most_chunks = 1 + size // BYTES_PER_CHUNK
@@ -146,13 +147,16 @@ def plan(req: SynthesisRequest) -> JobPlan:
     return job
 
 
-def plan_segments(requests: list[SynthesisRequest]) -> JobPlan:
+def plan_segments(requests: list[SynthesisRequest], *, written_bytes: int = 0) -> JobPlan:
     """One job of several segments, each with its own voice (a request each, in order), as one
     plan: each segment is planned as ``plan`` plans a job, with its chunks numbered on from the
     segments before it, so every item's seed is the job's seed plus its index over the whole job
     (no two items share noise, and a job of one segment is planned exactly as before). ``finish``
     joins all the items in order, with the first request's cross-fade and silence removal (the
-    job's own, the same in every request)."""
+    job's own, the same in every request). ``written_bytes``: the job's text as sent, its voice
+    tags included, which the whole plan's bounds are reckoned from where it is longer than the
+    parts' texts joined: every part is at least one piece, so a dialogue of short lines
+    ("[alice] Hi! [bob] Hello.") was refused by a bound that left its tags out."""
     items: list[ChunkItem] = []
     texts: list[str] = []
     spaced: list[bool | None] = []
@@ -163,7 +167,8 @@ def plan_segments(requests: list[SynthesisRequest]) -> JobPlan:
         spaced += part.spaced
     job = JobPlan(items=items, request=requests[0], texts=texts, spaced=spaced)
     if len(requests) > 1:  # each part met its own bounds, floors included; the job meets its text's
-        check_plan_bounds(job, " ".join(req.gen_text for req in requests), parts=len(requests))
+        joined = " ".join(req.gen_text for req in requests)
+        check_plan_bounds(job, joined, parts=len(requests), size=max(utf8_len(joined), written_bytes))
     return job
 
 

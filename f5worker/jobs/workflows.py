@@ -263,8 +263,9 @@ class Worker:
             if waited := await self.models.ensure_loaded(model):
                 clock.timings["model_load_s"] = waited
             with clock.step("synthesis_s"):
-                plan = await self._off_loop(plan_segments, synthesis_requests(job, segments, voices, seed,
-                                                                              streamed=live, model=model))
+                plan = await self._off_loop(functools.partial(
+                    plan_segments, synthesis_requests(job, segments, voices, seed, streamed=live, model=model),
+                    written_bytes=len(job.text.encode("utf-8"))))
                 self._refuse_early(plan, fmt, job, stream if live else None)
             await self._whisper_for_options(job, clock)
             with clock.step("synthesis_s"):
