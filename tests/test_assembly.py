@@ -69,6 +69,19 @@ def test_silence_cutter_is_remove_silences_fed_in_pieces(name, piece):
     assert after_cuts(len(samples), cutter.cuts) == len(expected)
 
 
+@pytest.mark.parametrize("n", [72000, 72050, 256 * 1874])
+def test_audio_silent_throughout_is_kept_whole_on_or_off_the_10_ms_grid(n):
+    """A partial last 10 ms step counted as sound, so audio silent throughout that was not a whole
+    number of steps (Vocos makes multiples of 256 samples) looked like a pause before sound and was
+    cut to its last 0.5 s: a silent job's output was 0.5 s long."""
+    assert len(remove_silences(hush(n), SR)) == n
+    cutter = SilenceCutter()
+    assert sum(map(len, [cutter.add(hush(n)), *cutter.close()])) == n
+    # a pause at the end keeps the same part of it whether or not a partial step ends it
+    ends = [remove_silences(with_pauses(np.random.default_rng(2), [("s", 24000), ("q", q)]), SR) for q in (48000, 48050)]
+    assert len(ends[0]) == len(ends[1]) == 24000 + KEEP_SAMPLES
+
+
 def test_a_long_pause_is_not_held_in_memory():
     cutter = SilenceCutter()
     cutter.add(sound(np.random.default_rng(1), 20 * STEP))

@@ -34,7 +34,7 @@ from typing import BinaryIO, Iterable, Iterator
 import numpy as np
 import soundfile as sf
 
-from f5worker.jobs.audio import SILENCE_CUT_DB, SILENCE_CUT_MS, SILENCE_KEEP_MS, chunk_dbfs
+from f5worker.jobs.audio import SILENCE_CUT_DB, SILENCE_CUT_MS, SILENCE_KEEP_MS, chunk_dbfs, piece_dbfs
 from f5worker.jobs.encoding import OutputFormat, pcm16
 from f5worker.jobs.options import VERIFY_MAX_RETRIES
 from f5worker.jobs.resampling import OutputStream
@@ -135,10 +135,19 @@ class SilenceCutter:
         return np.concatenate(out) if out else data[:0]
 
     def close(self) -> Iterator[np.ndarray]:
-        """The rest, in pieces: a partial last step counts as sound (as in ``audio._silent_runs``)."""
+        """The rest, in pieces: a partial last step is judged by its own level, and a quiet one
+        belongs to the run it ends (as in ``audio._silent_runs``)."""
         rest, self.pending = self.pending, np.zeros(0)
-        yield from self._end_run(long_run_to_end=not len(rest))
-        yield rest
+        if len(rest) and piece_dbfs(rest) >= SILENCE_THRESHOLD_DB:
+            yield from self._end_run(long_run_to_end=False)
+            yield rest
+            return
+        if len(rest):
+            if self.run_start is None:
+                self.run_start, self.run_steps, self.run = self.taken, 0, []
+            self.run.append(rest)
+            self.taken += len(rest)
+        yield from self._end_run(long_run_to_end=True)
 
     def discard(self) -> None:
         """Nothing more is wanted (the job failed): the held leading quiet is let go."""

@@ -78,6 +78,15 @@ def chunk_dbfs(samples: np.ndarray, sr: int, chunk_ms: int = 10) -> np.ndarray:
         return 20 * np.log10(rms / INT16_FULL_SCALE)
 
 
+def piece_dbfs(samples: np.ndarray) -> float:
+    """pydub's dBFS of one piece of any length (``chunk_dbfs``'s measure, for a partial last step)."""
+    if not len(samples):
+        return float("-inf")
+    rms = float(np.sqrt(np.mean(np.round(samples * INT16_FULL_SCALE).astype(np.float64) ** 2)))
+    with np.errstate(divide="ignore"):
+        return float(20 * np.log10(rms / INT16_FULL_SCALE))
+
+
 def trim_silence_edges(samples: np.ndarray, sr: int, threshold_db: float = -42.0) -> np.ndarray:
     """pydub's detect_leading_silence applied at both ends (10 ms steps)."""
     db = chunk_dbfs(samples, sr)
@@ -93,17 +102,19 @@ def trim_silence_edges(samples: np.ndarray, sr: int, threshold_db: float = -42.0
 
 
 def _silent_runs(samples: np.ndarray, sr: int, min_silence_ms: int, threshold_db: float) -> list[tuple[int, int]]:
-    """Sample ranges of silence at least ``min_silence_ms`` long (1 ms resolution, like pydub's seek)."""
-    step = max(1, sr // 100)  # 10 ms chunks, like seek_step=10 in f5-tts's calls
-    db = chunk_dbfs(samples, sr)
-    quiet = db < threshold_db
+    """Sample ranges of silence at least ``min_silence_ms`` long (10 ms steps, like seek_step=10 in
+    f5-tts's calls). A partial last step is judged by its own level: a quiet one ends a run at the
+    last sample (counted as sound, it made audio silent throughout look like a pause before sound)."""
+    step = max(1, sr // 100)
+    quiet = list(chunk_dbfs(samples, sr) < threshold_db)
+    tail_quiet = piece_dbfs(samples[len(quiet) * step:]) < threshold_db
     runs, start = [], None
-    for i, q in enumerate(list(quiet) + [False]):
+    for i, q in enumerate(quiet + [False]):
         if q and start is None:
             start = i
         elif not q and start is not None:
             if (i - start) * 10 >= min_silence_ms:
-                runs.append((start * step, i * step))
+                runs.append((start * step, len(samples) if i == len(quiet) and tail_quiet else i * step))
             start = None
     return runs
 
