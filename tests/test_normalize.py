@@ -84,6 +84,38 @@ def test_other_languages_use_their_words_and_decimal_mark():
         f"Il y a {num2words(1000, lang='fr')} personnes, {num2words(15, lang='fr')} pour cent.")
 
 
+@pytest.mark.parametrize("text, language, value", [
+    ("Le loyer est de 1\u00a0200 € par mois.", "fr", 1200),  # the no-break space word processors write
+    ("Il y a 25 000 habitants.", "fr", 25000),  # French groups with a plain space too
+    ("Es sind 1\u202f500 Euro.", "de", 1500),
+    ("It is 1\u00a0000 metres away.", "en", 1000),
+])
+def test_thousands_grouped_by_a_no_break_space_are_one_number(text, language, value):
+    """"1 200 €" was "un deux cents euros": the separator word processors put there split it in two."""
+    spoken = normalize(text, language).text
+    assert num2words(value, lang=language) in spoken and not any(c.isdigit() for c in spoken), spoken
+
+
+@pytest.mark.parametrize("text, language, said", [
+    ("It weighs 2.50 kg.", "en", "two point five zero kilograms"),
+    ("Version 2.0 is out.", "en", "Version two point zero is out"),
+    ("Es sind 2,0 Grad.", "de", "zwei Komma null Grad"),
+    ("Rate 3.10%.", "en", "three point one zero percent"),
+])
+def test_written_decimals_are_all_said(text, language, said):
+    """num2words reads a float, so "2.50" and "2.0" lost their last zeros ("two point five", "two")."""
+    assert said in normalize(text, language).text
+
+
+def test_a_language_that_reads_fractions_as_a_whole_gets_no_zeros_added():
+    assert normalize("2,50", "ru").text == num2words(2.5, lang="ru")
+
+
+def test_an_impossible_date_is_not_read_as_one():
+    spoken = normalize("On 2024-02-30 and 2024-02-29.", "en").text
+    assert "February thirtieth" not in spoken and "February twenty-ninth, twenty twenty-four" in spoken
+
+
 @pytest.mark.parametrize("language", ["de", "ru", "es", "fr"])
 def test_a_time_says_its_zero_minutes_when_seconds_follow(language):
     """10:00:45 is not 10:45: the minutes are left out only where nothing follows them."""

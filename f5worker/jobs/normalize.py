@@ -10,6 +10,7 @@ language num2words lacks (Chinese among them) is left as written, and the result
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import re
 from dataclasses import dataclass
@@ -33,6 +34,12 @@ SIGN = f"[{''.join(CURRENCY_SIGNS)}]"  # any of them, in a pattern
 ORDINAL_SUFFIXES = {"en": "st|nd|rd|th", "fr": "er|re|e|ème", "es": "º|ª|o|a", "it": "º|ª", "pt": "º|ª"}
 POINT_DECIMALS = {"en", "ja", "ko", "th", "he", "zh"}  # languages writing 3.5, not 3,5
 MAX_DIGITS = 15  # up to the trillions; a longer run of digits (an ID, a serial) stays as written
+# Thousands separators besides the language's own mark: the no-break spaces word processors put in
+# "1 200 €" (U+00A0; U+202F, the narrow one; U+2009, the thin space). A plain space groups thousands
+# only where it is the language's own separator ("25 000 habitants"); elsewhere it separates two
+# numbers ("Kapitel 3 100 Seiten").
+GROUP_SPACES = "\u00a0\u202f\u2009"
+SPACE_GROUPED = {"fr", "ru", "pl", "sv", "cs", "sk", "fi", "no", "uk", "hu"}
 # A number is not part of a word of an alphabet, nor of another number ("x2", "2.0.1"); beside Chinese,
 # Japanese or Korean characters it is ("3時", "사과 3개"). Anchoring the start also keeps every rule linear.
 LETTERS = r"A-Za-z\u00C0-\u024F\u0370-\u03FF\u0400-\u04FF"
@@ -103,11 +110,45 @@ def _number(raw: str, language: str) -> float | int:
     ValueError past ``MAX_DIGITS`` (left as written: num2words takes seconds on a long one)."""
     if sum(c.isdigit() for c in raw) > MAX_DIGITS:
         raise ValueError("too many digits to say as one number")
-    if language in POINT_DECIMALS:
-        raw = raw.replace(",", "")
-    else:
-        raw = raw.replace(".", "").replace("\u202f", "").replace("\u2009", "").replace(",", ".")
+    grouping = "," if language in POINT_DECIMALS else ". "  # a space is matched only where it groups
+    raw = raw.translate({ord(c): None for c in grouping + GROUP_SPACES})
+    if language not in POINT_DECIMALS:
+        raw = raw.replace(",", ".")
     return float(raw) if "." in raw else int(raw)
+
+
+def _say(raw: str, language: str) -> str:
+    """A written number in words, its written decimals all said: num2words reads a float, so
+    "2.50" and "2.0" lost their last zeros ("two point five", "two"). Where the language reads a
+    fraction digit by digit (``_digit_by_digit``), each zero num2words drops is said after it."""
+    value = _number(raw, language)
+    words = _words(value, language)
+    fraction = re.split(r"[.,]", raw)[-1] if isinstance(value, float) else ""
+    dropped = len(fraction) - len(fraction.rstrip("0"))
+    if dropped and (point := _digit_by_digit(language)):
+        zero = _words(0, language)
+        words += (f" {point}" if dropped == len(fraction) else "") + f" {zero}" * dropped
+    return words
+
+
+@functools.lru_cache(maxsize=None)
+def _digit_by_digit(language: str) -> str | None:
+    """The language's decimal point word where num2words reads a fraction digit by digit ("one point
+    two five"), else None (Russian says "twenty-five hundredths": no zero can be added to that)."""
+    point = getattr(CONVERTER_CLASSES[language], "pointword", None)
+    if not isinstance(point, str):
+        return None
+    try:
+        reads = _words(1.25, language) == " ".join([_words(1, language), point, _words(2, language), _words(5, language)])
+    except Exception:  # noqa: BLE001 - a converter's own bug: no zeros added
+        return None
+    return point if reads else None
+
+
+def _iso_date(year: str, month: str, day: str) -> str:
+    """An ISO date in English words; ValueError for a day the month lacks (2024-02-30 stays as written)."""
+    date = datetime.date(int(year), int(month), int(day))
+    return f"{MONTHS_EN[date.month - 1]} {_words(date.day, 'en', to='ordinal')}, {_words(date.year, 'en', to='year')}"
 
 
 def _words(value, language: str, **kw) -> str:
@@ -138,8 +179,8 @@ def _sub(pattern: str, spoken: Callable[[re.Match], str]) -> Callable[[str], tup
 @functools.lru_cache(maxsize=None)  # one list per language: a chapter has thousands of sentences
 def _rules(language: str) -> tuple[Callable[[str], tuple[str, int]], ...]:
     """The rules in order, most specific first (a currency before its bare number)."""
-    number = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?" if language in POINT_DECIMALS else \
-        r"\d{1,3}(?:[.\u202f\u2009]\d{3})+(?:,\d+)?|\d+(?:,\d+)?"  # a plain space separates numbers
+    number = rf"\d{{1,3}}(?:[,{GROUP_SPACES}]\d{{3}})+(?:\.\d+)?|\d+(?:\.\d+)?" if language in POINT_DECIMALS else \
+        rf"\d{{1,3}}(?:[.{' ' if language in SPACE_GROUPED else ''}{GROUP_SPACES}]\d{{3}})+(?:,\d+)?|\d+(?:,\d+)?"
     value = lambda raw: _number(raw, language)  # noqa: E731 - one line, used below
     rules = [
         # A sign before a number is said, in the language's word for it, before the number's own
@@ -155,7 +196,7 @@ def _rules(language: str) -> tuple[Callable[[str], tuple[str, int]], ...]:
         _sub(rf"({SIGN})\s?({number}){END}(?!\s?(?:million|billion|trillion|thousand|bn|m|k)\b)"
              rf"|{START}({number})\s?({SIGN})(?!\d)", lambda m: _signed_currency(m, value, language)),
         _sub(rf"{START}({number})\s?(USD|EUR|GBP|JPY|INR)\b", lambda m: _currency(value(m[1]), m[2], language)),
-        _sub(rf"{START}({number})\s?%", lambda m: f"{_words(value(m[1]), language)} {PERCENT_WORDS.get(language, '%')}"),
+        _sub(rf"{START}({number})\s?%", lambda m: f"{_say(m[1], language)} {PERCENT_WORDS.get(language, '%')}"),
         # A time with fractions of a second ("1:23:45.6") is left to the numbers' rule.
         _sub(r"(?<![\w:])([01]?\d|2[0-4]):([0-5]\d):([0-5]\d)(?![\w:]|[.,]\d)",
              lambda m: _time(int(m[1]), int(m[2]), language, seconds=int(m[3]))),
@@ -164,20 +205,18 @@ def _rules(language: str) -> tuple[Callable[[str], tuple[str, int]], ...]:
     ]
     if language == "en":
         rules += [
-            _sub(r"\b(\d{4})-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])\b",
-                 lambda m: f"{MONTHS_EN[int(m[2]) - 1]} {_words(int(m[3]), 'en', to='ordinal')}, "
-                           f"{_words(int(m[1]), 'en', to='year')}"),
+            _sub(r"\b(\d{4})-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])\b", lambda m: _iso_date(m[1], m[2], m[3])),
             _sub(r"\b((?i:in|since|by|from|until|of|year))\s+(1[1-9]\d\d|20\d\d)\b",
                  lambda m: f"{m[1]} {_words(int(m[2]), 'en', to='year')}"),
             # A one-letter unit only after a space: "the 1990s" and "1.5m people" are no seconds or metres.
             _sub(rf"{START}({number})(\s?(?:{UNITS_EN_LONG})|\s(?:{UNITS_EN_SHORT}))(?![\w/])",
-                 lambda m: _unit_en(value(m[1]), m[2].strip())),
+                 lambda m: _unit_en(m[1], m[2].strip())),
         ]
     if language in ORDINAL_SUFFIXES:
         rules.append(_sub(rf"{START}(\d+)(?:{ORDINAL_SUFFIXES[language]})(?!\w)",
                           lambda m: _words(value(m[1]), language, to="ordinal")))
     # Not part of a word, a version or an address ("x2", "2.0.1", "10.0.0.1"): those stay as written.
-    rules.append(_sub(rf"{START}(?:{number}){END}", lambda m: _words(value(m[0]), language)))
+    rules.append(_sub(rf"{START}(?:{number}){END}", lambda m: _say(m[0], language)))
     return tuple(rules)
 
 
@@ -229,8 +268,8 @@ def _time(hours: int, minutes: int, language: str, seconds: int | None = None) -
     return said + (f" and {_words(seconds, 'en')} second{'s' if seconds != 1 else ''}" if seconds else "")
 
 
-def _unit_en(amount, unit: str) -> str:
+def _unit_en(raw: str, unit: str) -> str:
     name = UNITS_EN[unit]
-    if amount != 1 and " per " not in name:
+    if _number(raw, "en") != 1 and " per " not in name:
         name = name.replace("degree ", "degrees ") if name.startswith("degree ") else name + "s"
-    return f"{_words(amount, 'en')} {name}"
+    return f"{_say(raw, 'en')} {name}"
