@@ -41,7 +41,7 @@ def test_corrupt_checkpoint_is_reported_to_every_job_and_the_worker_replaced(tin
     worker, error, runpod = start_worker(Settings.from_env(env))
     assert worker is None and error is not None and hasattr(runpod, "serverless")
     handler = make_handler(None, error)
-    sentence = "The worker could not load its models (SafetensorError); the worker log has details."
+    sentence = f"The checkpoint {bad} could not be read (SafetensorError)."  # names the file to replace
     for job_input in ({"text": "x", "local_voice": "a.wav"}, {"endpoint": "upload"}, None):
         assert asyncio.run(handler({"id": "j1", "input": job_input})) == {"error": sentence, "refresh_worker": True}
     # what runpod sends to RunPod for that answer: the sentence, and stopPod
