@@ -257,9 +257,11 @@ def resnet_backbone(config: dict) -> None:
 
 
 def test_a_layout_the_own_vocoder_lacks_runs_on_vocos_and_passes_the_gate(tiny_vocos, tmp_path):
+    """The feature extractor is not used to decode: a sample rate of its own is no reason to refuse."""
     from f5worker.model import loader
 
-    folder = stock_layout(tiny_vocos, tmp_path, resnet_backbone)
+    folder = stock_layout(tiny_vocos, tmp_path, lambda c: (resnet_backbone(c), c["feature_extractor"][
+        "init_args"].update(sample_rate=44100)))
     loader.check_vocoder_weights(folder)
     model = loader.load_vocoder(folder, "cpu")
     assert type(model.backbone).__name__ == "VocosResNetBackbone"
@@ -279,15 +281,21 @@ HOSTILE_VOCOS = {
     "an imdct head": (lambda _: lambda c: c["head"].update(class_path="vocos.heads.IMDCTCosHead"), "IMDCTCosHead"),
     "adanorm": (lambda _: lambda c: (resnet_backbone(c), c["backbone"]["init_args"].update(adanorm_num_embeddings=4)),
                 "adanorm_num_embeddings"),
-    "another sample rate": (lambda _: lambda c: (resnet_backbone(c), c["feature_extractor"]["init_args"].update(
-        sample_rate=44100)), "another mel than F5-TTS makes (sample_rate)"),
+    # what decoding reads of the mel, on vocos's layout and on the own vocoder's alike (a hop of 512
+    # makes audio of the wrong length and pitch; 80 bands fail every model call)
+    "another hop": (lambda _: lambda c: (resnet_backbone(c), c["head"]["init_args"].update(hop_length=512)),
+                    "another mel than F5-TTS makes (head hop_length 512"),
+    "another hop, own layout": (lambda _: lambda c: c["head"]["init_args"].update(hop_length=512),
+                                "another mel than F5-TTS makes (head hop_length 512"),
+    "80 bands, own layout": (lambda _: lambda c: c["backbone"]["init_args"].update(input_channels=80),
+                             "another mel than F5-TTS makes (backbone input_channels 80"),
     "an argument vocos lacks": (lambda _: lambda c: (resnet_backbone(c), c["backbone"]["init_args"].update(colour=3)),
                                 "does not build vocos's model (TypeError)"),
 }
 
 
 @pytest.mark.parametrize("case", HOSTILE_VOCOS)
-def test_vocos_builds_only_its_own_classes_for_f5_ttss_mel(case, tiny_vocos, tmp_path):
+def test_vocoders_build_only_vocos_classes_for_f5_ttss_mel(case, tiny_vocos, tmp_path):
     from f5worker.model import loader
 
     marker = tmp_path / "ran"

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import yaml
 
 from f5worker.model import dit
 from f5worker.model import stock
@@ -93,7 +92,8 @@ def read_servable_config(path: Path) -> dict:
     if differing:
         raise StorageError(f"The model config {path} makes another mel than the worker's Vocos decodes "
                            f"({', '.join(f'{k}: {mel[k]!r}' for k in differing)[:200]}); only "
-                           f"{MEL_SPEC_KWARGS['mel_spec_type']} mels of 24 kHz, 100 bands and hop 256 are served.")
+                           f"{MEL_SPEC_KWARGS['mel_spec_type']} mels of {SAMPLE_RATE // 1000} kHz, {N_MELS} bands and "
+                           f"hop {HOP_LENGTH} are served.")
     return model_cfg
 
 
@@ -128,16 +128,6 @@ def build_stock_cfm(model_cfg: dict, vocab: Path):
     return model
 
 
-def vocoder_unsupported_reason(vocoder_dir: Path) -> str | None:
-    """Why the own vocoder cannot run a folder's config.yaml, or None when it can (or when the
-    config cannot be read at all: the own loader says so in a sentence)."""
-    try:
-        config = yaml.safe_load((Path(vocoder_dir) / VOCODER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    return vocoder.unsupported_reason(config)
-
-
 # The vocos classes its fallback may build, per part: vocos builds whatever a class_path names (it
 # imports the module and calls the name with init_args), so anything else, ``subprocess.getoutput``
 # say, is refused before vocos sees the file. Mel features only: every model decodes F5-TTS's mel,
@@ -149,13 +139,14 @@ STOCK_VOCOS_CLASSES = {
     "backbone": ("vocos.models.VocosBackbone", "vocos.models.VocosResNetBackbone"),
     "head": ("vocos.heads.ISTFTHead",),
 }
-# The mel every F5-TTS model makes (vocos's defaults where the config leaves them out).
-STOCK_VOCOS_MEL = {"sample_rate": SAMPLE_RATE, "n_mels": N_MELS, "hop_length": HOP_LENGTH}
+# What decoding reads of F5-TTS's mel (the feature extractor is not used to decode): the bands the
+# backbone takes in, and the hop the head steps by (the audio's length and pitch follow from it).
+DECODED_MEL = {("backbone", "input_channels"): N_MELS, ("head", "hop_length"): HOP_LENGTH}
 
 
 def stock_vocos_refusal(config) -> str | None:
     """Why vocos must not build a parsed config.yaml (a phrase after "The vocoder config ..."), or
-    None when it may: only its own classes, decoding F5-TTS's mel."""
+    None when it may: only its own classes."""
     if not isinstance(config, Mapping):
         return "is not a mapping of feature_extractor, backbone and head"
     for part, allowed in STOCK_VOCOS_CLASSES.items():
@@ -167,23 +158,34 @@ def stock_vocos_refusal(config) -> str | None:
                     f"{', '.join(allowed)}")
     if (config["backbone"].get("init_args") or {}).get("adanorm_num_embeddings") is not None:
         return "sets backbone adanorm_num_embeddings, which needs a bandwidth to decode"
-    features = {**STOCK_VOCOS_MEL, **(config["feature_extractor"].get("init_args") or {})}
-    differing = sorted(k for k, v in STOCK_VOCOS_MEL.items() if features[k] != v)
-    if differing:
-        return f"decodes another mel than F5-TTS makes ({', '.join(differing)})"
     return None
 
 
-def build_stock_vocos(vocoder_dir: Path):
-    """Vocos as its config.yaml describes it (f5-tts's load_vocoder with is_local=True), on the CPU,
-    for a config of vocos's own classes (``stock_vocos_refusal``); StorageError otherwise."""
-    config_path = Path(vocoder_dir) / VOCODER_CONFIG
-    try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise StorageError(f"The vocoder config {config_path} could not be read ({type(err).__name__}).") from err
-    if reason := stock_vocos_refusal(config):
-        raise StorageError(f"The vocoder config {config_path} {reason}.")
+def mel_refusal(config: Mapping) -> str | None:
+    """Why a config that either vocoder can build does not decode F5-TTS's mel, or None."""
+    differing = [f"{part} {name} {got!r}" for (part, name), wanted in DECODED_MEL.items()
+                 if (got := (config[part].get("init_args") or {}).get(name)) != wanted]
+    if differing:
+        return (f"decodes another mel than F5-TTS makes ({', '.join(differing)}; F5-TTS's has {N_MELS} bands "
+                f"and a hop of {HOP_LENGTH})")
+    return None
+
+
+def read_servable_vocoder_config(vocoder_dir: Path) -> tuple[dict, str | None]:
+    """A folder's parsed config.yaml, and why the own vocoder cannot run it (None: it can, else the
+    vocos package's fallback builds it); StorageError when it cannot be read, names a layout vocos
+    must not build (``stock_vocos_refusal``) or does not decode F5-TTS's mel (``mel_refusal``)."""
+    path = Path(vocoder_dir) / VOCODER_CONFIG
+    config = vocoder.parse_config(path)
+    own_lacks = vocoder.unsupported_reason(config)
+    if reason := (stock_vocos_refusal(config) if own_lacks else None) or mel_refusal(config):
+        raise StorageError(f"The vocoder config {path} {reason}.")
+    return config, own_lacks
+
+
+def build_stock_vocos(config: dict, config_path: Path):
+    """Vocos as a config that ``read_servable_vocoder_config`` let through describes it (f5-tts's
+    load_vocoder with is_local=True), on the CPU."""
     # The vocos package (encodec, scipy) only for a vocoder layout the own one does not cover.
     from vocos import Vocos
     from vocos.pretrained import instantiate_class
@@ -235,9 +237,10 @@ def load_model(model_config: Path, ckpt: Path, vocab: Path, device: str, dtype: 
 def load_vocoder(vocoder_dir: Path, device: str):
     """The vocoder of config.yaml + pytorch_model.bin: the own one (f5worker.model.vocoder) where it covers
     the config, stock Vocos otherwise; weights that do not fit or are not finite are refused."""
-    if (reason := vocoder_unsupported_reason(vocoder_dir)) is None:
+    config, reason = read_servable_vocoder_config(vocoder_dir)
+    if reason is None:
         return vocoder.load_vocoder(Path(vocoder_dir), device)
-    model = build_stock_vocos(vocoder_dir)
+    model = build_stock_vocos(config, Path(vocoder_dir) / VOCODER_CONFIG)
     log.warning("vocoder %s: the worker's own Vocos does not cover it (it %s); running the vocos package's",
                 vocoder_dir, reason)
     what = vocos_subject(vocoder_dir)
@@ -284,11 +287,12 @@ def check_vocoder_weights(vocoder_dir: Path) -> None:
     """Raises StorageError unless the vocoder weights load into the model its config describes and
     are all finite (read memory-mapped, a tensor at a time)."""
     what = vocos_subject(vocoder_dir)
-    if vocoder_unsupported_reason(vocoder_dir) is None:
+    config, own_lacks = read_servable_vocoder_config(vocoder_dir)
+    if own_lacks is None:
         with torch.device("meta"):
-            model = vocoder.Vocoder(vocoder.read_vocoder_config(Path(vocoder_dir) / VOCODER_CONFIG))
+            model = vocoder.Vocoder(config)
     else:
-        model = build_stock_vocos(vocoder_dir)  # its filterbank cannot be built on meta
+        model = build_stock_vocos(config, Path(vocoder_dir) / VOCODER_CONFIG)  # its filterbank cannot be built on meta
     with readable(what):
         state = load_pt(Path(vocoder_dir) / VOCODER_WEIGHTS)
     if not isinstance(state, Mapping):

@@ -164,12 +164,18 @@ class Vocoder(nn.Module):
         return self.head(self.backbone(mel))
 
 
-def read_vocoder_config(path: Path) -> dict:
-    """A parsed config.yaml this module can run; StorageError otherwise."""
+def parse_config(path: Path):
+    """A config.yaml as YAML gives it (any shape: ``unsupported_reason`` judges it); StorageError
+    when it cannot be read."""
     try:
-        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise StorageError(f"The vocoder config {path} could not be read ({type(err).__name__}).") from err
+
+
+def read_vocoder_config(path: Path) -> dict:
+    """A parsed config.yaml this module can run; StorageError otherwise."""
+    config = parse_config(path)
     if reason := unsupported_reason(config):
         raise StorageError(f"The vocoder config {path} {reason}.")
     return config
