@@ -547,9 +547,14 @@ def test_an_older_subtitle_file_that_cannot_be_removed_is_said(ctx):
     with delete_fails(storage, ".vtt"):
         _, result = ctx.run({**JOB, "output_key": "kept"})
     assert "error" not in result, result
-    assert result["subtitles_error"].startswith("The audio was stored, but an older subtitle file at output/kept.vtt "
-                                                "could not be removed (")
+    assert result["subtitles_error"].startswith("An older subtitle file at output/kept.vtt could not be removed (")
     assert result["subtitles_error"].endswith("); it was not made for this audio.")
+    # beside a subtitle file of its own that could not be stored: both are said, that one first
+    with put_fails(storage, ".srt"), delete_fails(storage, ".vtt"):
+        _, both = ctx.run({**JOB, "output_key": "kept", "subtitles": "srt"})
+    assert both["subtitles_error"].startswith("The audio was stored, but its subtitle file could not be (")
+    assert "Send the job again for both. An older subtitle file at output/kept.vtt could not be removed" in \
+        both["subtitles_error"]
 
 
 def test_a_job_stopped_between_its_audio_and_its_subtitles_stores_both(ctx, monkeypatch):

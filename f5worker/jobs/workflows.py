@@ -348,8 +348,8 @@ class Worker:
                                         subtitles, stop)
             if failed is not None:
                 await self._subtitles_not_stored(subtitles, result, failed)
-            if job.output_key is not None:  # a key the caller chose may hold an earlier take's subtitles
-                await self._remove_older_subtitles(delivery, result)
+            if job.output_key is not None and not job.output_key.endswith("/"):  # a file name the caller chose
+                await self._remove_older_subtitles(delivery, result)  # may hold an earlier take's subtitles
         with clock.step("encoding_s"):
             await self._attach_inline(delivery.job_id, result, inline, staging, size)
         return result
@@ -381,17 +381,20 @@ class Worker:
     async def _remove_older_subtitles(self, delivery: "Delivery", result: dict) -> None:
         """Once the audio is stored: an earlier job's subtitle file of that key in a format this job
         did not write (the job asked for none, or for the other) is removed, so none stands beside
-        audio it was not made for. One that cannot be is said in ``subtitles_error``."""
-        for fmt in SUBTITLE_FORMATS:
-            key = subtitles_key_for(delivery.output_key, delivery.fmt, fmt)
-            if fmt == delivery.job.subtitles:
-                continue
-            try:
-                await self._off_loop(self.storage.delete, key)
-            except StorageError as err:
-                log.warning("an older subtitle file beside stored audio could not be removed: %s", err)
-                result["subtitles_error"] = (f"The audio was stored, but an older subtitle file at {key} could not "
-                                             f"be removed ({str(err).rstrip('.')}); it was not made for this audio.")
+        audio it was not made for. One that cannot be is said in ``subtitles_error``, after what it
+        says already (the job's own subtitle file not stored)."""
+        keys = [subtitles_key_for(delivery.output_key, delivery.fmt, fmt) for fmt in SUBTITLE_FORMATS
+                if fmt != delivery.job.subtitles]
+        outcomes = await asyncio.gather(*(self._off_loop(self.storage.delete, key) for key in keys),
+                                        return_exceptions=True)
+        for key, outcome in zip(keys, outcomes):
+            if isinstance(outcome, StorageError):
+                log.warning("an older subtitle file beside stored audio could not be removed: %s", outcome)
+                said = (f"An older subtitle file at {key} could not be removed ({str(outcome).rstrip('.')}); it was "
+                        "not made for this audio.")
+                result["subtitles_error"] = " ".join(filter(None, (result.get("subtitles_error"), said)))
+            elif isinstance(outcome, BaseException):
+                raise outcome
 
     async def _subtitles_not_stored(self, subtitles: "SubtitlesFile", result: dict, failed: str) -> None:
         """The audio is stored but its subtitle file could not be (a change the caller must hear
