@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from f5worker.errors import StorageError
 from f5worker.inference.models import ModelPool
+from f5worker.jobs.guard import stuck_at
 from f5worker.model import loader
 from f5worker.model.loader import check_model_checkpoint, read_servable_config, read_state_dict
 from f5worker.model.registry import model_registry
@@ -155,6 +156,7 @@ def test_a_load_outlasts_its_cancelled_job_so_a_model_loads_once(ctx, monkeypatc
         first = asyncio.ensure_future(models.ensure_loaded("upper"))
         while not loads:
             await asyncio.sleep(0.01)
+        assert stuck_at(first) == "JobModels._load_and_add"  # what a deadline's sentence names
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
         await models.ensure_loaded("upper")
@@ -211,7 +213,9 @@ print(len(state), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) 
 
 def test_a_training_checkpoint_brings_only_its_ema_weights_into_memory(tiny_models, tmp_path):
     """A .pt training checkpoint holds optimizer state and trained weights beside the EMA ones
-    (about three times their size for a Base); reading it whole put all of it on the device."""
+    (about three times their size for a Base), and was read whole (onto the device). Read here on
+    the CPU, where only what the reader touches becomes resident: the EMA weights, then moved to
+    the device one by one, not the 256 MiB of optimizer state."""
     ema = load_file(tiny_models["F5_CKPT_FILE"])
     optimizer = {"state": {0: {"exp_avg": torch.ones(64, 2**20)}}}  # 256 MiB the worker never uses
     ckpt = tmp_path / "model_1200000.pt"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import multiprocessing
 import os
@@ -81,9 +82,12 @@ def stuck_at(task: asyncio.Task) -> str:
         frame = coro.cr_frame
         where = frame.f_code.co_qualname
         handed = frame.f_locals.get("func") or frame.f_locals.get("fn")
-        if callable(handed):  # what the thread runs; the frames below only await it (jobs.threads)
-            return _callable_name(handed)
-        coro = coro.cr_await
+        if callable(handed):
+            where = _callable_name(handed)
+            if not inspect.iscoroutinefunction(handed):  # a thread runs it; below, frames only await it
+                return where
+        awaited = frame.f_locals.get("future")  # jobs.threads.outlast: a task it waits out
+        coro = awaited.get_coro() if isinstance(awaited, asyncio.Task) else coro.cr_await
     return where
 
 

@@ -22,7 +22,7 @@ from f5worker.inference.engine import TTSEngine
 from f5worker.inference.models import ModelPool
 from f5worker.model.checkpoint import model_name, read_model_config
 from f5worker.jobs.threads import outlast
-from f5worker.model.loader import require_checkpoint_fits, weight_bytes
+from f5worker.model.loader import weight_bytes
 from f5worker.model.registry import ModelSpec, default_aliases, model_for_job, model_registry
 from f5worker.model.store import ModelFiles, resolve_model_files, resolve_tts_files
 from f5worker.model.text_tokens import load_vocab
@@ -73,20 +73,22 @@ class JobModels:
         await self._off_loop(self._make_room, files)
         # loaded and added on the model thread, and awaited to its end even by a job cancelled
         # meanwhile: the load goes on there anyway, and the one-load lock is held until it ends
-        await outlast(asyncio.ensure_future(self._on_model_thread(lambda: self._added(name, self._load_engine(files)))))
+        await outlast(asyncio.ensure_future(self._on_model_thread(functools.partial(self._load_and_add, name, files))))
+
+    def _load_and_add(self, name: str, files: ModelFiles) -> None:
+        self._added(name, self._load_engine(files))
 
     def load_now(self, name: str) -> None:
         """Load ``name`` in this thread, before the worker serves (F5_PRELOAD_MODELS)."""
         if self.pool.get(name) is None:
             files = resolve_tts_files(self.settings, model=name)
             self._make_room(files)
-            self._added(name, self._load_engine(files))
+            self._load_and_add(name, files)
 
     def _make_room(self, files: ModelFiles) -> None:
-        # shapes first (milliseconds, no weights read): a checkpoint that cannot load into its
+        # shapes checked first (milliseconds, no weights read): a checkpoint that cannot load into its
         # config, or a config that overstates its model, must not cost the loaded models their places
-        require_checkpoint_fits(files.ckpt, files.model_config, files.vocab)
-        needed = weight_bytes(files.model_config, files.vocab, self.pool.dtype)
+        needed = weight_bytes(files.model_config, files.vocab, self.pool.dtype, ckpt=files.ckpt)
         self.pool.make_room(needed, keep=files.model)
 
     def _added(self, name: str, engine: TTSEngine) -> None:

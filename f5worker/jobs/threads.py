@@ -9,11 +9,15 @@ the thread's end either way and only then lets the cancellation through.
 from __future__ import annotations
 
 import asyncio
+import logging
+
+log = logging.getLogger(__name__)
 
 
 async def outlast(future: asyncio.Future):
     """``future``'s result; if the caller is cancelled meanwhile, the cancellation is raised only
-    once ``future`` is done (however often it is cancelled while it waits)."""
+    once ``future`` is done (however often it is cancelled while it waits), and a failure of the
+    work no one will read now is logged."""
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -22,4 +26,6 @@ async def outlast(future: asyncio.Future):
                 await asyncio.wait({future})
             except asyncio.CancelledError:
                 continue
+        if not future.cancelled() and (err := future.exception()) is not None:
+            log.warning("work its cancelled job waited out failed: %s", type(err).__name__)
         raise

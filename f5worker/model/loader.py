@@ -253,11 +253,13 @@ def load_vocoder(vocoder_dir: Path, device: str):
     return model
 
 
-def weight_bytes(model_config: Path, vocab: Path, dtype: torch.dtype) -> int:
+def weight_bytes(model_config: Path, vocab: Path, dtype: torch.dtype, *, ckpt: Path | None = None) -> int:
     """What a config's model weighs on its device in ``dtype`` (built on the meta device: no memory),
-    for the model memory budget before a model is loaded."""
-    with torch.device("meta"):
-        model = build_model(read_servable_config(Path(model_config)), Path(vocab))
+    for the model memory budget before a model is loaded; with ``ckpt``, once the checkpoint is
+    found to fit that model (``require_checkpoint_fits``'s check, on the same build)."""
+    model_cfg, model = _meta_model(model_config, vocab)
+    if ckpt is not None:
+        _require_fits(model, model_cfg, ckpt, model_config, vocab, finite=False)
     return sum(t.numel() for t in model.state_dict().values()) * torch.empty((), dtype=dtype).element_size()
 
 
@@ -267,9 +269,18 @@ def require_checkpoint_fits(ckpt: Path, model_config: Path, vocab: Path, *, fini
     """Raises StorageError unless the checkpoint's EMA weights load into the config's model (and,
     with ``finite``, are all finite). The model is built on the meta device and the file read a
     header (or a memory map) at a time: shapes only, no memory, milliseconds without ``finite``."""
-    model_cfg = read_servable_config(model_config)
+    model_cfg, model = _meta_model(model_config, vocab)
+    _require_fits(model, model_cfg, ckpt, model_config, vocab, finite=finite)
+
+
+def _meta_model(model_config: Path, vocab: Path):
+    """A servable config's model section and its model on the meta device."""
+    model_cfg = read_servable_config(Path(model_config))
     with torch.device("meta"):
-        model = build_model(model_cfg, vocab)
+        return model_cfg, build_model(model_cfg, Path(vocab))
+
+
+def _require_fits(model, model_cfg: dict, ckpt: Path, model_config: Path, vocab: Path, *, finite: bool) -> None:
     what = cfm_subject(ckpt)
     with open_ema(Path(ckpt)) as (found, read):
         require_vocab_fits(Path(ckpt), Path(vocab), len(load_vocab(vocab)), found)
