@@ -417,8 +417,10 @@ class Settings:
         "conditional GET ([prepared voices](#prepared-voices-in-memory)); 0: none")
     max_result_bytes: int = setting(
         ENV_MAX_RESULT_BYTES, Number(1, RUNSYNC_RESULT_BYTES, whole=True), RUN_RESULT_BYTES,
-        "the largest result a job returns, which bounds inline audio (`return_base64`); the default is RunPod's "
-        "payload limit for `/run` (`/runsync` takes 20 MB, the most it may be set to)")
+        "the largest result a job returns: a job whose result could pass it (its segments, a streamed job's pieces "
+        "and its other fields at their widest: URLs, keys, the sentences about its subtitle files) is refused "
+        "before synthesis, and it bounds inline audio (`return_base64`); the default is RunPod's payload limit "
+        "for `/run` (`/runsync` takes 20 MB, the most it may be set to)")
     # Captured graphs keep static input buffers per (batch, frames) bucket: about 1 MiB for a single
     # job, ~80 MiB for 16 jobs of 2048 frames (fp16, F5TTS_v1_Base).
     graph_memory_mb: int = setting(

@@ -259,6 +259,24 @@ def assert_wav_matches(data: bytes, duration: float, sr: int = 24000) -> None:
     assert abs(info.frames / sr - duration) <= 1 / sr + 0.0005, (info.frames, duration)
 
 
+def smallest_accepted(accepts, refused: int, accepted: int) -> int:
+    """The smallest limit in (``refused``, ``accepted``] that ``accepts(limit)``, for a check that
+    accepts every limit above one it accepts (a job's F5_MAX_RESULT_BYTES), by bisection."""
+    assert accepts(accepted) and not accepts(refused)
+    while accepted - refused > 1:
+        middle = (refused + accepted) // 2
+        if accepts(middle):
+            accepted = middle
+        else:
+            refused = middle
+    return accepted
+
+
+def result_bytes(items) -> int:
+    """A job's output as runpod sends it: in its wrapping, JSON, UTF-8."""
+    return len(json.dumps({"output": items}, ensure_ascii=False).encode("utf-8"))
+
+
 def assert_one_sentence(result: dict) -> str:
     assert set(result) == {"error"}, result
     message = result["error"]

@@ -242,7 +242,7 @@ def test_wav_too_large_to_inline_is_refused_before_synthesis(ctx, limit):
     calls = len(ctx.worker.batcher.calls)
     message = refused(ctx, tts(return_base64=True), "The wav audio would be at least ")
     assert len(ctx.worker.batcher.calls) == calls, "the model ran for a job refused from its plan"
-    assert "and at most 37 kB fit inline in a RunPod result; set return_base64 to false and fetch audio_url, " \
+    assert "and at most 36 kB fit inline in a RunPod result; set return_base64 to false and fetch audio_url, " \
            "or choose output_format ogg, opus or mp3." in message
     # Silence removal may shorten the audio below its plan: such a job is measured once encoded.
     refused(ctx, tts(return_base64=True, remove_silence=True), "The wav audio is ")

@@ -23,21 +23,23 @@ import srt
 import torch
 import webvtt
 
-from f5worker.errors import InputError
+from f5worker.errors import InputError, StorageError
 from f5worker.inference.alignment import (align_words, alignment_heads, dtw_path, median_filter, prompt_ids,
                                           token_room, word_times)
 from f5worker.inference.transcriber import Transcriber
-from f5worker.jobs.inputs import parse_job_input
+from f5worker.jobs.inputs import MAX_OUTPUT_KEY_CHARS, parse_job_input
 from f5worker.jobs.subtitles import (CLAUSE_END, LINE_CELLS, MAX_CUE_SECONDS, MIN_CUE_SECONDS, SENTENCE_END,
                                      TimedWord, build_cues, cells, fits, line_wide, render)
 from f5worker.jobs.chunking import chunk_for_model, spaced_starts
 from f5worker.jobs.plan import chunks_with_short_first
+from f5worker.jobs.results import (MAX_REASON_CHARS, added_sentence, brief_reason, not_removed_sentence,
+                                   not_stored_sentence, widest_subtitles_error)
 from f5worker.jobs.word_times import ChunkWords
 from f5worker.jobs.words import split_words
-from f5worker.settings import Settings
+from f5worker.settings import RUNSYNC_RESULT_BYTES, Settings
 from tests.fixtures_whisper import write_tiny_whisper
 from tests.fixtures_worker import worker_ctx
-from tests.helpers import Recorder, pcm_of
+from tests.helpers import Recorder, pcm_of, result_bytes, smallest_accepted
 
 
 # --- the alignment's parts -------------------------------------------------------------------------
@@ -441,9 +443,46 @@ def test_refused_before_any_model_call(ctx, whisper_folder, tmp_path, monkeypatc
     monkeypatch.undo()
     limit(3000)
     _, result = ctx.run({**JOB, "timestamps": "word"})
-    assert result["error"].startswith("The result's segments for this text could take ")
+    assert result["error"].startswith("The result's segments and other fields for this text could take ")
     assert len(ctx.worker.batcher.calls) == calls
     assert not ctx.tmp_files()
+
+
+def test_a_job_accepted_at_the_smallest_result_limit_fits_it(ctx, limit):
+    """A job is refused from its plan unless its whole result fits F5_MAX_RESULT_BYTES: its
+    segments and every other field at their widest, the presigned URLs of a long output_key and
+    the sentences its subtitle files may need among them. (Only the segments were counted, and a
+    fixed 1 KiB for the rest, so such a job's result went past the limit it had been accepted at.)"""
+    job = {**JOB, "text": "One short line, said once.", "subtitles": "srt", "timestamps": "word",
+           "output_key": "book-7/" + "x" * (MAX_OUTPUT_KEY_CHARS - 7)}
+
+    def accepts(max_result_bytes: int) -> bool:
+        limit(max_result_bytes)
+        result = ctx.run(job)[1]
+        refusal = "The result's segments and other fields for this text could take "
+        assert "error" not in result or result["error"].startswith(refusal), result
+        return "error" not in result
+
+    limit(RUNSYNC_RESULT_BYTES)
+    whole = result_bytes(ctx.run(job)[1])
+    least = smallest_accepted(accepts, 0, whole + 16_000)
+    limit(least)
+    size = result_bytes(ctx.run(job)[1])
+    assert size <= least
+    assert least - size < 4096, "refused with far more room than its widest result needs"
+    assert not ctx.tmp_files()
+
+
+def test_subtitles_error_is_bounded_by_its_widest():
+    """A storage reason is cut to MAX_REASON_CHARS in the result, so the widest ``subtitles_error``
+    the plan reserves room for holds any the job can get."""
+    reason = brief_reason(StorageError("y" * 1000 + "."))
+    assert len(reason) == MAX_REASON_CHARS and reason.endswith("…")
+    assert brief_reason(StorageError("S3 put failed.")) == "S3 put failed"
+    key, other = "output/a.srt", "output/a.vtt"
+    said = added_sentence(not_stored_sentence(reason, key, removed=False), not_removed_sentence(other, reason))
+    assert len(said) == len(widest_subtitles_error(key, [other]))
+    assert widest_subtitles_error(None, []) is None
 
 
 def test_a_streamed_job_with_word_times_and_subtitles(ctx):

@@ -51,28 +51,16 @@ from f5worker.jobs.models import JobModels
 from f5worker.jobs.threads import outlast
 from f5worker.model.store import ModelFiles
 from f5worker.jobs.resampling import least_output_length, most_output_length
-from f5worker.settings import ENV_ASR_MODEL, ENV_MAX_VOICE_BYTES, LOGS_PREFIX, OUTPUT_PREFIX, Settings
+from f5worker.jobs.results import (Delivery, InlineAudio, SubtitlesFile, added_sentence, brief_reason,
+                                   not_removed_sentence, not_stored_sentence, older_subtitles_keys, output_key_for,
+                                   subtitles_key_for, tts_result, widest_result_bytes)
+from f5worker.settings import ENV_ASR_MODEL, ENV_MAX_VOICE_BYTES, LOGS_PREFIX, Settings
 from f5worker.jobs.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
                              prepare_upload)
 from s3_utils import KeyNotFound, ObjectTooLarge, Storage
 from f5worker.model.constants import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
-
-
-def subtitles_key_for(output_key: str, fmt: encoding.OutputFormat, subtitles: str) -> str:
-    """The subtitle file's key: the audio's, with the subtitle format's extension for its own."""
-    return f"{output_key.removesuffix('.' + fmt.extension)}.{subtitles}"
-
-
-def output_key_for(job_id: str, requested: str | None, fmt: encoding.OutputFormat) -> str:
-    """Where a TTS job's audio is stored: ``output/<job_id>.<ext>``, or the caller's ``output_key``
-    under ``output/`` (one ending in '/' is a folder for ``<job_id>.<ext>``). An existing object of
-    that key is replaced, as a re-rendered line should be."""
-    name = requested or ""
-    if not name or name.endswith("/"):
-        name += job_id
-    return f"{OUTPUT_PREFIX}{name}.{fmt.extension}"
 
 
 @contextlib.contextmanager
@@ -96,37 +84,6 @@ class JobVoice:
     voice: Voice
     ref_text: str
     ref_text_source: str
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """Where one TTS job's audio goes: its format, its key if stored, and its stream if any."""
-
-    job_id: str
-    job: TTSInput
-    fmt: encoding.OutputFormat
-    output_key: str
-    stream: streaming.LiveAudio | None
-    extras: dict  # the result's fields of what was asked besides the audio (normalized, verify)
-
-
-@dataclass(frozen=True)
-class SubtitlesFile:
-    """A job's subtitle file, written in its temp folder, not stored yet."""
-
-    key: str
-    url: str
-    path: Path
-    content_type: str
-
-
-@dataclass(frozen=True)
-class InlineAudio:
-    """Whether a job's audio goes back inline (base64) and, if it does not fit, the room there was."""
-
-    wanted: bool
-    room: int
-    too_large: bool
 
 
 class JobClock:
@@ -159,23 +116,6 @@ def synthesis_requests(job: TTSInput, segments: list[tuple[str, str]], voices: d
         sway_sampling_coef=job.sway_sampling_coef, cross_fade_duration=job.cross_fade_duration,
         remove_silence=job.remove_silence, short_first_chunk=streamed and index == 0, model=model)
         for index, (name, text) in enumerate(segments)]
-
-
-def tts_result(job: TTSInput, voices: dict[str, JobVoice], plan: JobPlan, fmt: encoding.OutputFormat, *,
-               url: str | None, output_key: str | None, seed: int, assembled: Assembled, size: int,
-               stream: streaming.LiveAudio | None, extras: dict) -> dict:
-    """A TTS job's result before its timings and inline audio."""
-    result = {"audio_url": url, "duration": round(assembled.duration, 3),
-              "sample_rate": job.sample_rate, "output_key": output_key, "voice": job.local_voice, "seed": seed,
-              "chunks": len(plan.items), "model": plan.items[0].model,
-              "ref_text_source": next(iter(voices.values())).ref_text_source,  # the first voice's
-              "format": fmt.name, "content_type": fmt.content_type, "bytes": size}
-    if job.voices is not None:
-        result["voices_used"] = list(voices)
-    if isinstance(stream, streaming.AudioStream):
-        result["stream_chunks"] = stream.pieces
-    result["segments"] = assembled.segments
-    return {**result, **extras}
 
 
 def engine_like(pool: ModelPool, settings: Settings, files: ModelFiles) -> TTSEngine:
@@ -266,7 +206,9 @@ class Worker:
                 plan = await self._off_loop(functools.partial(
                     plan_segments, synthesis_requests(job, segments, voices, seed, streamed=live, model=model),
                     written_bytes=len(job.text.encode("utf-8"))))
-                self._refuse_early(plan, fmt, job, stream if live else None)
+                fields = await self._widest_fields(job_id, job, fmt, list(voices), plan, stream, normalized,
+                                                   store=store)
+                self._refuse_early(plan, fmt, job, stream if live else None, fields_bytes=fields)
             await self._whisper_for_options(job, clock)
             with clock.step("synthesis_s"):
                 words = self._chunk_words(job, plan)
@@ -331,8 +273,9 @@ class Worker:
         size = (await self._staging(staging.stat)).st_size
         with clock.step("upload_s"):
             url = await self._off_loop(self.storage.result_url, delivery.output_key)
-            result = tts_result(job, voices, plan, fmt, url=url, output_key=delivery.output_key, seed=seed,
-                                assembled=assembled, size=size, stream=delivery.stream, extras=delivery.extras)
+            result = tts_result(job, **_job_fields(voices, plan), fmt=fmt, url=url, output_key=delivery.output_key,
+                                seed=seed, duration=assembled.duration, segments=assembled.segments, size=size,
+                                stream=delivery.stream, extras=delivery.extras)
             subtitles = None
             if job.subtitles is not None:
                 subtitles = await self._subtitles_file(delivery, assembled, paths["subtitles"])
@@ -348,8 +291,7 @@ class Worker:
                                         subtitles, stop)
             if failed is not None:
                 await self._subtitles_not_stored(subtitles, result, failed)
-            if job.output_key is not None and not job.output_key.endswith("/"):  # a file name the caller chose
-                await self._remove_older_subtitles(delivery, result)  # may hold an earlier take's subtitles
+            await self._remove_older_subtitles(delivery, result)  # an earlier take's, of a key the caller chose
         with clock.step("encoding_s"):
             await self._attach_inline(delivery.job_id, result, inline, staging, size)
         return result
@@ -375,7 +317,8 @@ class Worker:
         try:
             self.storage.upload_file(subtitles.key, subtitles.path, subtitles.content_type, stop=stop)
         except StorageError as err:
-            return str(err).rstrip(".")
+            log.warning("the audio was stored but its subtitle file was not: %s", err)
+            return brief_reason(err)
         return None
 
     async def _remove_older_subtitles(self, delivery: "Delivery", result: dict) -> None:
@@ -383,16 +326,14 @@ class Worker:
         did not write (the job asked for none, or for the other) is removed, so none stands beside
         audio it was not made for. One that cannot be is said in ``subtitles_error``, after what it
         says already (the job's own subtitle file not stored)."""
-        keys = [subtitles_key_for(delivery.output_key, delivery.fmt, fmt) for fmt in SUBTITLE_FORMATS
-                if fmt != delivery.job.subtitles]
+        keys = older_subtitles_keys(delivery.output_key, delivery.fmt, delivery.job)
         outcomes = await asyncio.gather(*(self._off_loop(self.storage.delete, key) for key in keys),
                                         return_exceptions=True)
         for key, outcome in zip(keys, outcomes):
             if isinstance(outcome, StorageError):
                 log.warning("an older subtitle file beside stored audio could not be removed: %s", outcome)
-                said = (f"An older subtitle file at {key} could not be removed ({str(outcome).rstrip('.')}); it was "
-                        "not made for this audio.")
-                result["subtitles_error"] = " ".join(filter(None, (result.get("subtitles_error"), said)))
+                said = not_removed_sentence(key, brief_reason(outcome))
+                result["subtitles_error"] = added_sentence(result.get("subtitles_error"), said)
             elif isinstance(outcome, BaseException):
                 raise outcome
 
@@ -404,12 +345,10 @@ class Worker:
         del result["subtitles_url"], result["subtitles_key"]
         try:
             await self._off_loop(self.storage.delete, subtitles.key)
-            older = f"no subtitle file is left at {subtitles.key}"
+            removed = True
         except StorageError:
-            older = f"an older subtitle file at {subtitles.key} may still stand beside it"
-        log.warning("the audio was stored but its subtitle file was not: %s", failed)
-        result["subtitles_error"] = (f"The audio was stored, but its subtitle file could not be ({failed}); "
-                                     f"{older}. Send the job again for both.")
+            removed = False
+        result["subtitles_error"] = not_stored_sentence(failed, subtitles.key, removed=removed)
 
     @staticmethod
     def _unstored_result(delivery: "Delivery", voices: dict[str, JobVoice], plan: JobPlan, seed: int,
@@ -417,8 +356,9 @@ class Worker:
         """The result of a job whose audio was only streamed (a job not stored is streamed): no URL,
         no key; its size is the stream's."""
         job, stream = delivery.job, delivery.stream
-        return tts_result(job, voices, plan, delivery.fmt, url=None, output_key=None, seed=seed,
-                          assembled=assembled, size=stream.bytes_sent, stream=stream, extras=delivery.extras)
+        return tts_result(job, **_job_fields(voices, plan), fmt=delivery.fmt, url=None, output_key=None, seed=seed,
+                          duration=assembled.duration, segments=assembled.segments, size=stream.bytes_sent,
+                          stream=stream, extras=delivery.extras)
 
     async def _job_voices(self, job: TTSInput, segments: list[tuple[str, str]], staging: Path,
                           timings: dict[str, float]) -> dict[str, JobVoice]:
@@ -575,21 +515,42 @@ class Worker:
         finally:
             self.batcher.withdraw(list(queued))  # a failed or cancelled job leaves the queue
 
+    async def _widest_fields(self, job_id: str, job: TTSInput, fmt: encoding.OutputFormat, voice_names: list[str],
+                             plan: JobPlan, stream: streaming.LiveAudio | None, normalized: dict | None, *,
+                             store: bool) -> int:
+        """The most bytes the job's result fields take besides its segments (``jobs.results``),
+        from its real keys and URLs."""
+        key = output_key_for(job_id, job.output_key, fmt) if store else None
+        urls, subtitles_key = {}, None
+        if key is not None:
+            urls["audio"] = await self._off_loop(self.storage.result_url, key)
+            if job.subtitles is not None:
+                subtitles_key = subtitles_key_for(key, fmt, job.subtitles)
+                urls["subtitles"] = await self._off_loop(self.storage.result_url, subtitles_key)
+        return widest_result_bytes(
+            job, voice_names=voice_names, model=plan.items[0].model, chunks=len(plan.items), fmt=fmt, urls=urls,
+            output_key=key, subtitles_key=subtitles_key, stream=stream,
+            older_keys=older_subtitles_keys(key, fmt, job) if key is not None else [],
+            extras={"normalized": normalized} if normalized is not None else {},
+            inline_by_default=store and job.return_base64 is None and not self.storage.result_urls_reach_callers)
+
     def _refuse_early(self, plan, fmt: encoding.OutputFormat, job: TTSInput,
-                      stream: streaming.LiveAudio | None) -> None:
-        """Refuse before any model call what cannot fit in the job's RunPod result: a streamed
-        job's pieces (runpod keeps them all in its output), then ``return_base64``'s file beside
-        them. The length is known from the plan, and so are the pieces' size and a WAV's
-        (compressed sizes are known only once encoded, and removed silences, never streamed, make
-        the audio shorter than planned)."""
+                      stream: streaming.LiveAudio | None, *, fields_bytes: int) -> None:
+        """Refuse before any model call what cannot fit in the job's RunPod result: its fields
+        (``fields_bytes`` at their widest, and its segments), a streamed job's pieces (runpod keeps
+        them all in its output), then ``return_base64``'s file beside them. The length is known
+        from the plan, and so are the pieces' size and a WAV's (compressed sizes are known only
+        once encoded, and removed silences, never streamed, make the audio shorter than planned)."""
         # Every result holds its segments (each chunk's verdict with verify, its words with
         # timestamps): known from the plan.
-        segments = planned_segments_bytes(plan.texts, verified=job.verify, words=job.timestamps is not None)
-        limit = self.settings.max_result_bytes - segments
+        fields = fields_bytes + planned_segments_bytes(plan.texts, verified=job.verify,
+                                                       words=job.timestamps is not None)
+        limit = self.settings.max_result_bytes - fields
         if limit < encoding.RESULT_ALLOWANCE_BYTES:
             instead = ", or ask for 'subtitles' instead of 'timestamps'" if job.timestamps is not None else ""
-            raise InputError(f"The result's segments for this text could take {segments} bytes, more than a "
-                             f"job's result may hold ({self.settings.max_result_bytes}); split the text{instead}.")
+            raise InputError(f"The result's segments and other fields for this text could take {fields} bytes, "
+                             f"more than a job's result may hold ({self.settings.max_result_bytes}); "
+                             f"split the text{instead}.")
         if job.remove_silence:
             return
         if stream is not None:
@@ -774,6 +735,12 @@ class Worker:
         # Local storage keeps outputs and records only as long as F5_LOCAL_RETENTION_HOURS says
         # (rate-limited inside; S3 buckets use lifecycle rules instead).
         await self._off_loop(self.storage.sweep_expired)
+
+
+def _job_fields(voices: dict[str, JobVoice], plan: JobPlan) -> dict:
+    """What ``tts_result`` takes of a job's voices and plan."""
+    return {"voice_names": list(voices), "ref_text_source": next(iter(voices.values())).ref_text_source,
+            "model": plan.items[0].model, "chunks": len(plan.items)}
 
 
 def _verification(assembled: Assembled, reports: list[ChunkReport] | None) -> dict | None:
