@@ -21,9 +21,10 @@ handler is a generator. Off, the handler is an async function and a job's result
 the handler is an async generator (registered with ``return_aggregate_stream``): a job yields its
 result dict as its one item, or, with ``"stream": true``, its audio pieces first
 (``f5worker.jobs.streaming``) and the result dict last; so ``/runsync`` and ``run_sync`` return a list
-whose last item is the result. runpod reads ``refresh_worker`` only from a plain handler's result;
-for a generator the handler asks through ``replace_worker`` (``serve`` sets runpod's config flag,
-which runpod reads once the job ends). Progress reports (runpod's ``progress_update``) are sent
+whose last item is the result. runpod reads ``refresh_worker`` only from a plain handler's result,
+and then only sends ``stopPod`` with it, taking jobs all the same; so both handlers also ask
+through ``replace_worker`` (``serve`` sets runpod's config flag, after which its job loop takes no
+more jobs). Progress reports (runpod's ``progress_update``) are sent
 for TTS jobs of several chunks, only where jobs come from RunPod's queue: runpod's local modes have
 nowhere to send them.
 """
@@ -41,7 +42,7 @@ from f5worker.inference.gpu_faults import gpu_fault
 from f5worker.jobs.guard import COMMITTING, JobGuard, JobStopped, safe_job_id
 from f5worker.jobs.inputs import parse_job_input
 from f5worker.local_job import local_test_job, run_local_job
-from f5worker.jobs.progress import OrderedProgress
+from f5worker.jobs.progress import OrderedProgress, ProgressReports
 from f5worker.settings import ENV_MODEL_MEMORY_MB, ENV_PRELOAD_MODELS, ENV_STREAMING, Settings
 
 if TYPE_CHECKING:  # boto3 is imported with the worker, timed apart (start_worker)
@@ -118,14 +119,14 @@ class JobCall:
     job_id: str
     job: dict
     on_audio: Callable[[dict], None] | None
-    progress: Callable[[dict, dict], None] | None
+    progress: ProgressReports | None
 
 
 def start_tts(worker, job_input, call: JobCall) -> Awaitable[dict]:
     if job_input.stream and call.on_audio is None:
         raise InputError(f"This endpoint does not stream: set {ENV_STREAMING}=1 on the endpoint "
                          "to send 'stream': true jobs, or leave 'stream' out.")
-    report = (lambda update: call.progress(call.job, update)) if call.progress is not None else None
+    report = (lambda update: call.progress.report(call.job, update)) if call.progress is not None else None
     return worker.tts(call.job_id, job_input, on_audio=call.on_audio if job_input.stream else None,
                       on_progress=report)
 
@@ -157,7 +158,7 @@ class JobRunner:
     worker: object
     start_error: WorkerError | None
     guard: JobGuard | None
-    progress: Callable[[dict, dict], None] | None = None
+    progress: ProgressReports | None = None
 
     async def run(self, job: dict, on_audio: Callable[[dict], None] | None = None) -> dict:
         if self.start_error is not None:
@@ -170,7 +171,11 @@ class JobRunner:
         except InputError as err:
             return (await self.failed(err, call.job_id, "unknown")).result
         endpoint = job_input.endpoint
-        outcome = await self.outcome(call.job_id, endpoint, lambda: ROUTES[endpoint](self.worker, job_input, call))
+        try:
+            outcome = await self.outcome(call.job_id, endpoint, lambda: ROUTES[endpoint](self.worker, job_input, call))
+        finally:
+            if self.progress is not None:  # no report after the result
+                await asyncio.get_running_loop().run_in_executor(None, self.progress.finish, job, SETTLE_S)
         return outcome.result
 
     async def outcome(self, job_id: str, endpoint: str, start: Callable[[], Awaitable[dict]]) -> Outcome:
@@ -217,25 +222,35 @@ async def stream_job(runner: JobRunner, job: dict, replace_worker: Callable[[], 
         result = running.result()
     finally:
         running.cancel()
-    if result.get("refresh_worker") and replace_worker is not None:
-        replace_worker()
+    asked_to_replace(result, replace_worker)
     yield result
 
 
+def asked_to_replace(result: dict, replace_worker: Callable[[], None] | None) -> None:
+    """A result that asks for a new worker (``refresh_worker``) also sets runpod's config flag: the
+    flag in a result only sends ``stopPod`` with that one result, while the flag in the config is
+    what makes runpod's job loop stop taking jobs (``JobScaler.handle_job``), so a broken worker
+    does not go on failing the queue's jobs until RunPod gets to it."""
+    if result.get("refresh_worker") and replace_worker is not None:
+        replace_worker()
+
+
 def make_handler(worker, start_error: WorkerError | None = None, guard: JobGuard | None = None, *,
-                 streaming: bool = False, progress: Callable[[dict, dict], None] | None = None,
+                 streaming: bool = False, progress: ProgressReports | None = None,
                  replace_worker: Callable[[], None] | None = None):
     """The handler runpod calls: an async function, or with ``streaming`` an async generator (the
     module docstring). With ``start_error`` (the models could not be loaded) every job gets that
-    sentence back, so callers see why, and RunPod is asked to replace the worker. ``progress`` is
-    runpod's ``progress_update(job, report)``; ``replace_worker`` asks runpod to replace the worker
-    after a streamed job."""
+    sentence back, so callers see why, and RunPod is asked to replace the worker. ``progress``
+    sends a job's progress reports to RunPod; ``replace_worker`` asks runpod to take no more jobs
+    and replace the worker once the job in hand ends (``asked_to_replace``)."""
     if guard is None and worker is not None:
         guard = job_guard(worker.settings, worker.storage)
     runner = JobRunner(worker, start_error, guard, progress)
 
     async def handler(job: dict) -> dict:
-        return await runner.run(job)
+        result = await runner.run(job)
+        asked_to_replace(result, replace_worker)
+        return result
 
     async def streaming_handler(job: dict):
         # aclosing: a caller that closes this generator closes the job's at once, not at collection
@@ -314,7 +329,7 @@ def serve(settings: Settings) -> int:
     # runpod's own sender, one report at a time per job (f5worker.jobs.progress): its progress_update
     # posts each report from a thread of its own, and they arrived out of order
     send_progress = runpod.serverless.modules.rp_progress._thread_target
-    progress = OrderedProgress(send_progress).report if settings.on_runpod_queue else None
+    progress = OrderedProgress(send_progress) if settings.on_runpod_queue else None
     config["handler"] = make_handler(worker, start_error, streaming=settings.streaming, progress=progress,
                                      replace_worker=lambda: config.update(refresh_worker=True))
     args, _ = runpod.serverless.parser.parse_known_args()

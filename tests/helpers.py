@@ -303,11 +303,17 @@ class Recorder:
     def __init__(self, worker):
         self.progress: list[dict] = []
         self.replacements = 0
-        self.handler = make_handler(worker, streaming=True, progress=lambda job, update: self.progress.append(update),
+        self.handler = make_handler(worker, streaming=True, progress=self,
                                     replace_worker=self._replace)
 
     def _replace(self):
         self.replacements += 1
+
+    def report(self, job: dict, update: dict) -> None:  # jobs.progress.ProgressReports
+        self.progress.append(update)
+
+    def finish(self, job: dict, timeout: float) -> None:
+        """Every report is recorded as it is made: none is left to wait for."""
 
     def run(self, job_input: dict) -> list:
         async def collect():

@@ -10,8 +10,14 @@ batcher, handler and runpod's result shaping around it are real.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import subprocess
+import sys
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import soundfile as sf
@@ -24,6 +30,7 @@ from f5worker.service import make_handler, start_worker
 from f5worker.settings import Settings
 from tests.fixtures_models import SR, speechlike
 from tests.fixtures_worker import worker_ctx
+from tests.processes import REPO
 
 OOM_TEXT = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB"
 ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
@@ -46,6 +53,67 @@ def test_corrupt_checkpoint_is_reported_to_every_job_and_the_worker_replaced(tin
         assert asyncio.run(handler({"id": "j1", "input": job_input})) == {"error": sentence, "refresh_worker": True}
     # what runpod sends to RunPod for that answer: the sentence, and stopPod
     assert asyncio.run(run_job(handler, {"id": "j2", "input": {}})) == {"error": sentence, "stopPod": True}
+
+
+# RunPod's queue cannot be had here: a fetcher that always has jobs waiting stands in for it, in
+# runpod's own job loop (JobScaler, which takes a fetcher outside RunPod), and results go to a
+# loopback server standing in for RunPod's job API, through runpod's own sender.
+QUEUE_CHILD = r"""
+import asyncio, itertools, sys
+from runpod.serverless.modules import rp_scale
+from f5worker.errors import StorageError
+from f5worker.service import make_handler
+taken = itertools.count()
+async def fetch(session, count):
+    await asyncio.sleep(0.05)
+    return [{"id": f"job-{next(taken)}", "input": {"text": "Hi.", "local_voice": "a.wav"}} for _ in range(count)]
+async def no_stop_signals(session):
+    await asyncio.sleep(1)
+    return []
+streaming = sys.argv[1] == "1"
+config = {"concurrency_modifier": lambda current: 4, "jobs_fetcher": fetch, "stop_signals_fetcher": no_stop_signals,
+          "rp_args": {}, "return_aggregate_stream": streaming}
+config["handler"] = make_handler(None, StorageError("The models could not be loaded."), streaming=streaming,
+                                 replace_worker=lambda: config.update(refresh_worker=True))
+scaler = rp_scale.JobScaler(config)
+async def main():
+    asyncio.get_running_loop().call_later(3, scaler.kill_worker)  # the most this test waits
+    await scaler.run()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("streaming", ["0", "1"])
+def test_a_worker_that_did_not_start_takes_no_more_jobs_after_its_first(streaming):
+    """A plain handler's ``refresh_worker`` only sent ``stopPod`` with that result: runpod's job loop
+    went on taking jobs and failing them, 48 in 3 s at a concurrency of 16. Both handlers now set
+    runpod's flag too, and the loop stops after the jobs in hand."""
+    received: list[dict] = []
+
+    class JobAPI(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JobAPI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/done"
+    env = {**os.environ, "RUNPOD_WEBHOOK_POST_OUTPUT": url, "RUNPOD_WEBHOOK_POST_STREAM": url,
+           "RUNPOD_LOG_LEVEL": "ERROR", "HF_HUB_OFFLINE": "1"}
+    env.pop("RUNPOD_WEBHOOK_GET_JOB", None)
+    try:
+        done = subprocess.run([sys.executable, "-c", QUEUE_CHILD, streaming], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr[-2000:]
+    answers = [body for body in received if body.get("error")]
+    assert answers and len(answers) <= 4, len(answers)  # the first jobs taken, at most one batch
+    assert all(body["error"] == "The models could not be loaded." and body.get("stopPod") for body in answers)
 
 
 def test_missing_model_file_is_reported(tiny_models, tmp_path):

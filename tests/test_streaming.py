@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -29,6 +30,8 @@ from f5worker.jobs.chunking import chunk_for_model, offset_after, utf8_len
 from f5worker.errors import InputError
 from f5worker.jobs.inputs import parse_job_input
 from f5worker.jobs.plan import FIRST_CHUNK_SHARE, chunks_with_short_first
+from f5worker.jobs.progress import OrderedProgress
+from f5worker.service import make_handler
 from f5worker.jobs.encoding import RESULT_ALLOWANCE_BYTES
 from f5worker.settings import ENV_MAX_RESULT_BYTES, ENV_STREAMING
 from f5worker.jobs.streaming import (MAX_PIECE_BASE64_BYTES, PCM_FORMAT, AudioStream, output_bytes, piece,
@@ -208,6 +211,24 @@ def test_streamed_job_whose_pieces_cannot_fit_is_refused_before_synthesis(ctx, l
     assert "error" not in result and len(pieces) == result["stream_chunks"]
     assert "audio_base64" not in result and result["audio_base64_omitted"].startswith("The audio is ")
     assert result_bytes(items) <= least
+
+
+def test_no_progress_report_is_sent_after_the_result(ctx):
+    """A job's reports are posted one at a time (jobs.progress); those still waiting when the job
+    ends are dropped and the one being posted is waited for, so RunPod never gets an IN_PROGRESS
+    after the result. (A sender taking 0.3 s a post: two reports were posted after it.)"""
+    posted_at: list[float] = []
+
+    def slow_send(job, update):
+        time.sleep(0.3)
+        posted_at.append(time.monotonic())
+
+    progress = OrderedProgress(slow_send)
+    result = asyncio.run(make_handler(ctx.worker, progress=progress)({"id": "late-reports", "input": tts_input()}))
+    returned = time.monotonic()
+    time.sleep(1.0)  # what a sender still had would be posted by now
+    assert result["chunks"] > 2 and posted_at and progress.idle()
+    assert max(posted_at) <= returned
 
 
 def test_a_job_that_does_not_stream_yields_its_result_once(ctx):

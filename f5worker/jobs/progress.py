@@ -5,15 +5,25 @@ a job's reports raced each other to RunPod (a 6-chunk job's arrived as 3, 4, 1, 
 job gets one sender thread that posts its reports in order, with runpod's own synchronous sender
 (the function each of ``progress_update``'s threads runs); a report made while the previous one is
 still being posted replaces any report still waiting, so the newest is sent next and a slow post
-never builds a queue.
+never builds a queue. Once a job has ended (``finish``), none of its reports is posted after its
+result: RunPod would get an ``IN_PROGRESS`` for a job it was already told is done.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from typing import Callable, Protocol
 
 log = logging.getLogger(__name__)
+
+
+class ProgressReports(Protocol):
+    """Where a job's progress reports go: ``report`` as the job goes on, ``finish`` once it has
+    ended (before its result is returned); ``job`` is the runpod job dict, with its ``id``."""
+
+    def report(self, job: dict, update: dict) -> None: ...
+
+    def finish(self, job: dict, timeout: float) -> None: ...
 
 
 class OrderedProgress:
@@ -47,6 +57,19 @@ class OrderedProgress:
                 self._send(*waiting)
             except Exception:  # noqa: BLE001 - a lost progress report never fails the job
                 log.warning("a progress report of job %s could not be sent", job_id, exc_info=True)
+
+    def finish(self, job: dict, timeout: float) -> None:
+        """``job`` has ended: a report still waiting is dropped, and the one being posted is waited
+        for, up to ``timeout`` seconds, so that none reaches RunPod after the job's result."""
+        job_id = str(job.get("id"))
+        with self._lock:
+            self._waiting.pop(job_id, None)
+            sender = self._senders.get(job_id)
+        if sender is None:
+            return
+        sender.join(timeout)
+        if sender.is_alive():
+            log.warning("a progress report of job %s was still being sent after %g s", job_id, timeout)
 
     def idle(self) -> bool:
         """True when no report is waiting or being sent (for tests and shutdown)."""
