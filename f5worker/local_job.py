@@ -6,7 +6,9 @@ runpod never ran the job, logged "completed successfully" and exited 0: the guid
 smoke test passed on a broken image. And runpod logs the whole result, presigned URL signatures
 and an upload's transcript included. Here the job runs through the same handler as on RunPod
 (every item a streaming handler yields is consumed, the last being the result), the exit status is
-1 when it failed, and the result is logged without signatures, job text or inline audio.
+1 when it failed, and the result is logged without signatures, job text (its words' times
+included) or inline audio. A test input that is not a JSON object, or whose ``id`` could not name
+the job's files, is refused in one sentence.
 """
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from f5worker.errors import InputError
+from f5worker.jobs.guard import SAFE_JOB_ID
+
 log = logging.getLogger(__name__)
 
 LOCAL_JOB_ID = "local_test"  # runpod's name for it: outputs and records land under this id
-TEXT_FIELDS = ("text", "ref_text", "transcript")  # the caller's words: never logged
+TEXT_FIELDS = ("text", "ref_text", "transcript", "word")  # the caller's words: never logged
 
 
 def local_test_job(args, env=os.environ, folder: Path = Path(".")) -> dict | None:
@@ -29,11 +34,29 @@ def local_test_job(args, env=os.environ, folder: Path = Path(".")) -> dict | Non
     if args.rp_serve_api or env.get("RUNPOD_REALTIME_PORT"):
         return None
     if args.test_input:
-        return {"id": LOCAL_JOB_ID, **json.loads(args.test_input)}
+        return parse_test_job(args.test_input, "--test_input")
     if env.get("RUNPOD_WEBHOOK_GET_JOB"):
         return None
     path = folder / "test_input.json"
-    return {"id": LOCAL_JOB_ID, **json.loads(path.read_text(encoding="utf-8"))} if path.is_file() else None
+    return parse_test_job(path.read_text(encoding="utf-8"), str(path)) if path.is_file() else None
+
+
+def parse_test_job(text: str, source: str) -> dict:
+    """The job in ``text`` (from ``source``), named ``local_test`` unless it gives an ``id``;
+    InputError in one sentence where it cannot be run."""
+    try:
+        job = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"The test input ({source}) is not JSON: {err.msg} at line {err.lineno} "
+                         f"column {err.colno}.") from None
+    if not isinstance(job, dict):
+        raise InputError(f"The test input ({source}) must be a JSON object such as "
+                         f'{{"input": {{"text": ...}}}}, not {type(job).__name__}.')
+    job = {"id": LOCAL_JOB_ID, **job}
+    if not (isinstance(job["id"], str) and SAFE_JOB_ID.fullmatch(job["id"])):
+        raise InputError(f"The test input's 'id' ({source}) must be a string of letters, digits, '_' and '-' "
+                         f"(it names the job's files), or left out for {LOCAL_JOB_ID}.")
+    return job
 
 
 def shown(result):

@@ -333,7 +333,11 @@ def serve(settings: Settings) -> int:
     config["handler"] = make_handler(worker, start_error, streaming=settings.streaming, progress=progress,
                                      replace_worker=lambda: config.update(refresh_worker=True))
     args, _ = runpod.serverless.parser.parse_known_args()
-    job = local_test_job(args)
+    try:
+        job = local_test_job(args)
+    except InputError as err:
+        log.error("%s", err)
+        return 1
     if job is not None:  # runpod's local mode would skip a streaming job and log the whole result
         return asyncio.run(run_local_job(config["handler"], job))
     runpod.serverless.start(config)

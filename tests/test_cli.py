@@ -29,7 +29,7 @@ def cli(tiny_models, tiny_whisper, tmp_path_factory):
                               cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=180)
 
-    run.volume = volume
+    run.volume, run.env = volume, env
     return run
 
 
@@ -116,7 +116,36 @@ def test_shown_results_carry_no_signature_and_no_words():
     from f5worker.local_job import shown
 
     result = {"audio_url": "https://b.example/output/x.wav?X-Amz-Signature=abc&X-Amz-Credential=AK",
-              "ref_text": "My secret words.", "voices": [{"ref_text": "More words."}], "duration": 1.5}
+              "ref_text": "My secret words.", "voices": [{"ref_text": "More words."}], "duration": 1.5,
+              "segments": [{"text": "Zebulon said.", "start": 0.0, "end": 1.5,
+                            "words": [{"word": "Zebulon", "start": 0.0, "end": 0.8}]}]}  # timestamps: word
     text = json.dumps(shown(result))
-    assert "Signature" not in text and "secret" not in text and "More words" not in text
+    assert "Signature" not in text and "secret" not in text and "More words" not in text and "Zebulon" not in text
     assert "https://b.example/output/x.wav" in text and "1.5" in text
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("not json", "The test input (--test_input) is not JSON: Expecting value at line 1 column 1."),
+    ("[1]", 'The test input (--test_input) must be a JSON object such as {"input": {"text": ...}}, not list.'),
+    ('"x"', 'The test input (--test_input) must be a JSON object such as {"input": {"text": ...}}, not str.'),
+    ('{"id": 5, "input": {}}', "The test input's 'id' (--test_input) must be a string of letters, digits, '_' "
+                               "and '-' (it names the job's files), or left out for local_test."),
+    ('{"id": "../x", "input": {}}', "The test input's 'id' (--test_input) must be a string of letters, "
+                                    "digits, '_' and '-' (it names the job's files), or left out for local_test."),
+])
+def test_a_test_input_that_cannot_be_run_is_one_sentence(text, expected):
+    from f5worker.errors import InputError
+    from f5worker.local_job import parse_test_job
+
+    with pytest.raises(InputError) as refused:
+        parse_test_job(text, "--test_input")
+    assert str(refused.value) == expected
+    assert parse_test_job('{"input": {}}', "x") == {"id": "local_test", "input": {}}
+
+
+def test_a_test_input_json_that_is_not_an_object_exits_1_without_a_traceback(cli):
+    done = subprocess.run([sys.executable, "runpod-handler.py", "--test_input", "[1]"], cwd=REPO,
+                          env=cli.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
+    log = done.stdout + done.stderr
+    assert done.returncode == 1, log[-4000:]
+    assert "must be a JSON object such as" in log and "Traceback" not in log
