@@ -63,6 +63,14 @@ def test_number_fields_take_only_numbers(field, value):
 
 
 @pytest.mark.parametrize("field", FLOAT_FIELDS)
+@pytest.mark.parametrize("literal", ["1" + "0" * 400, "-1" + "0" * 400])
+def test_number_fields_say_a_number_past_a_floats_range_is_too_large(field, literal):
+    raw = json.loads(json.dumps(job("tts")).rstrip("}") + f', "{field}": {literal}}}')
+    assert isinstance(raw[field], int)  # JSON's integers have no bound
+    assert refusal(raw) == f"'{field}' is too large a number."
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_number_fields_refuse_nan_and_infinity(field, literal):
     raw = json.loads(json.dumps(job("tts")).rstrip("}") + f', "{field}": {literal}}}')
