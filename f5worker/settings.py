@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from f5worker.env_values import (Choice, Device, Flag, ModelMap, NameList, NameMap, Number, Parser, PathValue, Present,
                                  Secret, Text, Var)
@@ -158,29 +158,61 @@ INCOMING_PREFIX = "incoming/"
 TRANSCRIPT_SUFFIX = ".txt"  # voices/alice.wav.txt: a transcript written by a person
 VOICE_META_SUFFIX = ".json"  # voices/alice.wav.json: Whisper's transcript, bound to the voice's SHA-256
 
-def check_endpoint_url(url: str) -> str:
-    """``AWS_ENDPOINT_URL`` as given, if it is an endpoint: http(s), a host, maybe a port, no query,
-    and not a path of one name (``https://host/advb``: the bucket's place, and botocore then put every
-    object under ``advb/`` inside the bucket). A longer path is an endpoint's own (Supabase's
-    ``/storage/v1/s3``) and is kept. ValueError naming the variable otherwise; it never repeats the URL (it may hold a password)."""
-    parts = urlsplit(url.strip())
+def parsed_endpoint(url: str) -> SplitResult:
+    """``url`` split, with a netloc that does not parse (``https://[::1``, a port of ``abc`` or
+    99999) taken out, so that ``endpoint_fault`` says it has no usable host."""
     try:
-        parts.port  # noqa: B018 - raises on a port that is not a number
+        parts = urlsplit(url.strip())
+    except ValueError:  # an unclosed '[' of an IPv6 host
+        scheme = url.strip().partition("://")[0] if "://" in url else ""
+        return SplitResult(scheme, "", "", "", "")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
     except ValueError:
         parts = parts._replace(netloc="")
-    one_name = len([seg for seg in parts.path.split("/") if seg]) == 1  # https://host/<bucket>: the bucket
+    return parts
+
+
+def endpoint_fault(parts: SplitResult) -> str | None:
+    """What keeps an S3 endpoint URL from being one (as the end of a sentence), else None: the
+    rules of both variables that give it, ``AWS_ENDPOINT_URL`` and ``BUCKET_ENDPOINT_URL``. A user
+    name or password would be sent to every caller: it is in each presigned URL."""
     if parts.scheme not in ("http", "https"):
-        wrong = "its scheme https or http"
-    elif not parts.hostname:
-        wrong = "with a host and, if any, a port that is a number"
-    elif parts.username is not None or parts.password is not None:
-        wrong = f"with no user name or password (the keys go in {ENV_AWS_ACCESS_KEY_ID} and {ENV_AWS_SECRET_ACCESS_KEY})"
-    elif parts.query or parts.fragment:
-        wrong = "with no query or fragment"
-    elif one_name:
+        return "its scheme https or http"
+    if not parts.hostname or parts.port == 0:
+        return "with a host and, if any, a port that is a number from 1 to 65535"
+    if parts.username is not None or parts.password is not None:
+        return (f"with no user name or password (the keys go in {either_name(ENV_AWS_ACCESS_KEY_ID)} and "
+                f"{either_name(ENV_AWS_SECRET_ACCESS_KEY)})")
+    if parts.query or parts.fragment:
+        return "with no query or fragment"
+    return None
+
+
+def same_endpoint(a: str | None, b: str | None) -> bool:
+    """Whether two endpoint URLs name one endpoint: scheme and host in any case, a default port
+    written or not, a trailing '/' or not."""
+    def key(url: str | None):
+        if not url:
+            return None
+        parts = parsed_endpoint(url)
+        scheme = parts.scheme.lower()
+        port = parts.port or {"https": 443, "http": 80}.get(scheme)
+        return scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/")
+    return key(a) == key(b)
+
+
+def check_endpoint_url(url: str) -> str:
+    """``AWS_ENDPOINT_URL`` as given, if it is an endpoint (``endpoint_fault``), and not a path of one
+    name (``https://host/advb``: the bucket's place, and botocore then put every object under
+    ``advb/`` inside the bucket). A longer path is an endpoint's own (Supabase's ``/storage/v1/s3``)
+    and is kept. ValueError naming the variable otherwise; it never repeats the URL (it may hold a password)."""
+    parts = parsed_endpoint(url)
+    wrong = endpoint_fault(parts)
+    if wrong is None and len([seg for seg in parts.path.split("/") if seg]) == 1:  # https://host/<bucket>
         wrong = ("not followed by a bucket's name (it would put every object under that name inside the "
                  f"bucket; the bucket goes in {ENV_S3_BUCKET})")
-    else:
+    if wrong is None:
         return url
     raise ValueError(f"{ENV_AWS_ENDPOINT_URL} must be the S3 endpoint alone, https://<host> or "
                      f"https://<host>:<port>, {wrong}")
@@ -218,12 +250,12 @@ def split_bucket_endpoint(url: str) -> tuple[str, str | None]:
     ``https://<account id>.r2.cloudflarestorage.com``) names no bucket: it is the endpoint itself and
     the bucket comes from ``S3_BUCKET``. The error never repeats the URL (it may carry a password).
     """
-    parts = urlsplit(url.strip())
+    parts = parsed_endpoint(url)
     segments = [seg for seg in parts.path.split("/") if seg]
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
-            or len(segments) > 1:
+    wrong = endpoint_fault(parts) or ("with a path of at most one name, the bucket's" if len(segments) > 1 else None)
+    if wrong is not None:
         raise ValueError(f"{ENV_BUCKET_ENDPOINT_URL} must look like https://<host>, https://<host>/<bucket> "
-                         "or https://<bucket>.s3.<region>.<provider domain>")
+                         f"or https://<bucket>.s3.<region>.<provider domain>, {wrong}")
     if segments:
         return f"{parts.scheme}://{parts.netloc}", segments[0]
     labels = parts.hostname.split(".")
@@ -270,13 +302,12 @@ def resolve_s3_env(env: Mapping[str, str]) -> tuple[dict[str, str | None], tuple
     for ours, theirs in S3_ENV_ALIASES.items():
         other = alias_endpoint if theirs == ENV_BUCKET_ENDPOINT_URL else given(theirs)
         mine = given(ours)
-        same = (mine or "").rstrip("/") == (other or "").rstrip("/") if theirs == ENV_BUCKET_ENDPOINT_URL \
-            else mine == other
+        same = same_endpoint(mine, other) if theirs == ENV_BUCKET_ENDPOINT_URL else mine == other
         if mine and other and not same:
             notes.append(f"{ours} and {theirs} are both set and differ; {ours} is used.")
         values[ours] = mine or other
     bucket = given(ENV_S3_BUCKET)
-    alias_endpoint_used = (values[ENV_AWS_ENDPOINT_URL] or "").rstrip("/") == (alias_endpoint or "").rstrip("/")
+    alias_endpoint_used = same_endpoint(values[ENV_AWS_ENDPOINT_URL], alias_endpoint)
     if url_bucket and alias_endpoint_used:
         if bucket and bucket != url_bucket:
             notes.append(f"{ENV_S3_BUCKET} and the bucket named in {ENV_BUCKET_ENDPOINT_URL} differ; "

@@ -130,20 +130,36 @@ def test_our_endpoint_wins_and_then_the_alias_url_names_no_bucket():
     assert unused.startswith(f"{ENV_BUCKET_ENDPOINT_URL} is set but names a bucket, which is not used")
 
 
-def test_our_endpoint_with_a_trailing_slash_is_the_same_endpoint():
+@pytest.mark.parametrize("ours", ["https://s3.us-west-004.backblazeb2.com/", "HTTPS://S3.us-west-004.Backblazeb2.com",
+                                  "https://s3.us-west-004.backblazeb2.com:443"])
+def test_our_endpoint_written_otherwise_is_the_same_endpoint(ours):
+    """A trailing '/', a host or scheme in capitals or the default port written out: the same
+    endpoint, so the bucket the alias names is used (it was 'differ', and no bucket: local storage)."""
     settings = Settings.from_env({ENV_BUCKET_ENDPOINT_URL: "https://s3.us-west-004.backblazeb2.com/bkt",
-                                  ENV_AWS_ENDPOINT_URL: "https://s3.us-west-004.backblazeb2.com/", **KEYS})
+                                  ENV_AWS_ENDPOINT_URL: ours, **KEYS})
     assert settings.s3_bucket == "bkt" and settings.warnings == ()
 
 
-@pytest.mark.parametrize("url", [
-    "ftp://host/bucket", "https://host/bucket/extra", "https://host/bucket?x=1", "not a url",
-    "https://user:hunter2-password@host/a/b",
+@pytest.mark.parametrize("url, reason", [
+    ("ftp://host/bucket", "its scheme https or http"),
+    ("https://host/bucket/extra", "with a path of at most one name, the bucket's"),
+    ("https://host/bucket?x=1", "with no query or fragment"),
+    ("not a url", "its scheme https or http"),
+    ("https://user:hunter2-password@host/a/b", "with no user name or password"),
+    # a password in the endpoint is in every presigned audio_url the worker hands out
+    ("https://alice:hunter2@127.0.0.1:9000/bkt", "with no user name or password"),
+    ("https://alice:hunter2@bkt.s3.us-west-004.backblazeb2.com", "with no user name or password"),
+    ("https://127.0.0.1:abc", "a port that is a number from 1 to 65535"),
+    ("https://127.0.0.1:hunter2/bkt", "a port that is a number from 1 to 65535"),
+    ("https://127.0.0.1:99999/bkt", "a port that is a number from 1 to 65535"),
+    ("https://[::1/bkt", "a port that is a number from 1 to 65535"),
 ])
-def test_an_unusable_bucket_url_stops_start_up_without_repeating_it(url):
+def test_an_unusable_bucket_url_stops_start_up_without_repeating_it(url, reason):
     with pytest.raises(ValueError) as err:
-        Settings.from_env({ENV_BUCKET_ENDPOINT_URL: url})
-    assert str(err.value).startswith(ENV_BUCKET_ENDPOINT_URL) and "hunter2" not in str(err.value)
+        Settings.from_env({ENV_BUCKET_ENDPOINT_URL: url, **KEYS})
+    message = str(err.value)
+    assert message.startswith(f"{ENV_BUCKET_ENDPOINT_URL} must look like ") and reason in message, message
+    assert "hunter2" not in message
 
 
 @pytest.mark.parametrize("url, region", [
