@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -305,6 +306,22 @@ def test_dockerfile_cache_values_without_a_volume_point_at_the_volume(capsys, mo
     cache = checks["cache variables"]
     assert cache["status"] == "warn", cache
     assert "Dockerfile.runpod's values" in cache["message"] and "attach the network volume" in cache["message"]
+
+
+def test_the_guides_pod_preload_variables_pass_the_gate(capsys, monkeypatch, models_env, volume):
+    """The guide's pod steps (the image's variables, then its export for a volume at /workspace)
+    end with the gate: it failed them, as the export left TRITON_CACHE_DIR at the image's value."""
+    guide = (REPO / "STORAGE-DEPLOYMENT-GUIDE.md").read_text(encoding="utf-8")
+    export = re.search(r"^\s*export (RUNPOD_VOLUME_PATH=/workspace .*?)(?<!\\)\n", guide, re.M | re.S)
+    assert export, "the guide's pod export line"
+    for name, value in dockerfile_env_values().items():
+        if name in CACHE_ENV_SUBDIRS:
+            monkeypatch.setenv(name, value)
+    for assignment in shlex.split(export.group(1).replace("\\\n", " ")):
+        name, _, value = assignment.partition("=")
+        monkeypatch.setenv(name, value.replace("/workspace", str(volume), 1))
+    _, _, checks = run_json(capsys, *OFFLINE)
+    assert checks["cache variables"]["status"] == "pass", checks["cache variables"]
 
 
 def test_fix_never_claims_the_dockerfile_sets_another_volumes_paths(capsys, monkeypatch, models_env):
