@@ -682,8 +682,9 @@ def _run_one(name: str, check: Callable[[Context], CheckResult], ctx: Context, d
     return result if finished else _unfinished(name, seconds, ctx.step)
 
 
-def run_checks(settings: Settings, env: dict[str, str], args: argparse.Namespace) -> list[CheckResult]:
-    deadline = time.monotonic() + args.timeout
+def run_checks(settings: Settings, env: dict[str, str], args: argparse.Namespace, *,
+               deadline: float) -> list[CheckResult]:
+    """Every check, each within its share of ``--timeout`` and all by ``deadline`` (monotonic)."""
     finished, models = _bounded(lambda: inspect_models(settings), check_timeout_s(args.timeout))
     if not finished:
         return [_unfinished("model files", check_timeout_s(args.timeout), Step("looking for the model files"))]
@@ -697,10 +698,14 @@ def run_checks(settings: Settings, env: dict[str, str], args: argparse.Namespace
     return results
 
 
+MAX_GATE_TIMEOUT_S = 86400.0  # a day: past what a thread's wait takes (threading.TIMEOUT_MAX), a slip
+
+
 def _positive_seconds(raw: str) -> float:
     value = float(raw)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {raw!r}")
+    if not 0 < value <= MAX_GATE_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds above 0 and at most {MAX_GATE_TIMEOUT_S:g}, not {raw!r}")
     return value
 
 
@@ -723,17 +728,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def gate(env: dict[str, str], args: argparse.Namespace) -> list[CheckResult]:
+    """The settings read as the worker reads them, then every check. Reading them looks at the
+    volume, which may not answer: that is bounded like a check."""
+    deadline = time.monotonic() + args.timeout
+    seconds = check_timeout_s(args.timeout)
+    try:
+        finished, settings = _bounded(lambda: Settings.from_env(env), seconds)
+    except ValueError as err:  # a variable the worker could not start with
+        return [CheckResult("settings", FAIL, _fix(f"{err}.", "set it to a valid value or unset it."))]
+    if not finished:
+        return [_unfinished("settings", seconds, Step(f"looking at the volume ({ENV_VOLUME_PATH})"))]
+    return run_checks(settings, env, args, deadline=deadline)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.verbose:
         logging.getLogger().setLevel(logging.INFO)
     env = dict(os.environ)  # a copy: nothing here writes to the environment
-    try:
-        settings = Settings.from_env(env)
-    except ValueError as err:  # a variable the worker could not start with
-        results = [CheckResult("settings", FAIL, _fix(f"{err}.", "set it to a valid value or unset it."))]
-    else:
-        results = run_checks(settings, env, args)
+    results = gate(env, args)
     failed = sum(r.status == FAIL for r in results)
     warned = sum(r.status == WARN for r in results)
     if args.json:

@@ -9,6 +9,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -661,3 +663,32 @@ def test_a_registered_model_not_cached_needs_room_and_a_missing_local_file_fails
     assert code == 1 and checks["TTS models"]["status"] == "fail"
     assert f"F5_MODELS' model 'fr' ckpt is set to {tmp_path / 'gone.pt'}, which does not exist." \
         in checks["TTS models"]["message"]
+
+
+# --- the gate's own bounds ---------------------------------------------------------------------------
+
+def test_a_volume_that_does_not_answer_is_bounded_by_the_timeout(capsys, monkeypatch, volume):
+    """Reading the settings looks at the volume (is it a folder?): a volume that stopped answering
+    held the gate past --timeout, with no output. A stat that blocks cannot be caused here (no
+    hung network mount), so Path.is_dir blocks on the volume's path: a stand-in for that fault."""
+    released = threading.Event()
+    original = Path.is_dir
+    monkeypatch.setattr(Path, "is_dir", lambda self: released.wait() if self == volume else original(self))
+    started = time.monotonic()
+    try:
+        code, doc, checks = run_json(capsys, *OFFLINE, "--timeout", "3")
+    finally:
+        released.set()
+    assert time.monotonic() - started < 3
+    assert code == 1 and list(checks) == ["settings"]
+    assert checks["settings"]["message"].startswith(
+        f"did not finish within 1 s (it was looking at the volume ({ENV_VOLUME_PATH})); ")
+
+
+@pytest.mark.parametrize("seconds", ["1e12", "1e308", "0", "nan"])
+def test_a_timeout_past_a_day_or_not_above_0_is_refused(capsys, seconds):
+    """--timeout 1e12 passed, then failed in a thread's wait (OverflowError) with a traceback."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--skip-s3", "--skip-gpu", "--timeout", seconds])
+    assert exited.value.code == 2
+    assert f"must be a number of seconds above 0 and at most 86400, not '{seconds}'" in capsys.readouterr().err
