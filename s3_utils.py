@@ -407,7 +407,8 @@ class S3Storage(Storage):
                 return StorageError(f"the S3 endpoint's TLS certificate was not accepted; if a private CA "
                                     f"signed it, set {ENV_AWS_CA_BUNDLE} to that CA's certificate file {where}")
             return StorageError(f"the TLS handshake with the S3 endpoint failed; check that "
-                                f"{ENV_AWS_ENDPOINT_URL} has the right scheme and port {where}")
+                                f"{ENV_AWS_ENDPOINT_URL} has the right scheme and port, and that {ENV_AWS_CA_BUNDLE}, "
+                                f"if set, is the CA's certificate file {where}")
         if isinstance(err, ConnectTimeoutError):
             return StorageError(f"could not connect to the S3 endpoint within {waited_s} {where}")
         if isinstance(err, EndpointConnectionError):

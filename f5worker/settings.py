@@ -322,8 +322,30 @@ def resolve_s3_env(env: Mapping[str, str]) -> tuple[dict[str, str | None], tuple
     if given(ENV_AWS_ENDPOINT_URL) and bucket:  # runpod's alias had its bucket path taken off above
         check_endpoint_url(env[ENV_AWS_ENDPOINT_URL])
     _check_keys(values)
-    values[ENV_AWS_REGION] = given(ENV_AWS_REGION) or region_from_endpoint(values[ENV_AWS_ENDPOINT_URL])
+    values[ENV_AWS_REGION] = check_region(given(ENV_AWS_REGION)) or region_from_endpoint(values[ENV_AWS_ENDPOINT_URL])
     return values, tuple(notes)
+
+
+# A region as botocore takes it (botocore.utils.validate_region_name): a host label.
+_REGION_NAME = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")
+
+
+def check_region(region: str | None) -> str | None:
+    """``AWS_REGION`` if botocore takes it; ValueError naming the variable otherwise (botocore said
+    only InvalidRegionError, at the first S3 call)."""
+    if region is not None and not _REGION_NAME.fullmatch(region):
+        raise ValueError(f"{ENV_AWS_REGION} must be a region name such as us-east-1 or eu-central-003 (letters, "
+                         "digits and '-'), or be unset to take the one the endpoint's host names")
+    return region
+
+
+def check_ca_bundle(raw: str | None) -> None:
+    """``AWS_CA_BUNDLE`` as botocore will read it, from the environment as it is (spaces and all):
+    a file that exists, if set. An empty value stopped the S3 client (InvalidConfigError), and a
+    missing file or one with a space before it failed every call as a TLS handshake."""
+    if raw is not None and (not raw or raw != raw.strip() or not Path(raw).is_file()):
+        raise ValueError(f"{ENV_AWS_CA_BUNDLE} must name a CA certificate file that exists, with no spaces "
+                         "around it (botocore reads it as it is), or be unset")
 
 
 def either_name(name: str) -> str:
@@ -394,7 +416,8 @@ class Settings:
     aws_secret_access_key: str | None = setting(ENV_AWS_SECRET_ACCESS_KEY, Text(), None, "the bucket's secret key",
                                                 offered=True)
     aws_region: str | None = setting(
-        ENV_AWS_REGION, Text(), None, "the bucket's region (SigV4 signs with it)", offered=True,
+        ENV_AWS_REGION, Text(), None, "the bucket's region (SigV4 signs with it): letters, digits and `-`",
+        offered=True,
         shown="from the endpoint's host (`s3.<region>.…`, `<region>.digitaloceanspaces.com`), else `us-east-1`")
     aws_endpoint_url: str | None = setting(
         ENV_AWS_ENDPOINT_URL, Text(), None,
@@ -525,8 +548,11 @@ class Settings:
         folders that default to places under the volume; ValueError naming a variable it refuses."""
         # Surrounding spaces dropped first, so a value of spaces alone is unset for every check alike
         # (a key of " " passed the bucket-needs-both-keys check, then reached boto3 as no key).
-        env = {name: value.strip() for name, value in (os.environ if env is None else env).items()}
+        raw = os.environ if env is None else env
+        env = {name: value.strip() for name, value in raw.items()}
         s3, warnings = resolve_s3_env(env)
+        if s3[ENV_S3_BUCKET]:  # only S3 reads it
+            check_ca_bundle(raw.get(ENV_AWS_CA_BUNDLE))
         source = {**env, **{name: value or "" for name, value in s3.items()}}
         values = {name: var.read(source) for name, var in VARS.items()}
         volume = values["volume_path"]
@@ -557,7 +583,8 @@ OTHER_VARS = (
         f"runpod's name, accepted for `{ENV_AWS_SECRET_ACCESS_KEY}`. When both of a pair are set the `AWS_*` one "
         "is used and the log says so (names only)"),
     Var(ENV_AWS_CA_BUNDLE, PathValue(), None,
-        "CA certificate file for an S3 endpoint with a private CA (read by botocore)"),
+        "CA certificate file for an S3 endpoint with a private CA (read by botocore, as it is: with a bucket set, "
+        "a value that is empty, has spaces around it or names no file stops start-up)"),
 )
 TABLE_HEADER = "| variable | default | accepts | meaning |\n| --- | --- | --- | --- |"
 

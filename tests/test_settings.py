@@ -13,6 +13,7 @@ from f5worker.settings import (
     VARS,
     ENV_AWS_ACCESS_KEY_ID,
     ENV_AWS_ENDPOINT_URL,
+    ENV_AWS_CA_BUNDLE,
     ENV_AWS_REGION,
     ENV_AWS_SECRET_ACCESS_KEY,
     ENV_BUCKET_ACCESS_KEY_ID,
@@ -343,3 +344,29 @@ def test_a_key_of_spaces_alone_is_no_key(blank):
     env[blank] = "   "
     with pytest.raises(ValueError, match="a bucket is set .* but AWS_"):
         Settings.from_env(env)
+
+
+@pytest.mark.parametrize("bundle", ["", " {file}", "{file} ", "{missing}"])
+def test_a_ca_bundle_botocore_cannot_use_stops_start_up(tmp_path, bundle):
+    """botocore reads AWS_CA_BUNDLE itself, as it is: empty, it stopped the S3 client
+    (InvalidConfigError); a missing file, or one with a space before it, failed each call as a TLS
+    handshake that blamed AWS_ENDPOINT_URL."""
+    pem = tmp_path / "ca.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n")
+    value = bundle.format(file=pem, missing=tmp_path / "missing.pem")
+    with pytest.raises(ValueError) as err:
+        Settings.from_env({ENV_S3_BUCKET: "voices", **KEYS, ENV_AWS_CA_BUNDLE: value})
+    assert str(err.value).startswith(f"{ENV_AWS_CA_BUNDLE} must name a CA certificate file that exists")
+    assert Settings.from_env({ENV_S3_BUCKET: "voices", **KEYS, ENV_AWS_CA_BUNDLE: str(pem)}).s3_bucket == "voices"
+    assert Settings.from_env({ENV_AWS_CA_BUNDLE: value}).s3_bucket is None  # no bucket: nothing reads it
+
+
+@pytest.mark.parametrize("region, ok", [("us-east-1", True), ("eu-central-003", True), ("auto", True),
+                                        ("us west 1", False), ("us_east_1", False), ("-x", False)])
+def test_a_region_botocore_refuses_stops_start_up(region, ok):
+    env = {ENV_S3_BUCKET: "voices", **KEYS, ENV_AWS_REGION: region}
+    if ok:
+        assert Settings.from_env(env).aws_region == region
+    else:
+        with pytest.raises(ValueError, match=f"^{ENV_AWS_REGION} must be a region name such as us-east-1"):
+            Settings.from_env(env)

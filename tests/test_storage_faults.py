@@ -257,4 +257,5 @@ def test_tls_to_a_plain_http_port_says_so(hung_server):
             S3Storage(settings).get_text(f"{LOGS_PREFIX}x.json")
         thread.join(timeout=5)
     assert str(info.value) == (f"the TLS handshake with the S3 endpoint failed; check that "
-                               f"{ENV_AWS_ENDPOINT_URL} has the right scheme and port (get {LOGS_PREFIX}x.json)")
+                               f"{ENV_AWS_ENDPOINT_URL} has the right scheme and port, and that {ENV_AWS_CA_BUNDLE}, "
+                               f"if set, is the CA's certificate file (get {LOGS_PREFIX}x.json)")
