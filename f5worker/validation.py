@@ -747,7 +747,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         logging.getLogger().setLevel(logging.INFO)
     env = dict(os.environ)  # a copy: nothing here writes to the environment
-    results = gate(env, args)
+    try:
+        results = gate(env, args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("interrupted: the checks did not finish (a storage probe cut short may leave its small "
+              "logs/probe-*.txt object behind).", file=sys.stderr)
+        return 130
     failed = sum(r.status == FAIL for r in results)
     warned = sum(r.status == WARN for r in results)
     if args.json:

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from f5worker.settings import (
     Settings,
 )
 from f5worker.validation import main
+from tests.fixtures_faults import hung_endpoint
 from tests.random_models import TINY_SMALL_ARCH, TINY_V0_ARCH, write_f5_checkpoint, write_model_config, write_vocab
 from tests.helpers import DAMAGES, VOCOS_TARGET, damaged_copy, hub_snapshot, nan_vocoder, nan_weight
 
@@ -692,3 +694,19 @@ def test_a_timeout_past_a_day_or_not_above_0_is_refused(capsys, seconds):
         main(["--skip-s3", "--skip-gpu", "--timeout", seconds])
     assert exited.value.code == 2
     assert f"must be a number of seconds above 0 and at most 86400, not '{seconds}'" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(models_env):
+    """Ctrl-C while the storage probe waits (on an endpoint that never answers) ended the gate in
+    a KeyboardInterrupt traceback; the script is sent a real SIGINT."""
+    with hung_endpoint() as url:
+        env = dict(os.environ, **{ENV_AWS_ENDPOINT_URL: url, ENV_S3_BUCKET: "hung", ENV_AWS_ACCESS_KEY_ID: "AKIDEXAMPLE",
+                                  ENV_AWS_SECRET_ACCESS_KEY: "secret"})
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), "--skip-gpu"], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)  # into the checks: the S3 probe waits on the endpoint
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert err.strip().endswith("interrupted: the checks did not finish (a storage probe cut short may leave its "
+                                "small logs/probe-*.txt object behind).") and "Traceback" not in err, err
