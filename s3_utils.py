@@ -331,12 +331,14 @@ class Storage:
         """Raise StorageError unless the storage is there to write to: the worker checks this at
         start and writes nothing (not even a job record) when it fails. Nothing to check here."""
 
-    def probe(self, *, step: Callable[[str], None] = lambda doing: None) -> None:
+    def probe(self, *, step: Callable[[str], None] = lambda doing: None,
+              also: Callable[[str, str], None] = lambda key, text: None) -> None:
         """Read a key that does not exist, then write, read back and delete a small object under
         ``logs/``; raise StorageError if any step fails. Used by the validation script to check
         the bucket, the credentials and their permissions. The read comes first so that a missing
         bucket is reported as such, never created by the write (some servers create on PUT).
-        ``step`` hears what each step is about to do (the gate names the one that did not finish)."""
+        ``step`` hears what each step is about to do (the gate names the one that did not finish);
+        ``also(key, text)`` checks the object more while it is stored (before its delete)."""
         key = f"{LOGS_PREFIX}probe-{uuid.uuid4().hex}.txt"
         text = "f5-tts worker storage probe"
         # Built-in voices and transcript lookups rely on a missing key reading as missing: without
@@ -355,6 +357,7 @@ class Storage:
             step(f"reading {key} back")
             if self.get_text(key) != text:
                 raise StorageError(f"storage probe read back different content ({self.describe()})")
+            also(key, text)
         finally:
             step(f"deleting {key}")
             self.delete(key)

@@ -20,11 +20,15 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
+import ssl
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -47,7 +51,9 @@ from f5worker.settings import (
     DEFAULT_VOLUME_PATH,
     DOWNLOAD_HEADROOM_BYTES,
     ENV_AWS_ACCESS_KEY_ID,
+    ENV_AWS_CA_BUNDLE,
     ENV_AWS_ENDPOINT_URL,
+    ENV_AWS_REGION,
     ENV_AWS_SECRET_ACCESS_KEY,
     ENV_BUCKET_ENDPOINT_URL,
     ENV_DEVICE,
@@ -68,7 +74,7 @@ from f5worker.settings import (
     either_name,
 )
 from f5worker.model.loader import check_model_checkpoint, check_vocoder_weights
-from s3_utils import make_storage
+from s3_utils import Storage, make_storage
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +506,7 @@ def _check_storage(ctx: Context) -> CheckResult:
     try:
         storage = make_storage(s)
         where = storage.describe()
-        storage.probe(step=ctx.step)
+        storage.probe(step=ctx.step, also=lambda key, text: fetch_as_caller(ctx, storage, key, text))
     except StorageError as err:
         return CheckResult(name, FAIL, _fix(
             f"the storage probe failed: {err} ({key_hint}, secret set).",
@@ -510,7 +516,35 @@ def _check_storage(ctx: Context) -> CheckResult:
         return CheckResult(name, FAIL, _fix(f"the probe failed unexpectedly ({type(err).__name__}; "
                                             f"{key_hint}, secret set).",
                                             "check the S3 settings."))
-    return CheckResult(name, PASS, f"{where}: write, read and delete OK ({key_hint}, secret set)")
+    return CheckResult(name, PASS, f"{where}: write, read, presigned fetch and delete OK ({key_hint}, secret set)")
+
+
+def fetch_as_caller(ctx: Context, storage: Storage, key: str, text: str) -> None:
+    """The probe object fetched through the URL a job's result would give for it (``audio_url``),
+    as a caller fetches it: a plain GET, no credentials. API calls can pass where such a URL fails
+    (botocore follows a bucket's region for its own calls, while a URL signed for another region
+    is refused), and then every job's audio_url would be of no use. StorageError if it fails."""
+    ctx.step(f"fetching {key} through its presigned URL, as a caller fetches audio_url")
+    url = storage.result_url(key)
+    context = ssl.create_default_context(cafile=ctx.env.get(ENV_AWS_CA_BUNDLE) or None)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+    fix = (f"check {ENV_AWS_REGION} (it must be the bucket's region) and that the endpoint is one callers "
+           "can reach")
+    try:
+        with opener.open(url, timeout=ctx.settings.s3_read_timeout) as answer:
+            body = answer.read(len(text) + 1)
+    except urllib.error.HTTPError as err:
+        code = re.search(rb"<Code>([A-Za-z]{1,64})</Code>", err.read(4096) or b"")
+        said = f"HTTP {err.code}" + (f" {code.group(1).decode()}" if code else "")
+        raise StorageError(f"the probe object's presigned URL (what a job gives as audio_url) was answered "
+                           f"{said}, so callers could not fetch their audio; {fix}") from None
+    except (urllib.error.URLError, OSError) as err:  # the reason, never the URL (it holds a signature)
+        reason = getattr(err, "reason", err)
+        raise StorageError(f"the probe object's presigned URL (what a job gives as audio_url) could not be "
+                           f"fetched ({type(reason).__name__}); {fix}") from None
+    if body != text.encode("utf-8"):
+        raise StorageError("the probe object's presigned URL (what a job gives as audio_url) gave other content "
+                           "than was stored")
 
 
 def _check_local_storage(ctx: Context) -> CheckResult:

@@ -41,7 +41,7 @@ from f5worker.settings import (
     Settings,
 )
 from f5worker.validation import main
-from tests.fixtures_faults import hung_endpoint
+from tests.fixtures_faults import fault_proxy, hung_endpoint
 from tests.random_models import TINY_SMALL_ARCH, TINY_V0_ARCH, write_f5_checkpoint, write_model_config, write_vocab
 from tests.helpers import DAMAGES, VOCOS_TARGET, damaged_copy, hub_snapshot, nan_vocoder, nan_weight
 
@@ -504,6 +504,24 @@ def test_s3_probe_passes(capsys, monkeypatch, models_env, s3_env):
     assert s3_env.server.client().list_objects_v2(Bucket=s3_env.bucket).get("KeyCount", 0) == 0
 
 
+def test_a_presigned_url_callers_cannot_fetch_fails_the_probe(capsys, monkeypatch, models_env, s3_server, s3_env):
+    """The bucket's API calls pass while the URLs a job hands out fail (a URL signed for another
+    region is refused; botocore follows the bucket's region for its own calls): the probe fetches
+    its object as a caller would. SeaweedFS accepts any region, so a proxy in front of it refuses
+    presigned GETs (those with a signature in their query) the way S3 does, with a real answer."""
+    _use_s3_env(monkeypatch, s3_env)
+    with fault_proxy(s3_server, lambda method, path: "X-Amz-Signature=" in path) as proxy:
+        monkeypatch.setenv(ENV_AWS_ENDPOINT_URL, proxy.url)
+        code, _, checks = run_json(capsys, "--skip-gpu")
+    assert code == 1 and proxy.failed == 1 and proxy.forwarded > 0
+    message = checks["S3 storage"]["message"]
+    assert checks["S3 storage"]["status"] == "fail"
+    assert ("the probe object's presigned URL (what a job gives as audio_url) was answered HTTP 503 ServiceUnavailable, "
+            "so callers could not fetch their audio; check AWS_REGION (it must be the bucket's region)") in message
+    assert "Signature" not in message.replace("X-Amz-Signature", "")  # the URL is never shown
+    assert s3_env.server.client().list_objects_v2(Bucket=s3_env.bucket).get("KeyCount", 0) == 0  # deleted anyway
+
+
 def test_s3_wrong_secret_fails(capsys, monkeypatch, models_env, s3_env):
     _use_s3_env(monkeypatch, s3_env)
     wrong = "wrong-" + uuid.uuid4().hex
@@ -596,7 +614,7 @@ def test_conflicting_aliases_warn_by_name_only(capsys, monkeypatch, models_env, 
     code, out, err = run(capsys, "--skip-gpu", "--json")
     check = {c["name"]: c for c in json.loads(out)["checks"]}["S3 storage"]
     assert code == 0 and check["status"] == "warn", check
-    assert "write, read and delete OK" in check["message"]  # ours won: the probe used the right secret
+    assert "write, read, presigned fetch and delete OK" in check["message"]  # ours won: the probe used the right secret
     assert (f"{ENV_AWS_SECRET_ACCESS_KEY} and BUCKET_SECRET_ACCESS_KEY are both set and differ; "
             f"{ENV_AWS_SECRET_ACCESS_KEY} is used.") in check["message"]
     assert other not in out + err and s3_env[ENV_AWS_SECRET_ACCESS_KEY] not in out + err
