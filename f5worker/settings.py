@@ -322,7 +322,12 @@ def resolve_s3_env(env: Mapping[str, str]) -> tuple[dict[str, str | None], tuple
     if given(ENV_AWS_ENDPOINT_URL) and bucket:  # runpod's alias had its bucket path taken off above
         check_endpoint_url(env[ENV_AWS_ENDPOINT_URL])
     _check_keys(values)
-    values[ENV_AWS_REGION] = check_region(given(ENV_AWS_REGION)) or region_from_endpoint(values[ENV_AWS_ENDPOINT_URL])
+    named = region_from_endpoint(values[ENV_AWS_ENDPOINT_URL])
+    region = check_region(given(ENV_AWS_REGION))
+    if region and named and region.lower() != named:
+        notes.append(f"{ENV_AWS_REGION} differs from the region the endpoint's host names; requests are signed "
+                     f"for {ENV_AWS_REGION}, which a provider may refuse: unset it or make it the host's.")
+    values[ENV_AWS_REGION] = region or named
     return values, tuple(notes)
 
 

@@ -370,3 +370,13 @@ def test_a_region_botocore_refuses_stops_start_up(region, ok):
     else:
         with pytest.raises(ValueError, match=f"^{ENV_AWS_REGION} must be a region name such as us-east-1"):
             Settings.from_env(env)
+
+
+def test_a_region_that_contradicts_the_endpoints_host_warns_by_name():
+    env = {ENV_S3_BUCKET: "voices", **KEYS, ENV_AWS_ENDPOINT_URL: "https://s3.us-west-004.backblazeb2.com"}
+    assert Settings.from_env({**env, ENV_AWS_REGION: "us-west-004"}).warnings == ()
+    settings = Settings.from_env({**env, ENV_AWS_REGION: "us-east-1"})
+    assert settings.aws_region == "us-east-1"  # the operator's choice stands
+    assert settings.warnings == (f"{ENV_AWS_REGION} differs from the region the endpoint's host names; requests "
+                                 f"are signed for {ENV_AWS_REGION}, which a provider may refuse: unset it or make "
+                                 "it the host's.",)
