@@ -175,7 +175,7 @@ class JobRunner:
             outcome = await self.outcome(call.job_id, endpoint, lambda: ROUTES[endpoint](self.worker, job_input, call))
         finally:
             if self.progress is not None:  # no report after the result
-                await asyncio.get_running_loop().run_in_executor(None, self.progress.finish, job, SETTLE_S)
+                await asyncio.get_running_loop().run_in_executor(None, self.progress.finish, job)
         return outcome.result
 
     async def outcome(self, job_id: str, endpoint: str, start: Callable[[], Awaitable[dict]]) -> Outcome:

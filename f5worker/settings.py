@@ -164,7 +164,7 @@ def parsed_endpoint(url: str) -> SplitResult:
     try:
         parts = urlsplit(url.strip())
     except ValueError:  # an unclosed '[' of an IPv6 host
-        scheme = url.strip().partition("://")[0] if "://" in url else ""
+        scheme = url.strip().partition("://")[0].lower() if "://" in url else ""
         return SplitResult(scheme, "", "", "", "")
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
@@ -296,8 +296,7 @@ def resolve_s3_env(env: Mapping[str, str]) -> tuple[dict[str, str | None], tuple
         return env.get(name) or None
 
     notes = []
-    alias_endpoint, url_bucket = split_bucket_endpoint(env[ENV_BUCKET_ENDPOINT_URL]) \
-        if given(ENV_BUCKET_ENDPOINT_URL) else (None, None)
+    alias_endpoint, url_bucket = _alias_endpoint(env, notes)
     values: dict[str, str | None] = {}
     for ours, theirs in S3_ENV_ALIASES.items():
         other = alias_endpoint if theirs == ENV_BUCKET_ENDPOINT_URL else given(theirs)
@@ -323,12 +322,27 @@ def resolve_s3_env(env: Mapping[str, str]) -> tuple[dict[str, str | None], tuple
         check_endpoint_url(env[ENV_AWS_ENDPOINT_URL])
     _check_keys(values)
     named = region_from_endpoint(values[ENV_AWS_ENDPOINT_URL])
-    region = check_region(given(ENV_AWS_REGION))
-    if region and named and region.lower() != named:
+    region = check_region(given(ENV_AWS_REGION)) if bucket else given(ENV_AWS_REGION)  # only S3 reads it
+    if bucket and region and named and region.lower() != named:
         notes.append(f"{ENV_AWS_REGION} differs from the region the endpoint's host names; requests are signed "
                      f"for {ENV_AWS_REGION}, which a provider may refuse: unset it or make it the host's.")
     values[ENV_AWS_REGION] = region or named
     return values, tuple(notes)
+
+
+def _alias_endpoint(env: Mapping[str, str], notes: list[str]) -> tuple[str | None, str | None]:
+    """``BUCKET_ENDPOINT_URL`` split (``split_bucket_endpoint``), or (None, None) when it is unset.
+    One that cannot be used stops start-up, unless ``AWS_ENDPOINT_URL`` is given: then it is not
+    the endpoint in use, and a note says so."""
+    if not env.get(ENV_BUCKET_ENDPOINT_URL):
+        return None, None
+    try:
+        return split_bucket_endpoint(env[ENV_BUCKET_ENDPOINT_URL])
+    except ValueError as err:
+        if not env.get(ENV_AWS_ENDPOINT_URL):
+            raise
+        notes.append(f"{err}; it is not used, as {ENV_AWS_ENDPOINT_URL} is set.")
+        return None, None
 
 
 # A region as botocore takes it (botocore.utils.validate_region_name): a host label.

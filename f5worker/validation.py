@@ -519,32 +519,34 @@ def _check_storage(ctx: Context) -> CheckResult:
     return CheckResult(name, PASS, f"{where}: write, read, presigned fetch and delete OK ({key_hint}, secret set)")
 
 
+PRESIGNED = "the probe object's presigned URL (what a job gives as audio_url)"
+
+
 def fetch_as_caller(ctx: Context, storage: Storage, key: str, text: str) -> None:
     """The probe object fetched through the URL a job's result would give for it (``audio_url``),
-    as a caller fetches it: a plain GET, no credentials. API calls can pass where such a URL fails
-    (botocore follows a bucket's region for its own calls, while a URL signed for another region
-    is refused), and then every job's audio_url would be of no use. StorageError if it fails."""
+    as a caller fetches it: a plain GET, no credentials, by the proxies and CA file botocore uses.
+    API calls can pass where such a URL fails (botocore follows a bucket's region for its own
+    calls, while a URL signed for another region is refused), and then every job's audio_url would
+    be of no use. StorageError if it fails; the URL is never said (it holds a signature)."""
     ctx.step(f"fetching {key} through its presigned URL, as a caller fetches audio_url")
     url = storage.result_url(key)
-    context = ssl.create_default_context(cafile=ctx.env.get(ENV_AWS_CA_BUNDLE) or None)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
-    fix = (f"check {ENV_AWS_REGION} (it must be the bucket's region) and that the endpoint is one callers "
-           "can reach")
+    fix = f"check {ENV_AWS_REGION} (it must be the bucket's region) and that the endpoint is one callers can reach"
     try:
-        with opener.open(url, timeout=ctx.settings.s3_read_timeout) as answer:
+        # botocore's CA file: AWS_CA_BUNDLE, else REQUESTS_CA_BUNDLE; its proxies: the environment's
+        cafile = ctx.env.get(ENV_AWS_CA_BUNDLE) or ctx.env.get("REQUESTS_CA_BUNDLE") or None
+        context = ssl.create_default_context(cafile=cafile)
+        with urllib.request.build_opener(urllib.request.HTTPSHandler(context=context)).open(
+                url, timeout=ctx.settings.s3_read_timeout) as answer:
             body = answer.read(len(text) + 1)
     except urllib.error.HTTPError as err:
         code = re.search(rb"<Code>([A-Za-z]{1,64})</Code>", err.read(4096) or b"")
         said = f"HTTP {err.code}" + (f" {code.group(1).decode()}" if code else "")
-        raise StorageError(f"the probe object's presigned URL (what a job gives as audio_url) was answered "
-                           f"{said}, so callers could not fetch their audio; {fix}") from None
-    except (urllib.error.URLError, OSError) as err:  # the reason, never the URL (it holds a signature)
+        raise StorageError(f"{PRESIGNED} was answered {said}, so callers could not fetch their audio; {fix}") from None
+    except (urllib.error.URLError, OSError) as err:  # ssl.SSLError too: a CA file that is not PEM
         reason = getattr(err, "reason", err)
-        raise StorageError(f"the probe object's presigned URL (what a job gives as audio_url) could not be "
-                           f"fetched ({type(reason).__name__}); {fix}") from None
+        raise StorageError(f"{PRESIGNED} could not be fetched ({type(reason).__name__}); {fix}") from None
     if body != text.encode("utf-8"):
-        raise StorageError("the probe object's presigned URL (what a job gives as audio_url) gave other content "
-                           "than was stored")
+        raise StorageError(f"{PRESIGNED} gave other content than was stored")
 
 
 def _check_local_storage(ctx: Context) -> CheckResult:

@@ -312,7 +312,7 @@ class Recorder:
     def report(self, job: dict, update: dict) -> None:  # jobs.progress.ProgressReports
         self.progress.append(update)
 
-    def finish(self, job: dict, timeout: float) -> None:
+    def finish(self, job: dict) -> None:
         """Every report is recorded as it is made: none is left to wait for."""
 
     def run(self, job_input: dict) -> list:

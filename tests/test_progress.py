@@ -93,3 +93,18 @@ def test_a_slow_send_skips_to_the_newest_report_and_a_failed_one_is_only_logged(
     while not progress.idle() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert progress.idle() and sent == sorted(sent) and sent[-1] == 7 and len(sent) < 7
+
+
+def test_a_report_after_the_job_finished_is_never_sent():
+    """Once a job has ended (its result is being returned), a report made for it is ignored: it
+    would reach RunPod as IN_PROGRESS after the result."""
+    sent = []
+    progress = OrderedProgress(lambda job, update: sent.append(update["n"]))
+    progress.report({"id": "j"}, {"n": 1})
+    progress.finish({"id": "j"})
+    progress.report({"id": "j"}, {"n": 2})
+    progress.report({"id": "other"}, {"n": 3})
+    deadline = time.monotonic() + 5
+    while not progress.idle() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert progress.idle() and 2 not in sent and sent[-1] == 3

@@ -380,3 +380,15 @@ def test_a_region_that_contradicts_the_endpoints_host_warns_by_name():
     assert settings.warnings == (f"{ENV_AWS_REGION} differs from the region the endpoint's host names; requests "
                                  f"are signed for {ENV_AWS_REGION}, which a provider may refuse: unset it or make "
                                  "it the host's.",)
+
+
+def test_s3_checks_wait_for_a_bucket_and_an_unused_alias_is_a_note():
+    """A worker on local storage starts whatever AWS_REGION other tools in its environment use;
+    a BUCKET_ENDPOINT_URL that AWS_ENDPOINT_URL overrides is noted, not a reason to stop."""
+    assert Settings.from_env({ENV_AWS_REGION: "us_east_1"}).aws_region == "us_east_1"
+    settings = Settings.from_env({ENV_S3_BUCKET: "voices", **KEYS, ENV_AWS_ENDPOINT_URL: "https://s3.example.com",
+                                  ENV_BUCKET_ENDPOINT_URL: "https://user:hunter2@s3.example.com/voices"})
+    assert settings.s3_bucket == "voices" and settings.aws_endpoint_url == "https://s3.example.com"
+    [note] = settings.warnings
+    assert note.startswith(f"{ENV_BUCKET_ENDPOINT_URL} must look like ") and "hunter2" not in note
+    assert note.endswith(f"; it is not used, as {ENV_AWS_ENDPOINT_URL} is set.")

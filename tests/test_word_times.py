@@ -32,7 +32,7 @@ from f5worker.jobs.subtitles import (CLAUSE_END, LINE_CELLS, MAX_CUE_SECONDS, MI
                                      TimedWord, build_cues, cells, fits, line_wide, render)
 from f5worker.jobs.chunking import chunk_for_model, spaced_starts
 from f5worker.jobs.plan import chunks_with_short_first
-from f5worker.jobs.results import (MAX_REASON_CHARS, added_sentence, brief_reason, not_removed_sentence,
+from f5worker.jobs.results import (MAX_REASON_BYTES, added_sentence, brief_reason, json_bytes, not_removed_sentence,
                                    not_stored_sentence, widest_subtitles_error)
 from f5worker.jobs.word_times import ChunkWords
 from f5worker.jobs.words import split_words
@@ -473,15 +473,18 @@ def test_a_job_accepted_at_the_smallest_result_limit_fits_it(ctx, limit):
     assert not ctx.tmp_files()
 
 
-def test_subtitles_error_is_bounded_by_its_widest():
-    """A storage reason is cut to MAX_REASON_CHARS in the result, so the widest ``subtitles_error``
-    the plan reserves room for holds any the job can get."""
-    reason = brief_reason(StorageError("y" * 1000 + "."))
-    assert len(reason) == MAX_REASON_CHARS and reason.endswith("…")
-    assert brief_reason(StorageError("S3 put failed.")) == "S3 put failed"
+@pytest.mark.parametrize("said", ["y" * 1000, '"' * 1000, "é" * 1000, "中" * 1000, "\x01" * 1000, "S3 put failed"])
+def test_subtitles_error_is_bounded_by_its_widest(said):
+    """A storage reason is cut to MAX_REASON_BYTES of the result as the result is measured (JSON,
+    UTF-8: a quote or a control character is escaped, a CJK character is 3 bytes), so the widest
+    ``subtitles_error`` the plan reserves room for holds any the job can get. (Cut by characters, a
+    reason of '中' took 1,057 bytes where 457 were reserved.)"""
+    reason = brief_reason(StorageError(said + "."))
+    assert json_bytes(reason) <= MAX_REASON_BYTES
+    assert reason == said if json_bytes(said) <= MAX_REASON_BYTES else reason.endswith("…")
     key, other = "output/a.srt", "output/a.vtt"
-    said = added_sentence(not_stored_sentence(reason, key, removed=False), not_removed_sentence(other, reason))
-    assert len(said) == len(widest_subtitles_error(key, [other]))
+    got = added_sentence(not_stored_sentence(reason, key, removed=False), not_removed_sentence(other, reason))
+    assert json_bytes(got) <= json_bytes(widest_subtitles_error(key, [other]))
     assert widest_subtitles_error(None, []) is None
 
 

@@ -377,5 +377,5 @@ def planned_segments_bytes(texts: list[str], *, verified: bool = False, words: b
     widest = [{"text": text, "start": WIDEST_SECONDS, "end": WIDEST_SECONDS, **widest_words(text),
                **({"verify": report} if verified else {})} for text in texts]
     summary = {"verify": {"worst_chunk": len(texts), "worst_error": WIDEST_ERROR, "retried_chunks": len(texts),
-                          "failed_chunks": len(texts)}} if verified else {}
+                          "failed_chunks": len(texts), "out_of_time_chunks": len(texts)}} if verified else {}
     return len(json.dumps({"segments": widest, **summary}, ensure_ascii=False).encode("utf-8"))

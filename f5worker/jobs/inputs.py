@@ -311,7 +311,7 @@ def _sentence(err: dict) -> str:  # noqa: C901 - one sentence per pydantic error
         return f"'{field}' must be an integer."
     if kind == "float_type":
         if isinstance(err.get("input"), int) and not isinstance(err["input"], bool):  # past a float's range
-            return f"'{field}' is too large a number."
+            return f"'{field}' is too far from 0 to be a number."
         return f"'{field}' must be a number."
     if kind == "finite_number":
         return f"'{field}' must be a finite number."

@@ -6,15 +6,20 @@ job gets one sender thread that posts its reports in order, with runpod's own sy
 (the function each of ``progress_update``'s threads runs); a report made while the previous one is
 still being posted replaces any report still waiting, so the newest is sent next and a slow post
 never builds a queue. Once a job has ended (``finish``), none of its reports is posted after its
-result: RunPod would get an ``IN_PROGRESS`` for a job it was already told is done.
+result (RunPod would get an ``IN_PROGRESS`` for a job it was already told is done): one still
+waiting is dropped, the one being posted waited for, and any made later ignored.
 """
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from typing import Callable, Protocol
 
 log = logging.getLogger(__name__)
+
+FINISH_WAIT_S = 2.0  # how long a job's answer waits for its report being posted
+FINISHED_KEPT = 4096  # ids of ended jobs remembered, so a late report of one is ignored
 
 
 class ProgressReports(Protocol):
@@ -23,7 +28,7 @@ class ProgressReports(Protocol):
 
     def report(self, job: dict, update: dict) -> None: ...
 
-    def finish(self, job: dict, timeout: float) -> None: ...
+    def finish(self, job: dict) -> None: ...
 
 
 class OrderedProgress:
@@ -35,10 +40,13 @@ class OrderedProgress:
         self._lock = threading.Lock()
         self._waiting: dict[str, tuple[dict, dict]] = {}  # job id -> (job, its newest unsent report)
         self._senders: dict[str, threading.Thread] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()  # the latest ended jobs' ids
 
     def report(self, job: dict, update: dict) -> None:
         job_id = str(job.get("id"))
         with self._lock:
+            if job_id in self._finished:
+                return
             self._waiting[job_id] = (job, update)
             if job_id in self._senders:
                 return
@@ -58,11 +66,15 @@ class OrderedProgress:
             except Exception:  # noqa: BLE001 - a lost progress report never fails the job
                 log.warning("a progress report of job %s could not be sent", job_id, exc_info=True)
 
-    def finish(self, job: dict, timeout: float) -> None:
-        """``job`` has ended: a report still waiting is dropped, and the one being posted is waited
-        for, up to ``timeout`` seconds, so that none reaches RunPod after the job's result."""
+    def finish(self, job: dict, timeout: float = FINISH_WAIT_S) -> None:
+        """``job`` has ended: a report still waiting is dropped, any made later ignored, and the
+        one being posted is waited for, up to ``timeout`` seconds, so that none reaches RunPod
+        after the job's result."""
         job_id = str(job.get("id"))
         with self._lock:
+            self._finished[job_id] = None
+            while len(self._finished) > FINISHED_KEPT:
+                self._finished.popitem(last=False)
             self._waiting.pop(job_id, None)
             sender = self._senders.get(job_id)
         if sender is None:

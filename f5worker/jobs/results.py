@@ -19,13 +19,16 @@ from f5worker.jobs import streaming
 from f5worker.jobs.assembly import WIDEST_SECONDS
 from f5worker.jobs.inputs import MAX_SEED, TTSInput
 from f5worker.jobs.subtitles import SUBTITLE_FORMATS
+from f5worker.jobs.voices import REF_TEXT_SOURCES
 from f5worker.settings import OUTPUT_PREFIX
 
-# A storage failure's reason as a result says it (the log keeps it whole): its sentences are
-# short, but one that quotes a server's answer need not be.
-MAX_REASON_CHARS = 300
+# A storage failure's reason as a result says it (the log keeps it whole), in bytes as the result
+# is measured (JSON, UTF-8): its sentences are short, but one that quotes a server's answer or a
+# long key need not be.
+MAX_REASON_BYTES = 300
+ELLIPSIS = "…"
 WIDEST_BYTES = 10**15  # more bytes than any job's file (the plan's bounds)
-WIDEST_REF_TEXT_SOURCE = "transcribed"  # the longest of "given", "stored", "transcribed"
+WIDEST_REF_TEXT_SOURCE = max(REF_TEXT_SOURCES, key=len)
 
 
 def output_key_for(job_id: str, requested: str | None, fmt: encoding.OutputFormat) -> str:
@@ -99,10 +102,24 @@ def tts_result(job: TTSInput, *, voice_names: list[str], ref_text_source: str, m
     return {**result, **extras}
 
 
+def json_bytes(text: str) -> int:
+    """What ``text`` takes inside a JSON string as the runpod SDK writes it (UTF-8, escapes)."""
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8")) - 2
+
+
 def brief_reason(err: Exception) -> str:
-    """A storage failure's sentence, without its full stop, at most ``MAX_REASON_CHARS`` long."""
+    """A storage failure's sentence, without its full stop, in at most ``MAX_REASON_BYTES`` of
+    the result (a cut one ends in an ellipsis)."""
     text = str(err).rstrip(".")
-    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"
+    if json_bytes(text) <= MAX_REASON_BYTES:
+        return text
+    kept, used = [], json_bytes(ELLIPSIS)
+    for char in text:
+        used += json_bytes(char)
+        if used > MAX_REASON_BYTES:
+            break
+        kept.append(char)
+    return "".join(kept) + ELLIPSIS
 
 
 def not_stored_sentence(reason: str, key: str, *, removed: bool) -> str:
@@ -127,7 +144,7 @@ def added_sentence(said: str | None, sentence: str) -> str:
 def widest_subtitles_error(subtitles_key: str | None, older_keys: list[str]) -> str | None:
     """The longest ``subtitles_error`` a job of these keys can get: its own file not stored, then
     every older one not removed."""
-    reason = "x" * MAX_REASON_CHARS
+    reason = "x" * MAX_REASON_BYTES
     said = not_stored_sentence(reason, subtitles_key, removed=False) if subtitles_key is not None else None
     for key in older_keys:
         said = added_sentence(said, not_removed_sentence(key, reason))

@@ -66,6 +66,10 @@ BUILTIN_VOICES = {
 # Where a stored transcript comes from: inside the voice (the upload job), a person's .txt beside
 # it, Whisper's .json beside it, or f5-tts's for a built-in voice.
 EMBEDDED, HAND_WRITTEN, WHISPER, BUILT_IN = "embedded", "hand-written", "whisper", "built-in"
+# A TTS result's ``ref_text_source``: the job's ref_text, a stored transcript, f5-tts's for a
+# built-in voice, or Whisper's, made for the job.
+FROM_JOB, STORED, TRANSCRIBED = "job", "stored", "transcribed"
+REF_TEXT_SOURCES = (FROM_JOB, STORED, BUILT_IN, TRANSCRIBED)
 LIST_DETAIL_THREADS = 8  # a listing reads at most this many voices' headers at once, per worker
 LIST_CALLS_PER_PAGE = 4  # storage listings one page may take (sidecar files take keys too)
 
@@ -293,12 +297,12 @@ class VoiceLibrary:
         if given:
             if voice.clipped:
                 raise clipped_refusal(voice.seconds)
-            return given, "job"
+            return given, FROM_JOB
         stored = self.stored_transcript(voice)
         if stored is None:
             return None
         text, source = stored
-        return text, BUILT_IN if source == BUILT_IN else "stored"
+        return text, BUILT_IN if source == BUILT_IN else STORED
 
     def stored_transcript(self, voice: Voice) -> tuple[str, str] | None:
         """The transcript a job without ``ref_text`` uses for ``voice``, and which it is

@@ -55,7 +55,7 @@ from f5worker.jobs.results import (Delivery, InlineAudio, SubtitlesFile, added_s
                                    not_removed_sentence, not_stored_sentence, older_subtitles_keys, output_key_for,
                                    subtitles_key_for, tts_result, widest_result_bytes)
 from f5worker.settings import ENV_ASR_MODEL, ENV_MAX_VOICE_BYTES, LOGS_PREFIX, Settings
-from f5worker.jobs.voices import (Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
+from f5worker.jobs.voices import (TRANSCRIBED, Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
                              prepare_upload)
 from s3_utils import KeyNotFound, ObjectTooLarge, Storage
 from f5worker.model.constants import SAMPLE_RATE
@@ -576,8 +576,8 @@ class Worker:
         ref_text, source = await self._ref_text(voice, given)
         # Looking up a stored transcript is part of fetching the voice; Whisper is its own step.
         looked_up = time.perf_counter() - fetched
-        timings["download_s"] += fetched - mark + (0.0 if source == "transcribed" else looked_up)
-        timings["transcription_s"] += looked_up if source == "transcribed" else 0.0
+        timings["download_s"] += fetched - mark + (0.0 if source == TRANSCRIBED else looked_up)
+        timings["transcription_s"] += looked_up if source == TRANSCRIBED else 0.0
         return JobVoice(voice, ref_text, source)
 
     async def _ref_text(self, voice: Voice, given: str | None) -> tuple[str, str]:
@@ -590,7 +590,7 @@ class Worker:
             running = asyncio.ensure_future(self._transcribe_and_remember(voice))
             self._transcriptions[voice.identity] = running
             running.add_done_callback(lambda _: self._transcriptions.pop(voice.identity, None))
-        return await asyncio.shield(running), "transcribed"
+        return await asyncio.shield(running), TRANSCRIBED
 
     async def _transcribe_and_remember(self, voice: Voice) -> str:
         text = await self._transcribe_off_the_clock(voice.used, voice.sr)
