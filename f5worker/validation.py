@@ -734,6 +734,7 @@ def run_checks(settings: Settings, env: dict[str, str], args: argparse.Namespace
     return results
 
 
+INTERRUPTED = 130  # the exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells give
 MAX_GATE_TIMEOUT_S = 86400.0  # a day: past what a thread's wait takes (threading.TIMEOUT_MAX), a slip
 
 
@@ -788,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         print("interrupted: the checks did not finish (a storage probe cut short may leave its small "
               "logs/probe-*.txt object behind).", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     failed = sum(r.status == FAIL for r in results)
     warned = sum(r.status == WARN for r in results)
     if args.json:
