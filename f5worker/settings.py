@@ -63,6 +63,7 @@ ENV_S3_CONNECT_TIMEOUT = "S3_CONNECT_TIMEOUT_SECONDS"
 ENV_S3_READ_TIMEOUT = "S3_READ_TIMEOUT_SECONDS"
 ENV_S3_MAX_ATTEMPTS = "S3_MAX_ATTEMPTS"
 ENV_AWS_CA_BUNDLE = "AWS_CA_BUNDLE"  # read by botocore itself; named here for messages and tests
+ENV_REQUESTS_CA_BUNDLE = "REQUESTS_CA_BUNDLE"  # botocore's CA file when AWS_CA_BUNDLE is unset
 ENV_LOCAL_RETENTION_HOURS = "F5_LOCAL_RETENTION_HOURS"
 # The names runpod's upload helper (runpod/serverless/utils/rp_upload.py) reads, accepted as aliases.
 ENV_BUCKET_ENDPOINT_URL = "BUCKET_ENDPOINT_URL"

@@ -61,6 +61,7 @@ from f5worker.settings import (
     ENV_LOCAL_STORAGE_DIR,
     ENV_MODEL_CONFIG,
     ENV_MODEL_ROOT,
+    ENV_REQUESTS_CA_BUNDLE,
     ENV_S3_BUCKET,
     ENV_TMP_DIR,
     ENV_VOCODER_DIR,
@@ -533,7 +534,7 @@ def fetch_as_caller(ctx: Context, storage: Storage, key: str, text: str) -> None
     fix = f"check {ENV_AWS_REGION} (it must be the bucket's region) and that the endpoint is one callers can reach"
     try:
         # botocore's CA file: AWS_CA_BUNDLE, else REQUESTS_CA_BUNDLE; its proxies: the environment's
-        cafile = ctx.env.get(ENV_AWS_CA_BUNDLE) or ctx.env.get("REQUESTS_CA_BUNDLE") or None
+        cafile = ctx.env.get(ENV_AWS_CA_BUNDLE) or ctx.env.get(ENV_REQUESTS_CA_BUNDLE) or None
         context = ssl.create_default_context(cafile=cafile)
         with urllib.request.build_opener(urllib.request.HTTPSHandler(context=context)).open(
                 url, timeout=ctx.settings.s3_read_timeout) as answer:
