@@ -18,20 +18,22 @@ def main(argv=None) -> int:
     from f5worker.settings import Settings, apply_cache_env
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        settings = Settings.from_env()
-    except ValueError as err:  # one sentence naming the variable, not a traceback
-        logging.getLogger("runpod-handler").error("cannot start: %s", err)
-        return 2
-    for warning in settings.warnings:  # conflicting storage variables ...: names only, never values
-        logging.getLogger("runpod-handler").warning("%s", warning)
-    apply_cache_env(settings)
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # it logs full URLs, signatures included
     logging.getLogger("botocore").setLevel(logging.WARNING)
     # runpod's own logger defaults to DEBUG, at which it prints every job's input (the text) and
     # output (presigned URLs, signatures included). It reads the level once, at import.
     if not (os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL")):
         os.environ["RUNPOD_LOG_LEVEL"] = "INFO"
+    try:
+        settings = Settings.from_env()
+    except ValueError as err:  # one sentence naming the variable, not a traceback
+        logging.getLogger("runpod-handler").error("cannot start: %s", err)
+        from f5worker.refusal import serve_refusal  # on RunPod's queue each job is told; else exit 2
+
+        return serve_refusal(str(err))
+    for warning in settings.warnings:  # conflicting storage variables ...: names only, never values
+        logging.getLogger("runpod-handler").warning("%s", warning)
+    apply_cache_env(settings)
     if settings.serve == "http":  # OpenAI's speech API on PORT, for a load-balancing endpoint
         from f5worker.http.server import serve_http
 

@@ -609,6 +609,16 @@ OTHER_VARS = (
 TABLE_HEADER = "| variable | default | accepts | meaning |\n| --- | --- | --- | --- |"
 
 
+def read_alone(field: str, env: Mapping[str, str] | None = None):
+    """One setting read by itself, its default if its own value is refused: what a worker whose
+    settings were refused (``f5worker.refusal``) still needs to know of them."""
+    raw = os.environ if env is None else env
+    try:
+        return VARS[field].read({name: value.strip() for name, value in raw.items()})
+    except ValueError:
+        return VARS[field].default
+
+
 def markdown_table() -> str:
     """The README's configuration table, one row per variable."""
     return "\n".join([TABLE_HEADER, *(var.markdown_row() for var in (*VARS.values(), *OTHER_VARS))])

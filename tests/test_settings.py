@@ -392,3 +392,12 @@ def test_s3_checks_wait_for_a_bucket_and_an_unused_alias_is_a_note():
     [note] = settings.warnings
     assert note.startswith(f"{ENV_BUCKET_ENDPOINT_URL} must look like ") and "hunter2" not in note
     assert note.endswith(f"; it is not used, as {ENV_AWS_ENDPOINT_URL} is set.")
+
+
+def test_one_setting_is_read_alone_and_its_own_bad_value_gives_its_default():
+    """What a worker whose settings were refused still needs: another variable's fault is not its own."""
+    from f5worker.settings import ENV_MAX_CONCURRENCY, ENV_STREAMING, read_alone
+
+    assert read_alone("streaming", {ENV_STREAMING: " 1 ", ENV_MAX_CONCURRENCY: "many"}) is True
+    assert read_alone("streaming", {ENV_STREAMING: "sometimes"}) is False
+    assert read_alone("max_concurrency", {ENV_MAX_CONCURRENCY: "many"}) == VARS["max_concurrency"].default

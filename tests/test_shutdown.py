@@ -229,3 +229,28 @@ def _wait_listening(proc: subprocess.Popen, port: int, log_path: Path) -> None:
                     return
             time.sleep(0.25)
     pytest.fail(f"the API server did not start\n{tail(log_path)}", pytrace=False)
+
+
+@pytest.mark.parametrize("streaming", ["0", "1"])
+def test_queue_worker_with_a_refused_setting_answers_each_job_and_stays(env_for, tmp_path, streaming):
+    """Before, the worker exited at start (status 2): RunPod restarted it in a loop and the queue's
+    jobs waited, their callers never told why. A new worker reads the same variables, so no
+    ``stopPod``: the worker stays, to answer the next job the same way."""
+    from f5worker.refusal import refusal_sentence
+    from f5worker.settings import ENV_MAX_CONCURRENCY, ENV_STREAMING
+
+    api = FakeRunPod({"id": "job-on-misconfigured-worker", "input": {"text": "Hello.", "local_voice": "x.wav"}})
+    env, _ = env_for({**api.env, ENV_MAX_CONCURRENCY: "many", ENV_STREAMING: streaming})
+    log_path = tmp_path / "worker.log"
+    try:
+        with worker_process([], env, log_path) as proc:
+            assert api.answered.wait(READY_TIMEOUT_S), f"no result was sent\n{tail(log_path)}"
+            sentence = refusal_sentence(f"{ENV_MAX_CONCURRENCY} must be a whole number at least 1, not 'many'")
+            [result] = api.results
+            assert result == {"error": sentence}, result  # runpod makes a streamed job's error item the job's error
+            time.sleep(1.5)  # runpod would have stopped taking jobs by now if it were asked to
+            assert proc.poll() is None, tail(log_path)
+            assert "Traceback" not in tail(log_path) and "torch" not in tail(log_path)
+            assert terminate_and_time(proc, log_path) < EXIT_BOUND_S
+    finally:
+        api.close()
