@@ -138,6 +138,38 @@ def test_a_failed_or_cancelled_job_withdraws_its_other_items():
     assert 2 not in ran and 3 not in ran and 8 not in ran
 
 
+def test_a_job_whose_later_item_fails_first_gets_that_error_not_a_cancellation():
+    """A job's later, shorter chunk can run first, as company of another job's call, while its
+    earlier one waits. That chunk failing cancelled the earlier one, and the job, awaiting it, ended
+    cancelled: runpod sent no result, and the caller waited for RunPod's timeout."""
+    ran = []
+
+    def fails_on_seed_101(items, abandoned=None):
+        ran.append(sorted(it.duration for it in items))
+        if any(it.seed == 101 for it in items):
+            raise RuntimeError("sampling failed")
+        return echo_durations(items)
+
+    batcher = Batcher(whole_calls(fails_on_seed_101), max_wait_s=0.01)
+
+    async def the_job_awaits_its_chunks_in_order():
+        futures = batcher.enqueue([item(1400, seed=100), item(500, seed=101)])
+        try:
+            return [await batcher.sampled(future) for future in futures]
+        finally:
+            batcher.withdraw(futures)
+
+    async def main():
+        await batcher.submit([item(10)])  # the loop is running, as on a worker that served a job
+        other = asyncio.ensure_future(batcher.submit([item(600, seed=200)]))  # leads; 500 fits beside it
+        job = asyncio.ensure_future(the_job_awaits_its_chunks_in_order())
+        return await asyncio.gather(other, job, return_exceptions=True)
+
+    other, job = asyncio.run(main())
+    assert int(other[0][0]) == 600
+    assert isinstance(job, RuntimeError) and str(job) == "sampling failed", repr(job)
+    assert ran[1:] == [[500, 600], [600], [500]]  # shared, then each alone; the failed job's 1400 never
+
 def test_jobs_take_turns_so_new_ones_never_starve_a_long_one():
     """A long job's items, and a new one-item job arriving before every call, each with settings of
     its own (so nothing shares a call): the long job still gets its turns (round robin), where a

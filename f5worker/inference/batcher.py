@@ -438,9 +438,14 @@ class Batcher:
         if error is None:
             entry.future.set_result(result)
             return
-        entry.future.set_exception(error)
-        # The job has failed: its other chunks are not worth a model call.
-        self.withdraw([f for f in entry.job if f is not entry.future])
+        # The job has failed: its other chunks are not worth a model call. Each gets the same
+        # error, not a cancellation: a job awaiting an earlier chunk (a later one can run first,
+        # as another job's company) would take that as its own cancellation, and end unanswered.
+        for future in entry.job:
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # the job hears it from the one it awaits: no "never retrieved" log
+        self.withdraw(entry.job)
 
 
 def _within_ratio(a: int, b: int) -> bool:
