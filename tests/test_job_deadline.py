@@ -15,9 +15,10 @@ import uuid
 
 import pytest
 
-from f5worker.jobs.guard import JobGuard, stuck_at
+from f5worker.errors import WriteStopped
+from f5worker.jobs.guard import COMMITTING, JobGuard, stuck_at
 from f5worker.jobs.tempfiles import job_paths
-from f5worker.service import SETTLE_S
+from f5worker.service import SETTLE_S, make_handler
 from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_ENDPOINT_URL, ENV_AWS_REGION,
                                ENV_AWS_SECRET_ACCESS_KEY, ENV_JOB_TIMEOUT, ENV_S3_BUCKET, ENV_S3_CONNECT_TIMEOUT,
                                ENV_S3_MAX_ATTEMPTS, ENV_S3_READ_TIMEOUT, Settings)
@@ -160,6 +161,50 @@ def test_a_job_whose_deadline_passes_while_writing_its_output_reports_what_happe
     assert result["output_key"] == f"output/{job_id}.wav" and result["output_key"] in ctx.keys()
     assert ctx.tmp_files() == []
 
+
+def shutdown_while_storing(ctx, monkeypatch, write):
+    """A TTS job through the handler whose output write is ``write(stop, store)`` (a stand-in for a
+    slow or multipart storage write: wall-clock slowness on demand, around the real write
+    ``store``), the worker shutting down (the guard's end of grace) as the write begins. Its answer,
+    and whether the output is stored after."""
+    guard = JobGuard(600, ctx.settings.tmp_dir, committing=COMMITTING.get, write_wait_s=1.0)
+    real_upload = ctx.worker.storage.upload_file
+
+    def slow_upload(key, path, content_type, *, stop):
+        if not key.startswith("output/"):
+            return real_upload(key, path, content_type, stop=stop)
+        guard.stop_jobs()
+        return write(stop, lambda: real_upload(key, path, content_type, stop=stop))
+
+    monkeypatch.setattr(ctx.worker.storage, "upload_file", slow_upload)
+    job_id = f"s-{uuid.uuid4().hex[:10]}"
+    result = asyncio.run(make_handler(ctx.worker, guard=guard)(
+        {"id": job_id, "input": {"text": "Stored at a shutdown.", "local_voice": "basic_ref_en.wav", "nfe_step": 2}}))
+    time.sleep(1.5)  # a write the answer did not wait for has ended by now
+    return result, f"output/{job_id}.wav" in ctx.keys()
+
+
+def test_a_write_under_way_at_a_shutdown_is_waited_for_and_the_job_answered_as_it_ended(ctx, monkeypatch):
+    """It was answered "send it again" while its output was then stored all the same."""
+    result, stored = shutdown_while_storing(ctx, monkeypatch, lambda stop, store: time.sleep(0.5) or store())
+    assert "error" not in result and stored, result
+
+
+def test_a_write_longer_than_the_shutdown_wait_is_answered_as_maybe_stored(ctx, monkeypatch):
+    result, stored = shutdown_while_storing(ctx, monkeypatch, lambda stop, store: store() or time.sleep(1.6))
+    assert stored and result["error"].startswith("The worker shut down while the job's result was being stored "), result
+    assert result["error"].endswith("it may have been stored all the same, so send it again to be sure."), result
+
+
+def test_a_multipart_upload_stopped_at_a_shutdown_says_nothing_was_stored(ctx, monkeypatch):
+    def multipart(stop, store):  # stops before its next part and aborts, as s3_utils' does
+        assert stop.wait(5)
+        raise WriteStopped("the upload stopped before its next part", undone=True)
+
+    result, stored = shutdown_while_storing(ctx, monkeypatch, multipart)
+    assert not stored and result == {"error": "The worker shut down while the job's output was being uploaded, and the "
+                                              "upload was aborted, so nothing was stored; send it again."}, result
+    assert ctx.tmp_files() == []
 
 def test_a_stopped_jobs_running_model_call_stops_between_steps_and_the_next_job_succeeds(ctx, monkeypatch, caplog):
     """A job stopped at its deadline while its model call runs: the call stops before its next ODE

@@ -14,7 +14,8 @@ runs every workflow through ``JobGuard.run``:
   its next part and is aborted, so that wait is one storage call, not one per part.
 * Shutdown. On SIGTERM runpod stops taking jobs and waits for the ones in flight, and Python then
   joins every thread, so one storage call that hangs held the exit for minutes. Here jobs in flight
-  get ``SHUTDOWN_GRACE_S`` to finish, then are answered with a sentence; if the process is still
+  get ``SHUTDOWN_GRACE_S`` to finish, then are answered with a sentence (one whose final write has
+  begun is waited for ``SHUTDOWN_WRITE_WAIT_S`` more, and answered as it ended); if the process is still
   alive ``EXIT_AFTER_S`` later (a thread stuck in I/O, or one of runpod's long polls), the temp
   files of those jobs are removed again, the multipart uploads still open are aborted (as they
   were when the jobs were answered: no part is left stored), runpod's heartbeat child is stopped
@@ -57,6 +58,9 @@ SHUTDOWN_GRACE_S = 3.0  # after SIGTERM, jobs in flight get this long to finish
 EXIT_AFTER_S = 5.0  # then answers go out; a process still alive this much later ends itself
 CANCEL_SETTLE_S = 0.25  # a stopped job not blocked in a thread unwinds within this
 ON_STOP_WAIT_S = 2.0  # how long the exit waits for ``on_stop`` (its calls are storage calls)
+# At a shutdown a job whose final write has begun is waited for this long before it is answered,
+# which leaves its answer time to go out before the process ends (EXIT_AFTER_S after the answers).
+SHUTDOWN_WRITE_WAIT_S = EXIT_AFTER_S - 2.0
 
 
 class JobStopped(WorkerError):
@@ -116,13 +120,14 @@ class JobGuard:
     def __init__(self, timeout_s: float, tmp_dir: Path, grace_s: float = SHUTDOWN_GRACE_S,
                  exit_after_s: float = EXIT_AFTER_S,
                  committing: Callable[[asyncio.Task], threading.Event | None] = lambda task: None,
-                 on_stop: Callable[[], None] = lambda: None):
+                 on_stop: Callable[[], None] = lambda: None, write_wait_s: float = SHUTDOWN_WRITE_WAIT_S):
         self.timeout_s = timeout_s
         # The stop event of a job whose final write has begun (None: it has not). Such a job is
         # waited for past its deadline, so it never answers an error over a change it made: a
         # write of one call finishes within the storage timeouts, and one of several (a multipart
         # upload) is asked to stop before its next call and undo itself, so the wait is one call.
         self.committing = committing
+        self.write_wait_s = write_wait_s  # at a shutdown, how long such a write is waited for
         # Called as the worker stops taking work (at the end of the grace, and again just before
         # the process ends): the storage's abort of the multipart uploads still open.
         self.on_stop = on_stop
@@ -144,21 +149,14 @@ class JobGuard:
             self._in_flight[job_id] = (loop, stop)
         try:
             await asyncio.wait({work, stop}, timeout=self.timeout_s or None, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done() and not stop.done() and (write_stop := self.committing(work)) is not None:
-                log.warning("job %s passed its deadline while writing its result; waiting for the write "
-                            "(a multipart upload stops before its next part and is aborted)", job_id)
-                write_stop.set()
-                await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await self._see_write_through(job_id, work, stop)
             if work.done():
-                if not work.cancelled() and isinstance(stopped := work.exception(), WriteStopped):
-                    undone = ("the upload was aborted, so nothing was stored" if stopped.undone else
-                              "the upload was stopped, but aborting it failed, so its parts stay stored until "
-                              "the bucket's rule for incomplete multipart uploads removes them")
-                    raise JobStopped(f"The job did not finish within {self.timeout_s:g} s: its output was "
-                                     f"still being uploaded, and {undone}.") from stopped
-                return work.result()
+                return self._ended(work, shutdown=stop.done())
             where = stuck_at(work)
             self._stopped.add(job_id)
+            if stop.done() and self.committing(work) is not None:
+                raise JobStopped(f"The worker shut down while the job's result was being stored (stuck at: {where}); "
+                                 "it may have been stored all the same, so send it again to be sure.", shutdown=True)
             if stop.done():
                 raise JobStopped(f"The worker shut down before the job finished (stuck at: {where}); "
                                  "send it again.", shutdown=True)
@@ -177,6 +175,46 @@ class JobGuard:
                 work.cancel()
                 await asyncio.wait({work}, timeout=CANCEL_SETTLE_S)
                 self.sweep([job_id])
+
+    async def _see_write_through(self, job_id: str, work: asyncio.Task, stop: asyncio.Future) -> None:
+        """A job stopped (its deadline, a shutdown) after its final write has begun is waited for, so
+        that its answer says what was stored: a multipart upload is asked to stop before its next
+        part and is aborted; a write of one call finishes within the storage timeouts, which bound
+        the wait at a deadline, and ``write_wait_s`` bounds it at a shutdown."""
+        if work.done() or (write_stop := self.committing(work)) is None:
+            return
+        write_stop.set()
+        if not stop.done():
+            log.warning("job %s passed its deadline while writing its result; waiting for the write "
+                        "(a multipart upload stops before its next part and is aborted)", job_id)
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            log.warning("job %s: the worker is shutting down while it writes its result; waiting up to %g s "
+                        "for the write", job_id, self.write_wait_s)
+            await asyncio.wait({work}, timeout=self.write_wait_s)
+
+    def _ended(self, work: asyncio.Task, *, shutdown: bool) -> dict:
+        """A finished workflow's result; a multipart upload it stopped, as the sentence of what was left."""
+        if work.cancelled() or not isinstance(stopped := work.exception(), WriteStopped):
+            return work.result()
+        undone = ("the upload was aborted, so nothing was stored" if stopped.undone else
+                  "the upload was stopped, but aborting it failed, so its parts stay stored until "
+                  "the bucket's rule for incomplete multipart uploads removes them")
+        if shutdown:
+            raise JobStopped(f"The worker shut down while the job's output was being uploaded, and {undone}; "
+                             "send it again.", shutdown=True) from stopped
+        raise JobStopped(f"The job did not finish within {self.timeout_s:g} s: its output was "
+                         f"still being uploaded, and {undone}.") from stopped
+
+    def stop_jobs(self) -> None:
+        """Answer the jobs in flight now, as at the end of a shutdown's grace (any thread)."""
+        with self._lock:
+            in_flight = list(self._in_flight.values())
+        for loop, stop in in_flight:
+            try:
+                loop.call_soon_threadsafe(lambda f=stop: f.done() or f.set_result(None))
+            except RuntimeError:  # its loop has closed: the job is over
+                pass
 
     def watch_sigterm(self) -> None:
         """Put ``on_sigterm`` in front of the SIGTERM handler runpod or uvicorn installed. Only a
@@ -200,13 +238,7 @@ class JobGuard:
 
     def _wind_down(self) -> None:
         time.sleep(self.grace_s)
-        with self._lock:
-            in_flight = list(self._in_flight.values())
-        for loop, stop in in_flight:
-            try:
-                loop.call_soon_threadsafe(lambda f=stop: f.done() or f.set_result(None))
-            except RuntimeError:  # its loop has closed: the job is over
-                pass
+        self.stop_jobs()
         # The jobs are answered "send it again": their uploads stop before their next part, aborted.
         run_bounded(self.on_stop, ON_STOP_WAIT_S)
         time.sleep(self.exit_after_s)
