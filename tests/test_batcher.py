@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from f5worker.errors import check_abandoned
-from f5worker.inference.batcher import Batcher, JobTurn, whole_calls
+from f5worker.inference.batcher import MAX_LENGTH_RATIO, Batcher, JobTurn, whole_calls
 from f5worker.inference.items import ChunkItem
 
 
@@ -57,6 +57,21 @@ def test_frame_budget_splits_batches():
     asyncio.run(main())
     assert max(batcher.calls) <= 2  # 3 x 40 padded frames would pass the 100-frame budget
 
+
+def test_no_call_holds_rows_further_apart_than_the_length_ratio():
+    """Each row was held within the ratio of the lead alone, so 500 and 2000 frames (each within 2x
+    of a 1000-frame lead) shared a call: the short row padded to four times its length."""
+    seen = []
+    batcher = Batcher(whole_calls(lambda items, abandoned=None: seen.append(sorted(it.duration for it in items))
+                                  or echo_durations(items)), max_wait_s=0.01)
+
+    async def main():
+        await batcher.submit([item(10)])  # the loop is running: the three below queue before a call
+        return await asyncio.gather(*(batcher.submit([item(d)]) for d in (1000, 500, 2000)))
+
+    assert [int(r[0][0]) for r in asyncio.run(main())] == [1000, 500, 2000]
+    assert all(call[-1] <= MAX_LENGTH_RATIO * call[0] for call in seen), seen
+    assert sorted(map(len, seen[1:])) == [1, 2]  # two of them still share a call
 
 def test_a_failed_call_fails_its_jobs_and_the_loop_goes_on():
     calls = {"n": 0}

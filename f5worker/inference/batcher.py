@@ -283,15 +283,17 @@ class Batcher:
                   and _within_ratio(e.item.duration, lead.item.duration)]
         # nearest length first; among equals, the oldest first (sorted() keeps queue order)
         others.sort(key=lambda e: abs(e.item.duration - lead.item.duration))
-        batch, longest = [lead], lead.item.duration
+        batch, longest, shortest = [lead], lead.item.duration, lead.item.duration
         for entry in others:
             if len(batch) >= self.max_items:
                 break
             longest_after = max(longest, entry.item.duration)
             if longest_after * (len(batch) + 1) > self.max_frames:
                 continue  # too long for this call; a shorter one further on may still fit
+            if not _within_ratio(longest_after, min(shortest, entry.item.duration)):
+                continue  # within the ratio of the lead, not of the rows on its other side
             batch.append(entry)
-            longest = longest_after
+            longest, shortest = longest_after, min(shortest, entry.item.duration)
         for entry in batch:
             self._pending.remove(entry)
             entry.turn.last_call = len(self.calls)
