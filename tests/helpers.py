@@ -101,6 +101,17 @@ def request(ref_wav: Path, gen_text: str, seed: int, **kw) -> SynthesisRequest:
 VOCAB, MEL = 40, 100
 
 
+def trained_like_text_grn(*models, scale: float = 0.3) -> None:
+    """The text blocks' GRN weights at a trained model's size (random ones stay near 0.02, under
+    which a row's dependence on the padding beside it hardly shows)."""
+    for model in models:
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for block in getattr(model.text_embed, "text_blocks", []):
+                block.grn.gamma.copy_(torch.randn(block.grn.gamma.shape, generator=gen) * scale)
+                block.grn.beta.copy_(torch.randn(block.grn.beta.shape, generator=gen) * scale)
+
+
 def tiny_dit(seed: int = 0, arch: dict | None = None) -> DiT:
     torch.manual_seed(seed)
     model = DiT(**(arch or TINY_ARCH), text_num_embeds=VOCAB, mel_dim=MEL).eval()

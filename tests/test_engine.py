@@ -16,7 +16,8 @@ from f5worker.jobs.plan import MAX_CHUNK_FRAMES
 from f5worker.model.store import resolve_tts_files
 from f5worker.settings import Settings
 from tests.fixtures_models import SR, speechlike
-from tests.helpers import CPU_REL_L2, GEN_TEXT, load_stock, rel_l2, request, stock_infer
+from tests.helpers import CPU_REL_L2, GEN_TEXT, load_stock, rel_l2, request, stock_infer, trained_like_text_grn
+from tests.random_models import TINY_V0_ARCH, write_model_set
 
 
 @pytest.fixture(scope="module", params=["eager", "fast"])
@@ -58,6 +59,24 @@ def test_batched_items_equal_items_alone(engine, ref_wav):
         alone = engine.run_items([item])[0]
         assert rel_l2(wave, alone) < CPU_REL_L2
 
+
+
+@pytest.mark.parametrize("layout", ["F5TTS_Base", "stock_fallback"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_batched_items_equal_items_alone_in_every_layout(layout, fast, tmp_path, ref_wav):
+    """F5TTS_Base's layout (four unmasked text blocks) and one only stock's classes run (qk-norm), with
+    text GRN weights of a trained model's size: a short item batched beside a long one differed from
+    itself alone by 7e-3 (the text embedding ran at the batch's length)."""
+    arch = (dict(TINY_V0_ARCH, conv_layers=4) if layout == "F5TTS_Base"
+            else dict(TINY_V0_ARCH, conv_layers=4, qk_norm="rms_norm"))
+    engine = TTSEngine.load(resolve_tts_files(Settings.from_env(write_model_set(tmp_path, arch=arch))),
+                            device="cpu", fast=fast)
+    trained_like_text_grn(engine.model.transformer)
+    short, long_ = (job_plan.plan(request(ref_wav, text, seed, nfe_step=6)).items[0] for text, seed in
+                    (("Short one here.", 1), (GEN_TEXT + " And a longer second sentence.", 2)))
+    assert long_.duration > 2 * short.duration
+    alone = engine.run_items([short])[0]
+    assert rel_l2(engine.run_items([short, long_])[0], alone) < CPU_REL_L2
 
 def test_a_call_set_aside_between_steps_gives_its_result_alone(engine, ref_wav):
     """A call stopped after a step while another runs (the batcher's preemption) and taken up again:

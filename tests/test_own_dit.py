@@ -21,6 +21,7 @@ from f5worker.model import dit as own_dit
 from f5worker.model import stock as f5_imports
 from f5worker.inference import fast
 from f5worker.model.checkpoint import ema_weights
+from tests.helpers import trained_like_text_grn
 from tests.random_models import TINY_ARCH, TINY_SMALL_ARCH, TINY_V0_ARCH, packaged_vocab, write_f5_checkpoint
 from f5worker.inference.sampler import EagerStepRunner
 
@@ -58,12 +59,18 @@ def randomise_zeros(model: torch.nn.Module) -> None:
                 p.normal_(0, 0.02)
 
 
-def model_pair(arch: dict, seed: int = 0):
+def model_pair(arch: dict, seed: int = 0, *, rows_alone: bool = True):
+    """Stock's DiT and the own one with the same random weights. ``rows_alone``: stock's batched
+    text embedding is made to embed each row at its own length (``dit.rows_alone``, as the worker's
+    stock fallback runs it), since stock's batched forward makes a row depend on its neighbours'
+    lengths and the own model's does not."""
     torch.manual_seed(seed)
     stock = StockDiT(**arch, text_num_embeds=VOCAB, mel_dim=MEL)
     randomise_zeros(stock)
     own = own_dit.DiT(**arch, text_num_embeds=VOCAB, mel_dim=MEL)
     own.load_state_dict(stock.state_dict(), strict=True)
+    if rows_alone:  # stock's batched text embedding made its one-item one per row, as the stock fallback runs it
+        stock.text_embed.forward = own_dit.rows_alone(stock.text_embed.forward)
     return stock.eval(), own.eval()
 
 
@@ -115,6 +122,22 @@ def test_forward_matches_stock(arch, call):
         with torch.inference_mode():
             assert_close(own(x, cond, text, time, **kwargs), stock(x, cond, text, time, **kwargs))
 
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_batched_row_equals_stock_on_that_item_alone(arch):
+    """A job's audio must not depend on what it shares a model call with. The text embedding ran
+    at the batch's longest length: F5TTS_Base's unmasked text convolutions read past a row's end,
+    and GRN's norm spans the padding in every layout, so a row changed with its neighbours."""
+    stock, own = model_pair(ARCHS[arch], rows_alone=False)
+    trained_like_text_grn(stock, own)
+    set_attn_mask(own, True)  # the worker masks attention wherever rows are padded
+    x, cond, text, mask = inputs(batch=3)
+    time = torch.tensor(0.4)
+    with torch.inference_mode():
+        batched = own(x, cond, text, time, mask=mask, cfg_infer=True)  # [2b, n, mel]: guided rows, then unguided
+        for i, frames in enumerate(mask.sum(dim=1).tolist()):
+            alone = stock(x[i:i + 1, :frames], cond[i:i + 1, :frames], text[i:i + 1], time, cfg_infer=True)
+            assert_close(batched[[i, len(x) + i], :frames], alone)
 
 @pytest.mark.parametrize("arch", ["tiny_v1", *V0_ARCHS])
 def test_fp16_forward_and_rotary_match_stock(arch):

@@ -14,7 +14,8 @@ The sampler generates each item's starting noise from its own seeded generator (
 job with seed ``s`` uses ``s + i``), so an item's result does not depend on what it is batched with;
 chunk 0 uses exactly the noise f5-tts draws after ``seed_everything(s)``. Items of different lengths
 share a call with padding masks applied in attention, which f5-tts leaves off by default and which
-makes a padded item compute the same function as the item alone.
+makes a padded item compute the same function as the item alone; each item's text is embedded
+at its own length (``model.dit.rows_alone``), which f5-tts's batched forward does not do.
 """
 from __future__ import annotations
 

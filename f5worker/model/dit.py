@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,23 @@ class ConvNeXtV2Block(nn.Module):
         return x + self.pwconv2(self.grn(self.act(self.pwconv1(self.norm(h)))))
 
 
+def rows_alone(embed: Callable[[torch.Tensor, int, bool], torch.Tensor]):
+    """A text embedding's forward taking each row's own length (a tensor ``seq_len``, a batch of
+    items), made of ``embed(text, length, drop_text)`` at one length: each row is embedded alone at
+    its length, then zero-padded, so it is what it would be in a call of its own. Embedded at the
+    batch's longest length, as stock f5-tts's batched forward does, a row changed with the longest
+    row beside it: the text blocks' convolutions read past its end (unmasked in F5TTS_Base's
+    layout), and GRN's norm spans the padding (in every layout)."""
+    def forward(text: torch.Tensor, seq_len, drop_text: bool = False) -> torch.Tensor:
+        if not torch.is_tensor(seq_len):
+            return embed(text, int(seq_len), drop_text)
+        lengths = [int(n) for n in seq_len.tolist()]
+        rows = [embed(text[i:i + 1], n, drop_text) for i, n in enumerate(lengths)]
+        return torch.cat([F.pad(row, (0, 0, 0, max(lengths) - n)) for row, n in zip(rows, lengths)])
+
+    return forward
+
+
 class TextEmbedding(nn.Module):
     def __init__(self, text_num_embeds: int, text_dim: int, mask_padding: bool = True, conv_layers: int = 0,
                  conv_mult: int = 2):
@@ -171,31 +189,21 @@ class TextEmbedding(nn.Module):
                                                for _ in range(conv_layers)])
 
     def forward(self, text: torch.Tensor, seq_len, drop_text: bool = False) -> torch.Tensor:
-        """[b, nt] token ids (-1 = batch padding) -> [b, n, text_dim]; n is seq_len or its maximum."""
+        """[b, nt] token ids (-1 = batch padding) -> [b, n, text_dim]; n is seq_len or its maximum
+        (a tensor of each row's length: ``rows_alone``)."""
+        return rows_alone(self._embed)(text, seq_len, drop_text)
+
+    def _embed(self, text: torch.Tensor, seq_len: int, drop_text: bool) -> torch.Tensor:
+        """[b, nt] -> [b, seq_len, text_dim], every row at that one length (stock's forward)."""
         text = text + 1  # batch padding -1 becomes the filler 0
-        per_item = torch.is_tensor(seq_len)
-        if per_item:
-            seq_len = seq_len.to(device=text.device, dtype=torch.long)
-            max_len = int(seq_len.max().item())
-        else:
-            max_len = int(seq_len)
-        text = text[:, :max_len]  # more tokens than frames: cut
-        text = F.pad(text, (0, max_len - text.shape[1]), value=0)
-        valid = None
-        if per_item:
-            valid = torch.arange(max_len, device=text.device).unsqueeze(0) < seq_len.unsqueeze(1)
-            text = text.masked_fill(~valid, 0)
+        text = text[:, :seq_len]  # more tokens than frames: cut
+        text = F.pad(text, (0, seq_len - text.shape[1]), value=0)
         filler = (text == 0).unsqueeze(-1) if self.mask_padding else None
         if drop_text:
             text = torch.zeros_like(text)
         h = self.text_embed(text)
-        if valid is not None:
-            h = h.masked_fill(~valid.unsqueeze(-1), 0.0)  # a short item's tail stays exactly zero
         if self.extra_modeling:
-            freqs = self.freqs_cis[:max_len, :]
-            if valid is not None:
-                freqs = freqs.unsqueeze(0) * valid.unsqueeze(-1).to(freqs.dtype)
-            h = h + freqs
+            h = h + self.freqs_cis[:seq_len, :]
             if filler is None:
                 h = self.text_blocks(h)
             else:

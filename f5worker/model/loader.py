@@ -125,6 +125,9 @@ def build_stock_cfm(model_cfg: dict, vocab: Path):
         odeint_kwargs=dict(method="euler"),
         vocab_char_map=vocab_char_map,
     )
+    # each item's text embedded at its own length, as the own model does: batches equal items alone
+    text_embed = model.transformer.text_embed
+    text_embed.forward = dit.rows_alone(text_embed.forward)
     return model
 
 
