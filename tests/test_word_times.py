@@ -650,3 +650,20 @@ def test_a_verified_word_timed_job_aligns_on_its_transcripts_encoder_pass(ctx, m
     # A kept try that failed its audio checks was never transcribed: only it is encoded for alignment.
     assert len(encoder_calls) == len(heard) + sum(aligned_fresh)
     assert sum(aligned_fresh) == sum(s["verify"]["error"] is None for s in result["segments"])
+
+
+def test_inline_audio_leaves_room_for_a_subtitles_error_the_uploads_add(ctx, limit):
+    """Whether the audio fits inline is settled before the uploads, and the older subtitle files
+    that could not be removed are said after them: the room left that sentence out, so a result
+    whose audio just fitted came back over F5_MAX_RESULT_BYTES (by 333 bytes, seen), and RunPod
+    would have refused the whole result."""
+    job = {**JOB, "output_key": "kept-" + "k" * 150, "return_base64": True, "output_format": "mp3"}  # sized once made
+
+    with delete_fails(ctx.worker.storage, (".srt", ".vtt")):
+        _, first = ctx.run(job, "inline-room-1")
+        assert "audio_base64" in first and first["subtitles_error"].count("could not be removed") == 2, first
+        size = result_bytes(first)
+        for max_result_bytes in (size - 1, size - 400):  # the audio fits, the sentences beside it do not
+            limit(max_result_bytes)
+            _, result = ctx.run(job, "inline-room-2")
+            assert result_bytes(result) <= max_result_bytes, (max_result_bytes, result_bytes(result))

@@ -53,7 +53,8 @@ from f5worker.model.store import ModelFiles
 from f5worker.jobs.resampling import least_output_length, most_output_length
 from f5worker.jobs.results import (Delivery, InlineAudio, SubtitlesFile, added_sentence, brief_reason,
                                    not_removed_sentence, not_stored_sentence, older_subtitles_keys, output_key_for,
-                                   subtitles_key_for, tts_result, widest_result_bytes)
+                                   subtitles_key_for, tts_result, widest_result_bytes,
+                                   widest_subtitles_error)
 from f5worker.settings import ENV_ASR_MODEL, ENV_MAX_VOICE_BYTES, LOGS_PREFIX, Settings
 from f5worker.jobs.voices import (TRANSCRIBED, Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
                              prepare_upload)
@@ -281,7 +282,7 @@ class Worker:
                 subtitles = await self._subtitles_file(delivery, assembled, paths["subtitles"])
                 result.update(subtitles_url=subtitles.url, subtitles_key=subtitles.key)
             # Whether the audio fits inline is settled before any upload: a job never fails after them.
-            inline = self._inline_decision(job, result, size, delivery.stream)
+            inline = self._inline_decision(delivery, result, size)
             if inline.too_large and job.return_base64:
                 raise InputError(encoding.too_large_sentence(fmt, size, inline.room))
             # a write the caller sees: from here the job is seen through. A multipart upload stops
@@ -470,14 +471,18 @@ class Worker:
         return ChunkWords(self.transcriber, plan.texts, self.models.registry[plan.items[0].model].language,
                           spaced=plan.spaced, on_model_thread=self._on_gpu_thread, off_loop=self._off_loop)
 
-    def _inline_decision(self, job: TTSInput, result: dict, size: int,
-                         stream: streaming.LiveAudio | None) -> InlineAudio:
+    def _inline_decision(self, delivery: Delivery, result: dict, size: int) -> InlineAudio:
         """Whether the audio goes back inline. By default only where the result URL is a path on this
         machine (local storage); a streamed job's output also holds every piece it sent (runpod
-        keeps them all), which the room leaves out."""
+        keeps them all), which the room leaves out. Settled before the uploads, so the room keeps
+        space for the widest ``subtitles_error`` they can still add."""
+        job, stream = delivery.job, delivery.stream
         wanted = job.return_base64 if job.return_base64 is not None else not self.storage.result_urls_reach_callers
         limit = self.settings.max_result_bytes - (stream.result_bytes if stream is not None else 0)
-        room = encoding.inline_room(result, limit) if wanted else 0
+        error = widest_subtitles_error(result.get("subtitles_key"),
+                                       older_subtitles_keys(delivery.output_key, delivery.fmt, job))
+        widest = result if error is None else {**result, "subtitles_error": error}
+        room = encoding.inline_room(widest, limit) if wanted else 0
         return InlineAudio(wanted=wanted, room=room, too_large=wanted and size > room)
 
     async def _attach_inline(self, job_id: str, result: dict, inline: InlineAudio, staging: Path, size: int) -> None:
