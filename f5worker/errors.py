@@ -3,6 +3,7 @@
 ``InputError``: the caller sent something we refuse; nothing was changed (``NotFound``: it names
 something that does not exist, which the HTTP face answers with 404).
 ``StorageError``: a model, voice or output could not be read or written.
+``ModelFault``: the model's audio for a chunk is not finite numbers; nothing was stored.
 Each carries one clear sentence meant for the caller; never credentials, URLs with signatures or job text.
 """
 import traceback
@@ -41,6 +42,17 @@ class WriteStopped(StorageError):
     def __init__(self, message: str, *, undone: bool):
         super().__init__(message)
         self.undone = undone
+
+
+class ModelFault(WorkerError):
+    """The model made audio that cannot be passed on (samples that are not finite numbers: a
+    numeric overflow). No encoder is handed it (LAME aborts the whole process on one NaN), and
+    nothing is stored; another seed samples the chunk afresh. ``retry_helps``: the job's seed was
+    drawn at random, so the same job sent again gets another."""
+
+    def __init__(self, message: str, *, retry_helps: bool):
+        super().__init__(message)
+        self.retry_helps = retry_helps
 
 
 class CallAbandoned(Exception):

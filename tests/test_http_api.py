@@ -744,7 +744,7 @@ def test_the_sdk_does_not_send_again_a_job_its_deadline_stopped(served, monkeypa
 def test_which_failures_the_sdk_may_send_again():
     """A shutdown's job may run on another worker, and storage may be back in a second; a
     deadline, a setting to fix or a bug would fail the same way again."""
-    from f5worker.errors import ModelUnavailable, WorkerError
+    from f5worker.errors import ModelFault, ModelUnavailable, WorkerError
     from f5worker.http.errors import api_error
     from f5worker.jobs.guard import JobStopped
     from f5worker.service import Outcome
@@ -755,8 +755,11 @@ def test_which_failures_the_sdk_may_send_again():
     assert headers(JobStopped("send it again", shutdown=True))["retry-after"] == "1"
     assert "x-should-retry" not in headers(JobStopped("send it again", shutdown=True))
     assert "x-should-retry" not in headers(WorkerError("storage"))
-    for final in (JobStopped("deadline"), ModelUnavailable("no checkpoint"), RuntimeError("bug")):
+    for final in (JobStopped("deadline"), ModelUnavailable("no checkpoint"), RuntimeError("bug"),
+                  ModelFault("not finite", retry_helps=False)):  # the job's own seed: the same audio again
         assert headers(final)["x-should-retry"] == "false" and "retry-after" not in headers(final), final
+    assert "x-should-retry" not in headers(ModelFault("not finite", retry_helps=True))  # another seed is drawn
+    assert api_error(Outcome({"error": "x"}, ModelFault("x", retry_helps=True))).status == 500
 
 
 def test_voice_names_keep_their_case_and_an_oversized_form_file_is_named_as_sent(served, monkeypatch):

@@ -336,3 +336,25 @@ def test_timings_and_rtf(ctx, tmp_path):
     _, result = ok(ctx, {**tts(), "local_voice": name})
     assert result["ref_text_source"] == "transcribed"
     assert check_timings(result)["transcription_s"] > 0
+
+
+@pytest.mark.parametrize("fmt", ["wav", "mp3"])
+@pytest.mark.parametrize("seed", [7, None])
+def test_audio_that_is_not_finite_fails_the_job_before_any_encoder(ctx, monkeypatch, fmt, seed):
+    """One NaN sample from the model (fp16 overflow on a GPU, say; the tiny model cannot make one,
+    so the vocoder's output is poisoned here) became a full-scale click in a WAV, and LAME
+    aborted the whole worker process on it (SIGABRT: every job in it lost, none answered)."""
+    real_decode = TTSEngine.decode
+
+    def poisoned(self, items, mels):
+        waves = real_decode(self, items, mels)
+        for wave in waves:
+            wave[len(wave) // 2] = np.nan
+        return waves
+
+    monkeypatch.setattr(TTSEngine, "decode", poisoned)
+    job = {**tts(output_format=fmt, stream=False), "seed": seed}
+    message = refused(ctx, {k: v for k, v in job.items() if v is not None}, "The model's audio for chunk 1 of 1 ")
+    again = "with another seed" if seed is not None else "(it draws another seed)"
+    assert message.endswith(f"nothing was stored; send it again {again}, or with \"verify\": true, which samples "
+                            "such a chunk again."), message

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from f5worker.errors import InputError, ModelUnavailable, NotFound, WorkerError
+from f5worker.errors import InputError, ModelFault, ModelUnavailable, NotFound, WorkerError
 from f5worker.jobs.guard import JobStopped
 from f5worker.service import Outcome
 
@@ -63,6 +63,8 @@ def api_error(outcome: Outcome) -> ApiError:
     if isinstance(err, JobStopped):  # a shutdown's job may run on another worker; a deadline would stop it again
         return (ApiError(503, message, code="job_stopped", retry_after=RETRY_AFTER_S) if err.shutdown else
                 ApiError(503, message, code="job_stopped", final=True))
+    if isinstance(err, ModelFault):  # the same seed makes the same audio; a drawn one may not
+        return ApiError(500, message, code="model_fault", final=not err.retry_helps)
     if isinstance(err, ModelUnavailable):  # a setting or volume to fix: retrying in a second will not help
         return ApiError(503, message, code="model_unavailable", final=True)
     if isinstance(err, WorkerError):  # storage that failed or could not be reached

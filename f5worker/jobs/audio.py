@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import soundfile as sf
 
-from f5worker.errors import InputError
+from f5worker.errors import InputError, ModelFault
 
 REF_MAX_SECONDS = 12.0  # f5-tts clips references here; longer ones only cost time
 REF_MIN_SECONDS = 1.0
@@ -210,6 +210,20 @@ def remove_silences(samples: np.ndarray, sr: int) -> np.ndarray:
     pieces = split_on_silence(samples, sr, min_silence_ms=SILENCE_CUT_MS, threshold_db=SILENCE_CUT_DB,
                               keep_ms=SILENCE_KEEP_MS)
     return np.concatenate(pieces).astype(np.float32) if pieces else samples
+
+
+def check_finite(wave: np.ndarray, index: int, chunks: int, *, seed_given: bool, verified: bool) -> None:
+    """A chunk's waveform from the model, refused (``ModelFault``) where a sample is not a finite
+    number: an encoder would pass it on as a full-scale click, spread by resampling into a burst,
+    or (LAME) abort the process and every job in it."""
+    if np.isfinite(wave).all():
+        return
+    again = "with another seed" if seed_given else "(it draws another seed)"
+    tries = " in every try" if verified else ""
+    guard = "" if verified else ", or with \"verify\": true, which samples such a chunk again"
+    raise ModelFault(f"The model's audio for chunk {index + 1} of {chunks} holds samples that are not finite "
+                     f"numbers{tries} (a numeric fault), so the job stopped and nothing was stored; send it again "
+                     f"{again}{guard}.", retry_helps=not seed_given)
 
 
 def cross_fade_join(waves: list[np.ndarray], sr: int, cross_fade_seconds: float) -> np.ndarray:

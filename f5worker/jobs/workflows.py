@@ -390,6 +390,8 @@ class Worker:
         async def chunk_done(wave: np.ndarray, encoded: object | None = None) -> None:
             nonlocal chunks_done, joined_samples
             index, chunks_done = chunks_done, chunks_done + 1
+            # before any encoder or file sees it
+            audio.check_finite(wave, index, len(plan.items), seed_given=job.seed is not None, verified=job.verify)
             joined_samples = audio.joined_after(joined_samples, len(wave), SAMPLE_RATE, job.cross_fade_duration)
             if live:
                 send(await self._staging(stream.add, wave))
