@@ -1,4 +1,4 @@
-"""The two failures a job can report, mapped to ``{"error": ...}`` in one place (the handler).
+"""The failures a job can report, mapped to ``{"error": ...}`` in one place per face (the handler, ``http.errors``).
 
 ``InputError``: the caller sent something we refuse; nothing was changed (``NotFound``: it names
 something that does not exist, which the HTTP face answers with 404).
