@@ -20,8 +20,8 @@ file) and gives out the file's bytes as they are known. What each format is, sai
   written to an anonymous temp file (a chapter's FLAC is hundreds of MB) and read back in pieces
   of ``REST_PIECE_BYTES`` as it is sent (``EncodedStream.rest``).
 
-The lossy codecs add their encoder delay as every encoder does, fixed in samples (LAME 1105 at
-MPEG-2.5 rates, AAC 1024), so longer at low rates: mp3 46 ms at 24 kHz and 138 ms at 8 kHz. Only Opus says how much (its pre-skip, which decoders drop); a streamed mp3 has no
+The lossy codecs add their encoder delay as every encoder does, fixed in samples (LAME about 1,105 at
+MPEG-2 and 2.5 rates, AAC 1,024), so longer at low rates: mp3 46 ms at 24 kHz and 138 ms at 8 kHz. Only Opus says how much (its pre-skip, which decoders drop); a streamed mp3 has no
 Xing/LAME tag (written at the end of a seekable file) and ADTS has no such field, so their
 decoders keep the priming.
 """
