@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 from urllib.parse import SplitResult, urlsplit
 
 from f5worker.env_values import (Choice, Device, Flag, ModelMap, NameList, NameMap, Number, Parser, PathValue, Present,
@@ -274,7 +274,7 @@ def region_from_endpoint(url: str | None) -> str | None:
     ``<region>.digitaloceanspaces.com``), else None. SigV4 signs with the region and a provider may
     refuse a signature made for another; runpod's upload helper also reads the region from the URL
     (from ``<bucket>.s3.<region>...`` and Spaces hosts)."""
-    host = (urlsplit(url or "").hostname or "").lower()
+    host = (parsed_endpoint(url or "").hostname or "").lower()  # never raises, nor quotes the URL
     labels = host.split(".")
     if "s3" in labels:
         rest = labels[labels.index("s3") + 1:]
@@ -359,11 +359,20 @@ def check_region(region: str | None) -> str | None:
     return region
 
 
+def looked_up(check: Callable[[], bool]) -> bool:
+    """``check()``, a path's ``is_file`` or ``is_dir``; False where the name cannot even be looked up
+    (a part over 255 bytes, which Python 3.11 raises on), as for a path that does not exist."""
+    try:
+        return check()
+    except OSError:
+        return False
+
+
 def check_ca_bundle(raw: str | None) -> None:
     """``AWS_CA_BUNDLE`` as botocore will read it, from the environment as it is (spaces and all):
     a file that exists, if set. An empty value stopped the S3 client (InvalidConfigError), and a
     missing file or one with a space before it failed every call as a TLS handshake."""
-    if raw is not None and (not raw or raw != raw.strip() or not Path(raw).is_file()):
+    if raw is not None and (not raw or raw != raw.strip() or not looked_up(Path(raw).is_file)):
         raise ValueError(f"{ENV_AWS_CA_BUNDLE} must name a CA certificate file that exists, with no spaces "
                          "around it (botocore reads it as it is), or be unset")
 
@@ -537,7 +546,7 @@ class Settings:
 
     @property
     def volume_mounted(self) -> bool:
-        return self.volume_path.is_dir()
+        return looked_up(self.volume_path.is_dir)
 
     @property
     def f5_dir(self) -> Path:
@@ -578,10 +587,10 @@ class Settings:
         volume = values["volume_path"]
         if values["model_root"] is None:
             # no volume: a per-user cache, never /tmp (job files live there and get swept)
-            values["model_root"] = (volume / VOLUME_MODELS_SUBDIR if volume.is_dir()
+            values["model_root"] = (volume / VOLUME_MODELS_SUBDIR if looked_up(volume.is_dir)
                                     else Path.home() / ".cache" / "f5-tts-worker" / "models")
         if values["local_storage_dir"] is None:
-            values["local_storage_dir"] = volume / "storage" if volume.is_dir() else Path("storage").resolve()
+            values["local_storage_dir"] = volume / "storage" if looked_up(volume.is_dir) else Path("storage").resolve()
         return cls(**values, warnings=warnings)
 
 

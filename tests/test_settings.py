@@ -401,3 +401,27 @@ def test_one_setting_is_read_alone_and_its_own_bad_value_gives_its_default():
     assert read_alone("streaming", {ENV_STREAMING: " 1 ", ENV_MAX_CONCURRENCY: "many"}) is True
     assert read_alone("streaming", {ENV_STREAMING: "sometimes"}) is False
     assert read_alone("max_concurrency", {ENV_MAX_CONCURRENCY: "many"}) == VARS["max_concurrency"].default
+
+
+@pytest.mark.parametrize("url", ["https://key:pa[ss]word@s3.example.com", "https://s3.example.com]"])
+def test_an_endpoint_that_does_not_parse_stops_nothing_it_is_not_used_by_and_is_never_quoted(url):
+    """With no bucket the endpoint is not used; it stopped the worker all the same, with urllib's
+    sentence quoting the bracketed part of its password ("'ss' does not appear to be an IPv4 or
+    IPv6 address") and naming no variable. With a bucket it is refused naming the variable only."""
+    assert Settings.from_env({ENV_AWS_ENDPOINT_URL: url}).s3_bucket is None
+    assert region_from_endpoint(url) is None
+    keys = {ENV_S3_BUCKET: "b", ENV_AWS_ACCESS_KEY_ID: "k", ENV_AWS_SECRET_ACCESS_KEY: "s"}
+    with pytest.raises(ValueError) as refused:
+        Settings.from_env({ENV_AWS_ENDPOINT_URL: url, **keys})
+    assert str(refused.value).startswith(f"{ENV_AWS_ENDPOINT_URL} must be the S3 endpoint alone")
+    assert "ss" not in str(refused.value).replace("address", "")
+
+
+def test_a_path_setting_too_long_to_look_up_is_refused_or_taken_as_absent(tmp_path):
+    """A part over 255 bytes raised OSError (File name too long) out of Settings.from_env: a
+    traceback at start instead of the sentence naming the variable."""
+    keys = {ENV_S3_BUCKET: "b", ENV_AWS_ACCESS_KEY_ID: "k", ENV_AWS_SECRET_ACCESS_KEY: "s"}
+    with pytest.raises(ValueError, match=f"^{ENV_AWS_CA_BUNDLE} must name a CA certificate file that exists"):
+        Settings.from_env({**keys, ENV_AWS_CA_BUNDLE: str(tmp_path / ("x" * 300))})
+    settings = Settings.from_env({ENV_VOLUME_PATH: str(tmp_path / ("v" * 300))})  # no volume there, as for any absent path
+    assert not settings.volume_mounted and settings.local_storage_dir == Path("storage").resolve()
