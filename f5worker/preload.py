@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 
 from f5worker.model.registry import model_registry, required_models
-from f5worker.model.store import ASR_ALLOW_PATTERNS, VOCODER_HUB_FILES, HubFile, ensure_free_space, hub_parts
+from f5worker.errors import StorageError
+from f5worker.model.store import (ASR_ALLOW_PATTERNS, VOCODER_HUB_FILES, HubFile, asr_model_folder, cached_asr_model,
+                                   cached_file, ensure_free_space, hub_parts)
 from f5worker.settings import ASR_DOWNLOAD_BYTES, ENV_VOLUME_PATH, POD_VOLUME_PATH, Settings
 
 log = logging.getLogger(__name__)
@@ -34,10 +36,16 @@ def registry_hub_files(settings: Settings) -> list[HubFile]:
 
 
 def preload(cache_dir: Path, settings: Settings, with_asr: bool = True) -> list[Path]:
+    """Every file into ``cache_dir``; room is asked only for those it does not hold yet (a preload
+    run again, or one more F5_MODELS fine-tune on a filled volume, downloads only what is new), and
+    Whisper is skipped when ``ASR_MODEL`` names a local folder, as the worker reads it from there."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
     hub_files = registry_hub_files(settings)
-    ensure_free_space(cache_dir, sum(f.size_hint for f in hub_files) + (ASR_DOWNLOAD_BYTES if with_asr else 0))
+    with_asr = with_asr and asr_model_folder(settings) is None
+    asr_missing = with_asr and cached_asr_model(settings.asr_model, cache_dir) is None
+    ensure_free_space(cache_dir, sum(f.size_hint for f in hub_files if cached_file(f, cache_dir) is None)
+                      + (ASR_DOWNLOAD_BYTES if asr_missing else 0))
     paths = [Path(hf_hub_download(f.repo, f.filename, cache_dir=str(cache_dir))) for f in hub_files]
     if with_asr:
         paths.append(Path(snapshot_download(settings.asr_model, cache_dir=str(cache_dir),
@@ -51,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-asr", action="store_true", help="skip the Whisper transcription model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as err:  # one sentence naming the variable, not a traceback
+        log.error("%s", err)
+        return 2
     if args.volume and not settings.volume_mounted:
         log.error("No network volume is mounted at %s, so --volume would fill the container disk instead: "
                   "attach the volume, or set %s to where it is mounted (a pod mounts it at %s, so %s=%s).",
@@ -61,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s is not a mount point: what is written there is lost with the container.",
                     settings.volume_path)
     cache_dir = settings.hub_cache if args.volume else settings.baked_model_dir / "hub"
-    for path in preload(cache_dir, settings, with_asr=not args.no_asr):
+    try:
+        paths = preload(cache_dir, settings, with_asr=not args.no_asr)
+    except StorageError as err:  # no room, a cache that cannot be written: one sentence
+        log.error("%s", err)
+        return 1
+    for path in paths:
         log.info("cached %s", path)
     return 0
 

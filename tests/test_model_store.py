@@ -124,6 +124,43 @@ def test_preload_volume_without_a_volume_refuses_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"] and not any(home.iterdir())
 
 
+
+def test_preload_asks_room_only_for_what_its_cache_lacks_and_reads_a_local_whisper_folder(env, monkeypatch,
+                                                                                        tiny_whisper):
+    """A volume holding every file, with 3 GB free: a preload run again was refused for want of
+    3.36 GB (it counted the files it already had), and with ASR_MODEL a local folder it ended in
+    a traceback (the folder passed to the hub as a repo id) after fetching the rest."""
+    from f5worker import preload
+
+    settings = Settings.from_env({**env, "ASR_MODEL": str(tiny_whisper)})
+    fill(settings.hub_cache)
+    real = shutil.disk_usage  # a full volume cannot be made here: disk_usage stands in for one
+    monkeypatch.setattr(model_store.shutil, "disk_usage", lambda p: real(p)._replace(free=3_000_000_000))
+    paths = preload.preload(settings.hub_cache, settings)
+    assert sorted(paths) == sorted(fill(settings.hub_cache).values())  # the cached files; no Whisper fetched
+    monkeypatch.setattr(model_store.shutil, "disk_usage", lambda p: real(p)._replace(free=100_000_000))
+    for hub_file in VOCODER_HUB_FILES:  # one set missing: room for it alone is asked
+        (settings.hub_cache / f"models--{hub_file.repo.replace('/', '--')}" / "snapshots" / REVISION /
+         hub_file.filename).unlink()
+    with pytest.raises(StorageError, match=r"has 0\.10 GB free but downloading the missing models needs about "
+                                           r"0\.[0-9]+ GB"):
+        preload.preload(settings.hub_cache, settings)
+
+
+def test_preload_out_of_room_is_one_sentence(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    volume = tmp_path / "volume"
+    (volume / "models").mkdir(parents=True)
+    (volume / "models" / "hub").write_text("a file where the cache folder goes")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("F5_", "RUNPOD_", "HF_", "TORCH_"))}
+    env.update({"HOME": str(home), ENV_VOLUME_PATH: str(volume), "HF_HUB_OFFLINE": "1",
+                ENV_BAKED_MODEL_DIR: str(tmp_path / "baked"), "PYTHONPATH": str(REPO)})
+    proc = subprocess.run([sys.executable, "-m", "f5worker.preload", "--volume", "--no-asr"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cannot be used" in proc.stderr and len(proc.stderr.strip().splitlines()) == 2, proc.stderr
+
 # --- RunPod's cached models (<volume>/huggingface-cache/hub) -------------------------------------
 
 def tiny_set(tiny_models) -> dict:

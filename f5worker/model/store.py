@@ -87,7 +87,8 @@ def cache_dirs(settings: Settings) -> list[tuple[str, Path]]:
     return unique
 
 
-def _cached(hub_file: HubFile, cache_dir: Path) -> Path | None:
+def cached_file(hub_file: HubFile, cache_dir: Path) -> Path | None:
+    """Where ``cache_dir`` holds ``hub_file`` whole (huggingface_hub's lookup), or None."""
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(hub_file.repo, hub_file.filename, cache_dir=str(cache_dir))
@@ -113,7 +114,7 @@ def unreferenced_snapshot(repo: str, cache_dir: Path, holds: Callable[[Path], bo
 
 def _cached_set(hub_files: tuple[HubFile, ...], cache_dir: Path) -> dict[HubFile, Path] | None:
     """Every file of the set from one cache, or None."""
-    found = {f: _cached(f, cache_dir) for f in hub_files}
+    found = {f: cached_file(f, cache_dir) for f in hub_files}
     if all(found.values()):
         return found
     repos = {f.repo for f in hub_files}
@@ -256,23 +257,33 @@ def _holds_asr_model(snapshot: Path) -> bool:
     return (snapshot / "config.json").is_file() and any(snapshot.glob("*.safetensors"))
 
 
+def asr_model_folder(settings: Settings) -> Path | None:
+    """``ASR_MODEL`` when it names a local folder (no hub address: nothing to look up or fetch)."""
+    return Path(settings.asr_model) if Path(settings.asr_model).is_dir() else None
+
+
+def cached_asr_model(asr_model: str, cache_dir: Path) -> Path | None:
+    """The Whisper model's snapshot in ``cache_dir``, whole, or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(asr_model, cache_dir=str(cache_dir), local_files_only=True,
+                                 allow_patterns=ASR_ALLOW_PATTERNS)
+        if any(Path(path).glob("*.safetensors")):
+            return Path(path)
+    except Exception:  # not in this cache
+        pass
+    return unreferenced_snapshot(asr_model, cache_dir, _holds_asr_model)
+
+
 def resolve_asr_model(settings: Settings, *, allow_download: bool = True) -> Path:
     """A local folder with the Whisper model, by the same order as the TTS files."""
     from huggingface_hub import snapshot_download
 
-    if Path(settings.asr_model).is_dir():
-        return Path(settings.asr_model)
+    if (folder := asr_model_folder(settings)) is not None:
+        return folder
     for label, cache_dir in cache_dirs(settings):
-        try:
-            path = snapshot_download(settings.asr_model, cache_dir=str(cache_dir), local_files_only=True,
-                                     allow_patterns=ASR_ALLOW_PATTERNS)
-            if any(Path(path).glob("*.safetensors")):
-                log.info("transcriber model from %s", label)
-                return Path(path)
-        except Exception:  # not in this cache
-            pass
-        snapshot = unreferenced_snapshot(settings.asr_model, cache_dir, _holds_asr_model)
-        if snapshot is not None:
+        if (snapshot := cached_asr_model(settings.asr_model, cache_dir)) is not None:
             log.info("transcriber model from %s", label)
             return snapshot
     if not allow_download:
