@@ -152,6 +152,8 @@ class Client:
                 if self.local or time.monotonic() >= deadline:
                     raise StillRunning(job_id, timeout_s) from err
                 state = {"status": "UNKNOWN"}
+            except (requests.ConnectionError, requests.HTTPError) as err:
+                state = self.unanswered(err, job_id, timeout_s, deadline)
             yield state
             status = state.get("status", "UNKNOWN")
             if status == "COMPLETED":
@@ -162,6 +164,21 @@ class Client:
             if remaining <= 0:
                 raise StillRunning(job_id, timeout_s, status)
             time.sleep(min(poll_s, remaining))
+
+    def unanswered(self, err: requests.RequestException, job_id: str, timeout_s: float, deadline: float) -> dict:
+        """A poll RunPod's API did not answer (a dropped connection, a 5xx from its gateway): asked
+        again until the deadline, for the job goes on and is billed. Any other refusal ends the
+        wait with the job's id in its sentence, so ``download`` can still fetch it later."""
+        code = err.response.status_code if isinstance(err, requests.HTTPError) and err.response is not None else None
+        if self.local and code is None:
+            raise err  # the development server itself has gone: main says so
+        if code is None or code >= 500:
+            if time.monotonic() >= deadline:
+                raise StillRunning(job_id, timeout_s) from err
+            return {"status": "UNKNOWN"}
+        raise ClientError(f"The API answered HTTP {code} about job {job_id}"
+                          + (" (check the endpoint)" if code == 404 else "")
+                          + f"; fetch it later with: download {job_id}") from err
 
     def stream(self, job_id: str, *, timeout_s: float, poll_s: float) -> Iterator[object]:
         """Each item the job yields, in order, as RunPod's ``/stream/<id>`` hands them out, until the

@@ -8,6 +8,7 @@ URL (trusting the test CA through REQUESTS_CA_BUNDLE, as a caller of a private e
 """
 from __future__ import annotations
 
+import base64
 import io
 import json
 import socket
@@ -145,3 +146,67 @@ def test_remote_without_an_api_key_is_one_sentence(monkeypatch):
     code = client.main(["--endpoint", "abc123", "tts", "Hi.", "--voice", "basic_ref_en.wav"],
                        stdout=io.StringIO(), stderr=err)
     assert code == 1 and err.getvalue() == f"No RunPod API key: set {client.ENV_API_KEY} or run `runpod config`.\n"
+
+
+class FlakyRunPodApi:
+    """RunPod's job API on loopback, answering each status poll from ``statuses`` in turn (the last
+    one again after): a stand-in, since a gateway's 502 cannot be had from runpod's local server."""
+
+    def __init__(self, statuses: list[tuple[int, dict]]):
+        import http.server
+        import threading
+
+        self.statuses, self.polls = statuses, 0
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, code: int, body: dict):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):  # noqa: N802 - /run
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.reply(200, {"id": "job-123", "status": "IN_QUEUE"})
+
+            def do_GET(self):  # noqa: N802 - /status/<id>
+                api.polls += 1
+                self.reply(*api.statuses[min(api.polls, len(api.statuses)) - 1])
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_port}/v2"
+
+    def run_client(self, monkeypatch, tmp_path) -> tuple[int, str, str]:
+        import runpod
+
+        monkeypatch.setattr(runpod, "endpoint_url_base", self.base_url)
+        monkeypatch.setenv(client.ENV_API_KEY, "test-key")
+        for name in PROXY_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        out, err = io.StringIO(), io.StringIO()
+        code = client.main(["--endpoint", "EP", "--poll", "0.05", "--timeout", "20", "tts", "Hi.", "--voice",
+                            "basic_ref_en.wav", "-o", str(tmp_path / "x.wav")], stdout=out, stderr=err)
+        self.server.shutdown()
+        return code, out.getvalue(), err.getvalue()
+
+
+def test_a_poll_the_api_fails_to_answer_is_asked_again_and_a_refusal_keeps_the_job_id(monkeypatch, tmp_path):
+    """One 502 from RunPod's gateway while polling ended the client (exit 2) without the id of the
+    job it had submitted, which went on running and billed, and could no longer be fetched."""
+    wav = io.BytesIO()
+    sf.write(wav, speechlike(0.5), SR, format="WAV", subtype="PCM_16")
+    done = {"id": "job-123", "status": "COMPLETED", "output": {"audio_base64": base64.b64encode(wav.getvalue()).decode()}}
+    code, out, err = FlakyRunPodApi([(502, {"error": "bad gateway"}), (503, {}), (200, done)]).run_client(
+        monkeypatch, tmp_path)
+    assert code == 0 and json.loads(out)["id"] == "job-123", (out, err)
+    assert (tmp_path / "x.wav").read_bytes() == wav.getvalue()
+    code, out, err = FlakyRunPodApi([(404, {"error": "not found"})]).run_client(monkeypatch, tmp_path)
+    assert code == 1 and err == ("The API answered HTTP 404 about job job-123 (check the endpoint); fetch it later "
+                                 "with: download job-123\n"), err
