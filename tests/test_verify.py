@@ -62,6 +62,12 @@ def test_transcript_error_reads_numbers_and_punctuation_as_the_text_does():
                         ("An inter\u00adnational co\u00adoperation deal.", "An international cooperation deal."),
                         ("Word\u200bjoiner here now.", "Wordjoiner here now.")]:
         assert transcript_error(said, heard, "en") == (0.0, True), said
+    # Vowel points written to steer the reading, which Whisper's transcript leaves out: every pointed
+    # word counted as misheard, so every chunk of such a text was sampled again, 100% in error.
+    for said, heard, language in [("ذَهَبَ الوَلَدُ إِلَى المَدْرَسَةِ صَبَاحًا", "ذهب الولد إلى المدرسة صباحا", "ar"),
+                                  ("בְּרֵאשִׁית בָּרָא אֱלֹהִים", "בראשית ברא אלהים", "he")]:
+        assert transcript_error(said, heard, language) == (0.0, True), said
+    assert transcript_error("ذهب الولد", "ذهب البنت", "ar")[0] == pytest.approx(1 / 2)  # the letters still count
 
 
 def test_judge_says_why():
@@ -81,6 +87,10 @@ def test_judge_says_why():
     heard = " ".join("wrong" if i < 10 else f"word{i}" for i in range(33))
     close = judge(wave, said, heard, seed=1, planned_samples=len(wave), options=options)
     assert close.reason == "its transcript differs from its text by 30.3% (more than 30.0%)"
+    # a third of 3 words against a bound of 0.333333: four decimals did not tell them apart
+    third = judge(wave, "one two three", "one two four", seed=1, planned_samples=len(wave),
+                  options=GuardOptions(max_error=0.333333))
+    assert third.reason == "its transcript differs from its text by 33.33333% (more than 33.33330%)", third.reason
     silent = judge(np.zeros_like(wave), "one", None, seed=1, planned_samples=len(wave), options=options)
     assert silent == Try(1, None, "it is silent")
     # Accepted first, then a judged transcript, then the lower error; a failed audio last.

@@ -43,6 +43,10 @@ MIN_VOICED_SHARE = 0.35  # speech in less of the planned time than this: the tex
 DEADLINE_RESERVE = 0.1  # of the time left as sampling begins: kept for the file's end and its upload
 ENDING_WINDOW_WORDS = 3  # the text's last word must be among the transcript's last few
 VARIATION_SELECTORS = re.compile(r"[\ufe00-\ufe0f\U000e0100-\U000e01ef]")
+# Hebrew points and cantillation, Arabic harakat and Quranic marks: written in a text to steer its
+# reading, rarely in Whisper's transcript of it, so each pointed word would count as misheard.
+POINTING = re.compile(r"[\u0591-\u05c7\u0610-\u061a\u064b-\u065f\u0670\u06d6-\u06ed\u08d3-\u08ff]")
+MAX_PERCENT_PLACES = 15
 NO_SPACE_SCRIPTS = re.compile(r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
 
 
@@ -113,11 +117,15 @@ def comparable(text: str, language: str) -> str:
     """``text`` as the two sides are compared: numbers as words, compatibility forms folded,
     lower case, punctuation and symbols gone, one space between words; what is never said
     (soft hyphens, zero-width joiners and spaces, emoji variation selectors) gone without a trace,
-    so it neither splits a word nor stands as one."""
+    so it neither splits a word nor stands as one; nor Hebrew and Arabic vowel points (``POINTING``)."""
     text = unicodedata.normalize("NFKC", normalize(text, language).text).lower()
-    text = "".join("" if unicodedata.category(c) == "Cf" or VARIATION_SELECTORS.match(c)
+    text = "".join("" if unicodedata.category(c) == "Cf" or VARIATION_SELECTORS.match(c) or _is_pointing(c)
                    else " " if unicodedata.category(c)[0] in "PSZ" or c.isspace() else c for c in text)
     return " ".join(text.split())
+
+
+def _is_pointing(c: str) -> bool:
+    return unicodedata.category(c) == "Mn" and POINTING.match(c) is not None
 
 
 def transcript_error(said: str, heard: str, language: str) -> tuple[float, bool]:
@@ -142,7 +150,7 @@ def comparable_error(said: str, heard: str) -> tuple[float, bool]:
 def percents(value: float, limit: float) -> tuple[str, str]:
     """``value`` and ``limit`` as percentages with the fewest decimals that tell them apart, so a
     rejection never reads "by 30% (more than 30%)"."""
-    for places in range(4):
+    for places in range(MAX_PERCENT_PLACES + 1):  # a float's 17 digits tell any two apart by then
         shown, bound = f"{value:.{places}%}", f"{limit:.{places}%}"
         if shown != bound:
             break
