@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the virtual environment with the pinned dependencies.
 # Usage: scripts/setup.sh [--dev]     VENV=path overrides the location (default: .venv).
-# A venv whose lock files are unchanged since it was built is reused as it is.
+# A venv is reused as it is while the lock files it was built from are unchanged (a --dev venv
+# also serves a runtime run); when the runtime locks change it is built afresh, so nothing a lock
+# no longer names stays installed. Its stamp is written only once an install has completed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 want_dev=0; [ "${1:-}" = "--dev" ] && want_dev=1
-stamp_src="requirements-torch.txt requirements.txt"; [ $want_dev = 1 ] && stamp_src="$stamp_src requirements-dev.txt"
-stamp=$(cat $stamp_src | sha256sum | cut -c1-16)
-if [ -f "$VENV/.f5worker-stamp" ] && grep -qx "$stamp" "$VENV/.f5worker-stamp"; then
-  exit 0
-fi
+runtime="runtime $(cat requirements-torch.txt requirements.txt | sha256sum | cut -c1-16)"
+dev="dev $(sha256sum < requirements-dev.txt | cut -c1-16)"
+want="$runtime"; [ $want_dev = 1 ] && want="$runtime $dev"
+stamp_file="$VENV/.f5worker-stamp"
+have=$(head -n 1 "$stamp_file" 2>/dev/null || true)
+case "$have" in
+  "$want"|"$want $dev") exit 0 ;;  # as wanted, or a dev venv of these locks for a runtime run
+esac
+case "$have" in
+  "$runtime"*) ;;  # the runtime set is current: only the dev tools are added
+  *) if [ -f "$VENV/pyvenv.cfg" ]; then rm -rf "$VENV"; fi ;;  # other locks, or an unfinished install
+esac
+rm -f "$stamp_file"
 PY="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
@@ -19,4 +29,4 @@ PY="${PYTHON:-python3}"
 "$VENV/bin/python" -m pip install -q --no-deps -r requirements.txt
 [ $want_dev = 1 ] && "$VENV/bin/python" -m pip install -q --no-deps -r requirements-dev.txt
 "$VENV/bin/python" -m pip check >/dev/null 2>&1 || true  # f5-tts's gradio/torchcodec are left out on purpose
-echo "$stamp" >> "$VENV/.f5worker-stamp"
+echo "$want" > "$stamp_file"
