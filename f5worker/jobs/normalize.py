@@ -5,8 +5,10 @@ Why this module exists: F5-TTS reads digits badly (rushed or mis-timed numbers a
 reported failures), and its duration estimate counts the characters of "1984" where speech needs
 "nineteen eighty-four". num2words (about fifty languages) writes the words; this module finds the
 numbers. The language is the model's (``F5_MODELS``' ``language``, English for the built-in
-models), except that text in Chinese, Japanese or Korean script is taken to be in that language. A
-language num2words lacks (Chinese among them) is left as written, and the result says so.
+models), except that text in Chinese, Japanese or Korean script is taken to be in that language
+(Han characters alone, which Japanese and Korean write too, keep a Japanese, Korean or Chinese
+model's language). A language num2words lacks (Chinese among them) is left as written, and the
+result says so. Addresses (URLs, hosts with a path or port, e-mail addresses) are left as written.
 """
 from __future__ import annotations
 
@@ -46,8 +48,21 @@ LETTERS = r"A-Za-z\u00C0-\u024F\u0370-\u03FF\u0400-\u04FF"
 START = rf"(?<![\d.,{LETTERS}])"
 END = rf"(?![\d{LETTERS}]|[.,]\d)"
 OPENING = "\\[{\"'“‘«„¿¡"  # what may stand right before a sign (after a space, or at the start)
-SCRIPT_LANGUAGES = ((re.compile(r"[\u3040-\u30ff]"), "ja"), (re.compile(r"[\uac00-\ud7af]"), "ko"),
-                    (re.compile(r"[\u4e00-\u9fff]"), "zh"))
+SCRIPT_LANGUAGES = ((re.compile(r"[\u3040-\u30ff]"), "ja"), (re.compile(r"[\uac00-\ud7af]"), "ko"))
+# Han characters alone say no more than "Chinese, Japanese or Korean": Japanese writes "2024年5月3日"
+# and "第3章" without kana, so such text keeps the model's language where it is one of the three.
+HAN = re.compile(r"[\u4e00-\u9fff]")
+HAN_LANGUAGES = {"ja", "ko", "zh"}
+UNSPACED = {"ja", "zh", "th"}  # written without spaces between words: "007" is "零零七"
+# A whole token that is an address: a scheme ("http://"), an e-mail ("a@b"), or a dotted host (a
+# name ending in letters, or an IPv4 address) with a port or a path after it. Its digits are no
+# numbers to say ("example.com/2024/05", ":8080"). PLACEHOLDER stands for it while the rules run: a
+# private-use character, no digit or letter, so no rule touches it; a token already holding one is
+# kept too, so every placeholder in the text is this module's own.
+PLACEHOLDER = "\ue000"
+ADDRESS = re.compile(r"://|\w@\w|(?<![\w.-])(?:(?:[\w-]+\.)+[A-Za-z]{2,}|(?:\d{1,3}\.){3}\d{1,3})[:/]|"
+                     + PLACEHOLDER)
+ADDRESS_MARKS = re.compile("[:/@" + PLACEHOLDER + "]")  # what every ADDRESS holds
 
 
 @dataclass(frozen=True)
@@ -62,10 +77,14 @@ class Normalized:
 
 
 def language_of(text: str, model_language: str) -> str:
-    """The language a text is normalised in: its script's, for Chinese, Japanese and Korean."""
+    """The language a text is normalised in (and that Whisper is told, for ``verify`` and the
+    alignment): its script's for kana (Japanese) and Hangul (Korean); for Han characters alone the
+    model's where it is Japanese, Korean or Chinese, else Chinese; otherwise the model's."""
     for pattern, language in SCRIPT_LANGUAGES:
         if pattern.search(text):
             return language
+    if HAN.search(text):
+        return model_language if model_language in HAN_LANGUAGES else "zh"
     return model_language
 
 
@@ -84,13 +103,37 @@ def normalize(text: str, model_language: str) -> Normalized:
     for index, sentence in enumerate(SENTENCE_END.split(text)):
         language = language_of(sentence, model_language)
         if sentence and supported(language):
+            sentence, addresses = _protected(sentence)
             for rule in _rules(language):
                 sentence, n = rule(sentence)
                 count += n
+            sentence = _restored(sentence, addresses)
         elif any(c.isdigit() for c in sentence):
             lacking.add(language)
         spoken.append(sentence + (separators[index] if index < len(separators) else ""))
     return Normalized("".join(spoken), count, frozenset(lacking))
+
+
+def _protected(sentence: str) -> tuple[str, list[str]]:
+    """``sentence`` with each address token (``ADDRESS``) replaced by ``PLACEHOLDER``, and the
+    tokens replaced, in order: no rule may read a port or a path's digits as a number."""
+    addresses: list[str] = []
+    if not ADDRESS_MARKS.search(sentence):  # most sentences: no token to look at
+        return sentence, addresses
+
+    def hide(match: re.Match) -> str:
+        if not ADDRESS.search(match[0]):
+            return match[0]
+        addresses.append(match[0])
+        return PLACEHOLDER
+
+    return re.sub(r"\S+", hide, sentence), addresses
+
+
+def _restored(sentence: str, addresses: list[str]) -> str:
+    """``_protected``'s tokens put back where their placeholders stand."""
+    tokens = iter(addresses)
+    return re.sub(PLACEHOLDER, lambda _: next(tokens), sentence)
 
 
 def normalize_texts(texts: list[str], model_language: str) -> tuple[list[str], dict]:
@@ -120,8 +163,13 @@ def _number(raw: str, language: str) -> float | int:
 def _say(raw: str, language: str) -> str:
     """A written number in words, its written decimals all said: num2words reads a float, so
     "2.50" and "2.0" lost their last zeros ("two point five", "two"). Where the language reads a
-    fraction digit by digit (``_digit_by_digit``), each zero num2words drops is said after it."""
+    fraction digit by digit (``_digit_by_digit``), each zero num2words drops is said after it.
+    A whole number of three digits or more written with a leading zero ("007", "02134", a PIN) is
+    a code, not a value: it is said digit by digit ("zero zero seven"), as a value it lost its
+    zeros ("seven"). Two digits ("05") are a day, a month or a chapter as often: a value."""
     value = _number(raw, language)
+    if len(raw) > 2 and raw.startswith("0") and raw.isdecimal():
+        return ("" if language in UNSPACED else " ").join(_words(int(d), language) for d in raw)
     words = _words(value, language)
     fraction = re.split(r"[.,]", raw)[-1] if isinstance(value, float) else ""
     dropped = len(fraction) - len(fraction.rstrip("0"))
@@ -197,11 +245,9 @@ def _rules(language: str) -> tuple[Callable[[str], tuple[str, int]], ...]:
              rf"|{START}({number})\s?({SIGN})(?!\d)", lambda m: _signed_currency(m, value, language)),
         _sub(rf"{START}({number})\s?(USD|EUR|GBP|JPY|INR)\b", lambda m: _currency(value(m[1]), m[2], language)),
         _sub(rf"{START}({number})\s?%", lambda m: f"{_say(m[1], language)} {PERCENT_WORDS.get(language, '%')}"),
-        # A time with fractions of a second ("1:23:45.6") is left to the numbers' rule.
-        _sub(r"(?<![\w:])([01]?\d|2[0-4]):([0-5]\d):([0-5]\d)(?![\w:]|[.,]\d)",
-             lambda m: _time(int(m[1]), int(m[2]), language, seconds=int(m[3]))),
-        _sub(r"(?<![\w:])([01]?\d|2[0-4]):([0-5]\d)(?![\w:]|[.,]\d)",
-             lambda m: _time(int(m[1]), int(m[2]), language)),
+        # A time with fractions of a second ("1:23:45.6") is no time: left as written (the numbers'
+        # rule leaves every number beside a ":" and a digit). In English, a time may end in am or pm.
+        *_time_rules(language),
     ]
     if language == "en":
         rules += [
@@ -216,7 +262,9 @@ def _rules(language: str) -> tuple[Callable[[str], tuple[str, int]], ...]:
         rules.append(_sub(rf"{START}(\d+)(?:{ORDINAL_SUFFIXES[language]})(?!\w)",
                           lambda m: _words(value(m[1]), language, to="ordinal")))
     # Not part of a word, a version or an address ("x2", "2.0.1", "10.0.0.1"): those stay as written.
-    rules.append(_sub(rf"{START}(?:{number}){END}", lambda m: _say(m[0], language)))
+    # Nor a number beside a ":" and a digit, what no time rule took ("1:23:45.6", "13:30pm", "3:4"):
+    # half of it in words ("ten:30am") says neither.
+    rules.append(_sub(rf"{START}(?<!\d:)(?:{number}){END}(?!:\d)", lambda m: _say(m[0], language)))
     return tuple(rules)
 
 
@@ -260,12 +308,32 @@ def _minus(language: str) -> str:
     return word + " "
 
 
-def _time(hours: int, minutes: int, language: str, seconds: int | None = None) -> str:
+def _time_rules(language: str) -> list[Callable[[str], tuple[str, int]]]:
+    """The rules of a time with seconds and of one without. In English a time may end in am or pm
+    ("10:30am", "9:05 P.M."): had the rule stopped at its letters, the numbers' rule would have said
+    the hour alone ("ten:30am"). Its final dot stays where it also ends the sentence ("at 9:05 p.m.")."""
+    meridiem = r"(?:\s?(?i:([ap])\.?m)(?:\.(?!\s*$))?)?" if language == "en" else "()"
+    time, end = r"(?<![\w:])([01]?\d|2[0-4]):([0-5]\d)", r"(?![\w:]|[.,]\d)"
+    return [
+        _sub(rf"{time}:([0-5]\d){meridiem}{end}",
+             lambda m: _time(int(m[1]), int(m[2]), language, seconds=int(m[3]), meridiem=m[4])),
+        _sub(rf"{time}{meridiem}{end}", lambda m: _time(int(m[1]), int(m[2]), language, meridiem=m[3])),
+    ]
+
+
+def _time(hours: int, minutes: int, language: str, seconds: int | None = None, meridiem: str | None = None) -> str:
+    """A time in words; ``meridiem``: "a" or "p" (English only), said "a m" / "p m". ValueError
+    for an hour no twelve-hour clock has ("13:30pm", left as written)."""
     if language != "en":  # the hour, its minutes unless none, and its seconds unless none
         said = [hours, *([minutes] if minutes or seconds else []), *([seconds] if seconds else [])]
         return " ".join(_words(n, language) for n in said)
-    said = f"{_words(hours, 'en')} " + ("o'clock" if minutes == 0 else f"{'oh ' if minutes < 10 else ''}{_words(minutes, 'en')}")
-    return said + (f" and {_words(seconds, 'en')} second{'s' if seconds != 1 else ''}" if seconds else "")
+    if meridiem and not 1 <= hours <= 12:
+        raise ValueError("not a twelve-hour time")
+    said = _words(hours, "en")
+    if minutes or seconds or not meridiem:  # "seven p m", not "seven o'clock p m"
+        said += " " + ("o'clock" if minutes == 0 else f"{'oh ' if minutes < 10 else ''}{_words(minutes, 'en')}")
+    said += f" and {_words(seconds, 'en')} second{'s' if seconds != 1 else ''}" if seconds else ""
+    return said + (f" {meridiem.lower()} m" if meridiem else "")
 
 
 def _unit_en(raw: str, unit: str) -> str:
