@@ -486,8 +486,12 @@ class S3Storage(Storage):
         except WriteStopped:
             raise  # aborted between parts (_stopped)
         except StorageError as err:
+            asked = stop.is_set() or self._closing.is_set()  # the stop, or abort_uploads under a part
             # after abort_uploads too: a part in flight when it aborted may have been stored since
             if self._abort_upload(key, upload_id):
+                if asked:  # the part failed for the abort (NoSuchUpload), not the storage: say what was asked
+                    raise WriteStopped(f"the upload was stopped after {len(parts)} part(s) and aborted, so nothing "
+                                       f"was stored (put {key})", undone=True) from err
                 raise
             raise StorageError(f"{err}; its upload could not be aborted either, so the parts sent stay stored "
                                "until a later upload of this worker or its exit aborts them, or the bucket's rule for "
