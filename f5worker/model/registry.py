@@ -56,7 +56,7 @@ class ModelSpec:
     config: str
     origin: str  # "built-in", F5_MODELS, or the single-model variables
     labels: tuple[tuple[str, str], ...] = ()
-    language: str = "en"  # what its text is normalised in (jobs.normalize); CJK script says its own
+    language: str = "en"  # what its text is normalised in (jobs.normalize.language_of: kana and Hangul say their own)
 
     def label(self, part: str) -> str:
         return dict(self.labels).get(part, f"model {self.name!r}'s {part}")
