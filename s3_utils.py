@@ -471,6 +471,7 @@ class S3Storage(Storage):
                 Metadata={UPLOAD_TOKEN_META: token})["UploadId"]
         with self._uploads_lock:
             self._open_uploads[upload_id] = key
+        completing = False
         try:
             parts, size = [], 0
             while data := self._read_part(body, key):
@@ -482,11 +483,12 @@ class S3Storage(Storage):
                     answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                      PartNumber=number, Body=data)
                 parts.append({"ETag": answer["ETag"], "PartNumber": number})
+            completing = True  # past here a failure may still have stored the object: never "nothing stored"
             self._complete(key, upload_id, parts, token, size)
         except WriteStopped:
             raise  # aborted between parts (_stopped)
         except StorageError as err:
-            asked = stop.is_set() or self._closing.is_set()  # the stop, or abort_uploads under a part
+            asked = not completing and (stop.is_set() or self._closing.is_set())  # abort_uploads under a part
             # after abort_uploads too: a part in flight when it aborted may have been stored since
             if self._abort_upload(key, upload_id):
                 if asked:  # the part failed for the abort (NoSuchUpload), not the storage: say what was asked
