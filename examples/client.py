@@ -152,7 +152,8 @@ class Client:
                 if self.local or time.monotonic() >= deadline:
                     raise StillRunning(job_id, timeout_s) from err
                 state = {"status": "UNKNOWN"}
-            except (requests.ConnectionError, requests.HTTPError) as err:
+            except (requests.ConnectionError, requests.HTTPError, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.JSONDecodeError) as err:  # a poll cut off, or a gateway's page
                 state = self.unanswered(err, job_id, timeout_s, deadline)
             yield state
             status = state.get("status", "UNKNOWN")
@@ -166,13 +167,13 @@ class Client:
             time.sleep(min(poll_s, remaining))
 
     def unanswered(self, err: requests.RequestException, job_id: str, timeout_s: float, deadline: float) -> dict:
-        """A poll RunPod's API did not answer (a dropped connection, a 5xx from its gateway): asked
-        again until the deadline, for the job goes on and is billed. Any other refusal ends the
+        """A poll RunPod's API did not answer (a dropped connection, a 5xx from its gateway, a 429):
+        asked again until the deadline, for the job goes on and is billed. Any other refusal ends the
         wait with the job's id in its sentence, so ``download`` can still fetch it later."""
         code = err.response.status_code if isinstance(err, requests.HTTPError) and err.response is not None else None
-        if self.local and code is None:
-            raise err  # the development server itself has gone: main says so
-        if code is None or code >= 500:
+        if self.local:
+            raise err  # the development server runs the job in each poll: asked again, it would run it again
+        if code is None or code >= 500 or code == 429:  # 429: RunPod limits the rate of polls
             if time.monotonic() >= deadline:
                 raise StillRunning(job_id, timeout_s) from err
             return {"status": "UNKNOWN"}

@@ -203,7 +203,7 @@ def test_a_poll_the_api_fails_to_answer_is_asked_again_and_a_refusal_keeps_the_j
     wav = io.BytesIO()
     sf.write(wav, speechlike(0.5), SR, format="WAV", subtype="PCM_16")
     done = {"id": "job-123", "status": "COMPLETED", "output": {"audio_base64": base64.b64encode(wav.getvalue()).decode()}}
-    code, out, err = FlakyRunPodApi([(502, {"error": "bad gateway"}), (503, {}), (200, done)]).run_client(
+    code, out, err = FlakyRunPodApi([(502, {"error": "bad gateway"}), (429, {}), (503, {}), (200, done)]).run_client(
         monkeypatch, tmp_path)
     assert code == 0 and json.loads(out)["id"] == "job-123", (out, err)
     assert (tmp_path / "x.wav").read_bytes() == wav.getvalue()
