@@ -81,6 +81,9 @@ def test_an_address_stays_as_written_and_the_numbers_beside_it_are_said(address)
     """"example.com/2024/05/report" was "example.com/two thousand and twenty-four/five/report"."""
     done = normalize(f"Open {address} in 3 tabs.", "en")
     assert done.text == f"Open {address} in {num2words(3)} tabs." and done.replaced == 1
+    # in text without spaces the address alone is kept, not the whole sentence around it
+    done = normalize(f"りんごは3個、詳細は{address}で", "ja")
+    assert done.text == f"りんごは{num2words(3, lang='ja')}個、詳細は{address}で" and done.replaced == 1
 
 
 @pytest.mark.parametrize("text, language, code", [

@@ -62,6 +62,9 @@ UNSPACED = {"ja", "zh", "th"}  # written without spaces between words: "007" is 
 PLACEHOLDER = "\ue000"
 ADDRESS = re.compile(r"://|\w@\w|(?<![\w.-])(?:(?:[\w-]+\.)+[A-Za-z]{2,}|(?:\d{1,3}\.){3}\d{1,3})[:/]|"
                      + PLACEHOLDER)
+# A run of the characters a URL or an e-mail address is written in (ASCII: in text without spaces,
+# Japanese or Chinese, a run of non-spaces would be the whole sentence, its numbers hidden with it).
+ADDRESS_TOKEN = re.compile(r"[A-Za-z0-9_.~:/?#\[\]@!$&'()*+,;=%\-" + PLACEHOLDER + "]+")
 ADDRESS_MARKS = re.compile("[:/@" + PLACEHOLDER + "]")  # what every ADDRESS holds
 
 
@@ -127,7 +130,7 @@ def _protected(sentence: str) -> tuple[str, list[str]]:
         addresses.append(match[0])
         return PLACEHOLDER
 
-    return re.sub(r"\S+", hide, sentence), addresses
+    return ADDRESS_TOKEN.sub(hide, sentence), addresses
 
 
 def _restored(sentence: str, addresses: list[str]) -> str:
