@@ -167,7 +167,7 @@ def shutdown_while_storing(ctx, monkeypatch, write):
     slow or multipart storage write: wall-clock slowness on demand, around the real write
     ``store``), the worker shutting down (the guard's end of grace) as the write begins. Its answer,
     and whether the output is stored after."""
-    guard = JobGuard(600, ctx.settings.tmp_dir, committing=COMMITTING.get, write_wait_s=1.0)
+    guard = JobGuard(600, ctx.settings.tmp_dir, committing=COMMITTING.get, write_wait_s=2.0)
     real_upload = ctx.worker.storage.upload_file
 
     def slow_upload(key, path, content_type, *, stop):
@@ -180,18 +180,18 @@ def shutdown_while_storing(ctx, monkeypatch, write):
     job_id = f"s-{uuid.uuid4().hex[:10]}"
     result = asyncio.run(make_handler(ctx.worker, guard=guard)(
         {"id": job_id, "input": {"text": "Stored at a shutdown.", "local_voice": "basic_ref_en.wav", "nfe_step": 2}}))
-    time.sleep(1.5)  # a write the answer did not wait for has ended by now
+    time.sleep(2.0)  # a write the answer did not wait for has ended by now
     return result, f"output/{job_id}.wav" in ctx.keys()
 
 
 def test_a_write_under_way_at_a_shutdown_is_waited_for_and_the_job_answered_as_it_ended(ctx, monkeypatch):
     """It was answered "send it again" while its output was then stored all the same."""
-    result, stored = shutdown_while_storing(ctx, monkeypatch, lambda stop, store: time.sleep(0.5) or store())
+    result, stored = shutdown_while_storing(ctx, monkeypatch, lambda stop, store: time.sleep(0.3) or store())
     assert "error" not in result and stored, result
 
 
 def test_a_write_longer_than_the_shutdown_wait_is_answered_as_maybe_stored(ctx, monkeypatch):
-    result, stored = shutdown_while_storing(ctx, monkeypatch, lambda stop, store: store() or time.sleep(1.6))
+    result, stored = shutdown_while_storing(ctx, monkeypatch, lambda stop, store: store() or time.sleep(3.0))
     assert stored and result["error"].startswith("The worker shut down while the job's result was being stored "), result
     assert result["error"].endswith("it may have been stored all the same, so send it again to be sure."), result
 

@@ -60,7 +60,8 @@ CANCEL_SETTLE_S = 0.25  # a stopped job not blocked in a thread unwinds within t
 ON_STOP_WAIT_S = 2.0  # how long the exit waits for ``on_stop`` (its calls are storage calls)
 # At a shutdown a job whose final write has begun is waited for this long before it is answered,
 # which leaves its answer time to go out before the process ends (EXIT_AFTER_S after the answers).
-SHUTDOWN_WRITE_WAIT_S = EXIT_AFTER_S - 2.0
+SHUTDOWN_WRITE_WAIT_SHARE = 0.6  # of the exit bound: 3 s of 5, leaving 2 s for the answer to go out
+SHUTDOWN_WRITE_WAIT_S = EXIT_AFTER_S * SHUTDOWN_WRITE_WAIT_SHARE
 
 
 class JobStopped(WorkerError):
@@ -120,14 +121,15 @@ class JobGuard:
     def __init__(self, timeout_s: float, tmp_dir: Path, grace_s: float = SHUTDOWN_GRACE_S,
                  exit_after_s: float = EXIT_AFTER_S,
                  committing: Callable[[asyncio.Task], threading.Event | None] = lambda task: None,
-                 on_stop: Callable[[], None] = lambda: None, write_wait_s: float = SHUTDOWN_WRITE_WAIT_S):
+                 on_stop: Callable[[], None] = lambda: None, write_wait_s: float | None = None):
         self.timeout_s = timeout_s
         # The stop event of a job whose final write has begun (None: it has not). Such a job is
         # waited for past its deadline, so it never answers an error over a change it made: a
         # write of one call finishes within the storage timeouts, and one of several (a multipart
         # upload) is asked to stop before its next call and undo itself, so the wait is one call.
         self.committing = committing
-        self.write_wait_s = write_wait_s  # at a shutdown, how long such a write is waited for
+        # at a shutdown, how long such a write is waited for: a share of the exit bound in use
+        self.write_wait_s = exit_after_s * SHUTDOWN_WRITE_WAIT_SHARE if write_wait_s is None else write_wait_s
         # Called as the worker stops taking work (at the end of the grace, and again just before
         # the process ends): the storage's abort of the multipart uploads still open.
         self.on_stop = on_stop
