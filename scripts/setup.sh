@@ -2,8 +2,8 @@
 # Creates (or reuses) the virtual environment with the pinned dependencies.
 # Usage: scripts/setup.sh [--dev]     VENV=path overrides the location (default: .venv).
 # A venv is reused as it is while the lock files it was built from are unchanged (a --dev venv
-# also serves a runtime run); when the runtime locks change it is built afresh, so nothing a lock
-# no longer names stays installed. Its stamp is written only once an install has completed.
+# also serves a runtime run); when the runtime locks change a venv this script made is built
+# afresh, so nothing a lock no longer names stays installed (one made otherwise is installed into). Its stamp is written only once an install has completed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -18,11 +18,12 @@ case "$have" in
 esac
 case "$have" in
   "$runtime"*) ;;  # the runtime set is current: only the dev tools are added
-  *) if [ -f "$VENV/pyvenv.cfg" ]; then rm -rf "$VENV"; fi ;;  # other locks, or an unfinished install
+  # other locks, or an unfinished install: built afresh, if this script made it (.f5worker-made)
+  *) if [ -f "$VENV/pyvenv.cfg" ] && [ -f "$VENV/.f5worker-made" ]; then rm -rf "$VENV"; fi ;;
 esac
 rm -f "$stamp_file"
 PY="${PYTHON:-python3}"
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv "$VENV" && touch "$VENV/.f5worker-made"; fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch first, with its CUDA runtime wheels; then the lock without dependency resolution.
 "$VENV/bin/python" -m pip install -q -r requirements-torch.txt

@@ -76,3 +76,7 @@ def test_other_locks_or_an_unfinished_install_build_the_venv_afresh(setup):
     assert code != 0 and not stamp.exists()
     code, calls = setup()
     assert code == 0 and calls[0].startswith("-m venv") and Path(stamp).read_text().startswith("runtime ")
+    (setup.venv / ".f5worker-made").unlink()  # a venv made otherwise is installed into, never removed
+    stamp.write_text("an older stamp\n")
+    code, calls = setup()
+    assert code == 0 and not calls[0].startswith("-m venv") and (setup.venv / "pyvenv.cfg").exists()
