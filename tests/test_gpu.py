@@ -214,7 +214,9 @@ def on_fresh_thread(fn):
 def test_capture_switch_evict_and_recapture_on_fresh_threads_at_full_width(full_dit):
     """Defect 1 of the GPU review: after the switch to fused kernels drops every unfused graph, the
     next capture into the shared pool asserted in the caching allocator. Each round here runs on a
-    fresh thread; the last round first evicts every graph (a budget of one byte)."""
+    fresh thread. Then, on a budget of one byte, an unguided case (a new bucket: a capture, and the
+    eviction of both graphs) and the first cases again (each a recapture that evicts the one before).
+    Eviction runs only after a capture, so the first cases alone would evict nothing."""
     runner = BucketedStepRunner(full_dit)
     cases = full_cases(full_dit)
     unfused = on_fresh_thread(lambda: [runner.integrate(*case) for case in cases])
@@ -223,8 +225,11 @@ def test_capture_switch_evict_and_recapture_on_fresh_threads_at_full_width(full_
     fused = on_fresh_thread(lambda: [runner.integrate(*case) for case in cases])
     assert runner.level == "fused" and all(key[-1] for key in runner.graphs)  # re-captured, not demoted
     runner.graph_memory_bytes = 1
+    unguided = cases[1][:-1] + (0.0,)
+    on_fresh_thread(lambda: runner.integrate(*unguided))
+    assert [key[2] for key in runner.graphs] == [False]  # both guided graphs evicted
     again = on_fresh_thread(lambda: [runner.integrate(*case) for case in cases])
-    assert runner.level == "fused" and len(runner.graphs) == 1
+    assert runner.level == "fused" and len(runner.graphs) == 1 and all(key[2] for key in runner.graphs)
     for case, a, b, c in zip(cases, unfused, fused, again):
         valid = slice(None) if case[3] is None else case[3]
         assert rel_l2_tensors(b[valid], a[valid]) < FP16_REL_L2
