@@ -8,7 +8,11 @@
 #                            wheels into .whl/), copy .whl/ beside the repository on the GPU machine,
 #                            then there: bash bench/device_run.sh   (installs .whl/ into /tmp/site and
 #                            runs the image's python3, which must have torch with CUDA)
-#   PYTHON=... picks another interpreter.
+#   PYTHON=... picks another interpreter. RUN_COMMIT=... names the commit where the copy has no .git
+#   (say RUN_COMMIT=$(git rev-parse --short HEAD), expanded where the repository is).
+#
+# $OUT ends with three files, for tools that fetch only a few: gpu.txt (machine, date, commit),
+# summary.md, and device_run.tgz holding every section's results and logs.
 #
 # Order, by value, each section writing its results before the next starts (a run cut short keeps
 # what it measured), within RUN_BUDGET_S of wall time (default 470 s, under 8 minutes; each section stops at its own
@@ -50,8 +54,15 @@ left() { echo $(( RUN_BUDGET_S - ($(date +%s) - started) )); }
 # section cut short still says why), so the sections together stay inside RUN_BUDGET_S.
 cap() { local l; l=$(( $(left) - 15 )); [ "$l" -lt 10 ] && l=10; echo $(( $1 < l ? $1 : l )); }
 
+# On any exit: every result but the two short reports into one archive.
+pack() {
+  (cd "$OUT" && find . -type f ! -name gpu.txt ! -name summary.md ! -name device_run.tgz -print0 \
+    | tar czf device_run.tgz --null -T - --remove-files)
+}
+trap pack EXIT
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  git rev-parse --short HEAD 2>/dev/null || true; } 2>&1 | tee "$OUT/gpu.txt"
+  echo "date: $(date -u +%FT%TZ)"
+  echo "commit: ${RUN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"; } 2>&1 | tee "$OUT/gpu.txt"
 "$PY" bench/stack.py "$OUT/stack.json" > /dev/null 2>&1
 stack_note=$("$PY" -c "import json; print(json.load(open('$OUT/stack.json'))['note'])" 2>/dev/null || echo "stack unknown")
 echo "stack: $stack_note" | tee -a "$OUT/gpu.txt"
