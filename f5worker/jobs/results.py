@@ -41,9 +41,14 @@ def output_key_for(job_id: str, requested: str | None, fmt: encoding.OutputForma
     return f"{OUTPUT_PREFIX}{name}.{fmt.extension}"
 
 
+def output_stem(output_key: str, fmt: encoding.OutputFormat) -> str:
+    """The audio's key without its extension: what its subtitle files share, in any audio format."""
+    return output_key.removesuffix("." + fmt.extension)
+
+
 def subtitles_key_for(output_key: str, fmt: encoding.OutputFormat, subtitles: str) -> str:
     """The subtitle file's key: the audio's, with the subtitle format's extension for its own."""
-    return f"{output_key.removesuffix('.' + fmt.extension)}.{subtitles}"
+    return f"{output_stem(output_key, fmt)}.{subtitles}"
 
 
 def older_subtitles_keys(output_key: str, fmt: encoding.OutputFormat, job: TTSInput) -> list[str]:

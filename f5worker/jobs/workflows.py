@@ -52,7 +52,7 @@ from f5worker.jobs.threads import outlast
 from f5worker.model.store import ModelFiles
 from f5worker.jobs.resampling import least_output_length, most_output_length
 from f5worker.jobs.results import (Delivery, InlineAudio, SubtitlesFile, added_sentence, brief_reason,
-                                   not_removed_sentence, not_stored_sentence, older_subtitles_keys, output_key_for,
+                                   not_removed_sentence, not_stored_sentence, older_subtitles_keys, output_key_for, output_stem,
                                    subtitles_key_for, tts_result, widest_result_bytes,
                                    widest_subtitles_error)
 from f5worker.settings import ENV_ASR_MODEL, ENV_MAX_VOICE_BYTES, LOGS_PREFIX, Settings
@@ -156,6 +156,7 @@ class Worker:
         self.voices = VoiceLibrary(storage, self._transcribe if transcriber is not None else None,
                                    cache_size=settings.voice_cache_size, max_voice_bytes=settings.max_voice_bytes)
         self._transcriptions: dict[tuple[str, str], asyncio.Future] = {}
+        self._stems_storing: dict[str, list] = {}  # output stem -> [its lock, jobs holding or awaiting it]
         self.heap = HeapTrimmer()
         self.in_flight = 0  # workflows running, for the heap trimmer
         # Storage, download and file work of jobs in flight: a pool of its own, sized so that calls
@@ -288,14 +289,31 @@ class Worker:
             # a write the caller sees: from here the job is seen through. A multipart upload stops
             # before its next part, and is aborted, once the guard sets ``stop`` (deadline, shutdown).
             stop = COMMITTING.setdefault(asyncio.current_task(), threading.Event())
-            failed = await self._commit(self._upload_outputs, delivery.output_key, staging, fmt.content_type,
-                                        subtitles, stop)
-            if failed is not None:
-                await self._subtitles_not_stored(subtitles, result, failed)
-            await self._remove_older_subtitles(delivery, result)  # an earlier take's, of a key the caller chose
+            async with self._stem_held(output_stem(delivery.output_key, fmt)):
+                failed = await self._commit(self._upload_outputs, delivery.output_key, staging, fmt.content_type,
+                                            subtitles, stop)
+                if failed is not None:
+                    await self._subtitles_not_stored(subtitles, result, failed)
+                await self._remove_older_subtitles(delivery, result)  # an earlier take's, of a key the caller chose
         with clock.step("encoding_s"):
             await self._attach_inline(delivery.job_id, result, inline, staging, size)
         return result
+
+    @contextlib.asynccontextmanager
+    async def _stem_held(self, stem: str):
+        """One job at a time stores the audio and subtitles of an output key's stem in this worker,
+        so a stored pair is one job's, and no job removes as older a subtitle file another has just
+        stored. (Workers apart are not ordered: the README says so.) A lock lives while held or
+        awaited, so none outlives its event loop."""
+        held = self._stems_storing.setdefault(stem, [asyncio.Lock(), 0])
+        held[1] += 1
+        try:
+            async with held[0]:
+                yield
+        finally:
+            held[1] -= 1
+            if not held[1]:
+                del self._stems_storing[stem]
 
     async def _subtitles_file(self, delivery: "Delivery", assembled: Assembled, staging: Path) -> "SubtitlesFile":
         """The job's subtitle file, written to ``staging``, and where it will be stored: beside its
