@@ -172,11 +172,14 @@ class JobGuard:
                 # thread has written so far is swept here. A job cancelled (runpod's cancel or
                 # execution timeout, an HTTP client gone) or stopped while writing its output has
                 # its multipart upload stop before the next part and aborted, as at the deadline.
+                # Its staged files are not swept: its thread may still be about to read one (the
+                # subtitle file, after the audio), and the workflow removes them once it ends.
                 if (write_stop := self.committing(work)) is not None:
                     write_stop.set()
                 work.cancel()
                 await asyncio.wait({work}, timeout=CANCEL_SETTLE_S)
-                self.sweep([job_id])
+                if write_stop is None:
+                    self.sweep([job_id])
 
     async def _see_write_through(self, job_id: str, work: asyncio.Task, stop: asyncio.Future) -> None:
         """A job stopped (its deadline, a shutdown) after its final write has begun is waited for, so
