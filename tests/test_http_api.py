@@ -554,6 +554,8 @@ def test_bad_voice_uploads_are_refused_with_nothing_stored(served):
                         "'limit' must be an integer.")
     assert_openai_error(api(base_url, "GET", "/v1/audio/voices", params={"limit": "\u00b2"}), 400,
                         "'limit' must be an integer.")  # a digit to str.isdigit, not to int()
+    assert_openai_error(api(base_url, "GET", "/v1/audio/voices", params={"limit": "9" * 5000}), 400,
+                        "'limit' must be at most")  # past int()'s 4,300 digits: the bound, not a 500
     assert_openai_error(api(base_url, "POST", "/v1/audio/voices", files={"file": ("x.wav", b"", "audio/wav")},
                             data={"name": "empty"}), 400, "'file' must not be empty.", "file")
     assert ctx.keys(("voices/",)) == keys

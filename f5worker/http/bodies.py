@@ -111,7 +111,9 @@ def parse_voice_list(query: dict[str, str]) -> ListVoicesInput:
     if "limit" in query:
         if not (query["limit"].isascii() and query["limit"].isdigit()):  # int('²') fails
             raise InputError("'limit' must be an integer.", param="limit")
-        raw["limit"] = int(query["limit"])
+        # past 18 digits any value is over the bound: int() of 4,301 digits would raise
+        digits = query["limit"].lstrip("0") or "0"
+        raw["limit"] = int(digits) if len(digits) <= 18 else 10**18
     if "cursor" in query:
         raw["cursor"] = query["cursor"]
     if "details" in query:
