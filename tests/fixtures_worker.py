@@ -107,6 +107,14 @@ def worker_ctx(tiny_models, tiny_whisper, folder: Path, s3_server: S3Server | No
             worker.batcher.executor.shutdown(wait=True)
 
 
+@contextlib.contextmanager
+def worker_on_storage(request, tiny_models, tiny_whisper, tmp_path_factory, label: str) -> Iterator[Ctx]:
+    """``worker_ctx`` on the storage a ``params=["local", "s3"]`` fixture's ``request`` names."""
+    s3_server = request.getfixturevalue("s3_server") if request.param == "s3" else None
+    with worker_ctx(tiny_models, tiny_whisper, tmp_path_factory.mktemp(f"{label}-{request.param}"), s3_server) as built:
+        yield built
+
+
 @pytest.fixture
 def limit(ctx):
     """Sets the worker's F5_MAX_RESULT_BYTES for one test (the real setting, replaced in place).

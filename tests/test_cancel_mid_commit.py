@@ -17,8 +17,10 @@ import time
 import pytest
 import soundfile as sf
 
+import s3_utils
+
 from f5worker.service import job_guard, make_handler
-from tests.fixtures_worker import worker_ctx
+from tests.fixtures_worker import worker_on_storage
 
 BASE = {"local_voice": "basic_ref_en.wav", "nfe_step": 2, "seed": 5, "return_base64": False}
 OLD = "Alpha."
@@ -27,15 +29,13 @@ NEW = "Bravo is a longer line with many more words in it than the first one."
 
 @pytest.fixture(scope="module", params=["local", "s3"])
 def ctx(request, tiny_models, tiny_whisper, tmp_path_factory):
-    s3_server = request.getfixturevalue("s3_server") if request.param == "s3" else None
-    with worker_ctx(tiny_models, tiny_whisper, tmp_path_factory.mktemp(f"cancel-{request.param}"), s3_server) as built:
+    with worker_on_storage(request, tiny_models, tiny_whisper, tmp_path_factory, "cancel") as built:
         yield built
 
 
 def slow_audio_upload(ctx, monkeypatch, seconds=1.0):
     """The audio's transfer made slow once its file is open (local: the copy into place; S3: the
     PutObject call, its body already read), as a slow link would."""
-    import s3_utils
     began = threading.Event()
     storage = ctx.worker.storage
 

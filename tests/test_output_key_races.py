@@ -16,7 +16,7 @@ import time
 import pytest
 import soundfile as sf
 
-from tests.fixtures_worker import worker_ctx
+from tests.fixtures_worker import worker_on_storage
 
 BASE = {"local_voice": "basic_ref_en.wav", "nfe_step": 2, "seed": 5, "return_base64": False}
 TEXT_A = "Alpha."
@@ -26,8 +26,7 @@ TEXT_B = ("Bravo is a much longer line, said slowly, with many more words in it 
 
 @pytest.fixture(scope="module", params=["local", "s3"])
 def ctx(request, tiny_models, tiny_whisper, tmp_path_factory):
-    s3_server = request.getfixturevalue("s3_server") if request.param == "s3" else None
-    with worker_ctx(tiny_models, tiny_whisper, tmp_path_factory.mktemp(f"pair-{request.param}"), s3_server) as built:
+    with worker_on_storage(request, tiny_models, tiny_whisper, tmp_path_factory, "pair") as built:
         yield built
 
 
