@@ -118,3 +118,21 @@ def test_a_shutdown_during_a_slow_audio_put_stores_the_new_subtitles_too(ctx, mo
     assert "send it again" in answer["error"]
     assert abs(seconds - old["duration"]) < 0.01 or b"Alpha" not in subs["srt"], \
         "the new take's audio stands beside the old take's subtitle file"
+
+
+@pytest.mark.parametrize("new_subtitles", [None, "vtt"])
+def test_a_cancel_mid_upload_still_removes_the_old_takes_other_subtitle_file(ctx, monkeypatch, new_subtitles):
+    """The new take asks for no subtitles, or the other format: the old take's .srt is removed once
+    the new audio is stored, in the same thread as the upload, so a cancel cannot skip it."""
+    key = f"take/other-{new_subtitles}"
+    _, old = ctx.run({**BASE, "text": OLD, "subtitles": "srt", "output_key": key})
+    assert "error" not in old, old
+    began = slow_audio_upload(ctx, monkeypatch)
+    job = {**BASE, "text": NEW, "output_key": key, **({"subtitles": new_subtitles} if new_subtitles else {})}
+    outcome = cancel_during_upload(ctx, job, began)
+    seconds, subs = stored(ctx, f"output/{key}")
+    assert outcome == "cancelled" and not ctx.tmp_files()
+    assert abs(seconds - old["duration"]) > 0.01, "the new take's audio was not stored"
+    assert subs["srt"] is None, "the old take's subtitle file stands beside the new take's audio"
+    if new_subtitles == "vtt":
+        assert b"Bravo" in subs["vtt"]

@@ -11,7 +11,7 @@ too, so that their widest is the one they are written with.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from f5worker.jobs import encoding
@@ -80,6 +80,28 @@ class SubtitlesFile:
     url: str
     path: Path
     content_type: str
+
+
+@dataclass
+class StoredOutputs:
+    """What storing a job's audio left undone after the audio went up: its own subtitle file not
+    stored (why), and subtitle files of the key that could not be removed (key: why)."""
+
+    subtitles: SubtitlesFile | None
+    not_stored: str | None = None
+    not_removed: dict[str, str] = field(default_factory=dict)
+
+    def tell(self, result: dict) -> None:
+        """``result`` says it: no subtitle fields for a file not stored, and ``subtitles_error``."""
+        said, not_removed = None, dict(self.not_removed)
+        if self.not_stored is not None:
+            del result["subtitles_url"], result["subtitles_key"]
+            removed = not_removed.pop(self.subtitles.key, None) is None
+            said = not_stored_sentence(self.not_stored, self.subtitles.key, removed=removed)
+        for key, reason in not_removed.items():
+            said = added_sentence(said, not_removed_sentence(key, reason))
+        if said is not None:
+            result["subtitles_error"] = said
 
 
 @dataclass(frozen=True)

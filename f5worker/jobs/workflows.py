@@ -35,7 +35,7 @@ from f5worker.jobs.download import download_to_file
 from f5worker.inference.engine import TTSEngine
 from f5worker.inference.models import ModelPool
 from f5worker.inference.transcriber import Heard
-from f5worker.errors import InputError, ModelUnavailable, StorageError, WorkerError
+from f5worker.errors import SHOWN_KEY_CHARS, InputError, ModelUnavailable, StorageError, WorkerError, shown
 from f5worker.jobs.inputs import (MAX_SEED, DeleteVoiceInput, ListModelsInput, ListVoicesInput, TTSInput,
                                   UploadInput, VoiceInfoInput, check_spoken_length)
 from f5worker.jobs.plan import JobPlan, SynthesisRequest, plan_segments, planned_samples
@@ -51,10 +51,9 @@ from f5worker.jobs.models import JobModels
 from f5worker.jobs.threads import outlast
 from f5worker.model.store import ModelFiles
 from f5worker.jobs.resampling import least_output_length, most_output_length
-from f5worker.jobs.results import (Delivery, InlineAudio, SubtitlesFile, added_sentence, brief_reason,
-                                   not_removed_sentence, not_stored_sentence, older_subtitles_keys, output_key_for, output_stem,
-                                   subtitles_key_for, tts_result, widest_result_bytes,
-                                   widest_subtitles_error)
+from f5worker.jobs.results import (Delivery, InlineAudio, StoredOutputs, SubtitlesFile, brief_reason,
+                                   older_subtitles_keys, output_key_for, output_stem, subtitles_key_for, tts_result,
+                                   widest_result_bytes, widest_subtitles_error)
 from f5worker.settings import ENV_ASR_MODEL, ENV_MAX_VOICE_BYTES, LOGS_PREFIX, Settings
 from f5worker.jobs.voices import (TRANSCRIBED, Voice, VoiceLibrary, clipped_refusal, decode_base64_voice, incoming_key,
                              prepare_upload)
@@ -269,7 +268,7 @@ class Worker:
                      plan: JobPlan, seed: int, paths: dict[str, Path], clock: JobClock) -> dict:
         """The job's audio file (written as it was sampled) stored, and inline if asked; its result.
         A subtitle file goes up just after the audio: a failed audio upload changes nothing (the
-        older pair of that key stands), and a failed subtitle upload (``_subtitles_not_stored``) still
+        older pair of that key stands), and a failed subtitle upload (``StoredOutputs.tell``) still
         answers with the stored audio."""
         job, fmt, staging = delivery.job, delivery.fmt, paths["output.wav"]
         size = (await self._staging(staging.stat)).st_size
@@ -289,12 +288,11 @@ class Worker:
             # a write the caller sees: from here the job is seen through. A multipart upload stops
             # before its next part, and is aborted, once the guard sets ``stop`` (deadline, shutdown).
             stop = COMMITTING.setdefault(asyncio.current_task(), threading.Event())
+            older = older_subtitles_keys(delivery.output_key, fmt, job)  # an earlier take's, of a key the caller chose
             async with self._stem_held(output_stem(delivery.output_key, fmt)):
-                failed = await self._commit(self._upload_outputs, delivery.output_key, staging, fmt.content_type,
-                                            subtitles, stop)
-                if failed is not None:
-                    await self._subtitles_not_stored(subtitles, result, failed)
-                await self._remove_older_subtitles(delivery, result)  # an earlier take's, of a key the caller chose
+                stored = await self._commit(self._upload_outputs, delivery.output_key, staging, fmt.content_type,
+                                            subtitles, older, stop)
+            stored.tell(result)
         with clock.step("encoding_s"):
             await self._attach_inline(delivery.job_id, result, inline, staging, size)
         return result
@@ -326,48 +324,27 @@ class Worker:
         return SubtitlesFile(key=key, url=url, path=staging, content_type=SUBTITLE_FORMATS[fmt])
 
     def _upload_outputs(self, key: str, staging: Path, content_type: str, subtitles: "SubtitlesFile | None",
-                        stop: threading.Event) -> str | None:
-        """The audio stored, then its subtitle file (if any), in one thread: a job stopped between
-        the two (a shutdown) still waits for both (``_off_loop``), so new audio never stands
-        beside an older subtitle file. Why the subtitle file could not be stored, if it could not."""
+                        older: list[str], stop: threading.Event) -> "StoredOutputs":
+        """The audio stored, then its subtitle file (if any), then the older subtitle files of the
+        key this job did not write removed: every change in one thread, so a job cancelled or
+        stopped meanwhile (it waits for the thread, ``_off_loop``) cannot leave new audio beside a
+        subtitle file not made for it. A failure after the audio is said, not raised."""
         self.storage.upload_file(key, staging, content_type, stop=stop)
-        if subtitles is None:
-            return None
-        try:
-            self.storage.upload_file(subtitles.key, subtitles.path, subtitles.content_type, stop=stop)
-        except StorageError as err:
-            log.warning("the audio was stored but its subtitle file was not: %s", err)
-            return brief_reason(err)
-        return None
-
-    async def _remove_older_subtitles(self, delivery: "Delivery", result: dict) -> None:
-        """Once the audio is stored: an earlier job's subtitle file of that key in a format this job
-        did not write (the job asked for none, or for the other) is removed, so none stands beside
-        audio it was not made for. One that cannot be is said in ``subtitles_error``, after what it
-        says already (the job's own subtitle file not stored)."""
-        keys = older_subtitles_keys(delivery.output_key, delivery.fmt, delivery.job)
-        outcomes = await asyncio.gather(*(self._off_loop(self.storage.delete, key) for key in keys),
-                                        return_exceptions=True)
-        for key, outcome in zip(keys, outcomes):
-            if isinstance(outcome, StorageError):
-                log.warning("an older subtitle file beside stored audio could not be removed: %s", outcome)
-                said = not_removed_sentence(key, brief_reason(outcome))
-                result["subtitles_error"] = added_sentence(result.get("subtitles_error"), said)
-            elif isinstance(outcome, BaseException):
-                raise outcome
-
-    async def _subtitles_not_stored(self, subtitles: "SubtitlesFile", result: dict, failed: str) -> None:
-        """The audio is stored but its subtitle file could not be (a change the caller must hear
-        of, not an error): the result says why in ``subtitles_error``, and the older subtitle
-        file of that key is removed where it can be, so no subtitle file stands beside audio it
-        was not made for."""
-        del result["subtitles_url"], result["subtitles_key"]
-        try:
-            await self._off_loop(self.storage.delete, subtitles.key)
-            removed = True
-        except StorageError:
-            removed = False
-        result["subtitles_error"] = not_stored_sentence(failed, subtitles.key, removed=removed)
+        stored = StoredOutputs(subtitles=subtitles)
+        if subtitles is not None:
+            try:
+                self.storage.upload_file(subtitles.key, subtitles.path, subtitles.content_type, stop=stop)
+            except StorageError as err:
+                log.warning("the audio was stored but its subtitle file was not: %s", err)
+                stored.not_stored = brief_reason(err)
+                older = [subtitles.key, *older]  # no older file of its own format stands beside the new audio
+        for older_key in older:
+            try:
+                self.storage.delete(older_key)
+            except StorageError as err:
+                log.warning("an older subtitle file beside stored audio could not be removed: %s", err)
+                stored.not_removed[older_key] = brief_reason(err)
+        return stored
 
     @staticmethod
     def _unstored_result(delivery: "Delivery", voices: dict[str, JobVoice], plan: JobPlan, seed: int,
@@ -706,9 +683,9 @@ class Worker:
         try:
             self.storage.download_file(key, dest, max_bytes=self.settings.max_voice_bytes)
         except KeyNotFound:
-            raise InputError(f"'voice_s3_key' names '{key}', which is not in storage.") from None
+            raise InputError(f"'voice_s3_key' names '{shown(key, SHOWN_KEY_CHARS)}', which is not in storage.") from None
         except ObjectTooLarge as err:
-            raise InputError(f"'{key}' is {err.size} bytes, more than the {err.limit} allowed "
+            raise InputError(f"'{shown(key, SHOWN_KEY_CHARS)}' is {err.size} bytes, more than the {err.limit} allowed "
                              f"({ENV_MAX_VOICE_BYTES}).") from None
         return dest.stat().st_size
 
