@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from f5worker.errors import SHOWN_CHARS  # of a refused value, in the sentence that refuses it
+
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
-SHOWN_CHARS = 40  # of a refused value, in the sentence that refuses it
 
 
 def figure(value: float) -> str:

@@ -8,6 +8,9 @@ Each carries one clear sentence meant for the caller; never credentials, URLs wi
 """
 import traceback
 
+SHOWN_CHARS = 40  # the most of a caller's text (a field's name) a sentence repeats
+SHOWN_KEY_CHARS = 120  # of a storage key the caller named
+
 
 class WorkerError(Exception):
     """Base: ``str(err)`` is the sentence returned to the caller."""
@@ -79,3 +82,12 @@ def traceback_without_messages(err: BaseException) -> str:
                      " (message withheld: it may quote job text)")
         err = err.__cause__ if err.__cause__ is not None else (None if err.__suppress_context__ else err.__context__)
     return "\n\nwhich led to:\n\n".join(reversed(chain))
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """Caller's text as a sentence (and so the log) repeats it: line breaks, terminal escapes,
+    other control characters and unpaired surrogates as '?', so no caller can forge a log line,
+    and cut to ``limit`` characters."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+

@@ -13,6 +13,7 @@ import errno
 import gc
 import io
 import json
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -559,6 +560,23 @@ def test_bad_voice_uploads_are_refused_with_nothing_stored(served):
     assert_openai_error(api(base_url, "POST", "/v1/audio/voices", files={"file": ("x.wav", b"", "audio/wav")},
                             data={"name": "empty"}), 400, "'file' must not be empty.", "file")
     assert ctx.keys(("voices/",)) == keys
+
+
+def test_an_unknown_form_field_or_query_parameter_is_refused_and_shown_clean(served, caplog):
+    """A typo in the form (``ref_txt``) would store Whisper's transcript in place of the caller's,
+    so it is refused as the queue face refuses an unknown field; a name with a line break or a
+    terminal escape is repeated with '?' there, in the answer and in the log."""
+    ctx, base_url, _, _ = served
+    keys = ctx.keys(("voices/",))
+    assert_openai_error(api(base_url, "POST", "/v1/audio/voices", files={"file": ("x.wav", builtin_clip(), "audio/wav")},
+                            data={"name": "typo", "ref_txt": "What I said."}), 400,
+                        "Unknown form field 'ref_txt'; known: file, name, ref_text.", "ref_txt")
+    assert ctx.keys(("voices/",)) == keys
+    with caplog.at_level(logging.INFO):
+        forged = api(base_url, "GET", "/v1/audio/voices", params={"a\nFAKE LINE\x1b[31m": "1"})
+    assert_openai_error(forged, 400, "Unknown query parameter 'a?FAKE LINE?[31m'; known: limit, cursor, details.",
+                        "a?FAKE LINE?[31m")
+    assert not any("\n" in r.getMessage() or "\x1b" in r.getMessage() for r in caplog.records)
 
 
 def test_results_are_not_stored_by_default(client, served):

@@ -291,6 +291,10 @@ def test_keys_outside_incoming_and_other_buckets_are_refused(ctx, tmp_path):
                        f"'voice_s3_key' must be in this worker's bucket ('{ctx.s3.bucket}'), not '{other}'.")
     refused(ctx, {"endpoint": "upload", "voice_s3_key": "incoming/nobody.wav", "voice_name": name_for("x")},
             "'voice_s3_key' names 'incoming/nobody.wav', which is not in storage.")
+    # the caller's key is repeated without its line breaks or escapes: no forged log line
+    refused(ctx, {"endpoint": "upload", "voice_s3_key": "incoming/a\nFAKE LOG LINE\x1b[2J.wav",
+                  "voice_name": name_for("x")},
+            "'voice_s3_key' names 'incoming/a?FAKE LOG LINE?[2J.wav', which is not in storage.")
 
 
 def test_key_over_the_size_limit_is_refused_without_reading_it(ctx):

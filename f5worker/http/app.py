@@ -22,8 +22,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from f5worker.errors import InputError
-from f5worker.http.bodies import (json_body, model_names, parse_speech, parse_voice_list, stored_voice_name,
-                                  voice_upload)
+from f5worker.http.bodies import (VOICE_FORM_FIELDS, json_body, model_names, parse_speech, parse_voice_list,
+                                  refuse_unknown, stored_voice_name, voice_upload)
 from f5worker.http.errors import RETRY_AFTER_S, ApiError, api_error
 from f5worker.http.gate import VOICES_PATH, BodyTooLarge, BodyTooSlow, Gate, body_refusal
 from f5worker.http.speech import SpeechJob, SpeechResponse
@@ -211,6 +211,7 @@ async def upload_voice(request: Request) -> dict:
 
     async def read():
         form = await request.form(max_files=1, max_fields=8)
+        refuse_unknown(form.keys(), VOICE_FORM_FIELDS, "form field")
         file = form.get("file")
         if not isinstance(file, UploadFile):
             raise InputError("The form needs the voice's audio as a 'file' part.", param="file")

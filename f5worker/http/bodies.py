@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from f5worker.errors import InputError
+from f5worker.errors import InputError, shown
 from f5worker.jobs.inputs import ListVoicesInput, TTSInput, UploadInput, parse_model
 from f5worker.jobs.live_encoding import DEFAULT_LIVE_FORMAT, LIVE_FORMATS, LiveFormat
 from f5worker.jobs.encoding import one_of
@@ -24,6 +24,8 @@ from f5worker.settings import Settings
 # The job contract's F5-TTS knobs, accepted beside OpenAI's fields (the SDK's ``extra_body``).
 KNOBS = ("ref_text", "nfe_step", "seed", "cfg_strength", "sway_sampling_coef", "cross_fade_duration",
          "remove_silence", "sample_rate", "normalize", "verify", "verify_max_error", "verify_retries")
+VOICE_LIST_PARAMS = ("limit", "cursor", "details")
+VOICE_FORM_FIELDS = ("file", "name", "ref_text")
 # A speech body's fields as the job's input names them, for its sentences.
 RENAMED = {"text": "input", "local_voice": "voice", "output_format": "response_format"}
 
@@ -102,11 +104,18 @@ def parse_speech(raw: dict, settings: Settings) -> SpeechRequest:
     return SpeechRequest(job, fmt, sse=body.stream_format == "sse")
 
 
+def refuse_unknown(names: Iterable[str], known: tuple[str, ...], what: str) -> None:
+    """A query parameter or form field nobody defines is refused, as the queue face refuses an
+    unknown input field: a typo (``ref_txt``) dropped without a word would change the job."""
+    unknown = next((name for name in names if name not in known), None)
+    if unknown is not None:
+        raise InputError(f"Unknown {what} '{shown(unknown)}'; known: {', '.join(known)}.",
+                         param=shown(unknown))
+
+
 def parse_voice_list(query: dict[str, str]) -> ListVoicesInput:
     """``GET /v1/audio/voices?limit=&cursor=&details=``: the list job's input (query values are text)."""
-    unknown = next((name for name in query if name not in ("limit", "cursor", "details")), None)
-    if unknown is not None:
-        raise InputError(f"Unknown query parameter '{unknown[:40]}'.", param=unknown[:40])
+    refuse_unknown(query, VOICE_LIST_PARAMS, "query parameter")
     raw: dict = {"endpoint": "list_voices"}
     if "limit" in query:
         if not (query["limit"].isascii() and query["limit"].isdigit()):  # int('²') fails

@@ -18,7 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from f5worker.jobs.encoding import DEFAULT_FORMAT, EXTENSIONS, FORMATS, SAMPLE_RATES, one_of
 from f5worker.jobs.subtitles import SUBTITLE_EXTENSIONS, SUBTITLE_FORMATS
-from f5worker.errors import InputError
+from f5worker.errors import InputError, shown
 from f5worker.inference.items import MAX_NFE_STEP
 from f5worker.jobs.options import OPTION_DEFAULTS as DEFAULT
 from f5worker.jobs.options import VERIFY_MAX_RETRIES
@@ -273,15 +273,9 @@ ENDPOINTS = {"tts": TTSInput, "upload": UploadInput, "list_voices": ListVoicesIn
              "delete_voice": DeleteVoiceInput, "voice_info": VoiceInfoInput, "list_models": ListModelsInput}
 
 
-MAX_FIELD_NAME_SHOWN = 40
-
-
 def _field_name(loc) -> str:
-    """The field as the sentence shows it: an unknown field's name is the caller's text, so line
-    breaks, control characters and unpaired surrogates are shown as '?' and a long name is cut."""
-    name = ".".join(str(p) for p in loc) or "input"
-    name = "".join(c if c.isprintable() else "?" for c in name)
-    return name if len(name) <= MAX_FIELD_NAME_SHOWN else name[:MAX_FIELD_NAME_SHOWN - 1] + "…"
+    """The field as the sentence shows it: an unknown field's name is the caller's text."""
+    return shown(".".join(str(p) for p in loc) or "input")
 
 
 def _sentence(err: dict) -> str:  # noqa: C901 - one sentence per pydantic error kind

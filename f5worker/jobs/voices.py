@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from f5worker.jobs import audio
-from f5worker.errors import InputError, NotFound, StorageError
+from f5worker.errors import SHOWN_KEY_CHARS, InputError, NotFound, StorageError, shown
 from f5worker.jobs.inputs import check_voice_name
 from f5worker.settings import (ENV_MAX_VOICE_BYTES, INCOMING_PREFIX, TRANSCRIPT_SUFFIX,
                                VOICE_META_SUFFIX, VOICES_PREFIX)
@@ -189,7 +189,7 @@ def incoming_key(ref: str, bucket: str | None) -> str:
                              f"folder; give the key alone, such as '{INCOMING_PREFIX}alice.mp3'.")
         named, _, key = ref[len("s3://"):].partition("/")
         if named != bucket:
-            raise InputError(f"'voice_s3_key' must be in this worker's bucket ('{bucket}'), not '{named}'.")
+            raise InputError(f"'voice_s3_key' must be in this worker's bucket ('{bucket}'), not '{shown(named, SHOWN_KEY_CHARS)}'.")
     try:
         check_key(key)
     except StorageError:
