@@ -486,6 +486,7 @@ HOSTILE = [
     ({"input": "a" * (MAX_TEXT_CHARS + 1), "voice": BUILTIN}, 400,
      f"'input' is too long: at most {MAX_TEXT_CHARS} characters.", "input"),
     ({"input": "   ", "voice": BUILTIN}, 400, "'input' must not be empty.", "input"),
+    ({"input": "\u200b\ufeff", "voice": BUILTIN}, 400, "'input' has nothing to speak", "input"),
     ({"input": SHORT_TEXT, "voice": "../../etc/passwd"}, 400, "'voice' must be a file name", "voice"),
     ({"input": SHORT_TEXT, "voice": BUILTIN, "response_format": "ogg"}, 400, "'response_format' must be mp3",
      "response_format"),

@@ -131,6 +131,35 @@ def test_text_with_an_unpaired_surrogate_is_refused_in_our_words():
         parse_job_input({"text": "Hi \ud800.", "local_voice": "basic_ref_en.wav"})
 
 
+INVISIBLE = ["\u200b\u200b", "\ufeff", "\x00\x01\x02", "\xad", " \u2060\u200d ", "\u0301"]
+
+
+@pytest.mark.parametrize("text", INVISIBLE, ids=ascii)
+def test_a_text_of_invisible_characters_only_has_nothing_to_speak(text):
+    """Spaces are stripped and refused as empty; a zero-width space, a byte-order mark, a soft
+    hyphen, control characters or a mark alone say nothing either (the job sampled noise)."""
+    assert refusal(job("tts", text=text)).startswith("'text' has nothing to speak")
+    assert parse_job_input(job("tts", text=f"Hi{text}there.")).text == f"Hi{text}there."
+    assert parse_job_input(job("tts", text="...")).text == "..."  # punctuation is the caller's to say
+
+
+@pytest.mark.parametrize("text", INVISIBLE, ids=ascii)
+def test_a_voice_part_of_invisible_characters_only_is_left_out(text):
+    voices = {"b": "b.wav"}
+    parsed = parse_job_input(job("tts", text=f"Hello.[b]{text}", voices=voices))
+    assert parsed.segments() == [("basic_ref_en.wav", "Hello.")]
+    assert refusal(job("tts", text=f"[b]{text}", voices=voices)) == "The text has nothing to speak besides its voice tags."
+
+
+@pytest.mark.parametrize("endpoint", ["tts", "upload"])
+@pytest.mark.parametrize("ref_text", INVISIBLE, ids=ascii)
+def test_a_ref_text_of_invisible_characters_only_is_not_given(endpoint, ref_text):
+    """As one of spaces: the voice's stored transcript (or Whisper's) is used, and an upload stores
+    none that says nothing."""
+    assert parse_job_input(job(endpoint, ref_text=ref_text)).ref_text is None
+    assert parse_job_input(job(endpoint, ref_text=f"Yes{ref_text}.")).ref_text == f"Yes{ref_text}."
+
+
 def test_options_and_their_defaults_are_the_synthesis_requests():
     """One definition: the job input's optional synthesis fields default to SynthesisRequest's, and
     nfe_step is bounded by the fast path's on-device step table (MAX_NFE_STEP + 1 time points)."""

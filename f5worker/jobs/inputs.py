@@ -11,6 +11,7 @@ models.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -91,6 +92,26 @@ def check_output_key(key: str) -> str:
     return key
 
 
+def speakable(text: str) -> bool:
+    """Whether ``text`` holds anything to say: a letter, digit, symbol or punctuation mark. Spaces,
+    marks alone and invisible characters (a zero-width space, a byte-order mark, a soft hyphen,
+    control characters) say nothing, so a text of only those would be sampled as noise."""
+    return any(unicodedata.category(c)[0] in "LNSP" for c in text)
+
+
+def check_text(text: str) -> str:
+    if not speakable(text):
+        raise ValueError("has nothing to speak: it holds no letter, digit or punctuation mark, only spaces "
+                         "or invisible characters")
+    return text
+
+
+def given_ref_text(ref_text: str | None) -> str | None:
+    """A ``ref_text`` with nothing to say in it (spaces, invisible characters) is not given: the
+    voice's stored transcript, or Whisper's, is used, and none is stored that says nothing."""
+    return ref_text if ref_text is not None and speakable(ref_text) else None
+
+
 def output_extension(name: str) -> str | None:
     """The output extension ``name`` ends in (any format's, any case), or None."""
     return next((ext for ext in STORED_EXTENSIONS if name.lower().endswith(ext)), None)
@@ -127,6 +148,8 @@ class TTSInput(_Input):
     subtitles: str | None = None  # "srt" or "vtt": a subtitle file stored beside the audio (jobs.subtitles)
 
     _voice = field_validator("local_voice")(classmethod(lambda cls, v: check_voice_name(v)))
+    _text = field_validator("text")(classmethod(lambda cls, v: check_text(v)))
+    _ref_text = field_validator("ref_text")(classmethod(lambda cls, v: given_ref_text(v)))
     _output_key = field_validator("output_key")(classmethod(lambda cls, v: check_output_key(v)))
 
     @field_validator("output_format")
@@ -209,13 +232,13 @@ class TTSInput(_Input):
     def segments(self) -> list[tuple[str, str]]:
         """The text as (voice name, text) parts, in order. Without ``voices``, all of it in
         ``local_voice`` (a ``[word]`` is text); with it, text before the first tag is in
-        ``local_voice`` and each ``[alias]`` switches to ``voices[alias]``; parts holding only
-        spaces are left out."""
+        ``local_voice`` and each ``[alias]`` switches to ``voices[alias]``; parts with nothing to
+        speak (``speakable``) are left out."""
         if self.voices is None:
             return [(self.local_voice, self.text)]
         parts = VOICE_TAG_RE.split(self.text)  # text, alias, text, alias, ..., text
         names = [self.local_voice, *(self.voices[alias] for alias in parts[1::2])]
-        return [(name, text.strip()) for name, text in zip(names, parts[0::2]) if text.strip()]
+        return [(name, text.strip()) for name, text in zip(names, parts[0::2]) if speakable(text)]
 
 
 class UploadInput(_Input):
@@ -229,6 +252,7 @@ class UploadInput(_Input):
     ref_text: str | None = Field(default=None, max_length=MAX_REF_TEXT_CHARS)
 
     _voice = field_validator("voice_name")(classmethod(lambda cls, v: check_voice_name(v)))
+    _ref_text = field_validator("ref_text")(classmethod(lambda cls, v: given_ref_text(v)))
 
     @model_validator(mode="after")
     def _one_source(self):
