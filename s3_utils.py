@@ -103,13 +103,18 @@ class StorageUnusable(StorageError):
     not allow, a local root that is a file or cannot be written): a setting to fix, not a passing
     fault, so a start error."""
 
+    retry_helps = False
+
 
 class BucketMissing(StorageUnusable):
     """The bucket itself is not there (S3's NoSuchBucket)."""
 
 
 class Forbidden(StorageError):
-    """S3 refused the request (HTTP 403). Without s3:ListBucket that is also how a missing key reads."""
+    """S3 refused the request (HTTP 403). Without s3:ListBucket that is also how a missing key reads.
+    The key's permissions are a setting to fix: the same request is refused again."""
+
+    retry_helps = False
 
 
 class NotText(StorageError):

@@ -29,12 +29,17 @@ class NotFound(InputError):
 
 
 class StorageError(WorkerError):
-    pass
+    """``retry_helps``: the fault may pass (a timeout, a 5xx), so the same request sent again in a
+    second may succeed; the HTTP face says which (``Retry-After``, or ``x-should-retry: false``)."""
+
+    retry_helps = True
 
 
 class ModelUnavailable(StorageError):
-    """A model the job needs (the worker's Whisper) could not be found or loaded: a setting or a
-    volume to fix, not a fault that passes in a second, so the HTTP face sends no Retry-After."""
+    """A model the job needs (a TTS model, the worker's Whisper) could not be found or loaded: a
+    setting or a volume to fix, not a fault that passes in a second."""
+
+    retry_helps = False
 
 
 class WriteStopped(StorageError):

@@ -762,11 +762,28 @@ def test_the_sdk_does_not_send_again_a_job_its_deadline_stopped(served, monkeypa
     assert len(jobs) == 1, [job.job_id for job in jobs]
 
 
+def test_the_sdk_does_not_send_again_a_model_whose_files_cannot_be_had(served, jobs):
+    """A registered model whose files are on no volume and cannot be downloaded (this machine
+    reaches no hub) was a plain storage error, answered "retry in 1 s": the SDK ran it three
+    times, each trying the download again. It is ``model_unavailable``, final, as Whisper's is."""
+    ctx, base_url, _, _ = served
+    assert "F5TTS_Base" in ctx.worker.models.registry
+    http = openai.DefaultHttpx2Client(trust_env=False)
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=2, http_client=http) as sdk:
+        with pytest.raises(openai.InternalServerError) as raised:
+            sdk.audio.speech.create(model="F5TTS_Base", input=SHORT_TEXT, voice=BUILTIN, extra_body={"nfe_step": NFE})
+    assert raised.value.status_code == 503 and raised.value.code == "model_unavailable"
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert "retry-after" not in raised.value.response.headers
+    assert len(jobs) == 1, [job.job_id for job in jobs]
+
+
 def test_which_failures_the_sdk_may_send_again():
     """A shutdown's job may run on another worker, and storage may be back in a second; a
     deadline, a setting to fix or a bug would fail the same way again."""
-    from f5worker.errors import ModelFault, ModelUnavailable, WorkerError
+    from f5worker.errors import ModelFault, ModelUnavailable, StorageError, WorkerError
     from f5worker.http.errors import api_error
+    from s3_utils import BucketMissing, Forbidden, StorageUnusable
     from f5worker.jobs.guard import JobStopped
     from f5worker.service import Outcome
 
@@ -776,7 +793,9 @@ def test_which_failures_the_sdk_may_send_again():
     assert headers(JobStopped("send it again", shutdown=True))["retry-after"] == "1"
     assert "x-should-retry" not in headers(JobStopped("send it again", shutdown=True))
     assert "x-should-retry" not in headers(WorkerError("storage"))
+    assert headers(StorageError("timed out"))["retry-after"] == "1"
     for final in (JobStopped("deadline"), ModelUnavailable("no checkpoint"), RuntimeError("bug"),
+                  BucketMissing("no bucket"), StorageUnusable("bad name"), Forbidden("403"),  # settings to fix
                   ModelFault("not finite", retry_helps=False)):  # the job's own seed: the same audio again
         assert headers(final)["x-should-retry"] == "false" and "retry-after" not in headers(final), final
     assert "x-should-retry" not in headers(ModelFault("not finite", retry_helps=True))  # another seed is drawn

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from f5worker.errors import InputError, ModelFault, ModelUnavailable, NotFound, WorkerError
+from f5worker.errors import InputError, ModelFault, ModelUnavailable, NotFound, StorageError, WorkerError
 from f5worker.jobs.guard import JobStopped
 from f5worker.service import Outcome
 
@@ -65,8 +65,10 @@ def api_error(outcome: Outcome) -> ApiError:
                 ApiError(503, message, code="job_stopped", final=True))
     if isinstance(err, ModelFault):  # the same seed makes the same audio; a drawn one may not
         return ApiError(500, message, code="model_fault", final=not err.retry_helps)
-    if isinstance(err, ModelUnavailable):  # a setting or volume to fix: retrying in a second will not help
-        return ApiError(503, message, code="model_unavailable", final=True)
-    if isinstance(err, WorkerError):  # storage that failed or could not be reached
+    if isinstance(err, StorageError):  # a fault that may pass in a second, or a setting or volume to fix
+        code = "model_unavailable" if isinstance(err, ModelUnavailable) else "storage_error"
+        return (ApiError(503, message, code=code, retry_after=RETRY_AFTER_S) if err.retry_helps else
+                ApiError(503, message, code=code, final=True))
+    if isinstance(err, WorkerError):
         return ApiError(503, message, code="storage_error", retry_after=RETRY_AFTER_S)
     return ApiError(500, message, code="internal_error", final=True)

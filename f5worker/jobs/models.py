@@ -17,7 +17,7 @@ import time
 import weakref
 from typing import Awaitable, Callable
 
-from f5worker.errors import StorageError
+from f5worker.errors import ModelUnavailable, StorageError
 from f5worker.inference.engine import TTSEngine
 from f5worker.inference.models import ModelPool
 from f5worker.model.checkpoint import model_name, read_model_config
@@ -69,11 +69,19 @@ class JobModels:
         return time.perf_counter() - started
 
     async def _load(self, name: str) -> None:
-        files = await self._off_loop(functools.partial(resolve_tts_files, self.settings, model=name))
-        await self._off_loop(self._make_room, files)
-        # loaded and added on the model thread, and awaited to its end even by a job cancelled
-        # meanwhile: the load goes on there anyway, and the one-load lock is held until it ends
-        await outlast(asyncio.ensure_future(self._on_model_thread(functools.partial(self._load_and_add, name, files))))
+        """``name`` loaded; its files not to be had, or not loadable, are ``ModelUnavailable``
+        (a volume or setting to fix), as the worker's Whisper is."""
+        try:
+            files = await self._off_loop(functools.partial(resolve_tts_files, self.settings, model=name))
+            await self._off_loop(self._make_room, files)
+            # loaded and added on the model thread, and awaited to its end even by a job cancelled
+            # meanwhile: the load goes on there anyway, and the one-load lock is held until it ends
+            await outlast(asyncio.ensure_future(self._on_model_thread(functools.partial(self._load_and_add, name,
+                                                                                          files))))
+        except ModelUnavailable:
+            raise
+        except StorageError as err:
+            raise ModelUnavailable(str(err)) from err
 
     def _load_and_add(self, name: str, files: ModelFiles) -> None:
         self._added(name, self._load_engine(files))
