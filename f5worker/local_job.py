@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from f5worker.errors import InputError
+from f5worker.jobs.inputs import loads_input
 from f5worker.jobs.guard import SAFE_JOB_ID
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,12 @@ def parse_test_job(text: str, source: str) -> dict:
     """The job in ``text`` (from ``source``), named ``local_test`` unless it gives an ``id``;
     InputError in one sentence where it cannot be run."""
     try:
-        job = json.loads(text)
+        job = loads_input(text)
     except json.JSONDecodeError as err:
         raise InputError(f"The test input ({source}) is not JSON: {err.msg} at line {err.lineno} "
                          f"column {err.colno}.") from None
+    except ValueError as err:
+        raise InputError(f"The test input ({source}) is not JSON: {err}.") from None
     if not isinstance(job, dict):
         raise InputError(f"The test input ({source}) must be a JSON object such as "
                          f'{{"input": {{"text": ...}}}}, not {type(job).__name__}.')

@@ -126,6 +126,7 @@ def test_shown_results_carry_no_signature_and_no_words():
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("not json", "The test input (--test_input) is not JSON: Expecting value at line 1 column 1."),
+    ("[" * 100_000, "The test input (--test_input) is not JSON: nested too deeply."),  # was a RecursionError
     ("[1]", 'The test input (--test_input) must be a JSON object such as {"input": {"text": ...}}, not list.'),
     ('"x"', 'The test input (--test_input) must be a JSON object such as {"input": {"text": ...}}, not str.'),
     ('{"id": 5, "input": {}}', "The test input's 'id' (--test_input) must be a string of letters, digits, '_' "
@@ -141,6 +142,16 @@ def test_a_test_input_that_cannot_be_run_is_one_sentence(text, expected):
         parse_test_job(text, "--test_input")
     assert str(refused.value) == expected
     assert parse_test_job('{"input": {}}', "x") == {"id": "local_test", "input": {}}
+
+
+def test_a_test_input_integer_past_int_s_4300_digits_meets_its_fields_bound():
+    """It was a ValueError from int() (a traceback); now the job refuses it as any seed too large."""
+    from f5worker.errors import InputError
+    from f5worker.local_job import parse_test_job
+
+    job = parse_test_job('{"input": {"text": "Hi.", "local_voice": "a.wav", "seed": %s}}' % ("9" * 5000), "x")
+    with pytest.raises(InputError, match=r"^'seed' must be at most 2147483647\.$"):
+        parse_job_input(job["input"])
 
 
 def test_a_test_input_json_that_is_not_an_object_exits_1_without_a_traceback(cli):

@@ -494,8 +494,11 @@ HOSTILE = [
      "stream_format"),
     ({"input": SHORT_TEXT, "voice": BUILTIN, "nfe_step": 0}, 400, "'nfe_step' must be at least 1.", "nfe_step"),
     ({"input": SHORT_TEXT, "voice": BUILTIN, "response_format": "opus", "sample_rate": 44100}, 400,
-     "'sample_rate' must be 8000, 16000, 24000 or 48000 for output_format 'opus'", "sample_rate"),
+     "'sample_rate' must be 8000, 16000, 24000 or 48000 for opus audio", "sample_rate"),
     ({"input": SHORT_TEXT}, 400, "Missing required input 'voice'.", "voice"),
+    # as the queue face says them, not "There is no model ''" (404)
+    ({"input": SHORT_TEXT, "voice": BUILTIN, "model": " "}, 400, "'model' must not be empty.", "model"),
+    ({"input": SHORT_TEXT, "voice": BUILTIN, "model": "m" * 65}, 400, "'model' is too long: at most 64", "model"),
     ({"input": SHORT_TEXT, "voice": "nobody-here"}, 404, "Voice 'nobody-here.wav' was not found", None),
     ([1, 2], 400, "The request body must be a JSON object.", None),
     # the union's last branch had named the field: "'voice.constrained-str' must be a string."
@@ -519,6 +522,13 @@ def test_bodies_that_are_not_json_or_too_large(served):
                         "The request body must be JSON.")
     nested = b"[" * 200_000  # past Python's recursion depth, well under the body limit
     assert_openai_error(api(base_url, "POST", "/v1/audio/speech", data=nested), 400, "The request body must be JSON.")
+    # valid JSON with an integer past int()'s 4,300 digits: the field's bound, as the queue face says it
+    for digits in ("9" * 5000, "-" + "9" * 5000):
+        long_seed = f'{{"input": "Hi.", "voice": "{BUILTIN}", "seed": {digits}}}'.encode()
+        assert_openai_error(api(base_url, "POST", "/v1/audio/speech", data=long_seed,
+                                headers={"Content-Type": "application/json"}), 400,
+                            f"'seed' must be at {'least 0' if digits[0] == '-' else 'most 2147483647'}.", "seed")
+    assert_openai_error(api(base_url, "GET", "/v1/audio/voices?cursor=%ED%A0%80"), 400, "'cursor' is not one a list_voices page returned", "cursor")
     huge = json.dumps({"input": "a" * (JSON_BODY_BYTES + 10), "voice": BUILTIN}).encode()
     assert_openai_error(api(base_url, "POST", "/v1/audio/speech", data=huge), 413, "The request body is larger")
 

@@ -123,9 +123,9 @@ def test_resampling_keeps_duration_and_content():
     (tts(sample_rate=12345), "'sample_rate' must be 8000, 16000, 22050, 24000, 44100 or 48000 (Hz)."),
     (tts(sample_rate=24000.0), "'sample_rate' must be an integer."),
     (tts(output_format="opus", sample_rate=44100),
-     "'sample_rate' must be 8000, 16000, 24000 or 48000 for output_format 'opus'."),
+     "'sample_rate' must be 8000, 16000, 24000 or 48000 for opus audio."),
     (tts(output_format="opus", sample_rate=22050),
-     "'sample_rate' must be 8000, 16000, 24000 or 48000 for output_format 'opus'."),
+     "'sample_rate' must be 8000, 16000, 24000 or 48000 for opus audio."),
     (tts(return_base64="yes"), "'return_base64' must be true or false."),
     (tts(return_base64=1), "'return_base64' must be true or false."),
 ])

@@ -7,14 +7,13 @@ takes its style from the reference voice. Any other field nobody defines is refu
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from f5worker.errors import InputError, shown
-from f5worker.jobs.inputs import ListVoicesInput, TTSInput, UploadInput, parse_model
+from f5worker.jobs.inputs import MAX_MODEL_NAME_CHARS, ListVoicesInput, TTSInput, UploadInput, loads_input, parse_model
 from f5worker.jobs.live_encoding import DEFAULT_LIVE_FORMAT, LIVE_FORMATS, LiveFormat
 from f5worker.jobs.encoding import one_of
 from f5worker.jobs.options import OPTION_DEFAULTS
@@ -39,7 +38,8 @@ class VoiceId(_Body):
 
 
 class SpeechBody(_Body):
-    model: str | None = None  # None: the default model
+    # None: the default model; held to the queue face's bounds, so an empty or overlong name gets its sentence
+    model: str | None = Field(default=None, min_length=1, max_length=MAX_MODEL_NAME_CHARS)
     input: str
     voice: str | VoiceId
     instructions: str | None = Field(default=None, max_length=4096)  # accepted, not used (module docstring)
@@ -69,8 +69,8 @@ def stored_voice_name(name: str, aliases: dict[str, str] | None) -> str:
 
 def json_body(data: bytes) -> dict:
     try:
-        body = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past Python's depth
+        body = loads_input(data)
+    except ValueError:  # UnicodeDecodeError among them
         raise InputError("The request body must be JSON.") from None
     if not isinstance(body, dict):
         raise InputError("The request body must be a JSON object.")

@@ -10,6 +10,7 @@ models.
 """
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from typing import Literal, Union
@@ -179,7 +180,7 @@ class TTSInput(_Input):
         if rate not in SAMPLE_RATES:
             raise ValueError(f"must be {one_of(SAMPLE_RATES)} (Hz)")
         if fmt is not None and rate not in fmt.sample_rates:
-            raise ValueError(f"must be {one_of(fmt.sample_rates)} for output_format '{fmt.name}'")
+            raise ValueError(f"must be {one_of(fmt.sample_rates)} for {fmt.name} audio")
         return rate
 
     @field_validator("voices")
@@ -295,6 +296,26 @@ class VoiceInfoInput(_Input):
 JobInput = Union[TTSInput, UploadInput, ListVoicesInput, DeleteVoiceInput, VoiceInfoInput, ListModelsInput]
 ENDPOINTS = {"tts": TTSInput, "upload": UploadInput, "list_voices": ListVoicesInput,
              "delete_voice": DeleteVoiceInput, "voice_info": VoiceInfoInput, "list_models": ListModelsInput}
+
+
+PAST_EVERY_BOUND = 10**20  # larger than any field's bound
+
+
+def _int_in_reach(digits: str) -> int:
+    """A JSON integer past 20 digits is past every bound, so it is read as ``PAST_EVERY_BOUND``
+    (its sign kept) and refused by its field's bound, not by int(), which fails past 4,300 digits."""
+    if len(digits.lstrip("-")) <= 20:
+        return int(digits)
+    return -PAST_EVERY_BOUND if digits.startswith("-") else PAST_EVERY_BOUND
+
+
+def loads_input(data: str | bytes) -> object:
+    """JSON as a job's input is read where this worker reads it (an HTTP body, a test input file;
+    runpod reads the queue's): ValueError for anything that is not JSON, nested too deep included."""
+    try:
+        return json.loads(data, parse_int=_int_in_reach)
+    except RecursionError:  # nested past Python's depth
+        raise ValueError("nested too deeply") from None
 
 
 def _field_name(loc) -> str:

@@ -224,7 +224,8 @@ def decode_cursor(cursor: str) -> str:
             raise ValueError(name)
         return check_key(voice_key(name))
     except (ValueError, StorageError):
-        raise InputError("'cursor' is not one a list_voices page returned; pass next_cursor as it came.") from None
+        raise InputError("'cursor' is not one a list_voices page returned; pass next_cursor as it came.",
+                         param="cursor") from None
 
 
 def _iso(moment: datetime) -> str:
