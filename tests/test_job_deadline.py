@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import threading
 import time
 import uuid
 
 import pytest
 
 from f5worker.errors import WriteStopped
-from f5worker.jobs.guard import COMMITTING, JobGuard, stuck_at
+from f5worker.jobs.guard import COMMITTING, JobGuard, stuck_at, wait_for_earlier_attempt
 from f5worker.jobs.tempfiles import job_paths
 from f5worker.service import SETTLE_S, make_handler
 from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_ENDPOINT_URL, ENV_AWS_REGION,
@@ -160,6 +161,61 @@ def test_a_job_whose_deadline_passes_while_writing_its_output_reports_what_happe
     assert asked_to_stop == [True]
     assert result["output_key"] == f"output/{job_id}.wav" and result["output_key"] in ctx.keys()
     assert ctx.tmp_files() == []
+
+
+def test_a_job_sent_again_while_its_earlier_attempt_unwinds_keeps_its_files(ctx, monkeypatch):
+    """A RunPod retry keeps the job's id, and so its temp files' names. The first attempt, answered
+    at its deadline while a storage call of it still ran, removed them once that call ended: the
+    retry's output file went from under it ("The worker's temp folder ... could not be written").
+    The retry now starts once the earlier attempt has ended. Stand-ins (wall-clock slowness on
+    demand): the first attempt's voice fetch takes past its deadline; the retry's storing of its
+    output waits until that fetch has returned and its attempt has had time to unwind."""
+    deadline_s = 3.0
+    guard = JobGuard(deadline_s, ctx.settings.tmp_dir, committing=COMMITTING.get)
+    handler = make_handler(ctx.worker, guard=guard)
+    real_fetch, real_store = ctx.worker.voices.storage.download_if_changed, ctx.worker._store
+    fetched, calls = threading.Event(), []
+
+    def slow_first_fetch(*args, **kwargs):
+        calls.append(1)
+        try:
+            if len(calls) == 1:
+                time.sleep(deadline_s + 0.5)
+            return real_fetch(*args, **kwargs)
+        finally:
+            fetched.set()
+
+    async def store_after_the_first_attempt(*args, **kwargs):
+        while not fetched.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # the first attempt unwinds on this loop (its files removed)
+        return await real_store(*args, **kwargs)
+
+    monkeypatch.setattr(ctx.worker.voices.storage, "download_if_changed", slow_first_fetch)
+    monkeypatch.setattr(ctx.worker, "_store", store_after_the_first_attempt)
+    job = {"text": "Sent twice.", "local_voice": "basic_ref_en.wav", "nfe_step": 2, "seed": 3}
+
+    async def twice():
+        first = await handler({"id": "sent-twice", "input": job})
+        return first, await handler({"id": "sent-twice", "input": job})
+    first, second = asyncio.run(twice())
+    assert "did not finish within 3 s (stuck at: " in first["error"], first
+    assert "error" not in second, second
+    assert second["output_key"] == "output/sent-twice.wav" and ctx.tmp_files() == []
+
+
+def test_stuck_at_names_the_wait_for_an_earlier_attempt():
+    async def go():
+        earlier = threading.Event()
+
+        async def workflow():
+            return "done"
+        task = asyncio.ensure_future(wait_for_earlier_attempt(earlier, workflow()))
+        await asyncio.sleep(0.1)
+        where = stuck_at(task)
+        earlier.set()
+        return where, await task
+    assert asyncio.run(go()) == ("wait_for_earlier_attempt", "done")
 
 
 def shutdown_while_storing(ctx, monkeypatch, write):

@@ -57,6 +57,7 @@ COMMITTING: weakref.WeakKeyDictionary[asyncio.Task, threading.Event] = weakref.W
 SHUTDOWN_GRACE_S = 3.0  # after SIGTERM, jobs in flight get this long to finish
 EXIT_AFTER_S = 5.0  # then answers go out; a process still alive this much later ends itself
 CANCEL_SETTLE_S = 0.25  # a stopped job not blocked in a thread unwinds within this
+EARLIER_ATTEMPT_POLL_S = 0.05  # how often a job sent again checks whether its earlier attempt has ended
 ON_STOP_WAIT_S = 2.0  # how long the exit waits for ``on_stop`` (its calls are storage calls)
 # At a shutdown a job whose final write has begun is waited for this long before it is answered,
 # which leaves its answer time to go out before the process ends (EXIT_AFTER_S after the answers).
@@ -79,12 +80,17 @@ def _callable_name(fn) -> str:
     return getattr(fn, "__qualname__", type(fn).__name__)
 
 
+_SLEEP_CODE = asyncio.sleep.__code__
+
+
 def stuck_at(task: asyncio.Task) -> str:
     """What a job's workflow is waiting on: the innermost coroutine it awaits or, for a call handed
     to a thread (``asyncio.to_thread``, ``run_in_executor``), the function that thread runs."""
     coro, where = task.get_coro(), "start"
     while getattr(coro, "cr_frame", None) is not None:
         frame = coro.cr_frame
+        if frame.f_code is _SLEEP_CODE:  # a poll: the frame above it says what it waits for
+            break
         where = frame.f_code.co_qualname
         handed = frame.f_locals.get("func") or frame.f_locals.get("fn")
         if callable(handed):
@@ -115,6 +121,20 @@ def safe_job_id(job_id: object) -> str:
     return job_id if isinstance(job_id, str) and SAFE_JOB_ID.fullmatch(job_id) else uuid.uuid4().hex
 
 
+async def wait_for_earlier_attempt(earlier: threading.Event | None, workflow):
+    """``workflow`` run once the earlier attempt of its job id (``earlier`` set) has ended. A job
+    sent again keeps its id (a RunPod retry), and so its temp files' names: an attempt answered at
+    its deadline unwinds only when its thread ends, and its cleanup removed the files the retry
+    was writing. The wait counts against the retry's own deadline."""
+    try:
+        while earlier is not None and not earlier.is_set():
+            await asyncio.sleep(EARLIER_ATTEMPT_POLL_S)
+    except BaseException:
+        workflow.close()  # never started: no "never awaited" warning
+        raise
+    return await workflow
+
+
 class JobGuard:
     """The deadline of each job, and what SIGTERM does to the jobs in flight (module docstring)."""
 
@@ -140,12 +160,18 @@ class JobGuard:
         self._lock = threading.Lock()
         self._in_flight: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._stopped: set[str] = set()  # jobs whose abandoned threads may still write their files
+        # each job id's latest attempt: set once its workflow has ended (and removed its files)
+        self._attempts: dict[str, threading.Event] = {}
         self._previous = None
 
     async def run(self, job_id: str, workflow) -> dict:
         """``workflow`` (a coroutine) to its result, unless the deadline or a shutdown stops it."""
         loop = asyncio.get_running_loop()
-        work = loop.create_task(workflow)
+        ended = threading.Event()
+        with self._lock:
+            earlier, self._attempts[job_id] = self._attempts.get(job_id), ended
+        work = loop.create_task(wait_for_earlier_attempt(earlier, workflow))
+        work.add_done_callback(functools.partial(self._attempt_ended, job_id, ended))
         stop = loop.create_future()
         with self._lock:
             self._in_flight[job_id] = (loop, stop)
@@ -180,6 +206,12 @@ class JobGuard:
                 await asyncio.wait({work}, timeout=CANCEL_SETTLE_S)
                 if write_stop is None:
                     self.sweep([job_id])
+
+    def _attempt_ended(self, job_id: str, ended: threading.Event, _work: asyncio.Task) -> None:
+        ended.set()
+        with self._lock:
+            if self._attempts.get(job_id) is ended:
+                del self._attempts[job_id]
 
     async def _see_write_through(self, job_id: str, work: asyncio.Task, stop: asyncio.Future) -> None:
         """A job stopped (its deadline, a shutdown) after its final write has begun is waited for, so
