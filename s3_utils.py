@@ -76,6 +76,7 @@ SWEEP_INTERVAL_S = 600.0  # a local retention sweep runs at most once per 10 min
 SWEPT_PREFIXES = (OUTPUT_PREFIX, LOGS_PREFIX)  # never voices/
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 _NOT_MODIFIED_CODES = {"304", "NotModified"}  # a conditional GET whose object has not changed
+_CHANGED_CODES = {"412", "PreconditionFailed"}  # a read's If-Match: the object was replaced
 _EMPTY_RANGE_CODES = {"416", "InvalidRange"}  # a range past the end (or any range of an empty object)
 _FORBIDDEN_CODES = {"403", "AccessDenied"}
 _NO_UPLOAD_CODES = {"NoSuchUpload"}  # an upload id already aborted or completed
@@ -95,6 +96,14 @@ class KeyNotFound(StorageError):
 
     def __init__(self, key: str):
         super().__init__(f"'{key}' was not found in storage")
+        self.key = key
+
+
+class VersionChanged(StorageError):
+    """The object at ``key`` is no longer the version asked for: it was replaced meanwhile."""
+
+    def __init__(self, key: str):
+        super().__init__(f"'{key}' was replaced while it was read")
         self.key = key
 
 
@@ -297,9 +306,10 @@ class Storage:
         more may follow, and where to go on from (``Listing.resume_after``). One request."""
         raise NotImplementedError
 
-    def get_range(self, key: str, start: int, length: int) -> bytes:
+    def get_range(self, key: str, start: int, length: int, *, version: str | None = None) -> bytes:
         """At most ``length`` bytes of ``key`` from byte ``start``; fewer at the end, none past it.
-        ``KeyNotFound`` if it does not exist."""
+        ``KeyNotFound`` if it does not exist; ``VersionChanged`` if ``version`` is given and the
+        object is no longer that version (so reads of several ranges describe one object)."""
         raise NotImplementedError
 
     def exists(self, key: str) -> bool:
@@ -406,6 +416,8 @@ class S3Storage(Storage):
                 return KeyNotFound(key)
             if code == "NoSuchBucket":
                 return self._no_bucket(action, key)
+            if code in _CHANGED_CODES:
+                return VersionChanged(key)
             kind = Forbidden if code in _FORBIDDEN_CODES else StorageError
             return kind(f"S3 request failed: {_HTTP_CODE_NAMES.get(code, code)} {where}")
         if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
@@ -637,13 +649,14 @@ class S3Storage(Storage):
         return Listing(found, bool(response.get("IsTruncated")),
                        max(passed, key=lambda key: key.encode("utf-8"), default=None))
 
-    def get_range(self, key, start, length):
+    def get_range(self, key, start, length, *, version=None):
         if start < 0 or length < 1:
             raise StorageError(f"byte range {start}+{length} of {key!r} is not allowed")
         with self._errors("get", check_key(key)):
             try:
                 response = self.client.get_object(Bucket=self.bucket, Key=key,
-                                                  Range=f"bytes={start}-{start + length - 1}")
+                                                  Range=f"bytes={start}-{start + length - 1}",
+                                                  **({"IfMatch": version} if version else {}))
             except ClientError as err:
                 if _error_code(err) in _EMPTY_RANGE_CODES:
                     return b""
@@ -860,12 +873,14 @@ class LocalStorage(Storage):
                 found.append(self._info(key, st))
         return Listing(found, False, found[-1].key if found else None)
 
-    def get_range(self, key, start, length):
+    def get_range(self, key, start, length, *, version=None):
         if start < 0 or length < 1:
             raise StorageError(f"byte range {start}+{length} of {key!r} is not allowed")
         path = self.path_for(key)
         with self._errors("get", key):
             with open(path, "rb") as src:
+                if version is not None and self._info(key, os.fstat(src.fileno())).version != version:
+                    raise VersionChanged(key)
                 src.seek(start)
                 return src.read(length)
 

@@ -21,7 +21,7 @@ from f5worker.settings import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_CA_BUNDLE, ENV_AWS
                                ENV_S3_CONNECT_TIMEOUT, ENV_S3_MAX_ATTEMPTS, ENV_S3_READ_TIMEOUT,
                                INCOMING_PREFIX, LOGS_PREFIX, OUTPUT_PREFIX, VOICES_PREFIX, Settings)
 from s3_utils import (SWEEP_INTERVAL_S, KeyNotFound, Listing, LocalStorage, ObjectTooLarge, S3Storage,
-                      atomic_write, call_bound_s, make_s3_client, make_storage, past_folder)
+                      VersionChanged, atomic_write, call_bound_s, make_s3_client, make_storage, past_folder)
 from tests.fixtures_worker import worker_ctx
 
 # Headers Backblaze B2 (and other S3-compatible services) reject: boto3 >= 1.36 sends them by
@@ -183,6 +183,20 @@ def test_get_range_reads_part_of_an_object(storage, tmp_path):
     assert storage.get_range(f"{VOICES_PREFIX}empty.wav", 0, 100) == b""
     with pytest.raises(KeyNotFound):
         storage.get_range(f"{VOICES_PREFIX}nobody.wav", 0, 10)
+
+
+def test_get_range_of_a_version_refuses_a_replaced_object(storage, tmp_path):
+    """Reads of several ranges describe one object (a listing's header reads): a replaced one is said."""
+    key = f"{VOICES_PREFIX}rv.wav"
+    first, second = _write(tmp_path / "rv1.wav", 4_000), _write(tmp_path / "rv2.wav", 6_000)
+    storage.upload_file(key, first, "audio/wav")
+    listed = storage.head(key)
+    assert storage.get_range(key, 0, 100, version=listed.version) == first.read_bytes()[:100]
+    storage.upload_file(key, second, "audio/wav")
+    with pytest.raises(VersionChanged):
+        storage.get_range(key, 0, 100, version=listed.version)
+    assert storage.get_range(key, 0, 100, version=storage.head(key).version) == second.read_bytes()[:100]
+    assert storage.get_range(key, 0, 100) == second.read_bytes()[:100]
 
 
 def test_download_if_changed_transfers_only_a_new_version(storage, tmp_path):

@@ -438,6 +438,33 @@ def test_a_voice_deleted_while_listed_is_left_out(ctx, tmp_path):
     storage.delete("voices/kept-meanwhile.wav")
 
 
+def test_a_voice_replaced_while_listed_is_described_by_one_take(ctx):
+    """Someone replaces a voice between the listing and the reading of its header: its entry had
+    the old take's size and time and the new one's transcript, a pair that never existed. Its
+    reads now ask for the listed version, and a replaced voice is described whole by its new one."""
+    from f5worker.jobs.voices import VoiceLibrary
+
+    name = name_for("mix")
+    upload_b64(ctx, name, wav_bytes(speechlike(2.0, seed=81)), ref_text="The old take.")
+
+    class ReplacingMeanwhile(CountingStorage):
+        def list_objects(self, *args, **kwargs):
+            listed = self.real.list_objects(*args, **kwargs)
+            if not hasattr(self, "new"):
+                self.new = upload_b64(ctx, name, wav_bytes(speechlike(9.0, seed=82)), ref_text="The new take.")
+            return listed
+
+    storage = ReplacingMeanwhile(ctx.worker.storage)
+    voices, _ = VoiceLibrary(storage).list_page(MAX_LIST_LIMIT, None, True)
+    entry = next(v for v in voices if v["voice_name"] == name)
+    now = ctx.worker.storage.head(f"voices/{name}")
+    assert (entry["transcript"], entry["duration"]) == ("The new take.", storage.new["duration"])
+    assert (entry["size"], entry["last_modified"]) == (now.size, now.last_modified.isoformat(timespec="seconds")
+                                                       .replace("+00:00", "Z"))
+    assert any(call[0] == "head" for call in storage.calls)  # the new version, asked for once it was seen
+    ctx.worker.storage.delete(f"voices/{name}")
+
+
 @pytest.mark.parametrize("job, expected", [
     ({"limit": 0}, "'limit' must be at least 1."),
     ({"limit": 1001}, "'limit' must be at most 1000."),
@@ -563,6 +590,24 @@ def test_delete_voice_removes_it_and_what_lies_beside_it(ctx):
     refused(ctx, {"endpoint": "delete_voice", "voice_name": name},
             f"Voice '{name}' was not found, so nothing was deleted.")
     refused(ctx, {"text": "Hello.", "local_voice": name}, f"Voice '{name}' was not found")
+
+
+def test_a_voice_deleted_while_it_is_transcribed_leaves_no_transcript_behind(ctx, monkeypatch):
+    """The transcript was written after the delete had removed what lay beside the voice: an
+    orphan ``voices/<name>.json`` that no listing shows and no delete could remove ("not found").
+    The delete runs inside the transcription, as a delete job on another thread would."""
+    name = name_for("heard")
+    put_raw(ctx, f"voices/{name}", wav_bytes(speechlike(2.0, seed=62)))
+    real = ctx.worker.voices.transcribe
+    deleted = []
+
+    def transcribe_while_deleted(samples, sr):
+        deleted.append(ctx.worker.voices.delete(name))
+        return real(samples, sr)
+    monkeypatch.setattr(ctx.worker.voices, "transcribe", transcribe_while_deleted)
+    result = tts(ctx, name)
+    assert result["ref_text_source"] == "transcribed" and deleted == [[f"voices/{name}"]]
+    assert not {k for k in ctx.keys() if k.startswith(f"voices/{name}")}, ctx.keys()
 
 
 def test_delete_refuses_built_in_and_bad_names(ctx):

@@ -51,7 +51,7 @@ from f5worker.errors import SHOWN_KEY_CHARS, InputError, NotFound, StorageError,
 from f5worker.jobs.inputs import check_voice_name
 from f5worker.settings import (ENV_MAX_VOICE_BYTES, INCOMING_PREFIX, TRANSCRIPT_SUFFIX,
                                VOICE_META_SUFFIX, VOICES_PREFIX)
-from s3_utils import KeyNotFound, NotText, ObjectInfo, ObjectTooLarge, Storage, check_key
+from s3_utils import KeyNotFound, NotText, ObjectInfo, ObjectTooLarge, Storage, VersionChanged, check_key
 from f5worker.jobs.resampling import to_model_rate
 from f5worker.model.constants import SAMPLE_RATE
 
@@ -72,6 +72,7 @@ FROM_JOB, STORED, TRANSCRIBED = "job", "stored", "transcribed"
 REF_TEXT_SOURCES = (FROM_JOB, STORED, BUILT_IN, TRANSCRIBED)
 LIST_DETAIL_THREADS = 8  # a listing reads at most this many voices' headers at once, per worker
 LIST_CALLS_PER_PAGE = 4  # storage listings one page may take (sidecar files take keys too)
+VERSION_TRIES = 2  # reads of a listed voice replaced meanwhile: its listed version, then its new one
 
 
 def voice_key(name: str) -> str:
@@ -362,11 +363,19 @@ class VoiceLibrary:
     def remember_transcript(self, voice: Voice, text: str) -> None:
         """Kept even if the job fails later; bound to the audio it describes, so it is never used
         for a voice that replaced this one meanwhile. ``version`` lets a listing tell the same
-        without reading the audio."""
-        if voice.sha256 is not None:
-            self.storage.put_json(meta_key(voice.name), {"sha256": voice.sha256, "ref_text": text,
-                                                         "version": voice.info.version if voice.info else None})
-            voice.learnt_text = text
+        without reading the audio. A voice deleted while it was transcribed gets no sidecar: once
+        the delete has removed what lay beside it, none could remove this one (the voice is gone)."""
+        if voice.sha256 is None:
+            return
+        self.storage.put_json(meta_key(voice.name), {"sha256": voice.sha256, "ref_text": text,
+                                                     "version": voice.info.version if voice.info else None})
+        voice.learnt_text = text
+        if voice.info is None:
+            return  # a built-in voice
+        try:
+            self.storage.head(voice_key(voice.name))
+        except KeyNotFound:
+            self.storage.delete(meta_key(voice.name))
 
     def transcribe(self, samples: np.ndarray, sr: int) -> str:
         if self._transcribe is None:
@@ -466,13 +475,28 @@ class VoiceLibrary:
         return [entry for entry in (future.result() for future in futures) if entry is not None]
 
     def _detailed_entry(self, obj: ObjectInfo) -> dict | None:
+        """One voice's entry, or None if it was deleted since it was listed. Its reads ask for the
+        listed version: a voice replaced meanwhile is described whole from its new version (its
+        size and time with its own duration and transcript), never as a mix of the two."""
+        for _ in range(VERSION_TRIES):
+            try:
+                return self._entry_of_version(obj)
+            except KeyNotFound:
+                return None
+            except VersionChanged:
+                try:
+                    obj = self.storage.head(obj.key)
+                except KeyNotFound:
+                    return None
+        entry = self._entry(obj)  # replaced at every read: its duration and transcript are not known
+        entry.update(duration=None, sample_rate=None, transcript=None, transcript_source=None)
+        return entry
+
+    def _entry_of_version(self, obj: ObjectInfo) -> dict:
         entry = self._entry(obj)
         name = entry["voice_name"]
-        try:
-            summary = audio.wav_summary(lambda start, length: self.storage.get_range(obj.key, start, length),
-                                        obj.size)
-        except KeyNotFound:
-            return None
+        summary = audio.wav_summary(
+            lambda start, length: self.storage.get_range(obj.key, start, length, version=obj.version), obj.size)
         seconds = summary.seconds if summary is not None else None
         text, source = None, None
         if summary is not None and summary.transcript:
