@@ -10,20 +10,18 @@ The logic lives in ``f5worker.service``; this script only orders start-up: cache
 (huggingface_hub reads them once, at import), then logging, then the worker.
 """
 import logging
-import os
 import sys
 
 
 def main(argv=None) -> int:
-    from f5worker.settings import Settings, apply_cache_env
+    from f5worker.settings import Settings, apply_cache_env, quiet_runpod_logs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # it logs full URLs, signatures included
     logging.getLogger("botocore").setLevel(logging.WARNING)
     # runpod's own logger defaults to DEBUG, at which it prints every job's input (the text) and
-    # output (presigned URLs, signatures included). It reads the level once, at import.
-    if not (os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL")):
-        os.environ["RUNPOD_LOG_LEVEL"] = "INFO"
+    # output (presigned URLs, signatures included).
+    quiet_runpod_logs()
     try:
         settings = Settings.from_env()
     except ValueError as err:  # one sentence naming the variable, not a traceback

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from f5worker.errors import InputError
 from f5worker.jobs.inputs import loads_input
+from f5worker.settings import ENV_RUNPOD_JOB_URL, ENV_RUNPOD_REALTIME_PORT
 from f5worker.jobs.guard import SAFE_JOB_ID
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,11 @@ TEXT_FIELDS = ("text", "ref_text", "transcript", "word")  # the caller's words: 
 def local_test_job(args, env=os.environ, folder: Path = Path(".")) -> dict | None:
     """The job runpod would run locally, given its parsed arguments (``runpod.serverless.parser``),
     or None where runpod serves instead (its API server, a realtime port, RunPod's queue)."""
-    if args.rp_serve_api or env.get("RUNPOD_REALTIME_PORT"):
+    if args.rp_serve_api or env.get(ENV_RUNPOD_REALTIME_PORT):
         return None
     if args.test_input:
         return parse_test_job(args.test_input, "--test_input")
-    if env.get("RUNPOD_WEBHOOK_GET_JOB"):
+    if env.get(ENV_RUNPOD_JOB_URL):
         return None
     path = folder / "test_input.json"
     return parse_test_job(path.read_text(encoding="utf-8"), str(path)) if path.is_file() else None

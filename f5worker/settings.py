@@ -96,6 +96,11 @@ SERVE_FACES = ("queue", "http")
 # Set by RunPod on its workers (where runpod's SDK fetches jobs); unset in runpod's local modes,
 # where a progress report has nowhere to go.
 ENV_RUNPOD_JOB_URL = "RUNPOD_WEBHOOK_GET_JOB"
+ENV_RUNPOD_REALTIME_PORT = "RUNPOD_REALTIME_PORT"  # runpod's realtime mode: its own API server
+# runpod's logger reads its level from these once, at import (RUNPOD_DEBUG_LEVEL is the older name)
+ENV_RUNPOD_LOG_LEVEL = "RUNPOD_LOG_LEVEL"
+ENV_RUNPOD_DEBUG_LEVEL = "RUNPOD_DEBUG_LEVEL"
+RUNPOD_QUIET_LEVEL = "INFO"
 
 # Cache variables third-party libraries read; all derived from the model root. (Not
 # TRANSFORMERS_CACHE: transformers 5 no longer reads it and finds its files through HF_HOME.)
@@ -408,7 +413,7 @@ class Settings:
     tmp_dir: Path = setting(
         ENV_TMP_DIR, PathValue(), Path("/tmp"),
         "per-job files `<job_id>_voice.wav`, `<job_id>_output.wav` (the encoded output, whatever its format), "
-        "`<job_id>_download` (an upload's source)")
+        "`<job_id>_download` (an upload's source), `<job_id>_subtitles` (a subtitle file before it is stored)")
     local_storage_dir: Path | None = setting(
         ENV_LOCAL_STORAGE_DIR, PathValue(), None,
         "storage with no `S3_BUCKET`; a path that is a file, lies under a file, or cannot be written (or created) "
@@ -537,7 +542,7 @@ class Settings:
     on_runpod_queue: bool = setting(
         ENV_RUNPOD_JOB_URL, Present(), False,
         "set by RunPod on its workers: jobs come from RunPod's queue (progress reports go there), not runpod's "
-        "local modes; never set by hand")
+        "local modes; never set by hand (any value, `0` too, counts as set)", shown="unset")
     warnings: tuple[str, ...] = ()  # sentences about the variables (conflicting aliases ...), no values
 
     @property
@@ -614,6 +619,14 @@ OTHER_VARS = (
     Var(ENV_AWS_CA_BUNDLE, PathValue(), None,
         "CA certificate file for an S3 endpoint with a private CA (read by botocore, as it is: with a bucket set, "
         "a value that is empty, has spaces around it or names no file stops start-up)"),
+    Var(ENV_REQUESTS_CA_BUNDLE, PathValue(), None,
+        f"botocore's CA certificate file when `{ENV_AWS_CA_BUNDLE}` is unset, and the gate's for its presigned-URL "
+        "check"),
+    Var(ENV_RUNPOD_LOG_LEVEL, Text(), None,
+        f"runpod's own log level (`{ENV_RUNPOD_DEBUG_LEVEL}` its older name); unset, the worker sets "
+        f"`{RUNPOD_QUIET_LEVEL}`, because at runpod's default, `DEBUG`, it logs every job's input (the text) and "
+        "output (presigned URLs with their signatures): set `DEBUG` only where those logs are private",
+        shown=f"`{RUNPOD_QUIET_LEVEL}` (set by the worker)"),
 )
 TABLE_HEADER = "| variable | default | accepts | meaning |\n| --- | --- | --- | --- |"
 
@@ -631,6 +644,14 @@ def read_alone(field: str, env: Mapping[str, str] | None = None):
 def markdown_table() -> str:
     """The README's configuration table, one row per variable."""
     return "\n".join([TABLE_HEADER, *(var.markdown_row() for var in (*VARS.values(), *OTHER_VARS))])
+
+
+def quiet_runpod_logs(env: dict | None = None) -> None:
+    """runpod's level ``RUNPOD_QUIET_LEVEL`` unless one is set (``ENV_RUNPOD_LOG_LEVEL``). Call
+    before runpod is imported: it reads the level once, at import."""
+    env = os.environ if env is None else env
+    if not (env.get(ENV_RUNPOD_LOG_LEVEL) or env.get(ENV_RUNPOD_DEBUG_LEVEL)):
+        env[ENV_RUNPOD_LOG_LEVEL] = RUNPOD_QUIET_LEVEL
 
 
 def apply_cache_env(settings: Settings, env: dict | None = None) -> dict[str, str]:

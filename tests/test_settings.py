@@ -425,3 +425,16 @@ def test_a_path_setting_too_long_to_look_up_is_refused_or_taken_as_absent(tmp_pa
         Settings.from_env({**keys, ENV_AWS_CA_BUNDLE: str(tmp_path / ("x" * 300))})
     settings = Settings.from_env({ENV_VOLUME_PATH: str(tmp_path / ("v" * 300))})  # no volume there, as for any absent path
     assert not settings.volume_mounted and settings.local_storage_dir == Path("storage").resolve()
+
+
+def test_runpod_logs_are_quiet_unless_a_level_is_set():
+    """At runpod's default level (DEBUG) it logs every job's text and presigned URLs."""
+    from f5worker.settings import quiet_runpod_logs
+
+    env: dict = {}
+    quiet_runpod_logs(env)
+    assert env == {"RUNPOD_LOG_LEVEL": "INFO"}
+    for chosen in ({"RUNPOD_LOG_LEVEL": "DEBUG"}, {"RUNPOD_DEBUG_LEVEL": "WARN"}):
+        env = dict(chosen)
+        quiet_runpod_logs(env)
+        assert env == chosen

@@ -62,7 +62,7 @@ def check_voice_name(name: str) -> str:
     """A voice name is a file name, never a path: letters, digits, '.', '_', '-', ending in .wav."""
     if not VOICE_NAME_RE.match(name) or ".." in name:
         raise ValueError("must be a file name such as 'my-voice.wav' (letters, digits, '.', '_', '-', "
-                         "at most 100 characters, ending in .wav)")
+                         "starting with a letter or digit, no '..', at most 100 characters, ending in .wav)")
     return name
 
 
