@@ -152,8 +152,8 @@ def test_ref_text_is_local_voices_only(ctx):
     ({"a" * 33: EN}, "Hi.",
      "'voices' may use only aliases of 1 to 32 letters, digits, '_' or '-' (such as 'narrator')."),
     ({"bad": "../x.wav"}, "Hi.", "'voices' maps 'bad' to a voice name that must be a file name such as "
-                                 "'my-voice.wav' (letters, digits, '.', '_', '-', at most 100 characters, "
-                                 "ending in .wav)."),
+                                 "'my-voice.wav' (letters, digits, '.', '_', '-', starting with a letter or "
+                                 "digit, no '..', at most 100 characters, ending in .wav)."),
     ({"bad": 7}, "Hi.", "'voices.bad' must be a string."),
     (["zh"], "Hi.", "'voices' must be an object."),
     ({"zh": ZH}, "[zh]  ", "The text has nothing to speak besides its voice tags."),
