@@ -95,4 +95,3 @@ def shown(text: str, limit: int = SHOWN_CHARS) -> str:
     and cut to ``limit`` characters."""
     text = "".join(c if c.isprintable() else "?" for c in text)
     return text if len(text) <= limit else text[:limit - 1] + "…"
-

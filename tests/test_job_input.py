@@ -177,3 +177,14 @@ def test_options_and_their_defaults_are_the_synthesis_requests():
     assert parse_job_input({**base, "nfe_step": MAX_NFE_STEP}).nfe_step == MAX_NFE_STEP
     with pytest.raises(InputError, match=f"at most {MAX_NFE_STEP}"):
         parse_job_input({**base, "nfe_step": MAX_NFE_STEP + 1})
+
+
+@pytest.mark.parametrize(("digits", "value"), [("7", 7), ("-7", -7), ("0", 0), ("0" * 5000 + "5", 5),
+                                               ("9" * 5000, 10**20), ("-" + "9" * 5000, -10**20)])
+def test_an_integer_past_int_s_digit_limit_is_read_past_every_bound(digits, value):
+    """int() refuses 4,301 digits, leading zeros counted; such a value meets its field's bound instead."""
+    from f5worker.jobs.inputs import int_in_reach, loads_input
+
+    assert int_in_reach(digits) == value
+    if not digits.lstrip("-").startswith("0") or digits == "0":  # JSON has no leading zeros
+        assert loads_input(f'{{"seed": {digits}}}') == {"seed": value}

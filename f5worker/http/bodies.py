@@ -13,7 +13,8 @@ from typing import Iterable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from f5worker.errors import InputError, shown
-from f5worker.jobs.inputs import MAX_MODEL_NAME_CHARS, ListVoicesInput, TTSInput, UploadInput, loads_input, parse_model
+from f5worker.jobs.inputs import (MAX_MODEL_NAME_CHARS, ListVoicesInput, TTSInput, UploadInput, int_in_reach,
+                                  loads_input, parse_model)
 from f5worker.jobs.live_encoding import DEFAULT_LIVE_FORMAT, LIVE_FORMATS, LiveFormat
 from f5worker.jobs.encoding import one_of
 from f5worker.jobs.options import OPTION_DEFAULTS
@@ -120,9 +121,7 @@ def parse_voice_list(query: dict[str, str]) -> ListVoicesInput:
     if "limit" in query:
         if not (query["limit"].isascii() and query["limit"].isdigit()):  # int('²') fails
             raise InputError("'limit' must be an integer.", param="limit")
-        # past 18 digits any value is over the bound: int() of 4,301 digits would raise
-        digits = query["limit"].lstrip("0") or "0"
-        raw["limit"] = int(digits) if len(digits) <= 18 else 10**18
+        raw["limit"] = int_in_reach(query["limit"])
     if "cursor" in query:
         raw["cursor"] = query["cursor"]
     if "details" in query:

@@ -102,8 +102,8 @@ def speakable(text: str) -> bool:
 
 def check_text(text: str) -> str:
     if not speakable(text):
-        raise ValueError("has nothing to speak: it holds no letter, digit or punctuation mark, only spaces "
-                         "or invisible characters")
+        raise ValueError("has nothing to speak: it holds no letter, digit, symbol or punctuation mark, only "
+                         "spaces or invisible characters")
     return text
 
 
@@ -301,19 +301,20 @@ ENDPOINTS = {"tts": TTSInput, "upload": UploadInput, "list_voices": ListVoicesIn
 PAST_EVERY_BOUND = 10**20  # larger than any field's bound
 
 
-def _int_in_reach(digits: str) -> int:
-    """A JSON integer past 20 digits is past every bound, so it is read as ``PAST_EVERY_BOUND``
-    (its sign kept) and refused by its field's bound, not by int(), which fails past 4,300 digits."""
-    if len(digits.lstrip("-")) <= 20:
-        return int(digits)
-    return -PAST_EVERY_BOUND if digits.startswith("-") else PAST_EVERY_BOUND
+def int_in_reach(digits: str) -> int:
+    """An integer's digits (a JSON number, a query value) past 20 is past every bound, so it is read
+    as ``PAST_EVERY_BOUND`` (its sign kept) and refused by its field's bound, not by int(), which
+    fails past 4,300 digits."""
+    sign = -1 if digits.startswith("-") else 1
+    significant = digits.lstrip("-").lstrip("0") or "0"  # int() counts leading zeros towards its limit
+    return sign * (int(significant) if len(significant) <= 20 else PAST_EVERY_BOUND)
 
 
 def loads_input(data: str | bytes) -> object:
     """JSON as a job's input is read where this worker reads it (an HTTP body, a test input file;
     runpod reads the queue's): ValueError for anything that is not JSON, nested too deep included."""
     try:
-        return json.loads(data, parse_int=_int_in_reach)
+        return json.loads(data, parse_int=int_in_reach)
     except RecursionError:  # nested past Python's depth
         raise ValueError("nested too deeply") from None
 

@@ -365,13 +365,11 @@ class VoiceLibrary:
         for a voice that replaced this one meanwhile. ``version`` lets a listing tell the same
         without reading the audio. A voice deleted while it was transcribed gets no sidecar: once
         the delete has removed what lay beside it, none could remove this one (the voice is gone)."""
-        if voice.sha256 is None:
+        if voice.sha256 is None:  # a built-in voice
             return
         self.storage.put_json(meta_key(voice.name), {"sha256": voice.sha256, "ref_text": text,
-                                                     "version": voice.info.version if voice.info else None})
+                                                     "version": voice.info.version})
         voice.learnt_text = text
-        if voice.info is None:
-            return  # a built-in voice
         try:
             self.storage.head(voice_key(voice.name))
         except KeyNotFound:
